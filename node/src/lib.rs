@@ -1,1 +1,22 @@
+//! charon-node: one node of a Charon reverse-proxy cluster.
+//!
+//! Modules and the direction data flows in:
+//!
+//! - [`config`]: flags, `CHARON_*` env and TOML file, validated before any
+//!   port is bound.
+//! - [`host`]: the proxy host type and its validation rules.
+//! - [`store`]: redb records (LWW + HLC stamps); the single `apply` path.
+//! - [`proxy`]: route table (an immutable snapshot the store publishes after
+//!   each change), upstream pools, HTTP forwarding and the WebSocket relay.
+//! - [`api`]: tonic services; API → store → route table.
+//! - [`admin`]: `/healthz`, `/readyz`.
+//! - [`node`]: wiring: opens the store, binds listeners, serves, shuts down.
+#![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod api;
+pub mod config;
+pub mod host;
+pub mod node;
+pub mod proxy;
+pub mod store;

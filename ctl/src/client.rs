@@ -1,0 +1,201 @@
+//! Connecting to a node: finding the token, opening the channel, and
+//! attaching `authorization: Bearer <token>` to every call.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use charon_proto::v1::hosts_client::HostsClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+use crate::error::CtlError;
+
+/// Where a node started with its default data dir writes the admin token, so
+/// that `charonctl` works without flags next to a freshly started node.
+pub const DEFAULT_TOKEN_FILE: &str = "charon-data/admin.token";
+
+/// A connection refused answers at once; this bounds the wait for a host
+/// that drops packets instead.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Host calls are small; a node that takes longer than this is stuck.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub type Hosts = HostsClient<InterceptedService<Channel, BearerAuth>>;
+
+/// Adds the bearer token to every request's metadata.
+#[derive(Clone)]
+pub struct BearerAuth(MetadataValue<Ascii>);
+
+impl BearerAuth {
+    pub fn new(token: &str) -> Result<Self, CtlError> {
+        format!("Bearer {token}")
+            .parse()
+            .map(BearerAuth)
+            .map_err(|_| CtlError::BadToken)
+    }
+}
+
+impl Interceptor for BearerAuth {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// Where the token comes from.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TokenSource {
+    Value(String),
+    File(PathBuf),
+}
+
+/// Picks the token source: the flags first, then `CHARON_TOKEN`, then
+/// `CHARON_TOKEN_FILE`. The environment is read here rather than by clap so
+/// that an explicit `--token-file` beats an exported `CHARON_TOKEN` instead
+/// of conflicting with it. Empty variables count as unset.
+pub fn token_source(
+    flag_token: Option<String>,
+    flag_file: Option<PathBuf>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Option<TokenSource> {
+    let env = |name| env(name).filter(|v: &String| !v.is_empty());
+    flag_token
+        .map(TokenSource::Value)
+        .or(flag_file.map(TokenSource::File))
+        .or_else(|| env("CHARON_TOKEN").map(TokenSource::Value))
+        .or_else(|| env("CHARON_TOKEN_FILE").map(|f| TokenSource::File(f.into())))
+}
+
+/// Reads the token from its source, or from the default file in the current
+/// directory when there is none. Surrounding whitespace (a trailing newline
+/// from `echo > file`) is not part of a token.
+pub fn resolve_token(source: Option<TokenSource>) -> Result<String, CtlError> {
+    let token = match source {
+        Some(TokenSource::Value(token)) => token,
+        Some(TokenSource::File(path)) => read_token_file(&path)?,
+        None => {
+            let path = PathBuf::from(DEFAULT_TOKEN_FILE);
+            match std::fs::read_to_string(&path) {
+                Ok(token) => token,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(CtlError::NoToken(path))
+                }
+                Err(source) => return Err(CtlError::TokenFile { path, source }),
+            }
+        }
+    };
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(CtlError::EmptyToken);
+    }
+    Ok(token.to_string())
+}
+
+fn read_token_file(path: &Path) -> Result<String, CtlError> {
+    std::fs::read_to_string(path).map_err(|source| CtlError::TokenFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Opens the channel now rather than lazily, so that an unreachable node is
+/// reported as such before any request is built.
+pub async fn connect(endpoint: &str, token: &str) -> Result<Hosts, CtlError> {
+    let auth = BearerAuth::new(token)?;
+    let unreachable = || CtlError::Unreachable {
+        endpoint: endpoint.to_string(),
+    };
+    let channel = Endpoint::from_shared(endpoint.to_string())
+        .map_err(|_| unreachable())?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
+        .connect()
+        .await
+        .map_err(|_| unreachable())?;
+    Ok(HostsClient::with_interceptor(channel, auth))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_the_environment() {
+        let env = |name: &str| match name {
+            "CHARON_TOKEN" => Some("from-env".to_string()),
+            "CHARON_TOKEN_FILE" => Some("/env/file".to_string()),
+            _ => None,
+        };
+        let file = || Some(PathBuf::from("/flag/file"));
+        assert_eq!(
+            token_source(Some("t".into()), None, env),
+            Some(TokenSource::Value("t".into()))
+        );
+        assert_eq!(
+            token_source(None, file(), env),
+            Some(TokenSource::File("/flag/file".into()))
+        );
+        assert_eq!(
+            token_source(None, None, env),
+            Some(TokenSource::Value("from-env".into()))
+        );
+        let only_file = |name: &str| (name == "CHARON_TOKEN_FILE").then(|| "/env/file".into());
+        assert_eq!(
+            token_source(None, None, only_file),
+            Some(TokenSource::File("/env/file".into()))
+        );
+        let empty = |_: &str| Some(String::new());
+        assert_eq!(token_source(None, None, empty), None);
+    }
+
+    #[test]
+    fn a_token_value_is_trimmed() {
+        let token = resolve_token(Some(TokenSource::Value(" abc\n".into()))).unwrap();
+        assert_eq!(token, "abc");
+    }
+
+    #[test]
+    fn token_file_is_read_and_trimmed() {
+        let path = std::env::temp_dir().join(format!("charonctl-token-{}", std::process::id()));
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let token = resolve_token(Some(TokenSource::File(path.clone())));
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(token.unwrap(), "s3cret");
+    }
+
+    #[test]
+    fn a_missing_token_file_names_the_file() {
+        let source = TokenSource::File("/nonexistent/tok".into());
+        let err = resolve_token(Some(source)).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/tok"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_token_is_refused() {
+        assert!(matches!(
+            resolve_token(Some(TokenSource::Value("  ".into()))),
+            Err(CtlError::EmptyToken)
+        ));
+    }
+
+    #[test]
+    fn the_interceptor_sends_a_bearer_header() {
+        let mut auth = BearerAuth::new("abc").unwrap();
+        let request = auth.call(Request::new(())).unwrap();
+        assert_eq!(
+            request.metadata().get("authorization").unwrap(),
+            "Bearer abc"
+        );
+    }
+
+    #[test]
+    fn a_token_that_cannot_be_a_header_is_refused() {
+        assert!(matches!(BearerAuth::new("a\nb"), Err(CtlError::BadToken)));
+    }
+}

@@ -1,0 +1,120 @@
+//! What can go wrong, worded for the operator at the terminal: every variant
+//! displays as one line that says what to do next, never a gRPC status dump.
+
+use std::path::PathBuf;
+
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("cannot reach the node at {endpoint} — is it running?")]
+    Unreachable { endpoint: String },
+
+    #[error("the node at {endpoint} did not answer in time")]
+    Timeout { endpoint: String },
+
+    #[error("the node refused the token ({0}) — pass --token or --token-file")]
+    Unauthenticated(String),
+
+    /// The node understood the request and said no (bad input, a taken
+    /// domain, an unknown host, a version conflict); its message says why.
+    #[error("{0}")]
+    Refused(String),
+
+    #[error("the node failed: {message} ({code:?})")]
+    Server { code: Code, message: String },
+
+    #[error(
+        "no token: pass --token or --token-file, or set CHARON_TOKEN \
+         ({} was not found either)",
+        .0.display()
+    )]
+    NoToken(PathBuf),
+
+    #[error("cannot read the token file {}: {source}", path.display())]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("the token is empty")]
+    EmptyToken,
+
+    #[error("the token contains characters that cannot be sent in a header")]
+    BadToken,
+
+    #[error("cannot write the output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+impl CtlError {
+    /// Turns the status of a failed call into operator language.
+    /// tonic reports a connection that could not be made as `Unavailable`.
+    pub fn from_status(status: Status, endpoint: &str) -> Self {
+        let message = if status.message().is_empty() {
+            status.code().description().to_string()
+        } else {
+            status.message().to_string()
+        };
+        match status.code() {
+            Code::Unavailable => CtlError::Unreachable {
+                endpoint: endpoint.to_string(),
+            },
+            Code::DeadlineExceeded | Code::Cancelled => CtlError::Timeout {
+                endpoint: endpoint.to_string(),
+            },
+            Code::Unauthenticated => CtlError::Unauthenticated(message),
+            Code::InvalidArgument
+            | Code::AlreadyExists
+            | Code::NotFound
+            | Code::FailedPrecondition
+            | Code::PermissionDenied => CtlError::Refused(message),
+            code => CtlError::Server { code, message },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EP: &str = "http://127.0.0.1:7070";
+
+    #[test]
+    fn statuses_read_as_one_operator_line() {
+        let cases = [
+            (
+                Status::unavailable("tcp connect error"),
+                "cannot reach the node at http://127.0.0.1:7070 — is it running?",
+            ),
+            (
+                Status::unauthenticated("unknown token"),
+                "the node refused the token (unknown token) — pass --token or --token-file",
+            ),
+            (
+                Status::invalid_argument("upstreams[0]: not a URL"),
+                "upstreams[0]: not a URL",
+            ),
+            (
+                Status::already_exists("domain a.example is taken by host h1"),
+                "domain a.example is taken by host h1",
+            ),
+            (Status::not_found("no host x"), "no host x"),
+            (
+                Status::internal("disk full"),
+                "the node failed: disk full (Internal)",
+            ),
+        ];
+        for (status, want) in cases {
+            let line = CtlError::from_status(status, EP).to_string();
+            assert_eq!(line, want);
+            assert!(!line.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn an_empty_message_falls_back_to_the_code() {
+        let err = CtlError::from_status(Status::new(Code::NotFound, ""), EP);
+        assert!(!err.to_string().is_empty());
+    }
+}

@@ -1,0 +1,114 @@
+//! Bearer-token authentication for the management API.
+//!
+//! The admin token comes from `CHARON_ADMIN_TOKEN`, or is generated on first
+//! start and written to `<data-dir>/admin.token` (mode 0600). Only its
+//! SHA-256 is kept in memory for comparison.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tonic::{Request, Status};
+
+pub const TOKEN_FILE: &str = "admin.token";
+
+#[derive(Clone)]
+pub struct Auth {
+    admin_hash: [u8; 32],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("cannot read or create the admin token file {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("the admin token file {0} is empty; delete it to have a new token generated")]
+    Empty(PathBuf),
+}
+
+fn hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+impl Auth {
+    /// Uses `env_token` if given, else the token file, else creates one.
+    pub fn load_or_create(data_dir: &Path, env_token: Option<&str>) -> Result<Auth, AuthError> {
+        if let Some(t) = env_token {
+            return Ok(Auth { admin_hash: hash(t) });
+        }
+        let path = data_dir.join(TOKEN_FILE);
+        let io = |source| AuthError::Io { path: path.clone(), source };
+        match fs::read_to_string(&path) {
+            Ok(t) if t.trim().is_empty() => Err(AuthError::Empty(path)),
+            Ok(t) => Ok(Auth { admin_hash: hash(t.trim()) }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let token = format!("charon_{}", hex::encode(rand::random::<[u8; 24]>()));
+                let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(io)?;
+                f.write_all(format!("{token}\n").as_bytes()).map_err(io)?;
+                f.sync_all().map_err(io)?;
+                tracing::info!(path = %path.display(), "generated the admin API token");
+                Ok(Auth { admin_hash: hash(&token) })
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    /// The tonic interceptor: every call must carry
+    /// `authorization: Bearer <token>`.
+    #[allow(clippy::result_large_err)]
+    pub fn check(&self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(value) = req.metadata().get("authorization") else {
+            return Err(Status::unauthenticated("missing authorization metadata: send \"authorization: Bearer <token>\""));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim)
+            .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer <token>\""))?;
+        // Comparing digests: equal-length inputs, and a timing difference
+        // reveals nothing about the token itself.
+        if hash(token) != self.admin_hash {
+            return Err(Status::unauthenticated("invalid token"));
+        }
+        Ok(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn req(auth: Option<&str>) -> Request<()> {
+        let mut r = Request::new(());
+        if let Some(a) = auth {
+            r.metadata_mut().insert("authorization", a.parse().unwrap());
+        }
+        r
+    }
+
+    #[test]
+    fn generates_a_private_token_once_and_checks_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = Auth::load_or_create(dir.path(), None).unwrap();
+        let path = dir.path().join(TOKEN_FILE);
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let token = fs::read_to_string(&path).unwrap().trim().to_string();
+        assert!(auth.check(req(Some(&format!("Bearer {token}")))).is_ok());
+        let again = Auth::load_or_create(dir.path(), None).unwrap();
+        assert!(again.check(req(Some(&format!("Bearer {token}")))).is_ok(), "same token after restart");
+        for bad in [None, Some("Bearer nope"), Some(token.as_str())] {
+            assert_eq!(auth.check(req(bad)).unwrap_err().code(), tonic::Code::Unauthenticated);
+        }
+    }
+
+    #[test]
+    fn env_token_wins_and_writes_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = Auth::load_or_create(dir.path(), Some("from-env-0123456789")).unwrap();
+        assert!(auth.check(req(Some("Bearer from-env-0123456789"))).is_ok());
+        assert!(!dir.path().join(TOKEN_FILE).exists());
+    }
+}

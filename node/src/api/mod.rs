@@ -1,0 +1,31 @@
+//! The gRPC management API (`charon.v1`), served with tonic.
+//!
+//! Handlers translate between protobuf and domain types, validate, and hand
+//! writes to [`crate::store::Store::transact`]. Internal errors are logged
+//! here and turned into statuses a client can act on.
+
+pub mod auth;
+pub mod hosts;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use charon_proto::v1::hosts_server::HostsServer;
+use tokio::net::TcpListener;
+
+use crate::store::Store;
+use auth::Auth;
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    store: Arc<Store>,
+    auth: Auth,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let hosts = HostsServer::with_interceptor(hosts::HostsApi::new(store), move |req| auth.check(req));
+    tonic::transport::Server::builder()
+        .add_service(hosts)
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), shutdown)
+        .await
+}

@@ -1,0 +1,254 @@
+//! Node configuration: command-line flags, `CHARON_*` environment variables
+//! and an optional TOML file, in that order of precedence.
+//!
+//! Everything is parsed and validated here, before any port is bound or any
+//! file is opened, so a typo fails fast with a message naming the setting
+//! (and `main` exits 64, EX_USAGE).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::proxy::headers::Cidr;
+use crate::proxy::ProxyConfig;
+
+#[derive(Debug, Parser, Default)]
+#[command(name = "charon-node", version, about = "A Charon node: HTTP/WebSocket reverse proxy with a replicated config store")]
+pub struct Args {
+    /// TOML file with any of the settings below (snake_case keys). Flags and
+    /// env variables override it.
+    #[arg(long, env = "CHARON_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Where the store (charon.redb) and admin.token live [default: ./charon-data]
+    #[arg(long, env = "CHARON_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Plain HTTP (and ws://) listener [default: 0.0.0.0:8080]
+    #[arg(long, env = "CHARON_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
+    /// gRPC management API [default: 127.0.0.1:7070]
+    #[arg(long, env = "CHARON_API_LISTEN")]
+    pub api_listen: Option<String>,
+    /// /healthz and /readyz [default: 127.0.0.1:9090]
+    #[arg(long, env = "CHARON_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// Peer address or CIDR whose X-Forwarded-* headers are trusted; repeat
+    /// the flag or separate with commas [default: none]
+    #[arg(long = "trusted-proxy", env = "CHARON_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
+    /// Time an upstream has to send response headers, in ms [default: 60000]
+    #[arg(long, env = "CHARON_UPSTREAM_TIMEOUT_MS")]
+    pub upstream_timeout_ms: Option<u64>,
+    /// Time to connect to an upstream, in ms [default: 5000]
+    #[arg(long, env = "CHARON_CONNECT_TIMEOUT_MS")]
+    pub connect_timeout_ms: Option<u64>,
+    /// How long an upstream that refused or timed out is skipped, in s [default: 10]
+    #[arg(long, env = "CHARON_FAILURE_COOLDOWN_SECS")]
+    pub failure_cooldown_secs: Option<u64>,
+    /// On SIGTERM, how long open requests get to finish, in s [default: 30]
+    #[arg(long, env = "CHARON_SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<u64>,
+    /// Log filter (tracing env-filter syntax) [default: info]
+    #[arg(long, env = "CHARON_LOG")]
+    pub log: Option<String>,
+    /// Log format: text or json [default: text]
+    #[arg(long, env = "CHARON_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// The TOML file: the same settings as the flags.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    http_listen: Option<String>,
+    api_listen: Option<String>,
+    admin_listen: Option<String>,
+    trusted_proxies: Option<Vec<String>>,
+    upstream_timeout_ms: Option<u64>,
+    connect_timeout_ms: Option<u64>,
+    failure_cooldown_secs: Option<u64>,
+    shutdown_grace_secs: Option<u64>,
+    log: Option<String>,
+    log_format: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub http_listen: SocketAddr,
+    pub api_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub proxy: ProxyConfig,
+    pub shutdown_grace: Duration,
+    pub log: String,
+    pub log_format: LogFormat,
+    /// From `CHARON_ADMIN_TOKEN` only (never a flag: flags show up in `ps`).
+    pub admin_token: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{setting}: {message}")]
+    Invalid { setting: &'static str, message: String },
+}
+
+fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { setting, message: message.into() }
+}
+
+fn parse_addr(setting: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value
+        .parse()
+        .map_err(|_| invalid(setting, format!("{value:?} is not an IP:port address (e.g. 127.0.0.1:8080)")))
+}
+
+fn millis(setting: &'static str, v: u64) -> Result<Duration, ConfigError> {
+    if v == 0 {
+        return Err(invalid(setting, "must be greater than 0"));
+    }
+    Ok(Duration::from_millis(v))
+}
+
+impl Config {
+    pub fn from_args(args: Args) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let http = args.http_listen.or(file.http_listen).unwrap_or_else(|| "0.0.0.0:8080".into());
+        let api = args.api_listen.or(file.api_listen).unwrap_or_else(|| "127.0.0.1:7070".into());
+        let admin = args.admin_listen.or(file.admin_listen).unwrap_or_else(|| "127.0.0.1:9090".into());
+        let trusted = if args.trusted_proxies.is_empty() {
+            file.trusted_proxies.unwrap_or_default()
+        } else {
+            args.trusted_proxies
+        };
+        let trusted_proxies = trusted
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| s.trim().parse::<Cidr>().map_err(|e| invalid("trusted_proxies", e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let defaults = ProxyConfig::default();
+        let proxy = ProxyConfig {
+            trusted_proxies,
+            upstream_timeout: match args.upstream_timeout_ms.or(file.upstream_timeout_ms) {
+                Some(v) => millis("upstream_timeout_ms", v)?,
+                None => defaults.upstream_timeout,
+            },
+            connect_timeout: match args.connect_timeout_ms.or(file.connect_timeout_ms) {
+                Some(v) => millis("connect_timeout_ms", v)?,
+                None => defaults.connect_timeout,
+            },
+            failure_cooldown: args
+                .failure_cooldown_secs
+                .or(file.failure_cooldown_secs)
+                .map(Duration::from_secs)
+                .unwrap_or(defaults.failure_cooldown),
+            header_read_timeout: defaults.header_read_timeout,
+        };
+        let log_format = match args.log_format.or(file.log_format).as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => return Err(invalid("log_format", format!("{other:?} must be text or json"))),
+        };
+        let log = args.log.or(file.log).unwrap_or_else(|| "info".into());
+        tracing_subscriber::EnvFilter::try_new(&log).map_err(|e| invalid("log", e.to_string()))?;
+        let admin_token = std::env::var("CHARON_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
+        if let Some(t) = &admin_token {
+            if t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(invalid("CHARON_ADMIN_TOKEN", "must be at least 16 characters without spaces"));
+            }
+        }
+        let config = Config {
+            data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("charon-data")),
+            http_listen: parse_addr("http_listen", &http)?,
+            api_listen: parse_addr("api_listen", &api)?,
+            admin_listen: parse_addr("admin_listen", &admin)?,
+            proxy,
+            shutdown_grace: Duration::from_secs(args.shutdown_grace_secs.or(file.shutdown_grace_secs).unwrap_or(30)),
+            log,
+            log_format,
+            admin_token,
+        };
+        config.check_distinct_ports()?;
+        Ok(config)
+    }
+
+    /// Two listeners on one fixed port would fail at bind time, after the
+    /// others were bound; say it up front.
+    fn check_distinct_ports(&self) -> Result<(), ConfigError> {
+        let named = [("http_listen", self.http_listen), ("api_listen", self.api_listen), ("admin_listen", self.admin_listen)];
+        for (i, (a, x)) in named.iter().enumerate() {
+            for (b, y) in &named[i + 1..] {
+                if x.port() != 0 && x.port() == y.port() && (x.ip() == y.ip() || x.ip().is_unspecified() || y.ip().is_unspecified()) {
+                    return Err(invalid(a, format!("{x} collides with {b} ({y})")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.message().to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(argv: &[&str]) -> Result<Config, ConfigError> {
+        let mut full = vec!["charon-node"];
+        full.extend_from_slice(argv);
+        Config::from_args(Args::try_parse_from(full).unwrap())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.http_listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.api_listen.to_string(), "127.0.0.1:7070");
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.data_dir, PathBuf::from("charon-data"));
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let e = parse(&["--http-listen", "nope"]).unwrap_err().to_string();
+        assert!(e.starts_with("http_listen:"), "{e}");
+        let e = parse(&["--trusted-proxy", "10.0.0.0/40"]).unwrap_err().to_string();
+        assert!(e.starts_with("trusted_proxies:"), "{e}");
+        let e = parse(&["--api-listen", "127.0.0.1:9000", "--admin-listen", "0.0.0.0:9000"]).unwrap_err().to_string();
+        assert!(e.contains("collides"), "{e}");
+    }
+
+    #[test]
+    fn file_values_apply_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "http_listen = \"127.0.0.1:1111\"\ntrusted_proxies = [\"10.0.0.0/8\"]\nupstream_timeout_ms = 500\n").unwrap();
+        let p = path.to_str().unwrap();
+        let c = parse(&["--config", p, "--upstream-timeout-ms", "700"]).unwrap();
+        assert_eq!(c.http_listen.port(), 1111);
+        assert_eq!(c.proxy.trusted_proxies.len(), 1);
+        assert_eq!(c.proxy.upstream_timeout, Duration::from_millis(700));
+        std::fs::write(&path, "htp_listen = \"x\"\n").unwrap();
+        let e = parse(&["--config", p]).unwrap_err().to_string();
+        assert!(e.contains("htp_listen"), "{e}");
+    }
+}

@@ -1,0 +1,334 @@
+//! The proxy host: the unit of configuration an operator manages.
+//!
+//! This module owns the domain type and every rule about what a valid host
+//! is. The API validates here before anything is written, and the route table
+//! trusts what the store holds because it only ever holds validated hosts.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+/// A location sends requests under `path_prefix` to its own upstreams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub path_prefix: String,
+    pub upstreams: Vec<String>,
+}
+
+/// One proxy host: the domains it answers for and where traffic goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyHost {
+    pub id: String,
+    pub name: String,
+    /// Lower-cased exact names, `*.suffix` wildcards and IP literals (IPv6
+    /// in brackets, as it appears in a Host header).
+    pub domains: Vec<String>,
+    pub upstreams: Vec<String>,
+    pub enabled: bool,
+    pub websocket: bool,
+    pub preserve_host: bool,
+    pub forwarded_headers: bool,
+    pub locations: Vec<Location>,
+    /// 0 means no idle cut-off: quiet WebSockets are legitimate.
+    pub ws_idle_timeout_secs: u32,
+    /// 0 means no proxy pings.
+    pub ws_ping_interval_secs: u32,
+    /// 0 means the node's default.
+    pub upstream_timeout_ms: u32,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    pub version: u64,
+}
+
+/// A validation failure, naming the field so the operator knows what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A parsed upstream URL. Only scheme and authority: a path would silently
+/// change every request's path, which users rarely mean, so it is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UpstreamUrl {
+    pub tls: bool,
+    /// Host name or IP (IPv6 without brackets).
+    pub host: String,
+    pub port: u16,
+}
+
+impl UpstreamUrl {
+    pub fn parse(s: &str) -> Result<UpstreamUrl, String> {
+        let (tls, rest) = if let Some(r) = s.strip_prefix("http://") {
+            (false, r)
+        } else if let Some(r) = s.strip_prefix("https://") {
+            (true, r)
+        } else {
+            return Err(format!("{s:?} must start with http:// or https://"));
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.is_empty() {
+            return Err(format!("{s:?} has no host"));
+        }
+        if authority.contains(['/', '?', '#', '@']) {
+            return Err(format!(
+                "{s:?} must be scheme://host[:port] without path, query or user info"
+            ));
+        }
+        let default_port = if tls { 443 } else { 80 };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (addr, after) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("{s:?} has an unterminated IPv6 literal"))?;
+            addr.parse::<std::net::Ipv6Addr>()
+                .map_err(|_| format!("{s:?} has an invalid IPv6 address"))?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => parse_port(p, s)?,
+                None if after.is_empty() => default_port,
+                None => return Err(format!("{s:?} is not a valid authority")),
+            };
+            (addr.to_string(), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), parse_port(p, s)?),
+                None => (authority.to_string(), default_port),
+            }
+        };
+        if host.is_empty() || !(is_hostname(&host) || host.parse::<IpAddr>().is_ok()) {
+            return Err(format!("{s:?} has an invalid host"));
+        }
+        Ok(UpstreamUrl {
+            tls,
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+
+    /// `host:port` as it goes into a Host header or a TCP connect.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}", self.authority())
+    }
+}
+
+fn parse_port(p: &str, whole: &str) -> Result<u16, String> {
+    match p.parse::<u16>() {
+        Ok(port) if port > 0 => Ok(port),
+        _ => Err(format!("{whole:?} has an invalid port {p:?}")),
+    }
+}
+
+fn is_hostname(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// Normalises one domain: lower case, IPv6 in brackets. Refuses ports,
+/// schemes and anything that can never match a Host header.
+pub fn normalize_domain(raw: &str) -> Result<String, String> {
+    let d = raw.trim().to_ascii_lowercase();
+    let d = d.strip_suffix('.').unwrap_or(&d).to_string();
+    if d.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if d.contains("://") {
+        return Err(format!("{raw:?} must be a name, not a URL"));
+    }
+    let unbracketed = d.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = unbracketed.parse::<IpAddr>() {
+        return Ok(match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("[{v6}]"),
+        });
+    }
+    if d.contains(':') {
+        return Err(format!(
+            "{raw:?} must not contain a port: a host answers on every listener"
+        ));
+    }
+    let name = d.strip_prefix("*.").unwrap_or(&d);
+    if name.contains('*') {
+        return Err(format!(
+            "{raw:?}: a wildcard is only allowed as the whole first label (*.example.com)"
+        ));
+    }
+    if !is_hostname(name) {
+        return Err(format!("{raw:?} is not a valid domain name"));
+    }
+    Ok(d)
+}
+
+fn validate_upstreams(field: &str, upstreams: &[String]) -> Result<(), FieldError> {
+    if upstreams.is_empty() {
+        return Err(FieldError::new(field, "at least one upstream is required"));
+    }
+    let mut seen = HashSet::new();
+    for (i, u) in upstreams.iter().enumerate() {
+        let parsed = UpstreamUrl::parse(u).map_err(|e| FieldError::new(format!("{field}[{i}]"), e))?;
+        if !seen.insert(parsed) {
+            return Err(FieldError::new(
+                format!("{field}[{i}]"),
+                format!("{u:?} is listed twice"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl ProxyHost {
+    /// Normalises (domains lower-cased, upstream URLs canonical, locations
+    /// sorted) and validates everything that can be checked without looking
+    /// at other hosts. Uniqueness of domains across hosts is the store's job,
+    /// because only it sees every host under one lock.
+    pub fn normalize_and_validate(&mut self) -> Result<(), FieldError> {
+        if self.domains.is_empty() {
+            return Err(FieldError::new("domains", "at least one domain is required"));
+        }
+        let mut seen = HashSet::new();
+        for (i, d) in self.domains.iter_mut().enumerate() {
+            *d = normalize_domain(d).map_err(|e| FieldError::new(format!("domains[{i}]"), e))?;
+            if !seen.insert(d.clone()) {
+                return Err(FieldError::new(
+                    format!("domains[{i}]"),
+                    format!("{d:?} is listed twice"),
+                ));
+            }
+        }
+        validate_upstreams("upstreams", &self.upstreams)?;
+        self.upstreams = canonical_upstreams(&self.upstreams);
+        let mut prefixes = HashSet::new();
+        for (i, loc) in self.locations.iter_mut().enumerate() {
+            let field = format!("locations[{i}]");
+            if !loc.path_prefix.starts_with('/') {
+                return Err(FieldError::new(
+                    format!("{field}.path_prefix"),
+                    format!("{:?} must start with /", loc.path_prefix),
+                ));
+            }
+            if loc.path_prefix.contains(['?', '#', ' ']) {
+                return Err(FieldError::new(
+                    format!("{field}.path_prefix"),
+                    format!("{:?} must be a plain path", loc.path_prefix),
+                ));
+            }
+            if !prefixes.insert(loc.path_prefix.clone()) {
+                return Err(FieldError::new(
+                    format!("{field}.path_prefix"),
+                    format!("{:?} is listed twice", loc.path_prefix),
+                ));
+            }
+            validate_upstreams(&format!("{field}.upstreams"), &loc.upstreams)?;
+            loc.upstreams = canonical_upstreams(&loc.upstreams);
+        }
+        self.name = self.name.trim().to_string();
+        if self.name.is_empty() {
+            self.name = self.domains[0].clone();
+        }
+        if self.name.len() > 256 {
+            return Err(FieldError::new("name", "must be at most 256 characters"));
+        }
+        Ok(())
+    }
+}
+
+fn canonical_upstreams(list: &[String]) -> Vec<String> {
+    list.iter()
+        .map(|u| UpstreamUrl::parse(u).map(|p| p.to_string()).unwrap_or_else(|_| u.clone()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> ProxyHost {
+        ProxyHost {
+            id: "h1".into(),
+            name: String::new(),
+            domains: vec!["App.Example.COM".into(), "*.Example.com".into(), "127.0.0.1".into(), "::1".into()],
+            upstreams: vec!["http://127.0.0.1:3000".into(), "https://backend".into()],
+            enabled: true,
+            websocket: true,
+            preserve_host: true,
+            forwarded_headers: true,
+            locations: vec![Location {
+                path_prefix: "/api".into(),
+                upstreams: vec!["http://[::1]:81/".into()],
+            }],
+            ws_idle_timeout_secs: 0,
+            ws_ping_interval_secs: 0,
+            upstream_timeout_ms: 0,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            version: 0,
+        }
+    }
+
+    #[test]
+    fn normalizes_domains_upstreams_and_name() {
+        let mut h = host();
+        h.normalize_and_validate().unwrap();
+        assert_eq!(h.domains, ["app.example.com", "*.example.com", "127.0.0.1", "[::1]"]);
+        assert_eq!(h.upstreams, ["http://127.0.0.1:3000", "https://backend:443"]);
+        assert_eq!(h.locations[0].upstreams, ["http://[::1]:81"]);
+        assert_eq!(h.name, "app.example.com");
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        let cases: Vec<(fn(&mut ProxyHost), &str)> = vec![
+            (|h| h.domains.clear(), "domains"),
+            (|h| h.domains[1] = "a.*.com".into(), "domains[1]"),
+            (|h| h.domains[0] = "example.com:8080".into(), "domains[0]"),
+            (|h| h.domains[0] = "http://x.com".into(), "domains[0]"),
+            (|h| h.domains.push("APP.example.com".into()), "domains[4]"),
+            (|h| h.upstreams.clear(), "upstreams"),
+            (|h| h.upstreams[0] = "ftp://x".into(), "upstreams[0]"),
+            (|h| h.upstreams[1] = "http://x:99999".into(), "upstreams[1]"),
+            (|h| h.upstreams[1] = "http://x/path".into(), "upstreams[1]"),
+            (|h| h.locations[0].path_prefix = "api".into(), "locations[0].path_prefix"),
+            (|h| h.locations[0].upstreams.clear(), "locations[0].upstreams"),
+        ];
+        for (mutate, field) in cases {
+            let mut h = host();
+            mutate(&mut h);
+            let err = h.normalize_and_validate().unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+        }
+    }
+
+    #[test]
+    fn upstream_authority_round_trips() {
+        let u = UpstreamUrl::parse("http://[::1]:8080").unwrap();
+        assert_eq!(u.authority(), "[::1]:8080");
+        let u = UpstreamUrl::parse("https://Example.com").unwrap();
+        assert_eq!((u.tls, u.port, u.host.as_str()), (true, 443, "example.com"));
+    }
+}

@@ -1,0 +1,224 @@
+//! Just enough of RFC 6455 framing for a relay: where frames begin and end,
+//! which are Close frames and with what code, and how to build the few
+//! frames the proxy itself sends (Close, Ping). Payloads are never copied or
+//! decoded, except the two bytes of a close code.
+
+/// Opcode of a Close frame.
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+
+/// Follows frame boundaries in one direction of a byte stream.
+#[derive(Debug, Default)]
+pub struct FrameTracker {
+    header: [u8; 14],
+    have: u8,
+    in_payload: bool,
+    remaining: u64,
+    opcode: u8,
+    mask: Option<[u8; 4]>,
+    payload_pos: u64,
+    code: [u8; 2],
+    /// Frames completed so far.
+    pub frames: u64,
+    /// Set when a Close frame has completed: its status code, if it had one.
+    pub close: Option<Option<u16>>,
+}
+
+fn header_len(b0_b1: [u8; 2]) -> usize {
+    let len7 = b0_b1[1] & 0x7f;
+    let ext = match len7 {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    let mask = if b0_b1[1] & 0x80 != 0 { 4 } else { 0 };
+    2 + ext + mask
+}
+
+impl FrameTracker {
+    /// True between frames: the only place another frame may be inserted.
+    pub fn at_boundary(&self) -> bool {
+        !self.in_payload && self.have == 0
+    }
+
+    /// Walks `data`. With `stop_at_boundary`, returns as soon as a frame
+    /// completes (so the caller can insert a frame there); otherwise consumes
+    /// everything. Returns the number of bytes consumed.
+    pub fn advance(&mut self, data: &[u8], stop_at_boundary: bool) -> usize {
+        let mut i = 0;
+        while i < data.len() {
+            if self.in_payload {
+                let take = (data.len() - i).min(self.remaining.min(usize::MAX as u64) as usize);
+                if self.opcode == OP_CLOSE && self.payload_pos < 2 {
+                    for (k, &b) in data[i..i + take].iter().enumerate().take(2 - self.payload_pos as usize) {
+                        let pos = self.payload_pos as usize + k;
+                        let m = self.mask.map(|m| m[pos % 4]).unwrap_or(0);
+                        self.code[pos] = b ^ m;
+                    }
+                }
+                i += take;
+                self.remaining -= take as u64;
+                self.payload_pos += take as u64;
+                if self.remaining == 0 {
+                    self.finish_frame();
+                    if stop_at_boundary {
+                        return i;
+                    }
+                }
+            } else {
+                self.header[self.have as usize] = data[i];
+                self.have += 1;
+                i += 1;
+                if self.have >= 2 && self.have as usize == header_len([self.header[0], self.header[1]]) {
+                    self.start_frame();
+                    if !self.in_payload {
+                        self.finish_frame();
+                        if stop_at_boundary {
+                            return i;
+                        }
+                    }
+                }
+            }
+        }
+        i
+    }
+
+    fn start_frame(&mut self) {
+        let h = &self.header;
+        self.opcode = h[0] & 0x0f;
+        let len7 = h[1] & 0x7f;
+        let (len, mut at) = match len7 {
+            126 => (u64::from(u16::from_be_bytes([h[2], h[3]])), 4),
+            127 => (u64::from_be_bytes(h[2..10].try_into().expect("8 bytes")), 10),
+            n => (u64::from(n), 2),
+        };
+        self.mask = if h[1] & 0x80 != 0 {
+            let m = [h[at], h[at + 1], h[at + 2], h[at + 3]];
+            at += 4;
+            Some(m)
+        } else {
+            None
+        };
+        debug_assert_eq!(at, self.have as usize);
+        self.have = 0;
+        self.remaining = len;
+        self.payload_pos = 0;
+        self.in_payload = len > 0;
+    }
+
+    fn finish_frame(&mut self) {
+        self.in_payload = false;
+        self.frames += 1;
+        if self.opcode == OP_CLOSE && self.close.is_none() {
+            self.close = Some((self.payload_pos >= 2).then(|| u16::from_be_bytes(self.code)));
+        }
+    }
+}
+
+/// Builds a control frame. Frames towards an upstream are masked (the proxy
+/// is its client there, RFC 6455 §5.3); frames towards a client are not.
+pub fn control_frame(opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    debug_assert!(payload.len() <= 125, "control frames carry at most 125 bytes");
+    let mut out = Vec::with_capacity(2 + 4 + payload.len());
+    out.push(0x80 | opcode);
+    let len = payload.len() as u8;
+    if masked {
+        let key: [u8; 4] = rand::random();
+        out.push(0x80 | len);
+        out.extend_from_slice(&key);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        out.push(len);
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
+/// A Close frame with a status code and a (truncated) reason.
+pub fn close_frame(code: u16, reason: &str, masked: bool) -> Vec<u8> {
+    let mut payload = code.to_be_bytes().to_vec();
+    let mut r = reason.as_bytes();
+    if r.len() > 123 {
+        r = &r[..123];
+    }
+    payload.extend_from_slice(r);
+    control_frame(OP_CLOSE, &payload, masked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(opcode: u8, fin: bool, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+        let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        let mbit = if mask.is_some() { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => out.push(mbit | n as u8),
+            n if n <= 0xffff => {
+                out.push(mbit | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(mbit | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        if let Some(m) = mask {
+            out.extend_from_slice(&m);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ m[i % 4]));
+        } else {
+            out.extend_from_slice(payload);
+        }
+        out
+    }
+
+    #[test]
+    fn follows_boundaries_across_any_chunking() {
+        let mut stream = Vec::new();
+        stream.extend(frame(0x1, false, b"hel", None));
+        stream.extend(frame(0x0, true, b"lo", None));
+        stream.extend(frame(0x2, true, &vec![7u8; 300], Some([1, 2, 3, 4])));
+        stream.extend(frame(0x2, true, &vec![9u8; 70_000], None));
+        stream.extend(frame(OP_PING, true, b"", None));
+        stream.extend(frame(OP_CLOSE, true, &[0x0f, 0xa1, b'b', b'y'], Some([9, 8, 7, 6])));
+        for chunk in [1, 2, 3, 7, 13, 1000, stream.len()] {
+            let mut t = FrameTracker::default();
+            for c in stream.chunks(chunk) {
+                assert_eq!(t.advance(c, false), c.len());
+            }
+            assert!(t.at_boundary(), "chunk {chunk}");
+            assert_eq!(t.frames, 6);
+            assert_eq!(t.close, Some(Some(4001)), "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn stops_exactly_at_each_boundary() {
+        let a = frame(0x1, true, b"abc", None);
+        let b = frame(0x1, true, b"de", None);
+        let stream = [a.clone(), b.clone()].concat();
+        let mut t = FrameTracker::default();
+        assert_eq!(t.advance(&stream, true), a.len());
+        assert!(t.at_boundary());
+        assert_eq!(t.advance(&stream[a.len()..], true), b.len());
+        assert_eq!(t.frames, 2);
+        // Mid-frame: not at a boundary until the frame ends.
+        let mut t = FrameTracker::default();
+        assert_eq!(t.advance(&a[..2], true), 2);
+        assert!(!t.at_boundary());
+    }
+
+    #[test]
+    fn close_without_code_and_built_frames_parse() {
+        let mut t = FrameTracker::default();
+        t.advance(&frame(OP_CLOSE, true, b"", None), false);
+        assert_eq!(t.close, Some(None));
+        for masked in [false, true] {
+            let mut t = FrameTracker::default();
+            let f = close_frame(1001, "going away", masked);
+            assert_eq!(t.advance(&f, false), f.len());
+            assert_eq!(t.close, Some(Some(1001)));
+            assert_eq!(f[1] & 0x80 != 0, masked);
+        }
+    }
+}

@@ -1,0 +1,408 @@
+//! The HTTP/WebSocket reverse proxy.
+//!
+//! Request path: Host/`:authority` → [`routes::RouteTable`] (an `Arc`
+//! snapshot, never redb) → location → [`upstream::Pool`] → forwarded over a
+//! pooled HTTP/1.1 connection. A WebSocket upgrade takes the same path, and
+//! after the upstream's 101 both connections are handed to
+//! [`relay::relay`].
+
+pub mod frames;
+pub mod headers;
+pub mod relay;
+pub mod routes;
+pub mod tunnels;
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{HeaderValue, CONNECTION, COOKIE, HOST, UPGRADE};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+use crate::store::HostSet;
+use headers::{ClientFacts, Cidr};
+use relay::TunnelOptions;
+use routes::{Route, RouteTable};
+use tunnels::TunnelRegistry;
+use upstream::{ConnectError, Connector, UpstreamRegistry, UpstreamState};
+
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Proxy settings that are node-wide (per-host ones live on the host).
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Peers whose X-Forwarded-* headers are believed.
+    pub trusted_proxies: Vec<Cidr>,
+    /// Time allowed for an upstream's response headers (hosts may override).
+    pub upstream_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// How long an upstream that refused or timed out is skipped.
+    pub failure_cooldown: Duration,
+    /// Time allowed for a client to send request headers (slowloris guard).
+    pub header_read_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            trusted_proxies: Vec::new(),
+            upstream_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(5),
+            failure_cooldown: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why a request could not be proxied; each maps to the status a client
+/// sees. Knowing whose fault it is (client, upstream) is what picks
+/// 400/404 versus 502/504.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("no proxy host for {0:?}")]
+    UnknownHost(String),
+    #[error("upstream {upstream} unreachable: {source}")]
+    Unreachable { upstream: String, source: ConnectError },
+    #[error("upstream {upstream} did not answer within {timeout:?}")]
+    Timeout { upstream: String, timeout: Duration },
+    #[error("upstream {upstream} failed: {source}")]
+    Upstream { upstream: String, source: hyper::Error },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UnknownHost(_) => StatusCode::NOT_FOUND,
+            ProxyError::Unreachable { source: ConnectError::Timeout(_), .. } | ProxyError::Timeout { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            ProxyError::Unreachable { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    fn response(&self) -> Response<ProxyBody> {
+        let body = format!("{} {}: {self}\n", self.status().as_u16(), self.status().canonical_reason().unwrap_or(""));
+        let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
+        *resp.status_mut() = self.status();
+        resp.headers_mut().insert("content-type", HeaderValue::from_static("text/plain; charset=utf-8"));
+        resp
+    }
+}
+
+/// Facts about one accepted client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub tls: bool,
+}
+
+pub struct Proxy {
+    routes: ArcSwap<RouteTable>,
+    registry: UpstreamRegistry,
+    connector: Connector,
+    pub tunnels: Arc<TunnelRegistry>,
+    config: ProxyConfig,
+}
+
+impl Proxy {
+    pub fn new(config: ProxyConfig) -> Arc<Self> {
+        Arc::new(Proxy {
+            routes: ArcSwap::from_pointee(RouteTable::default()),
+            registry: UpstreamRegistry::default(),
+            connector: Connector::new(config.connect_timeout),
+            tunnels: Arc::new(TunnelRegistry::default()),
+            config,
+        })
+    }
+
+    /// Builds a new route table from the store's hosts and swaps it in.
+    /// Requests and tunnels in flight keep the table they started with.
+    pub fn publish(&self, hosts: &HostSet) {
+        let table = RouteTable::build(hosts, &self.registry);
+        tracing::debug!(names = table.len(), "route table published");
+        self.routes.store(Arc::new(table));
+    }
+
+    /// Serves HTTP/1.1 and h2 (prior knowledge) on `listener` until
+    /// `shutdown` resolves; then stops accepting and gives open requests
+    /// up to `grace` to finish.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>, grace: Duration) {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .preserve_header_case(true)
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.config.header_read_timeout);
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        let local = listener.local_addr().ok();
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let info = ConnInfo { peer, local: local.unwrap_or(peer), tls: false };
+            let proxy = self.clone();
+            let service = hyper::service::service_fn(move |req| {
+                let proxy = proxy.clone();
+                async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
+            });
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    log_connection_error(peer, &*e);
+                }
+            });
+        }
+        drop(listener);
+        tracing::info!(?grace, "proxy listener closed; waiting for open requests");
+        if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+            tracing::warn!("grace period over; closing remaining connections");
+        }
+    }
+
+    /// Proxies one request; never fails (errors become responses).
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
+        let host = request_host(&req).map(str::to_string);
+        let Some(host) = host else {
+            return ProxyError::BadRequest("missing Host header").response();
+        };
+        let table = self.routes.load();
+        let Some(route) = table.lookup(&host).cloned() else {
+            let err = ProxyError::UnknownHost(routes::strip_port(&host).to_string());
+            tracing::info!(host = %host, client = %conn.peer, "{err}");
+            return err.response();
+        };
+        drop(table);
+        match self.forward(req, &route, &host, conn).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                tracing::warn!(host = %host, host_id = %route.host.id, client = %conn.peer, status = e.status().as_u16(), "{e}");
+                e.response()
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        route: &Arc<Route>,
+        host: &str,
+        conn: ConnInfo,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let h = &route.host;
+        let pool = route.pool_for(req.uri().path()).clone();
+        let websocket = h.websocket
+            && req.method() == http::Method::GET
+            && req.version() == Version::HTTP_11
+            && headers::is_websocket_upgrade(req.headers());
+        let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+
+        // Build the upstream request in place: extensions stay attached,
+        // among them hyper's record of the client's header-name spelling,
+        // which the upstream connection uses when it writes the headers.
+        let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+        *req.uri_mut() = Uri::try_from(path).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+        let from_h2 = req.version() == Version::HTTP_2;
+        *req.version_mut() = Version::HTTP_11;
+        let upgrade_value = websocket.then(|| req.headers().get(UPGRADE).cloned()).flatten();
+        let connection_token = websocket.then(|| headers::connection_upgrade_token(req.headers())).flatten();
+        let headers = req.headers_mut();
+        headers::remove_hop_by_hop(headers);
+        headers.remove(http::header::EXPECT);
+        if let (Some(u), Some(c)) = (upgrade_value, connection_token) {
+            headers.insert(UPGRADE, u);
+            headers.insert(CONNECTION, c);
+        }
+        if from_h2 {
+            join_cookies(headers);
+        }
+        if h.preserve_host && !headers.contains_key(HOST) {
+            if let Ok(v) = HeaderValue::from_str(host) {
+                headers.insert(HOST, v);
+            }
+        }
+        if h.forwarded_headers {
+            let trusted = self.config.trusted_proxies.iter().any(|c| c.contains(conn.peer.ip()));
+            let facts = ClientFacts {
+                peer: conn.peer,
+                trusted,
+                proto: if conn.tls { "https" } else { "http" },
+                host: Some(host),
+                local_port: conn.local.port(),
+            };
+            headers::set_forwarded(headers, &facts);
+        }
+        let timeout = if h.upstream_timeout_ms > 0 {
+            Duration::from_millis(u64::from(h.upstream_timeout_ms))
+        } else {
+            self.config.upstream_timeout
+        };
+
+        let mut last_err = None;
+        for upstream in pool.attempt_order() {
+            if !h.preserve_host {
+                if let Ok(v) = HeaderValue::from_str(&upstream.url.authority()) {
+                    req.headers_mut().insert(HOST, v);
+                }
+            }
+            match self.send(&upstream, req, timeout).await {
+                Ok((mut resp, sender)) => {
+                    upstream.mark_up();
+                    if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, resp.status()) {
+                        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                        self.spawn_tunnel(route, &upstream, conn, client_upgrade, upstream_upgrade);
+                        // The 101 goes back as the upstream sent it,
+                        // Sec-WebSocket-Accept/-Protocol/-Extensions included.
+                        return Ok(resp.map(Either::Left));
+                    }
+                    upstream.release(sender);
+                    headers::remove_hop_by_hop(resp.headers_mut());
+                    return Ok(resp.map(Either::Left));
+                }
+                Err(SendError::Connect(r, e)) => {
+                    tracing::warn!(host = %host, upstream = %upstream.url, error = %e, "upstream unreachable; trying the next one");
+                    upstream.mark_down(self.config.failure_cooldown);
+                    req = r;
+                    last_err = Some(ProxyError::Unreachable { upstream: upstream.url.to_string(), source: e });
+                }
+                Err(SendError::Timeout) => {
+                    upstream.mark_down(self.config.failure_cooldown);
+                    return Err(ProxyError::Timeout { upstream: upstream.url.to_string(), timeout });
+                }
+                Err(SendError::Failed(e)) => {
+                    return Err(ProxyError::Upstream { upstream: upstream.url.to_string(), source: e });
+                }
+            }
+        }
+        Err(last_err.expect("a pool has at least one upstream"))
+    }
+
+    /// Sends on a pooled connection (or a new one). A pooled connection that
+    /// turns out closed hands the request back untouched and is replaced by
+    /// a new connection; a connect failure also hands it back, so the caller
+    /// can try the next upstream without losing the body.
+    async fn send(
+        &self,
+        upstream: &Arc<UpstreamState>,
+        mut req: Request<Incoming>,
+        timeout: Duration,
+    ) -> Result<(Response<Incoming>, upstream::Sender), SendError> {
+        loop {
+            let (mut sender, reused) = match upstream.take_idle() {
+                Some(s) => (s, true),
+                None => match self.connector.connect(&upstream.url).await {
+                    Ok(s) => (s, false),
+                    Err(e) => return Err(SendError::Connect(req, e)),
+                },
+            };
+            match tokio::time::timeout(timeout, sender.try_send_request(req)).await {
+                Err(_) => return Err(SendError::Timeout),
+                Ok(Ok(resp)) => return Ok((resp, sender)),
+                Ok(Err(mut e)) => match e.take_message() {
+                    Some(r) if reused => {
+                        req = r;
+                        continue;
+                    }
+                    _ => return Err(SendError::Failed(e.into_error())),
+                },
+            }
+        }
+    }
+
+    fn spawn_tunnel(
+        &self,
+        route: &Arc<Route>,
+        upstream: &Arc<UpstreamState>,
+        conn: ConnInfo,
+        client: hyper::upgrade::OnUpgrade,
+        up: hyper::upgrade::OnUpgrade,
+    ) {
+        let h = &route.host;
+        let reg = self.tunnels.register(&h.id, &h.name, upstream.url.to_string(), conn.peer);
+        let secs = |s: u32| (s > 0).then(|| Duration::from_secs(u64::from(s)));
+        let opts = TunnelOptions {
+            idle_timeout: secs(h.ws_idle_timeout_secs),
+            ping_interval: secs(h.ws_ping_interval_secs),
+        };
+        tokio::spawn(async move {
+            let info = reg.info.clone();
+            match tokio::join!(client, up) {
+                (Ok(c), Ok(u)) => {
+                    tracing::debug!(tunnel = info.id, host = %info.host_name, upstream = %info.upstream, client = %info.client, "tunnel open");
+                    relay::relay(TokioIo::new(c), TokioIo::new(u), info.clone(), opts).await;
+                    tracing::debug!(tunnel = info.id, "tunnel closed");
+                }
+                (c, u) => {
+                    tracing::warn!(host = %info.host_name, upstream = %info.upstream, client_ok = c.is_ok(), upstream_ok = u.is_ok(), "WebSocket upgrade did not complete");
+                }
+            }
+            drop(reg);
+        });
+    }
+
+    /// The upstream states of the current table (for tests and metrics).
+    pub fn route_count(&self) -> usize {
+        self.routes.load().len()
+    }
+}
+
+enum SendError {
+    Connect(Request<Incoming>, ConnectError),
+    Timeout,
+    Failed(hyper::Error),
+}
+
+/// Host header (HTTP/1.1) or `:authority` (h2).
+fn request_host(req: &Request<Incoming>) -> Option<&str> {
+    req.headers()
+        .get(HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .filter(|h| !h.is_empty())
+}
+
+/// h2 may split cookies over several fields; HTTP/1.1 needs one
+/// (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut http::HeaderMap) {
+    if headers.get_all(COOKIE).iter().count() > 1 {
+        let joined: Vec<&str> = headers.get_all(COOKIE).iter().filter_map(|v| v.to_str().ok()).collect();
+        if let Ok(v) = HeaderValue::from_str(&joined.join("; ")) {
+            headers.insert(COOKIE, v);
+        }
+    }
+}
+
+fn log_connection_error(peer: SocketAddr, e: &(dyn std::error::Error + 'static)) {
+    match e.downcast_ref::<hyper::Error>() {
+        // hyper has already answered 400 (or 431) to a malformed request.
+        Some(he) if he.is_parse() || he.is_parse_too_large() => {
+            tracing::info!(client = %peer, error = %he, "malformed request refused with 400");
+        }
+        _ => tracing::debug!(client = %peer, error = %e, "client connection ended with an error"),
+    }
+}

@@ -1,0 +1,218 @@
+//! The route table: an immutable snapshot built from the store's hosts.
+//!
+//! The proxy holds it behind an `ArcSwap`; each change in the store builds a
+//! new table and swaps the pointer. Requests in flight and open tunnels keep
+//! the `Arc`s they already hold, so a change never disturbs them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::host::{ProxyHost, UpstreamUrl};
+use crate::proxy::upstream::{Pool, UpstreamRegistry};
+
+/// Where one path prefix of a host goes.
+pub struct LocationRoute {
+    pub prefix: String,
+    pub pool: Arc<Pool>,
+}
+
+/// A host ready for the request path: parsed upstreams, sorted locations.
+pub struct Route {
+    pub host: Arc<ProxyHost>,
+    pub pool: Arc<Pool>,
+    /// Longest prefix first, so the first match is the most specific.
+    pub locations: Vec<LocationRoute>,
+}
+
+impl Route {
+    pub fn pool_for(&self, path: &str) -> &Arc<Pool> {
+        self.locations
+            .iter()
+            .find(|l| path_has_prefix(path, &l.prefix))
+            .map(|l| &l.pool)
+            .unwrap_or(&self.pool)
+    }
+}
+
+/// `/api` matches `/api`, `/api/x` and `/api?q`, but not `/apix`: a prefix
+/// ending without a slash is taken as a path segment, as users expect.
+fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with(['/', '?']),
+        None => false,
+    }
+}
+
+#[derive(Default)]
+pub struct RouteTable {
+    exact: HashMap<String, Arc<Route>>,
+    /// `*.example.com` is stored under `example.com`.
+    wildcard: HashMap<String, Arc<Route>>,
+}
+
+impl RouteTable {
+    /// Builds the table from the enabled hosts. Pools come from `registry`
+    /// so connection pools and passive-health marks outlive table swaps.
+    pub fn build(hosts: &[Arc<ProxyHost>], registry: &UpstreamRegistry) -> RouteTable {
+        let mut table = RouteTable::default();
+        for host in hosts.iter().filter(|h| h.enabled) {
+            let pool = |urls: &[String]| -> Option<Arc<Pool>> {
+                let parsed: Result<Vec<UpstreamUrl>, _> =
+                    urls.iter().map(|u| UpstreamUrl::parse(u)).collect();
+                match parsed {
+                    Ok(list) => Some(Arc::new(Pool::new(list.iter().map(|u| registry.get(u)).collect()))),
+                    Err(e) => {
+                        // Only validated hosts are stored, so this means a
+                        // file from a release with other rules: skip the
+                        // host rather than fail every other one.
+                        tracing::error!(host = %host.id, error = %e, "skipping host with an invalid upstream");
+                        None
+                    }
+                }
+            };
+            let Some(main) = pool(&host.upstreams) else { continue };
+            let mut locations = Vec::new();
+            for loc in &host.locations {
+                if let Some(p) = pool(&loc.upstreams) {
+                    locations.push(LocationRoute { prefix: loc.path_prefix.clone(), pool: p });
+                }
+            }
+            locations.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+            let route = Arc::new(Route { host: host.clone(), pool: main, locations });
+            for d in &host.domains {
+                match d.strip_prefix("*.") {
+                    Some(suffix) => table.wildcard.insert(suffix.to_string(), route.clone()),
+                    None => table.exact.insert(d.clone(), route.clone()),
+                };
+            }
+        }
+        table
+    }
+
+    /// Finds the route for a Host header value (port and trailing dot
+    /// ignored, case-insensitive): exact name first, then the most specific
+    /// wildcard.
+    pub fn lookup(&self, host_header: &str) -> Option<&Arc<Route>> {
+        let name = strip_port(host_header);
+        let name = name.strip_suffix('.').unwrap_or(name);
+        let lowered;
+        let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            lowered = name.to_ascii_lowercase();
+            lowered.as_str()
+        } else {
+            name
+        };
+        if let Some(r) = self.exact.get(name) {
+            return Some(r);
+        }
+        let mut rest = name;
+        while let Some((_, suffix)) = rest.split_once('.') {
+            if let Some(r) = self.wildcard.get(suffix) {
+                return Some(r);
+            }
+            rest = suffix;
+        }
+        None
+    }
+
+    pub fn len(&self) -> usize {
+        self.exact.len() + self.wildcard.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// `example.com:8080` → `example.com`; `[::1]:80` → `[::1]`.
+pub fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return match host.find(']') {
+            Some(i) => &host[..=i],
+            None => host,
+        };
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::Location;
+
+    fn host(id: &str, domains: &[&str], locs: &[(&str, &str)]) -> Arc<ProxyHost> {
+        Arc::new(ProxyHost {
+            id: id.into(),
+            name: id.into(),
+            domains: domains.iter().map(|s| s.to_string()).collect(),
+            upstreams: vec!["http://127.0.0.1:1".into()],
+            enabled: true,
+            websocket: true,
+            preserve_host: true,
+            forwarded_headers: true,
+            locations: locs
+                .iter()
+                .map(|(p, u)| Location { path_prefix: p.to_string(), upstreams: vec![u.to_string()] })
+                .collect(),
+            ws_idle_timeout_secs: 0,
+            ws_ping_interval_secs: 0,
+            upstream_timeout_ms: 0,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            version: 1,
+        })
+    }
+
+    #[test]
+    fn exact_then_most_specific_wildcard() {
+        let reg = UpstreamRegistry::default();
+        let hosts = vec![
+            host("exact", &["a.example.com", "127.0.0.1", "[::1]"], &[]),
+            host("wild", &["*.example.com"], &[]),
+            host("deeper", &["*.b.example.com"], &[]),
+        ];
+        let t = RouteTable::build(&hosts, &reg);
+        let id = |h: &str| t.lookup(h).map(|r| r.host.id.clone());
+        assert_eq!(id("a.example.com").as_deref(), Some("exact"));
+        assert_eq!(id("A.Example.com:8080").as_deref(), Some("exact"));
+        assert_eq!(id("x.example.com").as_deref(), Some("wild"));
+        assert_eq!(id("x.y.example.com").as_deref(), Some("wild"));
+        assert_eq!(id("x.b.example.com").as_deref(), Some("deeper"));
+        assert_eq!(id("example.com"), None);
+        assert_eq!(id("127.0.0.1:8080").as_deref(), Some("exact"));
+        assert_eq!(id("[::1]:8080").as_deref(), Some("exact"));
+        assert_eq!(id("other.org"), None);
+    }
+
+    #[test]
+    fn disabled_hosts_are_not_routed() {
+        let reg = UpstreamRegistry::default();
+        let mut h = (*host("x", &["x.com"], &[])).clone();
+        h.enabled = false;
+        let t = RouteTable::build(&[Arc::new(h)], &reg);
+        assert!(t.lookup("x.com").is_none());
+    }
+
+    #[test]
+    fn longest_location_prefix_wins_on_segment_boundaries() {
+        let reg = UpstreamRegistry::default();
+        let hosts = vec![host(
+            "h",
+            &["h.com"],
+            &[("/api", "http://127.0.0.1:2"), ("/api/v2", "http://127.0.0.1:3"), ("/static/", "http://127.0.0.1:4")],
+        )];
+        let t = RouteTable::build(&hosts, &reg);
+        let r = t.lookup("h.com").unwrap();
+        let port = |p: &str| r.pool_for(p).upstreams()[0].url.port;
+        assert_eq!(port("/api"), 2);
+        assert_eq!(port("/api/users"), 2);
+        assert_eq!(port("/api?x=1"), 2);
+        assert_eq!(port("/api/v2/x"), 3);
+        assert_eq!(port("/apix"), 1);
+        assert_eq!(port("/static/a.css"), 4);
+        assert_eq!(port("/"), 1);
+    }
+}

@@ -1,0 +1,134 @@
+//! The registry of open WebSocket tunnels.
+//!
+//! Every tunnel is registered for its whole life so that drain, metrics and
+//! `charonctl` can see it and act on it (close it with a proper Close frame).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use tokio::sync::watch;
+
+/// What the proxy asks a tunnel's relay to do. Both directions watch it and
+/// act at their next frame boundary.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Control {
+    /// Send Close with this code and reason to both sides, then finish the
+    /// closing handshake and end the tunnel.
+    pub close: Option<(u16, String)>,
+    /// Incremented to send one Ping to both sides.
+    pub ping_seq: u64,
+}
+
+/// Counters for one direction of a tunnel.
+#[derive(Debug, Default)]
+pub struct DirStats {
+    pub bytes: AtomicU64,
+    pub frames: AtomicU64,
+    /// Close code seen travelling this way, plus one (0 = none yet;
+    /// 1 = a Close without a code).
+    close_code: AtomicU32,
+}
+
+impl DirStats {
+    pub fn record_close(&self, code: Option<u16>) {
+        let v = code.map(|c| u32::from(c) + 1).unwrap_or(1);
+        let _ = self.close_code.compare_exchange(0, v, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// `None` = no Close yet; `Some(None)` = a Close without a code.
+    pub fn close_code(&self) -> Option<Option<u16>> {
+        match self.close_code.load(Ordering::Relaxed) {
+            0 => None,
+            1 => Some(None),
+            v => Some(Some((v - 1) as u16)),
+        }
+    }
+}
+
+/// One open tunnel.
+#[derive(Debug)]
+pub struct TunnelInfo {
+    pub id: u64,
+    pub host_id: String,
+    pub host_name: String,
+    pub upstream: String,
+    pub client: SocketAddr,
+    pub started: SystemTime,
+    /// Client → upstream.
+    pub to_upstream: DirStats,
+    /// Upstream → client.
+    pub to_client: DirStats,
+    pub control: watch::Sender<Control>,
+}
+
+impl TunnelInfo {
+    /// Asks the relay to close both sides with `code` at frame boundaries.
+    pub fn close(&self, code: u16, reason: &str) {
+        self.control.send_if_modified(|c| {
+            if c.close.is_some() {
+                return false;
+            }
+            c.close = Some((code, reason.to_string()));
+            true
+        });
+    }
+}
+
+#[derive(Default)]
+pub struct TunnelRegistry {
+    next_id: AtomicU64,
+    map: Mutex<HashMap<u64, Arc<TunnelInfo>>>,
+}
+
+/// Removes its tunnel from the registry when the relay ends, however it
+/// ends.
+pub struct Registration {
+    registry: Arc<TunnelRegistry>,
+    pub info: Arc<TunnelInfo>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.map.lock().expect("tunnels lock").remove(&self.info.id);
+    }
+}
+
+impl TunnelRegistry {
+    pub fn register(
+        self: &Arc<Self>,
+        host_id: &str,
+        host_name: &str,
+        upstream: String,
+        client: SocketAddr,
+    ) -> Registration {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let info = Arc::new(TunnelInfo {
+            id,
+            host_id: host_id.to_string(),
+            host_name: host_name.to_string(),
+            upstream,
+            client,
+            started: SystemTime::now(),
+            to_upstream: DirStats::default(),
+            to_client: DirStats::default(),
+            control: watch::Sender::new(Control::default()),
+        });
+        self.map.lock().expect("tunnels lock").insert(id, info.clone());
+        Registration { registry: self.clone(), info }
+    }
+
+    pub fn list(&self) -> Vec<Arc<TunnelInfo>> {
+        self.map.lock().expect("tunnels lock").values().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().expect("tunnels lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,293 @@
+//! Upstreams: connecting, pooling keep-alive connections, passive health.
+//!
+//! The proxy owns its pool rather than using hyper-util's legacy client so
+//! that it can connect *before* it touches the request body: when an
+//! upstream refuses, the request (and its unread streaming body) is still
+//! whole and can go to the next upstream.
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::host::UpstreamUrl;
+
+/// How long an idle pooled connection is kept. Upstreams commonly close
+/// idle keep-alive connections after 60–75 s; dropping ours earlier avoids
+/// most races with their close.
+const IDLE_TTL: Duration = Duration::from_secs(50);
+/// Idle connections kept per upstream.
+const MAX_IDLE: usize = 256;
+
+pub type Sender = http1::SendRequest<Incoming>;
+
+/// One upstream address, shared by every host and location that names it,
+/// and kept across route-table swaps (so pools and health marks survive
+/// config changes).
+pub struct UpstreamState {
+    pub url: UpstreamUrl,
+    /// Until when (ms since [`epoch`]) it is skipped after a failure.
+    down_until_ms: AtomicU64,
+    idle: Mutex<Vec<(Sender, Instant)>>,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+impl UpstreamState {
+    fn new(url: UpstreamUrl) -> Self {
+        UpstreamState { url, down_until_ms: AtomicU64::new(0), idle: Mutex::new(Vec::new()) }
+    }
+
+    pub fn is_down(&self) -> bool {
+        self.down_until_ms.load(Ordering::Relaxed) > now_ms()
+    }
+
+    /// Passive health: skip this upstream for `cooldown`.
+    pub fn mark_down(&self, cooldown: Duration) {
+        self.down_until_ms.store(now_ms() + cooldown.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn mark_up(&self) {
+        if self.down_until_ms.load(Ordering::Relaxed) != 0 {
+            self.down_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// An idle, open connection if one is pooled.
+    pub fn take_idle(&self) -> Option<Sender> {
+        let mut idle = self.idle.lock().expect("pool lock");
+        while let Some((s, since)) = idle.pop() {
+            if !s.is_closed() && s.is_ready() && since.elapsed() < IDLE_TTL {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection to the pool once its response has been read to
+    /// the end (hyper reports "ready" then); a connection that closes first
+    /// is simply dropped.
+    pub fn release(self: &Arc<Self>, mut sender: Sender) {
+        let state = self.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                let mut idle = state.idle.lock().expect("pool lock");
+                if idle.len() < MAX_IDLE {
+                    idle.push((sender, Instant::now()));
+                }
+            }
+        });
+    }
+}
+
+/// The upstreams of one host or location, tried round-robin.
+pub struct Pool {
+    upstreams: Vec<Arc<UpstreamState>>,
+    next: AtomicUsize,
+}
+
+impl Pool {
+    pub fn new(upstreams: Vec<Arc<UpstreamState>>) -> Self {
+        Pool { upstreams, next: AtomicUsize::new(0) }
+    }
+
+    pub fn upstreams(&self) -> &[Arc<UpstreamState>] {
+        &self.upstreams
+    }
+
+    /// The order to try upstreams in for one request: round-robin start,
+    /// healthy ones first, then those cooling down — when every upstream is
+    /// marked down, trying one beats failing without trying.
+    pub fn attempt_order(&self) -> Vec<Arc<UpstreamState>> {
+        let n = self.upstreams.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n.max(1);
+        let rotated = (0..n).map(|i| &self.upstreams[(start + i) % n]);
+        let (up, down): (Vec<_>, Vec<_>) = rotated.cloned().partition(|u| !u.is_down());
+        up.into_iter().chain(down).collect()
+    }
+}
+
+/// Hands out one [`UpstreamState`] per upstream URL.
+#[derive(Default)]
+pub struct UpstreamRegistry {
+    map: Mutex<HashMap<UpstreamUrl, Weak<UpstreamState>>>,
+}
+
+impl UpstreamRegistry {
+    pub fn get(&self, url: &UpstreamUrl) -> Arc<UpstreamState> {
+        let mut map = self.map.lock().expect("registry lock");
+        if let Some(s) = map.get(url).and_then(Weak::upgrade) {
+            return s;
+        }
+        map.retain(|_, w| w.strong_count() > 0);
+        let s = Arc::new(UpstreamState::new(url.clone()));
+        map.insert(url.clone(), Arc::downgrade(&s));
+        s
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connection refused or failed: {0}")]
+    Refused(io::Error),
+    #[error("no connection within {0:?}")]
+    Timeout(Duration),
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
+    #[error("HTTP handshake failed: {0}")]
+    Handshake(hyper::Error),
+}
+
+/// A connection to an upstream, plain or TLS.
+pub enum UpstreamIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Opens new upstream connections.
+pub struct Connector {
+    pub connect_timeout: Duration,
+    tls: OnceLock<Arc<rustls::ClientConfig>>,
+}
+
+impl Connector {
+    pub fn new(connect_timeout: Duration) -> Self {
+        Connector { connect_timeout, tls: OnceLock::new() }
+    }
+
+    /// System roots are loaded on first use: most nodes never need them.
+    fn tls_config(&self) -> Arc<rustls::ClientConfig> {
+        self.tls
+            .get_or_init(|| {
+                let mut roots = rustls::RootCertStore::empty();
+                let loaded = rustls_native_certs::load_native_certs();
+                for e in &loaded.errors {
+                    tracing::warn!(error = %e, "could not load a system CA certificate");
+                }
+                let (added, _) = roots.add_parsable_certificates(loaded.certs);
+                tracing::debug!(added, "loaded system CA roots for https upstreams");
+                let mut cfg = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+                // Upstreams always speak HTTP/1.1 to us: WebSocket upgrades
+                // need it, and it keeps one connection model.
+                cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+                Arc::new(cfg)
+            })
+            .clone()
+    }
+
+    /// TCP (+ TLS) connect and HTTP/1.1 handshake, bounded by the connect
+    /// timeout. The connection task is spawned with upgrade support, so the
+    /// same connection can carry a WebSocket after a 101.
+    pub async fn connect(&self, url: &UpstreamUrl) -> Result<Sender, ConnectError> {
+        let fut = async {
+            let tcp = TcpStream::connect((url.host.as_str(), url.port)).await.map_err(ConnectError::Refused)?;
+            let _ = tcp.set_nodelay(true);
+            let io = if url.tls {
+                let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+                    .map_err(|e| ConnectError::Tls(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+                let tls = tokio_rustls::TlsConnector::from(self.tls_config())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(ConnectError::Tls)?;
+                UpstreamIo::Tls(Box::new(tls))
+            } else {
+                UpstreamIo::Plain(tcp)
+            };
+            let (sender, conn) = http1::Builder::new()
+                .preserve_header_case(true)
+                .handshake(TokioIo::new(io))
+                .await
+                .map_err(ConnectError::Handshake)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(error = %e, "upstream connection ended with an error");
+                }
+            });
+            Ok(sender)
+        };
+        match tokio::time::timeout(self.connect_timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(ConnectError::Timeout(self.connect_timeout)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url(port: u16) -> UpstreamUrl {
+        UpstreamUrl { tls: false, host: "127.0.0.1".into(), port }
+    }
+
+    #[test]
+    fn round_robin_puts_cooling_down_upstreams_last() {
+        let reg = UpstreamRegistry::default();
+        let pool = Pool::new(vec![reg.get(&url(1)), reg.get(&url(2)), reg.get(&url(3))]);
+        let firsts: Vec<u16> = (0..3).map(|_| pool.attempt_order()[0].url.port).collect();
+        assert_eq!(firsts, [1, 2, 3]);
+        pool.upstreams()[1].mark_down(Duration::from_secs(60));
+        for _ in 0..3 {
+            let order: Vec<u16> = pool.attempt_order().iter().map(|u| u.url.port).collect();
+            assert_eq!(order.len(), 3);
+            assert_eq!(*order.last().unwrap(), 2, "{order:?}");
+        }
+        pool.upstreams()[1].mark_up();
+        assert!(!pool.upstreams()[1].is_down());
+    }
+
+    #[test]
+    fn registry_shares_state_per_url() {
+        let reg = UpstreamRegistry::default();
+        let a = reg.get(&url(1));
+        a.mark_down(Duration::from_secs(60));
+        assert!(reg.get(&url(1)).is_down(), "health survives a table rebuild");
+        assert!(!reg.get(&url(2)).is_down());
+    }
+}

@@ -1,0 +1,189 @@
+//! The on-disk encoding of records: one version byte, then a protobuf
+//! `charon.store.v1.Record`. Self-describing and extensible, unlike redb's
+//! own tuple encoding, so a later release can read files written today.
+
+use charon_proto::store as pb;
+use prost::Message;
+
+use crate::host::{Location, ProxyHost};
+
+/// The only encoding version so far.
+const VERSION_1: u8 = 1;
+
+/// What a record holds; `None` body = tombstone.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Body {
+    Host(ProxyHost),
+}
+
+/// A stored record with the metadata replication needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub hlc: u64,
+    pub origin: String,
+    pub seq: u64,
+    /// `None` is a tombstone: a deletion that must win over older writes.
+    pub body: Option<Body>,
+}
+
+impl Record {
+    /// Last-writer-wins order: higher HLC, then higher origin id, so every
+    /// node picks the same winner whatever order records arrive in.
+    pub fn supersedes(&self, other: &Record) -> bool {
+        (self.hlc, &self.origin) > (other.hlc, &other.origin)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("empty value")]
+    Empty,
+    #[error("unknown record encoding version {0} (written by a newer release?)")]
+    UnknownVersion(u8),
+    #[error("corrupt record: {0}")]
+    Corrupt(#[from] prost::DecodeError),
+    #[error("record has no body and is not a tombstone")]
+    NoBody,
+}
+
+pub fn encode(rec: &Record) -> Vec<u8> {
+    let msg = pb::Record {
+        hlc: rec.hlc,
+        origin: rec.origin.clone(),
+        seq: rec.seq,
+        tombstone: rec.body.is_none(),
+        body: rec.body.as_ref().map(|b| match b {
+            Body::Host(h) => pb::record::Body::Host(host_to_pb(h)),
+        }),
+    };
+    let mut out = Vec::with_capacity(1 + msg.encoded_len());
+    out.push(VERSION_1);
+    msg.encode(&mut out).expect("Vec grows as needed");
+    out
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
+    let (&version, rest) = bytes.split_first().ok_or(DecodeError::Empty)?;
+    if version != VERSION_1 {
+        return Err(DecodeError::UnknownVersion(version));
+    }
+    let msg = pb::Record::decode(rest)?;
+    let body = if msg.tombstone {
+        None
+    } else {
+        Some(match msg.body.ok_or(DecodeError::NoBody)? {
+            pb::record::Body::Host(h) => Body::Host(host_from_pb(h)),
+        })
+    };
+    Ok(Record {
+        hlc: msg.hlc,
+        origin: msg.origin,
+        seq: msg.seq,
+        body,
+    })
+}
+
+fn host_to_pb(h: &ProxyHost) -> pb::HostRecord {
+    pb::HostRecord {
+        id: h.id.clone(),
+        name: h.name.clone(),
+        domains: h.domains.clone(),
+        upstreams: h.upstreams.clone(),
+        enabled: h.enabled,
+        websocket: h.websocket,
+        preserve_host: h.preserve_host,
+        forwarded_headers: h.forwarded_headers,
+        locations: h
+            .locations
+            .iter()
+            .map(|l| pb::LocationRecord {
+                path_prefix: l.path_prefix.clone(),
+                upstreams: l.upstreams.clone(),
+            })
+            .collect(),
+        ws_idle_timeout_secs: h.ws_idle_timeout_secs,
+        ws_ping_interval_secs: h.ws_ping_interval_secs,
+        upstream_timeout_ms: h.upstream_timeout_ms,
+        created_at_ms: h.created_at_ms,
+        updated_at_ms: h.updated_at_ms,
+        version: h.version,
+    }
+}
+
+fn host_from_pb(h: pb::HostRecord) -> ProxyHost {
+    ProxyHost {
+        id: h.id,
+        name: h.name,
+        domains: h.domains,
+        upstreams: h.upstreams,
+        enabled: h.enabled,
+        websocket: h.websocket,
+        preserve_host: h.preserve_host,
+        forwarded_headers: h.forwarded_headers,
+        locations: h
+            .locations
+            .into_iter()
+            .map(|l| Location {
+                path_prefix: l.path_prefix,
+                upstreams: l.upstreams,
+            })
+            .collect(),
+        ws_idle_timeout_secs: h.ws_idle_timeout_secs,
+        ws_ping_interval_secs: h.ws_ping_interval_secs,
+        upstream_timeout_ms: h.upstream_timeout_ms,
+        created_at_ms: h.created_at_ms,
+        updated_at_ms: h.updated_at_ms,
+        version: h.version,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_hosts_and_tombstones() {
+        let host = ProxyHost {
+            id: "x".into(),
+            name: "n".into(),
+            domains: vec!["a.com".into()],
+            upstreams: vec!["http://1.2.3.4:80".into()],
+            enabled: true,
+            websocket: false,
+            preserve_host: true,
+            forwarded_headers: false,
+            locations: vec![Location {
+                path_prefix: "/a".into(),
+                upstreams: vec!["http://b:1".into()],
+            }],
+            ws_idle_timeout_secs: 5,
+            ws_ping_interval_secs: 6,
+            upstream_timeout_ms: 7,
+            created_at_ms: 8,
+            updated_at_ms: 9,
+            version: 10,
+        };
+        for body in [Some(Body::Host(host)), None] {
+            let rec = Record { hlc: 42, origin: "node-a".into(), seq: 3, body };
+            let bytes = encode(&rec);
+            assert_eq!(bytes[0], 1);
+            assert_eq!(decode(&bytes).unwrap(), rec);
+        }
+    }
+
+    #[test]
+    fn refuses_unknown_versions() {
+        assert!(matches!(decode(&[9, 1, 2]), Err(DecodeError::UnknownVersion(9))));
+        assert!(matches!(decode(&[]), Err(DecodeError::Empty)));
+    }
+
+    #[test]
+    fn lww_order_is_total() {
+        let a = Record { hlc: 1, origin: "a".into(), seq: 1, body: None };
+        let b = Record { hlc: 1, origin: "b".into(), seq: 1, body: None };
+        let c = Record { hlc: 2, origin: "a".into(), seq: 2, body: None };
+        assert!(b.supersedes(&a) && !a.supersedes(&b));
+        assert!(c.supersedes(&b));
+        assert!(!a.supersedes(&a));
+    }
+}

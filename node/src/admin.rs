@@ -34,7 +34,10 @@ fn respond(health: &Health, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/healthz" => (StatusCode::OK, "ok\n"),
         "/readyz" if health.is_ready() => (StatusCode::OK, "ready\n"),
         "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        _ => (StatusCode::NOT_FOUND, "not found: try /healthz or /readyz\n"),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "not found: try /healthz or /readyz\n",
+        ),
     };
     let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
@@ -57,7 +60,9 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, shutdown: impl Fu
                 let resp = respond(&health, &req);
                 async move { Ok::<_, Infallible>(resp) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
 }

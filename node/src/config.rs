@@ -16,7 +16,11 @@ use crate::proxy::headers::Cidr;
 use crate::proxy::ProxyConfig;
 
 #[derive(Debug, Parser, Default)]
-#[command(name = "charon-node", version, about = "A Charon node: HTTP/WebSocket reverse proxy with a replicated config store")]
+#[command(
+    name = "charon-node",
+    version,
+    about = "A Charon node: HTTP/WebSocket reverse proxy with a replicated config store"
+)]
 pub struct Args {
     /// TOML file with any of the settings below (snake_case keys). Flags and
     /// env variables override it.
@@ -36,7 +40,11 @@ pub struct Args {
     pub admin_listen: Option<String>,
     /// Peer address or CIDR whose X-Forwarded-* headers are trusted; repeat
     /// the flag or separate with commas [default: none]
-    #[arg(long = "trusted-proxy", env = "CHARON_TRUSTED_PROXIES", value_delimiter = ',')]
+    #[arg(
+        long = "trusted-proxy",
+        env = "CHARON_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
     pub trusted_proxies: Vec<String>,
     /// Time an upstream has to send response headers, in ms [default: 60000]
     #[arg(long, env = "CHARON_UPSTREAM_TIMEOUT_MS")]
@@ -99,21 +107,33 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{setting}: {message}")]
-    Invalid { setting: &'static str, message: String },
+    Invalid {
+        setting: &'static str,
+        message: String,
+    },
 }
 
 fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { setting, message: message.into() }
+    ConfigError::Invalid {
+        setting,
+        message: message.into(),
+    }
 }
 
 fn parse_addr(setting: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
-    value
-        .parse()
-        .map_err(|_| invalid(setting, format!("{value:?} is not an IP:port address (e.g. 127.0.0.1:8080)")))
+    value.parse().map_err(|_| {
+        invalid(
+            setting,
+            format!("{value:?} is not an IP:port address (e.g. 127.0.0.1:8080)"),
+        )
+    })
 }
 
 fn millis(setting: &'static str, v: u64) -> Result<Duration, ConfigError> {
@@ -129,9 +149,18 @@ impl Config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
-        let http = args.http_listen.or(file.http_listen).unwrap_or_else(|| "0.0.0.0:8080".into());
-        let api = args.api_listen.or(file.api_listen).unwrap_or_else(|| "127.0.0.1:7070".into());
-        let admin = args.admin_listen.or(file.admin_listen).unwrap_or_else(|| "127.0.0.1:9090".into());
+        let http = args
+            .http_listen
+            .or(file.http_listen)
+            .unwrap_or_else(|| "0.0.0.0:8080".into());
+        let api = args
+            .api_listen
+            .or(file.api_listen)
+            .unwrap_or_else(|| "127.0.0.1:7070".into());
+        let admin = args
+            .admin_listen
+            .or(file.admin_listen)
+            .unwrap_or_else(|| "127.0.0.1:9090".into());
         let trusted = if args.trusted_proxies.is_empty() {
             file.trusted_proxies.unwrap_or_default()
         } else {
@@ -140,7 +169,11 @@ impl Config {
         let trusted_proxies = trusted
             .iter()
             .filter(|s| !s.trim().is_empty())
-            .map(|s| s.trim().parse::<Cidr>().map_err(|e| invalid("trusted_proxies", e)))
+            .map(|s| {
+                s.trim()
+                    .parse::<Cidr>()
+                    .map_err(|e| invalid("trusted_proxies", e))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let defaults = ProxyConfig::default();
         let proxy = ProxyConfig {
@@ -163,23 +196,40 @@ impl Config {
         let log_format = match args.log_format.or(file.log_format).as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
-            Some(other) => return Err(invalid("log_format", format!("{other:?} must be text or json"))),
+            Some(other) => {
+                return Err(invalid(
+                    "log_format",
+                    format!("{other:?} must be text or json"),
+                ))
+            }
         };
         let log = args.log.or(file.log).unwrap_or_else(|| "info".into());
         tracing_subscriber::EnvFilter::try_new(&log).map_err(|e| invalid("log", e.to_string()))?;
-        let admin_token = std::env::var("CHARON_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
+        let admin_token = std::env::var("CHARON_ADMIN_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty());
         if let Some(t) = &admin_token {
             if t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(invalid("CHARON_ADMIN_TOKEN", "must be at least 16 characters without spaces"));
+                return Err(invalid(
+                    "CHARON_ADMIN_TOKEN",
+                    "must be at least 16 characters without spaces",
+                ));
             }
         }
         let config = Config {
-            data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("charon-data")),
+            data_dir: args
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("charon-data")),
             http_listen: parse_addr("http_listen", &http)?,
             api_listen: parse_addr("api_listen", &api)?,
             admin_listen: parse_addr("admin_listen", &admin)?,
             proxy,
-            shutdown_grace: Duration::from_secs(args.shutdown_grace_secs.or(file.shutdown_grace_secs).unwrap_or(30)),
+            shutdown_grace: Duration::from_secs(
+                args.shutdown_grace_secs
+                    .or(file.shutdown_grace_secs)
+                    .unwrap_or(30),
+            ),
             log,
             log_format,
             admin_token,
@@ -191,10 +241,17 @@ impl Config {
     /// Two listeners on one fixed port would fail at bind time, after the
     /// others were bound; say it up front.
     fn check_distinct_ports(&self) -> Result<(), ConfigError> {
-        let named = [("http_listen", self.http_listen), ("api_listen", self.api_listen), ("admin_listen", self.admin_listen)];
+        let named = [
+            ("http_listen", self.http_listen),
+            ("api_listen", self.api_listen),
+            ("admin_listen", self.admin_listen),
+        ];
         for (i, (a, x)) in named.iter().enumerate() {
             for (b, y) in &named[i + 1..] {
-                if x.port() != 0 && x.port() == y.port() && (x.ip() == y.ip() || x.ip().is_unspecified() || y.ip().is_unspecified()) {
+                if x.port() != 0
+                    && x.port() == y.port()
+                    && (x.ip() == y.ip() || x.ip().is_unspecified() || y.ip().is_unspecified())
+                {
                     return Err(invalid(a, format!("{x} collides with {b} ({y})")));
                 }
             }
@@ -204,8 +261,14 @@ impl Config {
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.message().to_string() })
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.message().to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -231,9 +294,18 @@ mod tests {
     fn errors_name_the_setting() {
         let e = parse(&["--http-listen", "nope"]).unwrap_err().to_string();
         assert!(e.starts_with("http_listen:"), "{e}");
-        let e = parse(&["--trusted-proxy", "10.0.0.0/40"]).unwrap_err().to_string();
+        let e = parse(&["--trusted-proxy", "10.0.0.0/40"])
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("trusted_proxies:"), "{e}");
-        let e = parse(&["--api-listen", "127.0.0.1:9000", "--admin-listen", "0.0.0.0:9000"]).unwrap_err().to_string();
+        let e = parse(&[
+            "--api-listen",
+            "127.0.0.1:9000",
+            "--admin-listen",
+            "0.0.0.0:9000",
+        ])
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("collides"), "{e}");
     }
 

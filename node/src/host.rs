@@ -191,7 +191,8 @@ fn validate_upstreams(field: &str, upstreams: &[String]) -> Result<(), FieldErro
     }
     let mut seen = HashSet::new();
     for (i, u) in upstreams.iter().enumerate() {
-        let parsed = UpstreamUrl::parse(u).map_err(|e| FieldError::new(format!("{field}[{i}]"), e))?;
+        let parsed =
+            UpstreamUrl::parse(u).map_err(|e| FieldError::new(format!("{field}[{i}]"), e))?;
         if !seen.insert(parsed) {
             return Err(FieldError::new(
                 format!("{field}[{i}]"),
@@ -209,7 +210,10 @@ impl ProxyHost {
     /// because only it sees every host under one lock.
     pub fn normalize_and_validate(&mut self) -> Result<(), FieldError> {
         if self.domains.is_empty() {
-            return Err(FieldError::new("domains", "at least one domain is required"));
+            return Err(FieldError::new(
+                "domains",
+                "at least one domain is required",
+            ));
         }
         let mut seen = HashSet::new();
         for (i, d) in self.domains.iter_mut().enumerate() {
@@ -260,7 +264,11 @@ impl ProxyHost {
 
 fn canonical_upstreams(list: &[String]) -> Vec<String> {
     list.iter()
-        .map(|u| UpstreamUrl::parse(u).map(|p| p.to_string()).unwrap_or_else(|_| u.clone()))
+        .map(|u| {
+            UpstreamUrl::parse(u)
+                .map(|p| p.to_string())
+                .unwrap_or_else(|_| u.clone())
+        })
         .collect()
 }
 
@@ -272,7 +280,12 @@ mod tests {
         ProxyHost {
             id: "h1".into(),
             name: String::new(),
-            domains: vec!["App.Example.COM".into(), "*.Example.com".into(), "127.0.0.1".into(), "::1".into()],
+            domains: vec![
+                "App.Example.COM".into(),
+                "*.Example.com".into(),
+                "127.0.0.1".into(),
+                "::1".into(),
+            ],
             upstreams: vec!["http://127.0.0.1:3000".into(), "https://backend".into()],
             enabled: true,
             websocket: true,
@@ -295,15 +308,22 @@ mod tests {
     fn normalizes_domains_upstreams_and_name() {
         let mut h = host();
         h.normalize_and_validate().unwrap();
-        assert_eq!(h.domains, ["app.example.com", "*.example.com", "127.0.0.1", "[::1]"]);
-        assert_eq!(h.upstreams, ["http://127.0.0.1:3000", "https://backend:443"]);
+        assert_eq!(
+            h.domains,
+            ["app.example.com", "*.example.com", "127.0.0.1", "[::1]"]
+        );
+        assert_eq!(
+            h.upstreams,
+            ["http://127.0.0.1:3000", "https://backend:443"]
+        );
         assert_eq!(h.locations[0].upstreams, ["http://[::1]:81"]);
         assert_eq!(h.name, "app.example.com");
     }
 
     #[test]
     fn refusals_name_the_field() {
-        let cases: Vec<(fn(&mut ProxyHost), &str)> = vec![
+        type Case = (fn(&mut ProxyHost), &'static str);
+        let cases: Vec<Case> = vec![
             (|h| h.domains.clear(), "domains"),
             (|h| h.domains[1] = "a.*.com".into(), "domains[1]"),
             (|h| h.domains[0] = "example.com:8080".into(), "domains[0]"),
@@ -313,8 +333,14 @@ mod tests {
             (|h| h.upstreams[0] = "ftp://x".into(), "upstreams[0]"),
             (|h| h.upstreams[1] = "http://x:99999".into(), "upstreams[1]"),
             (|h| h.upstreams[1] = "http://x/path".into(), "upstreams[1]"),
-            (|h| h.locations[0].path_prefix = "api".into(), "locations[0].path_prefix"),
-            (|h| h.locations[0].upstreams.clear(), "locations[0].upstreams"),
+            (
+                |h| h.locations[0].path_prefix = "api".into(),
+                "locations[0].path_prefix",
+            ),
+            (
+                |h| h.locations[0].upstreams.clear(),
+                "locations[0].upstreams",
+            ),
         ];
         for (mutate, field) in cases {
             let mut h = host();

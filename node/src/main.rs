@@ -3,8 +3,8 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use charon_node::config::{Args, Config, LogFormat};
+use clap::Parser;
 
 /// EX_USAGE: the configuration is wrong; nothing was started.
 const EXIT_CONFIG: u8 = 64;
@@ -18,9 +18,17 @@ fn main() -> ExitCode {
         }
     };
     let filter = tracing_subscriber::EnvFilter::new(&config.log);
+    let json_logs = config.log_format == LogFormat::Json;
     match config.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
-        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init(),
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -33,7 +41,10 @@ fn main() -> ExitCode {
     match runtime.block_on(charon_node::node::run(config, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e}");
+            // One line for the operator; JSON logs also get it as an event.
+            if json_logs {
+                tracing::error!("{e}");
+            }
             eprintln!("charon-node: {e}");
             ExitCode::FAILURE
         }
@@ -44,7 +55,10 @@ fn main() -> ExitCode {
 /// an operator who asks twice does not want to wait for the grace period.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         eprintln!("charon-node: cannot install signal handlers");
         std::process::exit(1);
     };

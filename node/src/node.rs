@@ -23,15 +23,25 @@ pub const LISTEN_FILE: &str = "listen.json";
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("cannot create the data dir {path}: {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error("cannot listen on {addr} ({what}): {source}")]
-    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source}")]
-    ListenFile { path: PathBuf, source: std::io::Error },
+    ListenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// The addresses a running node actually bound.
@@ -43,14 +53,19 @@ pub struct Bound {
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeError> {
-    TcpListener::bind(addr).await.map_err(|source| NodeError::Bind { what, addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| NodeError::Bind { what, addr, source })
 }
 
 fn write_listen_file(dir: &Path, b: &Bound) -> Result<(), NodeError> {
     let path = dir.join(LISTEN_FILE);
     let tmp = dir.join(format!("{LISTEN_FILE}.tmp"));
     let json = serde_json::json!({ "http": b.http, "api": b.api, "admin": b.admin });
-    let err = |source| NodeError::ListenFile { path: path.clone(), source };
+    let err = |source| NodeError::ListenFile {
+        path: path.clone(),
+        source,
+    };
     std::fs::write(&tmp, format!("{json}\n")).map_err(err)?;
     std::fs::rename(&tmp, &path).map_err(err)
 }
@@ -59,7 +74,10 @@ fn write_listen_file(dir: &Path, b: &Bound) -> Result<(), NodeError> {
 /// requests finish within the configured grace, and returns.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
     let dir = config.data_dir.clone();
-    std::fs::create_dir_all(&dir).map_err(|source| NodeError::DataDir { path: dir.clone(), source })?;
+    std::fs::create_dir_all(&dir).map_err(|source| NodeError::DataDir {
+        path: dir.clone(),
+        source,
+    })?;
     let store = Arc::new(Store::open(&dir)?);
     // Only the process holding the store lock may touch the listen file.
     let _ = std::fs::remove_file(dir.join(LISTEN_FILE));
@@ -77,7 +95,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let api_l = bind("api_listen", config.api_listen).await?;
     let admin_l = bind("admin_listen", config.admin_listen).await?;
     let local = |l: &TcpListener| l.local_addr().expect("bound socket has an address");
-    let bound = Bound { http: local(&http), api: local(&api_l), admin: local(&admin_l) };
+    let bound = Bound {
+        http: local(&http),
+        api: local(&api_l),
+        admin: local(&admin_l),
+    };
     write_listen_file(&dir, &bound)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -103,7 +125,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
 
     shutdown.await;
-    tracing::info!("shutting down: no new connections; open requests get {:?}", config.shutdown_grace);
+    tracing::info!(
+        "shutting down: no new connections; open requests get {:?}",
+        config.shutdown_grace
+    );
     health.set_ready(false);
     let _ = stop_tx.send(true);
     let _ = proxy_task.await;
@@ -113,7 +138,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = admin_task.await;
     let open = proxy.tunnels.len();
     if open > 0 {
-        tracing::warn!(tunnels = open, "closing WebSocket tunnels still open at exit");
+        tracing::warn!(
+            tunnels = open,
+            "closing WebSocket tunnels still open at exit"
+        );
     }
     let _ = std::fs::remove_file(dir.join(LISTEN_FILE));
     tracing::info!("stopped");

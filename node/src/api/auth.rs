@@ -22,7 +22,10 @@ pub struct Auth {
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("cannot read or create the admin token file {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the admin token file {0} is empty; delete it to have a new token generated")]
     Empty(PathBuf),
 }
@@ -35,20 +38,34 @@ impl Auth {
     /// Uses `env_token` if given, else the token file, else creates one.
     pub fn load_or_create(data_dir: &Path, env_token: Option<&str>) -> Result<Auth, AuthError> {
         if let Some(t) = env_token {
-            return Ok(Auth { admin_hash: hash(t) });
+            return Ok(Auth {
+                admin_hash: hash(t),
+            });
         }
         let path = data_dir.join(TOKEN_FILE);
-        let io = |source| AuthError::Io { path: path.clone(), source };
+        let io = |source| AuthError::Io {
+            path: path.clone(),
+            source,
+        };
         match fs::read_to_string(&path) {
             Ok(t) if t.trim().is_empty() => Err(AuthError::Empty(path)),
-            Ok(t) => Ok(Auth { admin_hash: hash(t.trim()) }),
+            Ok(t) => Ok(Auth {
+                admin_hash: hash(t.trim()),
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let token = format!("charon_{}", hex::encode(rand::random::<[u8; 24]>()));
-                let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(io)?;
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(io)?;
                 f.write_all(format!("{token}\n").as_bytes()).map_err(io)?;
                 f.sync_all().map_err(io)?;
                 tracing::info!(path = %path.display(), "generated the admin API token");
-                Ok(Auth { admin_hash: hash(&token) })
+                Ok(Auth {
+                    admin_hash: hash(&token),
+                })
             }
             Err(e) => Err(io(e)),
         }
@@ -59,12 +76,17 @@ impl Auth {
     #[allow(clippy::result_large_err)]
     pub fn check(&self, req: Request<()>) -> Result<Request<()>, Status> {
         let Some(value) = req.metadata().get("authorization") else {
-            return Err(Status::unauthenticated("missing authorization metadata: send \"authorization: Bearer <token>\""));
+            return Err(Status::unauthenticated(
+                "missing authorization metadata: send \"authorization: Bearer <token>\"",
+            ));
         };
         let token = value
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim)
             .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer <token>\""))?;
         // Comparing digests: equal-length inputs, and a timing difference
@@ -94,13 +116,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let auth = Auth::load_or_create(dir.path(), None).unwrap();
         let path = dir.path().join(TOKEN_FILE);
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let token = fs::read_to_string(&path).unwrap().trim().to_string();
         assert!(auth.check(req(Some(&format!("Bearer {token}")))).is_ok());
         let again = Auth::load_or_create(dir.path(), None).unwrap();
-        assert!(again.check(req(Some(&format!("Bearer {token}")))).is_ok(), "same token after restart");
+        assert!(
+            again.check(req(Some(&format!("Bearer {token}")))).is_ok(),
+            "same token after restart"
+        );
         for bad in [None, Some("Bearer nope"), Some(token.as_str())] {
-            assert_eq!(auth.check(req(bad)).unwrap_err().code(), tonic::Code::Unauthenticated);
+            assert_eq!(
+                auth.check(req(bad)).unwrap_err().code(),
+                tonic::Code::Unauthenticated
+            );
         }
     }
 

@@ -14,11 +14,19 @@ pub enum HostsError {
     #[error("{0}")]
     Invalid(#[from] FieldError),
     #[error("domain {domain:?} is already used by host {host_id} ({host_name})")]
-    DomainTaken { domain: String, host_id: String, host_name: String },
+    DomainTaken {
+        domain: String,
+        host_id: String,
+        host_name: String,
+    },
     #[error("no host with id or domain {0:?}")]
     NotFound(String),
     #[error("host {id} is at version {actual}, not {expected}: it was changed meanwhile; re-read it and retry")]
-    VersionMismatch { id: String, expected: u64, actual: u64 },
+    VersionMismatch {
+        id: String,
+        expected: u64,
+        actual: u64,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -91,11 +99,19 @@ fn new_id(view: &View<'_>) -> String {
 }
 
 fn put(host: ProxyHost) -> Write {
-    Write { key: host_key(&host.id), body: Some(Body::Host(host)) }
+    Write {
+        key: host_key(&host.id),
+        body: Some(Body::Host(host)),
+    }
 }
 
 fn locations_from_pb(list: Vec<pb::Location>) -> Vec<Location> {
-    list.into_iter().map(|l| Location { path_prefix: l.path_prefix, upstreams: l.upstreams }).collect()
+    list.into_iter()
+        .map(|l| Location {
+            path_prefix: l.path_prefix,
+            upstreams: l.upstreams,
+        })
+        .collect()
 }
 
 pub fn host_to_pb(h: &ProxyHost) -> pb::ProxyHost {
@@ -111,7 +127,10 @@ pub fn host_to_pb(h: &ProxyHost) -> pb::ProxyHost {
         locations: h
             .locations
             .iter()
-            .map(|l| pb::Location { path_prefix: l.path_prefix.clone(), upstreams: l.upstreams.clone() })
+            .map(|l| pb::Location {
+                path_prefix: l.path_prefix.clone(),
+                upstreams: l.upstreams.clone(),
+            })
             .collect(),
         ws_idle_timeout_secs: h.ws_idle_timeout_secs,
         ws_ping_interval_secs: h.ws_ping_interval_secs,
@@ -124,9 +143,14 @@ pub fn host_to_pb(h: &ProxyHost) -> pb::ProxyHost {
 
 #[tonic::async_trait]
 impl pb::hosts_server::Hosts for HostsApi {
-    async fn create_host(&self, req: Request<pb::CreateHostRequest>) -> Result<Response<pb::ProxyHost>, Status> {
+    async fn create_host(
+        &self,
+        req: Request<pb::CreateHostRequest>,
+    ) -> Result<Response<pb::ProxyHost>, Status> {
         let req = req.into_inner();
-        let h = req.host.ok_or_else(|| Status::invalid_argument("host: is required"))?;
+        let h = req
+            .host
+            .ok_or_else(|| Status::invalid_argument("host: is required"))?;
         let now = wall_ms();
         let mut host = ProxyHost {
             id: String::new(),
@@ -157,28 +181,43 @@ impl pb::hosts_server::Hosts for HostsApi {
         Ok(Response::new(host_to_pb(&created)))
     }
 
-    async fn get_host(&self, req: Request<pb::GetHostRequest>) -> Result<Response<pb::ProxyHost>, Status> {
+    async fn get_host(
+        &self,
+        req: Request<pb::GetHostRequest>,
+    ) -> Result<Response<pb::ProxyHost>, Status> {
         let key = req.into_inner().id_or_domain;
         require_field("id_or_domain", &key)?;
         let found = self.transact(move |view| {
-            let h = view.find_host(&key).map(|h| (**h).clone()).ok_or(HostsError::NotFound(key))?;
+            let h = view
+                .find_host(&key)
+                .map(|h| (**h).clone())
+                .ok_or(HostsError::NotFound(key))?;
             Ok((vec![], h))
         });
         Ok(Response::new(host_to_pb(&found.await?)))
     }
 
-    async fn list_hosts(&self, _req: Request<pb::ListHostsRequest>) -> Result<Response<pb::ListHostsResponse>, Status> {
-        let mut hosts: Vec<pb::ProxyHost> = self.store.hosts().iter().map(|h| host_to_pb(h)).collect();
+    async fn list_hosts(
+        &self,
+        _req: Request<pb::ListHostsRequest>,
+    ) -> Result<Response<pb::ListHostsResponse>, Status> {
+        let mut hosts: Vec<pb::ProxyHost> =
+            self.store.hosts().iter().map(|h| host_to_pb(h)).collect();
         hosts.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
         Ok(Response::new(pb::ListHostsResponse { hosts }))
     }
 
-    async fn update_host(&self, req: Request<pb::UpdateHostRequest>) -> Result<Response<pb::ProxyHost>, Status> {
+    async fn update_host(
+        &self,
+        req: Request<pb::UpdateHostRequest>,
+    ) -> Result<Response<pb::ProxyHost>, Status> {
         let r = req.into_inner();
         require_field("id_or_domain", &r.id_or_domain)?;
         let updated = self
             .transact(move |view| {
-                let current = view.find_host(&r.id_or_domain).ok_or_else(|| HostsError::NotFound(r.id_or_domain.clone()))?;
+                let current = view
+                    .find_host(&r.id_or_domain)
+                    .ok_or_else(|| HostsError::NotFound(r.id_or_domain.clone()))?;
                 if let Some(expected) = r.expected_version {
                     if expected != current.version {
                         return Err(HostsError::VersionMismatch {
@@ -206,7 +245,8 @@ impl pb::hosts_server::Hosts for HostsApi {
                 h.preserve_host = r.preserve_host.unwrap_or(h.preserve_host);
                 h.forwarded_headers = r.forwarded_headers.unwrap_or(h.forwarded_headers);
                 h.ws_idle_timeout_secs = r.ws_idle_timeout_secs.unwrap_or(h.ws_idle_timeout_secs);
-                h.ws_ping_interval_secs = r.ws_ping_interval_secs.unwrap_or(h.ws_ping_interval_secs);
+                h.ws_ping_interval_secs =
+                    r.ws_ping_interval_secs.unwrap_or(h.ws_ping_interval_secs);
                 h.upstream_timeout_ms = r.upstream_timeout_ms.unwrap_or(h.upstream_timeout_ms);
                 h.normalize_and_validate()?;
                 check_domains_free(view, &h)?;
@@ -223,14 +263,25 @@ impl pb::hosts_server::Hosts for HostsApi {
         Ok(Response::new(host_to_pb(&updated)))
     }
 
-    async fn delete_host(&self, req: Request<pb::DeleteHostRequest>) -> Result<Response<pb::DeleteHostResponse>, Status> {
+    async fn delete_host(
+        &self,
+        req: Request<pb::DeleteHostRequest>,
+    ) -> Result<Response<pb::DeleteHostResponse>, Status> {
         let key = req.into_inner().id_or_domain;
         require_field("id_or_domain", &key)?;
         let id = self
             .transact(move |view| {
-                let h = view.find_host(&key).ok_or(HostsError::NotFound(key.clone()))?;
+                let h = view
+                    .find_host(&key)
+                    .ok_or(HostsError::NotFound(key.clone()))?;
                 let id = h.id.clone();
-                Ok((vec![Write { key: host_key(&id), body: None }], id))
+                Ok((
+                    vec![Write {
+                        key: host_key(&id),
+                        body: None,
+                    }],
+                    id,
+                ))
             })
             .await?;
         tracing::info!(host_id = %id, "host deleted");

@@ -23,9 +23,13 @@ pub async fn serve(
     auth: Auth,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let hosts = HostsServer::with_interceptor(hosts::HostsApi::new(store), move |req| auth.check(req));
+    let hosts =
+        HostsServer::with_interceptor(hosts::HostsApi::new(store), move |req| auth.check(req));
     tonic::transport::Server::builder()
         .add_service(hosts)
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown,
+        )
         .await
 }

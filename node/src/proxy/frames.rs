@@ -50,7 +50,11 @@ impl FrameTracker {
             if self.in_payload {
                 let take = (data.len() - i).min(self.remaining.min(usize::MAX as u64) as usize);
                 if self.opcode == OP_CLOSE && self.payload_pos < 2 {
-                    for (k, &b) in data[i..i + take].iter().enumerate().take(2 - self.payload_pos as usize) {
+                    for (k, &b) in data[i..i + take]
+                        .iter()
+                        .enumerate()
+                        .take(2 - self.payload_pos as usize)
+                    {
                         let pos = self.payload_pos as usize + k;
                         let m = self.mask.map(|m| m[pos % 4]).unwrap_or(0);
                         self.code[pos] = b ^ m;
@@ -69,7 +73,9 @@ impl FrameTracker {
                 self.header[self.have as usize] = data[i];
                 self.have += 1;
                 i += 1;
-                if self.have >= 2 && self.have as usize == header_len([self.header[0], self.header[1]]) {
+                if self.have >= 2
+                    && self.have as usize == header_len([self.header[0], self.header[1]])
+                {
                     self.start_frame();
                     if !self.in_payload {
                         self.finish_frame();
@@ -89,7 +95,10 @@ impl FrameTracker {
         let len7 = h[1] & 0x7f;
         let (len, mut at) = match len7 {
             126 => (u64::from(u16::from_be_bytes([h[2], h[3]])), 4),
-            127 => (u64::from_be_bytes(h[2..10].try_into().expect("8 bytes")), 10),
+            127 => (
+                u64::from_be_bytes(h[2..10].try_into().expect("8 bytes")),
+                10,
+            ),
             n => (u64::from(n), 2),
         };
         self.mask = if h[1] & 0x80 != 0 {
@@ -118,7 +127,10 @@ impl FrameTracker {
 /// Builds a control frame. Frames towards an upstream are masked (the proxy
 /// is its client there, RFC 6455 §5.3); frames towards a client are not.
 pub fn control_frame(opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
-    debug_assert!(payload.len() <= 125, "control frames carry at most 125 bytes");
+    debug_assert!(
+        payload.len() <= 125,
+        "control frames carry at most 125 bytes"
+    );
     let mut out = Vec::with_capacity(2 + 4 + payload.len());
     out.push(0x80 | opcode);
     let len = payload.len() as u8;
@@ -180,7 +192,12 @@ mod tests {
         stream.extend(frame(0x2, true, &vec![7u8; 300], Some([1, 2, 3, 4])));
         stream.extend(frame(0x2, true, &vec![9u8; 70_000], None));
         stream.extend(frame(OP_PING, true, b"", None));
-        stream.extend(frame(OP_CLOSE, true, &[0x0f, 0xa1, b'b', b'y'], Some([9, 8, 7, 6])));
+        stream.extend(frame(
+            OP_CLOSE,
+            true,
+            &[0x0f, 0xa1, b'b', b'y'],
+            Some([9, 8, 7, 6]),
+        ));
         for chunk in [1, 2, 3, 7, 13, 1000, stream.len()] {
             let mut t = FrameTracker::default();
             for c in stream.chunks(chunk) {

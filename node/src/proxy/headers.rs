@@ -37,10 +37,12 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// True for a WebSocket opening handshake (RFC 6455 §4.1): `Upgrade:
 /// websocket` and an `upgrade` token in `Connection`.
 pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
-    let upgrade = headers
-        .get_all(UPGRADE)
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("websocket"))));
+    let upgrade = headers.get_all(UPGRADE).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
+        })
+    });
     upgrade && connection_upgrade_token(headers).is_some()
 }
 
@@ -72,10 +74,17 @@ impl std::str::FromStr for Cidr {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let addr: IpAddr = a.trim().parse().map_err(|_| format!("{s:?} is not an IP address or CIDR range"))?;
+        let addr: IpAddr = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or CIDR range"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match p {
-            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| format!("{s:?} has an invalid prefix length"))?,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?} has an invalid prefix length"))?,
             None => max,
         };
         Ok(Cidr { addr, prefix })
@@ -96,11 +105,15 @@ impl Cidr {
         };
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -144,7 +157,10 @@ pub fn set_forwarded(headers: &mut HeaderMap, facts: &ClientFacts<'_>) {
         .map(str::to_string)
         .or_else(|| {
             // Behind trusted proxies the first address is the client's.
-            facts.trusted.then(|| xff.split(',').next().map(|s| s.trim().to_string())).flatten()
+            facts
+                .trusted
+                .then(|| xff.split(',').next().map(|s| s.trim().to_string()))
+                .flatten()
         })
         .unwrap_or(peer_ip);
     let set = |headers: &mut HeaderMap, name: &'static str, value: &str| {
@@ -195,11 +211,17 @@ mod tests {
 
     #[test]
     fn detects_upgrades_and_keeps_token_spelling() {
-        let h = map(&[("connection", "keep-alive, Upgrade"), ("upgrade", "WebSocket")]);
+        let h = map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "WebSocket"),
+        ]);
         assert!(is_websocket_upgrade(&h));
         assert_eq!(connection_upgrade_token(&h).unwrap(), "Upgrade");
         assert!(!is_websocket_upgrade(&map(&[("upgrade", "websocket")])));
-        assert!(!is_websocket_upgrade(&map(&[("connection", "upgrade"), ("upgrade", "h2c")])));
+        assert!(!is_websocket_upgrade(&map(&[
+            ("connection", "upgrade"),
+            ("upgrade", "h2c")
+        ])));
     }
 
     #[test]
@@ -218,12 +240,22 @@ mod tests {
     }
 
     fn facts(trusted: bool) -> ClientFacts<'static> {
-        ClientFacts { peer: "192.0.2.7:5555".parse().unwrap(), trusted, proto: "http", host: Some("app.com:8080"), local_port: 8080 }
+        ClientFacts {
+            peer: "192.0.2.7:5555".parse().unwrap(),
+            trusted,
+            proto: "http",
+            host: Some("app.com:8080"),
+            local_port: 8080,
+        }
     }
 
     #[test]
     fn untrusted_peers_cannot_forge_forwarded_headers() {
-        let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("x-real-ip", "1.2.3.4"), ("x-forwarded-proto", "https")]);
+        let mut h = map(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-real-ip", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+        ]);
         set_forwarded(&mut h, &facts(false));
         assert_eq!(h["x-forwarded-for"], "192.0.2.7");
         assert_eq!(h["x-real-ip"], "192.0.2.7");
@@ -234,7 +266,10 @@ mod tests {
 
     #[test]
     fn trusted_peers_are_appended_to() {
-        let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-proto", "https")]);
+        let mut h = map(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+        ]);
         set_forwarded(&mut h, &facts(true));
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 192.0.2.7");
         assert_eq!(h["x-real-ip"], "1.2.3.4");

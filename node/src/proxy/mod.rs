@@ -30,7 +30,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::store::HostSet;
-use headers::{ClientFacts, Cidr};
+use headers::{Cidr, ClientFacts};
 use relay::TunnelOptions;
 use routes::{Route, RouteTable};
 use tunnels::TunnelRegistry;
@@ -74,11 +74,17 @@ pub enum ProxyError {
     #[error("no proxy host for {0:?}")]
     UnknownHost(String),
     #[error("upstream {upstream} unreachable: {source}")]
-    Unreachable { upstream: String, source: ConnectError },
+    Unreachable {
+        upstream: String,
+        source: ConnectError,
+    },
     #[error("upstream {upstream} did not answer within {timeout:?}")]
     Timeout { upstream: String, timeout: Duration },
     #[error("upstream {upstream} failed: {source}")]
-    Upstream { upstream: String, source: hyper::Error },
+    Upstream {
+        upstream: String,
+        source: hyper::Error,
+    },
 }
 
 impl ProxyError {
@@ -86,18 +92,27 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::UnknownHost(_) => StatusCode::NOT_FOUND,
-            ProxyError::Unreachable { source: ConnectError::Timeout(_), .. } | ProxyError::Timeout { .. } => {
-                StatusCode::GATEWAY_TIMEOUT
+            ProxyError::Unreachable {
+                source: ConnectError::Timeout(_),
+                ..
             }
+            | ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Unreachable { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
         }
     }
 
     fn response(&self) -> Response<ProxyBody> {
-        let body = format!("{} {}: {self}\n", self.status().as_u16(), self.status().canonical_reason().unwrap_or(""));
+        let body = format!(
+            "{} {}: {self}\n",
+            self.status().as_u16(),
+            self.status().canonical_reason().unwrap_or("")
+        );
         let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
         *resp.status_mut() = self.status();
-        resp.headers_mut().insert("content-type", HeaderValue::from_static("text/plain; charset=utf-8"));
+        resp.headers_mut().insert(
+            "content-type",
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
         resp
     }
 }
@@ -140,7 +155,12 @@ impl Proxy {
     /// Serves HTTP/1.1 and h2 (prior knowledge) on `listener` until
     /// `shutdown` resolves; then stops accepting and gives open requests
     /// up to `grace` to finish.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>, grace: Duration) {
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+        grace: Duration,
+    ) {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -164,13 +184,19 @@ impl Proxy {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let info = ConnInfo { peer, local: local.unwrap_or(peer), tls: false };
+            let info = ConnInfo {
+                peer,
+                local: local.unwrap_or(peer),
+                tls: false,
+            };
             let proxy = self.clone();
             let service = hyper::service::service_fn(move |req| {
                 let proxy = proxy.clone();
                 async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
             });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
@@ -180,13 +206,20 @@ impl Proxy {
         }
         drop(listener);
         tracing::info!(?grace, "proxy listener closed; waiting for open requests");
-        if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        if tokio::time::timeout(grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
             tracing::warn!("grace period over; closing remaining connections");
         }
     }
 
     /// Proxies one request; never fails (errors become responses).
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Response<ProxyBody> {
         let host = request_host(&req).map(str::to_string);
         let Some(host) = host else {
             return ProxyError::BadRequest("missing Host header").response();
@@ -225,12 +258,23 @@ impl Proxy {
         // Build the upstream request in place: extensions stay attached,
         // among them hyper's record of the client's header-name spelling,
         // which the upstream connection uses when it writes the headers.
-        let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
-        *req.uri_mut() = Uri::try_from(path).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
-        let from_h2 = req.version() == Version::HTTP_2;
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
+        *req.uri_mut() =
+            Uri::try_from(path).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+        let client_version = req.version();
+        let from_h2 = client_version == Version::HTTP_2;
         *req.version_mut() = Version::HTTP_11;
-        let upgrade_value = websocket.then(|| req.headers().get(UPGRADE).cloned()).flatten();
-        let connection_token = websocket.then(|| headers::connection_upgrade_token(req.headers())).flatten();
+        let upgrade_value = websocket
+            .then(|| req.headers().get(UPGRADE).cloned())
+            .flatten();
+        let connection_token = websocket
+            .then(|| headers::connection_upgrade_token(req.headers()))
+            .flatten();
         let headers = req.headers_mut();
         headers::remove_hop_by_hop(headers);
         headers.remove(http::header::EXPECT);
@@ -247,7 +291,11 @@ impl Proxy {
             }
         }
         if h.forwarded_headers {
-            let trusted = self.config.trusted_proxies.iter().any(|c| c.contains(conn.peer.ip()));
+            let trusted = self
+                .config
+                .trusted_proxies
+                .iter()
+                .any(|c| c.contains(conn.peer.ip()));
             let facts = ClientFacts {
                 peer: conn.peer,
                 trusted,
@@ -273,7 +321,12 @@ impl Proxy {
             match self.send(&upstream, req, timeout).await {
                 Ok((mut resp, sender)) => {
                     upstream.mark_up();
-                    if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, resp.status()) {
+                    // An HTTP/1.0 upstream must not turn the client's
+                    // HTTP/1.1 connection into a 1.0 one.
+                    *resp.version_mut() = client_version;
+                    if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
+                        (client_upgrade, resp.status())
+                    {
                         let upstream_upgrade = hyper::upgrade::on(&mut resp);
                         self.spawn_tunnel(route, &upstream, conn, client_upgrade, upstream_upgrade);
                         // The 101 goes back as the upstream sent it,
@@ -287,15 +340,24 @@ impl Proxy {
                 Err(SendError::Connect(r, e)) => {
                     tracing::warn!(host = %host, upstream = %upstream.url, error = %e, "upstream unreachable; trying the next one");
                     upstream.mark_down(self.config.failure_cooldown);
-                    req = r;
-                    last_err = Some(ProxyError::Unreachable { upstream: upstream.url.to_string(), source: e });
+                    req = *r;
+                    last_err = Some(ProxyError::Unreachable {
+                        upstream: upstream.url.to_string(),
+                        source: e,
+                    });
                 }
                 Err(SendError::Timeout) => {
                     upstream.mark_down(self.config.failure_cooldown);
-                    return Err(ProxyError::Timeout { upstream: upstream.url.to_string(), timeout });
+                    return Err(ProxyError::Timeout {
+                        upstream: upstream.url.to_string(),
+                        timeout,
+                    });
                 }
                 Err(SendError::Failed(e)) => {
-                    return Err(ProxyError::Upstream { upstream: upstream.url.to_string(), source: e });
+                    return Err(ProxyError::Upstream {
+                        upstream: upstream.url.to_string(),
+                        source: e,
+                    });
                 }
             }
         }
@@ -317,7 +379,7 @@ impl Proxy {
                 Some(s) => (s, true),
                 None => match self.connector.connect(&upstream.url).await {
                     Ok(s) => (s, false),
-                    Err(e) => return Err(SendError::Connect(req, e)),
+                    Err(e) => return Err(SendError::Connect(Box::new(req), e)),
                 },
             };
             match tokio::time::timeout(timeout, sender.try_send_request(req)).await {
@@ -343,7 +405,9 @@ impl Proxy {
         up: hyper::upgrade::OnUpgrade,
     ) {
         let h = &route.host;
-        let reg = self.tunnels.register(&h.id, &h.name, upstream.url.to_string(), conn.peer);
+        let reg = self
+            .tunnels
+            .register(&h.id, &h.name, upstream.url.to_string(), conn.peer);
         let secs = |s: u32| (s > 0).then(|| Duration::from_secs(u64::from(s)));
         let opts = TunnelOptions {
             idle_timeout: secs(h.ws_idle_timeout_secs),
@@ -372,7 +436,8 @@ impl Proxy {
 }
 
 enum SendError {
-    Connect(Request<Incoming>, ConnectError),
+    /// The request comes back untouched, boxed to keep the enum small.
+    Connect(Box<Request<Incoming>>, ConnectError),
     Timeout,
     Failed(hyper::Error),
 }
@@ -390,7 +455,11 @@ fn request_host(req: &Request<Incoming>) -> Option<&str> {
 /// (RFC 9113 §8.2.3).
 fn join_cookies(headers: &mut http::HeaderMap) {
     if headers.get_all(COOKIE).iter().count() > 1 {
-        let joined: Vec<&str> = headers.get_all(COOKIE).iter().filter_map(|v| v.to_str().ok()).collect();
+        let joined: Vec<&str> = headers
+            .get_all(COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
         if let Ok(v) = HeaderValue::from_str(&joined.join("; ")) {
             headers.insert(COOKIE, v);
         }

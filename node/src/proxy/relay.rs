@@ -56,7 +56,10 @@ fn give_buf(buf: Box<[u8]>) {
 
 /// Reads once with a lent buffer. While the read is pending the buffer is
 /// back in the pool, so waiting costs no memory.
-fn poll_read_lent<R: AsyncRead + Unpin>(r: &mut R, cx: &mut Context<'_>) -> Poll<io::Result<(Box<[u8]>, usize)>> {
+fn poll_read_lent<R: AsyncRead + Unpin>(
+    r: &mut R,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<(Box<[u8]>, usize)>> {
     let mut buf = take_buf();
     let mut rb = ReadBuf::new(&mut buf);
     match Pin::new(r).poll_read(cx, &mut rb) {
@@ -105,7 +108,12 @@ struct Direction<'a> {
 
 /// Relays one direction until it ends. Control requests (close, ping) are
 /// acted on at the next frame boundary of this direction's stream.
-async fn pump<R, W>(mut r: R, mut w: W, dir: Direction<'_>, mut ctl: watch::Receiver<Control>) -> io::Result<End>
+async fn pump<R, W>(
+    mut r: R,
+    mut w: W,
+    dir: Direction<'_>,
+    mut ctl: watch::Receiver<Control>,
+) -> io::Result<End>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -209,13 +217,21 @@ where
     let up = pump(
         cr,
         uw,
-        Direction { stats: &info.to_upstream, mask: true, activity: &activity },
+        Direction {
+            stats: &info.to_upstream,
+            mask: true,
+            activity: &activity,
+        },
         info.control.subscribe(),
     );
     let down = pump(
         ur,
         cw,
-        Direction { stats: &info.to_client, mask: false, activity: &activity },
+        Direction {
+            stats: &info.to_client,
+            mask: false,
+            activity: &activity,
+        },
         info.control.subscribe(),
     );
     tokio::pin!(up, down);
@@ -244,7 +260,10 @@ where
         }
         // Once a Close has passed both ways, the peers normally hang up;
         // bound how long we wait for them to.
-        if linger.is_none() && info.to_client.close_code().is_some() && info.to_upstream.close_code().is_some() {
+        if linger.is_none()
+            && info.to_client.close_code().is_some()
+            && info.to_upstream.close_code().is_some()
+        {
             linger = Some(Box::pin(tokio::time::sleep(CLOSE_LINGER)));
         }
     }
@@ -308,7 +327,10 @@ mod tests {
     }
 
     fn text(payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-        let mut f = vec![0x81, payload.len() as u8 | if mask.is_some() { 0x80 } else { 0 }];
+        let mut f = vec![
+            0x81,
+            payload.len() as u8 | if mask.is_some() { 0x80 } else { 0 },
+        ];
         match mask {
             Some(m) => {
                 f.extend_from_slice(&m);
@@ -325,7 +347,12 @@ mod tests {
         let info = r.info.clone();
         let (client_proxy, mut client) = duplex(1 << 16);
         let (upstream_proxy, mut upstream) = duplex(1 << 16);
-        let task = tokio::spawn(relay(client_proxy, upstream_proxy, info.clone(), TunnelOptions::default()));
+        let task = tokio::spawn(relay(
+            client_proxy,
+            upstream_proxy,
+            info.clone(),
+            TunnelOptions::default(),
+        ));
 
         let hello = text(b"hello", Some([1, 2, 3, 4]));
         client.write_all(&hello).await.unwrap();
@@ -344,7 +371,11 @@ mod tests {
         let mut head = [0u8; 2];
         upstream.read_exact(&mut head).await.unwrap();
         assert_eq!(head[0], 0x88);
-        assert_eq!(head[1] & 0x80, 0x80, "towards the upstream the Close is masked");
+        assert_eq!(
+            head[1] & 0x80,
+            0x80,
+            "towards the upstream the Close is masked"
+        );
         let mut rest = vec![0u8; 4 + (head[1] & 0x7f) as usize];
         upstream.read_exact(&mut rest).await.unwrap();
         let code = u16::from_be_bytes([rest[4] ^ rest[0], rest[5] ^ rest[1]]);
@@ -356,17 +387,33 @@ mod tests {
         assert_eq!(got, reply, "the frame in flight is completed first");
         let mut head = [0u8; 4];
         client.read_exact(&mut head).await.unwrap();
-        assert_eq!(head, [0x88, 0x05, 0x03, 0xe9], "then an unmasked Close 1001");
+        assert_eq!(
+            head,
+            [0x88, 0x05, 0x03, 0xe9],
+            "then an unmasked Close 1001"
+        );
         let mut reason = [0u8; 3];
         client.read_exact(&mut reason).await.unwrap();
 
         // Both peers answer with their Close; the tunnel then ends.
-        client.write_all(&close_frame(1001, "", true)).await.unwrap();
-        upstream.write_all(&close_frame(1001, "", false)).await.unwrap();
-        tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+        client
+            .write_all(&close_frame(1001, "", true))
+            .await
+            .unwrap();
+        upstream
+            .write_all(&close_frame(1001, "", false))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(info.to_upstream.close_code(), Some(Some(1001)));
         assert_eq!(info.to_client.close_code(), Some(Some(1001)));
-        assert!(read_all(&mut client).await.is_empty(), "nothing after the Close");
+        assert!(
+            read_all(&mut client).await.is_empty(),
+            "nothing after the Close"
+        );
     }
 
     #[tokio::test]
@@ -375,21 +422,37 @@ mod tests {
         let info = r.info.clone();
         let (client_proxy, mut client) = duplex(1 << 16);
         let (upstream_proxy, mut upstream) = duplex(1 << 16);
-        let task = tokio::spawn(relay(client_proxy, upstream_proxy, info.clone(), TunnelOptions::default()));
+        let task = tokio::spawn(relay(
+            client_proxy,
+            upstream_proxy,
+            info.clone(),
+            TunnelOptions::default(),
+        ));
         let c = close_frame(4001, "done", true);
         client.write_all(&c).await.unwrap();
         let mut got = vec![0u8; c.len()];
         upstream.read_exact(&mut got).await.unwrap();
         assert_eq!(got, c);
-        upstream.write_all(&close_frame(4001, "", false)).await.unwrap();
+        upstream
+            .write_all(&close_frame(4001, "", false))
+            .await
+            .unwrap();
         drop(upstream);
         let mut back = Vec::new();
         client.read_to_end(&mut back).await.unwrap();
         assert_eq!(back, close_frame(4001, "", false));
         drop(client);
-        tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(info.to_upstream.close_code(), Some(Some(4001)));
-        assert_eq!(info.to_upstream.frames.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(
+            info.to_upstream
+                .frames
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -398,7 +461,10 @@ mod tests {
         let info = r.info.clone();
         let (client_proxy, mut client) = duplex(1 << 16);
         let (upstream_proxy, _upstream) = duplex(1 << 16);
-        let opts = TunnelOptions { idle_timeout: Some(Duration::from_secs(30)), ping_interval: None };
+        let opts = TunnelOptions {
+            idle_timeout: Some(Duration::from_secs(30)),
+            ping_interval: None,
+        };
         tokio::spawn(relay(client_proxy, upstream_proxy, info.clone(), opts));
         let mut head = [0u8; 4];
         client.read_exact(&mut head).await.unwrap();

@@ -60,7 +60,9 @@ impl RouteTable {
                 let parsed: Result<Vec<UpstreamUrl>, _> =
                     urls.iter().map(|u| UpstreamUrl::parse(u)).collect();
                 match parsed {
-                    Ok(list) => Some(Arc::new(Pool::new(list.iter().map(|u| registry.get(u)).collect()))),
+                    Ok(list) => Some(Arc::new(Pool::new(
+                        list.iter().map(|u| registry.get(u)).collect(),
+                    ))),
                     Err(e) => {
                         // Only validated hosts are stored, so this means a
                         // file from a release with other rules: skip the
@@ -70,15 +72,24 @@ impl RouteTable {
                     }
                 }
             };
-            let Some(main) = pool(&host.upstreams) else { continue };
+            let Some(main) = pool(&host.upstreams) else {
+                continue;
+            };
             let mut locations = Vec::new();
             for loc in &host.locations {
                 if let Some(p) = pool(&loc.upstreams) {
-                    locations.push(LocationRoute { prefix: loc.path_prefix.clone(), pool: p });
+                    locations.push(LocationRoute {
+                        prefix: loc.path_prefix.clone(),
+                        pool: p,
+                    });
                 }
             }
-            locations.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
-            let route = Arc::new(Route { host: host.clone(), pool: main, locations });
+            locations.sort_by_key(|l| std::cmp::Reverse(l.prefix.len()));
+            let route = Arc::new(Route {
+                host: host.clone(),
+                pool: main,
+                locations,
+            });
             for d in &host.domains {
                 match d.strip_prefix("*.") {
                     Some(suffix) => table.wildcard.insert(suffix.to_string(), route.clone()),
@@ -155,7 +166,10 @@ mod tests {
             forwarded_headers: true,
             locations: locs
                 .iter()
-                .map(|(p, u)| Location { path_prefix: p.to_string(), upstreams: vec![u.to_string()] })
+                .map(|(p, u)| Location {
+                    path_prefix: p.to_string(),
+                    upstreams: vec![u.to_string()],
+                })
                 .collect(),
             ws_idle_timeout_secs: 0,
             ws_ping_interval_secs: 0,
@@ -202,7 +216,11 @@ mod tests {
         let hosts = vec![host(
             "h",
             &["h.com"],
-            &[("/api", "http://127.0.0.1:2"), ("/api/v2", "http://127.0.0.1:3"), ("/static/", "http://127.0.0.1:4")],
+            &[
+                ("/api", "http://127.0.0.1:2"),
+                ("/api/v2", "http://127.0.0.1:3"),
+                ("/static/", "http://127.0.0.1:4"),
+            ],
         )];
         let t = RouteTable::build(&hosts, &reg);
         let r = t.lookup("h.com").unwrap();

@@ -35,7 +35,9 @@ pub struct DirStats {
 impl DirStats {
     pub fn record_close(&self, code: Option<u16>) {
         let v = code.map(|c| u32::from(c) + 1).unwrap_or(1);
-        let _ = self.close_code.compare_exchange(0, v, Ordering::Relaxed, Ordering::Relaxed);
+        let _ = self
+            .close_code
+            .compare_exchange(0, v, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     /// `None` = no Close yet; `Some(None)` = a Close without a code.
@@ -92,7 +94,11 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.registry.map.lock().expect("tunnels lock").remove(&self.info.id);
+        self.registry
+            .map
+            .lock()
+            .expect("tunnels lock")
+            .remove(&self.info.id);
     }
 }
 
@@ -116,12 +122,23 @@ impl TunnelRegistry {
             to_client: DirStats::default(),
             control: watch::Sender::new(Control::default()),
         });
-        self.map.lock().expect("tunnels lock").insert(id, info.clone());
-        Registration { registry: self.clone(), info }
+        self.map
+            .lock()
+            .expect("tunnels lock")
+            .insert(id, info.clone());
+        Registration {
+            registry: self.clone(),
+            info,
+        }
     }
 
     pub fn list(&self) -> Vec<Arc<TunnelInfo>> {
-        self.map.lock().expect("tunnels lock").values().cloned().collect()
+        self.map
+            .lock()
+            .expect("tunnels lock")
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn len(&self) -> usize {

@@ -51,7 +51,11 @@ fn now_ms() -> u64 {
 
 impl UpstreamState {
     fn new(url: UpstreamUrl) -> Self {
-        UpstreamState { url, down_until_ms: AtomicU64::new(0), idle: Mutex::new(Vec::new()) }
+        UpstreamState {
+            url,
+            down_until_ms: AtomicU64::new(0),
+            idle: Mutex::new(Vec::new()),
+        }
     }
 
     pub fn is_down(&self) -> bool {
@@ -60,7 +64,8 @@ impl UpstreamState {
 
     /// Passive health: skip this upstream for `cooldown`.
     pub fn mark_down(&self, cooldown: Duration) {
-        self.down_until_ms.store(now_ms() + cooldown.as_millis() as u64, Ordering::Relaxed);
+        self.down_until_ms
+            .store(now_ms() + cooldown.as_millis() as u64, Ordering::Relaxed);
     }
 
     pub fn mark_up(&self) {
@@ -104,7 +109,10 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(upstreams: Vec<Arc<UpstreamState>>) -> Self {
-        Pool { upstreams, next: AtomicUsize::new(0) }
+        Pool {
+            upstreams,
+            next: AtomicUsize::new(0),
+        }
     }
 
     pub fn upstreams(&self) -> &[Arc<UpstreamState>] {
@@ -161,7 +169,11 @@ pub enum UpstreamIo {
 }
 
 impl AsyncRead for UpstreamIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
             UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -170,7 +182,11 @@ impl AsyncRead for UpstreamIo {
 }
 
 impl AsyncWrite for UpstreamIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -198,7 +214,10 @@ pub struct Connector {
 
 impl Connector {
     pub fn new(connect_timeout: Duration) -> Self {
-        Connector { connect_timeout, tls: OnceLock::new() }
+        Connector {
+            connect_timeout,
+            tls: OnceLock::new(),
+        }
     }
 
     /// System roots are loaded on first use: most nodes never need them.
@@ -212,7 +231,9 @@ impl Connector {
                 }
                 let (added, _) = roots.add_parsable_certificates(loaded.certs);
                 tracing::debug!(added, "loaded system CA roots for https upstreams");
-                let mut cfg = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+                let mut cfg = rustls::ClientConfig::builder()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
                 // Upstreams always speak HTTP/1.1 to us: WebSocket upgrades
                 // need it, and it keeps one connection model.
                 cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -226,11 +247,15 @@ impl Connector {
     /// same connection can carry a WebSocket after a 101.
     pub async fn connect(&self, url: &UpstreamUrl) -> Result<Sender, ConnectError> {
         let fut = async {
-            let tcp = TcpStream::connect((url.host.as_str(), url.port)).await.map_err(ConnectError::Refused)?;
+            let tcp = TcpStream::connect((url.host.as_str(), url.port))
+                .await
+                .map_err(ConnectError::Refused)?;
             let _ = tcp.set_nodelay(true);
             let io = if url.tls {
-                let name = rustls::pki_types::ServerName::try_from(url.host.clone())
-                    .map_err(|e| ConnectError::Tls(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+                let name =
+                    rustls::pki_types::ServerName::try_from(url.host.clone()).map_err(|e| {
+                        ConnectError::Tls(io::Error::new(io::ErrorKind::InvalidInput, e))
+                    })?;
                 let tls = tokio_rustls::TlsConnector::from(self.tls_config())
                     .connect(name, tcp)
                     .await
@@ -263,7 +288,11 @@ mod tests {
     use super::*;
 
     fn url(port: u16) -> UpstreamUrl {
-        UpstreamUrl { tls: false, host: "127.0.0.1".into(), port }
+        UpstreamUrl {
+            tls: false,
+            host: "127.0.0.1".into(),
+            port,
+        }
     }
 
     #[test]
@@ -287,7 +316,10 @@ mod tests {
         let reg = UpstreamRegistry::default();
         let a = reg.get(&url(1));
         a.mark_down(Duration::from_secs(60));
-        assert!(reg.get(&url(1)).is_down(), "health survives a table rebuild");
+        assert!(
+            reg.get(&url(1)).is_down(),
+            "health survives a table rebuild"
+        );
         assert!(!reg.get(&url(2)).is_down());
     }
 }

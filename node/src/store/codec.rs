@@ -16,6 +16,14 @@ pub enum Body {
     Host(ProxyHost),
 }
 
+impl Body {
+    pub fn as_host(&self) -> Option<&ProxyHost> {
+        match self {
+            Body::Host(h) => Some(h),
+        }
+    }
+}
+
 /// A stored record with the metadata replication needs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
@@ -164,7 +172,12 @@ mod tests {
             version: 10,
         };
         for body in [Some(Body::Host(host)), None] {
-            let rec = Record { hlc: 42, origin: "node-a".into(), seq: 3, body };
+            let rec = Record {
+                hlc: 42,
+                origin: "node-a".into(),
+                seq: 3,
+                body,
+            };
             let bytes = encode(&rec);
             assert_eq!(bytes[0], 1);
             assert_eq!(decode(&bytes).unwrap(), rec);
@@ -173,15 +186,33 @@ mod tests {
 
     #[test]
     fn refuses_unknown_versions() {
-        assert!(matches!(decode(&[9, 1, 2]), Err(DecodeError::UnknownVersion(9))));
+        assert!(matches!(
+            decode(&[9, 1, 2]),
+            Err(DecodeError::UnknownVersion(9))
+        ));
         assert!(matches!(decode(&[]), Err(DecodeError::Empty)));
     }
 
     #[test]
     fn lww_order_is_total() {
-        let a = Record { hlc: 1, origin: "a".into(), seq: 1, body: None };
-        let b = Record { hlc: 1, origin: "b".into(), seq: 1, body: None };
-        let c = Record { hlc: 2, origin: "a".into(), seq: 2, body: None };
+        let a = Record {
+            hlc: 1,
+            origin: "a".into(),
+            seq: 1,
+            body: None,
+        };
+        let b = Record {
+            hlc: 1,
+            origin: "b".into(),
+            seq: 1,
+            body: None,
+        };
+        let c = Record {
+            hlc: 2,
+            origin: "a".into(),
+            seq: 2,
+            body: None,
+        };
         assert!(b.supersedes(&a) && !a.supersedes(&b));
         assert!(c.supersedes(&b));
         assert!(!a.supersedes(&a));

@@ -114,7 +114,12 @@ impl View<'_> {
             .hosts
             .iter()
             .find(|h| h.id == id_or_domain)
-            .or_else(|| self.inner.hosts.iter().find(|h| h.domains.contains(&needle)))
+            .or_else(|| {
+                self.inner
+                    .hosts
+                    .iter()
+                    .find(|h| h.domains.contains(&needle))
+            })
     }
 }
 
@@ -153,7 +158,9 @@ impl Store {
         };
         {
             let mut meta = txn.open_table(META)?;
-            let existing = meta.get("node_id")?.map(|v| String::from_utf8_lossy(v.value()).into_owned());
+            let existing = meta
+                .get("node_id")?
+                .map(|v| String::from_utf8_lossy(v.value()).into_owned());
             node_id = match existing {
                 Some(id) => id,
                 None => {
@@ -163,7 +170,9 @@ impl Store {
                 }
             };
             let read_u64 = |v: Option<redb::AccessGuard<&[u8]>>| {
-                v.and_then(|v| v.value().try_into().ok()).map(u64::from_le_bytes).unwrap_or(0)
+                v.and_then(|v| v.value().try_into().ok())
+                    .map(u64::from_le_bytes)
+                    .unwrap_or(0)
             };
             inner.hlc = Hlc::new(read_u64(meta.get("hlc")?));
             inner.seq = read_u64(meta.get("seq")?);
@@ -299,7 +308,11 @@ impl Store {
     /// Every record with its metadata (for inspection and, later, sync).
     pub fn records(&self) -> Vec<(String, Record)> {
         let inner = self.inner.lock().expect("store lock");
-        inner.records.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        inner
+            .records
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// Re-reads the records from disk; used by tests to prove that what the
@@ -325,9 +338,11 @@ fn live_hosts(records: &BTreeMap<String, Record>) -> HostSet {
     records
         .range(HOST_PREFIX.to_string()..)
         .take_while(|(k, _)| k.starts_with(HOST_PREFIX))
-        .filter_map(|(_, r)| match &r.body {
-            Some(Body::Host(h)) => Some(Arc::new(h.clone())),
-            None => None,
+        .filter_map(|(_, r)| {
+            r.body
+                .as_ref()
+                .and_then(Body::as_host)
+                .map(|h| Arc::new(h.clone()))
         })
         .collect()
 }
@@ -383,11 +398,22 @@ mod tests {
             put(&store, host("a", "a.com"));
             put(&store, host("b", "b.com"));
             store
-                .transact(|_| Ok::<_, StoreError>((vec![Write { key: host_key("a"), body: None }], ())))
+                .transact(|_| {
+                    Ok::<_, StoreError>((
+                        vec![Write {
+                            key: host_key("a"),
+                            body: None,
+                        }],
+                        (),
+                    ))
+                })
                 .unwrap();
             let recs = store.records();
             assert_eq!(recs.iter().map(|(_, r)| r.seq).max(), Some(3));
-            (store.node_id().to_string(), recs.iter().map(|(_, r)| r.hlc).max().unwrap())
+            (
+                store.node_id().to_string(),
+                recs.iter().map(|(_, r)| r.hlc).max().unwrap(),
+            )
         };
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.node_id(), id);
@@ -395,7 +421,12 @@ mod tests {
         assert_eq!(hosts.len(), 1);
         assert_eq!(hosts[0].id, "b");
         put(&store, host("c", "c.com"));
-        let c = store.records().into_iter().find(|(k, _)| k == "host/c").unwrap().1;
+        let c = store
+            .records()
+            .into_iter()
+            .find(|(k, _)| k == "host/c")
+            .unwrap()
+            .1;
         assert_eq!(c.seq, 4, "seq continues after restart");
         assert!(c.hlc > last, "clock never goes back across restarts");
         assert_eq!(store.read_disk_records().unwrap(), store.records());
@@ -428,8 +459,18 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s2 = seen.clone();
         store.subscribe(move |hs| s2.lock().unwrap().push(hs.len()));
-        let newer = Record { hlc: 10, origin: "x".into(), seq: 1, body: Some(Body::Host(host("h", "new.com"))) };
-        let older = Record { hlc: 5, origin: "y".into(), seq: 1, body: None };
+        let newer = Record {
+            hlc: 10,
+            origin: "x".into(),
+            seq: 1,
+            body: Some(Body::Host(host("h", "new.com"))),
+        };
+        let older = Record {
+            hlc: 5,
+            origin: "y".into(),
+            seq: 1,
+            body: None,
+        };
         assert_eq!(store.apply(vec![("host/h".into(), newer)]).unwrap(), 1);
         assert_eq!(store.apply(vec![("host/h".into(), older)]).unwrap(), 0);
         assert_eq!(store.hosts()[0].domains, ["new.com"]);

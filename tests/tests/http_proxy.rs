@@ -1,0 +1,849 @@
+//! The HTTP proxy: routing by Host, wildcards, locations, round-robin and
+//! failover, forwarded and hop-by-hop headers, streamed bodies, h2c, and the
+//! error statuses 400, 404, 502 and 504.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use bytes::Bytes;
+use charon_proto::v1::{CreateHostRequest, Location, ProxyHost};
+use charon_tests::backends::{refused_addr, SilentBackend};
+use charon_tests::client::{self, HttpResponse};
+use charon_tests::{host_request, pattern_byte, pattern_chunk, procfs, EchoBackend, TestNode};
+use http::{Method, Request};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+
+const MIB: u64 = 1024 * 1024;
+
+/// The values the echo backend received for header `name` (lower case).
+fn echoed(resp: &HttpResponse, name: &str) -> Vec<String> {
+    let json = resp.json().unwrap_or_default();
+    json["headers"][name]
+        .as_array()
+        .map(|values| {
+            values
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Comma-separated list values of header `name`, over all its lines.
+fn echoed_list(resp: &HttpResponse, name: &str) -> Vec<String> {
+    echoed(resp, name)
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim().to_owned())
+        .collect()
+}
+
+async fn expect_backend(
+    node: &TestNode,
+    host: &str,
+    path: &str,
+    want: &str,
+) -> Result<HttpResponse> {
+    let resp = client::get(node.http, host, path).await?;
+    ensure!(
+        resp.status == 200,
+        "GET {path} with Host {host}: status {}, body {}",
+        resp.status,
+        resp.text()
+    );
+    ensure!(
+        resp.backend_name().as_deref() == Some(want),
+        "GET {path} with Host {host} reached {:?}, expected {want}",
+        resp.backend_name()
+    );
+    Ok(resp)
+}
+
+#[tokio::test]
+async fn routes_by_exact_host() -> Result<()> {
+    let node = TestNode::start().await?;
+    let a = EchoBackend::start("a").await?;
+    let b = EchoBackend::start("b").await?;
+    node.add_host(&["a.test"], &[a.url()]).await?;
+    node.add_host(&["b.test", "b2.test"], &[b.url()]).await?;
+
+    expect_backend(&node, "a.test", "/x", "a").await?;
+    expect_backend(&node, "b.test", "/x", "b").await?;
+    expect_backend(&node, "b2.test", "/x", "b").await?;
+    // Host names are case-insensitive, and a port in Host does not change the host.
+    expect_backend(&node, "B.Test", "/x", "b").await?;
+    expect_backend(&node, "a.test:8080", "/x", "a").await?;
+
+    // Method, path with query and body reach the upstream unchanged.
+    let resp = client::request(
+        node.http,
+        Method::POST,
+        "a.test",
+        "/p/q?x=1&y=2",
+        &[("content-type", "text/plain")],
+        "hello body",
+    )
+    .await?;
+    let json = resp.json()?;
+    assert_eq!(json["method"], "POST");
+    assert_eq!(json["path"], "/p/q?x=1&y=2");
+    assert_eq!(json["body_len"], 10);
+    Ok(())
+}
+
+#[tokio::test]
+async fn unknown_host_is_404_naming_the_host() -> Result<()> {
+    let node = TestNode::start().await?;
+    let a = EchoBackend::start("a").await?;
+    node.add_host(&["known.test"], &[a.url()]).await?;
+    let resp = client::get(node.http, "nobody-here.test", "/").await?;
+    assert_eq!(resp.status, 404, "body: {}", resp.text());
+    assert!(
+        resp.text().contains("nobody-here.test"),
+        "the 404 body does not name the host: {:?}",
+        resp.text()
+    );
+    assert_eq!(a.hits(), 1, "only the readiness probe reached the backend");
+    Ok(())
+}
+
+#[tokio::test]
+async fn wildcard_domains_and_exact_precedence() -> Result<()> {
+    let node = TestNode::start().await?;
+    let wild = EchoBackend::start("wild").await?;
+    let exact = EchoBackend::start("exact").await?;
+    node.add_host(&["*.wild.test"], &[wild.url()]).await?;
+    node.add_host(&["exact.wild.test"], &[exact.url()]).await?;
+
+    expect_backend(&node, "x.wild.test", "/", "wild").await?;
+    expect_backend(&node, "other.wild.test", "/", "wild").await?;
+    expect_backend(&node, "exact.wild.test", "/", "exact").await?;
+    // The wildcard does not cover the bare domain.
+    let resp = client::get(node.http, "wild.test", "/").await?;
+    assert_eq!(resp.status, 404, "wild.test: {}", resp.text());
+    Ok(())
+}
+
+#[tokio::test]
+async fn ip_literal_domain() -> Result<()> {
+    let node = TestNode::start().await?;
+    let a = EchoBackend::start("ip").await?;
+    node.add_host(&["127.0.0.1"], &[a.url()]).await?;
+    let host = format!("127.0.0.1:{}", node.http.port());
+    expect_backend(&node, &host, "/", "ip").await?;
+    let resp = client::get(node.http, &format!("127.0.0.2:{}", node.http.port()), "/").await?;
+    assert_eq!(resp.status, 404, "127.0.0.2: {}", resp.text());
+    Ok(())
+}
+
+#[tokio::test]
+async fn longest_location_prefix_wins() -> Result<()> {
+    let node = TestNode::start().await?;
+    let root = EchoBackend::start("root").await?;
+    let api = EchoBackend::start("api").await?;
+    let v2 = EchoBackend::start("v2").await?;
+    let mut req = host_request(&["loc.test"], &[root.url()]);
+    req.host.as_mut().unwrap().locations = vec![
+        Location {
+            path_prefix: "/api".into(),
+            upstreams: vec![api.url()],
+        },
+        Location {
+            path_prefix: "/api/v2".into(),
+            upstreams: vec![v2.url()],
+        },
+    ];
+    node.create_host(req).await?;
+    node.wait_routed("loc.test").await?;
+
+    let resp = expect_backend(&node, "loc.test", "/api/v2/users?x=1", "v2").await?;
+    assert_eq!(resp.json()?["path"], "/api/v2/users?x=1", "path changed");
+    expect_backend(&node, "loc.test", "/api/v2", "v2").await?;
+    expect_backend(&node, "loc.test", "/api/users", "api").await?;
+    expect_backend(&node, "loc.test", "/api", "api").await?;
+    expect_backend(&node, "loc.test", "/other", "root").await?;
+    expect_backend(&node, "loc.test", "/", "root").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn round_robin_over_upstreams() -> Result<()> {
+    let node = TestNode::start().await?;
+    let backends = [
+        EchoBackend::start("r0").await?,
+        EchoBackend::start("r1").await?,
+        EchoBackend::start("r2").await?,
+    ];
+    let urls: Vec<String> = backends.iter().map(EchoBackend::url).collect();
+    node.add_host(&["rr.test"], &urls).await?;
+
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    let mut order = Vec::new();
+    for _ in 0..30 {
+        let resp = client::get(node.http, "rr.test", "/").await?;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        let name = resp.backend_name().context("no backend name")?;
+        order.push(name.clone());
+        *counts.entry(name).or_default() += 1;
+    }
+    for b in &backends {
+        let n = counts.get(&b.name).copied().unwrap_or(0);
+        assert!(
+            (9..=11).contains(&n),
+            "{} got {n} of 30 requests; order: {order:?}",
+            b.name
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn refused_upstream_fails_over() -> Result<()> {
+    let node = TestNode::start().await?;
+    let live = EchoBackend::start("live").await?;
+    let dead = format!("http://{}", refused_addr());
+    node.add_host(&["fo.test"], &[dead, live.url()]).await?;
+    for i in 0..20 {
+        let resp = client::get(node.http, "fo.test", "/").await?;
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
+        assert_eq!(resp.backend_name().as_deref(), Some("live"));
+    }
+
+    // A request body is not lost on the way past a refusing upstream.
+    let upload = pattern_chunk(0, 1 << 20);
+    for i in 0..4 {
+        let resp = client::request(
+            node.http,
+            Method::POST,
+            "fo.test",
+            "/upload",
+            &[],
+            upload.clone(),
+        )
+        .await?;
+        assert_eq!(resp.status, 200, "upload {i}: {}", resp.text());
+        let json = resp.json()?;
+        assert_eq!(json["bytes"].as_u64(), Some(1 << 20), "upload {i}: {json}");
+        assert_eq!(json["pattern_ok"], true, "upload {i}: {json}");
+    }
+
+    // An upstream that goes away while configured is also skipped.
+    let second = EchoBackend::start("second").await?;
+    let third = EchoBackend::start("third").await?;
+    node.add_host(&["fo2.test"], &[second.url(), third.url()])
+        .await?;
+    second.stop();
+    for i in 0..10 {
+        let resp = client::get(node.http, "fo2.test", "/").await?;
+        assert_eq!(resp.status, 200, "request {i} after stop: {}", resp.text());
+        assert_eq!(resp.backend_name().as_deref(), Some("third"));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn all_upstreams_refused_is_502() -> Result<()> {
+    let node = TestNode::start().await?;
+    let upstreams = [
+        format!("http://{}", refused_addr()),
+        format!("http://{}", refused_addr()),
+    ];
+    node.add_host(&["dead.test"], &upstreams).await?;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let resp = client::get(node.http, "dead.test", "/").await?;
+        assert_eq!(resp.status, 502, "body: {}", resp.text());
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "502 took {:?}",
+            started.elapsed()
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn host_upstream_timeout_is_504() -> Result<()> {
+    let node = TestNode::start().await?;
+    let slow = EchoBackend::start("slow").await?;
+    let mut req = host_request(&["slow.test"], &[slow.url()]);
+    req.host.as_mut().unwrap().upstream_timeout_ms = 300;
+    node.create_host(req).await?;
+    node.wait_routed("slow.test").await?;
+
+    let started = Instant::now();
+    let resp = client::get(node.http, "slow.test", "/slow?ms=10000").await?;
+    let took = started.elapsed();
+    assert_eq!(resp.status, 504, "body: {}", resp.text());
+    assert!(took < Duration::from_secs(5), "504 came after {took:?}");
+    // Fast answers on the same host are unaffected.
+    expect_backend(&node, "slow.test", "/slow?ms=10", "slow").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn node_default_upstream_timeout_is_504() -> Result<()> {
+    let node = TestNode::builder().upstream_timeout_ms(300).start().await?;
+    let silent = SilentBackend::start().await?;
+    node.add_host(&["silent.test"], &[silent.url()]).await?;
+    let started = Instant::now();
+    let resp = client::get(node.http, "silent.test", "/").await?;
+    let took = started.elapsed();
+    assert_eq!(resp.status, 504, "body: {}", resp.text());
+    assert!(took < Duration::from_secs(5), "504 came after {took:?}");
+    assert!(silent.accepted() >= 1, "the upstream was never contacted");
+    Ok(())
+}
+
+#[tokio::test]
+async fn malformed_requests_are_400() -> Result<()> {
+    let node = TestNode::start().await?;
+    let a = EchoBackend::start("a").await?;
+    node.add_host(&["a.test"], &[a.url()]).await?;
+    let hits = a.hits();
+    let cases: [&[u8]; 3] = [
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nthis line is not a header\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nContent-Length: twelve\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nBad Name: x\r\n\r\n",
+    ];
+    for raw in cases {
+        let resp = client::raw_exchange(node.http, raw).await?;
+        assert_eq!(
+            client::raw_status(&resp),
+            Some(400),
+            "request {:?} got {resp:?}",
+            String::from_utf8_lossy(raw)
+        );
+    }
+    assert_eq!(a.hits(), hits, "a malformed request reached the upstream");
+    Ok(())
+}
+
+#[tokio::test]
+async fn forwarded_headers_from_untrusted_peer_are_replaced() -> Result<()> {
+    let node = TestNode::start().await?;
+    let a = EchoBackend::start("a").await?;
+    node.add_host(&["fwd.test"], &[a.url()]).await?;
+    let spoofed = [
+        ("X-Forwarded-For", "203.0.113.9"),
+        ("X-Real-IP", "203.0.113.9"),
+        ("X-Forwarded-Proto", "https"),
+        ("X-Forwarded-Host", "evil.test"),
+        ("X-Forwarded-Port", "443"),
+    ];
+    let resp = client::request(node.http, Method::GET, "fwd.test", "/", &spoofed, "").await?;
+    assert_eq!(resp.status, 200);
+    let port = node.http.port().to_string();
+    assert_eq!(echoed(&resp, "x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(echoed(&resp, "x-real-ip"), ["127.0.0.1"]);
+    assert_eq!(echoed(&resp, "x-forwarded-proto"), ["http"]);
+    assert_eq!(echoed(&resp, "x-forwarded-host"), ["fwd.test"]);
+    assert_eq!(echoed(&resp, "x-forwarded-port"), [port.as_str()]);
+    assert_eq!(echoed(&resp, "host"), ["fwd.test"], "Host not preserved");
+    Ok(())
+}
+
+#[tokio::test]
+async fn forwarded_headers_from_trusted_peer_are_kept_and_appended() -> Result<()> {
+    let node = TestNode::builder()
+        .trusted_proxy("127.0.0.0/8")
+        .start()
+        .await?;
+    let a = EchoBackend::start("a").await?;
+    node.add_host(&["fwd.test"], &[a.url()]).await?;
+    let incoming = [
+        ("X-Forwarded-For", "203.0.113.9"),
+        ("X-Forwarded-Proto", "https"),
+        ("X-Forwarded-Host", "orig.example"),
+        ("X-Forwarded-Port", "443"),
+    ];
+    let resp = client::request(node.http, Method::GET, "fwd.test", "/", &incoming, "").await?;
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        echoed_list(&resp, "x-forwarded-for"),
+        ["203.0.113.9", "127.0.0.1"]
+    );
+    assert_eq!(echoed(&resp, "x-forwarded-proto"), ["https"]);
+    assert_eq!(echoed(&resp, "x-forwarded-host"), ["orig.example"]);
+    assert_eq!(echoed(&resp, "x-forwarded-port"), ["443"]);
+    assert_eq!(echoed(&resp, "host"), ["fwd.test"]);
+
+    // A trusted peer that sends nothing gets the usual values.
+    let resp = client::get(node.http, "fwd.test", "/").await?;
+    assert_eq!(echoed_list(&resp, "x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(echoed(&resp, "x-forwarded-proto"), ["http"]);
+    assert_eq!(echoed(&resp, "x-forwarded-host"), ["fwd.test"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn forwarded_headers_can_be_switched_off_and_host_rewritten() -> Result<()> {
+    let node = TestNode::start().await?;
+    let a = EchoBackend::start("a").await?;
+    let req = CreateHostRequest {
+        host: Some(ProxyHost {
+            domains: vec!["plain.test".into()],
+            upstreams: vec![a.url()],
+            ..Default::default()
+        }),
+        preserve_host: Some(false),
+        forwarded_headers: Some(false),
+        ..Default::default()
+    };
+    node.create_host(req).await?;
+    node.wait_routed("plain.test").await?;
+    let resp = client::get(node.http, "plain.test", "/").await?;
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        echoed(&resp, "host"),
+        [a.addr.to_string()],
+        "Host is not the upstream's authority"
+    );
+    for name in [
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+    ] {
+        assert!(
+            echoed(&resp, name).is_empty(),
+            "{name} was added although switched off"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed() -> Result<()> {
+    let node = TestNode::start().await?;
+    let a = EchoBackend::start("a").await?;
+    node.add_host(&["hop.test"], &[a.url()]).await?;
+    let headers = [
+        ("Connection", "keep-alive, X-Custom-Hop"),
+        ("X-Custom-Hop", "secret"),
+        ("Keep-Alive", "timeout=5"),
+        ("Proxy-Connection", "keep-alive"),
+        ("X-End-To-End", "yes"),
+    ];
+    let resp = client::request(node.http, Method::GET, "hop.test", "/", &headers, "").await?;
+    assert_eq!(resp.status, 200);
+    for name in ["x-custom-hop", "keep-alive", "proxy-connection"] {
+        assert!(
+            echoed(&resp, name).is_empty(),
+            "hop-by-hop header {name} reached the upstream: {:?}",
+            echoed(&resp, name)
+        );
+    }
+    let connection = echoed(&resp, "connection").join(",").to_ascii_lowercase();
+    assert!(
+        !connection.contains("x-custom-hop"),
+        "Connection: {connection}"
+    );
+    assert_eq!(echoed(&resp, "x-end-to-end"), ["yes"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_client_connection_routes_each_request() -> Result<()> {
+    let node = TestNode::start().await?;
+    let a = EchoBackend::start("a").await?;
+    let b = EchoBackend::start("b").await?;
+    node.add_host(&["a.test"], &[a.url()]).await?;
+    node.add_host(&["b.test"], &[b.url()]).await?;
+    let mut conn = client::http1_connect(node.http).await?;
+    for (host, want) in [("a.test", "a"), ("b.test", "b"), ("a.test", "a")] {
+        let req = client::build_request(Method::GET, host, "/", &[], Bytes::new())?;
+        let resp = HttpResponse::read(conn.send_request(req).await?).await?;
+        assert_eq!(resp.backend_name().as_deref(), Some(want), "Host {host}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn h2_prior_knowledge_clients_are_proxied() -> Result<()> {
+    let node = TestNode::start().await?;
+    let a = EchoBackend::start("h2").await?;
+    node.add_host(&["h2.test"], &[a.url()]).await?;
+    let resp = client::h2_get(node.http, "h2.test", "/over/h2?q=1").await?;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.backend_name().as_deref(), Some("h2"));
+    let json = resp.json()?;
+    assert_eq!(json["path"], "/over/h2?q=1");
+    assert_eq!(
+        echoed(&resp, "host"),
+        ["h2.test"],
+        "the :authority did not become Host"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_response_is_streamed() -> Result<()> {
+    let node = TestNode::start().await?;
+    let a = EchoBackend::start("big").await?;
+    node.add_host(&["big.test"], &[a.url()]).await?;
+    let pid = node.pid().context("no pid")?;
+    procfs::reset_peak_rss(pid);
+    let peak_before = procfs::peak_rss_kib(pid).context("no VmHWM")?;
+
+    let total = 64 * MIB;
+    let req = client::build_request(
+        Method::GET,
+        "big.test",
+        &format!("/stream?bytes={total}"),
+        &[],
+        Bytes::new(),
+    )?;
+    let resp = client::send(node.http, req).await?;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let (mut n, mut mismatches) = (0u64, 0u64);
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            if let Some(data) = frame?.data_ref() {
+                for b in data.iter() {
+                    mismatches += u64::from(*b != pattern_byte(n));
+                    n += 1;
+                }
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(120), read)
+        .await
+        .context("body not read within 120 s")??;
+    assert_eq!(n, total, "received {n} of {total} bytes");
+    assert_eq!(mismatches, 0, "corrupted bytes");
+
+    let peak_after = procfs::peak_rss_kib(pid).context("no VmHWM")?;
+    let grew = peak_after.saturating_sub(peak_before);
+    println!(
+        "node peak RSS grew by {grew} KiB while streaming a {} MiB response",
+        total / MIB
+    );
+    assert!(
+        grew < 32 * 1024,
+        "node peak RSS grew by {grew} KiB for a 64 MiB body: it buffers instead of streaming"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_upload_is_streamed() -> Result<()> {
+    let node = TestNode::start().await?;
+    let a = EchoBackend::start("big").await?;
+    node.add_host(&["big.test"], &[a.url()]).await?;
+    let pid = node.pid().context("no pid")?;
+    procfs::reset_peak_rss(pid);
+    let peak_before = procfs::peak_rss_kib(pid).context("no VmHWM")?;
+
+    let total = 64 * MIB;
+    let chunks = futures_util::stream::unfold(0u64, move |offset| async move {
+        if offset >= total {
+            return None;
+        }
+        let len = (total - offset).min(64 * 1024);
+        let frame = Frame::data(pattern_chunk(offset, len as usize));
+        Some((Ok::<_, Infallible>(frame), offset + len))
+    });
+    let req = Request::post("/upload")
+        .header("host", "big.test")
+        .body(StreamBody::new(chunks))?;
+    let resp = tokio::time::timeout(Duration::from_secs(120), async {
+        HttpResponse::read(client::send(node.http, req).await?).await
+    })
+    .await
+    .context("upload not done within 120 s")??;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let json = resp.json()?;
+    assert_eq!(json["bytes"].as_u64(), Some(total), "{json}");
+    assert_eq!(json["pattern_ok"], true, "upload corrupted: {json}");
+
+    let peak_after = procfs::peak_rss_kib(pid).context("no VmHWM")?;
+    let grew = peak_after.saturating_sub(peak_before);
+    println!(
+        "node peak RSS grew by {grew} KiB while streaming a {} MiB upload",
+        total / MIB
+    );
+    assert!(
+        grew < 32 * 1024,
+        "node peak RSS grew by {grew} KiB for a 64 MiB upload: it buffers instead of streaming"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn host_with_port_and_encoded_paths_reach_upstream_unchanged() -> Result<()> {
+    let node = TestNode::start().await?;
+    let a = EchoBackend::start("a").await?;
+    node.add_host(&["port.test"], &[a.url()]).await?;
+    let resp = client::get(node.http, "port.test:8080", "/a%2Fb/%20x;p=1?q=%2F&r=a+b").await?;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(
+        echoed(&resp, "host"),
+        ["port.test:8080"],
+        "Host (with port) not preserved"
+    );
+    assert_eq!(
+        resp.json()?["path"],
+        "/a%2Fb/%20x;p=1?q=%2F&r=a+b",
+        "path re-encoded"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn requests_without_or_with_two_hosts_are_400() -> Result<()> {
+    let node = TestNode::start().await?;
+    let a = EchoBackend::start("a").await?;
+    node.add_host(&["a.test"], &[a.url()]).await?;
+    let hits = a.hits();
+    let cases: [&[u8]; 2] = [
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: other.test\r\n\r\n",
+    ];
+    for raw in cases {
+        let resp = client::raw_exchange(node.http, raw).await?;
+        assert_eq!(
+            client::raw_status(&resp),
+            Some(400),
+            "request {:?} got {resp:?}",
+            String::from_utf8_lossy(raw)
+        );
+    }
+    assert_eq!(a.hits(), hits, "the request reached the upstream");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_all_succeed() -> Result<()> {
+    let node = TestNode::start().await?;
+    let a = EchoBackend::start("a").await?;
+    let b = EchoBackend::start("b").await?;
+    node.add_host(&["many.test"], &[a.url(), b.url()]).await?;
+    let http = node.http;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        tasks.spawn(async move { client::get(http, "many.test", &format!("/n/{i}")).await });
+    }
+    let mut ok = 0;
+    while let Some(res) = tasks.join_next().await {
+        let resp = res??;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        ok += 1;
+    }
+    assert_eq!(ok, 200);
+    Ok(())
+}
+
+#[tokio::test]
+async fn expect_100_continue_upload() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = TestNode::start().await?;
+    let a = EchoBackend::start("a").await?;
+    node.add_host(&["cont.test"], &[a.url()]).await?;
+    let body = pattern_chunk(0, 100_000);
+    let mut tcp = tokio::net::TcpStream::connect(node.http).await?;
+    tcp.write_all(
+        format!(
+            "POST /upload HTTP/1.1\r\nHost: cont.test\r\nContent-Length: {}\r\n\
+             Expect: 100-continue\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await?;
+    // The body goes only after 100 Continue (as curl does, with a deadline).
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .context("no 100 Continue within 10 s")??;
+    let interim = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert_eq!(client::raw_status(&interim), Some(100), "got {interim:?}");
+    tcp.write_all(&body).await?;
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), tcp.read_to_end(&mut rest))
+        .await
+        .context("no final response")??;
+    let rest = format!("{interim}{}", String::from_utf8_lossy(&rest));
+    let final_part = rest
+        .split("\r\n\r\n")
+        .skip(1)
+        .collect::<Vec<_>>()
+        .join("\r\n\r\n");
+    assert!(
+        final_part.starts_with("HTTP/1.1 200"),
+        "final response: {rest:?}"
+    );
+    assert!(
+        final_part.contains("\"bytes\":100000") && final_part.contains("\"pattern_ok\":true"),
+        "upload not received whole: {rest:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_abort_stops_the_upstream_stream() -> Result<()> {
+    let node = TestNode::start().await?;
+    let a = EchoBackend::start("a").await?;
+    node.add_host(&["abort.test"], &[a.url()]).await?;
+    let req = client::build_request(
+        Method::GET,
+        "abort.test",
+        &format!("/stream?bytes={}", 1024 * MIB),
+        &[],
+        Bytes::new(),
+    )?;
+    let resp = client::send(node.http, req).await?;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = 0usize;
+    while got < MIB as usize {
+        let frame = body.frame().await.context("body ended early")??;
+        got += frame.data_ref().map_or(0, |d| d.len());
+    }
+    assert_eq!(a.active_streams(), 1);
+    drop(body); // closes the client connection
+    charon_tests::eventually(Duration::from_secs(10), || async {
+        ensure!(
+            a.active_streams() == 0,
+            "the upstream is still streaming after the client went away"
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn disabled_hosts_are_not_routed() -> Result<()> {
+    let node = TestNode::start().await?;
+    let a = EchoBackend::start("a").await?;
+    let mut req = host_request(&["off.test"], &[a.url()]);
+    req.enabled = Some(false);
+    node.create_host(req).await?;
+    // A second, enabled host proves the route table has been published.
+    let b = EchoBackend::start("b").await?;
+    node.add_host(&["on.test"], &[b.url()]).await?;
+    let resp = client::get(node.http, "off.test", "/").await?;
+    assert_ne!(
+        resp.status,
+        200,
+        "a disabled host answered: {}",
+        resp.text()
+    );
+    assert_eq!(a.hits(), 0, "a disabled host's upstream was reached");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_upload_is_not_cut_by_the_response_timeout() -> Result<()> {
+    let node = TestNode::start().await?;
+    let a = EchoBackend::start("a").await?;
+    let mut req = host_request(&["slowup.test"], &[a.url()]);
+    req.host.as_mut().unwrap().upstream_timeout_ms = 1000;
+    node.create_host(req).await?;
+    node.wait_routed("slowup.test").await?;
+
+    // 6 chunks 400 ms apart: the client takes ~2.4 s to send the body; the
+    // upstream answers as soon as it has it.
+    const CHUNK: u64 = 10 * 1024;
+    let chunks = futures_util::stream::unfold(0u64, |i| async move {
+        if i == 6 {
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(400)).await; // pacing the upload
+        }
+        let frame = Frame::data(pattern_chunk(i * CHUNK, CHUNK as usize));
+        Some((Ok::<_, Infallible>(frame), i + 1))
+    });
+    let req = Request::post("/upload")
+        .header("host", "slowup.test")
+        .body(StreamBody::new(chunks))?;
+    let resp = HttpResponse::read(client::send(node.http, req).await?).await?;
+    assert_eq!(
+        resp.status,
+        200,
+        "a 2.4 s upload to an upstream that answers at once got: {}",
+        resp.text()
+    );
+    assert_eq!(resp.json()?["bytes"].as_u64(), Some(6 * CHUNK));
+    Ok(())
+}
+
+#[tokio::test]
+async fn upstream_hanging_up_is_502() -> Result<()> {
+    let node = TestNode::start().await?;
+    let hangup = SilentBackend::start_hanging_up().await?;
+    node.add_host(&["hangup.test"], &[hangup.url()]).await?;
+    let resp = client::get(node.http, "hangup.test", "/").await?;
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    Ok(())
+}
+
+#[tokio::test]
+async fn absolute_form_target_wins_over_host() -> Result<()> {
+    let node = TestNode::start().await?;
+    let a = EchoBackend::start("a").await?;
+    let b = EchoBackend::start("b").await?;
+    node.add_host(&["a.test"], &[a.url()]).await?;
+    node.add_host(&["b.test"], &[b.url()]).await?;
+    // RFC 9112 §3.2.2: with an absolute-form target the Host field is ignored.
+    let resp = client::raw_exchange(
+        node.http,
+        b"GET http://b.test/abs?x=1 HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    assert_eq!(client::raw_status(&resp), Some(200), "{resp}");
+    assert!(
+        resp.contains("\"name\":\"b\""),
+        "routed by Host, not by the target: {resp}"
+    );
+    assert!(resp.contains("\"path\":\"/abs?x=1\""), "{resp}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn http_1_0_client_gets_a_whole_streamed_body() -> Result<()> {
+    let node = TestNode::start().await?;
+    let a = EchoBackend::start("a").await?;
+    node.add_host(&["old.test"], &[a.url()]).await?;
+    let resp = client::raw_exchange(
+        node.http,
+        b"GET /stream?bytes=100000 HTTP/1.0\r\nHost: old.test\r\n\r\n",
+    )
+    .await?;
+    assert_eq!(client::raw_status(&resp), Some(200), "{:.300}", resp);
+    let head_end = resp.find("\r\n\r\n").context("no head")?;
+    assert!(
+        !resp[..head_end].to_ascii_lowercase().contains("chunked"),
+        "chunked encoding sent to an HTTP/1.0 client:\n{}",
+        &resp[..head_end]
+    );
+    // The raw text is lossy for bytes >= 0x80; count bytes instead.
+    let body_len = resp.len() - head_end - 4;
+    let expected = String::from_utf8_lossy(&pattern_chunk(0, 100_000)).len();
+    assert_eq!(body_len, expected, "truncated or padded body");
+    Ok(())
+}
+
+#[tokio::test]
+async fn location_prefix_is_a_path_segment() -> Result<()> {
+    let node = TestNode::start().await?;
+    let root = EchoBackend::start("root").await?;
+    let api = EchoBackend::start("api").await?;
+    let mut req = host_request(&["seg.test"], &[root.url()]);
+    req.host.as_mut().unwrap().locations = vec![Location {
+        path_prefix: "/api".into(),
+        upstreams: vec![api.url()],
+    }];
+    node.create_host(req).await?;
+    node.wait_routed("seg.test").await?;
+    expect_backend(&node, "seg.test", "/api?x=1", "api").await?;
+    expect_backend(&node, "seg.test", "/api/", "api").await?;
+    expect_backend(&node, "seg.test", "/apix", "root").await?;
+    Ok(())
+}

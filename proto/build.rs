@@ -2,7 +2,11 @@
 //! `protoc` installed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["charon/v1/hosts.proto", "charon/store/v1/record.proto"];
+    let files = [
+        "charon/v1/hosts.proto",
+        "charon/v1/certs.proto",
+        "charon/store/v1/record.proto",
+    ];
     let fds = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()
         .build_server(true)

@@ -2,15 +2,21 @@
 //! translation of parsed arguments into API requests.
 //!
 //! Everything here is pure, so a bad flag is reported by clap (exit 2, naming
-//! the flag) before any connection is made.
+//! the flag) before any connection is made. Files named by flags (`--cert`,
+//! `--key`, `--upstream-ca`) are read through a reader passed in by the
+//! caller, so request building stays testable without touching the disk.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use charon_proto::v1::{
-    CreateHostRequest, Location, LocationList, ProxyHost, StringList, UpdateHostRequest,
+    AddCertificateRequest, CreateHostRequest, Location, LocationList, ProxyHost,
+    ReplaceCertificateRequest, StringList, UpdateHostRequest,
 };
+use clap::builder::{OsStringValueParser, TypedValueParser};
 use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+
+use crate::error::CtlError;
 
 const GLOBAL: &str = "Global options";
 
@@ -75,7 +81,9 @@ impl Cli {
                     "nothing to change: give at least one of --domain, --upstream, --location, \
                      --clear-locations, --name, --enable, --disable, --websocket, \
                      --preserve-host, --forwarded-headers, --ws-idle-timeout, \
-                     --ws-ping-interval, --upstream-timeout",
+                     --ws-ping-interval, --upstream-timeout, --cert, --no-cert, \
+                     --force-https, --hsts, --hsts-include-subdomains, --upstream-ca, \
+                     --system-roots, --upstream-insecure-skip-verify",
                 ));
             }
         }
@@ -96,6 +104,9 @@ pub enum Command {
     /// Proxy hosts: which domains go to which upstreams.
     #[command(subcommand)]
     Host(HostCommand),
+    /// TLS certificates served on the HTTPS listener.
+    #[command(subcommand)]
+    Cert(CertCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -168,6 +179,33 @@ pub struct AddArgs {
     /// Wait this long for an upstream's response headers (0 = node default).
     #[arg(long, value_name = "MS")]
     pub upstream_timeout: Option<u32>,
+
+    /// Serve this certificate for the host's domains (default: the best
+    /// match among stored certificates).
+    #[arg(long = "cert", value_name = "CERT_ID")]
+    pub cert_id: Option<String>,
+
+    /// Answer plain-HTTP requests with a 308 redirect to https://.
+    #[arg(long)]
+    pub force_https: bool,
+
+    /// Send Strict-Transport-Security with this max-age on HTTPS responses
+    /// (0 = no header).
+    #[arg(long, value_name = "MAX_AGE_SECS")]
+    pub hsts: Option<u32>,
+
+    /// Add includeSubDomains to the Strict-Transport-Security header.
+    #[arg(long, requires = "hsts")]
+    pub hsts_include_subdomains: bool,
+
+    /// Verify https:// upstreams with the CA certificates of this PEM file
+    /// instead of the system roots.
+    #[arg(long, value_name = "FILE")]
+    pub upstream_ca: Option<PathBuf>,
+
+    /// Do not verify the certificates of https:// upstreams (insecure).
+    #[arg(long, conflicts_with = "upstream_ca")]
+    pub upstream_insecure_skip_verify: bool,
 }
 
 #[derive(Debug, Args)]
@@ -228,16 +266,163 @@ pub struct UpdateArgs {
     #[arg(long, value_name = "MS")]
     pub upstream_timeout: Option<u32>,
 
+    /// Pin this certificate; "" unpins (back to the best match).
+    #[arg(long = "cert", value_name = "CERT_ID", conflicts_with = "no_cert")]
+    pub cert_id: Option<String>,
+
+    /// Unpin the certificate: serve the best match among stored certificates.
+    #[arg(long)]
+    pub no_cert: bool,
+
+    /// Answer plain-HTTP requests with a 308 redirect to https://.
+    #[arg(long, value_name = "true|false")]
+    pub force_https: Option<bool>,
+
+    /// Strict-Transport-Security max-age on HTTPS responses (0 = no header).
+    #[arg(long, value_name = "MAX_AGE_SECS")]
+    pub hsts: Option<u32>,
+
+    /// Add includeSubDomains to the Strict-Transport-Security header.
+    #[arg(long, value_name = "true|false")]
+    pub hsts_include_subdomains: Option<bool>,
+
+    /// Verify https:// upstreams with the CA certificates of this PEM file;
+    /// "" goes back to the system roots.
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "system_roots",
+        value_parser = OsStringValueParser::new().map(PathBuf::from)
+    )]
+    pub upstream_ca: Option<PathBuf>,
+
+    /// Verify https:// upstreams with the system roots again (same as
+    /// --upstream-ca ""; --upstream-insecure-skip-verify is left as it is).
+    #[arg(long)]
+    pub system_roots: bool,
+
+    /// Do not verify the certificates of https:// upstreams (insecure).
+    #[arg(long, value_name = "true|false")]
+    pub upstream_insecure_skip_verify: Option<bool>,
+
     /// Apply the change only if the host is still at this version.
     #[arg(long, value_name = "V")]
     pub expected_version: Option<u64>,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Store a certificate chain and its private key.
+    Add(CertAddArgs),
+    /// List all certificates.
+    #[command(alias = "ls")]
+    List,
+    /// Show one certificate's metadata (never its private key).
+    #[command(alias = "get")]
+    Show {
+        /// The certificate's id.
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+    /// Rotate a certificate: a new chain and key under the same id, so the
+    /// hosts that pin it follow.
+    Replace(CertReplaceArgs),
+    /// Delete a certificate.
+    #[command(alias = "delete")]
+    Rm {
+        /// The certificate's id.
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+}
+
+/// The files of a certificate: read by charonctl, sent to the node.
+#[derive(Debug, Args)]
+pub struct PemFiles {
+    /// PEM chain: the leaf first, then the intermediates in order.
+    #[arg(long, value_name = "FILE")]
+    pub cert: PathBuf,
+
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CertAddArgs {
+    #[command(flatten)]
+    pub files: PemFiles,
+
+    /// Label for operators (the node defaults it to the leaf's first domain).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CertReplaceArgs {
+    /// The certificate's id.
+    #[arg(value_name = "ID")]
+    pub id: String,
+
+    #[command(flatten)]
+    pub files: PemFiles,
+
+    /// New label for operators (default: keep the current one).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// Reads the file named by a flag: `read(flag, path)`.
+pub type ReadFile = dyn Fn(&'static str, &Path) -> Result<String, CtlError>;
+
+/// Reads a file from disk; the error names the flag and the path.
+pub fn read_file(flag: &'static str, path: &Path) -> Result<String, CtlError> {
+    std::fs::read_to_string(path).map_err(|source| CtlError::File {
+        flag,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+impl PemFiles {
+    /// `(cert_pem, key_pem)`.
+    fn read(&self, read: &ReadFile) -> Result<(String, String), CtlError> {
+        Ok((read("--cert", &self.cert)?, read("--key", &self.key)?))
+    }
+}
+
+impl CertAddArgs {
+    pub fn to_request(&self, read: &ReadFile) -> Result<AddCertificateRequest, CtlError> {
+        let (cert_pem, key_pem) = self.files.read(read)?;
+        Ok(AddCertificateRequest {
+            name: self.name.clone().unwrap_or_default(),
+            cert_pem,
+            key_pem,
+        })
+    }
+}
+
+impl CertReplaceArgs {
+    pub fn to_request(&self, read: &ReadFile) -> Result<ReplaceCertificateRequest, CtlError> {
+        let (cert_pem, key_pem) = self.files.read(read)?;
+        Ok(ReplaceCertificateRequest {
+            id: self.id.clone(),
+            cert_pem,
+            key_pem,
+            name: self.name.clone(),
+        })
+    }
+}
+
 impl AddArgs {
     /// The booleans are sent only when a flag asked for a change, so that a
     /// plain `host add` gets whatever defaults the node documents.
-    pub fn to_request(&self) -> CreateHostRequest {
-        CreateHostRequest {
+    pub fn to_request(&self, read: &ReadFile) -> Result<CreateHostRequest, CtlError> {
+        let upstream_ca_pem = match &self.upstream_ca {
+            Some(path) => read("--upstream-ca", path)?,
+            None => String::new(),
+        };
+        Ok(CreateHostRequest {
             host: Some(ProxyHost {
                 name: self.name.clone().unwrap_or_default(),
                 domains: self.domains.clone(),
@@ -246,13 +431,19 @@ impl AddArgs {
                 ws_idle_timeout_secs: self.ws_idle_timeout.unwrap_or(0),
                 ws_ping_interval_secs: self.ws_ping_interval.unwrap_or(0),
                 upstream_timeout_ms: self.upstream_timeout.unwrap_or(0),
+                cert_id: self.cert_id.clone().unwrap_or_default(),
+                force_https: self.force_https,
+                hsts_max_age_secs: self.hsts.unwrap_or(0),
+                hsts_include_subdomains: self.hsts_include_subdomains,
+                upstream_ca_pem,
+                upstream_insecure_skip_verify: self.upstream_insecure_skip_verify,
                 ..ProxyHost::default()
             }),
             enabled: self.disabled.then_some(false),
             websocket: self.no_websocket.then_some(false),
             preserve_host: self.no_preserve_host.then_some(false),
             forwarded_headers: self.no_forwarded_headers.then_some(false),
-        }
+        })
     }
 }
 
@@ -272,11 +463,21 @@ impl UpdateArgs {
             || self.ws_idle_timeout.is_some()
             || self.ws_ping_interval.is_some()
             || self.upstream_timeout.is_some()
+            || self.cert_id.is_some()
+            || self.no_cert
+            || self.force_https.is_some()
+            || self.hsts.is_some()
+            || self.hsts_include_subdomains.is_some()
+            || self.upstream_ca.is_some()
+            || self.system_roots
+            || self.upstream_insecure_skip_verify.is_some()
     }
 
     /// Only what the user named is set: an unset field or list keeps the
     /// host's current value, a set list replaces the whole list.
-    pub fn to_request(&self) -> UpdateHostRequest {
+    /// `--no-cert` and `--system-roots` send "", as `--cert ""` and
+    /// `--upstream-ca ""` do; an `--upstream-ca` file is read and sent.
+    pub fn to_request(&self, read: &ReadFile) -> Result<UpdateHostRequest, CtlError> {
         let list = |values: &[String]| {
             (!values.is_empty()).then(|| StringList {
                 values: values.to_vec(),
@@ -290,7 +491,18 @@ impl UpdateArgs {
             (_, true) => Some(false),
             _ => None,
         };
-        UpdateHostRequest {
+        let cert_id = if self.no_cert {
+            Some(String::new())
+        } else {
+            self.cert_id.clone()
+        };
+        let upstream_ca_pem = match &self.upstream_ca {
+            _ if self.system_roots => Some(String::new()),
+            Some(path) if path.as_os_str().is_empty() => Some(String::new()),
+            Some(path) => Some(read("--upstream-ca", path)?),
+            None => None,
+        };
+        Ok(UpdateHostRequest {
             id_or_domain: self.host.clone(),
             name: self.name.clone(),
             domains: list(&self.domain),
@@ -304,7 +516,13 @@ impl UpdateArgs {
             ws_ping_interval_secs: self.ws_ping_interval,
             upstream_timeout_ms: self.upstream_timeout,
             expected_version: self.expected_version,
-        }
+            cert_id,
+            force_https: self.force_https,
+            hsts_max_age_secs: self.hsts,
+            hsts_include_subdomains: self.hsts_include_subdomains,
+            upstream_ca_pem,
+            upstream_insecure_skip_verify: self.upstream_insecure_skip_verify,
+        })
     }
 }
 
@@ -361,6 +579,40 @@ mod tests {
         Cli::try_parse_args(std::iter::once("charonctl").chain(args.iter().copied()))
     }
 
+    /// A file reader that answers from memory: `<flag> <path>` as the
+    /// contents, and NotFound for paths under /missing.
+    fn fake_read(flag: &'static str, path: &Path) -> Result<String, CtlError> {
+        if path.starts_with("/missing") {
+            return Err(CtlError::File {
+                flag,
+                path: path.to_path_buf(),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
+        Ok(format!("{flag} {}", path.display()))
+    }
+
+    /// A reader for commands that must not read anything.
+    fn no_read(flag: &'static str, path: &Path) -> Result<String, CtlError> {
+        panic!("read {flag} {}", path.display())
+    }
+
+    fn host_add(args: &[&str]) -> CreateHostRequest {
+        let cli = parse(&[&["host", "add"], args].concat()).unwrap();
+        let Command::Host(HostCommand::Add(args)) = cli.command else {
+            panic!("not host add")
+        };
+        args.to_request(&fake_read).unwrap()
+    }
+
+    fn host_update(args: &[&str]) -> UpdateHostRequest {
+        let cli = parse(&[&["host", "update"], args].concat()).unwrap();
+        let Command::Host(HostCommand::Update(args)) = cli.command else {
+            panic!("not host update")
+        };
+        args.to_request(&fake_read).unwrap()
+    }
+
     #[test]
     fn clap_definition_is_consistent() {
         Cli::command().debug_assert();
@@ -408,7 +660,7 @@ mod tests {
         let Command::Host(HostCommand::Add(args)) = cli.command else {
             panic!("not host add")
         };
-        let req = args.to_request();
+        let req = args.to_request(&no_read).unwrap();
         assert_eq!(req.enabled, None);
         assert_eq!(req.websocket, None);
         assert_eq!(req.preserve_host, None);
@@ -444,7 +696,7 @@ mod tests {
         let Command::Host(HostCommand::Add(args)) = cli.command else {
             panic!("not host add")
         };
-        let req = args.to_request();
+        let req = args.to_request(&no_read).unwrap();
         assert_eq!(req.enabled, Some(false));
         assert_eq!(req.websocket, Some(false));
         assert_eq!(req.preserve_host, Some(false));
@@ -463,7 +715,7 @@ mod tests {
         let Command::Host(HostCommand::Update(args)) = cli.command else {
             panic!("not host update")
         };
-        let req = args.to_request();
+        let req = args.to_request(&no_read).unwrap();
         assert_eq!(req.id_or_domain, "a.example");
         assert_eq!(req.upstreams.unwrap().values, ["http://x:1"]);
         assert!(req.domains.is_none());
@@ -490,7 +742,7 @@ mod tests {
         let Command::Host(HostCommand::Update(args)) = cli.command else {
             panic!("not host update")
         };
-        let req = args.to_request();
+        let req = args.to_request(&no_read).unwrap();
         assert_eq!(req.locations.unwrap().values, []);
         assert_eq!(req.enabled, Some(false));
         assert_eq!(req.websocket, Some(false));
@@ -516,5 +768,300 @@ mod tests {
         ] {
             assert!(parse(args).is_err(), "{args:?} was accepted");
         }
+    }
+
+    #[test]
+    fn add_tls_fields_are_off_unless_asked() {
+        let host = host_add(&["a.example", "--upstream", "http://b:1"])
+            .host
+            .unwrap();
+        assert_eq!(host.cert_id, "");
+        assert!(!host.force_https);
+        assert_eq!(host.hsts_max_age_secs, 0);
+        assert!(!host.hsts_include_subdomains);
+        assert_eq!(host.upstream_ca_pem, "");
+        assert!(!host.upstream_insecure_skip_verify);
+    }
+
+    #[test]
+    fn add_tls_flags_fill_the_host() {
+        let host = host_add(&[
+            "a.example",
+            "--upstream",
+            "https://b:1",
+            "--cert",
+            "c7",
+            "--force-https",
+            "--hsts",
+            "31536000",
+            "--hsts-include-subdomains",
+            "--upstream-ca",
+            "/etc/ca.pem",
+        ])
+        .host
+        .unwrap();
+        assert_eq!(host.cert_id, "c7");
+        assert!(host.force_https);
+        assert_eq!(host.hsts_max_age_secs, 31_536_000);
+        assert!(host.hsts_include_subdomains);
+        assert_eq!(host.upstream_ca_pem, "--upstream-ca /etc/ca.pem");
+        assert!(!host.upstream_insecure_skip_verify);
+
+        let host = host_add(&[
+            "a.example",
+            "--upstream",
+            "https://b:1",
+            "--upstream-insecure-skip-verify",
+        ])
+        .host
+        .unwrap();
+        assert!(host.upstream_insecure_skip_verify);
+        assert_eq!(host.upstream_ca_pem, "");
+    }
+
+    #[test]
+    fn add_tls_usage_errors() {
+        for args in [
+            // includeSubDomains means nothing without a max-age.
+            &[
+                "host",
+                "add",
+                "a",
+                "--upstream",
+                "http://b:1",
+                "--hsts-include-subdomains",
+            ][..],
+            // A CA to verify with, and no verification.
+            &[
+                "host",
+                "add",
+                "a",
+                "--upstream",
+                "http://b:1",
+                "--upstream-ca",
+                "/ca.pem",
+                "--upstream-insecure-skip-verify",
+            ],
+            &[
+                "host",
+                "add",
+                "a",
+                "--upstream",
+                "http://b:1",
+                "--hsts",
+                "-1",
+            ],
+            &[
+                "host",
+                "add",
+                "a",
+                "--upstream",
+                "http://b:1",
+                "--upstream-ca",
+                "",
+            ],
+        ] {
+            assert!(parse(args).is_err(), "{args:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn add_a_missing_ca_file_is_an_error_naming_it() {
+        let cli = parse(&[
+            "host",
+            "add",
+            "a.example",
+            "--upstream",
+            "https://b:1",
+            "--upstream-ca",
+            "/missing/ca.pem",
+        ])
+        .unwrap();
+        let Command::Host(HostCommand::Add(args)) = cli.command else {
+            panic!("not host add")
+        };
+        let err = args.to_request(&fake_read).unwrap_err().to_string();
+        assert!(err.contains("--upstream-ca"), "{err}");
+        assert!(err.contains("/missing/ca.pem"), "{err}");
+    }
+
+    #[test]
+    fn update_leaves_tls_fields_unset_unless_named() {
+        let req = host_update(&["h1", "--name", "x"]);
+        assert_eq!(req.cert_id, None);
+        assert_eq!(req.force_https, None);
+        assert_eq!(req.hsts_max_age_secs, None);
+        assert_eq!(req.hsts_include_subdomains, None);
+        assert_eq!(req.upstream_ca_pem, None);
+        assert_eq!(req.upstream_insecure_skip_verify, None);
+    }
+
+    #[test]
+    fn update_tls_flags() {
+        let req = host_update(&[
+            "h1",
+            "--cert",
+            "c2",
+            "--force-https",
+            "true",
+            "--hsts",
+            "0",
+            "--hsts-include-subdomains",
+            "false",
+            "--upstream-ca",
+            "/etc/ca.pem",
+            "--upstream-insecure-skip-verify",
+            "false",
+        ]);
+        assert_eq!(req.cert_id.as_deref(), Some("c2"));
+        assert_eq!(req.force_https, Some(true));
+        assert_eq!(req.hsts_max_age_secs, Some(0));
+        assert_eq!(req.hsts_include_subdomains, Some(false));
+        assert_eq!(
+            req.upstream_ca_pem.as_deref(),
+            Some("--upstream-ca /etc/ca.pem")
+        );
+        assert_eq!(req.upstream_insecure_skip_verify, Some(false));
+    }
+
+    #[test]
+    fn update_unpin_and_system_roots_send_empty_strings() {
+        for args in [
+            &["h1", "--no-cert", "--system-roots"][..],
+            &["h1", "--cert", "", "--upstream-ca", ""],
+        ] {
+            let req = host_update(args);
+            assert_eq!(req.cert_id.as_deref(), Some(""), "{args:?}");
+            assert_eq!(req.upstream_ca_pem.as_deref(), Some(""), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn each_tls_flag_alone_is_a_change() {
+        for args in [
+            &["--cert", "c1"][..],
+            &["--no-cert"],
+            &["--force-https", "false"],
+            &["--hsts", "60"],
+            &["--hsts-include-subdomains", "true"],
+            &["--upstream-ca", "/ca.pem"],
+            &["--system-roots"],
+            &["--upstream-insecure-skip-verify", "true"],
+        ] {
+            let all = [&["host", "update", "h1"][..], args].concat();
+            assert!(parse(&all).is_ok(), "{args:?} was refused");
+        }
+    }
+
+    #[test]
+    fn update_tls_usage_errors() {
+        for args in [
+            &["host", "update", "h1", "--cert", "c1", "--no-cert"][..],
+            &[
+                "host",
+                "update",
+                "h1",
+                "--upstream-ca",
+                "/ca.pem",
+                "--system-roots",
+            ],
+            &["host", "update", "h1", "--force-https"],
+            &["host", "update", "h1", "--force-https", "yes"],
+            &["host", "update", "h1", "--upstream-insecure-skip-verify"],
+        ] {
+            assert!(parse(args).is_err(), "{args:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn cert_add_reads_both_files() {
+        let cli = parse(&[
+            "cert",
+            "add",
+            "--cert",
+            "/p/full.pem",
+            "--key",
+            "/p/key.pem",
+        ])
+        .unwrap();
+        let Command::Cert(CertCommand::Add(args)) = cli.command else {
+            panic!("not cert add")
+        };
+        let req = args.to_request(&fake_read).unwrap();
+        assert_eq!(req.cert_pem, "--cert /p/full.pem");
+        assert_eq!(req.key_pem, "--key /p/key.pem");
+        assert_eq!(req.name, "");
+    }
+
+    #[test]
+    fn cert_replace_keeps_the_id_and_the_name_is_optional() {
+        let cli = parse(&[
+            "cert", "replace", "c1", "--cert", "/p/c.pem", "--key", "/p/k.pem",
+        ])
+        .unwrap();
+        let Command::Cert(CertCommand::Replace(args)) = cli.command else {
+            panic!("not cert replace")
+        };
+        let req = args.to_request(&fake_read).unwrap();
+        assert_eq!(req.id, "c1");
+        assert_eq!(req.name, None);
+        assert_eq!(req.key_pem, "--key /p/k.pem");
+
+        let cli = parse(&[
+            "cert", "replace", "c1", "--cert", "/p/c.pem", "--key", "/p/k.pem", "--name", "new",
+        ])
+        .unwrap();
+        let Command::Cert(CertCommand::Replace(args)) = cli.command else {
+            panic!("not cert replace")
+        };
+        assert_eq!(
+            args.to_request(&fake_read).unwrap().name.as_deref(),
+            Some("new")
+        );
+    }
+
+    #[test]
+    fn cert_a_missing_key_file_is_named() {
+        let cli = parse(&[
+            "cert",
+            "add",
+            "--cert",
+            "/p/c.pem",
+            "--key",
+            "/missing/k.pem",
+            "--name",
+            "n",
+        ])
+        .unwrap();
+        let Command::Cert(CertCommand::Add(args)) = cli.command else {
+            panic!("not cert add")
+        };
+        let err = args.to_request(&fake_read).unwrap_err().to_string();
+        assert!(err.contains("--key"), "{err}");
+        assert!(err.contains("/missing/k.pem"), "{err}");
+    }
+
+    #[test]
+    fn cert_usage_errors() {
+        for args in [
+            &["cert", "add", "--cert", "/c.pem"][..],
+            &["cert", "add", "--key", "/k.pem"],
+            &["cert", "replace", "--cert", "/c.pem", "--key", "/k.pem"],
+            &["cert", "show"],
+            &["cert", "rm"],
+        ] {
+            assert!(parse(args).is_err(), "{args:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn read_file_reads_and_names_a_missing_file() {
+        let path = std::env::temp_dir().join(format!("charonctl-pem-{}", std::process::id()));
+        std::fs::write(&path, "PEM").unwrap();
+        let text = read_file("--cert", &path);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(text.unwrap(), "PEM");
+        let err = read_file("--cert", &path).unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
     }
 }

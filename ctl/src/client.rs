@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use charon_proto::v1::certificates_client::CertificatesClient;
 use charon_proto::v1::hosts_client::HostsClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
@@ -21,10 +22,18 @@ pub const DEFAULT_TOKEN_FILE: &str = "charon-data/admin.token";
 /// that drops packets instead.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Host calls are small; a node that takes longer than this is stuck.
+/// API calls are small; a node that takes longer than this is stuck.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub type Hosts = HostsClient<InterceptedService<Channel, BearerAuth>>;
+pub type Authed = InterceptedService<Channel, BearerAuth>;
+pub type Hosts = HostsClient<Authed>;
+pub type Certificates = CertificatesClient<Authed>;
+
+/// The API's services, sharing one connection.
+pub struct Api {
+    pub hosts: Hosts,
+    pub certificates: Certificates,
+}
 
 /// Adds the bearer token to every request's metadata.
 #[derive(Clone)]
@@ -106,7 +115,7 @@ fn read_token_file(path: &Path) -> Result<String, CtlError> {
 
 /// Opens the channel now rather than lazily, so that an unreachable node is
 /// reported as such before any request is built.
-pub async fn connect(endpoint: &str, token: &str) -> Result<Hosts, CtlError> {
+pub async fn connect(endpoint: &str, token: &str) -> Result<Api, CtlError> {
     let auth = BearerAuth::new(token)?;
     let unreachable = || CtlError::Unreachable {
         endpoint: endpoint.to_string(),
@@ -118,7 +127,10 @@ pub async fn connect(endpoint: &str, token: &str) -> Result<Hosts, CtlError> {
         .connect()
         .await
         .map_err(|_| unreachable())?;
-    Ok(HostsClient::with_interceptor(channel, auth))
+    Ok(Api {
+        hosts: HostsClient::with_interceptor(channel.clone(), auth.clone()),
+        certificates: CertificatesClient::with_interceptor(channel, auth),
+    })
 }
 
 #[cfg(test)]

@@ -37,6 +37,14 @@ pub enum CtlError {
         source: std::io::Error,
     },
 
+    /// A file named by a flag (`--cert`, `--key`, `--upstream-ca`).
+    #[error("cannot read the {flag} file {}: {source}", path.display())]
+    File {
+        flag: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
     #[error("the token is empty")]
     EmptyToken,
 
@@ -110,6 +118,21 @@ mod tests {
             assert_eq!(line, want);
             assert!(!line.contains('\n'));
         }
+    }
+
+    #[test]
+    fn a_file_error_names_the_flag_and_the_path() {
+        let err = CtlError::File {
+            flag: "--key",
+            path: "/etc/x/key.pem".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        let line = err.to_string();
+        assert!(
+            line.starts_with("cannot read the --key file /etc/x/key.pem: "),
+            "{line}"
+        );
+        assert!(!line.contains('\n'));
     }
 
     #[test]

@@ -3,8 +3,11 @@
 //! The functions return strings instead of printing so that tests can check
 //! the exact output. JSON uses the proto field names, so a script reads the
 //! same names as the API documentation.
+//!
+//! A certificate's private key is never returned by the API, so it cannot be
+//! printed; its (public) PEM chain appears in JSON only.
 
-use charon_proto::v1::{Location, ProxyHost};
+use charon_proto::v1::{Certificate, Location, ProxyHost};
 use serde_json::{json, Value};
 
 /// `host list` in table mode: one row per host.
@@ -60,6 +63,17 @@ pub fn host_details(h: &ProxyHost) -> String {
             "upstream timeout",
             or_zero(h.upstream_timeout_ms, "ms", "node default"),
         ),
+        ("upstream tls", upstream_tls(h)),
+        (
+            "cert",
+            if h.cert_id.is_empty() {
+                "auto (best match)".to_string()
+            } else {
+                h.cert_id.clone()
+            },
+        ),
+        ("force https", yes_no(h.force_https)),
+        ("hsts", hsts(h)),
     ];
     if h.locations.is_empty() {
         rows.push(("locations", "none".to_string()));
@@ -70,18 +84,7 @@ pub fn host_details(h: &ProxyHost) -> String {
     rows.push(("created", unix_ms(h.created_at_ms)));
     rows.push(("updated", unix_ms(h.updated_at_ms)));
     rows.push(("version", h.version.to_string()));
-
-    let width = rows.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
-    rows.iter()
-        .map(|(key, value)| {
-            let key = if key.is_empty() {
-                String::new()
-            } else {
-                format!("{key}:")
-            };
-            format!("{key:<width$}  {value}\n")
-        })
-        .collect()
+    key_values(&rows)
 }
 
 /// One host as a JSON object with every field of `ProxyHost`.
@@ -102,6 +105,12 @@ pub fn host_json(h: &ProxyHost) -> Value {
         "ws_idle_timeout_secs": h.ws_idle_timeout_secs,
         "ws_ping_interval_secs": h.ws_ping_interval_secs,
         "upstream_timeout_ms": h.upstream_timeout_ms,
+        "cert_id": h.cert_id,
+        "force_https": h.force_https,
+        "hsts_max_age_secs": h.hsts_max_age_secs,
+        "hsts_include_subdomains": h.hsts_include_subdomains,
+        "upstream_ca_pem": h.upstream_ca_pem,
+        "upstream_insecure_skip_verify": h.upstream_insecure_skip_verify,
         "created_at_ms": h.created_at_ms,
         "updated_at_ms": h.updated_at_ms,
         "version": h.version,
@@ -110,6 +119,147 @@ pub fn host_json(h: &ProxyHost) -> Value {
 
 pub fn hosts_json(hosts: &[ProxyHost]) -> Value {
     Value::Array(hosts.iter().map(host_json).collect())
+}
+
+/// How https:// upstreams are verified.
+fn upstream_tls(h: &ProxyHost) -> String {
+    if h.upstream_insecure_skip_verify {
+        return "INSECURE: not verified".to_string();
+    }
+    if h.upstream_ca_pem.trim().is_empty() {
+        return "system roots".to_string();
+    }
+    let n = h
+        .upstream_ca_pem
+        .matches("-----BEGIN CERTIFICATE-----")
+        .count();
+    format!("custom CA ({n} cert{})", if n == 1 { "" } else { "s" })
+}
+
+/// The Strict-Transport-Security header the host sends, or `off`.
+fn hsts(h: &ProxyHost) -> String {
+    match (h.hsts_max_age_secs, h.hsts_include_subdomains) {
+        (0, _) => "off".to_string(),
+        (age, false) => format!("max-age={age}"),
+        (age, true) => format!("max-age={age}; includeSubDomains"),
+    }
+}
+
+/// `cert list` in table mode: one row per certificate. `now_ms` (Unix
+/// milliseconds) is the clock the days left are counted from.
+pub fn certs_table(certs: &[Certificate], now_ms: u64) -> String {
+    if certs.is_empty() {
+        return "no certificates\n".to_string();
+    }
+    let header = ["ID", "NAME", "DOMAINS", "EXPIRES", "DAYS LEFT", "HOSTS"];
+    let mut rows = vec![header.map(String::from).to_vec()];
+    rows.extend(certs.iter().map(|c| {
+        vec![
+            c.id.clone(),
+            c.name.clone(),
+            c.domains.join(","),
+            unix_date(c.not_after_ms),
+            days_left(c.not_after_ms, now_ms).map_or("expired".to_string(), |d| d.to_string()),
+            if c.used_by_hosts.is_empty() {
+                "-".to_string()
+            } else {
+                c.used_by_hosts.join(",")
+            },
+        ]
+    }));
+    align(&rows)
+}
+
+/// `cert show` in table mode: every metadata field, one `key: value` line
+/// each. The PEM chain is left to `-o json`.
+pub fn cert_details(c: &Certificate, now_ms: u64) -> String {
+    let not_before = if now_ms < c.not_before_ms {
+        format!("{} (not yet valid)", unix_ms(c.not_before_ms))
+    } else {
+        unix_ms(c.not_before_ms)
+    };
+    let not_after = match days_left(c.not_after_ms, now_ms) {
+        _ if c.not_after_ms == 0 => unix_ms(0),
+        None => format!("{} (expired)", unix_ms(c.not_after_ms)),
+        Some(1) => format!("{} (1 day left)", unix_ms(c.not_after_ms)),
+        Some(d) => format!("{} ({d} days left)", unix_ms(c.not_after_ms)),
+    };
+    let used_by = if c.used_by_hosts.is_empty() {
+        "none".to_string()
+    } else {
+        c.used_by_hosts.join(", ")
+    };
+    key_values(&[
+        ("id", c.id.clone()),
+        ("name", c.name.clone()),
+        ("domains", c.domains.join(", ")),
+        ("subject", c.subject.clone()),
+        ("issuer", c.issuer.clone()),
+        ("serial", c.serial.clone()),
+        ("sha256 fingerprint", c.fingerprint_sha256.clone()),
+        ("key type", c.key_type.clone()),
+        ("chain length", c.chain_length.to_string()),
+        ("not before", not_before),
+        ("not after", not_after),
+        ("used by", used_by),
+        ("created", unix_ms(c.created_at_ms)),
+        ("updated", unix_ms(c.updated_at_ms)),
+        ("version", c.version.to_string()),
+    ])
+}
+
+/// One certificate as a JSON object with every field of `Certificate`
+/// (there is no key field: the API never returns the key).
+pub fn cert_json(c: &Certificate) -> Value {
+    json!({
+        "id": c.id,
+        "name": c.name,
+        "domains": c.domains,
+        "not_before_ms": c.not_before_ms,
+        "not_after_ms": c.not_after_ms,
+        "issuer": c.issuer,
+        "subject": c.subject,
+        "serial": c.serial,
+        "fingerprint_sha256": c.fingerprint_sha256,
+        "key_type": c.key_type,
+        "chain_length": c.chain_length,
+        "created_at_ms": c.created_at_ms,
+        "updated_at_ms": c.updated_at_ms,
+        "version": c.version,
+        "used_by_hosts": c.used_by_hosts,
+        "cert_pem": c.cert_pem,
+    })
+}
+
+pub fn certs_json(certs: &[Certificate]) -> Value {
+    Value::Array(certs.iter().map(cert_json).collect())
+}
+
+/// The node's warnings (e.g. "expires in 12 days"), one stderr line each.
+pub fn warnings(warnings: &[String]) -> String {
+    warnings.iter().map(|w| format!("warning: {w}\n")).collect()
+}
+
+/// Whole days until `not_after_ms`; `None` once it has passed.
+fn days_left(not_after_ms: u64, now_ms: u64) -> Option<u64> {
+    const DAY_MS: u64 = 86_400_000;
+    (not_after_ms > now_ms).then(|| (not_after_ms - now_ms) / DAY_MS)
+}
+
+/// One `key: value` line per row, the values aligned; an empty key continues
+/// the row above.
+fn key_values(rows: &[(&str, String)]) -> String {
+    let width = rows.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
+    rows.iter()
+        .map(|(key, value)| {
+            let key = if key.is_empty() {
+                String::new()
+            } else {
+                format!("{key}:")
+            };
+            format!("{key:<width$}  {value}\n")
+        })
+        .collect()
 }
 
 /// Pads every column but the last to its widest cell, two spaces apart.
@@ -155,6 +305,13 @@ fn or_zero(value: u32, unit: &str, zero: &str) -> String {
 
 fn location(loc: &Location) -> String {
     format!("{} -> {}", loc.path_prefix, loc.upstreams.join(", "))
+}
+
+/// The UTC date (`YYYY-MM-DD`) of Unix milliseconds.
+fn unix_date(ms: u64) -> String {
+    let mut text = unix_ms(ms);
+    text.truncate(10);
+    text
 }
 
 /// Unix milliseconds as UTC RFC 3339, without pulling in a date crate for
@@ -213,6 +370,12 @@ mod tests {
             created_at_ms: 1_714_564_800_000,
             updated_at_ms: 1_714_564_861_999,
             version: 3,
+            cert_id: String::new(),
+            force_https: false,
+            hsts_max_age_secs: 0,
+            hsts_include_subdomains: false,
+            upstream_ca_pem: String::new(),
+            upstream_insecure_skip_verify: false,
         }
     }
 
@@ -253,6 +416,10 @@ forwarded headers:  no
 ws idle timeout:    never
 ws ping interval:   30s
 upstream timeout:   node default
+upstream tls:       system roots
+cert:               auto (best match)
+force https:        no
+hsts:               off
 locations:          /api -> http://10.0.0.6:1, http://10.0.0.7:1
                     /ws -> http://10.0.0.8:1
 created:            2024-05-01T12:00:00Z
@@ -280,6 +447,12 @@ version:            3
             "ws_idle_timeout_secs",
             "ws_ping_interval_secs",
             "upstream_timeout_ms",
+            "cert_id",
+            "force_https",
+            "hsts_max_age_secs",
+            "hsts_include_subdomains",
+            "upstream_ca_pem",
+            "upstream_insecure_skip_verify",
             "created_at_ms",
             "updated_at_ms",
             "version",
@@ -294,10 +467,194 @@ version:            3
     }
 
     #[test]
+    fn host_tls_fields_in_details_and_json() {
+        let ca = "-----BEGIN CERTIFICATE-----\nA\n-----END CERTIFICATE-----\n";
+        let host = ProxyHost {
+            cert_id: "c1".into(),
+            force_https: true,
+            hsts_max_age_secs: 600,
+            upstream_ca_pem: ca.repeat(2),
+            ..sample()
+        };
+        let text = host_details(&host);
+        for line in [
+            "upstream tls:       custom CA (2 certs)\n",
+            "cert:               c1\n",
+            "force https:        yes\n",
+            "hsts:               max-age=600\n",
+        ] {
+            assert!(text.contains(line), "{line:?} not in\n{text}");
+        }
+        let v = host_json(&host);
+        assert_eq!(v["cert_id"], "c1");
+        assert_eq!(v["force_https"], true);
+        assert_eq!(v["hsts_max_age_secs"], 600);
+        assert_eq!(v["upstream_ca_pem"], ca.repeat(2));
+        assert_eq!(v["upstream_insecure_skip_verify"], false);
+    }
+
+    #[test]
+    fn upstream_tls_and_hsts_wording() {
+        let ca = "-----BEGIN CERTIFICATE-----\nA\n-----END CERTIFICATE-----\n";
+        let with = |pem: &str, insecure: bool| ProxyHost {
+            upstream_ca_pem: pem.into(),
+            upstream_insecure_skip_verify: insecure,
+            ..sample()
+        };
+        assert_eq!(upstream_tls(&with("", false)), "system roots");
+        assert_eq!(upstream_tls(&with(ca, false)), "custom CA (1 cert)");
+        assert_eq!(upstream_tls(&with("", true)), "INSECURE: not verified");
+        // Not verifying wins over a CA that would not be used.
+        assert_eq!(upstream_tls(&with(ca, true)), "INSECURE: not verified");
+
+        let hsts_of = |age, sub| {
+            hsts(&ProxyHost {
+                hsts_max_age_secs: age,
+                hsts_include_subdomains: sub,
+                ..sample()
+            })
+        };
+        assert_eq!(hsts_of(0, true), "off");
+        assert_eq!(hsts_of(60, false), "max-age=60");
+        assert_eq!(hsts_of(60, true), "max-age=60; includeSubDomains");
+    }
+
+    const NOW: u64 = 1_714_564_800_000; // 2024-05-01T12:00:00Z
+    const DAY: u64 = 86_400_000;
+
+    fn cert() -> Certificate {
+        Certificate {
+            id: "c1".into(),
+            name: "app".into(),
+            domains: vec!["app.example".into(), "*.app.example".into()],
+            not_before_ms: NOW - 10 * DAY,
+            not_after_ms: NOW + 80 * DAY + 5,
+            issuer: "CN=Test CA, O=Charon".into(),
+            subject: "CN=app.example".into(),
+            serial: "0A:1B".into(),
+            fingerprint_sha256: "AB:CD:EF".into(),
+            key_type: "ECDSA P-256".into(),
+            chain_length: 2,
+            created_at_ms: NOW,
+            updated_at_ms: NOW + 1000,
+            version: 4,
+            used_by_hosts: vec!["h1".into(), "h2".into()],
+            cert_pem: "-----BEGIN CERTIFICATE-----\n...".into(),
+        }
+    }
+
+    #[test]
+    fn cert_list_columns() {
+        let expired = Certificate {
+            id: "c-old".into(),
+            name: "old".into(),
+            domains: vec!["old.example".into()],
+            not_after_ms: NOW - 1,
+            used_by_hosts: vec![],
+            ..cert()
+        };
+        let table = certs_table(&[cert(), expired], NOW);
+        let want = "\
+ID     NAME  DOMAINS                    EXPIRES     DAYS LEFT  HOSTS
+c1     app   app.example,*.app.example  2024-07-20  80         h1,h2
+c-old  old   old.example                2024-05-01  expired    -
+";
+        assert_eq!(table, want);
+        assert_eq!(certs_table(&[], NOW), "no certificates\n");
+    }
+
+    #[test]
+    fn cert_details_show_all_metadata_but_no_pem() {
+        let text = cert_details(&cert(), NOW);
+        let want = "\
+id:                  c1
+name:                app
+domains:             app.example, *.app.example
+subject:             CN=app.example
+issuer:              CN=Test CA, O=Charon
+serial:              0A:1B
+sha256 fingerprint:  AB:CD:EF
+key type:            ECDSA P-256
+chain length:        2
+not before:          2024-04-21T12:00:00Z
+not after:           2024-07-20T12:00:00Z (80 days left)
+used by:             h1, h2
+created:             2024-05-01T12:00:00Z
+updated:             2024-05-01T12:00:01Z
+version:             4
+";
+        assert_eq!(text, want);
+        assert!(!text.contains("BEGIN"));
+    }
+
+    #[test]
+    fn cert_validity_wording() {
+        let at = |not_before_ms, not_after_ms| {
+            cert_details(
+                &Certificate {
+                    not_before_ms,
+                    not_after_ms,
+                    used_by_hosts: vec![],
+                    ..cert()
+                },
+                NOW,
+            )
+        };
+        let text = at(NOW - DAY, NOW + DAY + 1);
+        assert!(text.contains("(1 day left)\n"), "{text}");
+        assert!(text.contains("used by:             none\n"), "{text}");
+        assert!(at(NOW - DAY, NOW).contains("(expired)\n"));
+        assert!(at(NOW + 1, NOW + DAY).contains("(not yet valid)\n"));
+        assert_eq!(days_left(NOW + DAY - 1, NOW), Some(0));
+        assert_eq!(days_left(NOW, NOW), None);
+    }
+
+    #[test]
+    fn cert_json_uses_proto_field_names() {
+        let v = cert_json(&cert());
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort();
+        let mut want = vec![
+            "id",
+            "name",
+            "domains",
+            "not_before_ms",
+            "not_after_ms",
+            "issuer",
+            "subject",
+            "serial",
+            "fingerprint_sha256",
+            "key_type",
+            "chain_length",
+            "created_at_ms",
+            "updated_at_ms",
+            "version",
+            "used_by_hosts",
+            "cert_pem",
+        ];
+        want.sort();
+        assert_eq!(keys, want);
+        assert_eq!(v["used_by_hosts"][1], "h2");
+        assert_eq!(v["chain_length"], 2);
+        assert!(certs_json(&[cert()]).is_array());
+    }
+
+    #[test]
+    fn warnings_are_one_line_each() {
+        assert_eq!(warnings(&[]), "");
+        assert_eq!(
+            warnings(&["expires in 12 days".into(), "self-signed".into()]),
+            "warning: expires in 12 days\nwarning: self-signed\n"
+        );
+    }
+
+    #[test]
     fn timestamps() {
         assert_eq!(unix_ms(0), "-");
         assert_eq!(unix_ms(1), "1970-01-01T00:00:00Z");
         assert_eq!(unix_ms(951_782_400_000), "2000-02-29T00:00:00Z");
         assert_eq!(unix_ms(4_102_444_799_000), "2099-12-31T23:59:59Z");
+        assert_eq!(unix_date(4_102_444_799_000), "2099-12-31");
+        assert_eq!(unix_date(0), "-");
     }
 }

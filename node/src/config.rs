@@ -32,6 +32,9 @@ pub struct Args {
     /// Plain HTTP (and ws://) listener [default: 0.0.0.0:8080]
     #[arg(long, env = "CHARON_HTTP_LISTEN")]
     pub http_listen: Option<String>,
+    /// HTTPS (and wss://) listener; certificates come from the store [default: 0.0.0.0:8443]
+    #[arg(long, env = "CHARON_HTTPS_LISTEN")]
+    pub https_listen: Option<String>,
     /// gRPC management API [default: 127.0.0.1:7070]
     #[arg(long, env = "CHARON_API_LISTEN")]
     pub api_listen: Option<String>,
@@ -72,6 +75,7 @@ pub struct Args {
 struct FileConfig {
     data_dir: Option<PathBuf>,
     http_listen: Option<String>,
+    https_listen: Option<String>,
     api_listen: Option<String>,
     admin_listen: Option<String>,
     trusted_proxies: Option<Vec<String>>,
@@ -94,6 +98,7 @@ pub enum LogFormat {
 pub struct Config {
     pub data_dir: PathBuf,
     pub http_listen: SocketAddr,
+    pub https_listen: SocketAddr,
     pub api_listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub proxy: ProxyConfig,
@@ -102,6 +107,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// From `CHARON_ADMIN_TOKEN` only (never a flag: flags show up in `ps`).
     pub admin_token: Option<String>,
+    /// From `CHARON_ENCRYPTION_KEY` only (64 hex characters): the data key
+    /// that seals private keys at rest; else `<data-dir>/encryption.key`.
+    pub encryption_key: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +161,10 @@ impl Config {
             .http_listen
             .or(file.http_listen)
             .unwrap_or_else(|| "0.0.0.0:8080".into());
+        let https = args
+            .https_listen
+            .or(file.https_listen)
+            .unwrap_or_else(|| "0.0.0.0:8443".into());
         let api = args
             .api_listen
             .or(file.api_listen)
@@ -192,6 +204,7 @@ impl Config {
                 .map(Duration::from_secs)
                 .unwrap_or(defaults.failure_cooldown),
             header_read_timeout: defaults.header_read_timeout,
+            https_port: defaults.https_port,
         };
         let log_format = match args.log_format.or(file.log_format).as_deref() {
             None | Some("text") => LogFormat::Text,
@@ -216,12 +229,24 @@ impl Config {
                 ));
             }
         }
+        let encryption_key = std::env::var("CHARON_ENCRYPTION_KEY")
+            .ok()
+            .filter(|k| !k.is_empty());
+        if let Some(k) = &encryption_key {
+            if hex::decode(k.trim()).map(|b| b.len()).ok() != Some(32) {
+                return Err(invalid(
+                    "CHARON_ENCRYPTION_KEY",
+                    "must be 64 hex characters (32 bytes)",
+                ));
+            }
+        }
         let config = Config {
             data_dir: args
                 .data_dir
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("charon-data")),
             http_listen: parse_addr("http_listen", &http)?,
+            https_listen: parse_addr("https_listen", &https)?,
             api_listen: parse_addr("api_listen", &api)?,
             admin_listen: parse_addr("admin_listen", &admin)?,
             proxy,
@@ -233,6 +258,7 @@ impl Config {
             log,
             log_format,
             admin_token,
+            encryption_key,
         };
         config.check_distinct_ports()?;
         Ok(config)
@@ -243,6 +269,7 @@ impl Config {
     fn check_distinct_ports(&self) -> Result<(), ConfigError> {
         let named = [
             ("http_listen", self.http_listen),
+            ("https_listen", self.https_listen),
             ("api_listen", self.api_listen),
             ("admin_listen", self.admin_listen),
         ];

@@ -15,7 +15,7 @@ pub struct Location {
 }
 
 /// One proxy host: the domains it answers for and where traffic goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ProxyHost {
     pub id: String,
     pub name: String,
@@ -37,6 +37,17 @@ pub struct ProxyHost {
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
     pub version: u64,
+    /// Certificate served for this host's domains; empty = best match.
+    pub cert_id: String,
+    /// 308-redirect plain HTTP to https://.
+    pub force_https: bool,
+    /// Strict-Transport-Security max-age on HTTPS responses; 0 = none.
+    pub hsts_max_age_secs: u32,
+    pub hsts_include_subdomains: bool,
+    /// PEM CA bundle for https:// upstreams instead of the system roots.
+    pub upstream_ca_pem: String,
+    /// Explicit opt-out of upstream certificate verification.
+    pub upstream_insecure_skip_verify: bool,
 }
 
 /// A validation failure, naming the field so the operator knows what to fix.
@@ -251,6 +262,19 @@ impl ProxyHost {
             validate_upstreams(&format!("{field}.upstreams"), &loc.upstreams)?;
             loc.upstreams = canonical_upstreams(&loc.upstreams);
         }
+        self.cert_id = self.cert_id.trim().to_string();
+        if !self.upstream_ca_pem.trim().is_empty() {
+            crate::tls::upstream::validate_ca_pem(&self.upstream_ca_pem)
+                .map_err(|e| FieldError::new("upstream_ca_pem", e))?;
+        } else {
+            self.upstream_ca_pem.clear();
+        }
+        if self.upstream_insecure_skip_verify && !self.upstream_ca_pem.is_empty() {
+            return Err(FieldError::new(
+                "upstream_insecure_skip_verify",
+                "cannot be combined with upstream_ca_pem: either verify with the CA or not at all",
+            ));
+        }
         self.name = self.name.trim().to_string();
         if self.name.is_empty() {
             self.name = self.domains[0].clone();
@@ -298,9 +322,7 @@ mod tests {
             ws_idle_timeout_secs: 0,
             ws_ping_interval_secs: 0,
             upstream_timeout_ms: 0,
-            created_at_ms: 0,
-            updated_at_ms: 0,
-            version: 0,
+            ..Default::default()
         }
     }
 

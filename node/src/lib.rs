@@ -20,3 +20,4 @@ pub mod host;
 pub mod node;
 pub mod proxy;
 pub mod store;
+pub mod tls;

@@ -15,6 +15,9 @@ use crate::api::{self, auth::Auth, auth::AuthError};
 use crate::config::Config;
 use crate::proxy::Proxy;
 use crate::store::{Store, StoreError};
+use crate::tls::seal::{DataKey, SealError};
+use crate::tls::sni::CertTable;
+use crate::tls::TlsTerminator;
 
 /// Written after binding so that tools and tests started with port 0 learn
 /// the real addresses.
@@ -31,6 +34,8 @@ pub enum NodeError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    Seal(#[from] SealError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: &'static str,
@@ -48,6 +53,7 @@ pub enum NodeError {
 #[derive(Debug, Clone, Copy)]
 pub struct Bound {
     pub http: SocketAddr,
+    pub https: SocketAddr,
     pub api: SocketAddr,
     pub admin: SocketAddr,
 }
@@ -61,7 +67,8 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeE
 fn write_listen_file(dir: &Path, b: &Bound) -> Result<(), NodeError> {
     let path = dir.join(LISTEN_FILE);
     let tmp = dir.join(format!("{LISTEN_FILE}.tmp"));
-    let json = serde_json::json!({ "http": b.http, "api": b.api, "admin": b.admin });
+    let json =
+        serde_json::json!({ "http": b.http, "https": b.https, "api": b.api, "admin": b.admin });
     let err = |source| NodeError::ListenFile {
         path: path.clone(),
         source,
@@ -82,24 +89,47 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // Only the process holding the store lock may touch the listen file.
     let _ = std::fs::remove_file(dir.join(LISTEN_FILE));
     let auth = Auth::load_or_create(&dir, config.admin_token.as_deref())?;
-
-    // Route table first: the proxy must know every stored host before the
-    // node says it is ready.
-    let proxy = Proxy::new(config.proxy.clone());
-    {
-        let proxy = proxy.clone();
-        store.subscribe(move |hosts| proxy.publish(hosts));
-    }
+    let data_key = Arc::new(DataKey::load_or_create(
+        &dir,
+        config.encryption_key.as_deref(),
+    )?);
 
     let http = bind("http_listen", config.http_listen).await?;
+    let https = bind("https_listen", config.https_listen).await?;
     let api_l = bind("api_listen", config.api_listen).await?;
     let admin_l = bind("admin_listen", config.admin_listen).await?;
     let local = |l: &TcpListener| l.local_addr().expect("bound socket has an address");
     let bound = Bound {
         http: local(&http),
+        https: local(&https),
         api: local(&api_l),
         admin: local(&admin_l),
     };
+
+    // Route and certificate tables first: the proxy must know every stored
+    // host and certificate before the node says it is ready.
+    let mut proxy_config = config.proxy.clone();
+    proxy_config.https_port = bound.https.port();
+    let proxy = Proxy::new(proxy_config);
+    let tls = TlsTerminator::new();
+    {
+        let (proxy, tls, data_key) = (proxy.clone(), tls.clone(), data_key.clone());
+        store.subscribe(move |snap| {
+            proxy.publish(&snap.hosts);
+            let certs: Vec<_> = snap
+                .certs
+                .iter()
+                .filter_map(|c| match c.certified_key(&data_key) {
+                    Ok(k) => Some((c.clone(), k)),
+                    Err(e) => {
+                        tracing::error!(cert = %c.id, error = %e, "certificate cannot be used; its names get no TLS");
+                        None
+                    }
+                })
+                .collect();
+            tls.publish(CertTable::build(&snap.hosts, &certs));
+        });
+    }
     write_listen_file(&dir, &bound)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -111,12 +141,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let health = Arc::new(Health::default());
     let admin_task = tokio::spawn(admin::serve(admin_l, health.clone(), stopped()));
-    let api_task = tokio::spawn(api::serve(api_l, store.clone(), auth, stopped()));
-    let proxy_task = tokio::spawn(proxy.clone().serve(http, stopped(), config.shutdown_grace));
+    let api_task = tokio::spawn(api::serve(api_l, store.clone(), auth, data_key, stopped()));
+    let grace = config.shutdown_grace;
+    let proxy_task = tokio::spawn(proxy.clone().serve(http, None, stopped(), grace));
+    let https_task = tokio::spawn(proxy.clone().serve(https, Some(tls), stopped(), grace));
     health.set_ready(true);
     tracing::info!(
         node_id = store.node_id(),
         http = %bound.http,
+        https = %bound.https,
         api = %bound.api,
         admin = %bound.admin,
         data_dir = %dir.display(),
@@ -131,7 +164,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
     health.set_ready(false);
     let _ = stop_tx.send(true);
-    let _ = proxy_task.await;
+    let _ = tokio::join!(proxy_task, https_task);
+    close_tunnels(&proxy, grace).await;
     if let Ok(Err(e)) = api_task.await {
         tracing::warn!(error = %e, "API server ended with an error");
     }
@@ -146,4 +180,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = std::fs::remove_file(dir.join(LISTEN_FILE));
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Sends Close 1001 (going away) to both sides of every open tunnel at a
+/// frame boundary and waits, within `grace`, for the closing handshakes, so
+/// clients see a clean close and reconnect instead of an abnormal 1006.
+async fn close_tunnels(proxy: &Proxy, grace: std::time::Duration) {
+    let tunnels = proxy.tunnels.list();
+    if tunnels.is_empty() {
+        return;
+    }
+    tracing::info!(
+        tunnels = tunnels.len(),
+        "closing WebSocket tunnels with 1001 (going away)"
+    );
+    for t in &tunnels {
+        t.close(1001, "server shutting down");
+    }
+    drop(tunnels);
+    let deadline = tokio::time::Instant::now() + grace;
+    while !proxy.tunnels.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

@@ -89,6 +89,18 @@ fn check_domains_free(view: &View<'_>, host: &ProxyHost) -> Result<(), HostsErro
     Ok(())
 }
 
+/// A pinned certificate must exist (deleting a pinned one is refused).
+fn check_cert_exists(view: &View<'_>, host: &ProxyHost) -> Result<(), HostsError> {
+    if !host.cert_id.is_empty() && view.find_cert(&host.cert_id).is_none() {
+        return Err(FieldError::new(
+            "cert_id",
+            format!("no certificate with id {:?}", host.cert_id),
+        )
+        .into());
+    }
+    Ok(())
+}
+
 fn new_id(view: &View<'_>) -> String {
     loop {
         let id = format!("h-{}", hex::encode(rand::random::<[u8; 5]>()));
@@ -138,6 +150,12 @@ pub fn host_to_pb(h: &ProxyHost) -> pb::ProxyHost {
         created_at_ms: h.created_at_ms,
         updated_at_ms: h.updated_at_ms,
         version: h.version,
+        cert_id: h.cert_id.clone(),
+        force_https: h.force_https,
+        hsts_max_age_secs: h.hsts_max_age_secs,
+        hsts_include_subdomains: h.hsts_include_subdomains,
+        upstream_ca_pem: h.upstream_ca_pem.clone(),
+        upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
     }
 }
 
@@ -168,12 +186,19 @@ impl pb::hosts_server::Hosts for HostsApi {
             created_at_ms: now,
             updated_at_ms: now,
             version: 1,
+            cert_id: h.cert_id,
+            force_https: h.force_https,
+            hsts_max_age_secs: h.hsts_max_age_secs,
+            hsts_include_subdomains: h.hsts_include_subdomains,
+            upstream_ca_pem: h.upstream_ca_pem,
+            upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
         };
         host.normalize_and_validate().map_err(HostsError::from)?;
         let created = self
             .transact(move |view| {
                 host.id = new_id(view);
                 check_domains_free(view, &host)?;
+                check_cert_exists(view, &host)?;
                 Ok((vec![put(host.clone())], host))
             })
             .await?;
@@ -248,8 +273,19 @@ impl pb::hosts_server::Hosts for HostsApi {
                 h.ws_ping_interval_secs =
                     r.ws_ping_interval_secs.unwrap_or(h.ws_ping_interval_secs);
                 h.upstream_timeout_ms = r.upstream_timeout_ms.unwrap_or(h.upstream_timeout_ms);
+                h.cert_id = r.cert_id.unwrap_or(h.cert_id);
+                h.force_https = r.force_https.unwrap_or(h.force_https);
+                h.hsts_max_age_secs = r.hsts_max_age_secs.unwrap_or(h.hsts_max_age_secs);
+                h.hsts_include_subdomains = r
+                    .hsts_include_subdomains
+                    .unwrap_or(h.hsts_include_subdomains);
+                h.upstream_ca_pem = r.upstream_ca_pem.unwrap_or(h.upstream_ca_pem);
+                h.upstream_insecure_skip_verify = r
+                    .upstream_insecure_skip_verify
+                    .unwrap_or(h.upstream_insecure_skip_verify);
                 h.normalize_and_validate()?;
                 check_domains_free(view, &h)?;
+                check_cert_exists(view, &h)?;
                 if h == **current {
                     // Nothing changed: no write, no new version.
                     return Ok((vec![], h));

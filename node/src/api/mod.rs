@@ -5,15 +5,18 @@
 //! here and turned into statuses a client can act on.
 
 pub mod auth;
+pub mod certs;
 pub mod hosts;
 
 use std::future::Future;
 use std::sync::Arc;
 
+use charon_proto::v1::certificates_server::CertificatesServer;
 use charon_proto::v1::hosts_server::HostsServer;
 use tokio::net::TcpListener;
 
 use crate::store::Store;
+use crate::tls::seal::DataKey;
 use auth::Auth;
 
 /// Serves the API on `listener` until `shutdown` resolves.
@@ -21,12 +24,20 @@ pub async fn serve(
     listener: TcpListener,
     store: Arc<Store>,
     auth: Auth,
+    data_key: Arc<DataKey>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let hosts =
-        HostsServer::with_interceptor(hosts::HostsApi::new(store), move |req| auth.check(req));
+    let hosts_auth = auth.clone();
+    let hosts = HostsServer::with_interceptor(hosts::HostsApi::new(store.clone()), move |req| {
+        hosts_auth.check(req)
+    });
+    let certs =
+        CertificatesServer::with_interceptor(certs::CertsApi::new(store, data_key), move |req| {
+            auth.check(req)
+        });
     tonic::transport::Server::builder()
         .add_service(hosts)
+        .add_service(certs)
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
             shutdown,

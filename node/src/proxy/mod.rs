@@ -30,11 +30,12 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::store::HostSet;
+use crate::tls::{AcceptError, TlsTerminator};
 use headers::{Cidr, ClientFacts};
 use relay::TunnelOptions;
 use routes::{Route, RouteTable};
 use tunnels::TunnelRegistry;
-use upstream::{ConnectError, Connector, UpstreamRegistry, UpstreamState};
+use upstream::{ConnectError, Connector, UploadBody, UpstreamRegistry, UpstreamState};
 
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
@@ -50,6 +51,9 @@ pub struct ProxyConfig {
     pub failure_cooldown: Duration,
     /// Time allowed for a client to send request headers (slowloris guard).
     pub header_read_timeout: Duration,
+    /// Port that `force_https` redirects to (the HTTPS listener's); 443 is
+    /// left out of the URL.
+    pub https_port: u16,
 }
 
 impl Default for ProxyConfig {
@@ -60,6 +64,7 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(5),
             failure_cooldown: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(30),
+            https_port: 443,
         }
     }
 }
@@ -158,6 +163,7 @@ impl Proxy {
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
+        tls: Option<Arc<TlsTerminator>>,
         shutdown: impl Future<Output = ()>,
         grace: Duration,
     ) {
@@ -167,6 +173,7 @@ impl Proxy {
             .preserve_header_case(true)
             .timer(TokioTimer::new())
             .header_read_timeout(self.config.header_read_timeout);
+        let builder = Arc::new(builder);
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tokio::pin!(shutdown);
         let local = listener.local_addr().ok();
@@ -187,19 +194,40 @@ impl Proxy {
             let info = ConnInfo {
                 peer,
                 local: local.unwrap_or(peer),
-                tls: false,
+                tls: tls.is_some(),
             };
             let proxy = self.clone();
             let service = hyper::service::service_fn(move |req| {
                 let proxy = proxy.clone();
                 async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
             });
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned();
-            let conn = graceful.watch(conn);
+            let watcher = graceful.watcher();
+            let builder = builder.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                let result = match tls {
+                    None => {
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                    Some(tls) => match tls.accept(stream, info.local).await {
+                        Ok(stream) => {
+                            let conn = builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), service);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                        Err(e @ AcceptError::UnknownName(_)) => {
+                            tracing::info!(client = %peer, "TLS: {e}");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::debug!(client = %peer, "TLS: {e}");
+                            return;
+                        }
+                    },
+                };
+                if let Err(e) = result {
                     log_connection_error(peer, &*e);
                 }
             });
@@ -220,9 +248,12 @@ impl Proxy {
         req: Request<Incoming>,
         conn: ConnInfo,
     ) -> Response<ProxyBody> {
-        let host = request_host(&req).map(str::to_string);
-        let Some(host) = host else {
-            return ProxyError::BadRequest("missing Host header").response();
+        let host = match request_host(&req) {
+            Ok(h) => h.to_string(),
+            Err(why) => {
+                tracing::info!(client = %conn.peer, "bad request: {why}");
+                return ProxyError::BadRequest(why).response();
+            }
         };
         let table = self.routes.load();
         let Some(route) = table.lookup(&host).cloned() else {
@@ -231,13 +262,21 @@ impl Proxy {
             return err.response();
         };
         drop(table);
-        match self.forward(req, &route, &host, conn).await {
+        if route.host.force_https && !conn.tls {
+            return redirect_to_https(&req, &host, self.config.https_port);
+        }
+        let mut resp = match self.forward(req, &route, &host, conn).await {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::warn!(host = %host, host_id = %route.host.id, client = %conn.peer, status = e.status().as_u16(), "{e}");
                 e.response()
             }
+        };
+        if let (true, Some(v)) = (conn.tls, &route.hsts) {
+            resp.headers_mut()
+                .insert(http::header::STRICT_TRANSPORT_SECURITY, v.clone());
         }
+        resp
     }
 
     async fn forward(
@@ -285,7 +324,7 @@ impl Proxy {
         if from_h2 {
             join_cookies(headers);
         }
-        if h.preserve_host && !headers.contains_key(HOST) {
+        if h.preserve_host {
             if let Ok(v) = HeaderValue::from_str(host) {
                 headers.insert(HOST, v);
             }
@@ -311,6 +350,7 @@ impl Proxy {
             self.config.upstream_timeout
         };
 
+        let mut req = req.map(UploadBody::new);
         let mut last_err = None;
         for upstream in pool.attempt_order() {
             if !h.preserve_host {
@@ -371,21 +411,32 @@ impl Proxy {
     async fn send(
         &self,
         upstream: &Arc<UpstreamState>,
-        mut req: Request<Incoming>,
+        mut req: Request<UploadBody>,
         timeout: Duration,
     ) -> Result<(Response<Incoming>, upstream::Sender), SendError> {
         loop {
             let (mut sender, reused) = match upstream.take_idle() {
                 Some(s) => (s, true),
-                None => match self.connector.connect(&upstream.url).await {
+                None => match self.connector.connect(upstream).await {
                     Ok(s) => (s, false),
                     Err(e) => return Err(SendError::Connect(Box::new(req), e)),
                 },
             };
-            match tokio::time::timeout(timeout, sender.try_send_request(req)).await {
-                Err(_) => return Err(SendError::Timeout),
-                Ok(Ok(resp)) => return Ok((resp, sender)),
-                Ok(Err(mut e)) => match e.take_message() {
+            // The response timeout starts once the request body has been
+            // sent: a slow upload is not a silent upstream.
+            let mut uploaded = req.body().uploaded();
+            let response = sender.try_send_request(req);
+            let deadline = async move {
+                let _ = uploaded.wait_for(|done| *done).await;
+                tokio::time::sleep(timeout).await;
+            };
+            let result = tokio::select! {
+                r = response => r,
+                () = deadline => return Err(SendError::Timeout),
+            };
+            match result {
+                Ok(resp) => return Ok((resp, sender)),
+                Err(mut e) => match e.take_message() {
                     Some(r) if reused => {
                         req = r;
                         continue;
@@ -437,18 +488,55 @@ impl Proxy {
 
 enum SendError {
     /// The request comes back untouched, boxed to keep the enum small.
-    Connect(Box<Request<Incoming>>, ConnectError),
+    Connect(Box<Request<UploadBody>>, ConnectError),
     Timeout,
     Failed(hyper::Error),
 }
 
-/// Host header (HTTP/1.1) or `:authority` (h2).
-fn request_host(req: &Request<Incoming>) -> Option<&str> {
-    req.headers()
-        .get(HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()))
-        .filter(|h| !h.is_empty())
+/// `force_https`: 308 (method and body kept) to the same host, path and
+/// query on the HTTPS listener.
+fn redirect_to_https(req: &Request<Incoming>, host: &str, https_port: u16) -> Response<ProxyBody> {
+    let name = routes::strip_port(host);
+    let port = if https_port == 443 {
+        String::new()
+    } else {
+        format!(":{https_port}")
+    };
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let location = format!("https://{name}{port}{path}");
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(format!(
+        "redirecting to {location}\n"
+    )))));
+    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(http::header::LOCATION, v);
+    }
+    resp
+}
+
+/// The host a request is for: the target's authority when it has one
+/// (h2 `:authority`, HTTP/1.1 absolute-form, which wins over `Host` per
+/// RFC 9112 §3.2.2), else the one `Host` header. Two `Host` headers are
+/// refused (RFC 9112 §3.2): an upstream reading the other one would
+/// disagree with us about whose request this is.
+fn request_host(req: &Request<Incoming>) -> Result<&str, &'static str> {
+    if let Some(a) = req.uri().authority() {
+        return Ok(a.as_str());
+    }
+    let mut values = req.headers().get_all(HOST).iter();
+    match (values.next(), values.next()) {
+        (None, _) => Err("missing Host header"),
+        (Some(_), Some(_)) => Err("more than one Host header"),
+        (Some(v), None) => v
+            .to_str()
+            .ok()
+            .filter(|h| !h.is_empty())
+            .ok_or("invalid Host header"),
+    }
 }
 
 /// h2 may split cookies over several fields; HTTP/1.1 needs one

@@ -20,6 +20,8 @@ pub struct LocationRoute {
 pub struct Route {
     pub host: Arc<ProxyHost>,
     pub pool: Arc<Pool>,
+    /// Strict-Transport-Security value for HTTPS responses, built once.
+    pub hsts: Option<http::HeaderValue>,
     /// Longest prefix first, so the first match is the most specific.
     pub locations: Vec<LocationRoute>,
 }
@@ -61,7 +63,15 @@ impl RouteTable {
                     urls.iter().map(|u| UpstreamUrl::parse(u)).collect();
                 match parsed {
                     Ok(list) => Some(Arc::new(Pool::new(
-                        list.iter().map(|u| registry.get(u)).collect(),
+                        list.iter()
+                            .map(|u| {
+                                registry.get(
+                                    u,
+                                    &host.upstream_ca_pem,
+                                    host.upstream_insecure_skip_verify,
+                                )
+                            })
+                            .collect(),
                     ))),
                     Err(e) => {
                         // Only validated hosts are stored, so this means a
@@ -85,7 +95,17 @@ impl RouteTable {
                 }
             }
             locations.sort_by_key(|l| std::cmp::Reverse(l.prefix.len()));
+            let hsts = (host.hsts_max_age_secs > 0).then(|| {
+                let sub = if host.hsts_include_subdomains {
+                    "; includeSubDomains"
+                } else {
+                    ""
+                };
+                http::HeaderValue::from_str(&format!("max-age={}{sub}", host.hsts_max_age_secs))
+                    .expect("ascii")
+            });
             let route = Arc::new(Route {
+                hsts,
                 host: host.clone(),
                 pool: main,
                 locations,
@@ -171,12 +191,8 @@ mod tests {
                     upstreams: vec![u.to_string()],
                 })
                 .collect(),
-            ws_idle_timeout_secs: 0,
-            ws_ping_interval_secs: 0,
-            upstream_timeout_ms: 0,
-            created_at_ms: 0,
-            updated_at_ms: 0,
             version: 1,
+            ..Default::default()
         })
     }
 

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -20,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::host::UpstreamUrl;
+use crate::tls::upstream::{ClientConfigs, TlsProfile};
 
 /// How long an idle pooled connection is kept. Upstreams commonly close
 /// idle keep-alive connections after 60–75 s; dropping ours earlier avoids
@@ -28,13 +30,63 @@ const IDLE_TTL: Duration = Duration::from_secs(50);
 /// Idle connections kept per upstream.
 const MAX_IDLE: usize = 256;
 
-pub type Sender = http1::SendRequest<Incoming>;
+pub type Sender = http1::SendRequest<UploadBody>;
+
+/// A client's request body on its way upstream. It reports when it has
+/// been sent completely, because the upstream's response timeout only
+/// starts then: a slow upload is not a silent upstream.
+pub struct UploadBody {
+    inner: Incoming,
+    done: tokio::sync::watch::Sender<bool>,
+}
+
+impl UploadBody {
+    pub fn new(inner: Incoming) -> Self {
+        let done = tokio::sync::watch::Sender::new(inner.is_end_stream());
+        UploadBody { inner, done }
+    }
+
+    /// Resolves (`wait_for(|d| *d)`) once the body is sent, or is dropped.
+    pub fn uploaded(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.done.subscribe()
+    }
+}
+
+impl http_body::Body for UploadBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None | Some(Err(_))) = polled {
+            self.done.send_replace(true);
+        } else if let Poll::Ready(Some(Ok(_))) = polled {
+            if self.inner.is_end_stream() {
+                self.done.send_replace(true);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// One upstream address, shared by every host and location that names it,
 /// and kept across route-table swaps (so pools and health marks survive
 /// config changes).
 pub struct UpstreamState {
     pub url: UpstreamUrl,
+    /// Client TLS for `https://` upstreams (per the host's CA settings).
+    tls: Option<Arc<rustls::ClientConfig>>,
     /// Until when (ms since [`epoch`]) it is skipped after a failure.
     down_until_ms: AtomicU64,
     idle: Mutex<Vec<(Sender, Instant)>>,
@@ -50,9 +102,10 @@ fn now_ms() -> u64 {
 }
 
 impl UpstreamState {
-    fn new(url: UpstreamUrl) -> Self {
+    fn new(url: UpstreamUrl, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
         UpstreamState {
             url,
+            tls,
             down_until_ms: AtomicU64::new(0),
             idle: Mutex::new(Vec::new()),
         }
@@ -131,21 +184,30 @@ impl Pool {
     }
 }
 
-/// Hands out one [`UpstreamState`] per upstream URL.
+/// Hands out one [`UpstreamState`] per upstream URL and TLS profile (two
+/// hosts that trust different CAs must not share connections).
 #[derive(Default)]
 pub struct UpstreamRegistry {
-    map: Mutex<HashMap<UpstreamUrl, Weak<UpstreamState>>>,
+    map: Mutex<HashMap<(UpstreamUrl, TlsProfile), Weak<UpstreamState>>>,
+    tls: ClientConfigs,
 }
 
 impl UpstreamRegistry {
-    pub fn get(&self, url: &UpstreamUrl) -> Arc<UpstreamState> {
+    pub fn get(&self, url: &UpstreamUrl, ca_pem: &str, insecure: bool) -> Arc<UpstreamState> {
+        let profile = if url.tls {
+            ClientConfigs::profile(ca_pem, insecure)
+        } else {
+            TlsProfile::SystemRoots
+        };
+        let key = (url.clone(), profile);
         let mut map = self.map.lock().expect("registry lock");
-        if let Some(s) = map.get(url).and_then(Weak::upgrade) {
+        if let Some(s) = map.get(&key).and_then(Weak::upgrade) {
             return s;
         }
         map.retain(|_, w| w.strong_count() > 0);
-        let s = Arc::new(UpstreamState::new(url.clone()));
-        map.insert(url.clone(), Arc::downgrade(&s));
+        let tls = url.tls.then(|| self.tls.get(ca_pem, insecure));
+        let s = Arc::new(UpstreamState::new(url.clone(), tls));
+        map.insert(key, Arc::downgrade(&s));
         s
     }
 }
@@ -209,54 +271,30 @@ impl AsyncWrite for UpstreamIo {
 /// Opens new upstream connections.
 pub struct Connector {
     pub connect_timeout: Duration,
-    tls: OnceLock<Arc<rustls::ClientConfig>>,
 }
 
 impl Connector {
     pub fn new(connect_timeout: Duration) -> Self {
-        Connector {
-            connect_timeout,
-            tls: OnceLock::new(),
-        }
+        Connector { connect_timeout }
     }
 
-    /// System roots are loaded on first use: most nodes never need them.
-    fn tls_config(&self) -> Arc<rustls::ClientConfig> {
-        self.tls
-            .get_or_init(|| {
-                let mut roots = rustls::RootCertStore::empty();
-                let loaded = rustls_native_certs::load_native_certs();
-                for e in &loaded.errors {
-                    tracing::warn!(error = %e, "could not load a system CA certificate");
-                }
-                let (added, _) = roots.add_parsable_certificates(loaded.certs);
-                tracing::debug!(added, "loaded system CA roots for https upstreams");
-                let mut cfg = rustls::ClientConfig::builder()
-                    .with_root_certificates(roots)
-                    .with_no_client_auth();
-                // Upstreams always speak HTTP/1.1 to us: WebSocket upgrades
-                // need it, and it keeps one connection model.
-                cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-                Arc::new(cfg)
-            })
-            .clone()
-    }
-
-    /// TCP (+ TLS) connect and HTTP/1.1 handshake, bounded by the connect
-    /// timeout. The connection task is spawned with upgrade support, so the
-    /// same connection can carry a WebSocket after a 101.
-    pub async fn connect(&self, url: &UpstreamUrl) -> Result<Sender, ConnectError> {
+    /// TCP (+ TLS, SNI = the upstream's host name) connect and HTTP/1.1
+    /// handshake, bounded by the connect timeout. The connection task is
+    /// spawned with upgrade support, so the same connection can carry a
+    /// WebSocket after a 101.
+    pub async fn connect(&self, upstream: &UpstreamState) -> Result<Sender, ConnectError> {
+        let url = &upstream.url;
         let fut = async {
             let tcp = TcpStream::connect((url.host.as_str(), url.port))
                 .await
                 .map_err(ConnectError::Refused)?;
             let _ = tcp.set_nodelay(true);
-            let io = if url.tls {
+            let io = if let Some(tls) = &upstream.tls {
                 let name =
                     rustls::pki_types::ServerName::try_from(url.host.clone()).map_err(|e| {
                         ConnectError::Tls(io::Error::new(io::ErrorKind::InvalidInput, e))
                     })?;
-                let tls = tokio_rustls::TlsConnector::from(self.tls_config())
+                let tls = tokio_rustls::TlsConnector::from(tls.clone())
                     .connect(name, tcp)
                     .await
                     .map_err(ConnectError::Tls)?;
@@ -298,7 +336,11 @@ mod tests {
     #[test]
     fn round_robin_puts_cooling_down_upstreams_last() {
         let reg = UpstreamRegistry::default();
-        let pool = Pool::new(vec![reg.get(&url(1)), reg.get(&url(2)), reg.get(&url(3))]);
+        let pool = Pool::new(vec![
+            reg.get(&url(1), "", false),
+            reg.get(&url(2), "", false),
+            reg.get(&url(3), "", false),
+        ]);
         let firsts: Vec<u16> = (0..3).map(|_| pool.attempt_order()[0].url.port).collect();
         assert_eq!(firsts, [1, 2, 3]);
         pool.upstreams()[1].mark_down(Duration::from_secs(60));
@@ -314,12 +356,12 @@ mod tests {
     #[test]
     fn registry_shares_state_per_url() {
         let reg = UpstreamRegistry::default();
-        let a = reg.get(&url(1));
+        let a = reg.get(&url(1), "", false);
         a.mark_down(Duration::from_secs(60));
         assert!(
-            reg.get(&url(1)).is_down(),
+            reg.get(&url(1), "", false).is_down(),
             "health survives a table rebuild"
         );
-        assert!(!reg.get(&url(2)).is_down());
+        assert!(!reg.get(&url(2), "", false).is_down());
     }
 }

@@ -6,6 +6,7 @@ use charon_proto::store as pb;
 use prost::Message;
 
 use crate::host::{Location, ProxyHost};
+use crate::tls::cert::StoredCert;
 
 /// The only encoding version so far.
 const VERSION_1: u8 = 1;
@@ -14,12 +15,21 @@ const VERSION_1: u8 = 1;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Body {
     Host(ProxyHost),
+    Cert(StoredCert),
 }
 
 impl Body {
     pub fn as_host(&self) -> Option<&ProxyHost> {
         match self {
             Body::Host(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    pub fn as_cert(&self) -> Option<&StoredCert> {
+        match self {
+            Body::Cert(c) => Some(c),
+            _ => None,
         }
     }
 }
@@ -62,6 +72,7 @@ pub fn encode(rec: &Record) -> Vec<u8> {
         tombstone: rec.body.is_none(),
         body: rec.body.as_ref().map(|b| match b {
             Body::Host(h) => pb::record::Body::Host(host_to_pb(h)),
+            Body::Cert(c) => pb::record::Body::Cert(cert_to_pb(c)),
         }),
     };
     let mut out = Vec::with_capacity(1 + msg.encoded_len());
@@ -81,6 +92,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
     } else {
         Some(match msg.body.ok_or(DecodeError::NoBody)? {
             pb::record::Body::Host(h) => Body::Host(host_from_pb(h)),
+            pb::record::Body::Cert(c) => Body::Cert(cert_from_pb(c)),
         })
     };
     Ok(Record {
@@ -115,6 +127,12 @@ fn host_to_pb(h: &ProxyHost) -> pb::HostRecord {
         created_at_ms: h.created_at_ms,
         updated_at_ms: h.updated_at_ms,
         version: h.version,
+        cert_id: h.cert_id.clone(),
+        force_https: h.force_https,
+        hsts_max_age_secs: h.hsts_max_age_secs,
+        hsts_include_subdomains: h.hsts_include_subdomains,
+        upstream_ca_pem: h.upstream_ca_pem.clone(),
+        upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
     }
 }
 
@@ -142,6 +160,58 @@ fn host_from_pb(h: pb::HostRecord) -> ProxyHost {
         created_at_ms: h.created_at_ms,
         updated_at_ms: h.updated_at_ms,
         version: h.version,
+        cert_id: h.cert_id,
+        force_https: h.force_https,
+        hsts_max_age_secs: h.hsts_max_age_secs,
+        hsts_include_subdomains: h.hsts_include_subdomains,
+        upstream_ca_pem: h.upstream_ca_pem,
+        upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
+    }
+}
+
+fn cert_to_pb(c: &StoredCert) -> pb::CertRecord {
+    pb::CertRecord {
+        id: c.id.clone(),
+        name: c.name.clone(),
+        cert_pem: c.cert_pem.clone(),
+        key_sealed: c.key_sealed.clone(),
+        key_nonce: c.key_nonce.clone(),
+        key_id: c.key_id.clone(),
+        domains: c.domains.clone(),
+        not_before_ms: c.not_before_ms,
+        not_after_ms: c.not_after_ms,
+        issuer: c.issuer.clone(),
+        subject: c.subject.clone(),
+        serial: c.serial.clone(),
+        fingerprint_sha256: c.fingerprint_sha256.clone(),
+        key_type: c.key_type.clone(),
+        chain_length: c.chain_length,
+        created_at_ms: c.created_at_ms,
+        updated_at_ms: c.updated_at_ms,
+        version: c.version,
+    }
+}
+
+fn cert_from_pb(c: pb::CertRecord) -> StoredCert {
+    StoredCert {
+        id: c.id,
+        name: c.name,
+        cert_pem: c.cert_pem,
+        key_sealed: c.key_sealed,
+        key_nonce: c.key_nonce,
+        key_id: c.key_id,
+        domains: c.domains,
+        not_before_ms: c.not_before_ms,
+        not_after_ms: c.not_after_ms,
+        issuer: c.issuer,
+        subject: c.subject,
+        serial: c.serial,
+        fingerprint_sha256: c.fingerprint_sha256,
+        key_type: c.key_type,
+        chain_length: c.chain_length,
+        created_at_ms: c.created_at_ms,
+        updated_at_ms: c.updated_at_ms,
+        version: c.version,
     }
 }
 
@@ -170,8 +240,21 @@ mod tests {
             created_at_ms: 8,
             updated_at_ms: 9,
             version: 10,
+            cert_id: "c".into(),
+            force_https: true,
+            hsts_max_age_secs: 11,
+            hsts_include_subdomains: true,
+            upstream_ca_pem: "pem".into(),
+            upstream_insecure_skip_verify: true,
         };
-        for body in [Some(Body::Host(host)), None] {
+        let cert = StoredCert {
+            id: "c".into(),
+            key_sealed: vec![1, 2],
+            domains: vec!["a.com".into()],
+            chain_length: 2,
+            ..Default::default()
+        };
+        for body in [Some(Body::Host(host)), Some(Body::Cert(cert)), None] {
             let rec = Record {
                 hlc: 42,
                 origin: "node-a".into(),

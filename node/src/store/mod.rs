@@ -21,6 +21,7 @@ pub use codec::{Body, Record};
 use hlc::Hlc;
 
 use crate::host::ProxyHost;
+use crate::tls::cert::StoredCert;
 
 /// key → encoded [`Record`] (see [`codec`]).
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
@@ -31,6 +32,7 @@ const VV: TableDefinition<&str, u64> = TableDefinition::new("vv");
 
 pub const DB_FILE: &str = "charon.redb";
 pub const HOST_PREFIX: &str = "host/";
+pub const CERT_PREFIX: &str = "cert/";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -76,17 +78,25 @@ pub struct Write {
     pub body: Option<Body>,
 }
 
-/// The live (non-tombstone) hosts, handed to subscribers after each change.
+/// The live (non-tombstone) hosts.
 pub type HostSet = Vec<Arc<ProxyHost>>;
 
-type Subscriber = Box<dyn Fn(&HostSet) + Send + Sync>;
+/// What the data plane is built from, handed to subscribers after each
+/// change.
+#[derive(Default)]
+pub struct Snapshot {
+    pub hosts: HostSet,
+    pub certs: Vec<Arc<StoredCert>>,
+}
+
+type Subscriber = Box<dyn Fn(&Snapshot) + Send + Sync>;
 
 struct Inner {
     records: BTreeMap<String, Record>,
     hlc: Hlc,
     seq: u64,
     subscribers: Vec<Subscriber>,
-    hosts: HostSet,
+    snapshot: Arc<Snapshot>,
 }
 
 pub struct Store {
@@ -104,22 +114,25 @@ pub struct View<'a> {
 
 impl View<'_> {
     pub fn hosts(&self) -> &HostSet {
-        &self.inner.hosts
+        &self.inner.snapshot.hosts
+    }
+
+    pub fn certs(&self) -> &[Arc<StoredCert>] {
+        &self.inner.snapshot.certs
+    }
+
+    pub fn find_cert(&self, id: &str) -> Option<&Arc<StoredCert>> {
+        self.inner.snapshot.certs.iter().find(|c| c.id == id)
     }
 
     /// A host by id or by one of its domains.
     pub fn find_host(&self, id_or_domain: &str) -> Option<&Arc<ProxyHost>> {
         let needle = id_or_domain.trim().to_ascii_lowercase();
-        self.inner
-            .hosts
+        let hosts = self.hosts();
+        hosts
             .iter()
             .find(|h| h.id == id_or_domain)
-            .or_else(|| {
-                self.inner
-                    .hosts
-                    .iter()
-                    .find(|h| h.domains.contains(&needle))
-            })
+            .or_else(|| hosts.iter().find(|h| h.domains.contains(&needle)))
     }
 }
 
@@ -136,7 +149,7 @@ impl Store {
             },
         })?;
         let (node_id, mut inner) = Self::load(&db)?;
-        inner.hosts = live_hosts(&inner.records);
+        inner.snapshot = Arc::new(snapshot(&inner.records));
         Ok(Store {
             db,
             node_id,
@@ -154,7 +167,7 @@ impl Store {
             hlc: Hlc::default(),
             seq: 0,
             subscribers: Vec::new(),
-            hosts: Vec::new(),
+            snapshot: Arc::default(),
         };
         {
             let mut meta = txn.open_table(META)?;
@@ -197,17 +210,21 @@ impl Store {
         &self.node_id
     }
 
-    /// Registers a subscriber and calls it at once with the current hosts.
+    /// Registers a subscriber and calls it at once with the current state.
     /// Subscribers run under the store lock: keep them quick (build a table,
     /// swap a pointer).
-    pub fn subscribe(&self, f: impl Fn(&HostSet) + Send + Sync + 'static) {
+    pub fn subscribe(&self, f: impl Fn(&Snapshot) + Send + Sync + 'static) {
         let mut inner = self.inner.lock().expect("store lock");
-        f(&inner.hosts);
+        f(&inner.snapshot);
         inner.subscribers.push(Box::new(f));
     }
 
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.inner.lock().expect("store lock").snapshot.clone()
+    }
+
     pub fn hosts(&self) -> HostSet {
-        self.inner.lock().expect("store lock").hosts.clone()
+        self.snapshot().hosts.clone()
     }
 
     /// Runs `f` under the store lock; the writes it returns are stamped
@@ -292,14 +309,16 @@ impl Store {
             inner.seq = seq;
         }
         let applied = winners.len();
-        let touched_hosts = winners.iter().any(|(k, _)| k.starts_with(HOST_PREFIX));
+        let touched = winners
+            .iter()
+            .any(|(k, _)| k.starts_with(HOST_PREFIX) || k.starts_with(CERT_PREFIX));
         for (k, r) in winners {
             inner.records.insert(k, r);
         }
-        if touched_hosts {
-            inner.hosts = live_hosts(&inner.records);
+        if touched {
+            inner.snapshot = Arc::new(snapshot(&inner.records));
             for s in &inner.subscribers {
-                s(&inner.hosts);
+                s(&inner.snapshot);
             }
         }
         Ok(applied)
@@ -334,21 +353,31 @@ impl Store {
     }
 }
 
-fn live_hosts(records: &BTreeMap<String, Record>) -> HostSet {
+fn live<T: Clone>(
+    records: &BTreeMap<String, Record>,
+    prefix: &str,
+    get: fn(&Body) -> Option<&T>,
+) -> Vec<Arc<T>> {
     records
-        .range(HOST_PREFIX.to_string()..)
-        .take_while(|(k, _)| k.starts_with(HOST_PREFIX))
-        .filter_map(|(_, r)| {
-            r.body
-                .as_ref()
-                .and_then(Body::as_host)
-                .map(|h| Arc::new(h.clone()))
-        })
+        .range(prefix.to_string()..)
+        .take_while(|(k, _)| k.starts_with(prefix))
+        .filter_map(|(_, r)| r.body.as_ref().and_then(get).map(|v| Arc::new(v.clone())))
         .collect()
+}
+
+fn snapshot(records: &BTreeMap<String, Record>) -> Snapshot {
+    Snapshot {
+        hosts: live(records, HOST_PREFIX, Body::as_host),
+        certs: live(records, CERT_PREFIX, Body::as_cert),
+    }
 }
 
 pub fn host_key(id: &str) -> String {
     format!("{HOST_PREFIX}{id}")
+}
+
+pub fn cert_key(id: &str) -> String {
+    format!("{CERT_PREFIX}{id}")
 }
 
 #[cfg(test)]
@@ -370,9 +399,8 @@ mod tests {
             ws_idle_timeout_secs: 0,
             ws_ping_interval_secs: 0,
             upstream_timeout_ms: 0,
-            created_at_ms: 0,
-            updated_at_ms: 0,
             version: 1,
+            ..Default::default()
         }
     }
 
@@ -458,7 +486,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s2 = seen.clone();
-        store.subscribe(move |hs| s2.lock().unwrap().push(hs.len()));
+        store.subscribe(move |snap| s2.lock().unwrap().push(snap.hosts.len()));
         let newer = Record {
             hlc: 10,
             origin: "x".into(),

@@ -1,0 +1,207 @@
+//! `charon.v1.Certificates`: upload, rotate, inspect and delete the
+//! certificates the HTTPS listener serves. Private keys go in, sealed, and
+//! never come out.
+
+use std::sync::Arc;
+
+use charon_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use super::hosts::HostsError;
+use crate::host::FieldError;
+use crate::store::{cert_key, hlc::wall_ms, Body, Store, View, Write};
+use crate::tls::cert::{parse_and_validate, StoredCert};
+use crate::tls::seal::DataKey;
+
+pub struct CertsApi {
+    store: Arc<Store>,
+    key: Arc<DataKey>,
+}
+
+impl CertsApi {
+    pub fn new(store: Arc<Store>, key: Arc<DataKey>) -> Self {
+        CertsApi { store, key }
+    }
+
+    async fn transact<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&View<'_>) -> Result<(Vec<Write>, T), HostsError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.transact(f))
+            .await
+            .map_err(|e| Status::internal(format!("store task failed: {e}")))?
+            .map_err(Status::from)
+    }
+}
+
+fn cert_to_pb(c: &StoredCert, view_hosts: &[Arc<crate::host::ProxyHost>]) -> pb::Certificate {
+    pb::Certificate {
+        id: c.id.clone(),
+        name: c.name.clone(),
+        domains: c.domains.clone(),
+        not_before_ms: c.not_before_ms,
+        not_after_ms: c.not_after_ms,
+        issuer: c.issuer.clone(),
+        subject: c.subject.clone(),
+        serial: c.serial.clone(),
+        fingerprint_sha256: c.fingerprint_sha256.clone(),
+        key_type: c.key_type.clone(),
+        chain_length: c.chain_length,
+        created_at_ms: c.created_at_ms,
+        updated_at_ms: c.updated_at_ms,
+        version: c.version,
+        used_by_hosts: view_hosts
+            .iter()
+            .filter(|h| h.cert_id == c.id)
+            .map(|h| h.id.clone())
+            .collect(),
+        cert_pem: c.cert_pem.clone(),
+    }
+}
+
+fn not_found(id: &str) -> HostsError {
+    HostsError::NotFound(id.to_string())
+}
+
+#[tonic::async_trait]
+impl pb::certificates_server::Certificates for CertsApi {
+    async fn add_certificate(
+        &self,
+        req: Request<pb::AddCertificateRequest>,
+    ) -> Result<Response<pb::CertificateReply>, Status> {
+        let r = req.into_inner();
+        let now = wall_ms();
+        let parsed = parse_and_validate(&r.cert_pem, &r.key_pem, now).map_err(HostsError::from)?;
+        let key = self.key.clone();
+        let name = r.name.trim().to_string();
+        let (cert, hosts) = self
+            .transact(move |view| {
+                let mut c = parsed.meta;
+                c.id = loop {
+                    let id = format!("c-{}", hex::encode(rand::random::<[u8; 5]>()));
+                    if view.find_cert(&id).is_none() {
+                        break id;
+                    }
+                };
+                c.name = if name.is_empty() {
+                    c.domains[0].clone()
+                } else {
+                    name
+                };
+                c.created_at_ms = now;
+                c.updated_at_ms = now;
+                c.version = 1;
+                c.seal_key(&key, &parsed.key_pem);
+                let write = Write {
+                    key: cert_key(&c.id),
+                    body: Some(Body::Cert(c.clone())),
+                };
+                Ok((vec![write], (c, view.hosts().clone())))
+            })
+            .await?;
+        tracing::info!(cert = %cert.id, domains = ?cert.domains, "certificate added");
+        Ok(Response::new(pb::CertificateReply {
+            certificate: Some(cert_to_pb(&cert, &hosts)),
+            warnings: parsed.warnings,
+        }))
+    }
+
+    async fn replace_certificate(
+        &self,
+        req: Request<pb::ReplaceCertificateRequest>,
+    ) -> Result<Response<pb::CertificateReply>, Status> {
+        let r = req.into_inner();
+        if r.id.trim().is_empty() {
+            return Err(HostsError::from(FieldError::new("id", "is required")).into());
+        }
+        let now = wall_ms();
+        let parsed = parse_and_validate(&r.cert_pem, &r.key_pem, now).map_err(HostsError::from)?;
+        let key = self.key.clone();
+        let (cert, hosts) = self
+            .transact(move |view| {
+                let old = view.find_cert(&r.id).ok_or_else(|| not_found(&r.id))?;
+                let mut c = parsed.meta;
+                c.id = old.id.clone();
+                c.name = r
+                    .name
+                    .map(|n| n.trim().to_string())
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| old.name.clone());
+                c.created_at_ms = old.created_at_ms;
+                c.updated_at_ms = now.max(old.updated_at_ms);
+                c.version = old.version + 1;
+                c.seal_key(&key, &parsed.key_pem);
+                let write = Write {
+                    key: cert_key(&c.id),
+                    body: Some(Body::Cert(c.clone())),
+                };
+                Ok((vec![write], (c, view.hosts().clone())))
+            })
+            .await?;
+        tracing::info!(cert = %cert.id, version = cert.version, "certificate replaced");
+        Ok(Response::new(pb::CertificateReply {
+            certificate: Some(cert_to_pb(&cert, &hosts)),
+            warnings: parsed.warnings,
+        }))
+    }
+
+    async fn get_certificate(
+        &self,
+        req: Request<pb::GetCertificateRequest>,
+    ) -> Result<Response<pb::Certificate>, Status> {
+        let id = req.into_inner().id;
+        let snap = self.store.snapshot();
+        let c = snap
+            .certs
+            .iter()
+            .find(|c| c.id == id)
+            .ok_or_else(|| Status::from(not_found(&id)))?;
+        Ok(Response::new(cert_to_pb(c, &snap.hosts)))
+    }
+
+    async fn list_certificates(
+        &self,
+        _req: Request<pb::ListCertificatesRequest>,
+    ) -> Result<Response<pb::ListCertificatesResponse>, Status> {
+        let snap = self.store.snapshot();
+        let mut certificates: Vec<pb::Certificate> = snap
+            .certs
+            .iter()
+            .map(|c| cert_to_pb(c, &snap.hosts))
+            .collect();
+        certificates.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        Ok(Response::new(pb::ListCertificatesResponse { certificates }))
+    }
+
+    async fn delete_certificate(
+        &self,
+        req: Request<pb::DeleteCertificateRequest>,
+    ) -> Result<Response<pb::DeleteCertificateResponse>, Status> {
+        let id = req.into_inner().id;
+        let pinned_by = self
+            .transact(move |view| {
+                let c = view.find_cert(&id).ok_or_else(|| not_found(&id))?;
+                if let Some(h) = view.hosts().iter().find(|h| h.cert_id == c.id) {
+                    return Ok((vec![], Err((c.id.clone(), h.id.clone(), h.name.clone()))));
+                }
+                Ok((
+                    vec![Write {
+                        key: cert_key(&c.id),
+                        body: None,
+                    }],
+                    Ok(c.id.clone()),
+                ))
+            })
+            .await?;
+        match pinned_by {
+            Ok(id) => {
+                tracing::info!(cert = %id, "certificate deleted");
+                Ok(Response::new(pb::DeleteCertificateResponse { id }))
+            }
+            Err((cert, host, name)) => Err(Status::failed_precondition(format!(
+                "certificate {cert} is pinned by host {host} ({name}); unpin it first: charonctl host update {host} --cert \"\""
+            ))),
+        }
+    }
+}

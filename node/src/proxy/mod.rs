@@ -479,11 +479,6 @@ impl Proxy {
             drop(reg);
         });
     }
-
-    /// The upstream states of the current table (for tests and metrics).
-    pub fn route_count(&self) -> usize {
-        self.routes.load().len()
-    }
 }
 
 enum SendError {

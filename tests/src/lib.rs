@@ -13,16 +13,21 @@
 //! - [`wait`]: [`eventually`] — poll a condition with a deadline; tests never
 //!   sleep a fixed time to wait for something to happen.
 //! - [`procfs`]: memory of a process, read from `/proc`.
+//! - [`tls`]: certificates made at test time (rcgen), TLS clients that trust
+//!   a test CA and report the served certificate, HTTPS/h2/`wss://` helpers.
 
 pub mod backends;
 pub mod client;
 pub mod node;
 pub mod procfs;
+pub mod tls;
 pub mod wait;
 
 use std::path::PathBuf;
 
-pub use backends::{EchoBackend, PythonWsBackend, RawUpgradeBackend, WsEchoBackend};
+pub use backends::{
+    EchoBackend, HttpsEchoBackend, PythonWsBackend, RawUpgradeBackend, WsEchoBackend,
+};
 pub use node::{host_request, TestNode, TestNodeBuilder};
 pub use wait::eventually;
 

@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use charon_proto::v1::certificates_client::CertificatesClient;
 use charon_proto::v1::hosts_client::HostsClient;
-use charon_proto::v1::{CreateHostRequest, ProxyHost};
+use charon_proto::v1::{AddCertificateRequest, Certificate, CreateHostRequest, ProxyHost};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -162,6 +163,7 @@ impl TestNodeBuilder {
         std::fs::create_dir_all(&data_dir)?;
         let mut node = TestNode {
             http: unspecified(),
+            https: unspecified(),
             api: unspecified(),
             admin: unspecified(),
             token: String::new(),
@@ -233,6 +235,8 @@ fn unspecified() -> SocketAddr {
 pub struct TestNode {
     /// The proxy's plain-HTTP listener.
     pub http: SocketAddr,
+    /// The proxy's HTTPS listener (TLS termination; `wss://`).
+    pub https: SocketAddr,
     /// The gRPC API listener.
     pub api: SocketAddr,
     /// The admin listener (`/healthz`, `/readyz`, metrics).
@@ -249,6 +253,8 @@ pub struct TestNode {
 
 /// The Hosts client with a bearer-token interceptor.
 pub type HostsApi = HostsClient<InterceptedService<Channel, BearerToken>>;
+/// The Certificates client with a bearer-token interceptor.
+pub type CertsApi = CertificatesClient<InterceptedService<Channel, BearerToken>>;
 
 /// Adds `authorization: Bearer <token>` to every call (or nothing).
 #[derive(Clone, Debug)]
@@ -356,6 +362,7 @@ impl TestNode {
                 .with_context(|| format!("listen.json {key:?}"))
         };
         self.http = addr("http")?;
+        self.https = addr("https")?;
         self.api = addr("api")?;
         self.admin = addr("admin")?;
 
@@ -472,6 +479,36 @@ impl TestNode {
             self.grpc_channel().await?,
             BearerToken(value),
         ))
+    }
+
+    /// A Certificates client that sends the node's admin token.
+    pub async fn certs_client(&self) -> Result<CertsApi> {
+        let value = format!("Bearer {}", self.token)
+            .parse::<MetadataValue<Ascii>>()
+            .context("token is not valid metadata")?;
+        Ok(CertificatesClient::with_interceptor(
+            self.grpc_channel().await?,
+            BearerToken(Some(value)),
+        ))
+    }
+
+    /// Stores a certificate chain and key through the API; returns the
+    /// stored record (its warnings are dropped: use the client for those).
+    pub async fn add_cert(&self, cert_pem: &str, key_pem: &str) -> Result<Certificate> {
+        let reply = self
+            .certs_client()
+            .await?
+            .add_certificate(AddCertificateRequest {
+                name: String::new(),
+                cert_pem: cert_pem.to_owned(),
+                key_pem: key_pem.to_owned(),
+            })
+            .await
+            .context("AddCertificate")?
+            .into_inner();
+        reply
+            .certificate
+            .context("AddCertificate replied without a certificate")
     }
 
     /// Creates a host through the API.

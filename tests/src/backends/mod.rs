@@ -9,11 +9,14 @@
 //! - [`SilentBackend`]: accepts and never answers (timeouts).
 //! - [`PythonWsBackend`]: `tests/python/ws_backend.py` (Python websockets,
 //!   permessage-deflate).
+//! - [`HttpsEchoBackend`]: an HTTPS echo server with a test certificate, for
+//!   `https://` upstreams; records the SNI it was asked for.
 //!
 //! Dropping a backend (or calling `stop`) closes its listener and every
 //! connection it holds.
 
 pub mod http_echo;
+pub mod https_echo;
 pub mod python;
 pub mod raw_upgrade;
 pub mod ws_echo;
@@ -25,6 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
 pub use http_echo::EchoBackend;
+pub use https_echo::HttpsEchoBackend;
 pub use python::PythonWsBackend;
 pub use raw_upgrade::{RawUpgradeBackend, SilentBackend};
 pub use ws_echo::WsEchoBackend;

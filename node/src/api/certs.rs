@@ -27,11 +27,7 @@ impl CertsApi {
         &self,
         f: impl FnOnce(&View<'_>) -> Result<(Vec<Write>, T), HostsError> + Send + 'static,
     ) -> Result<T, Status> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.transact(f))
-            .await
-            .map_err(|e| Status::internal(format!("store task failed: {e}")))?
-            .map_err(Status::from)
+        super::transact(&self.store, f).await
     }
 }
 

@@ -55,16 +55,11 @@ impl HostsApi {
         HostsApi { store }
     }
 
-    /// Runs a store transaction off the async runtime: commits fsync.
     async fn transact<T: Send + 'static>(
         &self,
         f: impl FnOnce(&View<'_>) -> Result<(Vec<Write>, T), HostsError> + Send + 'static,
     ) -> Result<T, Status> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.transact(f))
-            .await
-            .map_err(|e| Status::internal(format!("store task failed: {e}")))?
-            .map_err(Status::from)
+        super::transact(&self.store, f).await
     }
 }
 

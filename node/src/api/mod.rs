@@ -19,6 +19,21 @@ use crate::store::Store;
 use crate::tls::seal::DataKey;
 use auth::Auth;
 
+/// Runs a store transaction off the async runtime (a commit waits for
+/// fsync) and turns its error into a status.
+async fn transact<T: Send + 'static>(
+    store: &Arc<Store>,
+    f: impl FnOnce(&crate::store::View<'_>) -> Result<(Vec<crate::store::Write>, T), hosts::HostsError>
+        + Send
+        + 'static,
+) -> Result<T, tonic::Status> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || store.transact(f))
+        .await
+        .map_err(|e| tonic::Status::internal(format!("store task failed: {e}")))?
+        .map_err(tonic::Status::from)
+}
+
 /// Serves the API on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,

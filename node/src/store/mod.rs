@@ -192,12 +192,7 @@ impl Store {
             let _ = txn.open_table(VV)?;
             let records = txn.open_table(RECORDS)?;
             for entry in records.iter()? {
-                let (k, v) = entry?;
-                let key = k.value().to_string();
-                let rec = codec::decode(v.value()).map_err(|source| StoreError::Decode {
-                    key: key.clone(),
-                    source,
-                })?;
+                let (key, rec) = decode_entry(entry?)?;
                 inner.hlc.observe(rec.hlc);
                 inner.records.insert(key, rec);
             }
@@ -341,16 +336,24 @@ impl Store {
         let table = txn.open_table(RECORDS)?;
         let mut out = Vec::new();
         for entry in table.iter()? {
-            let (k, v) = entry?;
-            let key = k.value().to_string();
-            let rec = codec::decode(v.value()).map_err(|source| StoreError::Decode {
-                key: key.clone(),
-                source,
-            })?;
-            out.push((key, rec));
+            out.push(decode_entry(entry?)?);
         }
         Ok(out)
     }
+}
+
+type Entry<'a> = (
+    redb::AccessGuard<'a, &'static str>,
+    redb::AccessGuard<'a, &'static [u8]>,
+);
+
+fn decode_entry((k, v): Entry<'_>) -> Result<(String, Record), StoreError> {
+    let key = k.value().to_string();
+    let rec = codec::decode(v.value()).map_err(|source| StoreError::Decode {
+        key: key.clone(),
+        source,
+    })?;
+    Ok((key, rec))
 }
 
 fn live<T: Clone>(

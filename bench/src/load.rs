@@ -1,0 +1,402 @@
+//! Load generators the harness runs as child processes: WebSocket round
+//! trips (`ws-load`), idle WebSocket tunnels (`ws-idle`) and new TLS
+//! handshakes (`tls-load`).
+//!
+//! They talk to the harness over stdout, one line per event, so it can
+//! sample the proxy's CPU time exactly around the measured window:
+//! `connected N F` (N open, F failed), `measure-start`, `measure-end`, and a
+//! last line `result {json}`. `ws-idle` prints `ready N F` and holds its
+//! connections until its stdin is closed.
+
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+const WARMUP: u8 = 0;
+const MEASURE: u8 = 1;
+const STOP: u8 = 2;
+
+/// How many connection attempts are in flight at once while connecting.
+const CONNECT_CONCURRENCY: usize = 200;
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Connects from 127.0.0.`i % sources + 1`: with several source addresses
+/// the idle test never runs short of ephemeral ports.
+async fn tcp_connect(target: SocketAddr, i: usize, sources: usize) -> std::io::Result<TcpStream> {
+    let sock = TcpSocket::new_v4()?;
+    if sources > 1 {
+        let ip = Ipv4Addr::new(127, 0, 0, (i % sources) as u8 + 1);
+        sock.set_reuseaddr(true)?;
+        sock.bind(SocketAddr::new(IpAddr::V4(ip), 0))?;
+    }
+    let tcp = sock.connect(target).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+async fn ws_connect(
+    target: SocketAddr,
+    path: &str,
+    i: usize,
+    sources: usize,
+) -> anyhow::Result<WebSocketStream<TcpStream>> {
+    let tcp = tcp_connect(target, i, sources).await?;
+    let url = format!("ws://{target}{path}");
+    let (ws, _) = tokio_tungstenite::client_async_with_config(
+        url.as_str(),
+        tcp,
+        Some(crate::backend::ws_config()),
+    )
+    .await?;
+    Ok(ws)
+}
+
+/// One round trip: send `payload`, wait for the same bytes back.
+async fn round_trip(ws: &mut WebSocketStream<TcpStream>, payload: &Bytes) -> anyhow::Result<()> {
+    ws.send(Message::Binary(payload.clone())).await?;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) if b == *payload => return Ok(()),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(other)) => anyhow::bail!("unexpected message {other:?}"),
+            Some(Err(e)) => return Err(e.into()),
+            None => anyhow::bail!("connection closed"),
+        }
+    }
+}
+
+/// Opens `conns` WebSockets, `CONNECT_CONCURRENCY` at a time, each proven
+/// with one round trip. Failed ones are counted, not fatal.
+async fn open_all(
+    target: SocketAddr,
+    path: &str,
+    conns: usize,
+    sources: usize,
+    payload: &Bytes,
+) -> (Vec<WebSocketStream<TcpStream>>, usize) {
+    let sem = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
+    let mut tasks = Vec::with_capacity(conns);
+    for i in 0..conns {
+        let sem = sem.clone();
+        let path = path.to_string();
+        let payload = payload.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire_owned().await.expect("semaphore open");
+            let mut ws = tokio::time::timeout(
+                Duration::from_secs(20),
+                ws_connect(target, &path, i, sources),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("connect timed out"))??;
+            tokio::time::timeout(Duration::from_secs(20), round_trip(&mut ws, &payload))
+                .await
+                .map_err(|_| anyhow::anyhow!("first round trip timed out"))??;
+            anyhow::Ok(ws)
+        }));
+    }
+    let mut open = Vec::with_capacity(conns);
+    let mut failed = 0;
+    let mut first_error = None;
+    for t in tasks {
+        match t.await {
+            Ok(Ok(ws)) => open.push(ws),
+            Ok(Err(e)) => {
+                failed += 1;
+                first_error.get_or_insert(e.to_string());
+            }
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert(e.to_string());
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        eprintln!("{failed} connection(s) failed; first error: {e}");
+    }
+    (open, failed)
+}
+
+#[derive(Serialize)]
+struct WsLoadResult {
+    connected: usize,
+    failed_connects: usize,
+    errors: u64,
+    messages: usize,
+    secs: f64,
+    msgs_per_sec: f64,
+    p50_us: u64,
+    p99_us: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct WsLoadArgs {
+    pub addr: SocketAddr,
+    pub path: String,
+    pub conns: usize,
+    pub size: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub sources: usize,
+}
+
+/// Every connection does round trips back to back (one message in flight
+/// per connection) for the warm-up, then for the measured window.
+pub async fn ws_load(a: WsLoadArgs) -> anyhow::Result<()> {
+    let payload = Bytes::from(vec![b'm'; a.size]);
+    let (open, failed) = open_all(a.addr, &a.path, a.conns, a.sources, &payload).await;
+    say(&format!("connected {} {failed}", open.len()));
+    let connected = open.len();
+    let phase = Arc::new(AtomicU8::new(WARMUP));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(connected);
+    for mut ws in open {
+        let phase = phase.clone();
+        let errors = errors.clone();
+        let payload = payload.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut samples: Vec<u32> = Vec::with_capacity(4096);
+            loop {
+                let p = phase.load(Ordering::Relaxed);
+                if p == STOP {
+                    break;
+                }
+                let t0 = Instant::now();
+                if round_trip(&mut ws, &payload).await.is_err() {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    return samples;
+                }
+                if p == MEASURE {
+                    samples.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                let _ = ws.close(None).await;
+                while let Some(Ok(_)) = ws.next().await {}
+            })
+            .await;
+            samples
+        }));
+    }
+    tokio::time::sleep(a.warmup).await;
+    phase.store(MEASURE, Ordering::Relaxed);
+    let start = Instant::now();
+    say("measure-start");
+    tokio::time::sleep(a.duration).await;
+    phase.store(STOP, Ordering::Relaxed);
+    let secs = start.elapsed().as_secs_f64();
+    say("measure-end");
+    let mut all = Vec::new();
+    for t in tasks {
+        if let Ok(s) = t.await {
+            all.extend(s);
+        }
+    }
+    all.sort_unstable();
+    let result = WsLoadResult {
+        connected,
+        failed_connects: failed,
+        errors: errors.load(Ordering::Relaxed),
+        messages: all.len(),
+        secs,
+        msgs_per_sec: all.len() as f64 / secs,
+        p50_us: percentile(&all, 0.50),
+        p99_us: percentile(&all, 0.99),
+    };
+    say(&format!("result {}", serde_json::to_string(&result)?));
+    Ok(())
+}
+
+/// Opens `conns` tunnels, proves each with one round trip, says `ready`, and
+/// holds them, idle, until stdin closes.
+pub async fn ws_idle(
+    addr: SocketAddr,
+    path: &str,
+    conns: usize,
+    sources: usize,
+) -> anyhow::Result<()> {
+    let payload = Bytes::from_static(b"hello");
+    let (open, failed) = open_all(addr, path, conns, sources, &payload).await;
+    say(&format!("ready {} {failed}", open.len()));
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    while stdin.read(&mut buf).await.unwrap_or(0) > 0 {}
+    // Closing the sockets (process exit) ends the tunnels with a FIN each.
+    drop(open);
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct TlsLoadResult {
+    handshakes: usize,
+    errors: u64,
+    secs: f64,
+    handshakes_per_sec: f64,
+    p50_us: u64,
+    p99_us: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsLoadArgs {
+    pub addr: SocketAddr,
+    pub conns: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub sources: usize,
+}
+
+/// `conns` loops, each: TCP connect, a full TLS handshake (no resumption),
+/// close_notify, close. The client does not check the server's certificate
+/// or signature: its job is to cost as little as it can, and the server
+/// still does all of its work.
+pub async fn tls_load(a: TlsLoadArgs) -> anyhow::Result<()> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from("localhost")?.to_owned();
+    say(&format!("connected {} 0", a.conns));
+    let phase = Arc::new(AtomicU8::new(WARMUP));
+    let errors = Arc::new(AtomicU64::new(0));
+    let counter = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(a.conns);
+    for task_no in 0..a.conns {
+        let (phase, errors, counter) = (phase.clone(), errors.clone(), counter.clone());
+        let (connector, name) = (connector.clone(), name.clone());
+        let (addr, sources) = (a.addr, a.sources);
+        tasks.push(tokio::spawn(async move {
+            let mut samples: Vec<u32> = Vec::with_capacity(4096);
+            loop {
+                let p = phase.load(Ordering::Relaxed);
+                if p == STOP {
+                    break;
+                }
+                let i = counter.fetch_add(1, Ordering::Relaxed) as usize + task_no;
+                let t0 = Instant::now();
+                let hs = async {
+                    let tcp = tcp_connect(addr, i, sources).await?;
+                    let mut tls = connector.connect(name.clone(), tcp).await?;
+                    let elapsed = t0.elapsed();
+                    let _ = tls.shutdown().await;
+                    std::io::Result::Ok(elapsed)
+                };
+                match tokio::time::timeout(Duration::from_secs(10), hs).await {
+                    Ok(Ok(elapsed)) if p == MEASURE => {
+                        samples.push(elapsed.as_micros().min(u128::from(u32::MAX)) as u32)
+                    }
+                    Ok(Ok(_)) => {}
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            samples
+        }));
+    }
+    tokio::time::sleep(a.warmup).await;
+    phase.store(MEASURE, Ordering::Relaxed);
+    let start = Instant::now();
+    say("measure-start");
+    tokio::time::sleep(a.duration).await;
+    phase.store(STOP, Ordering::Relaxed);
+    let secs = start.elapsed().as_secs_f64();
+    say("measure-end");
+    let mut all = Vec::new();
+    for t in tasks {
+        if let Ok(s) = t.await {
+            all.extend(s);
+        }
+    }
+    all.sort_unstable();
+    let result = TlsLoadResult {
+        handshakes: all.len(),
+        errors: errors.load(Ordering::Relaxed),
+        secs,
+        handshakes_per_sec: all.len() as f64 / secs,
+        p50_us: percentile(&all, 0.50),
+        p99_us: percentile(&all, 0.99),
+    };
+    say(&format!("result {}", serde_json::to_string(&result)?));
+    Ok(())
+}
+
+fn percentile(sorted: &[u32], q: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let idx = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    u64::from(sorted[idx])
+}
+
+/// Accepts any certificate and any signature (see [`tls_load`]).
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls::pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls::pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn percentiles_pick_the_nearest_rank() {
+        let v: Vec<u32> = (1..=100).collect();
+        assert_eq!(percentile(&v, 0.5), 50);
+        assert_eq!(percentile(&v, 0.99), 99);
+        assert_eq!(percentile(&[7], 0.99), 7);
+        assert_eq!(percentile(&[], 0.5), 0);
+    }
+}

@@ -1,0 +1,321 @@
+//! `charon-bench`: the benchmark harness (see `bench/README.md`).
+//!
+//! `run` is the orchestrator `bench/run.sh` calls; the other subcommands
+//! are the pieces it starts as separate processes: the backend and the load
+//! generators. Each load generator runs on one thread unless told otherwise.
+
+mod backend;
+mod load;
+mod run;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use run::targets::Kind;
+use run::Test;
+
+#[derive(Parser)]
+#[command(
+    about = "Charon next to nginx, HAProxy and Caddy: backend, load generators, orchestrator"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// HTTP (/small: 100 B, /large: 64 KiB) and WebSocket echo backend.
+    Backend {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// WebSocket round trips over many connections; prints a JSON result.
+    WsLoad {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value = "/ws")]
+        path: String,
+        #[arg(long, default_value_t = 1000)]
+        conns: usize,
+        /// Message size in bytes.
+        #[arg(long, default_value_t = 128)]
+        size: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: u64,
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Connect from 127.0.0.1..=127.0.0.N (1: let the kernel choose).
+        #[arg(long, default_value_t = 1)]
+        sources: usize,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// Opens idle WebSockets and holds them until stdin closes.
+    WsIdle {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value = "/ws")]
+        path: String,
+        #[arg(long, default_value_t = 9000)]
+        conns: usize,
+        #[arg(long, default_value_t = 1)]
+        sources: usize,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// New TLS handshakes per second; prints a JSON result.
+    TlsLoad {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 16)]
+        conns: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: u64,
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        #[arg(long, default_value_t = 1)]
+        sources: usize,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// Starts the backend and the given proxies as a run would, prints their
+    /// addresses and PIDs, and keeps them up until stdin closes (profiling).
+    Serve {
+        #[arg(long)]
+        bin_dir: PathBuf,
+        #[arg(long)]
+        workdir: PathBuf,
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "charon,nginx,haproxy,caddy"
+        )]
+        targets: Vec<Kind>,
+    },
+    /// Runs the whole comparison and writes the Markdown report.
+    Run {
+        /// Directory holding charon-node and charonctl.
+        #[arg(long)]
+        bin_dir: PathBuf,
+        /// Scratch directory for configurations, data and logs.
+        #[arg(long)]
+        workdir: PathBuf,
+        /// The report (a .json with the raw measurements goes next to it).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Seconds of warm-up before each measurement.
+        #[arg(long, default_value_t = 2)]
+        warmup: u64,
+        #[arg(long, default_value_t = 64)]
+        http_conns: usize,
+        #[arg(long, default_value_t = 1000)]
+        ws_conns: usize,
+        #[arg(long, default_value_t = 128)]
+        ws_size: usize,
+        #[arg(long, default_value_t = 9000)]
+        idle_conns: usize,
+        #[arg(long, default_value_t = 16)]
+        tls_conns: usize,
+        #[arg(long, default_value_t = 1)]
+        sources: usize,
+        /// Comma-separated: direct,charon,nginx,haproxy,caddy.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "direct,charon,nginx,haproxy,caddy"
+        )]
+        targets: Vec<Kind>,
+        /// Comma-separated: idle,http-small,http-large,ws,tls.
+        #[arg(long, value_delimiter = ',', default_value = "idle,http-small,http-large,ws,tls", value_parser = parse_test)]
+        tests: Vec<Test>,
+        /// The command line to print in the report.
+        #[arg(long, default_value = "charon-bench run")]
+        command: String,
+        /// "full" or "smoke" (printed in the report).
+        #[arg(long, default_value = "full")]
+        mode: String,
+    },
+}
+
+fn parse_test(s: &str) -> Result<Test, String> {
+    Ok(match s {
+        "idle" => Test::Idle,
+        "http-small" => Test::HttpSmall,
+        "http-large" => Test::HttpLarge,
+        "ws" => Test::Ws,
+        "tls" => Test::Tls,
+        _ => {
+            return Err(format!(
+                "unknown test {s:?} (idle, http-small, http-large, ws, tls)"
+            ))
+        }
+    })
+}
+
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("charon-bench: some measurements failed (see the report)");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("charon-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<bool> {
+    let secs = Duration::from_secs;
+    match Cli::parse().cmd {
+        Cmd::Backend { listen, threads } => runtime(threads)?.block_on(backend::serve(listen))?,
+        Cmd::WsLoad {
+            addr,
+            path,
+            conns,
+            size,
+            warmup,
+            duration,
+            sources,
+            threads,
+        } => runtime(threads)?.block_on(load::ws_load(load::WsLoadArgs {
+            addr,
+            path,
+            conns,
+            size,
+            warmup: secs(warmup),
+            duration: secs(duration),
+            sources,
+        }))?,
+        Cmd::WsIdle {
+            addr,
+            path,
+            conns,
+            sources,
+            threads,
+        } => runtime(threads)?.block_on(load::ws_idle(addr, &path, conns, sources))?,
+        Cmd::TlsLoad {
+            addr,
+            conns,
+            warmup,
+            duration,
+            sources,
+            threads,
+        } => runtime(threads)?.block_on(load::tls_load(load::TlsLoadArgs {
+            addr,
+            conns,
+            warmup: secs(warmup),
+            duration: secs(duration),
+            sources,
+        }))?,
+        Cmd::Serve {
+            bin_dir,
+            workdir,
+            targets,
+        } => run::serve(bin_dir, workdir, &targets)?,
+        Cmd::Run {
+            bin_dir,
+            workdir,
+            out,
+            rounds,
+            duration,
+            warmup,
+            http_conns,
+            ws_conns,
+            ws_size,
+            idle_conns,
+            tls_conns,
+            sources,
+            targets,
+            tests,
+            command,
+            mode,
+        } => {
+            return run::run(run::RunArgs {
+                bin_dir,
+                workdir,
+                out,
+                rounds: rounds.max(1),
+                duration: duration.max(1),
+                warmup,
+                http_conns,
+                ws_conns,
+                ws_size,
+                idle_conns,
+                tls_conns,
+                sources,
+                targets,
+                tests,
+                command,
+                mode,
+            })
+        }
+    }
+    Ok(true)
+}
+
+/// Now, as `2025-01-31 12:34 UTC`.
+pub fn utc_timestamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
+/// Days since 1970-01-01 → (year, month, day) (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::civil_from_days;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(20_513), (2026, 3, 1));
+    }
+}

@@ -142,6 +142,11 @@ struct WsLoadResult {
     msgs_per_sec: f64,
     p50_us: u64,
     p99_us: u64,
+    /// Round trips done by the least served, the median and the most
+    /// served connection: how evenly the proxy shares itself out.
+    conn_msgs_min: u64,
+    conn_msgs_p50: u64,
+    conn_msgs_max: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -202,13 +207,19 @@ pub async fn ws_load(a: WsLoadArgs) -> anyhow::Result<()> {
     let secs = start.elapsed().as_secs_f64();
     say("measure-end");
     let mut all = Vec::new();
+    let mut per_conn = Vec::with_capacity(tasks.len());
     for t in tasks {
         if let Ok(s) = t.await {
+            per_conn.push(s.len() as u32);
             all.extend(s);
         }
     }
     all.sort_unstable();
+    per_conn.sort_unstable();
     let result = WsLoadResult {
+        conn_msgs_min: per_conn.first().copied().map_or(0, u64::from),
+        conn_msgs_p50: percentile(&per_conn, 0.50),
+        conn_msgs_max: per_conn.last().copied().map_or(0, u64::from),
         connected,
         failed_connects: failed,
         errors: errors.load(Ordering::Relaxed),

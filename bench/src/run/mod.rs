@@ -286,6 +286,13 @@ fn measure_ws(
     v.insert("p50_ms", json["p50_us"].as_f64().unwrap_or(0.0) / 1000.0);
     v.insert("p99_ms", json["p99_us"].as_f64().unwrap_or(0.0) / 1000.0);
     v.insert("messages", msgs);
+    for (key, name) in [
+        ("conn_msgs_min", "conn_min"),
+        ("conn_msgs_p50", "conn_p50"),
+        ("conn_msgs_max", "conn_max"),
+    ] {
+        v.insert(name, json[key].as_f64().unwrap_or(0.0));
+    }
     if let Some(cpu) = v.remove("cpu_secs") {
         v.insert("cpu_us", cpu * 1e6 / msgs.max(1.0));
     }

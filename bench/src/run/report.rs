@@ -455,7 +455,7 @@ fn goal_row(out: &mut String, what: &str, ratios: &[f64], at_least: bool) {
 fn goals(out: &mut String, samples: &[Sample]) {
     let _ = writeln!(
         out,
-        "| goal (Issue 3) | Charon, median ratio (range over rounds) | |"
+        "| goal (Issue 3) | Charon, median ratio (range over rounds) | verdict |"
     );
     let _ = writeln!(out, "|---|---:|---|");
     for (test, label) in [

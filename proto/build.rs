@@ -5,6 +5,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "charon/v1/hosts.proto",
         "charon/v1/certs.proto",
+        "charon/v1/cluster.proto",
+        "charon/cluster/v1/sync.proto",
         "charon/store/v1/record.proto",
     ];
     let fds = protox::compile(files, ["proto"])?;

@@ -67,6 +67,56 @@ pub struct Args {
     /// Log format: text or json [default: text]
     #[arg(long, env = "CHARON_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Gossip (UDP) listener; port 0 picks a free port [default: 127.0.0.1:7946]
+    #[arg(long, env = "CHARON_GOSSIP_LISTEN")]
+    pub gossip_listen: Option<String>,
+    /// host:port peers send gossip to (resolved at start) [default: the gossip listener]
+    #[arg(long, env = "CHARON_GOSSIP_ADVERTISE")]
+    pub gossip_advertise: Option<String>,
+    /// host:port peers and clients reach this node's gRPC API on [default: the API listener]
+    #[arg(long, env = "CHARON_API_ADVERTISE")]
+    pub api_advertise: Option<String>,
+    /// Gossip addresses (host:port, DNS names re-resolved) of nodes to join;
+    /// repeat or separate with commas [default: none: a cluster of one until others join]
+    #[arg(long = "seeds", env = "CHARON_SEEDS", value_delimiter = ',')]
+    pub seeds: Vec<String>,
+    /// Nodes of another cluster id are ignored [default: charon]
+    #[arg(long, env = "CHARON_CLUSTER_ID")]
+    pub cluster_id: Option<String>,
+    /// Shared secret every member must hold (prefer the env variable or
+    /// --cluster-secret-file: flags show in `ps`)
+    #[arg(long, env = "CHARON_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// File holding the cluster secret
+    #[arg(long, env = "CHARON_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// This node's name in `charonctl cluster members` [default: the host name]
+    #[arg(long, env = "CHARON_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Region of this node; sync prefers peers of the same region [default: default]
+    #[arg(long, env = "CHARON_REGION")]
+    pub region: Option<String>,
+    /// Zone within the region [default: none]
+    #[arg(long, env = "CHARON_ZONE")]
+    pub zone: Option<String>,
+    /// Gossip round interval, in ms [default: 200]
+    #[arg(long, env = "CHARON_GOSSIP_INTERVAL_MS")]
+    pub gossip_interval_ms: Option<u64>,
+    /// Failure detector phi threshold; raise it (e.g. 12) for WAN links [default: 8]
+    #[arg(long, env = "CHARON_PHI_THRESHOLD")]
+    pub phi_threshold: Option<f64>,
+    /// Heartbeat gaps longer than this are not sampled, in ms [default: 10000]
+    #[arg(long, env = "CHARON_MAX_HEARTBEAT_INTERVAL_MS")]
+    pub max_heartbeat_interval_ms: Option<u64>,
+    /// How long a dead member is remembered, in s [default: 3600]
+    #[arg(long, env = "CHARON_DEAD_NODE_GRACE_SECS")]
+    pub dead_node_grace_secs: Option<u64>,
+    /// State-hash comparison with a random peer every this many s [default: 10]
+    #[arg(long, env = "CHARON_ANTI_ENTROPY_SECS")]
+    pub anti_entropy_secs: Option<u64>,
+    /// Deletions are remembered (as tombstones) at least this long, in s [default: 86400]
+    #[arg(long, env = "CHARON_TOMBSTONE_GRACE_SECS")]
+    pub tombstone_grace_secs: Option<u64>,
 }
 
 /// The TOML file: the same settings as the flags.
@@ -85,6 +135,42 @@ struct FileConfig {
     shutdown_grace_secs: Option<u64>,
     log: Option<String>,
     log_format: Option<String>,
+    gossip_listen: Option<String>,
+    gossip_advertise: Option<String>,
+    api_advertise: Option<String>,
+    seeds: Option<Vec<String>>,
+    cluster_id: Option<String>,
+    cluster_secret_file: Option<PathBuf>,
+    node_name: Option<String>,
+    region: Option<String>,
+    zone: Option<String>,
+    gossip_interval_ms: Option<u64>,
+    phi_threshold: Option<f64>,
+    max_heartbeat_interval_ms: Option<u64>,
+    dead_node_grace_secs: Option<u64>,
+    anti_entropy_secs: Option<u64>,
+    tombstone_grace_secs: Option<u64>,
+}
+
+/// Cluster settings; addresses that may be host names are resolved when the
+/// node starts.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub cluster_id: String,
+    pub node_name: String,
+    pub region: String,
+    pub zone: String,
+    pub gossip_listen: SocketAddr,
+    pub gossip_advertise: Option<String>,
+    pub api_advertise: Option<String>,
+    pub seeds: Vec<String>,
+    pub secret: Option<String>,
+    pub gossip_interval: Duration,
+    pub phi_threshold: f64,
+    pub max_heartbeat_interval: Duration,
+    pub dead_node_grace: Duration,
+    pub anti_entropy_interval: Duration,
+    pub tombstone_grace: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +196,7 @@ pub struct Config {
     /// From `CHARON_ENCRYPTION_KEY` only (64 hex characters): the data key
     /// that seals private keys at rest; else `<data-dir>/encryption.key`.
     pub encryption_key: Option<String>,
+    pub cluster: ClusterSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,11 +239,29 @@ fn millis(setting: &'static str, v: u64) -> Result<Duration, ConfigError> {
 }
 
 impl Config {
-    pub fn from_args(args: Args) -> Result<Config, ConfigError> {
-        let file = match &args.config {
+    pub fn from_args(mut args: Args) -> Result<Config, ConfigError> {
+        let mut file = match &args.config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
+        let file_cluster = FileCluster {
+            gossip_listen: file.gossip_listen.take(),
+            gossip_advertise: file.gossip_advertise.take(),
+            api_advertise: file.api_advertise.take(),
+            seeds: file.seeds.take(),
+            cluster_id: file.cluster_id.take(),
+            cluster_secret_file: file.cluster_secret_file.take(),
+            node_name: file.node_name.take(),
+            region: file.region.take(),
+            zone: file.zone.take(),
+            gossip_interval_ms: file.gossip_interval_ms.take(),
+            phi_threshold: file.phi_threshold.take(),
+            max_heartbeat_interval_ms: file.max_heartbeat_interval_ms.take(),
+            dead_node_grace_secs: file.dead_node_grace_secs.take(),
+            anti_entropy_secs: file.anti_entropy_secs.take(),
+            tombstone_grace_secs: file.tombstone_grace_secs.take(),
+        };
+        let cluster = cluster_settings(&mut args, file_cluster)?;
         let http = args
             .http_listen
             .or(file.http_listen)
@@ -241,6 +346,7 @@ impl Config {
             }
         }
         let config = Config {
+            cluster,
             data_dir: args
                 .data_dir
                 .or(file.data_dir)
@@ -285,6 +391,186 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The cluster part of the TOML file.
+struct FileCluster {
+    gossip_listen: Option<String>,
+    gossip_advertise: Option<String>,
+    api_advertise: Option<String>,
+    seeds: Option<Vec<String>>,
+    cluster_id: Option<String>,
+    cluster_secret_file: Option<PathBuf>,
+    node_name: Option<String>,
+    region: Option<String>,
+    zone: Option<String>,
+    gossip_interval_ms: Option<u64>,
+    phi_threshold: Option<f64>,
+    max_heartbeat_interval_ms: Option<u64>,
+    dead_node_grace_secs: Option<u64>,
+    anti_entropy_secs: Option<u64>,
+    tombstone_grace_secs: Option<u64>,
+}
+
+/// The machine's host name, the default node name.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "charon".into())
+}
+
+fn check_host_port(setting: &'static str, v: &str) -> Result<(), ConfigError> {
+    match v.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0) => Ok(()),
+        _ => Err(invalid(
+            setting,
+            format!("{v:?} is not host:port (e.g. node-1.example:7946 or 10.0.0.5:7946)"),
+        )),
+    }
+}
+
+fn cluster_settings(args: &mut Args, file: FileCluster) -> Result<ClusterSettings, ConfigError> {
+    let gossip_listen = parse_addr(
+        "gossip_listen",
+        &args
+            .gossip_listen
+            .take()
+            .or(file.gossip_listen)
+            .unwrap_or_else(|| "127.0.0.1:7946".into()),
+    )?;
+    let gossip_advertise = args.gossip_advertise.take().or(file.gossip_advertise);
+    if let Some(a) = &gossip_advertise {
+        check_host_port("gossip_advertise", a)?;
+    } else if gossip_listen.ip().is_unspecified() {
+        return Err(invalid(
+            "gossip_advertise",
+            format!("required when gossip_listen is {gossip_listen}: peers need an address to reach this node"),
+        ));
+    }
+    let api_advertise = args.api_advertise.take().or(file.api_advertise);
+    if let Some(a) = &api_advertise {
+        check_host_port("api_advertise", a)?;
+    }
+    let seeds: Vec<String> = if args.seeds.is_empty() {
+        file.seeds.unwrap_or_default()
+    } else {
+        std::mem::take(&mut args.seeds)
+    }
+    .into_iter()
+    .map(|s| s.trim().to_string())
+    .filter(|s| !s.is_empty())
+    .collect();
+    for s in &seeds {
+        check_host_port("seeds", s)?;
+    }
+    let secret_file = args.cluster_secret_file.take().or(file.cluster_secret_file);
+    let secret = match (
+        args.cluster_secret.take().filter(|s| !s.is_empty()),
+        secret_file,
+    ) {
+        (Some(s), _) => Some(s),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                invalid(
+                    "cluster_secret_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            Some(text.trim().to_string())
+        }
+        (None, None) => None,
+    };
+    if let Some(s) = &secret {
+        if s.len() < 16 {
+            return Err(invalid("cluster_secret", "must be at least 16 characters"));
+        }
+    }
+    let name_ok = |setting, v: &str| {
+        if v.is_empty()
+            || v.len() > 63
+            || !v
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            Err(invalid(
+                setting,
+                format!("{v:?} must be 1-63 letters, digits, '-', '_' or '.'"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    let cluster_id = args
+        .cluster_id
+        .take()
+        .or(file.cluster_id)
+        .unwrap_or_else(|| "charon".into());
+    name_ok("cluster_id", &cluster_id)?;
+    let node_name = args
+        .node_name
+        .take()
+        .or(file.node_name)
+        .unwrap_or_else(host_name);
+    name_ok("node_name", &node_name)?;
+    let region = args
+        .region
+        .take()
+        .or(file.region)
+        .unwrap_or_else(|| "default".into());
+    name_ok("region", &region)?;
+    let zone = args.zone.take().or(file.zone).unwrap_or_default();
+    if !zone.is_empty() {
+        name_ok("zone", &zone)?;
+    }
+    let phi_threshold = args.phi_threshold.or(file.phi_threshold).unwrap_or(8.0);
+    if !(phi_threshold.is_finite() && phi_threshold > 0.0) {
+        return Err(invalid("phi_threshold", "must be a positive number"));
+    }
+    let secs = |setting, v: Option<u64>, default: u64| match v {
+        Some(0) => Err(invalid(setting, "must be greater than 0")),
+        v => Ok(Duration::from_secs(v.unwrap_or(default))),
+    };
+    Ok(ClusterSettings {
+        cluster_id,
+        node_name,
+        region,
+        zone,
+        gossip_listen,
+        gossip_advertise,
+        api_advertise,
+        seeds,
+        secret,
+        gossip_interval: millis(
+            "gossip_interval_ms",
+            args.gossip_interval_ms
+                .or(file.gossip_interval_ms)
+                .unwrap_or(200),
+        )?,
+        phi_threshold,
+        max_heartbeat_interval: millis(
+            "max_heartbeat_interval_ms",
+            args.max_heartbeat_interval_ms
+                .or(file.max_heartbeat_interval_ms)
+                .unwrap_or(10_000),
+        )?,
+        dead_node_grace: secs(
+            "dead_node_grace_secs",
+            args.dead_node_grace_secs.or(file.dead_node_grace_secs),
+            3600,
+        )?,
+        anti_entropy_interval: secs(
+            "anti_entropy_secs",
+            args.anti_entropy_secs.or(file.anti_entropy_secs),
+            10,
+        )?,
+        tombstone_grace: secs(
+            "tombstone_grace_secs",
+            args.tombstone_grace_secs.or(file.tombstone_grace_secs),
+            86_400,
+        )?,
+    })
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {

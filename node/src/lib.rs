@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod host;
 pub mod node;

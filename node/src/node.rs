@@ -7,12 +7,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use chitchat::transport::UdpTransport;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::{self, Health};
 use crate::api::{self, auth::Auth, auth::AuthError};
-use crate::config::Config;
+use crate::cluster::{Cluster, ClusterConfig};
+use crate::config::{ClusterSettings, Config};
 use crate::proxy::Proxy;
 use crate::store::{Store, StoreError};
 use crate::tls::seal::{DataKey, SealError};
@@ -42,6 +44,8 @@ pub enum NodeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cluster: {0}")]
+    Cluster(String),
     #[error("cannot write {path}: {source}")]
     ListenFile {
         path: PathBuf,
@@ -52,6 +56,7 @@ pub enum NodeError {
 /// The addresses a running node actually bound.
 #[derive(Debug, Clone, Copy)]
 pub struct Bound {
+    pub gossip: SocketAddr,
     pub http: SocketAddr,
     pub https: SocketAddr,
     pub api: SocketAddr,
@@ -67,14 +72,68 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeE
 fn write_listen_file(dir: &Path, b: &Bound) -> Result<(), NodeError> {
     let path = dir.join(LISTEN_FILE);
     let tmp = dir.join(format!("{LISTEN_FILE}.tmp"));
-    let json =
-        serde_json::json!({ "http": b.http, "https": b.https, "api": b.api, "admin": b.admin });
+    let json = serde_json::json!({
+        "http": b.http, "https": b.https, "api": b.api, "admin": b.admin, "gossip": b.gossip,
+    });
     let err = |source| NodeError::ListenFile {
         path: path.clone(),
         source,
     };
     std::fs::write(&tmp, format!("{json}\n")).map_err(err)?;
     std::fs::rename(&tmp, &path).map_err(err)
+}
+
+/// Resolves the cluster settings into addresses. Gossip port 0 picks a
+/// free UDP port (chitchat binds by address, so the port is found here
+/// first); advertised names are resolved once, at start.
+async fn cluster_config(s: &ClusterSettings, api: SocketAddr) -> Result<ClusterConfig, NodeError> {
+    let mut gossip_listen = s.gossip_listen;
+    if gossip_listen.port() == 0 {
+        let probe = std::net::UdpSocket::bind(gossip_listen).map_err(|source| NodeError::Bind {
+            what: "gossip_listen",
+            addr: gossip_listen,
+            source,
+        })?;
+        gossip_listen = probe.local_addr().map_err(|source| NodeError::Bind {
+            what: "gossip_listen",
+            addr: gossip_listen,
+            source,
+        })?;
+    }
+    let gossip_advertise = match &s.gossip_advertise {
+        None => gossip_listen,
+        Some(name) => tokio::net::lookup_host(name.as_str())
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| {
+                NodeError::Cluster(format!("gossip_advertise: cannot resolve {name}"))
+            })?,
+    };
+    let api_advertise = match &s.api_advertise {
+        Some(a) => a.clone(),
+        None if api.ip().is_unspecified() => {
+            SocketAddr::new(gossip_advertise.ip(), api.port()).to_string()
+        }
+        None => api.to_string(),
+    };
+    Ok(ClusterConfig {
+        cluster_id: s.cluster_id.clone(),
+        node_name: s.node_name.clone(),
+        region: s.region.clone(),
+        zone: s.zone.clone(),
+        gossip_listen,
+        gossip_advertise,
+        api_advertise,
+        seeds: s.seeds.clone(),
+        secret: s.secret.clone(),
+        gossip_interval: s.gossip_interval,
+        phi_threshold: s.phi_threshold,
+        max_heartbeat_interval: s.max_heartbeat_interval,
+        dead_node_grace: s.dead_node_grace,
+        anti_entropy_interval: s.anti_entropy_interval,
+        tombstone_grace: s.tombstone_grace,
+    })
 }
 
 /// Runs a node until `shutdown` resolves, then stops accepting, lets open
@@ -89,17 +148,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // Only the process holding the store lock may touch the listen file.
     let _ = std::fs::remove_file(dir.join(LISTEN_FILE));
     let auth = Auth::load_or_create(&dir, config.admin_token.as_deref())?;
-    let data_key = Arc::new(DataKey::load_or_create(
-        &dir,
-        config.encryption_key.as_deref(),
-    )?);
+    let secret = config.cluster.secret.as_deref();
+    let data_key = Arc::new(match secret {
+        Some(secret)
+            if config.encryption_key.is_none()
+                && !dir.join(crate::tls::seal::KEY_FILE).exists() =>
+        {
+            DataKey::from_cluster_secret(secret)
+        }
+        _ => DataKey::load_or_create(&dir, config.encryption_key.as_deref())?,
+    });
 
     let http = bind("http_listen", config.http_listen).await?;
     let https = bind("https_listen", config.https_listen).await?;
     let api_l = bind("api_listen", config.api_listen).await?;
     let admin_l = bind("admin_listen", config.admin_listen).await?;
     let local = |l: &TcpListener| l.local_addr().expect("bound socket has an address");
+    let cluster_config = cluster_config(&config.cluster, local(&api_l)).await?;
     let bound = Bound {
+        gossip: cluster_config.gossip_listen,
         http: local(&http),
         https: local(&https),
         api: local(&api_l),
@@ -130,6 +197,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             tls.publish(CertTable::build(&snap.hosts, &certs));
         });
     }
+    let cluster = Cluster::start(cluster_config, store.clone(), &UdpTransport, None)
+        .await
+        .map_err(|e| NodeError::Cluster(format!("{e:#}")))?;
     write_listen_file(&dir, &bound)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -141,7 +211,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let health = Arc::new(Health::default());
     let admin_task = tokio::spawn(admin::serve(admin_l, health.clone(), stopped()));
-    let api_task = tokio::spawn(api::serve(api_l, store.clone(), auth, data_key, stopped()));
+    let api_task = tokio::spawn(api::serve(
+        api_l,
+        store.clone(),
+        auth,
+        data_key,
+        cluster.clone(),
+        stopped(),
+    ));
     let grace = config.shutdown_grace;
     let proxy_task = tokio::spawn(proxy.clone().serve(http, None, stopped(), grace));
     let https_task = tokio::spawn(proxy.clone().serve(https, Some(tls), stopped(), grace));
@@ -163,6 +240,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.shutdown_grace
     );
     health.set_ready(false);
+    cluster.set_status(crate::cluster::STATUS_DRAINING).await;
     let _ = stop_tx.send(true);
     let _ = tokio::join!(proxy_task, https_task);
     close_tunnels(&proxy, grace).await;
@@ -170,6 +248,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::warn!(error = %e, "API server ended with an error");
     }
     let _ = admin_task.await;
+    cluster.shutdown().await;
     let open = proxy.tunnels.len();
     if open > 0 {
         tracing::warn!(

@@ -28,7 +28,7 @@ use std::path::PathBuf;
 pub use backends::{
     EchoBackend, HttpsEchoBackend, PythonWsBackend, RawUpgradeBackend, WsEchoBackend,
 };
-pub use node::{host_request, TestNode, TestNodeBuilder};
+pub use node::{host_request, ClusterApi, TestNode, TestNodeBuilder};
 pub use wait::eventually;
 
 /// The workspace root (the parent of this crate's directory).

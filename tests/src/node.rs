@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use charon_proto::v1::certificates_client::CertificatesClient;
+use charon_proto::v1::cluster_client::ClusterClient;
 use charon_proto::v1::hosts_client::HostsClient;
 use charon_proto::v1::{AddCertificateRequest, Certificate, CreateHostRequest, ProxyHost};
 use tokio::process::{Child, Command};
@@ -110,6 +111,16 @@ pub struct TestNodeBuilder {
     args: Vec<String>,
     env: Vec<(String, String)>,
     data_dir: Option<PathBuf>,
+    /// Picked once, on the first start, and kept across restarts so that
+    /// peers seeded with this node's gossip address find it again.
+    gossip: Option<SocketAddr>,
+}
+
+/// A UDP port free right now on 127.0.0.1 (chitchat binds by address, so
+/// the node cannot be given port 0 and report back like the TCP listeners).
+fn free_udp_addr() -> Result<SocketAddr> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").context("probing for a free UDP port")?;
+    Ok(s.local_addr()?)
 }
 
 impl TestNodeBuilder {
@@ -143,13 +154,32 @@ impl TestNodeBuilder {
         self.arg("--trusted-proxy").arg(cidr)
     }
 
+    /// `--node-name NAME`.
+    pub fn name(self, name: &str) -> Self {
+        self.arg("--node-name").arg(name)
+    }
+
+    /// `--seeds` with the gossip addresses of running nodes.
+    pub fn seeds(self, nodes: &[&TestNode]) -> Self {
+        let list: Vec<String> = nodes.iter().map(|n| n.gossip.to_string()).collect();
+        self.arg("--seeds").arg(list.join(","))
+    }
+
+    /// `CHARON_CLUSTER_SECRET`.
+    pub fn cluster_secret(self, secret: &str) -> Self {
+        self.env("CHARON_CLUSTER_SECRET", secret)
+    }
+
     /// `--upstream-timeout-ms N`.
     pub fn upstream_timeout_ms(self, ms: u64) -> Self {
         self.arg("--upstream-timeout-ms").arg(ms.to_string())
     }
 
     /// Starts the node and waits until it is ready.
-    pub async fn start(self) -> Result<TestNode> {
+    pub async fn start(mut self) -> Result<TestNode> {
+        if !self.args.iter().any(|a| a == "--gossip-listen") {
+            self.gossip = Some(free_udp_addr()?);
+        }
         let work = Arc::new(
             tempfile::Builder::new()
                 .prefix("charon-test-")
@@ -162,6 +192,7 @@ impl TestNodeBuilder {
         };
         std::fs::create_dir_all(&data_dir)?;
         let mut node = TestNode {
+            gossip: self.gossip.unwrap_or_else(unspecified),
             http: unspecified(),
             https: unspecified(),
             api: unspecified(),
@@ -205,6 +236,11 @@ impl TestNodeBuilder {
                 cmd.env_remove(key);
             }
         }
+        if !self.args.iter().any(|a| a == "--gossip-listen") {
+            let gossip = self.gossip.map(|g| g.to_string());
+            cmd.arg("--gossip-listen")
+                .arg(gossip.as_deref().unwrap_or("127.0.0.1:0"));
+        }
         cmd.arg("--data-dir")
             .arg(data_dir)
             .args(["--http-listen", "127.0.0.1:0"])
@@ -233,6 +269,8 @@ fn unspecified() -> SocketAddr {
 
 /// A running `charon-node`. Dropping it kills the process.
 pub struct TestNode {
+    /// The gossip (UDP) address: what other nodes' `--seeds` name.
+    pub gossip: SocketAddr,
     /// The proxy's plain-HTTP listener.
     pub http: SocketAddr,
     /// The proxy's HTTPS listener (TLS termination; `wss://`).
@@ -253,6 +291,8 @@ pub struct TestNode {
 
 /// The Hosts client with a bearer-token interceptor.
 pub type HostsApi = HostsClient<InterceptedService<Channel, BearerToken>>;
+/// The Cluster client with a bearer-token interceptor.
+pub type ClusterApi = ClusterClient<InterceptedService<Channel, BearerToken>>;
 /// The Certificates client with a bearer-token interceptor.
 pub type CertsApi = CertificatesClient<InterceptedService<Channel, BearerToken>>;
 
@@ -365,6 +405,7 @@ impl TestNode {
         self.https = addr("https")?;
         self.api = addr("api")?;
         self.admin = addr("admin")?;
+        self.gossip = addr("gossip")?;
 
         *step = "admin token";
         self.token = match self.spec.env_value("CHARON_ADMIN_TOKEN") {
@@ -490,6 +531,47 @@ impl TestNode {
             self.grpc_channel().await?,
             BearerToken(Some(value)),
         ))
+    }
+
+    /// A Cluster client that sends the node's admin token.
+    pub async fn cluster_client(&self) -> Result<ClusterApi> {
+        let value = format!("Bearer {}", self.token)
+            .parse::<MetadataValue<Ascii>>()
+            .context("token is not valid metadata")?;
+        Ok(ClusterClient::with_interceptor(
+            self.grpc_channel().await?,
+            BearerToken(Some(value)),
+        ))
+    }
+
+    /// The members this node sees: (name, live) pairs, and whether the
+    /// cluster is converged.
+    pub async fn members(&self) -> Result<(Vec<charon_proto::v1::Member>, bool)> {
+        let status = self
+            .cluster_client()
+            .await?
+            .status(charon_proto::v1::ClusterStatusRequest {})
+            .await
+            .context("Cluster.Status")?
+            .into_inner();
+        Ok((status.members, status.converged))
+    }
+
+    /// The ids of the hosts this node's API lists.
+    pub async fn host_ids(&self) -> Result<Vec<String>> {
+        let mut ids: Vec<String> = self
+            .grpc_client()
+            .await?
+            .list_hosts(charon_proto::v1::ListHostsRequest {})
+            .await
+            .context("ListHosts")?
+            .into_inner()
+            .hosts
+            .into_iter()
+            .map(|h| h.id)
+            .collect();
+        ids.sort();
+        Ok(ids)
     }
 
     /// Stores a certificate chain and key through the API; returns the

@@ -26,7 +26,7 @@ impl CertsApi {
     async fn transact<T: Send + 'static>(
         &self,
         f: impl FnOnce(&View<'_>) -> Result<(Vec<Write>, T), HostsError> + Send + 'static,
-    ) -> Result<T, Status> {
+    ) -> Result<(T, Option<crate::store::Stamp>), Status> {
         super::transact(&self.store, f).await
     }
 }
@@ -71,7 +71,7 @@ impl pb::certificates_server::Certificates for CertsApi {
         let parsed = parse_and_validate(&r.cert_pem, &r.key_pem, now).map_err(HostsError::from)?;
         let key = self.key.clone();
         let name = r.name.trim().to_string();
-        let (cert, hosts) = self
+        let ((cert, hosts), stamp) = self
             .transact(move |view| {
                 let mut c = parsed.meta;
                 c.id = loop {
@@ -97,10 +97,13 @@ impl pb::certificates_server::Certificates for CertsApi {
             })
             .await?;
         tracing::info!(cert = %cert.id, domains = ?cert.domains, "certificate added");
-        Ok(Response::new(pb::CertificateReply {
-            certificate: Some(cert_to_pb(&cert, &hosts)),
-            warnings: parsed.warnings,
-        }))
+        Ok(super::stamped(
+            pb::CertificateReply {
+                certificate: Some(cert_to_pb(&cert, &hosts)),
+                warnings: parsed.warnings,
+            },
+            stamp,
+        ))
     }
 
     async fn replace_certificate(
@@ -114,7 +117,7 @@ impl pb::certificates_server::Certificates for CertsApi {
         let now = wall_ms();
         let parsed = parse_and_validate(&r.cert_pem, &r.key_pem, now).map_err(HostsError::from)?;
         let key = self.key.clone();
-        let (cert, hosts) = self
+        let ((cert, hosts), stamp) = self
             .transact(move |view| {
                 let old = view.find_cert(&r.id).ok_or_else(|| not_found(&r.id))?;
                 let mut c = parsed.meta;
@@ -136,10 +139,13 @@ impl pb::certificates_server::Certificates for CertsApi {
             })
             .await?;
         tracing::info!(cert = %cert.id, version = cert.version, "certificate replaced");
-        Ok(Response::new(pb::CertificateReply {
-            certificate: Some(cert_to_pb(&cert, &hosts)),
-            warnings: parsed.warnings,
-        }))
+        Ok(super::stamped(
+            pb::CertificateReply {
+                certificate: Some(cert_to_pb(&cert, &hosts)),
+                warnings: parsed.warnings,
+            },
+            stamp,
+        ))
     }
 
     async fn get_certificate(
@@ -175,7 +181,7 @@ impl pb::certificates_server::Certificates for CertsApi {
         req: Request<pb::DeleteCertificateRequest>,
     ) -> Result<Response<pb::DeleteCertificateResponse>, Status> {
         let id = req.into_inner().id;
-        let pinned_by = self
+        let (pinned_by, stamp) = self
             .transact(move |view| {
                 let c = view.find_cert(&id).ok_or_else(|| not_found(&id))?;
                 if let Some(h) = view.hosts().iter().find(|h| h.cert_id == c.id) {
@@ -193,7 +199,7 @@ impl pb::certificates_server::Certificates for CertsApi {
         match pinned_by {
             Ok(id) => {
                 tracing::info!(cert = %id, "certificate deleted");
-                Ok(Response::new(pb::DeleteCertificateResponse { id }))
+                Ok(super::stamped(pb::DeleteCertificateResponse { id }, stamp))
             }
             Err((cert, host, name)) => Err(Status::failed_precondition(format!(
                 "certificate {cert} is pinned by host {host} ({name}); unpin it first: charonctl host update {host} --cert \"\""

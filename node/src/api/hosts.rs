@@ -58,7 +58,7 @@ impl HostsApi {
     async fn transact<T: Send + 'static>(
         &self,
         f: impl FnOnce(&View<'_>) -> Result<(Vec<Write>, T), HostsError> + Send + 'static,
-    ) -> Result<T, Status> {
+    ) -> Result<(T, Option<crate::store::Stamp>), Status> {
         super::transact(&self.store, f).await
     }
 }
@@ -189,7 +189,7 @@ impl pb::hosts_server::Hosts for HostsApi {
             upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
         };
         host.normalize_and_validate().map_err(HostsError::from)?;
-        let created = self
+        let (created, stamp) = self
             .transact(move |view| {
                 host.id = new_id(view);
                 check_domains_free(view, &host)?;
@@ -198,7 +198,7 @@ impl pb::hosts_server::Hosts for HostsApi {
             })
             .await?;
         tracing::info!(host_id = %created.id, domains = ?created.domains, "host created");
-        Ok(Response::new(host_to_pb(&created)))
+        Ok(super::stamped(host_to_pb(&created), stamp))
     }
 
     async fn get_host(
@@ -214,7 +214,7 @@ impl pb::hosts_server::Hosts for HostsApi {
                 .ok_or(HostsError::NotFound(key))?;
             Ok((vec![], h))
         });
-        Ok(Response::new(host_to_pb(&found.await?)))
+        Ok(Response::new(host_to_pb(&found.await?.0)))
     }
 
     async fn list_hosts(
@@ -233,7 +233,7 @@ impl pb::hosts_server::Hosts for HostsApi {
     ) -> Result<Response<pb::ProxyHost>, Status> {
         let r = req.into_inner();
         require_field("id_or_domain", &r.id_or_domain)?;
-        let updated = self
+        let (updated, stamp) = self
             .transact(move |view| {
                 let current = view
                     .find_host(&r.id_or_domain)
@@ -291,7 +291,7 @@ impl pb::hosts_server::Hosts for HostsApi {
             })
             .await?;
         tracing::info!(host_id = %updated.id, version = updated.version, "host updated");
-        Ok(Response::new(host_to_pb(&updated)))
+        Ok(super::stamped(host_to_pb(&updated), stamp))
     }
 
     async fn delete_host(
@@ -300,7 +300,7 @@ impl pb::hosts_server::Hosts for HostsApi {
     ) -> Result<Response<pb::DeleteHostResponse>, Status> {
         let key = req.into_inner().id_or_domain;
         require_field("id_or_domain", &key)?;
-        let id = self
+        let (id, stamp) = self
             .transact(move |view| {
                 let h = view
                     .find_host(&key)
@@ -316,6 +316,6 @@ impl pb::hosts_server::Hosts for HostsApi {
             })
             .await?;
         tracing::info!(host_id = %id, "host deleted");
-        Ok(Response::new(pb::DeleteHostResponse { id }))
+        Ok(super::stamped(pb::DeleteHostResponse { id }, stamp))
     }
 }

@@ -6,32 +6,55 @@
 
 pub mod auth;
 pub mod certs;
+pub mod cluster;
 pub mod hosts;
 
 use std::future::Future;
 use std::sync::Arc;
 
 use charon_proto::v1::certificates_server::CertificatesServer;
+use charon_proto::v1::cluster_server::ClusterServer;
 use charon_proto::v1::hosts_server::HostsServer;
 use tokio::net::TcpListener;
 
-use crate::store::Store;
+use crate::cluster::Cluster;
+use crate::store::{Stamp, Store};
 use crate::tls::seal::DataKey;
 use auth::Auth;
 
 /// Runs a store transaction off the async runtime (a commit waits for
-/// fsync) and turns its error into a status.
+/// fsync) and turns its error into a status. Also returns where the write
+/// landed, for [`stamped`].
 async fn transact<T: Send + 'static>(
     store: &Arc<Store>,
     f: impl FnOnce(&crate::store::View<'_>) -> Result<(Vec<crate::store::Write>, T), hosts::HostsError>
         + Send
         + 'static,
-) -> Result<T, tonic::Status> {
+) -> Result<(T, Option<Stamp>), tonic::Status> {
     let store = store.clone();
-    tokio::task::spawn_blocking(move || store.transact(f))
+    tokio::task::spawn_blocking(move || store.transact_stamped(f))
         .await
         .map_err(|e| tonic::Status::internal(format!("store task failed: {e}")))?
         .map_err(tonic::Status::from)
+}
+
+/// Response metadata naming the version of a write: `charonctl --wait`
+/// (or any client) hands it to `Cluster.WaitForWrite`.
+pub const WRITE_ORIGIN_HEADER: &str = "charon-write-origin";
+pub const WRITE_SEQ_HEADER: &str = "charon-write-seq";
+
+fn stamped<M>(msg: M, stamp: Option<Stamp>) -> tonic::Response<M> {
+    let mut resp = tonic::Response::new(msg);
+    if let Some(s) = stamp {
+        let md = resp.metadata_mut();
+        if let Ok(v) = s.origin.parse() {
+            md.insert(WRITE_ORIGIN_HEADER, v);
+        }
+        if let Ok(v) = s.seq.to_string().parse() {
+            md.insert(WRITE_SEQ_HEADER, v);
+        }
+    }
+    resp
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.
@@ -40,8 +63,15 @@ pub async fn serve(
     store: Arc<Store>,
     auth: Auth,
     data_key: Arc<DataKey>,
+    cluster: Arc<Cluster>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    let cluster_auth = auth.clone();
+    let cluster_api =
+        ClusterServer::with_interceptor(cluster::ClusterApi::new(cluster.clone()), move |req| {
+            cluster_auth.check(req)
+        });
+    let sync = crate::cluster::sync::server(store.clone(), cluster.auth().clone());
     let hosts_auth = auth.clone();
     let hosts = HostsServer::with_interceptor(hosts::HostsApi::new(store.clone()), move |req| {
         hosts_auth.check(req)
@@ -53,6 +83,8 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(hosts)
         .add_service(certs)
+        .add_service(cluster_api)
+        .add_service(sync)
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
             shutdown,

@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
 
 pub use codec::{Body, Record};
 use hlc::Hlc;
@@ -25,7 +27,7 @@ use crate::tls::cert::StoredCert;
 
 /// key → encoded [`Record`] (see [`codec`]).
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
-/// Node facts: `node_id`, `hlc`, `seq`.
+/// Node facts: `node_id`, `hlc`, `seq`, `gc_floor`.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// Version vector: origin node id → highest contiguous seq applied.
 const VV: TableDefinition<&str, u64> = TableDefinition::new("vv");
@@ -78,6 +80,46 @@ pub struct Write {
     pub body: Option<Body>,
 }
 
+/// Per origin node id, the highest contiguous sequence number applied (or,
+/// for [`Store::gc_floor`], the highest collected).
+pub type VersionVector = BTreeMap<String, u64>;
+
+/// Where a local write landed: replication and `--wait` follow it by
+/// `(origin, seq)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamp {
+    pub origin: String,
+    /// The last sequence number of the transaction's records.
+    pub seq: u64,
+    pub hlc: u64,
+}
+
+/// What the cluster publishes about this store: cheap to clone, sent on a
+/// watch channel after every change.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StateSummary {
+    pub vv: VersionVector,
+    /// XOR of a digest of every live record (key, hlc, origin): two stores
+    /// with the same live records have the same hash whatever order the
+    /// records arrived in. Tombstones are left out so that collecting them
+    /// (at slightly different times on different nodes) changes nothing.
+    pub hash: u64,
+    pub records: usize,
+}
+
+/// The answer to a pull: see [`Store::delta_since`].
+#[derive(Debug, Clone, Default)]
+pub struct Delta {
+    pub records: Vec<(String, Record)>,
+    /// The sender's vector when the records were read: after applying them
+    /// all, the receiver's state covers it.
+    pub covers: VersionVector,
+    /// The receiver was behind the sender's collection floor, so `records`
+    /// is the whole state (see [`Store::apply_snapshot`]).
+    pub snapshot: bool,
+    pub gc_floor: VersionVector,
+}
+
 /// The live (non-tombstone) hosts.
 pub type HostSet = Vec<Arc<ProxyHost>>;
 
@@ -95,14 +137,19 @@ struct Inner {
     records: BTreeMap<String, Record>,
     hlc: Hlc,
     seq: u64,
+    vv: VersionVector,
+    gc_floor: VersionVector,
+    hash: u64,
     subscribers: Vec<Subscriber>,
     snapshot: Arc<Snapshot>,
+    local_writes: Option<mpsc::UnboundedSender<Vec<(String, Record)>>>,
 }
 
 pub struct Store {
     db: Database,
     node_id: String,
     inner: Mutex<Inner>,
+    summary: watch::Sender<StateSummary>,
 }
 
 /// Read access to the current state inside [`Store::transact`], under the
@@ -150,10 +197,16 @@ impl Store {
         })?;
         let (node_id, mut inner) = Self::load(&db)?;
         inner.snapshot = Arc::new(snapshot(&inner.records));
+        inner.hash = inner
+            .records
+            .iter()
+            .fold(0, |h, (k, r)| h ^ record_digest(k, r));
+        let (summary, _) = watch::channel(summarise(&inner));
         Ok(Store {
             db,
             node_id,
             inner: Mutex::new(inner),
+            summary,
         })
     }
 
@@ -166,8 +219,12 @@ impl Store {
             records: BTreeMap::new(),
             hlc: Hlc::default(),
             seq: 0,
+            vv: VersionVector::new(),
+            gc_floor: VersionVector::new(),
+            hash: 0,
             subscribers: Vec::new(),
             snapshot: Arc::default(),
+            local_writes: None,
         };
         {
             let mut meta = txn.open_table(META)?;
@@ -189,7 +246,14 @@ impl Store {
             };
             inner.hlc = Hlc::new(read_u64(meta.get("hlc")?));
             inner.seq = read_u64(meta.get("seq")?);
-            let _ = txn.open_table(VV)?;
+            if let Some(v) = meta.get("gc_floor")? {
+                inner.gc_floor = decode_vv(v.value());
+            }
+            let vv = txn.open_table(VV)?;
+            for entry in vv.iter()? {
+                let (k, v) = entry?;
+                inner.vv.insert(k.value().to_string(), v.value());
+            }
             let records = txn.open_table(RECORDS)?;
             for entry in records.iter()? {
                 let (key, rec) = decode_entry(entry?)?;
@@ -222,6 +286,19 @@ impl Store {
         self.snapshot().hosts.clone()
     }
 
+    /// The vector, hash and size of the state, updated after every change.
+    pub fn summary(&self) -> watch::Receiver<StateSummary> {
+        self.summary.subscribe()
+    }
+
+    /// Every local write's records, in commit order, for the cluster's eager
+    /// push. One receiver; a later call replaces the earlier one.
+    pub fn local_writes(&self) -> mpsc::UnboundedReceiver<Vec<(String, Record)>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.inner.lock().expect("store lock").local_writes = Some(tx);
+        rx
+    }
+
     /// Runs `f` under the store lock; the writes it returns are stamped
     /// (HLC, origin = this node, next seq) and committed durably in one redb
     /// transaction before this returns. If `f` fails nothing is written.
@@ -229,10 +306,19 @@ impl Store {
         &self,
         f: impl FnOnce(&View<'_>) -> Result<(Vec<Write>, T), E>,
     ) -> Result<T, E> {
+        self.transact_stamped(f).map(|(out, _)| out)
+    }
+
+    /// [`Store::transact`], also returning where the write landed (`None`
+    /// when `f` asked for no write).
+    pub fn transact_stamped<T, E: From<StoreError>>(
+        &self,
+        f: impl FnOnce(&View<'_>) -> Result<(Vec<Write>, T), E>,
+    ) -> Result<(T, Option<Stamp>), E> {
         let mut inner = self.inner.lock().expect("store lock");
         let (writes, out) = f(&View { inner: &inner })?;
         if writes.is_empty() {
-            return Ok(out);
+            return Ok((out, None));
         }
         let wall = hlc::wall_ms();
         let mut hlc = inner.hlc;
@@ -250,33 +336,141 @@ impl Store {
                 (w.key, rec)
             })
             .collect();
-        self.apply_locked(&mut inner, records, Some((hlc, seq)))?;
-        Ok(out)
+        let stamp = Stamp {
+            origin: self.node_id.clone(),
+            seq,
+            hlc: hlc.last(),
+        };
+        self.apply_locked(&mut inner, records.clone(), Some((hlc, seq)))?;
+        if let Some(tx) = &inner.local_writes {
+            let _ = tx.send(records);
+        }
+        Ok((out, Some(stamp)))
     }
 
-    /// Merges records that came from elsewhere (replication): each is kept
-    /// only if it supersedes what is stored. Returns how many were applied.
+    /// Merges records that came from elsewhere (a push): each is kept only
+    /// if it supersedes what is stored. Returns how many were applied.
     pub fn apply(&self, records: Vec<(String, Record)>) -> Result<usize, StoreError> {
         let mut inner = self.inner.lock().expect("store lock");
         self.apply_locked(&mut inner, records, None)
     }
 
-    /// The one merge-and-commit path. `local_clock` carries the advanced
-    /// clock and seq of a local write so they persist in the same
-    /// transaction as the records they stamped.
+    /// Merges the answer to a pull. A delta also advances the vector to
+    /// what the sender covered: every write the sender had seen is now
+    /// either here or superseded here. A snapshot first drops local records
+    /// the sender has seen but no longer holds — deletions whose tombstones
+    /// it has collected — so that nothing deleted comes back.
+    pub fn apply_delta(&self, delta: Delta) -> Result<usize, StoreError> {
+        let mut inner = self.inner.lock().expect("store lock");
+        let mut removed = Vec::new();
+        let mut floor = None;
+        if delta.snapshot {
+            let keep: std::collections::HashSet<&str> =
+                delta.records.iter().map(|(k, _)| k.as_str()).collect();
+            removed = inner
+                .records
+                .iter()
+                .filter(|(k, r)| {
+                    !keep.contains(k.as_str())
+                        && r.seq <= delta.covers.get(&r.origin).copied().unwrap_or(0)
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            let mut f = inner.gc_floor.clone();
+            merge_max(&mut f, &delta.gc_floor);
+            floor = Some(f);
+        }
+        let change = Change {
+            records: delta.records,
+            local_clock: None,
+            covers: Some(&delta.covers),
+            removed,
+            gc_floor: floor,
+        };
+        self.commit(&mut inner, change)
+    }
+
     fn apply_locked(
         &self,
         inner: &mut Inner,
         records: Vec<(String, Record)>,
         local_clock: Option<(Hlc, u64)>,
     ) -> Result<usize, StoreError> {
-        let winners: Vec<(String, Record)> = records
-            .into_iter()
-            .filter(|(k, r)| inner.records.get(k).is_none_or(|old| r.supersedes(old)))
+        let change = Change {
+            records,
+            local_clock,
+            covers: None,
+            removed: Vec::new(),
+            gc_floor: None,
+        };
+        self.commit(inner, change)
+    }
+
+    /// The one merge-and-commit path, for local writes, pushes, pulls,
+    /// snapshots and tombstone collection. Records are kept only if they
+    /// supersede what is stored (last writer wins on `(hlc, origin)`);
+    /// everything is committed durably in one redb transaction, then the
+    /// in-memory state, the subscribers and the summary follow.
+    fn commit(&self, inner: &mut Inner, change: Change<'_>) -> Result<usize, StoreError> {
+        let Change {
+            records,
+            local_clock,
+            covers,
+            removed,
+            gc_floor,
+        } = change;
+        // The vector counts every record seen, winner or not: a record that
+        // lost to a newer one is still covered.
+        let mut new_vv = inner.vv.clone();
+        let mut order: Vec<(&str, u64)> = records
+            .iter()
+            .map(|(_, r)| (r.origin.as_str(), r.seq))
             .collect();
+        order.sort_unstable();
+        for (origin, seq) in order {
+            let applied = new_vv.get(origin).copied().unwrap_or(0);
+            if seq == applied + 1 {
+                new_vv.insert(origin.to_string(), seq);
+            }
+        }
+        if let Some(covers) = covers {
+            merge_max(&mut new_vv, covers);
+        }
+        let mut winners: BTreeMap<String, Record> = BTreeMap::new();
+        for (k, r) in records {
+            let current = winners.get(&k).or_else(|| inner.records.get(&k));
+            match current {
+                Some(old) if !r.supersedes(old) => {
+                    // The same record again is routine; a different one
+                    // from another node is a concurrent edit that lost.
+                    if old.origin != r.origin && old.hlc != r.hlc {
+                        tracing::info!(key = %k, winner = %old.origin, loser = %r.origin,
+                            loser_hlc = r.hlc, "a concurrent write lost (last writer wins)");
+                    }
+                }
+                // Seen (covered by our vector) yet absent: superseded by
+                // a tombstone that has since been collected. Taking it
+                // would bring a deleted record back.
+                None if r.seq <= inner.vv.get(&r.origin).copied().unwrap_or(0) => {
+                    tracing::debug!(key = %k, origin = %r.origin, seq = r.seq,
+                        "ignoring a record whose deletion was already collected");
+                }
+                _ => {
+                    winners.insert(k, r);
+                }
+            }
+        }
         let mut hlc = local_clock.map(|(h, _)| h).unwrap_or(inner.hlc);
-        for (_, r) in &winners {
+        for r in winners.values() {
             hlc.observe(r.hlc);
+        }
+        let nothing_new = winners.is_empty()
+            && removed.is_empty()
+            && gc_floor.is_none()
+            && new_vv == inner.vv
+            && local_clock.is_none();
+        if nothing_new {
+            return Ok(0);
         }
         let mut txn = self.db.begin_write()?;
         // Immediate is redb's default; said explicitly because the API's
@@ -285,17 +479,24 @@ impl Store {
         {
             let mut table = txn.open_table(RECORDS)?;
             let mut vv = txn.open_table(VV)?;
+            let mut meta = txn.open_table(META)?;
+            for key in &removed {
+                table.remove(key.as_str())?;
+            }
             for (key, rec) in &winners {
                 table.insert(key.as_str(), codec::encode(rec).as_slice())?;
-                let applied = vv.get(rec.origin.as_str())?.map(|v| v.value()).unwrap_or(0);
-                if rec.seq == applied + 1 {
-                    vv.insert(rec.origin.as_str(), rec.seq)?;
+            }
+            for (origin, &seq) in &new_vv {
+                if inner.vv.get(origin) != Some(&seq) {
+                    vv.insert(origin.as_str(), seq)?;
                 }
             }
-            let mut meta = txn.open_table(META)?;
             meta.insert("hlc", hlc.last().to_le_bytes().as_slice())?;
             if let Some((_, seq)) = local_clock {
                 meta.insert("seq", seq.to_le_bytes().as_slice())?;
+            }
+            if let Some(floor) = &gc_floor {
+                meta.insert("gc_floor", encode_vv(floor).as_slice())?;
             }
         }
         txn.commit()?;
@@ -303,12 +504,23 @@ impl Store {
         if let Some((_, seq)) = local_clock {
             inner.seq = seq;
         }
+        inner.vv = new_vv;
+        if let Some(floor) = gc_floor {
+            inner.gc_floor = floor;
+        }
         let applied = winners.len();
-        let touched = winners
-            .iter()
-            .any(|(k, _)| k.starts_with(HOST_PREFIX) || k.starts_with(CERT_PREFIX));
+        let touches = |k: &str| k.starts_with(HOST_PREFIX) || k.starts_with(CERT_PREFIX);
+        let touched = winners.keys().any(|k| touches(k)) || removed.iter().any(|k| touches(k));
+        for k in removed {
+            if let Some(old) = inner.records.remove(&k) {
+                inner.hash ^= record_digest(&k, &old);
+            }
+        }
         for (k, r) in winners {
-            inner.records.insert(k, r);
+            inner.hash ^= record_digest(&k, &r);
+            if let Some(old) = inner.records.insert(k.clone(), r) {
+                inner.hash ^= record_digest(&k, &old);
+            }
         }
         if touched {
             inner.snapshot = Arc::new(snapshot(&inner.records));
@@ -316,10 +528,84 @@ impl Store {
                 s(&inner.snapshot);
             }
         }
+        self.summary.send_replace(summarise(inner));
         Ok(applied)
     }
 
-    /// Every record with its metadata (for inspection and, later, sync).
+    /// What a peer whose vector is `have` is missing. When `have` is behind
+    /// the collection floor of some origin (this node has dropped
+    /// tombstones the peer may never have seen), the whole state is sent as
+    /// a snapshot instead.
+    pub fn delta_since(&self, have: &VersionVector) -> Delta {
+        let inner = self.inner.lock().expect("store lock");
+        let seen = |origin: &str| have.get(origin).copied().unwrap_or(0);
+        let snapshot = inner
+            .gc_floor
+            .iter()
+            .any(|(origin, &floor)| floor > seen(origin));
+        let records = inner
+            .records
+            .iter()
+            .filter(|(_, r)| snapshot || r.seq > seen(&r.origin))
+            .map(|(k, r)| (k.clone(), r.clone()))
+            .collect();
+        Delta {
+            records,
+            covers: inner.vv.clone(),
+            snapshot,
+            gc_floor: inner.gc_floor.clone(),
+        }
+    }
+
+    /// Drops tombstones every member has applied (`min_vv`, the smallest
+    /// vector over all members including this one) and older than
+    /// `older_than_hlc`, and raises the collection floor so that a peer
+    /// which has not seen them gets a snapshot. Returns how many went.
+    pub fn collect_tombstones(
+        &self,
+        min_vv: &VersionVector,
+        older_than_hlc: u64,
+    ) -> Result<usize, StoreError> {
+        let mut inner = self.inner.lock().expect("store lock");
+        let mut floor = inner.gc_floor.clone();
+        let removed: Vec<String> = inner
+            .records
+            .iter()
+            .filter(|(_, r)| {
+                r.body.is_none()
+                    && r.hlc < older_than_hlc
+                    && r.seq <= min_vv.get(&r.origin).copied().unwrap_or(0)
+            })
+            .map(|(k, r)| {
+                let f = floor.entry(r.origin.clone()).or_insert(0);
+                *f = (*f).max(r.seq);
+                k.clone()
+            })
+            .collect();
+        if removed.is_empty() {
+            return Ok(0);
+        }
+        let n = removed.len();
+        let change = Change {
+            records: Vec::new(),
+            local_clock: None,
+            covers: None,
+            removed,
+            gc_floor: Some(floor),
+        };
+        self.commit(&mut inner, change)?;
+        Ok(n)
+    }
+
+    pub fn version_vector(&self) -> VersionVector {
+        self.inner.lock().expect("store lock").vv.clone()
+    }
+
+    pub fn gc_floor(&self) -> VersionVector {
+        self.inner.lock().expect("store lock").gc_floor.clone()
+    }
+
+    /// Every record with its metadata, tombstones included.
     pub fn records(&self) -> Vec<(String, Record)> {
         let inner = self.inner.lock().expect("store lock");
         inner
@@ -340,6 +626,62 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// One change for [`Store::commit`].
+struct Change<'a> {
+    records: Vec<(String, Record)>,
+    local_clock: Option<(Hlc, u64)>,
+    covers: Option<&'a VersionVector>,
+    removed: Vec<String>,
+    gc_floor: Option<VersionVector>,
+}
+
+fn merge_max(into: &mut VersionVector, from: &VersionVector) {
+    for (origin, &seq) in from {
+        let e = into.entry(origin.clone()).or_insert(0);
+        *e = (*e).max(seq);
+    }
+}
+
+/// The digest of one record for the state hash; tombstones count as absent.
+fn record_digest(key: &str, rec: &Record) -> u64 {
+    if rec.body.is_none() {
+        return 0;
+    }
+    let mut h = Sha256::new();
+    h.update(key.as_bytes());
+    h.update([0]);
+    h.update(rec.hlc.to_le_bytes());
+    h.update(rec.origin.as_bytes());
+    let d = h.finalize();
+    u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
+fn summarise(inner: &Inner) -> StateSummary {
+    StateSummary {
+        vv: inner.vv.clone(),
+        hash: inner.hash,
+        records: inner.records.len(),
+    }
+}
+
+/// `origin=seq` pairs, one per line: the floor is tiny and rarely written.
+fn encode_vv(vv: &VersionVector) -> Vec<u8> {
+    vv.iter()
+        .map(|(o, s)| format!("{o}={s}\n"))
+        .collect::<String>()
+        .into_bytes()
+}
+
+fn decode_vv(bytes: &[u8]) -> VersionVector {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .filter_map(|l| {
+            let (o, s) = l.split_once('=')?;
+            Some((o.to_string(), s.parse().ok()?))
+        })
+        .collect()
 }
 
 type Entry<'a> = (

@@ -87,6 +87,16 @@ impl DataKey {
         }
     }
 
+    /// The data key every member of a cluster derives from the cluster
+    /// secret, so that certificates sealed on one node open on all of them
+    /// without a key file to copy around. Used when neither
+    /// `CHARON_ENCRYPTION_KEY` nor a key file is there.
+    pub fn from_cluster_secret(secret: &str) -> DataKey {
+        let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+        let tag = ring::hmac::sign(&k, b"charon data key v1");
+        DataKey::from_bytes(tag.as_ref().try_into().expect("32-byte HMAC-SHA256"))
+    }
+
     pub fn id(&self) -> &str {
         &self.id
     }

@@ -1,0 +1,582 @@
+//! The cluster: chitchat for membership and small per-node facts, gRPC for
+//! the config itself.
+//!
+//! Each node gossips only what fits in a datagram: API address, name,
+//! region, zone, status, build version, its store's version vector and
+//! state hash, and a membership proof (see [`auth`]). Records move over
+//! the sync service ([`sync`]) in three ways:
+//! - **push**: every local write goes to every live member at once (peers in
+//!   this node's region first), so a host added on one node is usually
+//!   served everywhere within milliseconds;
+//! - **pull**: when gossip shows a member's vector ahead of ours, we ask it
+//!   for everything newer than our vector — this heals missed pushes,
+//!   partitions and restarts, and is what a node catching up uses;
+//! - **anti-entropy**: every few seconds, compare state hashes with a random
+//!   member and pull everything from it if they differ with equal vectors.
+//!
+//! All three land in [`Store::apply`]/[`Store::apply_delta`], the same
+//! last-writer-wins merge that local writes use, so the order of arrival
+//! never matters. Tombstones are collected once every known member's vector
+//! covers them and they are older than the grace period; a node behind that
+//! floor is sent a snapshot.
+
+pub mod auth;
+pub mod sync;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use chitchat::transport::Transport;
+use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
+use rand::seq::IndexedRandom;
+use tokio::task::JoinHandle;
+
+use crate::store::{Record, Store, VersionVector};
+use auth::ClusterAuth;
+use sync::Peers;
+
+/// Gossip keys. Kept short: chitchat's whole per-node state travels in
+/// datagrams.
+const K_API: &str = "api";
+const K_NAME: &str = "name";
+const K_REGION: &str = "region";
+const K_ZONE: &str = "zone";
+const K_STATUS: &str = "status";
+const K_VERSION: &str = "version";
+const K_VV: &str = "vv";
+const K_HASH: &str = "hash";
+const K_AUTH: &str = "auth";
+
+pub const STATUS_SERVING: &str = "serving";
+pub const STATUS_DRAINING: &str = "draining";
+
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub cluster_id: String,
+    pub node_name: String,
+    pub region: String,
+    pub zone: String,
+    /// Where the gossip UDP socket binds.
+    pub gossip_listen: SocketAddr,
+    /// What peers send gossip to.
+    pub gossip_advertise: SocketAddr,
+    /// The gRPC address peers use for sync (and clients for the API).
+    pub api_advertise: String,
+    /// host:port, re-resolved by chitchat while it runs.
+    pub seeds: Vec<String>,
+    pub secret: Option<String>,
+    pub gossip_interval: Duration,
+    /// Failure detector: phi above which a member is dead. Raise it for
+    /// WAN links with jitter.
+    pub phi_threshold: f64,
+    /// Heartbeat gaps longer than this are ignored by the detector.
+    pub max_heartbeat_interval: Duration,
+    /// How long a dead member is remembered (and holds back tombstone
+    /// collection) before it is forgotten.
+    pub dead_node_grace: Duration,
+    pub anti_entropy_interval: Duration,
+    /// A tombstone is kept at least this long after the delete.
+    pub tombstone_grace: Duration,
+}
+
+impl ClusterConfig {
+    /// A single-node default, for tests and tools; `charon-node` builds its
+    /// own from flags.
+    pub fn local(name: &str, gossip: SocketAddr, api: SocketAddr) -> ClusterConfig {
+        ClusterConfig {
+            cluster_id: "charon".into(),
+            node_name: name.into(),
+            region: "local".into(),
+            zone: String::new(),
+            gossip_listen: gossip,
+            gossip_advertise: gossip,
+            api_advertise: api.to_string(),
+            seeds: Vec::new(),
+            secret: None,
+            gossip_interval: Duration::from_millis(200),
+            phi_threshold: 8.0,
+            max_heartbeat_interval: Duration::from_secs(10),
+            dead_node_grace: Duration::from_secs(3600),
+            anti_entropy_interval: Duration::from_secs(10),
+            tombstone_grace: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// One member as this node sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    pub node_id: String,
+    pub name: String,
+    pub region: String,
+    pub zone: String,
+    pub api: String,
+    pub gossip: SocketAddr,
+    pub status: String,
+    pub live: bool,
+    pub is_self: bool,
+    pub generation: u64,
+    pub version: String,
+    pub vv: VersionVector,
+    pub hash: String,
+    /// Writes this member lacks that some live member has applied.
+    pub lag: u64,
+}
+
+/// A test hook standing in for the network between nodes: when it says a
+/// peer (by node id) is unreachable, no sync call goes to it. In-process
+/// partition tests pair it with chitchat's `ChannelTransport` links.
+pub type Reachable = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+pub struct Cluster {
+    store: Arc<Store>,
+    config: ClusterConfig,
+    auth: ClusterAuth,
+    handle: ChitchatHandle,
+    peers: Peers,
+    reachable: Option<Reachable>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    refused: Mutex<HashSet<ChitchatId>>,
+}
+
+/// `origin=seq` pairs joined by `,`: compact enough for gossip.
+fn encode_vv(vv: &VersionVector) -> String {
+    vv.iter()
+        .map(|(o, s)| format!("{o}={s}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn decode_vv(s: &str) -> VersionVector {
+    s.split(',')
+        .filter_map(|p| {
+            let (o, n) = p.split_once('=')?;
+            Some((o.to_string(), n.parse().ok()?))
+        })
+        .collect()
+}
+
+fn ahead(theirs: &VersionVector, ours: &VersionVector) -> bool {
+    theirs
+        .iter()
+        .any(|(o, &s)| s > ours.get(o).copied().unwrap_or(0))
+}
+
+fn hash_hex(h: u64) -> String {
+    format!("{h:016x}")
+}
+
+impl Cluster {
+    /// Joins (or founds) the cluster: starts gossip on `transport` and the
+    /// replication loops. The sync server is mounted by the caller with
+    /// [`Cluster::sync_server`].
+    pub async fn start(
+        config: ClusterConfig,
+        store: Arc<Store>,
+        transport: &dyn Transport,
+        reachable: Option<Reachable>,
+    ) -> anyhow::Result<Arc<Cluster>> {
+        let auth = ClusterAuth::new(&config.cluster_id, config.secret.as_deref());
+        if !auth.has_secret() {
+            tracing::warn!(
+                "no cluster secret (--cluster-secret / CHARON_CLUSTER_SECRET): any node that \
+                 reaches this node's gossip and API ports with the same cluster id can join"
+            );
+        }
+        // A new generation on every start: peers then take this node's
+        // fresh state instead of ignoring it as old.
+        let generation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let node_id = store.node_id().to_string();
+        let chitchat_id = ChitchatId::new(node_id.clone(), generation, config.gossip_advertise);
+        let summary = store.summary().borrow().clone();
+        let initial = vec![
+            (K_API.to_string(), config.api_advertise.clone()),
+            (K_NAME.to_string(), config.node_name.clone()),
+            (K_REGION.to_string(), config.region.clone()),
+            (K_ZONE.to_string(), config.zone.clone()),
+            (K_STATUS.to_string(), STATUS_SERVING.to_string()),
+            (K_VERSION.to_string(), env!("CARGO_PKG_VERSION").to_string()),
+            (K_VV.to_string(), encode_vv(&summary.vv)),
+            (K_HASH.to_string(), hash_hex(summary.hash)),
+            (K_AUTH.to_string(), auth.member_proof(&node_id, generation)),
+        ];
+        let chitchat_config = ChitchatConfig {
+            chitchat_id,
+            cluster_id: config.cluster_id.clone(),
+            gossip_interval: config.gossip_interval,
+            listen_addr: config.gossip_listen,
+            seed_nodes: config.seeds.clone(),
+            failure_detector_config: FailureDetectorConfig {
+                phi_threshold: config.phi_threshold,
+                sampling_window_size: 1000,
+                max_interval: config.max_heartbeat_interval,
+                initial_interval: config.gossip_interval * 5,
+                dead_node_grace_period: config.dead_node_grace,
+            },
+            marked_for_deletion_grace_period: Duration::from_secs(3600),
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: chitchat::ProtocolVersion::V0,
+        };
+        let handle = spawn_chitchat(chitchat_config, initial, transport).await?;
+        let peers = Peers::new(auth.clone(), node_id);
+        let cluster = Arc::new(Cluster {
+            store,
+            config,
+            auth,
+            handle,
+            peers,
+            reachable,
+            tasks: Mutex::default(),
+            refused: Mutex::default(),
+        });
+        let tasks = vec![
+            tokio::spawn(cluster.clone().publish_loop()),
+            tokio::spawn(cluster.clone().push_loop()),
+            tokio::spawn(cluster.clone().pull_loop()),
+            tokio::spawn(cluster.clone().anti_entropy_loop()),
+            tokio::spawn(cluster.clone().gc_loop()),
+        ];
+        *cluster.tasks.lock().expect("tasks lock") = tasks;
+        tracing::info!(
+            cluster_id = %cluster.config.cluster_id,
+            node = %cluster.config.node_name,
+            region = %cluster.config.region,
+            gossip = %cluster.config.gossip_advertise,
+            seeds = ?cluster.config.seeds,
+            "joined the cluster gossip"
+        );
+        Ok(cluster)
+    }
+
+    pub fn auth(&self) -> &ClusterAuth {
+        &self.auth
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    pub fn node_id(&self) -> &str {
+        self.store.node_id()
+    }
+
+    /// Stops gossip and the loops (the node leaves; peers see it die).
+    pub async fn shutdown(&self) {
+        for t in self.tasks.lock().expect("tasks lock").drain(..) {
+            t.abort();
+        }
+        let _ = self.handle.initiate_shutdown();
+    }
+
+    /// Publishes a fact about this node (e.g. `status`).
+    pub async fn set_fact(&self, key: &str, value: &str) {
+        let cc = self.handle.chitchat();
+        cc.lock().await.self_node_state().set(key, value);
+    }
+
+    pub async fn set_status(&self, status: &str) {
+        self.set_fact(K_STATUS, status).await;
+    }
+
+    fn can_reach(&self, node_id: &str) -> bool {
+        self.reachable.as_ref().is_none_or(|f| f(node_id))
+    }
+
+    /// Every known member (live or dead but not yet forgotten) that proved
+    /// it holds the cluster secret, with lag computed against the live ones.
+    pub async fn members(&self) -> Vec<Member> {
+        let cc = self.handle.chitchat();
+        let cc = cc.lock().await;
+        let self_id = cc.self_chitchat_id().clone();
+        let live: HashSet<ChitchatId> = cc.live_nodes().cloned().collect();
+        // Several generations of one node may be known for a while after a
+        // restart: keep the newest.
+        let mut newest: BTreeMap<String, Member> = BTreeMap::new();
+        for (id, state) in cc.node_states() {
+            let proof = state.get(K_AUTH).unwrap_or("");
+            if !self
+                .auth
+                .verify_member(&id.node_id, id.generation_id, proof)
+            {
+                if self
+                    .refused
+                    .lock()
+                    .expect("refused lock")
+                    .insert(id.clone())
+                {
+                    tracing::warn!(node = %id.node_id, gossip = %id.gossip_advertise_addr,
+                        name = state.get(K_NAME).unwrap_or(""),
+                        "ignoring a gossip peer without a valid cluster secret proof (wrong --cluster-secret?)");
+                }
+                continue;
+            }
+            let Some(api) = state.get(K_API) else {
+                continue;
+            };
+            let get = |k| state.get(k).unwrap_or("").to_string();
+            let m = Member {
+                node_id: id.node_id.to_string(),
+                name: get(K_NAME),
+                region: get(K_REGION),
+                zone: get(K_ZONE),
+                api: api.to_string(),
+                gossip: id.gossip_advertise_addr,
+                status: get(K_STATUS),
+                live: live.contains(id),
+                is_self: *id == self_id,
+                generation: id.generation_id,
+                version: get(K_VERSION),
+                vv: decode_vv(state.get(K_VV).unwrap_or("")),
+                hash: get(K_HASH),
+                lag: 0,
+            };
+            match newest.get(&m.node_id) {
+                Some(old) if old.generation >= m.generation => {}
+                _ => {
+                    newest.insert(m.node_id.clone(), m);
+                }
+            }
+        }
+        drop(cc);
+        let mut members: Vec<Member> = newest.into_values().collect();
+        // Our own facts straight from the store, not from the last publish.
+        let summary = self.store.summary().borrow().clone();
+        for m in members.iter_mut().filter(|m| m.is_self) {
+            m.vv = summary.vv.clone();
+            m.hash = hash_hex(summary.hash);
+        }
+        let mut max = VersionVector::new();
+        for m in members.iter().filter(|m| m.live) {
+            for (o, &s) in &m.vv {
+                let e = max.entry(o.clone()).or_insert(0);
+                *e = (*e).max(s);
+            }
+        }
+        for m in &mut members {
+            m.lag = max
+                .iter()
+                .map(|(o, &s)| s.saturating_sub(m.vv.get(o).copied().unwrap_or(0)))
+                .sum();
+        }
+        members.sort_by(|a, b| {
+            (&a.region, &a.name, &a.node_id).cmp(&(&b.region, &b.name, &b.node_id))
+        });
+        members
+    }
+
+    /// Live peers (not this node) that this node may sync with, this
+    /// node's region first.
+    async fn live_peers(&self) -> Vec<Member> {
+        let mut peers: Vec<Member> = self
+            .members()
+            .await
+            .into_iter()
+            .filter(|m| m.live && !m.is_self && self.can_reach(&m.node_id))
+            .collect();
+        peers.sort_by_key(|m| m.region != self.config.region);
+        peers
+    }
+
+    /// Keeps this node's gossiped vector and hash in step with the store.
+    async fn publish_loop(self: Arc<Self>) {
+        let mut rx = self.store.summary();
+        loop {
+            let s = rx.borrow_and_update().clone();
+            {
+                let cc = self.handle.chitchat();
+                let mut cc = cc.lock().await;
+                let me = cc.self_node_state();
+                me.set(K_VV, encode_vv(&s.vv));
+                me.set(K_HASH, hash_hex(s.hash));
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Eager push: each local write goes to every live peer at once. A
+    /// failed push is only logged: pulls and anti-entropy repair it.
+    async fn push_loop(self: Arc<Self>) {
+        let mut rx = self.store.local_writes();
+        while let Some(first) = rx.recv().await {
+            let mut records: Vec<(String, Record)> = first;
+            while let Ok(more) = rx.try_recv() {
+                records.extend(more);
+            }
+            let entries = sync::encode_entries(&records);
+            for peer in self.live_peers().await {
+                let peers = self.peers.clone();
+                let entries = entries.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = peers.push(&peer.api, entries).await {
+                        tracing::debug!(peer = %peer.name, api = %peer.api, error = %e,
+                            "push failed; the peer will pull");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Pulls from the member that is furthest ahead of us, whenever gossip
+    /// shows one, preferring our region.
+    async fn pull_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.config.gossip_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watcher = {
+            let cc = self.handle.chitchat();
+            let cc = cc.lock().await;
+            cc.live_nodes_watcher()
+        };
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                r = watcher.changed() => if r.is_err() { return },
+            }
+            let ours = self.store.version_vector();
+            let candidates: Vec<Member> = self
+                .live_peers()
+                .await
+                .into_iter()
+                .filter(|m| ahead(&m.vv, &ours))
+                .collect();
+            let Some(first) = candidates.first() else {
+                continue;
+            };
+            let region = first.region.clone();
+            let same: Vec<&Member> = candidates.iter().filter(|m| m.region == region).collect();
+            let peer = (*same.choose(&mut rand::rng()).expect("non-empty")).clone();
+            self.pull_from(&peer, &ours).await;
+        }
+    }
+
+    async fn pull_from(&self, peer: &Member, have: &VersionVector) -> bool {
+        let started = Instant::now();
+        match self.peers.pull(&peer.api, have).await {
+            Ok(delta) => {
+                let n = delta.records.len();
+                let snapshot = delta.snapshot;
+                let store = self.store.clone();
+                match tokio::task::spawn_blocking(move || store.apply_delta(delta)).await {
+                    Ok(Ok(applied)) => {
+                        if applied > 0 || snapshot {
+                            tracing::info!(peer = %peer.name, received = n, applied, snapshot,
+                                took_ms = started.elapsed().as_millis() as u64, "pulled records");
+                        }
+                        true
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(peer = %peer.name, error = %e, "cannot apply pulled records");
+                        false
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "store task failed");
+                        false
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(peer = %peer.name, api = %peer.api, error = %e.message(), "pull failed");
+                false
+            }
+        }
+    }
+
+    /// Every interval, compares state hashes with one random live peer
+    /// (from this region two times in three) and pulls on a difference.
+    async fn anti_entropy_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.config.anti_entropy_interval);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let peers = self.live_peers().await;
+            let local: Vec<&Member> = peers
+                .iter()
+                .filter(|m| m.region == self.config.region)
+                .collect();
+            let pick = if !local.is_empty() && !rand::random::<u8>().is_multiple_of(3) {
+                local.choose(&mut rand::rng()).copied()
+            } else {
+                peers.choose(&mut rand::rng())
+            };
+            let Some(peer) = pick.cloned() else { continue };
+            let summary = self.store.summary().borrow().clone();
+            if peer.hash == hash_hex(summary.hash) {
+                continue;
+            }
+            // Equal or older vectors with another hash: something the
+            // vectors cannot explain, so ask for everything.
+            let have = if ahead(&peer.vv, &summary.vv) {
+                summary.vv
+            } else {
+                VersionVector::new()
+            };
+            tracing::debug!(peer = %peer.name, full = have.is_empty(), "anti-entropy: state hashes differ");
+            self.pull_from(&peer, &have).await;
+        }
+    }
+
+    /// Collects tombstones every member (live or remembered dead) has
+    /// applied and that are older than the grace period.
+    async fn gc_loop(self: Arc<Self>) {
+        let period = (self.config.tombstone_grace / 4)
+            .clamp(Duration::from_millis(200), Duration::from_secs(60));
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            let members = self.members().await;
+            let Some(mut min) = members.iter().find(|m| m.is_self).map(|m| m.vv.clone()) else {
+                continue;
+            };
+            for m in &members {
+                for (o, s) in min.iter_mut() {
+                    *s = (*s).min(m.vv.get(o).copied().unwrap_or(0));
+                }
+            }
+            let cutoff_ms = crate::store::hlc::wall_ms()
+                .saturating_sub(self.config.tombstone_grace.as_millis() as u64);
+            let store = self.store.clone();
+            match tokio::task::spawn_blocking(move || {
+                store.collect_tombstones(&min, cutoff_ms << 16)
+            })
+            .await
+            {
+                Ok(Ok(n)) if n > 0 => tracing::info!(
+                    collected = n,
+                    "collected tombstones every member has applied"
+                ),
+                Ok(Err(e)) => tracing::error!(error = %e, "tombstone collection failed"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Waits until every live member has applied `(origin, seq)` or the
+    /// timeout passes. Returns (applied, pending) member names.
+    pub async fn wait_for_write(
+        &self,
+        origin: &str,
+        seq: u64,
+        timeout: Duration,
+    ) -> (bool, Vec<String>, Vec<String>) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let members = self.members().await;
+            let (done, pending): (Vec<&Member>, Vec<&Member>) = members
+                .iter()
+                .filter(|m| m.live)
+                .partition(|m| m.vv.get(origin).copied().unwrap_or(0) >= seq);
+            let names = |v: Vec<&Member>| v.into_iter().map(|m| m.name.clone()).collect::<Vec<_>>();
+            if pending.is_empty() || tokio::time::Instant::now() >= deadline {
+                return (pending.is_empty(), names(done), names(pending));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

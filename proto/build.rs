@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "charon/v1/hosts.proto",
         "charon/v1/certs.proto",
         "charon/v1/cluster.proto",
+        "charon/v1/tokens.proto",
         "charon/cluster/v1/sync.proto",
         "charon/store/v1/record.proto",
     ];

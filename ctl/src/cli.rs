@@ -7,6 +7,7 @@
 //! caller, so request building stays testable without touching the disk.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use charon_proto::v1::{
     AddCertificateRequest, CreateHostRequest, Location, LocationList, ProxyHost,
@@ -19,10 +20,28 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use crate::error::CtlError;
 
 const GLOBAL: &str = "Global options";
+const WAIT: &str = "Waiting for replication";
+
+/// The exit codes, listed under the top-level `--help`.
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success (a `cluster status` that is not converged is a success too)
+  1  the call failed: the node is unreachable, refused it, or failed
+  2  usage error: a bad flag or argument, nothing was sent
+  4  --wait: the write succeeded, but not every live node applied it
+     within --wait-timeout";
+
+/// The longest `--wait-timeout`: the node stops waiting after 10 minutes.
+pub const MAX_WAIT: Duration = Duration::from_secs(600);
 
 /// Manage a Charon cluster through the gRPC API of any of its nodes.
 #[derive(Debug, Parser)]
-#[command(name = "charonctl", version, propagate_version = true)]
+#[command(
+    name = "charonctl",
+    version,
+    propagate_version = true,
+    after_help = EXIT_CODES
+)]
 pub struct Cli {
     /// The node's gRPC API (any node of the cluster will do).
     #[arg(
@@ -107,6 +126,72 @@ pub enum Command {
     /// TLS certificates served on the HTTPS listener.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// The cluster's members and whether they have applied the same writes.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+impl Command {
+    /// How long to wait for the write to reach every live node, when
+    /// `--wait` was given (only commands that write have the flag).
+    pub fn wait(&self) -> Option<Duration> {
+        let wait = match self {
+            Command::Host(HostCommand::Add(args)) => &args.wait,
+            Command::Host(HostCommand::Update(args)) => &args.wait,
+            Command::Host(HostCommand::Rm { wait, .. }) => wait,
+            Command::Cert(CertCommand::Add(args)) => &args.wait,
+            Command::Cert(CertCommand::Replace(args)) => &args.wait,
+            Command::Cert(CertCommand::Rm { wait, .. }) => wait,
+            _ => return None,
+        };
+        wait.timeout()
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// List the members as the answering node sees them.
+    ///
+    /// `*` after a name marks the answering node. STATE is live or dead in
+    /// the answering node's failure detector; LAG counts the writes some
+    /// live member has applied and this one has not yet.
+    #[command(alias = "ls")]
+    Members,
+    /// Say whether every live member has applied the same writes.
+    ///
+    /// The first line says `converged` or `not converged`, the cluster id
+    /// and how many members are live; then each member's state hash, lag
+    /// and applied writes (per origin node, the highest sequence applied).
+    /// Exits 0 whether converged or not: it is a report.
+    Status,
+}
+
+/// `--wait` and `--wait-timeout`, on every command that writes.
+#[derive(Debug, Clone, Copy, Args)]
+#[command(next_help_heading = WAIT)]
+pub struct WaitArgs {
+    /// After the write, wait until every live node has applied it and say
+    /// how long that took (on stderr). Exits 4 if some live node had not
+    /// applied it within --wait-timeout; the write itself stands.
+    #[arg(long)]
+    pub wait: bool,
+
+    /// How long --wait waits: a number and a unit (ms, s, m, h), e.g. 500ms,
+    /// 10s, 2m or 1m30s; at most 10m.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "10s",
+        value_parser = parse_wait_timeout,
+        requires = "wait"
+    )]
+    pub wait_timeout: Duration,
+}
+
+impl WaitArgs {
+    pub fn timeout(&self) -> Option<Duration> {
+        self.wait.then_some(self.wait_timeout)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -131,6 +216,9 @@ pub enum HostCommand {
         /// The host's id or one of its domains.
         #[arg(value_name = "ID|DOMAIN")]
         host: String,
+
+        #[command(flatten)]
+        wait: WaitArgs,
     },
 }
 
@@ -206,6 +294,9 @@ pub struct AddArgs {
     /// Do not verify the certificates of https:// upstreams (insecure).
     #[arg(long, conflicts_with = "upstream_ca")]
     pub upstream_insecure_skip_verify: bool,
+
+    #[command(flatten)]
+    pub wait: WaitArgs,
 }
 
 #[derive(Debug, Args)]
@@ -308,6 +399,9 @@ pub struct UpdateArgs {
     /// Apply the change only if the host is still at this version.
     #[arg(long, value_name = "V")]
     pub expected_version: Option<u64>,
+
+    #[command(flatten)]
+    pub wait: WaitArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -333,6 +427,9 @@ pub enum CertCommand {
         /// The certificate's id.
         #[arg(value_name = "ID")]
         id: String,
+
+        #[command(flatten)]
+        wait: WaitArgs,
     },
 }
 
@@ -356,6 +453,9 @@ pub struct CertAddArgs {
     /// Label for operators (the node defaults it to the leaf's first domain).
     #[arg(long)]
     pub name: Option<String>,
+
+    #[command(flatten)]
+    pub wait: WaitArgs,
 }
 
 #[derive(Debug, Args)]
@@ -370,6 +470,9 @@ pub struct CertReplaceArgs {
     /// New label for operators (default: keep the current one).
     #[arg(long)]
     pub name: Option<String>,
+
+    #[command(flatten)]
+    pub wait: WaitArgs,
 }
 
 /// Reads the file named by a flag: `read(flag, path)`.
@@ -569,6 +672,58 @@ pub fn parse_endpoint(value: &str) -> Result<String, String> {
         return Err("the URL has no host; expected e.g. http://127.0.0.1:7070".into());
     }
     Ok(url)
+}
+
+/// Parses a duration written like `500ms`, `10s`, `2m`, `1h` or `1m30s`:
+/// whole numbers, each followed by its unit (ms, s, m, h).
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    const SHAPE: &str = "expected a number and a unit (ms, s, m, h), e.g. 500ms, 10s, 2m or 1m30s";
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(format!("the duration is empty; {SHAPE}"));
+    }
+    let too_long = || format!("{value} is too long");
+    let mut rest = value;
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!("{value:?} is not a duration; {SHAPE}"));
+        }
+        let number: u64 = rest[..digits].parse().map_err(|_| too_long())?;
+        rest = &rest[digits..];
+        let letters = rest
+            .find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(rest.len());
+        let unit_ms: u64 = match &rest[..letters] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "" => return Err(format!("{value:?} lacks a unit; {SHAPE}")),
+            unit => return Err(format!("unknown unit {unit:?} in {value:?}; {SHAPE}")),
+        };
+        rest = &rest[letters..];
+        let ms = number.checked_mul(unit_ms).ok_or_else(too_long)?;
+        total = total
+            .checked_add(Duration::from_millis(ms))
+            .ok_or_else(too_long)?;
+    }
+    Ok(total)
+}
+
+/// Parses `--wait-timeout`: a duration above zero and at most [`MAX_WAIT`].
+pub fn parse_wait_timeout(value: &str) -> Result<Duration, String> {
+    let timeout = parse_duration(value)?;
+    if timeout.is_zero() {
+        return Err("the timeout must be more than 0".into());
+    }
+    if timeout > MAX_WAIT {
+        return Err("at most 10m: the node stops waiting after 10 minutes".into());
+    }
+    Ok(timeout)
 }
 
 #[cfg(test)]
@@ -1052,6 +1207,140 @@ mod tests {
         ] {
             assert!(parse(args).is_err(), "{args:?} was accepted");
         }
+    }
+
+    #[test]
+    fn durations() {
+        let ms = Duration::from_millis;
+        for (text, want) in [
+            ("500ms", ms(500)),
+            ("10s", ms(10_000)),
+            ("2m", ms(120_000)),
+            ("1h", ms(3_600_000)),
+            ("1m30s", ms(90_000)),
+            ("1s500ms", ms(1500)),
+            (" 10s ", ms(10_000)),
+            ("0s", ms(0)),
+            ("007s", ms(7000)),
+        ] {
+            assert_eq!(parse_duration(text), Ok(want), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_durations_are_refused() {
+        for bad in [
+            "",
+            "10",
+            "s",
+            "10 s",
+            "1.5s",
+            "-1s",
+            "10sec",
+            "5d",
+            "10S",
+            "1m30",
+            "99999999999999999999s",
+            "18446744073709551615h",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} was accepted");
+        }
+        let err = parse_duration("10").unwrap_err();
+        assert!(err.contains("lacks a unit"), "{err}");
+        let err = parse_duration("5d").unwrap_err();
+        assert!(err.contains("unknown unit \"d\""), "{err}");
+    }
+
+    #[test]
+    fn durations_print_as_they_parse() {
+        for text in ["500ms", "10s", "2m", "1h", "1m30s", "1s500ms", "1h1m1s1ms"] {
+            let d = parse_duration(text).unwrap();
+            assert_eq!(crate::output::format_duration(d), text);
+        }
+        assert_eq!(crate::output::format_duration(Duration::ZERO), "0ms");
+        assert_eq!(
+            crate::output::format_duration(Duration::from_millis(90_000)),
+            "1m30s"
+        );
+    }
+
+    #[test]
+    fn wait_timeouts_are_above_zero_and_at_most_ten_minutes() {
+        assert_eq!(parse_wait_timeout("1ms"), Ok(Duration::from_millis(1)));
+        assert_eq!(parse_wait_timeout("10m"), Ok(MAX_WAIT));
+        assert!(parse_wait_timeout("0s").is_err());
+        assert!(parse_wait_timeout("10m1ms").is_err());
+        assert!(parse_wait_timeout("1h").is_err());
+    }
+
+    #[test]
+    fn every_write_takes_wait() {
+        let writes: [&[&str]; 6] = [
+            &["host", "add", "a.example", "--upstream", "http://b:1"],
+            &["host", "update", "h1", "--name", "x"],
+            &["host", "rm", "h1"],
+            &["cert", "add", "--cert", "/c.pem", "--key", "/k.pem"],
+            &[
+                "cert", "replace", "c1", "--cert", "/c.pem", "--key", "/k.pem",
+            ],
+            &["cert", "rm", "c1"],
+        ];
+        for args in writes {
+            assert_eq!(parse(args).unwrap().command.wait(), None, "{args:?}");
+            let with = [args, &["--wait"]].concat();
+            assert_eq!(
+                parse(&with).unwrap().command.wait(),
+                Some(Duration::from_secs(10)),
+                "{args:?}"
+            );
+            let with = [args, &["--wait", "--wait-timeout", "1m30s"]].concat();
+            assert_eq!(
+                parse(&with).unwrap().command.wait(),
+                Some(Duration::from_secs(90)),
+                "{args:?}"
+            );
+            // A timeout without --wait is a mistake worth telling.
+            let without = [args, &["--wait-timeout", "5s"]].concat();
+            let err = parse(&without).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument, "{args:?}");
+            let bad = [args, &["--wait", "--wait-timeout", "5"]].concat();
+            assert!(parse(&bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn reads_do_not_take_wait() {
+        for args in [
+            &["host", "list", "--wait"][..],
+            &["host", "show", "h1", "--wait"],
+            &["cert", "list", "--wait"],
+            &["cluster", "members", "--wait"],
+            &["cluster", "status", "--wait"],
+        ] {
+            assert!(parse(args).is_err(), "{args:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn cluster_commands() {
+        let cli = parse(&["cluster", "members"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Cluster(ClusterCommand::Members)
+        ));
+        assert_eq!(cli.command.wait(), None);
+        let cli = parse(&["cluster", "ls", "-o", "json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Cluster(ClusterCommand::Members)
+        ));
+        assert_eq!(cli.output, OutputFormat::Json);
+        let cli = parse(&["cluster", "status"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Cluster(ClusterCommand::Status)
+        ));
+        assert!(parse(&["cluster"]).is_err());
     }
 
     #[test]

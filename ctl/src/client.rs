@@ -1,12 +1,14 @@
 //! Connecting to a node: finding the token, opening the channel, and
-//! attaching `authorization: Bearer <token>` to every call.
+//! attaching `authorization: Bearer <token>` to every call; reading the
+//! version of a write from its response metadata.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use charon_proto::v1::certificates_client::CertificatesClient;
+use charon_proto::v1::cluster_client::ClusterClient;
 use charon_proto::v1::hosts_client::HostsClient;
-use tonic::metadata::{Ascii, MetadataValue};
+use tonic::metadata::{Ascii, MetadataMap, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
@@ -25,14 +27,79 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// API calls are small; a node that takes longer than this is stuck.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// `Cluster.WaitForWrite` answers once its own timeout has passed; this is
+/// the slack on top of it for the answer to arrive.
+const WAIT_SLACK: Duration = Duration::from_secs(10);
+
+/// The response metadata of a write that changed something: the node id of
+/// its origin and its sequence number there.
+pub const WRITE_ORIGIN: &str = "charon-write-origin";
+pub const WRITE_SEQ: &str = "charon-write-seq";
+
 pub type Authed = InterceptedService<Channel, BearerAuth>;
 pub type Hosts = HostsClient<Authed>;
 pub type Certificates = CertificatesClient<Authed>;
+pub type Cluster = ClusterClient<Authed>;
 
 /// The API's services, sharing one connection.
 pub struct Api {
     pub hosts: Hosts,
     pub certificates: Certificates,
+    pub cluster: Cluster,
+}
+
+/// The version of a write, as `Cluster.WaitForWrite` takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteStamp {
+    pub origin: String,
+    pub seq: u64,
+}
+
+impl WriteStamp {
+    /// Reads the write's metadata: `None` when there is none (the call
+    /// changed nothing), an error when it is half there or unreadable.
+    pub fn from_metadata(metadata: &MetadataMap) -> Result<Option<Self>, CtlError> {
+        let text = |key: &str| {
+            metadata
+                .get(key)
+                .map(|v| {
+                    v.to_str()
+                        .map(str::trim)
+                        .map_err(|_| CtlError::WriteMetadata(format!("{key} is not text")))
+                })
+                .transpose()
+        };
+        match (text(WRITE_ORIGIN)?, text(WRITE_SEQ)?) {
+            (None, None) => Ok(None),
+            (Some(origin), Some(seq)) => {
+                let seq = seq
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|&seq| seq > 0)
+                    .ok_or_else(|| {
+                        CtlError::WriteMetadata(format!(
+                            "{WRITE_SEQ} {seq:?} is not a sequence number"
+                        ))
+                    })?;
+                if origin.is_empty() {
+                    return Err(CtlError::WriteMetadata(format!("{WRITE_ORIGIN} is empty")));
+                }
+                Ok(Some(WriteStamp {
+                    origin: origin.to_string(),
+                    seq,
+                }))
+            }
+            (Some(_), None) => Err(CtlError::WriteMetadata(format!("no {WRITE_SEQ}"))),
+            (None, Some(_)) => Err(CtlError::WriteMetadata(format!("no {WRITE_ORIGIN}"))),
+        }
+    }
+}
+
+/// How long one call may take: [`CALL_TIMEOUT`], or longer when `--wait`
+/// waits longer than that. The channel's timeout also caps the deadline a
+/// single request asks for, so it has to cover the wait.
+pub fn call_timeout(wait: Option<Duration>) -> Duration {
+    wait.map_or(CALL_TIMEOUT, |wait| CALL_TIMEOUT.max(wait + WAIT_SLACK))
 }
 
 /// Adds the bearer token to every request's metadata.
@@ -114,8 +181,9 @@ fn read_token_file(path: &Path) -> Result<String, CtlError> {
 }
 
 /// Opens the channel now rather than lazily, so that an unreachable node is
-/// reported as such before any request is built.
-pub async fn connect(endpoint: &str, token: &str) -> Result<Api, CtlError> {
+/// reported as such before any request is built. `call_timeout` bounds each
+/// call (see [`call_timeout`]).
+pub async fn connect(endpoint: &str, token: &str, call_timeout: Duration) -> Result<Api, CtlError> {
     let auth = BearerAuth::new(token)?;
     let unreachable = || CtlError::Unreachable {
         endpoint: endpoint.to_string(),
@@ -123,13 +191,14 @@ pub async fn connect(endpoint: &str, token: &str) -> Result<Api, CtlError> {
     let channel = Endpoint::from_shared(endpoint.to_string())
         .map_err(|_| unreachable())?
         .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(CALL_TIMEOUT)
+        .timeout(call_timeout)
         .connect()
         .await
         .map_err(|_| unreachable())?;
     Ok(Api {
         hosts: HostsClient::with_interceptor(channel.clone(), auth.clone()),
-        certificates: CertificatesClient::with_interceptor(channel, auth),
+        certificates: CertificatesClient::with_interceptor(channel.clone(), auth.clone()),
+        cluster: ClusterClient::with_interceptor(channel, auth),
     })
 }
 
@@ -209,5 +278,57 @@ mod tests {
     #[test]
     fn a_token_that_cannot_be_a_header_is_refused() {
         assert!(matches!(BearerAuth::new("a\nb"), Err(CtlError::BadToken)));
+    }
+
+    fn metadata(pairs: &[(&'static str, &str)]) -> MetadataMap {
+        let mut md = MetadataMap::new();
+        for (key, value) in pairs {
+            md.insert(*key, value.parse().unwrap());
+        }
+        md
+    }
+
+    #[test]
+    fn a_write_stamp_is_read_from_the_metadata() {
+        let md = metadata(&[(WRITE_ORIGIN, "0f3a9c2e-node"), (WRITE_SEQ, "42")]);
+        assert_eq!(
+            WriteStamp::from_metadata(&md).unwrap(),
+            Some(WriteStamp {
+                origin: "0f3a9c2e-node".into(),
+                seq: 42
+            })
+        );
+        // A write that changed nothing has no stamp.
+        assert_eq!(
+            WriteStamp::from_metadata(&MetadataMap::new()).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn a_half_or_malformed_write_stamp_is_an_error() {
+        for pairs in [
+            &[(WRITE_ORIGIN, "n1")][..],
+            &[(WRITE_SEQ, "3")],
+            &[(WRITE_ORIGIN, "n1"), (WRITE_SEQ, "three")],
+            &[(WRITE_ORIGIN, "n1"), (WRITE_SEQ, "0")],
+            &[(WRITE_ORIGIN, " "), (WRITE_SEQ, "3")],
+        ] {
+            let err = WriteStamp::from_metadata(&metadata(pairs));
+            assert!(
+                matches!(err, Err(CtlError::WriteMetadata(_))),
+                "{pairs:?}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_long_wait_stretches_the_call_timeout() {
+        assert_eq!(call_timeout(None), CALL_TIMEOUT);
+        assert_eq!(call_timeout(Some(Duration::from_secs(10))), CALL_TIMEOUT);
+        assert_eq!(
+            call_timeout(Some(Duration::from_secs(120))),
+            Duration::from_secs(130)
+        );
     }
 }

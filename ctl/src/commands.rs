@@ -1,37 +1,100 @@
 //! Runs one parsed command: the files it names are read and its request is
 //! built first (so a missing file is reported without a node), then one API
-//! call, then its rendering: the answer on stdout, warnings on stderr.
+//! call, then its rendering: the answer on stdout, warnings on stderr. With
+//! `--wait`, a write is followed by `Cluster.WaitForWrite`, reported on
+//! stderr so that stdout stays the write's answer.
 
 use std::io::Write;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use charon_proto::v1::{
-    AddCertificateRequest, Certificate, CreateHostRequest, DeleteCertificateRequest,
-    DeleteHostRequest, GetCertificateRequest, GetHostRequest, ListCertificatesRequest,
-    ListHostsRequest, ProxyHost, ReplaceCertificateRequest, UpdateHostRequest,
+    AddCertificateRequest, Certificate, ClusterStatusRequest, CreateHostRequest,
+    DeleteCertificateRequest, DeleteHostRequest, GetCertificateRequest, GetHostRequest,
+    ListCertificatesRequest, ListHostsRequest, ListMembersRequest, ProxyHost,
+    ReplaceCertificateRequest, UpdateHostRequest, WaitForWriteRequest,
 };
+use tonic::metadata::MetadataMap;
+use tonic::Code;
 
-use crate::cli::{self, CertCommand, Cli, Command, HostCommand, OutputFormat, ReadFile};
-use crate::client::{self, Api};
-use crate::error::CtlError;
+use crate::cli::{
+    self, CertCommand, Cli, ClusterCommand, Command, HostCommand, OutputFormat, ReadFile,
+};
+use crate::client::{self, Api, WriteStamp};
+use crate::error::{CtlError, EXIT_NOT_REPLICATED};
 use crate::output;
 
-pub async fn run(cli: Cli) -> Result<(), CtlError> {
+/// Runs the command. The exit code is [`EXIT_NOT_REPLICATED`] when `--wait`
+/// ran out of time, 0 otherwise; a failure is an `Err`.
+pub async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
+    let wait = cli.command.wait();
     let call = Call::prepare(cli.command, &cli::read_file)?;
     let source = client::token_source(cli.token, cli.token_file, |name| std::env::var(name).ok());
     let token = client::resolve_token(source)?;
-    let mut api = client::connect(&cli.endpoint, &token).await?;
+    let mut api = client::connect(&cli.endpoint, &token, client::call_timeout(wait)).await?;
     let printed = call
         .execute(&mut api, cli.output == OutputFormat::Json, now_ms())
         .await
         .map_err(|status| CtlError::from_status(status, &cli.endpoint))?;
-    let mut stdout = std::io::stdout().lock();
-    stdout.write_all(printed.stdout.as_bytes())?;
-    stdout.flush()?;
-    let mut stderr = std::io::stderr().lock();
-    stderr.write_all(printed.stderr.as_bytes())?;
-    stderr.flush()?;
+    // The write's answer goes out before the wait, which may take a while.
+    print(&printed.stdout, &printed.stderr)?;
+    let Some(timeout) = wait else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let (report, complete) =
+        wait_for_write(&mut api.cluster, &printed.metadata, timeout, &cli.endpoint).await?;
+    print("", &report)?;
+    Ok(if complete {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_NOT_REPLICATED)
+    })
+}
+
+fn print(stdout: &str, stderr: &str) -> Result<(), CtlError> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(stdout.as_bytes())?;
+    out.flush()?;
+    let mut err = std::io::stderr().lock();
+    err.write_all(stderr.as_bytes())?;
+    err.flush()?;
     Ok(())
+}
+
+/// `--wait` after a write: waits for the write named by the answer's
+/// metadata to reach every live node. Returns the stderr report and whether
+/// every live node applied it; a write that changed nothing has nothing to
+/// wait for.
+async fn wait_for_write(
+    cluster: &mut client::Cluster,
+    metadata: &MetadataMap,
+    timeout: Duration,
+    endpoint: &str,
+) -> Result<(String, bool), CtlError> {
+    let Some(stamp) = WriteStamp::from_metadata(metadata)? else {
+        return Ok(("nothing changed; nothing to wait for\n".to_string(), true));
+    };
+    let request = WaitForWriteRequest {
+        origin: stamp.origin,
+        seq: stamp.seq,
+        // At most MAX_WAIT (10 minutes), so it fits.
+        timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+    };
+    let reply = cluster
+        .wait_for_write(request)
+        .await
+        .map_err(|status| {
+            let error = if status.code() == Code::Unimplemented {
+                CtlError::Refused(
+                    "the node has no Cluster.WaitForWrite; is it older than charonctl?".into(),
+                )
+            } else {
+                CtlError::from_status(status, endpoint)
+            };
+            CtlError::Wait(Box::new(error))
+        })?
+        .into_inner();
+    Ok((output::wait_report(&reply, timeout), reply.complete))
 }
 
 /// What a successful call prints.
@@ -39,14 +102,24 @@ struct Printed {
     stdout: String,
     /// Warnings of the node, one `warning: …` line each.
     stderr: String,
+    /// The answer's metadata: for a write, the version `--wait` waits for.
+    metadata: MetadataMap,
+}
+
+impl Printed {
+    /// A write's answer, with the metadata that names the write.
+    fn with_metadata(stdout: String, metadata: MetadataMap) -> Self {
+        Printed {
+            stdout,
+            stderr: String::new(),
+            metadata,
+        }
+    }
 }
 
 impl From<String> for Printed {
     fn from(stdout: String) -> Self {
-        Printed {
-            stdout,
-            stderr: String::new(),
-        }
+        Printed::with_metadata(stdout, MetadataMap::new())
     }
 }
 
@@ -63,6 +136,8 @@ enum Call {
     AddCertificate(AddCertificateRequest),
     ReplaceCertificate(ReplaceCertificateRequest),
     DeleteCertificate(DeleteCertificateRequest),
+    ListMembers,
+    ClusterStatus,
 }
 
 impl Call {
@@ -74,7 +149,7 @@ impl Call {
                 HostCommand::Show { host } => Call::GetHost(GetHostRequest { id_or_domain: host }),
                 HostCommand::Add(args) => Call::CreateHost(args.to_request(read)?),
                 HostCommand::Update(args) => Call::UpdateHost(args.to_request(read)?),
-                HostCommand::Rm { host } => {
+                HostCommand::Rm { host, .. } => {
                     Call::DeleteHost(DeleteHostRequest { id_or_domain: host })
                 }
             },
@@ -83,7 +158,13 @@ impl Call {
                 CertCommand::Show { id } => Call::GetCertificate(GetCertificateRequest { id }),
                 CertCommand::Add(args) => Call::AddCertificate(args.to_request(read)?),
                 CertCommand::Replace(args) => Call::ReplaceCertificate(args.to_request(read)?),
-                CertCommand::Rm { id } => Call::DeleteCertificate(DeleteCertificateRequest { id }),
+                CertCommand::Rm { id, .. } => {
+                    Call::DeleteCertificate(DeleteCertificateRequest { id })
+                }
+            },
+            Command::Cluster(cmd) => match cmd {
+                ClusterCommand::Members => Call::ListMembers,
+                ClusterCommand::Status => Call::ClusterStatus,
             },
         })
     }
@@ -98,6 +179,7 @@ impl Call {
     ) -> Result<Printed, tonic::Status> {
         let hosts = &mut api.hosts;
         let certs = &mut api.certificates;
+        let cluster = &mut api.cluster;
         Ok(match self {
             Call::ListHosts => {
                 let list = hosts.list_hosts(ListHostsRequest {}).await?.into_inner();
@@ -113,16 +195,16 @@ impl Call {
                 show_host(&host, None, json).into()
             }
             Call::CreateHost(request) => {
-                let host = hosts.create_host(request).await?.into_inner();
-                show_host(&host, Some("created"), json).into()
+                let (metadata, host, _) = hosts.create_host(request).await?.into_parts();
+                Printed::with_metadata(show_host(&host, Some("created"), json), metadata)
             }
             Call::UpdateHost(request) => {
-                let host = hosts.update_host(request).await?.into_inner();
-                show_host(&host, Some("updated"), json).into()
+                let (metadata, host, _) = hosts.update_host(request).await?.into_parts();
+                Printed::with_metadata(show_host(&host, Some("updated"), json), metadata)
             }
             Call::DeleteHost(request) => {
-                let id = hosts.delete_host(request).await?.into_inner().id;
-                deleted("host", &id, json).into()
+                let (metadata, reply, _) = hosts.delete_host(request).await?.into_parts();
+                Printed::with_metadata(deleted("host", &reply.id, json), metadata)
             }
             Call::ListCertificates => {
                 let list = certs
@@ -141,24 +223,47 @@ impl Call {
                 show_cert(&cert, None, json, now_ms).into()
             }
             Call::AddCertificate(request) => {
-                let reply = certs.add_certificate(request).await?.into_inner();
+                let (metadata, reply, _) = certs.add_certificate(request).await?.into_parts();
                 let cert = reply.certificate.unwrap_or_default();
                 Printed {
                     stdout: show_cert(&cert, Some("added"), json, now_ms),
                     stderr: output::warnings(&reply.warnings),
+                    metadata,
                 }
             }
             Call::ReplaceCertificate(request) => {
-                let reply = certs.replace_certificate(request).await?.into_inner();
+                let (metadata, reply, _) = certs.replace_certificate(request).await?.into_parts();
                 let cert = reply.certificate.unwrap_or_default();
                 Printed {
                     stdout: show_cert(&cert, Some("replaced"), json, now_ms),
                     stderr: output::warnings(&reply.warnings),
+                    metadata,
                 }
             }
             Call::DeleteCertificate(request) => {
-                let id = certs.delete_certificate(request).await?.into_inner().id;
-                deleted("certificate", &id, json).into()
+                let (metadata, reply, _) = certs.delete_certificate(request).await?.into_parts();
+                Printed::with_metadata(deleted("certificate", &reply.id, json), metadata)
+            }
+            Call::ListMembers => {
+                let list = cluster
+                    .list_members(ListMembersRequest {})
+                    .await?
+                    .into_inner();
+                if json {
+                    to_json(&output::members_json(&list.members))
+                } else {
+                    output::members_table(&list.members)
+                }
+                .into()
+            }
+            Call::ClusterStatus => {
+                let status = cluster.status(ClusterStatusRequest {}).await?.into_inner();
+                if json {
+                    to_json(&output::status_json(&status))
+                } else {
+                    output::status_table(&status)
+                }
+                .into()
             }
         })
     }

@@ -1,9 +1,17 @@
 //! What can go wrong, worded for the operator at the terminal: every variant
 //! displays as one line that says what to do next, never a gRPC status dump.
+//!
+//! Exit codes: 0 on success, 1 when the call failed (any [`CtlError`]),
+//! 2 on a usage error (clap), [`EXIT_NOT_REPLICATED`] when `--wait` ran out
+//! of time.
 
 use std::path::PathBuf;
 
 use tonic::{Code, Status};
+
+/// The exit code when `--wait` ran out of time: the write succeeded, but
+/// some live node had not applied it. Not an error: the write stands.
+pub const EXIT_NOT_REPLICATED: u8 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
@@ -53,6 +61,15 @@ pub enum CtlError {
 
     #[error("cannot write the output: {0}")]
     Output(#[from] std::io::Error),
+
+    /// The `charon-write-origin` / `charon-write-seq` metadata of a write
+    /// could not be read, so `--wait` has nothing to wait for.
+    #[error("the write succeeded, but its metadata is malformed ({0}); cannot wait for it")]
+    WriteMetadata(String),
+
+    /// The write succeeded, but `Cluster.WaitForWrite` failed.
+    #[error("the write succeeded, but waiting for it to replicate failed: {0}")]
+    Wait(Box<CtlError>),
 }
 
 impl CtlError {
@@ -132,6 +149,18 @@ mod tests {
             line.starts_with("cannot read the --key file /etc/x/key.pem: "),
             "{line}"
         );
+        assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn a_failed_wait_says_the_write_succeeded() {
+        let inner = CtlError::from_status(Status::unimplemented(""), EP);
+        let line = CtlError::Wait(Box::new(inner)).to_string();
+        assert!(
+            line.starts_with("the write succeeded, but waiting for it to replicate failed: "),
+            "{line}"
+        );
+        assert!(line.contains("Unimplemented"), "{line}");
         assert!(!line.contains('\n'));
     }
 

@@ -6,7 +6,8 @@
 //! - [`output`]: table and JSON rendering
 //! - [`error`]: failures worded for the operator
 //!
-//! Exit codes: 0 on success, 1 when the call failed, 2 on a usage error.
+//! Exit codes: 0 on success, 1 when the call failed, 2 on a usage error,
+//! 4 when `--wait` ran out of time (see [`error::EXIT_NOT_REPLICATED`]).
 
 #![forbid(unsafe_code)]
 
@@ -21,7 +22,7 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse_args();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
@@ -30,10 +31,9 @@ fn main() -> ExitCode {
 }
 
 /// A single-threaded runtime is plenty for one call at a time.
-fn run(cli: cli::Cli) -> anyhow::Result<()> {
+fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(commands::run(cli))?;
-    Ok(())
+    Ok(runtime.block_on(commands::run(cli))?)
 }

@@ -7,7 +7,11 @@
 //! A certificate's private key is never returned by the API, so it cannot be
 //! printed; its (public) PEM chain appears in JSON only.
 
-use charon_proto::v1::{Certificate, Location, ProxyHost};
+use std::time::Duration;
+
+use charon_proto::v1::{
+    Certificate, ClusterStatusResponse, Location, Member, ProxyHost, WaitForWriteResponse,
+};
 use serde_json::{json, Value};
 
 /// `host list` in table mode: one row per host.
@@ -233,6 +237,187 @@ pub fn cert_json(c: &Certificate) -> Value {
 
 pub fn certs_json(certs: &[Certificate]) -> Value {
     Value::Array(certs.iter().map(cert_json).collect())
+}
+
+/// `cluster members` in table mode: one row per member, in the node's
+/// order; `*` after a name marks the member that answered.
+pub fn members_table(members: &[Member]) -> String {
+    if members.is_empty() {
+        return "no members\n".to_string();
+    }
+    let header = [
+        "NAME", "NODE ID", "REGION", "ZONE", "API", "STATUS", "STATE", "LAG",
+    ];
+    let mut rows = vec![header.map(String::from).to_vec()];
+    rows.extend(members.iter().map(|m| {
+        vec![
+            member_name(m),
+            short_id(&m.node_id),
+            or_dash(&m.region),
+            or_dash(&m.zone),
+            or_dash(&m.api_address),
+            or_dash(&m.status),
+            live_dead(m.live),
+            m.lag.to_string(),
+        ]
+    }));
+    align(&rows)
+}
+
+/// `cluster status` in table mode: a line saying whether the live members
+/// converged, then one row per member with what it has applied.
+pub fn status_table(status: &ClusterStatusResponse) -> String {
+    let live = status.members.iter().filter(|m| m.live).count();
+    let mut out = format!(
+        "{}: cluster {}, {live} of {} members live\n",
+        if status.converged {
+            "converged"
+        } else {
+            "not converged"
+        },
+        or_dash(&status.cluster_id),
+        status.members.len(),
+    );
+    if status.members.is_empty() {
+        return out;
+    }
+    let header = ["NAME", "STATE", "HASH", "LAG", "APPLIED"];
+    let mut rows = vec![header.map(String::from).to_vec()];
+    rows.extend(status.members.iter().map(|m| {
+        vec![
+            member_name(m),
+            live_dead(m.live),
+            or_dash(&m.state_hash),
+            m.lag.to_string(),
+            applied(m),
+        ]
+    }));
+    out.push_str(&align(&rows));
+    out
+}
+
+/// One member as a JSON object with every field of `Member`: the full node
+/// id, and the applied vector as an object of origin id to sequence.
+pub fn member_json(m: &Member) -> Value {
+    json!({
+        "node_id": m.node_id,
+        "name": m.name,
+        "region": m.region,
+        "zone": m.zone,
+        "api_address": m.api_address,
+        "gossip_address": m.gossip_address,
+        "status": m.status,
+        "live": m.live,
+        "self": m.self_,
+        "generation": m.generation,
+        "build_version": m.build_version,
+        "applied": m.applied,
+        "state_hash": m.state_hash,
+        "lag": m.lag,
+    })
+}
+
+pub fn members_json(members: &[Member]) -> Value {
+    Value::Array(members.iter().map(member_json).collect())
+}
+
+/// The whole `ClusterStatusResponse`.
+pub fn status_json(status: &ClusterStatusResponse) -> Value {
+    json!({
+        "converged": status.converged,
+        "cluster_id": status.cluster_id,
+        "members": members_json(&status.members),
+    })
+}
+
+/// The stderr line after `--wait`: how long replication took, or which
+/// live nodes had not applied the write within `timeout`.
+pub fn wait_report(reply: &WaitForWriteResponse, timeout: Duration) -> String {
+    if reply.complete {
+        let n = reply.applied.len();
+        return format!(
+            "replicated to {n} live node{} in {} ms\n",
+            if n == 1 { "" } else { "s" },
+            reply.waited_ms
+        );
+    }
+    let names = |names: &[String]| {
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        }
+    };
+    format!(
+        "not applied within {} on: {} (applied on: {})\n",
+        format_duration(timeout),
+        names(&reply.pending),
+        names(&reply.applied)
+    )
+}
+
+/// A duration as `--wait-timeout` reads it: `500ms`, `10s`, `2m`, `1m30s`.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0ms".to_string();
+    }
+    let parts = [
+        (ms / 3_600_000, "h"),
+        (ms / 60_000 % 60, "m"),
+        (ms / 1000 % 60, "s"),
+        (ms % 1000, "ms"),
+    ];
+    parts
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, unit)| format!("{n}{unit}"))
+        .collect()
+}
+
+/// A member's name, with `*` after it when it is the answering node.
+fn member_name(m: &Member) -> String {
+    let name = if m.name.is_empty() {
+        short_id(&m.node_id)
+    } else {
+        m.name.clone()
+    };
+    if m.self_ {
+        format!("{name}*")
+    } else {
+        name
+    }
+}
+
+/// The first 8 characters of a node id: enough to tell members apart.
+fn short_id(id: &str) -> String {
+    id.chars().take(8).collect()
+}
+
+/// The applied vector as `origin:seq` pairs, origins shortened and sorted.
+fn applied(m: &Member) -> String {
+    let mut pairs: Vec<(&String, &u64)> = m.applied.iter().collect();
+    pairs.sort();
+    if pairs.is_empty() {
+        return "-".to_string();
+    }
+    pairs
+        .iter()
+        .map(|(origin, seq)| format!("{}:{seq}", short_id(origin)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn live_dead(live: bool) -> String {
+    if live { "live" } else { "dead" }.to_string()
+}
+
+fn or_dash(value: &str) -> String {
+    if value.is_empty() {
+        "-".to_string()
+    } else {
+        value.to_string()
+    }
 }
 
 /// The node's warnings (e.g. "expires in 12 days"), one stderr line each.
@@ -645,6 +830,210 @@ version:             4
         assert_eq!(
             warnings(&["expires in 12 days".into(), "self-signed".into()]),
             "warning: expires in 12 days\nwarning: self-signed\n"
+        );
+    }
+
+    fn member(name: &str, node_id: &str) -> Member {
+        Member {
+            node_id: node_id.into(),
+            name: name.into(),
+            region: "eu-west".into(),
+            zone: "a".into(),
+            api_address: format!("http://{name}:7070"),
+            gossip_address: "10.0.0.1:7946".into(),
+            status: "serving".into(),
+            live: true,
+            self_: false,
+            generation: 1_714_564_800_000_000_000,
+            build_version: "0.1.0".into(),
+            applied: [
+                ("0f3a9c2e-1111-4000-8000-000000000001".to_string(), 12),
+                ("7b2d4e6f-2222-4000-8000-000000000002".to_string(), 3),
+            ]
+            .into(),
+            state_hash: "9f86d081884c7d65".into(),
+            lag: 0,
+        }
+    }
+
+    /// n1 answered; n2 is behind and draining; n3 is dead and knows nothing.
+    fn members() -> Vec<Member> {
+        vec![
+            Member {
+                self_: true,
+                ..member("n1", "0f3a9c2e-1111-4000-8000-000000000001")
+            },
+            Member {
+                zone: "b".into(),
+                status: "draining".into(),
+                applied: [("0f3a9c2e-1111-4000-8000-000000000001".to_string(), 10)].into(),
+                state_hash: "2c26b46b68ffc68f".into(),
+                lag: 5,
+                ..member("n2-long-name", "7b2d4e6f-2222-4000-8000-000000000002")
+            },
+            Member {
+                region: String::new(),
+                zone: String::new(),
+                live: false,
+                applied: Default::default(),
+                state_hash: String::new(),
+                lag: 15,
+                ..member("n3", "c0ffee00-3333-4000-8000-000000000003")
+            },
+        ]
+    }
+
+    #[test]
+    fn members_table_marks_the_answering_node_and_keeps_the_order() {
+        let want = "\
+NAME          NODE ID   REGION   ZONE  API                       STATUS    STATE  LAG
+n1*           0f3a9c2e  eu-west  a     http://n1:7070            serving   live   0
+n2-long-name  7b2d4e6f  eu-west  b     http://n2-long-name:7070  draining  live   5
+n3            c0ffee00  -        -     http://n3:7070            serving   dead   15
+";
+        assert_eq!(members_table(&members()), want);
+        assert_eq!(members_table(&[]), "no members\n");
+    }
+
+    #[test]
+    fn a_member_without_a_name_shows_its_short_id() {
+        let nameless = Member {
+            self_: true,
+            ..member("", "abcdef0123456789")
+        };
+        let table = members_table(&[nameless]);
+        assert!(
+            table
+                .lines()
+                .nth(1)
+                .unwrap()
+                .starts_with("abcdef01*  abcdef01  "),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn status_table_says_converged_or_not_first() {
+        let status = ClusterStatusResponse {
+            converged: false,
+            members: members(),
+            cluster_id: "prod".into(),
+        };
+        let want = "\
+not converged: cluster prod, 2 of 3 members live
+NAME          STATE  HASH              LAG  APPLIED
+n1*           live   9f86d081884c7d65  0    0f3a9c2e:12,7b2d4e6f:3
+n2-long-name  live   2c26b46b68ffc68f  5    0f3a9c2e:10
+n3            dead   -                 15   -
+";
+        assert_eq!(status_table(&status), want);
+
+        let status = ClusterStatusResponse {
+            converged: true,
+            members: members()[..1].to_vec(),
+            cluster_id: "prod".into(),
+        };
+        let text = status_table(&status);
+        assert!(
+            text.starts_with("converged: cluster prod, 1 of 1 members live\n"),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 3, "{text}");
+    }
+
+    #[test]
+    fn applied_pairs_are_sorted_by_origin() {
+        let m = Member {
+            applied: [
+                ("zz000000-x".to_string(), 1),
+                ("aa000000-y".to_string(), 2),
+                ("mm".to_string(), 3),
+            ]
+            .into(),
+            ..member("n1", "n1")
+        };
+        assert_eq!(applied(&m), "aa000000:2,mm:3,zz000000:1");
+    }
+
+    #[test]
+    fn member_json_has_every_field_and_the_full_id() {
+        let v = member_json(&members()[0]);
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort();
+        let mut want = vec![
+            "node_id",
+            "name",
+            "region",
+            "zone",
+            "api_address",
+            "gossip_address",
+            "status",
+            "live",
+            "self",
+            "generation",
+            "build_version",
+            "applied",
+            "state_hash",
+            "lag",
+        ];
+        want.sort();
+        assert_eq!(keys, want);
+        assert_eq!(v["node_id"], "0f3a9c2e-1111-4000-8000-000000000001");
+        assert_eq!(v["self"], true);
+        assert_eq!(v["applied"]["0f3a9c2e-1111-4000-8000-000000000001"], 12);
+        assert_eq!(v["generation"], 1_714_564_800_000_000_000u64);
+        assert_eq!(members_json(&members()).as_array().unwrap().len(), 3);
+
+        let status = status_json(&ClusterStatusResponse {
+            converged: true,
+            members: members(),
+            cluster_id: "prod".into(),
+        });
+        assert_eq!(status["converged"], true);
+        assert_eq!(status["cluster_id"], "prod");
+        assert_eq!(status["members"][2]["live"], false);
+    }
+
+    #[test]
+    fn wait_reports() {
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let done = WaitForWriteResponse {
+            complete: true,
+            applied: names(&["n1", "n2", "n3"]),
+            pending: vec![],
+            waited_ms: 42,
+        };
+        let ten = Duration::from_secs(10);
+        assert_eq!(
+            wait_report(&done, ten),
+            "replicated to 3 live nodes in 42 ms\n"
+        );
+        let alone = WaitForWriteResponse {
+            applied: names(&["n1"]),
+            waited_ms: 0,
+            ..done
+        };
+        assert_eq!(
+            wait_report(&alone, ten),
+            "replicated to 1 live node in 0 ms\n"
+        );
+        let late = WaitForWriteResponse {
+            complete: false,
+            applied: names(&["n1"]),
+            pending: names(&["n2", "n3"]),
+            waited_ms: 1500,
+        };
+        assert_eq!(
+            wait_report(&late, Duration::from_millis(1500)),
+            "not applied within 1s500ms on: n2, n3 (applied on: n1)\n"
+        );
+        let none = WaitForWriteResponse {
+            applied: vec![],
+            ..late
+        };
+        assert_eq!(
+            wait_report(&none, ten),
+            "not applied within 10s on: n2, n3 (applied on: none)\n"
         );
     }
 

@@ -1,7 +1,7 @@
 //! Runs the real `charonctl` binary. No Charon node is needed: the tests
 //! either point it at a port where nothing listens, stop it at argument
-//! parsing, or serve the `Hosts` and `Certificates` APIs from a small
-//! in-process fake that records what the CLI sent.
+//! parsing, or serve the `Hosts`, `Certificates` and `Cluster` APIs from a
+//! small in-process fake that records what the CLI sent.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -9,15 +9,18 @@ use std::process::Output;
 use std::sync::{Arc, Mutex};
 
 use charon_proto::v1::certificates_server::{Certificates, CertificatesServer};
+use charon_proto::v1::cluster_server::{Cluster, ClusterServer};
 use charon_proto::v1::hosts_server::{Hosts, HostsServer};
 use charon_proto::v1::{
-    AddCertificateRequest, Certificate, CertificateReply, CreateHostRequest,
-    DeleteCertificateRequest, DeleteCertificateResponse, DeleteHostRequest, DeleteHostResponse,
-    GetCertificateRequest, GetHostRequest, ListCertificatesRequest, ListCertificatesResponse,
-    ListHostsRequest, ListHostsResponse, ProxyHost, ReplaceCertificateRequest, UpdateHostRequest,
+    AddCertificateRequest, Certificate, CertificateReply, ClusterStatusRequest,
+    ClusterStatusResponse, CreateHostRequest, DeleteCertificateRequest, DeleteCertificateResponse,
+    DeleteHostRequest, DeleteHostResponse, GetCertificateRequest, GetHostRequest,
+    ListCertificatesRequest, ListCertificatesResponse, ListHostsRequest, ListHostsResponse,
+    ListMembersRequest, ListMembersResponse, Member, ProxyHost, ReplaceCertificateRequest,
+    UpdateHostRequest, WaitForWriteRequest, WaitForWriteResponse,
 };
 use tonic::transport::server::TcpIncoming;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 const BIN: &str = env!("CARGO_BIN_EXE_charonctl");
 
@@ -153,7 +156,7 @@ async fn without_a_token_the_default_file_is_mentioned() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
 
-/// What the fake node saw.
+/// What the fake node saw, and how its `WaitForWrite` answers.
 #[derive(Default)]
 struct Seen {
     authorization: Vec<String>,
@@ -162,10 +165,18 @@ struct Seen {
     certs_added: Vec<AddCertificateRequest>,
     certs_replaced: Vec<ReplaceCertificateRequest>,
     certs_deleted: Vec<String>,
+    waits: Vec<WaitForWriteRequest>,
+    /// Set by a test: the live members that will not apply the write.
+    lagging: Vec<String>,
+    /// Set by a test: `WaitForWrite` fails with this.
+    wait_error: Option<(Code, String)>,
 }
 
 /// Accepts only the token "good"; knows one host, `h1` / `a.example`, and two
-/// certificates, `c1` (pinned by `h1`) and the expired `c-old`.
+/// certificates, `c1` (pinned by `h1`) and the expired `c-old`. Its cluster
+/// is `n1` (itself), `n2` and `n3` live, and `n4` dead; every write but a
+/// rename of `h1` to its own name answers with the metadata of a write
+/// originating on `n1` (see [`WRITE_SEQ`]).
 #[derive(Clone, Default)]
 struct FakeNode(Arc<Mutex<Seen>>);
 
@@ -184,6 +195,35 @@ impl FakeNode {
             Err(Status::unauthenticated("unknown token"))
         }
     }
+}
+
+/// The full node id of `n1`, the fake's own.
+const N1_ID: &str = "0f3a9c2e-1111-4000-8000-000000000001";
+
+/// The sequence number the fake gives each kind of write.
+const WRITE_SEQ: [(&str, u64); 6] = [
+    ("host add", 7),
+    ("host update", 8),
+    ("host rm", 9),
+    ("cert add", 10),
+    ("cert replace", 11),
+    ("cert rm", 12),
+];
+
+fn seq_of(write: &str) -> u64 {
+    WRITE_SEQ.iter().find(|(w, _)| *w == write).unwrap().1
+}
+
+/// The answer of a write, with the metadata naming it, as the node sends.
+fn stamped<T>(message: T, write: &str) -> Response<T> {
+    let mut response = Response::new(message);
+    let md = response.metadata_mut();
+    md.insert("charon-write-origin", N1_ID.parse().unwrap());
+    md.insert(
+        "charon-write-seq",
+        seq_of(write).to_string().parse().unwrap(),
+    );
+    response
 }
 
 fn h1() -> ProxyHost {
@@ -211,11 +251,14 @@ impl Hosts for FakeNode {
         let request = request.into_inner();
         let host = request.host.clone().unwrap_or_default();
         self.0.lock().unwrap().created.push(request);
-        Ok(Response::new(ProxyHost {
-            id: "h2".into(),
-            version: 1,
-            ..host
-        }))
+        Ok(stamped(
+            ProxyHost {
+                id: "h2".into(),
+                version: 1,
+                ..host
+            },
+            "host add",
+        ))
     }
 
     async fn get_host(
@@ -251,11 +294,18 @@ impl Hosts for FakeNode {
                 "host h1 is at version 1, not 9",
             ));
         }
-        Ok(Response::new(ProxyHost {
-            enabled: request.enabled.unwrap_or(true),
-            version: 2,
-            ..h1()
-        }))
+        if request.name.as_deref() == Some(&h1().name) {
+            // Renamed to its own name: nothing changed, no write metadata.
+            return Ok(Response::new(h1()));
+        }
+        Ok(stamped(
+            ProxyHost {
+                enabled: request.enabled.unwrap_or(true),
+                version: 2,
+                ..h1()
+            },
+            "host update",
+        ))
     }
 
     async fn delete_host(
@@ -263,7 +313,7 @@ impl Hosts for FakeNode {
         request: Request<DeleteHostRequest>,
     ) -> Result<Response<DeleteHostResponse>, Status> {
         self.check(&request)?;
-        Ok(Response::new(DeleteHostResponse { id: "h1".into() }))
+        Ok(stamped(DeleteHostResponse { id: "h1".into() }, "host rm"))
     }
 }
 
@@ -307,24 +357,28 @@ fn cert_reply(
     name: &str,
     cert_pem: String,
     key_pem: &str,
+    write: &str,
 ) -> Result<Response<CertificateReply>, Status> {
     if !key_pem.contains("PRIVATE KEY") {
         return Err(Status::invalid_argument("key_pem: not a PEM private key"));
     }
-    Ok(Response::new(CertificateReply {
-        certificate: Some(Certificate {
-            id: id.into(),
-            name: if name.is_empty() {
-                "a".into()
-            } else {
-                name.into()
-            },
-            cert_pem,
-            version: 2,
-            ..c1()
-        }),
-        warnings: vec!["expires in 12 days".into(), "chain is incomplete".into()],
-    }))
+    Ok(stamped(
+        CertificateReply {
+            certificate: Some(Certificate {
+                id: id.into(),
+                name: if name.is_empty() {
+                    "a".into()
+                } else {
+                    name.into()
+                },
+                cert_pem,
+                version: 2,
+                ..c1()
+            }),
+            warnings: vec!["expires in 12 days".into(), "chain is incomplete".into()],
+        },
+        write,
+    ))
 }
 
 #[tonic::async_trait]
@@ -336,7 +390,13 @@ impl Certificates for FakeNode {
         self.check(&request)?;
         let request = request.into_inner();
         self.0.lock().unwrap().certs_added.push(request.clone());
-        cert_reply("c9", &request.name, request.cert_pem, &request.key_pem)
+        cert_reply(
+            "c9",
+            &request.name,
+            request.cert_pem,
+            &request.key_pem,
+            "cert add",
+        )
     }
 
     async fn replace_certificate(
@@ -350,7 +410,13 @@ impl Certificates for FakeNode {
             return Err(Status::not_found(format!("no certificate {}", request.id)));
         }
         let name = request.name.clone().unwrap_or_default();
-        cert_reply("c1", &name, request.cert_pem, &request.key_pem)
+        cert_reply(
+            "c1",
+            &name,
+            request.cert_pem,
+            &request.key_pem,
+            "cert replace",
+        )
     }
 
     async fn get_certificate(
@@ -386,7 +452,96 @@ impl Certificates for FakeNode {
                 "certificate c1 is pinned by host h1",
             ));
         }
-        Ok(Response::new(DeleteCertificateResponse { id }))
+        Ok(stamped(DeleteCertificateResponse { id }, "cert rm"))
+    }
+}
+
+fn member(name: &str, node_id: &str, live: bool) -> Member {
+    Member {
+        node_id: node_id.into(),
+        name: name.into(),
+        region: "eu-west".into(),
+        zone: "a".into(),
+        api_address: format!("http://{name}:7070"),
+        gossip_address: "10.0.0.1:7946".into(),
+        status: "serving".into(),
+        live,
+        self_: name == "n1",
+        generation: 1,
+        build_version: "0.1.0".into(),
+        applied: [(N1_ID.to_string(), 12)].into(),
+        state_hash: "9f86d081884c7d65".into(),
+        lag: 0,
+    }
+}
+
+/// Listed in this order, not sorted: the CLI must keep it.
+fn members() -> Vec<Member> {
+    vec![
+        member("n1", N1_ID, true),
+        Member {
+            status: "draining".into(),
+            applied: [(N1_ID.to_string(), 9)].into(),
+            state_hash: "2c26b46b68ffc68f".into(),
+            lag: 3,
+            ..member("n3", "c0ffee00-3333-4000-8000-000000000003", true)
+        },
+        member("n2", "7b2d4e6f-2222-4000-8000-000000000002", true),
+        Member {
+            applied: Default::default(),
+            state_hash: String::new(),
+            lag: 12,
+            ..member("n4", "deadbeef-4444-4000-8000-000000000004", false)
+        },
+    ]
+}
+
+#[tonic::async_trait]
+impl Cluster for FakeNode {
+    async fn list_members(
+        &self,
+        request: Request<ListMembersRequest>,
+    ) -> Result<Response<ListMembersResponse>, Status> {
+        self.check(&request)?;
+        Ok(Response::new(ListMembersResponse {
+            members: members(),
+            cluster_id: "prod".into(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        request: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        self.check(&request)?;
+        Ok(Response::new(ClusterStatusResponse {
+            converged: false,
+            members: members(),
+            cluster_id: "prod".into(),
+        }))
+    }
+
+    /// Every live member but the `lagging` ones applied the write.
+    async fn wait_for_write(
+        &self,
+        request: Request<WaitForWriteRequest>,
+    ) -> Result<Response<WaitForWriteResponse>, Status> {
+        self.check(&request)?;
+        let mut seen = self.0.lock().unwrap();
+        seen.waits.push(request.into_inner());
+        if let Some((code, message)) = &seen.wait_error {
+            return Err(Status::new(*code, message.clone()));
+        }
+        let (pending, applied): (Vec<String>, Vec<String>) = ["n1", "n3", "n2"]
+            .into_iter()
+            .map(String::from)
+            .partition(|name| seen.lagging.contains(name));
+        Ok(Response::new(WaitForWriteResponse {
+            complete: pending.is_empty(),
+            applied,
+            pending,
+            waited_ms: 25,
+        }))
     }
 }
 
@@ -398,10 +553,12 @@ async fn fake_node() -> (String, FakeNode) {
     let node = FakeNode::default();
     let hosts = HostsServer::new(node.clone());
     let certificates = CertificatesServer::new(node.clone());
+    let cluster = ClusterServer::new(node.clone());
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(hosts)
             .add_service(certificates)
+            .add_service(cluster)
             .serve_with_incoming(TcpIncoming::from(listener))
             .await
             .unwrap();
@@ -1015,5 +1172,345 @@ async fn host_show_and_json_include_the_tls_fields() {
         "upstream_insecure_skip_verify",
     ] {
         assert!(value.get(key).is_some(), "{key} missing: {stdout}");
+    }
+}
+
+#[tokio::test]
+async fn cluster_members_as_table_and_json() {
+    let (endpoint, _node) = fake_node().await;
+    let dir = empty_dir("cluster-members");
+    let (code, stdout, stderr) = call(&endpoint, &dir, &["cluster", "members"]).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    let want = "\
+NAME  NODE ID   REGION   ZONE  API             STATUS    STATE  LAG
+n1*   0f3a9c2e  eu-west  a     http://n1:7070  serving   live   0
+n3    c0ffee00  eu-west  a     http://n3:7070  draining  live   3
+n2    7b2d4e6f  eu-west  a     http://n2:7070  serving   live   0
+n4    deadbeef  eu-west  a     http://n4:7070  serving   dead   12
+";
+    assert_eq!(stdout, want);
+    assert_eq!(stderr, "");
+
+    let (code, stdout, _) = call(&endpoint, &dir, &["-o", "json", "cluster", "members"]).await;
+    assert_eq!(code, Some(0));
+    let value: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    let members = value.as_array().expect("an array");
+    let names: Vec<&str> = members
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["n1", "n3", "n2", "n4"]);
+    assert_eq!(members[0]["node_id"], N1_ID);
+    assert_eq!(members[0]["self"], true);
+    assert_eq!(members[1]["applied"][N1_ID], 9);
+    assert_eq!(members[1]["status"], "draining");
+    assert_eq!(members[3]["live"], false);
+    assert_eq!(members[3]["gossip_address"], "10.0.0.1:7946");
+}
+
+#[tokio::test]
+async fn cluster_status_reports_not_converged_and_exits_0() {
+    let (endpoint, _node) = fake_node().await;
+    let dir = empty_dir("cluster-status");
+    let (code, stdout, stderr) = call(&endpoint, &dir, &["cluster", "status"]).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    let want = "\
+not converged: cluster prod, 3 of 4 members live
+NAME  STATE  HASH              LAG  APPLIED
+n1*   live   9f86d081884c7d65  0    0f3a9c2e:12
+n3    live   2c26b46b68ffc68f  3    0f3a9c2e:9
+n2    live   9f86d081884c7d65  0    0f3a9c2e:12
+n4    dead   -                 12   -
+";
+    assert_eq!(stdout, want);
+
+    let (code, stdout, _) = call(&endpoint, &dir, &["cluster", "status", "-o", "json"]).await;
+    assert_eq!(code, Some(0));
+    let value: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    assert_eq!(value["converged"], false);
+    assert_eq!(value["cluster_id"], "prod");
+    assert_eq!(
+        value["members"][2]["node_id"],
+        "7b2d4e6f-2222-4000-8000-000000000002"
+    );
+    assert_eq!(value["members"][0]["applied"][N1_ID], 12);
+}
+
+#[tokio::test]
+async fn cluster_commands_report_a_refused_token() {
+    let (endpoint, _node) = fake_node().await;
+    let (code, stdout, stderr) = run(&mut charonctl(&[
+        "cluster",
+        "status",
+        "--endpoint",
+        &endpoint,
+        "--token",
+        "bad",
+    ]))
+    .await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stdout, "");
+    assert_eq!(
+        stderr,
+        "error: the node refused the token (unknown token) — pass --token or --token-file\n"
+    );
+}
+
+/// Each write with `--wait`, and the prefix of what it prints on stdout.
+const WRITES: [(&str, &[&str], &str); 6] = [
+    (
+        "host add",
+        &[
+            "host",
+            "add",
+            "b.example",
+            "--upstream",
+            "http://10.0.0.2:80",
+        ],
+        "created host h2",
+    ),
+    (
+        "host update",
+        &["host", "update", "h1", "--disable"],
+        "updated host h1",
+    ),
+    ("host rm", &["host", "rm", "h1"], "deleted host h1"),
+    (
+        "cert add",
+        &["cert", "add", "--cert", "full.pem", "--key", "key.pem"],
+        "added certificate c9",
+    ),
+    (
+        "cert replace",
+        &[
+            "cert", "replace", "c1", "--cert", "full.pem", "--key", "key.pem",
+        ],
+        "replaced certificate c1",
+    ),
+    (
+        "cert rm",
+        &["cert", "rm", "c-old"],
+        "deleted certificate c-old",
+    ),
+];
+
+#[tokio::test]
+async fn wait_after_each_write_waits_for_the_write_it_names() {
+    let (endpoint, node) = fake_node().await;
+    let dir = pem_dir("wait-each");
+    for (write, args, printed) in WRITES {
+        let args = [args, &["--wait"]].concat();
+        let (code, stdout, stderr) = call(&endpoint, &dir, &args).await;
+        assert_eq!(code, Some(0), "{write}: {stderr}");
+        assert!(stdout.starts_with(printed), "{write}: {stdout}");
+        // After the node's warnings, if any.
+        assert!(
+            stderr.ends_with("replicated to 3 live nodes in 25 ms\n"),
+            "{write}: {stderr}"
+        );
+        let seen = node.0.lock().unwrap();
+        let wait = seen.waits.last().expect("WaitForWrite was called");
+        assert_eq!(wait.origin, N1_ID, "{write}");
+        assert_eq!(wait.seq, seq_of(write), "{write}");
+        assert_eq!(wait.timeout_ms, 10_000, "{write}");
+    }
+    assert_eq!(node.0.lock().unwrap().waits.len(), WRITES.len());
+}
+
+#[tokio::test]
+async fn without_wait_nothing_waits() {
+    let (endpoint, node) = fake_node().await;
+    let dir = pem_dir("wait-none");
+    for (write, args, _) in WRITES {
+        let (code, _, stderr) = call(&endpoint, &dir, args).await;
+        assert_eq!(code, Some(0), "{write}: {stderr}");
+        assert!(!stderr.contains("replicated"), "{write}: {stderr}");
+    }
+    assert!(node.0.lock().unwrap().waits.is_empty());
+}
+
+#[tokio::test]
+async fn a_wait_that_runs_out_exits_4_naming_the_lagging_nodes() {
+    let (endpoint, node) = fake_node().await;
+    node.0.lock().unwrap().lagging = vec!["n3".into(), "n2".into()];
+    let dir = pem_dir("wait-incomplete");
+    let (code, stdout, stderr) = call(
+        &endpoint,
+        &dir,
+        &[
+            "host",
+            "add",
+            "b.example",
+            "--upstream",
+            "http://10.0.0.2:80",
+            "--wait",
+            "--wait-timeout",
+            "1500ms",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(4), "stderr: {stderr}");
+    // The write stands, and says so.
+    assert!(
+        stdout.starts_with("created host h2 (version 1)\n"),
+        "{stdout}"
+    );
+    assert_eq!(
+        stderr,
+        "not applied within 1s500ms on: n3, n2 (applied on: n1)\n"
+    );
+    let seen = node.0.lock().unwrap();
+    assert_eq!(seen.waits.len(), 1);
+    assert_eq!(seen.waits[0].timeout_ms, 1500);
+    assert_eq!(seen.waits[0].seq, seq_of("host add"));
+}
+
+#[tokio::test]
+async fn wait_in_json_mode_leaves_stdout_to_the_write() {
+    let (endpoint, node) = fake_node().await;
+    let dir = pem_dir("wait-json");
+    let (code, stdout, stderr) = call(
+        &endpoint,
+        &dir,
+        &[
+            "-o", "json", "cert", "add", "--cert", "full.pem", "--key", "key.pem", "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    let value: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is only JSON");
+    assert_eq!(value["id"], "c9");
+    assert_eq!(
+        stderr,
+        "warning: expires in 12 days\nwarning: chain is incomplete\n\
+         replicated to 3 live nodes in 25 ms\n"
+    );
+
+    node.0.lock().unwrap().lagging = vec!["n2".into()];
+    let (code, stdout, stderr) = call(
+        &endpoint,
+        &dir,
+        &[
+            "host",
+            "rm",
+            "h1",
+            "-o",
+            "json",
+            "--wait",
+            "--wait-timeout",
+            "2m",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(4), "stderr: {stderr}");
+    let value: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is only JSON");
+    assert_eq!(value, serde_json::json!({ "id": "h1" }));
+    assert_eq!(
+        stderr,
+        "not applied within 2m on: n2 (applied on: n1, n3)\n"
+    );
+    assert_eq!(node.0.lock().unwrap().waits[1].timeout_ms, 120_000);
+}
+
+#[tokio::test]
+async fn a_write_that_changed_nothing_has_nothing_to_wait_for() {
+    let (endpoint, node) = fake_node().await;
+    let dir = empty_dir("wait-nothing");
+    let (code, stdout, stderr) = call(
+        &endpoint,
+        &dir,
+        &["host", "update", "h1", "--name", "a", "--wait"],
+    )
+    .await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert!(
+        stdout.starts_with("updated host h1 (version 1)\n"),
+        "{stdout}"
+    );
+    assert_eq!(stderr, "nothing changed; nothing to wait for\n");
+    assert!(node.0.lock().unwrap().waits.is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_wait_is_one_line_saying_the_write_succeeded() {
+    let (endpoint, node) = fake_node().await;
+    let dir = empty_dir("wait-failed");
+    let cases = [
+        (Code::Internal, "the node failed: boom (Internal)"),
+        (
+            Code::Unimplemented,
+            "the node has no Cluster.WaitForWrite; is it older than charonctl?",
+        ),
+    ];
+    for (code, want) in cases {
+        node.0.lock().unwrap().wait_error = Some((code, "boom".into()));
+        let (exit, stdout, stderr) = call(&endpoint, &dir, &["host", "rm", "h1", "--wait"]).await;
+        assert_eq!(exit, Some(1), "{code:?}: {stderr}");
+        assert_eq!(stdout, "deleted host h1\n", "{code:?}");
+        assert_eq!(
+            stderr,
+            format!("error: the write succeeded, but waiting for it to replicate failed: {want}\n"),
+            "{code:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn wait_usage_errors_are_refused_before_any_connection() {
+    let endpoint = dead_endpoint();
+    let dir = empty_dir("wait-usage");
+    for (args, names) in [
+        (&["host", "rm", "h1", "--wait-timeout", "5s"][..], "--wait"),
+        (
+            &["host", "rm", "h1", "--wait", "--wait-timeout", "5"],
+            "--wait-timeout",
+        ),
+        (
+            &["host", "rm", "h1", "--wait", "--wait-timeout", "0s"],
+            "--wait-timeout",
+        ),
+        (
+            &["cert", "rm", "c1", "--wait", "--wait-timeout", "11m"],
+            "--wait-timeout",
+        ),
+        (&["host", "list", "--wait"], "--wait"),
+        (&["cluster", "status", "--wait"], "--wait"),
+    ] {
+        let (code, stdout, stderr) = call(&endpoint, &dir, args).await;
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert_eq!(stdout, "", "{args:?}");
+        assert!(stderr.contains(names), "{args:?}: {stderr}");
+        assert!(!stderr.contains("cannot reach"), "{args:?}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn help_documents_wait_and_the_exit_codes() {
+    let (code, stdout, _) = run(&mut charonctl(&["--help"])).await;
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("cluster"), "{stdout}");
+    assert!(stdout.contains("Exit codes:"), "{stdout}");
+    assert!(stdout.contains("  4  --wait"), "{stdout}");
+
+    let (code, stdout, _) = run(&mut charonctl(&["cluster", "--help"])).await;
+    assert_eq!(code, Some(0));
+    for sub in ["members", "status"] {
+        assert!(
+            stdout.contains(sub),
+            "`cluster --help` lacks {sub}: {stdout}"
+        );
+    }
+
+    for (write, args, _) in WRITES {
+        let words: Vec<&str> = args.iter().take(2).copied().collect();
+        let (code, stdout, _) = run(&mut charonctl(&[&words[..], &["--help"]].concat())).await;
+        assert_eq!(code, Some(0), "{write}");
+        assert!(stdout.contains("--wait "), "{write}: {stdout}");
+        assert!(
+            stdout.contains("--wait-timeout <DURATION>"),
+            "{write}: {stdout}"
+        );
+        assert!(stdout.contains("Exits 4"), "{write}: {stdout}");
+        assert!(stdout.contains("[default: 10s]"), "{write}: {stdout}");
     }
 }

@@ -181,7 +181,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let tls = TlsTerminator::new();
     {
         let (proxy, tls, data_key) = (proxy.clone(), tls.clone(), data_key.clone());
+        let auth = auth.clone();
         store.subscribe(move |snap| {
+            auth.publish_tokens(&snap.tokens);
             proxy.publish(&snap.hosts);
             let certs: Vec<_> = snap
                 .certs
@@ -200,6 +202,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let cluster = Cluster::start(cluster_config, store.clone(), &UdpTransport, None)
         .await
         .map_err(|e| NodeError::Cluster(format!("{e:#}")))?;
+    crate::api::tokens::register_admin_token(&store, &config.cluster.node_name, auth.admin_hash())?;
     write_listen_file(&dir, &bound)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);

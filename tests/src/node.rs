@@ -291,6 +291,9 @@ pub struct TestNode {
 
 /// The Hosts client with a bearer-token interceptor.
 pub type HostsApi = HostsClient<InterceptedService<Channel, BearerToken>>;
+/// The Tokens client with a bearer-token interceptor.
+pub type TokensApi =
+    charon_proto::v1::tokens_client::TokensClient<InterceptedService<Channel, BearerToken>>;
 /// The Cluster client with a bearer-token interceptor.
 pub type ClusterApi = ClusterClient<InterceptedService<Channel, BearerToken>>;
 /// The Certificates client with a bearer-token interceptor.
@@ -542,6 +545,19 @@ impl TestNode {
             self.grpc_channel().await?,
             BearerToken(Some(value)),
         ))
+    }
+
+    /// A Tokens client that sends the node's admin token.
+    pub async fn tokens_client(&self) -> Result<TokensApi> {
+        let value = format!("Bearer {}", self.token)
+            .parse::<MetadataValue<Ascii>>()
+            .context("token is not valid metadata")?;
+        Ok(
+            charon_proto::v1::tokens_client::TokensClient::with_interceptor(
+                self.grpc_channel().await?,
+                BearerToken(Some(value)),
+            ),
+        )
     }
 
     /// The members this node sees: (name, live) pairs, and whether the

@@ -2,21 +2,31 @@
 //!
 //! The admin token comes from `CHARON_ADMIN_TOKEN`, or is generated on first
 //! start and written to `<data-dir>/admin.token` (mode 0600). Only its
-//! SHA-256 is kept in memory for comparison.
+//! SHA-256 is kept in memory for comparison. Tokens created through the API
+//! are replicated store records holding only their SHA-256; the store
+//! publishes their set here ([`Auth::publish_tokens`]), so a token made on
+//! one node works on all of them.
 
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Status};
+
+use crate::store::ApiToken;
 
 pub const TOKEN_FILE: &str = "admin.token";
 
 #[derive(Clone)]
 pub struct Auth {
     admin_hash: [u8; 32],
+    tokens: Arc<ArcSwap<HashSet<[u8; 32]>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -30,17 +40,38 @@ pub enum AuthError {
     Empty(PathBuf),
 }
 
-fn hash(token: &str) -> [u8; 32] {
+pub fn hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
 impl Auth {
+    fn with_hash(admin_hash: [u8; 32]) -> Auth {
+        Auth {
+            admin_hash,
+            tokens: Arc::default(),
+        }
+    }
+
+    /// The SHA-256 of this node's admin token (registered as a replicated
+    /// token at start).
+    pub fn admin_hash(&self) -> [u8; 32] {
+        self.admin_hash
+    }
+
+    /// Replaces the set of replicated tokens accepted besides the admin
+    /// token.
+    pub fn publish_tokens(&self, tokens: &[Arc<ApiToken>]) {
+        let set = tokens
+            .iter()
+            .filter_map(|t| hex::decode(&t.sha256_hex).ok()?.try_into().ok())
+            .collect();
+        self.tokens.store(Arc::new(set));
+    }
+
     /// Uses `env_token` if given, else the token file, else creates one.
     pub fn load_or_create(data_dir: &Path, env_token: Option<&str>) -> Result<Auth, AuthError> {
         if let Some(t) = env_token {
-            return Ok(Auth {
-                admin_hash: hash(t),
-            });
+            return Ok(Auth::with_hash(hash(t)));
         }
         let path = data_dir.join(TOKEN_FILE);
         let io = |source| AuthError::Io {
@@ -49,9 +80,7 @@ impl Auth {
         };
         match fs::read_to_string(&path) {
             Ok(t) if t.trim().is_empty() => Err(AuthError::Empty(path)),
-            Ok(t) => Ok(Auth {
-                admin_hash: hash(t.trim()),
-            }),
+            Ok(t) => Ok(Auth::with_hash(hash(t.trim()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let token = format!("charon_{}", hex::encode(rand::random::<[u8; 24]>()));
                 let mut f = fs::OpenOptions::new()
@@ -63,9 +92,7 @@ impl Auth {
                 f.write_all(format!("{token}\n").as_bytes()).map_err(io)?;
                 f.sync_all().map_err(io)?;
                 tracing::info!(path = %path.display(), "generated the admin API token");
-                Ok(Auth {
-                    admin_hash: hash(&token),
-                })
+                Ok(Auth::with_hash(hash(&token)))
             }
             Err(e) => Err(io(e)),
         }
@@ -91,7 +118,8 @@ impl Auth {
             .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer <token>\""))?;
         // Comparing digests: equal-length inputs, and a timing difference
         // reveals nothing about the token itself.
-        if hash(token) != self.admin_hash {
+        let h = hash(token);
+        if h != self.admin_hash && !self.tokens.load().contains(&h) {
             return Err(Status::unauthenticated("invalid token"));
         }
         Ok(req)

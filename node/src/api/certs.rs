@@ -57,7 +57,7 @@ fn cert_to_pb(c: &StoredCert, view_hosts: &[Arc<crate::host::ProxyHost>]) -> pb:
 }
 
 fn not_found(id: &str) -> HostsError {
-    HostsError::NotFound(id.to_string())
+    HostsError::Missing(format!("no certificate with id {id:?}"))
 }
 
 #[tonic::async_trait]

@@ -21,6 +21,11 @@ pub enum HostsError {
     },
     #[error("no host with id or domain {0:?}")]
     NotFound(String),
+    /// Not found, for other kinds of record; the message says what.
+    #[error("{0}")]
+    Missing(String),
+    #[error("{0}")]
+    Exists(String),
     #[error("host {id} is at version {actual}, not {expected}: it was changed meanwhile; re-read it and retry")]
     VersionMismatch {
         id: String,
@@ -36,7 +41,10 @@ impl From<HostsError> for Status {
         match e {
             HostsError::Invalid(f) => Status::invalid_argument(f.to_string()),
             e @ HostsError::DomainTaken { .. } => Status::already_exists(e.to_string()),
-            e @ HostsError::NotFound(_) => Status::not_found(e.to_string()),
+            e @ (HostsError::NotFound(_) | HostsError::Missing(_)) => {
+                Status::not_found(e.to_string())
+            }
+            e @ HostsError::Exists(_) => Status::already_exists(e.to_string()),
             e @ HostsError::VersionMismatch { .. } => Status::failed_precondition(e.to_string()),
             HostsError::Store(e) => {
                 tracing::error!(error = %e, "store write failed");

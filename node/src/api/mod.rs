@@ -8,6 +8,7 @@ pub mod auth;
 pub mod certs;
 pub mod cluster;
 pub mod hosts;
+pub mod tokens;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use charon_proto::v1::certificates_server::CertificatesServer;
 use charon_proto::v1::cluster_server::ClusterServer;
 use charon_proto::v1::hosts_server::HostsServer;
+use charon_proto::v1::tokens_server::TokensServer;
 use tokio::net::TcpListener;
 
 use crate::cluster::Cluster;
@@ -72,6 +74,11 @@ pub async fn serve(
             cluster_auth.check(req)
         });
     let sync = crate::cluster::sync::server(store.clone(), cluster.auth().clone());
+    let tokens_auth = auth.clone();
+    let tokens = TokensServer::with_interceptor(
+        tokens::TokensApi::new(store.clone(), cluster.config().node_name.clone()),
+        move |req| tokens_auth.check(req),
+    );
     let hosts_auth = auth.clone();
     let hosts = HostsServer::with_interceptor(hosts::HostsApi::new(store.clone()), move |req| {
         hosts_auth.check(req)
@@ -84,6 +91,7 @@ pub async fn serve(
         .add_service(hosts)
         .add_service(certs)
         .add_service(cluster_api)
+        .add_service(tokens)
         .add_service(sync)
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),

@@ -557,8 +557,11 @@ impl Cluster {
         }
     }
 
-    /// Waits until every live member has applied `(origin, seq)` or the
-    /// timeout passes. Returns (applied, pending) member names.
+    /// Waits until every member live when the wait began has applied
+    /// `(origin, seq)`, or the timeout passes. Returns (complete, applied,
+    /// pending) member names; a member that died meanwhile without the
+    /// write stays pending, marked "(dead)", rather than being dropped
+    /// from the count.
     pub async fn wait_for_write(
         &self,
         origin: &str,
@@ -566,16 +569,33 @@ impl Cluster {
         timeout: Duration,
     ) -> (bool, Vec<String>, Vec<String>) {
         let deadline = tokio::time::Instant::now() + timeout;
+        let started: HashSet<String> = self
+            .members()
+            .await
+            .into_iter()
+            .filter(|m| m.live)
+            .map(|m| m.node_id)
+            .collect();
         loop {
             let members = self.members().await;
-            let (done, pending): (Vec<&Member>, Vec<&Member>) = members
+            let mut applied = Vec::new();
+            let mut pending = Vec::new();
+            for m in members
                 .iter()
-                .filter(|m| m.live)
-                .partition(|m| m.vv.get(origin).copied().unwrap_or(0) >= seq);
-            let names = |v: Vec<&Member>| v.into_iter().map(|m| m.name.clone()).collect::<Vec<_>>();
-            if pending.is_empty() || tokio::time::Instant::now() >= deadline {
-                return (pending.is_empty(), names(done), names(pending));
+                .filter(|m| m.live || started.contains(&m.node_id))
+            {
+                if m.vv.get(origin).copied().unwrap_or(0) >= seq {
+                    applied.push(m.name.clone());
+                } else if m.live {
+                    pending.push(m.name.clone());
+                } else {
+                    pending.push(format!("{} (dead)", m.name));
+                }
             }
+            if pending.is_empty() || tokio::time::Instant::now() >= deadline {
+                return (pending.is_empty(), applied, pending);
+            }
+            // Poll interval: gossip carries the vectors every few hundred ms.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -16,12 +16,30 @@ const VERSION_1: u8 = 1;
 pub enum Body {
     Host(ProxyHost),
     Cert(StoredCert),
+    Token(ApiToken),
+}
+
+/// A replicated API token: its SHA-256 only.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ApiToken {
+    pub id: String,
+    pub name: String,
+    pub sha256_hex: String,
+    pub created_at_ms: u64,
+    pub created_on: String,
 }
 
 impl Body {
     pub fn as_host(&self) -> Option<&ProxyHost> {
         match self {
             Body::Host(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    pub fn as_token(&self) -> Option<&ApiToken> {
+        match self {
+            Body::Token(t) => Some(t),
             _ => None,
         }
     }
@@ -73,6 +91,13 @@ pub fn encode(rec: &Record) -> Vec<u8> {
         body: rec.body.as_ref().map(|b| match b {
             Body::Host(h) => pb::record::Body::Host(host_to_pb(h)),
             Body::Cert(c) => pb::record::Body::Cert(cert_to_pb(c)),
+            Body::Token(t) => pb::record::Body::Token(pb::TokenRecord {
+                id: t.id.clone(),
+                name: t.name.clone(),
+                sha256_hex: t.sha256_hex.clone(),
+                created_at_ms: t.created_at_ms,
+                created_on: t.created_on.clone(),
+            }),
         }),
     };
     let mut out = Vec::with_capacity(1 + msg.encoded_len());
@@ -93,6 +118,13 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         Some(match msg.body.ok_or(DecodeError::NoBody)? {
             pb::record::Body::Host(h) => Body::Host(host_from_pb(h)),
             pb::record::Body::Cert(c) => Body::Cert(cert_from_pb(c)),
+            pb::record::Body::Token(t) => Body::Token(ApiToken {
+                id: t.id,
+                name: t.name,
+                sha256_hex: t.sha256_hex,
+                created_at_ms: t.created_at_ms,
+                created_on: t.created_on,
+            }),
         })
     };
     Ok(Record {

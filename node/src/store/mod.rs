@@ -19,7 +19,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
-pub use codec::{Body, Record};
+pub use codec::{ApiToken, Body, Record};
 use hlc::Hlc;
 
 use crate::host::ProxyHost;
@@ -35,6 +35,7 @@ const VV: TableDefinition<&str, u64> = TableDefinition::new("vv");
 pub const DB_FILE: &str = "charon.redb";
 pub const HOST_PREFIX: &str = "host/";
 pub const CERT_PREFIX: &str = "cert/";
+pub const TOKEN_PREFIX: &str = "token/";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -129,6 +130,7 @@ pub type HostSet = Vec<Arc<ProxyHost>>;
 pub struct Snapshot {
     pub hosts: HostSet,
     pub certs: Vec<Arc<StoredCert>>,
+    pub tokens: Vec<Arc<ApiToken>>,
 }
 
 type Subscriber = Box<dyn Fn(&Snapshot) + Send + Sync>;
@@ -170,6 +172,10 @@ impl View<'_> {
 
     pub fn certs(&self) -> &[Arc<StoredCert>] {
         &self.inner.snapshot.certs
+    }
+
+    pub fn tokens(&self) -> &[Arc<ApiToken>] {
+        &self.inner.snapshot.tokens
     }
 
     pub fn find_cert(&self, id: &str) -> Option<&Arc<StoredCert>> {
@@ -521,7 +527,9 @@ impl Store {
             inner.gc_floor = floor;
         }
         let applied = winners.len();
-        let touches = |k: &str| k.starts_with(HOST_PREFIX) || k.starts_with(CERT_PREFIX);
+        let touches = |k: &str| {
+            k.starts_with(HOST_PREFIX) || k.starts_with(CERT_PREFIX) || k.starts_with(TOKEN_PREFIX)
+        };
         let touched = winners.keys().any(|k| touches(k)) || removed.iter().any(|k| touches(k));
         for k in removed {
             if let Some(old) = inner.records.remove(&k) {
@@ -726,11 +734,16 @@ fn snapshot(records: &BTreeMap<String, Record>) -> Snapshot {
     Snapshot {
         hosts: live(records, HOST_PREFIX, Body::as_host),
         certs: live(records, CERT_PREFIX, Body::as_cert),
+        tokens: live(records, TOKEN_PREFIX, Body::as_token),
     }
 }
 
 pub fn host_key(id: &str) -> String {
     format!("{HOST_PREFIX}{id}")
+}
+
+pub fn token_key(id: &str) -> String {
+    format!("{TOKEN_PREFIX}{id}")
 }
 
 pub fn cert_key(id: &str) -> String {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use charon_proto::v1::{
-    AddCertificateRequest, CreateHostRequest, Location, LocationList, ProxyHost,
+    AddCertificateRequest, CreateHostRequest, DrainRequest, Location, LocationList, ProxyHost,
     ReplaceCertificateRequest, StringList, UpdateHostRequest,
 };
 use clap::builder::{OsStringValueParser, TypedValueParser};
@@ -21,15 +21,18 @@ use crate::error::CtlError;
 
 const GLOBAL: &str = "Global options";
 const WAIT: &str = "Waiting for replication";
+const DRAIN_WAIT: &str = "Following the drain";
 
 /// The exit codes, listed under the top-level `--help`.
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success (a `cluster status` that is not converged is a success too)
-  1  the call failed: the node is unreachable, refused it, or failed
+  1  the call failed: the node is unreachable, refused it, or failed;
+     `node drain --wait`: the drained node was not live for over 10s
   2  usage error: a bad flag or argument, nothing was sent
   4  --wait: the write succeeded, but not every live node applied it
-     within --wait-timeout";
+     within --wait-timeout; for `node drain`, the node still had
+     connections when --wait-timeout passed (the drain goes on)";
 
 /// The longest `--wait-timeout`: the node stops waiting after 10 minutes.
 pub const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -129,6 +132,12 @@ pub enum Command {
     /// The cluster's members and whether they have applied the same writes.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// API tokens: bearer tokens that work on every node of the cluster.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Drain a node before taking it down, and follow the drain.
+    #[command(subcommand)]
+    Node(NodeCommand),
 }
 
 impl Command {
@@ -142,10 +151,30 @@ impl Command {
             Command::Cert(CertCommand::Add(args)) => &args.wait,
             Command::Cert(CertCommand::Replace(args)) => &args.wait,
             Command::Cert(CertCommand::Rm { wait, .. }) => wait,
+            Command::Token(TokenCommand::Create { wait, .. }) => wait,
+            Command::Token(TokenCommand::Revoke { wait, .. }) => wait,
             _ => return None,
         };
         wait.timeout()
     }
+
+    /// `node drain --wait`: follow the drain until the node is drained.
+    /// Not a wait for replication: [`Command::wait`] is `None` for it.
+    pub fn drain_wait(&self) -> Option<DrainWait> {
+        match self {
+            Command::Node(NodeCommand::Drain(args)) => args.wait.wait.then_some(DrainWait {
+                timeout: args.wait.wait_timeout,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// How `node drain --wait` follows the drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainWait {
+    /// `--wait-timeout`; `None`: no limit.
+    pub timeout: Option<Duration>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -164,6 +193,126 @@ pub enum ClusterCommand {
     /// and applied writes (per origin node, the highest sequence applied).
     /// Exits 0 whether converged or not: it is a report.
     Status,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token; its secret is printed once and cannot be shown again.
+    ///
+    /// The node keeps only the secret's SHA-256, replicated to every node,
+    /// so the token works on all of them. Table mode prints the secret on a
+    /// line of its own; `-o json` prints {"token": {...}, "secret": "..."}.
+    Create {
+        /// A label for the token, unique in the cluster: 1-64 letters,
+        /// digits, '-', '_', '.' or '@'.
+        #[arg(value_name = "NAME")]
+        name: String,
+
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// List the tokens (never their secrets).
+    ///
+    /// CREATED is UTC; CREATED ON is the node that created the token. Each
+    /// node's bootstrap admin token is listed as admin-<node name>.
+    #[command(alias = "ls")]
+    List,
+    /// Revoke a token: it stops working on every node.
+    #[command(alias = "rm")]
+    Revoke {
+        /// The token's id or name. (Not `token`: that is the global
+        /// `--token`'s id, which clap would let this argument shadow.)
+        #[arg(value_name = "ID|NAME")]
+        id_or_name: String,
+
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Drain a node before taking it down for a rollout.
+    ///
+    /// The node says `draining` in gossip, answers /readyz with 503, closes
+    /// its listeners, ends keep-alive and HTTP/2 connections gracefully, and
+    /// closes WebSocket tunnels (1001) at the deadline, spread over a window.
+    /// Any node accepts the drain, and it holds across the drained node's
+    /// restart until `node undrain`.
+    Drain(DrainArgs),
+    /// Withdraw a drain: the node serves again.
+    Undrain {
+        /// The node's name or id (as `cluster members` lists them).
+        #[arg(value_name = "NODE")]
+        node: String,
+    },
+    /// Show how far a node's drain has come.
+    ///
+    /// Its open HTTP connections and WebSocket tunnels, whether its
+    /// listeners are closed and its deadline, as the node last published
+    /// them in gossip; any node answers.
+    Status {
+        /// The node's name or id (as `cluster members` lists them).
+        #[arg(value_name = "NODE")]
+        node: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DrainArgs {
+    /// The node's name or id (as `cluster members` lists them).
+    #[arg(value_name = "NODE")]
+    pub node: String,
+
+    /// Close the node's WebSocket tunnels this long from now: a number and
+    /// a unit (ms, s, m, h), e.g. 90s, 5m or 1m30s, rounded up to whole
+    /// seconds [default: the drained node's configured deadline].
+    #[arg(long, value_name = "DURATION", value_parser = parse_drain_secs)]
+    pub deadline: Option<u32>,
+
+    /// Spread the tunnel closes over this long after the deadline, so that
+    /// clients do not all reconnect at once; rounded up to whole seconds
+    /// [default: the drained node's configured spread].
+    #[arg(long, value_name = "DURATION", value_parser = parse_drain_secs)]
+    pub spread: Option<u32>,
+
+    #[command(flatten)]
+    pub wait: DrainWaitArgs,
+}
+
+impl DrainArgs {
+    /// An absent flag sends 0: the drained node's default.
+    pub fn to_request(&self) -> DrainRequest {
+        DrainRequest {
+            node: self.node.clone(),
+            deadline_secs: self.deadline.unwrap_or(0),
+            spread_secs: self.spread.unwrap_or(0),
+        }
+    }
+}
+
+/// `--wait` and `--wait-timeout` of `node drain`: they follow the drain,
+/// not the replication of the write.
+#[derive(Debug, Clone, Copy, Args)]
+#[command(next_help_heading = DRAIN_WAIT)]
+pub struct DrainWaitArgs {
+    /// After the drain is requested, follow it until the node has no HTTP
+    /// connections and no WebSocket tunnels left, with progress on stderr,
+    /// then say how long it took. Exits 0 once drained, 1 if the node is not
+    /// live for more than 10s, 4 if --wait-timeout passes first (the drain
+    /// goes on). With -o json, stdout gets the final drain status.
+    #[arg(long)]
+    pub wait: bool,
+
+    /// How long --wait follows the drain: a number and a unit (ms, s, m,
+    /// h), e.g. 90s, 10m or 1h [default: no limit].
+    #[arg(
+        long,
+        value_name = "DURATION",
+        value_parser = parse_positive_duration,
+        requires = "wait"
+    )]
+    pub wait_timeout: Option<Duration>,
 }
 
 /// `--wait` and `--wait-timeout`, on every command that writes.
@@ -716,14 +865,32 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
 
 /// Parses `--wait-timeout`: a duration above zero and at most [`MAX_WAIT`].
 pub fn parse_wait_timeout(value: &str) -> Result<Duration, String> {
-    let timeout = parse_duration(value)?;
-    if timeout.is_zero() {
-        return Err("the timeout must be more than 0".into());
-    }
+    let timeout = parse_positive_duration(value)?;
     if timeout > MAX_WAIT {
         return Err("at most 10m: the node stops waiting after 10 minutes".into());
     }
     Ok(timeout)
+}
+
+/// Parses a duration above zero (`node drain --wait-timeout`).
+pub fn parse_positive_duration(value: &str) -> Result<Duration, String> {
+    let duration = parse_duration(value)?;
+    if duration.is_zero() {
+        return Err("the timeout must be more than 0".into());
+    }
+    Ok(duration)
+}
+
+/// Parses `--deadline` and `--spread` of `node drain`: a duration above
+/// zero, rounded up to whole seconds. 0 is refused because the API reads
+/// 0 as "the node's default", which is what leaving the flag out says.
+pub fn parse_drain_secs(value: &str) -> Result<u32, String> {
+    let duration = parse_duration(value)?;
+    if duration.is_zero() {
+        return Err("must be more than 0; leave the flag out for the node's default".into());
+    }
+    let secs = duration.as_secs() + u64::from(duration.subsec_nanos() > 0);
+    u32::try_from(secs).map_err(|_| format!("{} is too long", value.trim()))
 }
 
 #[cfg(test)]
@@ -1275,7 +1442,7 @@ mod tests {
 
     #[test]
     fn every_write_takes_wait() {
-        let writes: [&[&str]; 6] = [
+        let writes: [&[&str]; 8] = [
             &["host", "add", "a.example", "--upstream", "http://b:1"],
             &["host", "update", "h1", "--name", "x"],
             &["host", "rm", "h1"],
@@ -1284,6 +1451,8 @@ mod tests {
                 "cert", "replace", "c1", "--cert", "/c.pem", "--key", "/k.pem",
             ],
             &["cert", "rm", "c1"],
+            &["token", "create", "ci"],
+            &["token", "revoke", "ci"],
         ];
         for args in writes {
             assert_eq!(parse(args).unwrap().command.wait(), None, "{args:?}");
@@ -1316,9 +1485,132 @@ mod tests {
             &["cert", "list", "--wait"],
             &["cluster", "members", "--wait"],
             &["cluster", "status", "--wait"],
+            &["token", "list", "--wait"],
+            &["node", "status", "n2", "--wait"],
+            &["node", "undrain", "n2", "--wait"],
         ] {
             assert!(parse(args).is_err(), "{args:?} was accepted");
         }
+    }
+
+    #[test]
+    fn token_commands() {
+        let cli = parse(&["token", "create", "ci"]).unwrap();
+        let Command::Token(TokenCommand::Create { name, .. }) = &cli.command else {
+            panic!("not token create")
+        };
+        assert_eq!(name, "ci");
+        assert_eq!(cli.command.drain_wait(), None);
+        for args in [&["token", "list"][..], &["token", "ls"]] {
+            let cli = parse(args).unwrap();
+            assert!(matches!(cli.command, Command::Token(TokenCommand::List)));
+        }
+        for args in [&["token", "revoke", "t-1"][..], &["token", "rm", "t-1"]] {
+            // The global --token still works next to the positional.
+            let with_token = [args, &["--token", "good"]].concat();
+            assert_eq!(parse(&with_token).unwrap().token.as_deref(), Some("good"));
+            let cli = parse(args).unwrap();
+            let Command::Token(TokenCommand::Revoke { id_or_name, .. }) = cli.command else {
+                panic!("not token revoke")
+            };
+            assert_eq!(id_or_name, "t-1");
+            assert_eq!(cli.token, None);
+        }
+        for args in [
+            &["token"][..],
+            &["token", "create"],
+            &["token", "create", "a", "b"],
+            &["token", "revoke"],
+        ] {
+            assert!(parse(args).is_err(), "{args:?} was accepted");
+        }
+    }
+
+    fn drain(args: &[&str]) -> Cli {
+        parse(&[&["node", "drain", "n2"], args].concat()).unwrap()
+    }
+
+    fn drain_request(args: &[&str]) -> DrainRequest {
+        let Command::Node(NodeCommand::Drain(args)) = drain(args).command else {
+            panic!("not node drain")
+        };
+        args.to_request()
+    }
+
+    #[test]
+    fn drain_sends_whole_seconds_rounded_up_and_0_for_the_defaults() {
+        let req = drain_request(&[]);
+        assert_eq!(req.node, "n2");
+        assert_eq!((req.deadline_secs, req.spread_secs), (0, 0));
+        let req = drain_request(&["--deadline", "5m", "--spread", "30s"]);
+        assert_eq!((req.deadline_secs, req.spread_secs), (300, 30));
+        let req = drain_request(&["--deadline", "1m30s500ms", "--spread", "1ms"]);
+        assert_eq!((req.deadline_secs, req.spread_secs), (91, 1));
+    }
+
+    #[test]
+    fn drain_durations() {
+        assert_eq!(parse_drain_secs("2s"), Ok(2));
+        assert_eq!(parse_drain_secs("2001ms"), Ok(3));
+        assert_eq!(parse_drain_secs("1h"), Ok(3600));
+        let err = parse_drain_secs("0s").unwrap_err();
+        assert!(err.contains("node's default"), "{err}");
+        assert!(parse_drain_secs("5").is_err());
+        assert!(parse_drain_secs("5000000000s").is_err());
+    }
+
+    #[test]
+    fn drain_wait_follows_the_drain_without_a_limit_unless_given() {
+        let cli = drain(&[]);
+        assert_eq!(cli.command.drain_wait(), None);
+        assert_eq!(cli.command.wait(), None);
+        let cli = drain(&["--wait"]);
+        assert_eq!(cli.command.drain_wait(), Some(DrainWait { timeout: None }));
+        // Not a wait for replication.
+        assert_eq!(cli.command.wait(), None);
+        let cli = drain(&["--wait", "--wait-timeout", "10m"]);
+        assert_eq!(
+            cli.command.drain_wait(),
+            Some(DrainWait {
+                timeout: Some(Duration::from_secs(600))
+            })
+        );
+        // Unlike a write's --wait, it may wait longer than 10 minutes.
+        let cli = drain(&["--wait", "--wait-timeout", "1h"]);
+        assert_eq!(
+            cli.command.drain_wait(),
+            Some(DrainWait {
+                timeout: Some(Duration::from_secs(3600))
+            })
+        );
+    }
+
+    #[test]
+    fn node_usage_errors() {
+        for args in [
+            &["node", "drain"][..],
+            &["node", "drain", "n2", "--wait-timeout", "1m"],
+            &["node", "drain", "n2", "--wait", "--wait-timeout", "0s"],
+            &["node", "drain", "n2", "--deadline", "0s"],
+            &["node", "drain", "n2", "--spread", "10"],
+            &["node", "undrain"],
+            &["node", "status"],
+            &["node", "undrain", "n2", "--deadline", "1m"],
+            &["node"],
+        ] {
+            assert!(parse(args).is_err(), "{args:?} was accepted");
+        }
+        let cli = parse(&["node", "status", "n2", "-o", "json"]).unwrap();
+        let Command::Node(NodeCommand::Status { node }) = cli.command else {
+            panic!("not node status")
+        };
+        assert_eq!(node, "n2");
+        assert_eq!(cli.output, OutputFormat::Json);
+        let cli = parse(&["node", "undrain", "n2"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Node(NodeCommand::Undrain { .. })
+        ));
     }
 
     #[test]

@@ -8,6 +8,8 @@ use std::time::Duration;
 use charon_proto::v1::certificates_client::CertificatesClient;
 use charon_proto::v1::cluster_client::ClusterClient;
 use charon_proto::v1::hosts_client::HostsClient;
+use charon_proto::v1::nodes_client::NodesClient;
+use charon_proto::v1::tokens_client::TokensClient;
 use tonic::metadata::{Ascii, MetadataMap, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
@@ -40,12 +42,16 @@ pub type Authed = InterceptedService<Channel, BearerAuth>;
 pub type Hosts = HostsClient<Authed>;
 pub type Certificates = CertificatesClient<Authed>;
 pub type Cluster = ClusterClient<Authed>;
+pub type Tokens = TokensClient<Authed>;
+pub type Nodes = NodesClient<Authed>;
 
 /// The API's services, sharing one connection.
 pub struct Api {
     pub hosts: Hosts,
     pub certificates: Certificates,
     pub cluster: Cluster,
+    pub tokens: Tokens,
+    pub nodes: Nodes,
 }
 
 /// The version of a write, as `Cluster.WaitForWrite` takes it.
@@ -198,7 +204,9 @@ pub async fn connect(endpoint: &str, token: &str, call_timeout: Duration) -> Res
     Ok(Api {
         hosts: HostsClient::with_interceptor(channel.clone(), auth.clone()),
         certificates: CertificatesClient::with_interceptor(channel.clone(), auth.clone()),
-        cluster: ClusterClient::with_interceptor(channel, auth),
+        cluster: ClusterClient::with_interceptor(channel.clone(), auth.clone()),
+        tokens: TokensClient::with_interceptor(channel.clone(), auth.clone()),
+        nodes: NodesClient::with_interceptor(channel, auth),
     })
 }
 

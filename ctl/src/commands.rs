@@ -2,7 +2,8 @@
 //! built first (so a missing file is reported without a node), then one API
 //! call, then its rendering: the answer on stdout, warnings on stderr. With
 //! `--wait`, a write is followed by `Cluster.WaitForWrite`, reported on
-//! stderr so that stdout stays the write's answer.
+//! stderr so that stdout stays the write's answer; `node drain --wait` is
+//! followed by polls of `Nodes.DrainStatus` instead (see [`crate::drain`]).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -10,34 +11,42 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use charon_proto::v1::{
     AddCertificateRequest, Certificate, ClusterStatusRequest, CreateHostRequest,
-    DeleteCertificateRequest, DeleteHostRequest, GetCertificateRequest, GetHostRequest,
-    ListCertificatesRequest, ListHostsRequest, ListMembersRequest, ProxyHost,
-    ReplaceCertificateRequest, UpdateHostRequest, WaitForWriteRequest,
+    CreateTokenRequest, DeleteCertificateRequest, DeleteHostRequest, DrainRequest,
+    DrainStatusRequest, GetCertificateRequest, GetHostRequest, ListCertificatesRequest,
+    ListHostsRequest, ListMembersRequest, ListTokensRequest, ProxyHost, ReplaceCertificateRequest,
+    RevokeTokenRequest, UndrainRequest, UpdateHostRequest, WaitForWriteRequest,
 };
 use tonic::metadata::MetadataMap;
-use tonic::Code;
+use tonic::{Code, Status};
 
 use crate::cli::{
-    self, CertCommand, Cli, ClusterCommand, Command, HostCommand, OutputFormat, ReadFile,
+    self, CertCommand, Cli, ClusterCommand, Command, HostCommand, NodeCommand, OutputFormat,
+    ReadFile, TokenCommand,
 };
 use crate::client::{self, Api, WriteStamp};
 use crate::error::{CtlError, EXIT_NOT_REPLICATED};
-use crate::output;
+use crate::{drain, output};
 
 /// Runs the command. The exit code is [`EXIT_NOT_REPLICATED`] when `--wait`
 /// ran out of time, 0 otherwise; a failure is an `Err`.
 pub async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
     let wait = cli.command.wait();
+    let drain_wait = cli.command.drain_wait();
+    let json = cli.output == OutputFormat::Json;
     let call = Call::prepare(cli.command, &cli::read_file)?;
+    let method = call.method();
     let source = client::token_source(cli.token, cli.token_file, |name| std::env::var(name).ok());
     let token = client::resolve_token(source)?;
     let mut api = client::connect(&cli.endpoint, &token, client::call_timeout(wait)).await?;
     let printed = call
-        .execute(&mut api, cli.output == OutputFormat::Json, now_ms())
+        .execute(&mut api, json, now_ms())
         .await
-        .map_err(|status| CtlError::from_status(status, &cli.endpoint))?;
+        .map_err(|status| call_error(status, method, &cli.endpoint))?;
     // The write's answer goes out before the wait, which may take a while.
     print(&printed.stdout, &printed.stderr)?;
+    if let (Some(drain_wait), Some(node)) = (drain_wait, &printed.drained_node) {
+        return drain::follow(&mut api.nodes, node, drain_wait, json, &cli.endpoint).await;
+    }
     let Some(timeout) = wait else {
         return Ok(ExitCode::SUCCESS);
     };
@@ -84,17 +93,26 @@ async fn wait_for_write(
         .wait_for_write(request)
         .await
         .map_err(|status| {
-            let error = if status.code() == Code::Unimplemented {
-                CtlError::Refused(
-                    "the node has no Cluster.WaitForWrite; is it older than charonctl?".into(),
-                )
-            } else {
-                CtlError::from_status(status, endpoint)
-            };
-            CtlError::Wait(Box::new(error))
+            CtlError::Wait(Box::new(call_error(
+                status,
+                "Cluster.WaitForWrite",
+                endpoint,
+            )))
         })?
         .into_inner();
     Ok((output::wait_report(&reply, timeout), reply.complete))
+}
+
+/// The error of a failed call to `method` (`Service.Method`): a node that
+/// does not know the method is most likely older than charonctl.
+pub fn call_error(status: Status, method: &str, endpoint: &str) -> CtlError {
+    if status.code() == Code::Unimplemented {
+        CtlError::Refused(format!(
+            "the node has no {method}; is it older than charonctl?"
+        ))
+    } else {
+        CtlError::from_status(status, endpoint)
+    }
 }
 
 /// What a successful call prints.
@@ -104,6 +122,9 @@ struct Printed {
     stderr: String,
     /// The answer's metadata: for a write, the version `--wait` waits for.
     metadata: MetadataMap,
+    /// After `node drain`: the id (or, failing that, the name) of the node
+    /// that `--wait` follows.
+    drained_node: Option<String>,
 }
 
 impl Printed {
@@ -113,6 +134,7 @@ impl Printed {
             stdout,
             stderr: String::new(),
             metadata,
+            drained_node: None,
         }
     }
 }
@@ -138,11 +160,23 @@ enum Call {
     DeleteCertificate(DeleteCertificateRequest),
     ListMembers,
     ClusterStatus,
+    CreateToken(CreateTokenRequest),
+    ListTokens,
+    RevokeToken(RevokeTokenRequest),
+    /// `follow`: `--wait` follows the drain, and stdout is left to its end
+    /// in JSON mode.
+    Drain {
+        request: DrainRequest,
+        follow: bool,
+    },
+    Undrain(UndrainRequest),
+    DrainStatus(DrainStatusRequest),
 }
 
 impl Call {
     /// Reads the files the command names and builds its request.
     fn prepare(command: Command, read: &ReadFile) -> Result<Self, CtlError> {
+        let follow = command.drain_wait().is_some();
         Ok(match command {
             Command::Host(cmd) => match cmd {
                 HostCommand::List => Call::ListHosts,
@@ -166,7 +200,46 @@ impl Call {
                 ClusterCommand::Members => Call::ListMembers,
                 ClusterCommand::Status => Call::ClusterStatus,
             },
+            Command::Token(cmd) => match cmd {
+                TokenCommand::Create { name, .. } => Call::CreateToken(CreateTokenRequest { name }),
+                TokenCommand::List => Call::ListTokens,
+                TokenCommand::Revoke { id_or_name, .. } => {
+                    Call::RevokeToken(RevokeTokenRequest { id_or_name })
+                }
+            },
+            Command::Node(cmd) => match cmd {
+                NodeCommand::Drain(args) => Call::Drain {
+                    request: args.to_request(),
+                    follow,
+                },
+                NodeCommand::Undrain { node } => Call::Undrain(UndrainRequest { node }),
+                NodeCommand::Status { node } => Call::DrainStatus(DrainStatusRequest { node }),
+            },
         })
+    }
+
+    /// The API method the call makes, as `Service.Method`.
+    fn method(&self) -> &'static str {
+        match self {
+            Call::ListHosts => "Hosts.ListHosts",
+            Call::GetHost(_) => "Hosts.GetHost",
+            Call::CreateHost(_) => "Hosts.CreateHost",
+            Call::UpdateHost(_) => "Hosts.UpdateHost",
+            Call::DeleteHost(_) => "Hosts.DeleteHost",
+            Call::ListCertificates => "Certificates.ListCertificates",
+            Call::GetCertificate(_) => "Certificates.GetCertificate",
+            Call::AddCertificate(_) => "Certificates.AddCertificate",
+            Call::ReplaceCertificate(_) => "Certificates.ReplaceCertificate",
+            Call::DeleteCertificate(_) => "Certificates.DeleteCertificate",
+            Call::ListMembers => "Cluster.ListMembers",
+            Call::ClusterStatus => "Cluster.Status",
+            Call::CreateToken(_) => "Tokens.CreateToken",
+            Call::ListTokens => "Tokens.ListTokens",
+            Call::RevokeToken(_) => "Tokens.RevokeToken",
+            Call::Drain { .. } => "Nodes.Drain",
+            Call::Undrain(_) => "Nodes.Undrain",
+            Call::DrainStatus(_) => "Nodes.DrainStatus",
+        }
     }
 
     /// Makes the call and returns what to print; `now_ms` dates the days
@@ -180,6 +253,8 @@ impl Call {
         let hosts = &mut api.hosts;
         let certs = &mut api.certificates;
         let cluster = &mut api.cluster;
+        let tokens = &mut api.tokens;
+        let nodes = &mut api.nodes;
         Ok(match self {
             Call::ListHosts => {
                 let list = hosts.list_hosts(ListHostsRequest {}).await?.into_inner();
@@ -229,6 +304,7 @@ impl Call {
                     stdout: show_cert(&cert, Some("added"), json, now_ms),
                     stderr: output::warnings(&reply.warnings),
                     metadata,
+                    drained_node: None,
                 }
             }
             Call::ReplaceCertificate(request) => {
@@ -238,6 +314,7 @@ impl Call {
                     stdout: show_cert(&cert, Some("replaced"), json, now_ms),
                     stderr: output::warnings(&reply.warnings),
                     metadata,
+                    drained_node: None,
                 }
             }
             Call::DeleteCertificate(request) => {
@@ -262,6 +339,73 @@ impl Call {
                     to_json(&output::status_json(&status))
                 } else {
                     output::status_table(&status)
+                }
+                .into()
+            }
+            Call::CreateToken(request) => {
+                let (metadata, reply, _) = tokens.create_token(request).await?.into_parts();
+                let stdout = if json {
+                    to_json(&output::token_created_json(&reply))
+                } else {
+                    output::token_created(&reply)
+                };
+                Printed::with_metadata(stdout, metadata)
+            }
+            Call::ListTokens => {
+                let list = tokens.list_tokens(ListTokensRequest {}).await?.into_inner();
+                if json {
+                    to_json(&output::tokens_json(&list.tokens))
+                } else {
+                    output::tokens_table(&list.tokens)
+                }
+                .into()
+            }
+            Call::RevokeToken(request) => {
+                let (metadata, reply, _) = tokens.revoke_token(request).await?.into_parts();
+                let stdout = if json {
+                    to_json(&serde_json::json!({ "id": reply.id }))
+                } else {
+                    format!("revoked token {}\n", reply.id)
+                };
+                Printed::with_metadata(stdout, metadata)
+            }
+            Call::Drain { request, follow } => {
+                let node = request.node.clone();
+                let (metadata, reply, _) = nodes.drain(request).await?.into_parts();
+                let line = output::drain_started(&reply);
+                // With --wait in JSON mode, stdout is the drain's last status.
+                let (stdout, stderr) = match (json, follow) {
+                    (false, _) => (line, String::new()),
+                    (true, false) => (to_json(&output::drain_json(&reply)), String::new()),
+                    (true, true) => (String::new(), line),
+                };
+                let drained_node = if reply.node_id.is_empty() {
+                    node
+                } else {
+                    reply.node_id
+                };
+                Printed {
+                    stdout,
+                    stderr,
+                    metadata,
+                    drained_node: Some(drained_node),
+                }
+            }
+            Call::Undrain(request) => {
+                let (metadata, reply, _) = nodes.undrain(request).await?.into_parts();
+                let stdout = if json {
+                    to_json(&output::undrain_json(&reply))
+                } else {
+                    output::undrained(&reply)
+                };
+                Printed::with_metadata(stdout, metadata)
+            }
+            Call::DrainStatus(request) => {
+                let status = nodes.drain_status(request).await?.into_inner();
+                if json {
+                    to_json(&output::drain_status_json(&status))
+                } else {
+                    output::drain_status_details(&status, now_ms)
                 }
                 .into()
             }
@@ -304,13 +448,13 @@ fn deleted(kind: &str, id: &str, json: bool) -> String {
     }
 }
 
-fn to_json(value: &serde_json::Value) -> String {
+pub fn to_json(value: &serde_json::Value) -> String {
     let mut text = serde_json::to_string_pretty(value).expect("a json Value always serializes");
     text.push('\n');
     text
 }
 
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

@@ -3,7 +3,7 @@
 //!
 //! Exit codes: 0 on success, 1 when the call failed (any [`CtlError`]),
 //! 2 on a usage error (clap), [`EXIT_NOT_REPLICATED`] when `--wait` ran out
-//! of time.
+//! of time ([`EXIT_NOT_DRAINED`] for `node drain --wait`, the same code).
 
 use std::path::PathBuf;
 
@@ -12,6 +12,10 @@ use tonic::{Code, Status};
 /// The exit code when `--wait` ran out of time: the write succeeded, but
 /// some live node had not applied it. Not an error: the write stands.
 pub const EXIT_NOT_REPLICATED: u8 = 4;
+
+/// The exit code when `node drain --wait` ran out of time: the node still
+/// had connections. Not an error either: the drain goes on.
+pub const EXIT_NOT_DRAINED: u8 = EXIT_NOT_REPLICATED;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
@@ -70,6 +74,26 @@ pub enum CtlError {
     /// The write succeeded, but `Cluster.WaitForWrite` failed.
     #[error("the write succeeded, but waiting for it to replicate failed: {0}")]
     Wait(Box<CtlError>),
+
+    /// `node drain --wait`: the drain was requested, but a
+    /// `Nodes.DrainStatus` call failed.
+    #[error("the drain was requested, but following it failed: {0}")]
+    DrainWait(Box<CtlError>),
+
+    /// `node drain --wait`: the drained node dropped out of gossip.
+    #[error(
+        "{node} has not been live for more than {}s; stopped following its drain \
+         (the drain stands: see `charonctl node status {node}`)",
+        .limit.as_secs()
+    )]
+    NotLive {
+        node: String,
+        limit: std::time::Duration,
+    },
+
+    /// `node drain --wait`: someone withdrew the drain meanwhile.
+    #[error("{0} was undrained meanwhile; stopped following its drain")]
+    Undrained(String),
 }
 
 impl CtlError {
@@ -162,6 +186,32 @@ mod tests {
         );
         assert!(line.contains("Unimplemented"), "{line}");
         assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn drain_wait_errors_are_one_line() {
+        let errors = [
+            CtlError::DrainWait(Box::new(CtlError::from_status(
+                Status::internal("boom"),
+                EP,
+            ))),
+            CtlError::NotLive {
+                node: "n2".into(),
+                limit: std::time::Duration::from_secs(10),
+            },
+            CtlError::Undrained("n2".into()),
+        ];
+        let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            [
+                "the drain was requested, but following it failed: \
+                 the node failed: boom (Internal)",
+                "n2 has not been live for more than 10s; stopped following its drain \
+                 (the drain stands: see `charonctl node status n2`)",
+                "n2 was undrained meanwhile; stopped following its drain",
+            ]
+        );
     }
 
     #[test]

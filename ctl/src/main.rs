@@ -3,17 +3,20 @@
 //! - [`cli`]: clap types, flag parsing, arguments → API requests
 //! - [`client`]: token lookup, connection, bearer-token interceptor
 //! - [`commands`]: one API call per command, rendered on stdout
+//! - [`drain`]: `node drain --wait`, following a drain with live progress
 //! - [`output`]: table and JSON rendering
 //! - [`error`]: failures worded for the operator
 //!
 //! Exit codes: 0 on success, 1 when the call failed, 2 on a usage error,
-//! 4 when `--wait` ran out of time (see [`error::EXIT_NOT_REPLICATED`]).
+//! 4 when `--wait` ran out of time (see [`error::EXIT_NOT_REPLICATED`] and
+//! [`error::EXIT_NOT_DRAINED`]).
 
 #![forbid(unsafe_code)]
 
 mod cli;
 mod client;
 mod commands;
+mod drain;
 mod error;
 mod output;
 

@@ -10,7 +10,8 @@
 use std::time::Duration;
 
 use charon_proto::v1::{
-    Certificate, ClusterStatusResponse, Location, Member, ProxyHost, WaitForWriteResponse,
+    ApiToken, Certificate, ClusterStatusResponse, CreateTokenResponse, DrainResponse,
+    DrainStatusResponse, Location, Member, ProxyHost, UndrainResponse, WaitForWriteResponse,
 };
 use serde_json::{json, Value};
 
@@ -354,6 +355,286 @@ pub fn wait_report(reply: &WaitForWriteResponse, timeout: Duration) -> String {
         names(&reply.pending),
         names(&reply.applied)
     )
+}
+
+/// `token create` in table mode: what was created, then the secret on a
+/// line of its own (the only time it is shown), so that it can be copied
+/// or cut out whole.
+pub fn token_created(reply: &CreateTokenResponse) -> String {
+    let token = reply.token.clone().unwrap_or_default();
+    format!(
+        "created token {}\n{}secret (shown once; store it now):\n{}\n",
+        token.id,
+        token_details(&token),
+        reply.secret
+    )
+}
+
+/// One token, one `key: value` line per field.
+fn token_details(t: &ApiToken) -> String {
+    key_values(&[
+        ("id", t.id.clone()),
+        ("name", t.name.clone()),
+        ("created", unix_ms(t.created_at_ms)),
+        ("created on", or_dash(&t.created_on)),
+    ])
+}
+
+/// `token create -o json`: `{"token": {...}, "secret": "..."}`.
+pub fn token_created_json(reply: &CreateTokenResponse) -> Value {
+    json!({
+        "token": token_json(&reply.token.clone().unwrap_or_default()),
+        "secret": reply.secret,
+    })
+}
+
+/// `token list` in table mode: one row per token, in the node's order.
+pub fn tokens_table(tokens: &[ApiToken]) -> String {
+    if tokens.is_empty() {
+        return "no tokens\n".to_string();
+    }
+    let header = ["ID", "NAME", "CREATED", "CREATED ON"];
+    let mut rows = vec![header.map(String::from).to_vec()];
+    rows.extend(tokens.iter().map(|t| {
+        vec![
+            t.id.clone(),
+            t.name.clone(),
+            unix_ms(t.created_at_ms),
+            or_dash(&t.created_on),
+        ]
+    }));
+    align(&rows)
+}
+
+/// One token as a JSON object with every field of `ApiToken` (the API has
+/// no secret in it).
+pub fn token_json(t: &ApiToken) -> Value {
+    json!({
+        "id": t.id,
+        "name": t.name,
+        "created_at_ms": t.created_at_ms,
+        "created_on": t.created_on,
+    })
+}
+
+pub fn tokens_json(tokens: &[ApiToken]) -> Value {
+    Value::Array(tokens.iter().map(token_json).collect())
+}
+
+/// A node as people name it: its name, or its short id when it has none.
+fn node_label(name: &str, node_id: &str) -> String {
+    if name.is_empty() {
+        short_id(node_id)
+    } else {
+        name.to_string()
+    }
+}
+
+/// A node with its short id: `n2 (7b2d4e6f)`, or the short id alone.
+fn node_with_id(name: &str, node_id: &str) -> String {
+    match (name.is_empty(), node_id.is_empty()) {
+        (false, false) => format!("{name} ({})", short_id(node_id)),
+        (false, true) => name.to_string(),
+        (true, _) => short_id(node_id),
+    }
+}
+
+/// `node drain` in table mode: when the node's WebSocket tunnels close.
+pub fn drain_started(reply: &DrainResponse) -> String {
+    let close = if reply.deadline_ms == 0 {
+        "at the node's deadline".to_string()
+    } else {
+        format!("at {}", unix_ms(reply.deadline_ms))
+    };
+    let spread = if reply.spread_secs == 0 {
+        String::new()
+    } else {
+        format!(
+            " (+ spread {})",
+            format_duration(Duration::from_secs(reply.spread_secs.into()))
+        )
+    };
+    format!(
+        "draining {}: WebSocket tunnels close {close}{spread}\n",
+        node_with_id(&reply.name, &reply.node_id)
+    )
+}
+
+pub fn drain_json(reply: &DrainResponse) -> Value {
+    json!({
+        "node_id": reply.node_id,
+        "name": reply.name,
+        "deadline_ms": reply.deadline_ms,
+        "spread_secs": reply.spread_secs,
+    })
+}
+
+/// `node undrain` in table mode.
+pub fn undrained(reply: &UndrainResponse) -> String {
+    format!(
+        "undrained {}: it serves again\n",
+        node_with_id(&reply.name, &reply.node_id)
+    )
+}
+
+pub fn undrain_json(reply: &UndrainResponse) -> Value {
+    json!({ "node_id": reply.node_id, "name": reply.name })
+}
+
+/// `node status` in table mode: one `key: value` line per field; `now_ms`
+/// (Unix milliseconds) is the clock the time to the deadline is counted from.
+pub fn drain_status_details(s: &DrainStatusResponse, now_ms: u64) -> String {
+    let node = match (s.name.is_empty(), s.node_id.is_empty()) {
+        (false, false) => format!("{} ({})", s.name, s.node_id),
+        _ => node_label(&s.name, &s.node_id),
+    };
+    let deadline = match deadline_left(s.deadline_ms, now_ms) {
+        None => "-".to_string(),
+        Some(None) => format!("{} (passed)", unix_ms(s.deadline_ms)),
+        Some(Some(left)) => format!("{} (in {left})", unix_ms(s.deadline_ms)),
+    };
+    key_values(&[
+        ("node", node),
+        ("status", or_dash(&s.status)),
+        ("state", live_dead(s.live)),
+        ("drain requested", yes_no(s.requested)),
+        ("http connections", s.http_connections.to_string()),
+        ("tunnels", s.tunnels.to_string()),
+        (
+            "listeners",
+            if s.listeners_closed { "closed" } else { "open" }.to_string(),
+        ),
+        ("deadline", deadline),
+        ("cut", s.cut.to_string()),
+    ])
+}
+
+/// The whole `DrainStatusResponse` (`node status -o json`, and the final
+/// answer of `node drain --wait -o json`).
+pub fn drain_status_json(s: &DrainStatusResponse) -> Value {
+    json!({
+        "node_id": s.node_id,
+        "name": s.name,
+        "status": s.status,
+        "live": s.live,
+        "http_connections": s.http_connections,
+        "tunnels": s.tunnels,
+        "deadline_ms": s.deadline_ms,
+        "listeners_closed": s.listeners_closed,
+        "cut": s.cut,
+        "requested": s.requested,
+    })
+}
+
+/// The width of the progress bar of `node drain --wait`, in characters.
+pub const BAR_WIDTH: u64 = 10;
+
+/// One progress line of `node drain --wait`, without a line end:
+/// `[#####-----] n2 draining: 12 HTTP connections, 340 tunnels, 2m10s to
+/// deadline`. The bar fills with the share of the connections and tunnels
+/// of the first poll (`first_total`) that are gone; `now_ms` (Unix
+/// milliseconds) is the clock the time to the deadline is counted from.
+pub fn drain_progress(s: &DrainStatusResponse, first_total: u64, now_ms: u64) -> String {
+    let total = s.http_connections.saturating_add(s.tunnels);
+    let gone = first_total.saturating_sub(total);
+    let filled = if first_total == 0 {
+        BAR_WIDTH
+    } else {
+        (u128::from(gone) * u128::from(BAR_WIDTH) / u128::from(first_total)) as u64
+    };
+    let bar: String = (0..BAR_WIDTH)
+        .map(|i| if i < filled { '#' } else { '-' })
+        .collect();
+    let state = if !s.live {
+        "not live"
+    } else if s.status.is_empty() {
+        "-"
+    } else {
+        &s.status
+    };
+    let deadline = match deadline_left(s.deadline_ms, now_ms) {
+        None => String::new(),
+        Some(None) => ", deadline passed".to_string(),
+        Some(Some(left)) => format!(", {left} to deadline"),
+    };
+    format!(
+        "[{bar}] {} {state}: {}{deadline}",
+        node_label(&s.name, &s.node_id),
+        drain_counts(s)
+    )
+}
+
+/// `12 HTTP connections, 340 tunnels`.
+fn drain_counts(s: &DrainStatusResponse) -> String {
+    let plural = |n: u64, one: &str| format!("{n} {one}{}", if n == 1 { "" } else { "s" });
+    format!(
+        "{}, {}",
+        plural(s.http_connections, "HTTP connection"),
+        plural(s.tunnels, "tunnel")
+    )
+}
+
+/// How long until the deadline, in whole seconds rounded up: `None` when
+/// there is no deadline, `Some(None)` once it has passed.
+fn deadline_left(deadline_ms: u64, now_ms: u64) -> Option<Option<String>> {
+    if deadline_ms == 0 {
+        return None;
+    }
+    Some((deadline_ms > now_ms).then(|| {
+        let secs = (deadline_ms - now_ms).div_ceil(1000);
+        format_duration(Duration::from_secs(secs))
+    }))
+}
+
+/// The last line of `node drain --wait` when the node is drained:
+/// `n2 drained in 41s (cut: 0)`, the time rounded to whole seconds.
+pub fn drain_summary(s: &DrainStatusResponse, node: &str, elapsed: Duration) -> String {
+    let label = if s.name.is_empty() && s.node_id.is_empty() {
+        node.to_string()
+    } else {
+        node_label(&s.name, &s.node_id)
+    };
+    format!(
+        "{label} drained in {} (cut: {})\n",
+        whole_seconds(elapsed),
+        s.cut
+    )
+}
+
+/// The last line of `node drain --wait` when `--wait-timeout` passed: what
+/// was left at the last poll (`None`: no answer yet).
+pub fn drain_timeout_report(
+    s: Option<&DrainStatusResponse>,
+    node: &str,
+    timeout: Duration,
+) -> String {
+    let within = format_duration(timeout);
+    match s {
+        None => {
+            format!("{node} not drained within {within}: no drain status yet (the drain goes on)\n")
+        }
+        Some(s) => {
+            let label = if s.name.is_empty() && s.node_id.is_empty() {
+                node.to_string()
+            } else {
+                node_label(&s.name, &s.node_id)
+            };
+            format!(
+                "{label} not drained within {within}: {} left (the drain goes on)\n",
+                drain_counts(s)
+            )
+        }
+    }
+}
+
+/// A duration rounded to whole seconds, as `format_duration` writes them:
+/// `0s`, `41s`, `2m10s`.
+fn whole_seconds(d: Duration) -> String {
+    let secs = (d.as_millis() + 500) / 1000;
+    if secs == 0 {
+        return "0s".to_string();
+    }
+    format_duration(Duration::from_secs(secs as u64))
 }
 
 /// A duration as `--wait-timeout` reads it: `500ms`, `10s`, `2m`, `1m30s`.
@@ -1035,6 +1316,249 @@ n3            dead   -                 15   -
             wait_report(&none, ten),
             "not applied within 10s on: n2, n3 (applied on: none)\n"
         );
+    }
+
+    fn token(id: &str, name: &str, created_on: &str) -> ApiToken {
+        ApiToken {
+            id: id.into(),
+            name: name.into(),
+            created_at_ms: NOW,
+            created_on: created_on.into(),
+        }
+    }
+
+    #[test]
+    fn token_created_shows_the_secret_once_on_its_own_line() {
+        let reply = CreateTokenResponse {
+            token: Some(token("t-0a1b2c3d4e", "ci", "n1")),
+            secret: "charon_5ecret".into(),
+        };
+        let want = "\
+created token t-0a1b2c3d4e
+id:          t-0a1b2c3d4e
+name:        ci
+created:     2024-05-01T12:00:00Z
+created on:  n1
+secret (shown once; store it now):
+charon_5ecret
+";
+        assert_eq!(token_created(&reply), want);
+        assert_eq!(
+            token_created_json(&reply),
+            json!({
+                "token": {
+                    "id": "t-0a1b2c3d4e",
+                    "name": "ci",
+                    "created_at_ms": NOW,
+                    "created_on": "n1",
+                },
+                "secret": "charon_5ecret",
+            })
+        );
+    }
+
+    #[test]
+    fn tokens_table_columns() {
+        let tokens = [
+            token("admin-0f3a9c2e", "admin-n1", "n1"),
+            ApiToken {
+                created_at_ms: NOW + 61_000,
+                ..token("t-0a1b2c3d4e", "ci", "")
+            },
+        ];
+        let want = "\
+ID              NAME      CREATED               CREATED ON
+admin-0f3a9c2e  admin-n1  2024-05-01T12:00:00Z  n1
+t-0a1b2c3d4e    ci        2024-05-01T12:01:01Z  -
+";
+        assert_eq!(tokens_table(&tokens), want);
+        assert_eq!(tokens_table(&[]), "no tokens\n");
+        let v = tokens_json(&tokens);
+        assert_eq!(v[1]["id"], "t-0a1b2c3d4e");
+        assert_eq!(v[1]["created_on"], "");
+        assert!(v[0].get("secret").is_none());
+    }
+
+    const N2_ID: &str = "7b2d4e6f-2222-4000-8000-000000000002";
+
+    fn drain_status(http_connections: u64, tunnels: u64) -> DrainStatusResponse {
+        DrainStatusResponse {
+            node_id: N2_ID.into(),
+            name: "n2".into(),
+            status: "draining".into(),
+            live: true,
+            http_connections,
+            tunnels,
+            deadline_ms: NOW + 130_000,
+            listeners_closed: false,
+            cut: 0,
+            requested: true,
+        }
+    }
+
+    #[test]
+    fn drain_started_says_when_tunnels_close() {
+        let reply = DrainResponse {
+            node_id: N2_ID.into(),
+            name: "n2".into(),
+            deadline_ms: NOW + 300_000,
+            spread_secs: 30,
+        };
+        assert_eq!(
+            drain_started(&reply),
+            "draining n2 (7b2d4e6f): WebSocket tunnels close at 2024-05-01T12:05:00Z \
+             (+ spread 30s)\n"
+        );
+        let plain = DrainResponse {
+            name: String::new(),
+            deadline_ms: 0,
+            spread_secs: 0,
+            ..reply.clone()
+        };
+        assert_eq!(
+            drain_started(&plain),
+            "draining 7b2d4e6f: WebSocket tunnels close at the node's deadline\n"
+        );
+        let v = drain_json(&reply);
+        assert_eq!(v["node_id"], N2_ID);
+        assert_eq!(v["spread_secs"], 30);
+        assert_eq!(v["deadline_ms"], NOW + 300_000);
+        assert_eq!(
+            undrained(&UndrainResponse {
+                node_id: N2_ID.into(),
+                name: "n2".into()
+            }),
+            "undrained n2 (7b2d4e6f): it serves again\n"
+        );
+    }
+
+    #[test]
+    fn drain_progress_lines() {
+        let line = |s: &DrainStatusResponse, first, now| drain_progress(s, first, now);
+        assert_eq!(
+            line(&drain_status(12, 340), 352, NOW),
+            "[----------] n2 draining: 12 HTTP connections, 340 tunnels, 2m10s to deadline"
+        );
+        assert_eq!(
+            line(&drain_status(1, 175), 352, NOW + 500),
+            "[#####-----] n2 draining: 1 HTTP connection, 175 tunnels, 2m10s to deadline"
+        );
+        // More than at the first poll: nothing is gone.
+        assert_eq!(
+            line(&drain_status(400, 0), 352, NOW + 129_001),
+            "[----------] n2 draining: 400 HTTP connections, 0 tunnels, 1s to deadline"
+        );
+        assert_eq!(
+            line(&drain_status(0, 1), 352, NOW + 130_000),
+            "[#########-] n2 draining: 0 HTTP connections, 1 tunnel, deadline passed"
+        );
+        // Nothing at the first poll: full, waiting for the listeners.
+        let no_deadline = DrainStatusResponse {
+            deadline_ms: 0,
+            ..drain_status(0, 0)
+        };
+        assert_eq!(
+            line(&no_deadline, 0, NOW),
+            "[##########] n2 draining: 0 HTTP connections, 0 tunnels"
+        );
+        let down = DrainStatusResponse {
+            live: false,
+            name: String::new(),
+            ..drain_status(3, 4)
+        };
+        assert_eq!(
+            line(&down, 14, NOW),
+            "[#####-----] 7b2d4e6f not live: 3 HTTP connections, 4 tunnels, 2m10s to deadline"
+        );
+        let width = |s: &str| s.find(']').unwrap() - 1;
+        assert_eq!(
+            width(&line(&drain_status(1, 1), 3, NOW)),
+            BAR_WIDTH as usize
+        );
+    }
+
+    #[test]
+    fn drain_summary_and_timeout_report() {
+        let done = DrainStatusResponse {
+            status: "drained".into(),
+            cut: 2,
+            ..drain_status(0, 0)
+        };
+        let secs = Duration::from_millis;
+        assert_eq!(
+            drain_summary(&done, "n2", secs(41_400)),
+            "n2 drained in 41s (cut: 2)\n"
+        );
+        assert_eq!(
+            drain_summary(&done, "n2", secs(130_600)),
+            "n2 drained in 2m11s (cut: 2)\n"
+        );
+        assert_eq!(
+            drain_summary(&DrainStatusResponse::default(), "n9", secs(200)),
+            "n9 drained in 0s (cut: 0)\n"
+        );
+        assert_eq!(
+            drain_timeout_report(
+                Some(&drain_status(12, 340)),
+                N2_ID,
+                Duration::from_secs(600)
+            ),
+            "n2 not drained within 10m: 12 HTTP connections, 340 tunnels left \
+             (the drain goes on)\n"
+        );
+        assert_eq!(
+            drain_timeout_report(None, "n2", Duration::from_secs(1)),
+            "n2 not drained within 1s: no drain status yet (the drain goes on)\n"
+        );
+    }
+
+    #[test]
+    fn drain_status_details_and_json() {
+        let want = "\
+node:              n2 (7b2d4e6f-2222-4000-8000-000000000002)
+status:            draining
+state:             live
+drain requested:   yes
+http connections:  12
+tunnels:           340
+listeners:         open
+deadline:          2024-05-01T12:02:10Z (in 2m10s)
+cut:               0
+";
+        assert_eq!(drain_status_details(&drain_status(12, 340), NOW), want);
+        let serving = DrainStatusResponse {
+            status: "serving".into(),
+            requested: false,
+            deadline_ms: 0,
+            ..drain_status(3, 0)
+        };
+        let text = drain_status_details(&serving, NOW);
+        assert!(text.contains("deadline:          -\n"), "{text}");
+        assert!(text.contains("drain requested:   no\n"), "{text}");
+        let text = drain_status_details(&drain_status(0, 0), NOW + 200_000);
+        assert!(
+            text.contains("deadline:          2024-05-01T12:02:10Z (passed)\n"),
+            "{text}"
+        );
+
+        let v = drain_status_json(&drain_status(12, 340));
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort();
+        let mut want = vec![
+            "node_id",
+            "name",
+            "status",
+            "live",
+            "http_connections",
+            "tunnels",
+            "deadline_ms",
+            "listeners_closed",
+            "cut",
+            "requested",
+        ];
+        want.sort();
+        assert_eq!(keys, want);
+        assert_eq!(v["tunnels"], 340);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Runs the real `charonctl` binary. No Charon node is needed: the tests
 //! either point it at a port where nothing listens, stop it at argument
-//! parsing, or serve the `Hosts`, `Certificates` and `Cluster` APIs from a
-//! small in-process fake that records what the CLI sent.
+//! parsing, or serve the `Hosts`, `Certificates`, `Cluster`, `Tokens` and
+//! `Nodes` APIs from a small in-process fake that records what the CLI sent.
 
+use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::Output;
@@ -11,13 +12,18 @@ use std::sync::{Arc, Mutex};
 use charon_proto::v1::certificates_server::{Certificates, CertificatesServer};
 use charon_proto::v1::cluster_server::{Cluster, ClusterServer};
 use charon_proto::v1::hosts_server::{Hosts, HostsServer};
+use charon_proto::v1::nodes_server::{Nodes, NodesServer};
+use charon_proto::v1::tokens_server::{Tokens, TokensServer};
 use charon_proto::v1::{
-    AddCertificateRequest, Certificate, CertificateReply, ClusterStatusRequest,
-    ClusterStatusResponse, CreateHostRequest, DeleteCertificateRequest, DeleteCertificateResponse,
-    DeleteHostRequest, DeleteHostResponse, GetCertificateRequest, GetHostRequest,
-    ListCertificatesRequest, ListCertificatesResponse, ListHostsRequest, ListHostsResponse,
-    ListMembersRequest, ListMembersResponse, Member, ProxyHost, ReplaceCertificateRequest,
-    UpdateHostRequest, WaitForWriteRequest, WaitForWriteResponse,
+    AddCertificateRequest, ApiToken, Certificate, CertificateReply, ClusterStatusRequest,
+    ClusterStatusResponse, CreateHostRequest, CreateTokenRequest, CreateTokenResponse,
+    DeleteCertificateRequest, DeleteCertificateResponse, DeleteHostRequest, DeleteHostResponse,
+    DrainRequest, DrainResponse, DrainStatusRequest, DrainStatusResponse, GetCertificateRequest,
+    GetHostRequest, ListCertificatesRequest, ListCertificatesResponse, ListHostsRequest,
+    ListHostsResponse, ListMembersRequest, ListMembersResponse, ListTokensRequest,
+    ListTokensResponse, Member, ProxyHost, ReplaceCertificateRequest, RevokeTokenRequest,
+    RevokeTokenResponse, UndrainRequest, UndrainResponse, UpdateHostRequest, WaitForWriteRequest,
+    WaitForWriteResponse,
 };
 use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Request, Response, Status};
@@ -170,13 +176,25 @@ struct Seen {
     lagging: Vec<String>,
     /// Set by a test: `WaitForWrite` fails with this.
     wait_error: Option<(Code, String)>,
+    tokens_created: Vec<String>,
+    tokens_revoked: Vec<String>,
+    drains: Vec<DrainRequest>,
+    undrains: Vec<String>,
+    /// The node of each `DrainStatus` call.
+    drain_status_asked: Vec<String>,
+    /// Set by a test: the answers of `DrainStatus`, in order; the last one
+    /// repeats. Empty: n2 serving, not asked to drain.
+    drain_script: VecDeque<DrainStatusResponse>,
+    /// Set by a test: `DrainStatus` fails with this.
+    drain_status_error: Option<(Code, String)>,
 }
 
 /// Accepts only the token "good"; knows one host, `h1` / `a.example`, and two
-/// certificates, `c1` (pinned by `h1`) and the expired `c-old`. Its cluster
-/// is `n1` (itself), `n2` and `n3` live, and `n4` dead; every write but a
-/// rename of `h1` to its own name answers with the metadata of a write
-/// originating on `n1` (see [`WRITE_SEQ`]).
+/// certificates, `c1` (pinned by `h1`) and the expired `c-old`, and two API
+/// tokens, `admin-n1` and `ci`. Its cluster is `n1` (itself), `n2` and `n3`
+/// live, and `n4` dead; every write but a rename of `h1` to its own name
+/// answers with the metadata of a write originating on `n1` (see
+/// [`WRITE_SEQ`]). Only `n2` can be drained.
 #[derive(Clone, Default)]
 struct FakeNode(Arc<Mutex<Seen>>);
 
@@ -201,13 +219,16 @@ impl FakeNode {
 const N1_ID: &str = "0f3a9c2e-1111-4000-8000-000000000001";
 
 /// The sequence number the fake gives each kind of write.
-const WRITE_SEQ: [(&str, u64); 6] = [
+const WRITE_SEQ: [(&str, u64); 9] = [
     ("host add", 7),
     ("host update", 8),
     ("host rm", 9),
     ("cert add", 10),
     ("cert replace", 11),
     ("cert rm", 12),
+    ("token create", 13),
+    ("token revoke", 14),
+    ("node drain", 15),
 ];
 
 fn seq_of(write: &str) -> u64 {
@@ -545,6 +566,195 @@ impl Cluster for FakeNode {
     }
 }
 
+/// The id the fake gives the token it creates, `ci`.
+const CI_TOKEN_ID: &str = "t-0a1b2c3d4e";
+
+/// Created at 2024-05-01T12:00:00Z on `n1`.
+fn admin_token() -> ApiToken {
+    ApiToken {
+        id: "admin-0f3a9c2e".into(),
+        name: "admin-n1".into(),
+        created_at_ms: 1_714_564_800_000,
+        created_on: "n1".into(),
+    }
+}
+
+/// Created a minute later on `n2`.
+fn ci_token() -> ApiToken {
+    ApiToken {
+        id: CI_TOKEN_ID.into(),
+        name: "ci".into(),
+        created_at_ms: 1_714_564_861_000,
+        created_on: "n2".into(),
+    }
+}
+
+#[tonic::async_trait]
+impl Tokens for FakeNode {
+    async fn create_token(
+        &self,
+        request: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        self.check(&request)?;
+        let name = request.into_inner().name;
+        self.0.lock().unwrap().tokens_created.push(name.clone());
+        if name == admin_token().name {
+            return Err(Status::already_exists(format!(
+                "a token named {name:?} exists; revoke it first"
+            )));
+        }
+        Ok(stamped(
+            CreateTokenResponse {
+                token: Some(ApiToken {
+                    name,
+                    created_on: "n1".into(),
+                    ..ci_token()
+                }),
+                secret: "charon_5ecret0123".into(),
+            },
+            "token create",
+        ))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        self.check(&request)?;
+        Ok(Response::new(ListTokensResponse {
+            tokens: vec![admin_token(), ci_token()],
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<RevokeTokenRequest>,
+    ) -> Result<Response<RevokeTokenResponse>, Status> {
+        self.check(&request)?;
+        let key = request.into_inner().id_or_name;
+        self.0.lock().unwrap().tokens_revoked.push(key.clone());
+        match key.as_str() {
+            "ci" | CI_TOKEN_ID => Ok(stamped(
+                RevokeTokenResponse {
+                    id: CI_TOKEN_ID.into(),
+                },
+                "token revoke",
+            )),
+            _ => Err(Status::not_found(format!(
+                "no token with id or name {key:?}"
+            ))),
+        }
+    }
+}
+
+const N2_ID: &str = "7b2d4e6f-2222-4000-8000-000000000002";
+
+/// The deadline the fake's drains end at: 2024-05-01T12:05:00Z, long past,
+/// so that the progress lines do not depend on the clock.
+const DRAIN_DEADLINE_MS: u64 = 1_714_565_100_000;
+
+fn is_n2(node: &str) -> Result<(), Status> {
+    if node == "n2" || node == N2_ID {
+        Ok(())
+    } else {
+        Err(Status::not_found(format!("no node named {node}")))
+    }
+}
+
+/// n2 draining with this many HTTP connections and tunnels left.
+fn draining(http_connections: u64, tunnels: u64) -> DrainStatusResponse {
+    DrainStatusResponse {
+        node_id: N2_ID.into(),
+        name: "n2".into(),
+        status: "draining".into(),
+        live: true,
+        http_connections,
+        tunnels,
+        deadline_ms: DRAIN_DEADLINE_MS,
+        listeners_closed: true,
+        cut: 0,
+        requested: true,
+    }
+}
+
+/// n2 with nothing left; `cut` connections were closed by force.
+fn drained(cut: u64) -> DrainStatusResponse {
+    DrainStatusResponse {
+        status: "drained".into(),
+        cut,
+        ..draining(0, 0)
+    }
+}
+
+#[tonic::async_trait]
+impl Nodes for FakeNode {
+    /// The deadline is fixed; the spread defaults to 30 s.
+    async fn drain(
+        &self,
+        request: Request<DrainRequest>,
+    ) -> Result<Response<DrainResponse>, Status> {
+        self.check(&request)?;
+        let request = request.into_inner();
+        self.0.lock().unwrap().drains.push(request.clone());
+        is_n2(&request.node)?;
+        Ok(stamped(
+            DrainResponse {
+                node_id: N2_ID.into(),
+                name: "n2".into(),
+                deadline_ms: DRAIN_DEADLINE_MS,
+                spread_secs: match request.spread_secs {
+                    0 => 30,
+                    secs => secs,
+                },
+            },
+            "node drain",
+        ))
+    }
+
+    async fn undrain(
+        &self,
+        request: Request<UndrainRequest>,
+    ) -> Result<Response<UndrainResponse>, Status> {
+        self.check(&request)?;
+        let node = request.into_inner().node;
+        self.0.lock().unwrap().undrains.push(node.clone());
+        is_n2(&node)?;
+        Ok(Response::new(UndrainResponse {
+            node_id: N2_ID.into(),
+            name: "n2".into(),
+        }))
+    }
+
+    async fn drain_status(
+        &self,
+        request: Request<DrainStatusRequest>,
+    ) -> Result<Response<DrainStatusResponse>, Status> {
+        self.check(&request)?;
+        let node = request.into_inner().node;
+        let mut seen = self.0.lock().unwrap();
+        seen.drain_status_asked.push(node.clone());
+        if let Some((code, message)) = &seen.drain_status_error {
+            return Err(Status::new(*code, message.clone()));
+        }
+        is_n2(&node)?;
+        let script = &mut seen.drain_script;
+        let answer = if script.len() > 1 {
+            script.pop_front()
+        } else {
+            script.front().cloned()
+        };
+        Ok(Response::new(answer.unwrap_or_else(|| {
+            DrainStatusResponse {
+                status: "serving".into(),
+                deadline_ms: 0,
+                listeners_closed: false,
+                requested: false,
+                ..draining(3, 0)
+            }
+        })))
+    }
+}
+
 /// Serves the fake on a loopback port; the server task ends with the test's
 /// runtime.
 async fn fake_node() -> (String, FakeNode) {
@@ -554,11 +764,15 @@ async fn fake_node() -> (String, FakeNode) {
     let hosts = HostsServer::new(node.clone());
     let certificates = CertificatesServer::new(node.clone());
     let cluster = ClusterServer::new(node.clone());
+    let tokens = TokensServer::new(node.clone());
+    let nodes = NodesServer::new(node.clone());
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(hosts)
             .add_service(certificates)
             .add_service(cluster)
+            .add_service(tokens)
+            .add_service(nodes)
             .serve_with_incoming(TcpIncoming::from(listener))
             .await
             .unwrap();
@@ -1257,7 +1471,7 @@ async fn cluster_commands_report_a_refused_token() {
 }
 
 /// Each write with `--wait`, and the prefix of what it prints on stdout.
-const WRITES: [(&str, &[&str], &str); 6] = [
+const WRITES: [(&str, &[&str], &str); 8] = [
     (
         "host add",
         &[
@@ -1291,6 +1505,16 @@ const WRITES: [(&str, &[&str], &str); 6] = [
         "cert rm",
         &["cert", "rm", "c-old"],
         "deleted certificate c-old",
+    ),
+    (
+        "token create",
+        &["token", "create", "deploy"],
+        "created token t-0a1b2c3d4e",
+    ),
+    (
+        "token revoke",
+        &["token", "revoke", "ci"],
+        "revoked token t-0a1b2c3d4e",
     ),
 ];
 
@@ -1475,6 +1699,15 @@ async fn wait_usage_errors_are_refused_before_any_connection() {
         ),
         (&["host", "list", "--wait"], "--wait"),
         (&["cluster", "status", "--wait"], "--wait"),
+        (&["token", "list", "--wait"], "--wait"),
+        (&["node", "drain", "n2", "--wait-timeout", "5s"], "--wait"),
+        (
+            &["node", "drain", "n2", "--wait", "--wait-timeout", "5"],
+            "--wait-timeout",
+        ),
+        (&["node", "drain", "n2", "--deadline", "0s"], "--deadline"),
+        (&["node", "drain", "n2", "--spread", "ten"], "--spread"),
+        (&["node", "undrain", "n2", "--wait"], "--wait"),
     ] {
         let (code, stdout, stderr) = call(&endpoint, &dir, args).await;
         assert_eq!(code, Some(2), "{args:?}: {stderr}");
@@ -1512,5 +1745,399 @@ async fn help_documents_wait_and_the_exit_codes() {
         );
         assert!(stdout.contains("Exits 4"), "{write}: {stdout}");
         assert!(stdout.contains("[default: 10s]"), "{write}: {stdout}");
+    }
+}
+
+#[tokio::test]
+async fn help_documents_the_token_and_node_commands() {
+    let (code, stdout, _) = run(&mut charonctl(&["--help"])).await;
+    assert_eq!(code, Some(0));
+    for command in ["token", "node"] {
+        assert!(stdout.contains(command), "--help lacks {command}: {stdout}");
+    }
+    assert!(stdout.contains("for `node drain`"), "{stdout}");
+
+    for (group, subs) in [
+        ("token", &["create", "list", "revoke"][..]),
+        ("node", &["drain", "undrain", "status"]),
+    ] {
+        let (code, stdout, _) = run(&mut charonctl(&[group, "--help"])).await;
+        assert_eq!(code, Some(0), "{group}");
+        for sub in subs {
+            assert!(
+                stdout.contains(sub),
+                "`{group} --help` lacks {sub}: {stdout}"
+            );
+        }
+    }
+
+    let (code, stdout, _) = run(&mut charonctl(&["node", "drain", "--help"])).await;
+    assert_eq!(code, Some(0));
+    for text in [
+        "--deadline <DURATION>",
+        "--spread <DURATION>",
+        "--wait ",
+        "--wait-timeout <DURATION>",
+        "[default: no limit]",
+        "rounded up to whole",
+        "Exits 0 once drained",
+    ] {
+        assert!(
+            stdout.contains(text),
+            "`node drain --help` lacks {text}: {stdout}"
+        );
+    }
+    let (code, stdout, _) = run(&mut charonctl(&["token", "create", "--help"])).await;
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("printed once"), "{stdout}");
+}
+
+#[tokio::test]
+async fn token_create_prints_the_secret_once_on_its_own_line() {
+    let (endpoint, node) = fake_node().await;
+    let dir = empty_dir("token-create");
+    let (code, stdout, stderr) = call(&endpoint, &dir, &["token", "create", "deploy"]).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    let want = "\
+created token t-0a1b2c3d4e
+id:          t-0a1b2c3d4e
+name:        deploy
+created:     2024-05-01T12:01:01Z
+created on:  n1
+secret (shown once; store it now):
+charon_5ecret0123
+";
+    assert_eq!(stdout, want);
+    assert_eq!(stderr, "");
+
+    let (code, stdout, stderr) =
+        call(&endpoint, &dir, &["-o", "json", "token", "create", "ci2"]).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    let value: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    assert_eq!(
+        value,
+        serde_json::json!({
+            "token": {
+                "id": "t-0a1b2c3d4e",
+                "name": "ci2",
+                "created_at_ms": 1_714_564_861_000u64,
+                "created_on": "n1",
+            },
+            "secret": "charon_5ecret0123",
+        })
+    );
+    assert_eq!(node.0.lock().unwrap().tokens_created, ["deploy", "ci2"]);
+}
+
+#[tokio::test]
+async fn token_list_as_table_and_json() {
+    let (endpoint, _node) = fake_node().await;
+    let dir = empty_dir("token-list");
+    let (code, stdout, stderr) = call(&endpoint, &dir, &["token", "list"]).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    let want = "\
+ID              NAME      CREATED               CREATED ON
+admin-0f3a9c2e  admin-n1  2024-05-01T12:00:00Z  n1
+t-0a1b2c3d4e    ci        2024-05-01T12:01:01Z  n2
+";
+    assert_eq!(stdout, want);
+
+    let (code, stdout, _) = call(&endpoint, &dir, &["token", "ls", "-o", "json"]).await;
+    assert_eq!(code, Some(0));
+    let value: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    let tokens = value.as_array().expect("an array");
+    assert_eq!(tokens.len(), 2);
+    assert_eq!(tokens[0]["name"], "admin-n1");
+    assert_eq!(tokens[1]["id"], CI_TOKEN_ID);
+    assert_eq!(tokens[1]["created_at_ms"], 1_714_564_861_000u64);
+    assert_eq!(tokens[1]["created_on"], "n2");
+}
+
+#[tokio::test]
+async fn token_revoke_by_id_or_name_and_its_errors() {
+    let (endpoint, node) = fake_node().await;
+    let dir = empty_dir("token-revoke");
+    let (code, stdout, stderr) = call(&endpoint, &dir, &["token", "revoke", "ci"]).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert_eq!(stdout, "revoked token t-0a1b2c3d4e\n");
+
+    let (code, stdout, _) =
+        call(&endpoint, &dir, &["token", "rm", CI_TOKEN_ID, "-o", "json"]).await;
+    assert_eq!(code, Some(0));
+    let value: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    assert_eq!(value, serde_json::json!({ "id": CI_TOKEN_ID }));
+    assert_eq!(node.0.lock().unwrap().tokens_revoked, ["ci", CI_TOKEN_ID]);
+
+    let cases: [(&[&str], &str); 2] = [
+        (
+            &["token", "revoke", "nope"],
+            "error: no token with id or name \"nope\"\n",
+        ),
+        (
+            &["token", "create", "admin-n1"],
+            "error: a token named \"admin-n1\" exists; revoke it first\n",
+        ),
+    ];
+    for (args, want) in cases {
+        let (code, stdout, stderr) = call(&endpoint, &dir, args).await;
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert_eq!(stdout, "", "{args:?}");
+        assert_eq!(stderr, want, "{args:?}");
+    }
+}
+
+#[tokio::test]
+async fn drain_sends_the_deadline_and_spread_in_whole_seconds() {
+    let (endpoint, node) = fake_node().await;
+    let dir = empty_dir("drain");
+    let (code, stdout, stderr) = call(
+        &endpoint,
+        &dir,
+        &[
+            "node",
+            "drain",
+            "n2",
+            "--deadline",
+            "1m30s500ms",
+            "--spread",
+            "1500ms",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert_eq!(
+        stdout,
+        "draining n2 (7b2d4e6f): WebSocket tunnels close at 2024-05-01T12:05:00Z (+ spread 2s)\n"
+    );
+    assert_eq!(stderr, "");
+
+    // Without the flags, 0: the drained node's defaults.
+    let (code, stdout, _) = call(&endpoint, &dir, &["node", "drain", N2_ID]).await;
+    assert_eq!(code, Some(0));
+    assert!(stdout.ends_with("(+ spread 30s)\n"), "{stdout}");
+
+    let (code, stdout, _) = call(
+        &endpoint,
+        &dir,
+        &["-o", "json", "node", "drain", "n2", "--deadline", "10m"],
+    )
+    .await;
+    assert_eq!(code, Some(0));
+    let value: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    assert_eq!(
+        value,
+        serde_json::json!({
+            "node_id": N2_ID,
+            "name": "n2",
+            "deadline_ms": DRAIN_DEADLINE_MS,
+            "spread_secs": 30,
+        })
+    );
+
+    let seen = node.0.lock().unwrap();
+    let sent: Vec<(&str, u32, u32)> = seen
+        .drains
+        .iter()
+        .map(|d| (d.node.as_str(), d.deadline_secs, d.spread_secs))
+        .collect();
+    assert_eq!(sent, [("n2", 91, 2), (N2_ID, 0, 0), ("n2", 600, 0)]);
+    // Without --wait, nothing follows the drain.
+    assert!(seen.drain_status_asked.is_empty());
+}
+
+/// The answers of a drain that ends after four polls.
+fn four_polls() -> VecDeque<DrainStatusResponse> {
+    [
+        draining(12, 340),
+        draining(6, 170),
+        draining(0, 3),
+        drained(2),
+    ]
+    .into()
+}
+
+#[tokio::test]
+async fn drain_wait_follows_the_drain_until_it_is_drained() {
+    let (endpoint, node) = fake_node().await;
+    node.0.lock().unwrap().drain_script = four_polls();
+    let dir = empty_dir("drain-wait");
+    let (code, stdout, stderr) = call(&endpoint, &dir, &["node", "drain", "n2", "--wait"]).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert_eq!(
+        stdout,
+        "draining n2 (7b2d4e6f): WebSocket tunnels close at 2024-05-01T12:05:00Z (+ spread 30s)\n"
+    );
+    // stderr is not a terminal here: one line per change, at most once a
+    // second, so the first answer and then the summary (or, on a slow
+    // machine, a line more in between).
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines[0], "[----------] n2 draining: 12 HTTP connections, 340 tunnels, deadline passed",
+        "{stderr}"
+    );
+    assert!(!stderr.contains('\r'), "{stderr:?}");
+    let summary = lines.last().unwrap();
+    let took = summary
+        .strip_prefix("n2 drained in ")
+        .and_then(|rest| rest.strip_suffix("s (cut: 2)"))
+        .unwrap_or_else(|| panic!("no summary: {stderr}"));
+    assert!(took.parse::<u64>().is_ok(), "{summary}");
+    for line in &lines[1..lines.len() - 1] {
+        assert!(line.starts_with("[#"), "{stderr}");
+    }
+    let seen = node.0.lock().unwrap();
+    // Polled by the id the drain answered with, until drained.
+    assert_eq!(seen.drain_status_asked, [N2_ID; 4]);
+    assert_eq!(seen.drains.len(), 1);
+}
+
+#[tokio::test]
+async fn drain_wait_in_json_mode_prints_the_final_status_on_stdout() {
+    let (endpoint, node) = fake_node().await;
+    node.0.lock().unwrap().drain_script = four_polls();
+    let dir = empty_dir("drain-wait-json");
+    let (code, stdout, stderr) = call(
+        &endpoint,
+        &dir,
+        &["-o", "json", "node", "drain", "n2", "--wait"],
+    )
+    .await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    let value: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is only JSON");
+    assert_eq!(value["status"], "drained");
+    assert_eq!(value["node_id"], N2_ID);
+    assert_eq!(value["cut"], 2);
+    assert_eq!(value["tunnels"], 0);
+    assert_eq!(value["listeners_closed"], true);
+    assert!(
+        stderr.starts_with("draining n2 (7b2d4e6f): WebSocket tunnels close at "),
+        "{stderr}"
+    );
+    assert!(stderr.ends_with("s (cut: 2)\n"), "{stderr}");
+}
+
+#[tokio::test]
+async fn drain_wait_that_runs_out_exits_4_with_what_is_left() {
+    let (endpoint, node) = fake_node().await;
+    node.0.lock().unwrap().drain_script = [draining(12, 340)].into();
+    let dir = empty_dir("drain-wait-timeout");
+    let (code, stdout, stderr) = call(
+        &endpoint,
+        &dir,
+        &["node", "drain", "n2", "--wait", "--wait-timeout", "1s"],
+    )
+    .await;
+    assert_eq!(code, Some(4), "stderr: {stderr}");
+    assert!(stdout.starts_with("draining n2 (7b2d4e6f): "), "{stdout}");
+    assert!(
+        stderr.starts_with("[----------] n2 draining: 12 HTTP connections, 340 tunnels"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.ends_with(
+            "\nn2 not drained within 1s: 12 HTTP connections, 340 tunnels left (the drain goes on)\n"
+        ),
+        "{stderr}"
+    );
+    let polls = node.0.lock().unwrap().drain_status_asked.len();
+    assert!((2..=6).contains(&polls), "{polls} polls in 1s");
+
+    let (code, stdout, stderr) = call(
+        &endpoint,
+        &dir,
+        &[
+            "node",
+            "drain",
+            "n2",
+            "--wait",
+            "--wait-timeout",
+            "500ms",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(4), "stderr: {stderr}");
+    let value: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is only JSON");
+    assert_eq!(value["status"], "draining");
+    assert_eq!(value["tunnels"], 340);
+    assert!(stderr.contains("not drained within 500ms"), "{stderr}");
+}
+
+#[tokio::test]
+async fn drain_wait_stops_when_the_drain_is_withdrawn_or_cannot_be_followed() {
+    let (endpoint, node) = fake_node().await;
+    let undrained = DrainStatusResponse {
+        status: "serving".into(),
+        requested: false,
+        ..draining(5, 5)
+    };
+    node.0.lock().unwrap().drain_script = [draining(5, 5), undrained].into();
+    let dir = empty_dir("drain-wait-undrained");
+    let (code, _, stderr) = call(&endpoint, &dir, &["node", "drain", "n2", "--wait"]).await;
+    assert_eq!(code, Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.ends_with("\nerror: n2 was undrained meanwhile; stopped following its drain\n"),
+        "{stderr}"
+    );
+
+    node.0.lock().unwrap().drain_status_error = Some((Code::Unimplemented, String::new()));
+    let (code, stdout, stderr) = call(&endpoint, &dir, &["node", "drain", "n2", "--wait"]).await;
+    assert_eq!(code, Some(1), "stderr: {stderr}");
+    assert!(stdout.starts_with("draining n2 "), "{stdout}");
+    assert_eq!(
+        stderr,
+        "error: the drain was requested, but following it failed: \
+         the node has no Nodes.DrainStatus; is it older than charonctl?\n"
+    );
+}
+
+#[tokio::test]
+async fn node_status_and_undrain() {
+    let (endpoint, node) = fake_node().await;
+    node.0.lock().unwrap().drain_script = [draining(12, 340)].into();
+    let dir = empty_dir("node-status");
+    let (code, stdout, stderr) = call(&endpoint, &dir, &["node", "status", "n2"]).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    let want = "\
+node:              n2 (7b2d4e6f-2222-4000-8000-000000000002)
+status:            draining
+state:             live
+drain requested:   yes
+http connections:  12
+tunnels:           340
+listeners:         closed
+deadline:          2024-05-01T12:05:00Z (passed)
+cut:               0
+";
+    assert_eq!(stdout, want);
+
+    let (code, stdout, _) = call(&endpoint, &dir, &["node", "status", "n2", "-o", "json"]).await;
+    assert_eq!(code, Some(0));
+    let value: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    assert_eq!(value["http_connections"], 12);
+    assert_eq!(value["requested"], true);
+    assert_eq!(value["deadline_ms"], DRAIN_DEADLINE_MS);
+    assert_eq!(node.0.lock().unwrap().drain_status_asked, ["n2", "n2"]);
+
+    let (code, stdout, stderr) = call(&endpoint, &dir, &["node", "undrain", "n2"]).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert_eq!(stdout, "undrained n2 (7b2d4e6f): it serves again\n");
+    let (code, stdout, _) = call(&endpoint, &dir, &["-o", "json", "node", "undrain", "n2"]).await;
+    assert_eq!(code, Some(0));
+    let value: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    assert_eq!(value, serde_json::json!({ "node_id": N2_ID, "name": "n2" }));
+    assert_eq!(node.0.lock().unwrap().undrains, ["n2", "n2"]);
+
+    for args in [
+        &["node", "drain", "n9"][..],
+        &["node", "undrain", "n9"],
+        &["node", "status", "n9"],
+        &["node", "drain", "n9", "--wait"],
+    ] {
+        let (code, stdout, stderr) = call(&endpoint, &dir, args).await;
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert_eq!(stdout, "", "{args:?}");
+        assert_eq!(stderr, "error: no node named n9\n", "{args:?}");
     }
 }

@@ -61,6 +61,18 @@ pub struct Args {
     /// On SIGTERM, how long open requests get to finish, in s [default: 30]
     #[arg(long, env = "CHARON_SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<u64>,
+    /// Drain (and SIGTERM): seconds between /readyz turning 503 and the
+    /// listeners closing, so load balancers notice first [default: 5]
+    #[arg(long, env = "CHARON_DRAIN_DELAY_SECS")]
+    pub drain_delay_secs: Option<u64>,
+    /// Drain (and SIGTERM) default: seconds until open WebSocket tunnels get
+    /// Close 1001 [default: 30]
+    #[arg(long, env = "CHARON_DRAIN_DEADLINE_SECS")]
+    pub drain_deadline_secs: Option<u64>,
+    /// Drain default: tunnel closes are spread over this many seconds after
+    /// the deadline, so clients do not all reconnect at once [default: 5]
+    #[arg(long, env = "CHARON_DRAIN_SPREAD_SECS")]
+    pub drain_spread_secs: Option<u64>,
     /// Log filter (tracing env-filter syntax) [default: info]
     #[arg(long, env = "CHARON_LOG")]
     pub log: Option<String>,
@@ -133,6 +145,9 @@ struct FileConfig {
     connect_timeout_ms: Option<u64>,
     failure_cooldown_secs: Option<u64>,
     shutdown_grace_secs: Option<u64>,
+    drain_delay_secs: Option<u64>,
+    drain_deadline_secs: Option<u64>,
+    drain_spread_secs: Option<u64>,
     log: Option<String>,
     log_format: Option<String>,
     gossip_listen: Option<String>,
@@ -150,6 +165,15 @@ struct FileConfig {
     dead_node_grace_secs: Option<u64>,
     anti_entropy_secs: Option<u64>,
     tombstone_grace_secs: Option<u64>,
+}
+
+/// Defaults of a drain (SIGTERM uses them; `charonctl node drain` may
+/// override deadline and spread).
+#[derive(Debug, Clone, Copy)]
+pub struct DrainSettings {
+    pub delay: Duration,
+    pub deadline: Duration,
+    pub spread: Duration,
 }
 
 /// Cluster settings; addresses that may be host names are resolved when the
@@ -188,7 +212,10 @@ pub struct Config {
     pub api_listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub proxy: ProxyConfig,
+    /// After a drain's deadline and spread, how long closing handshakes and
+    /// in-flight requests get before the rest is cut.
     pub shutdown_grace: Duration,
+    pub drain: DrainSettings,
     pub log: String,
     pub log_format: LogFormat,
     /// From `CHARON_ADMIN_TOKEN` only (never a flag: flags show up in `ps`).
@@ -361,6 +388,21 @@ impl Config {
                     .or(file.shutdown_grace_secs)
                     .unwrap_or(30),
             ),
+            drain: DrainSettings {
+                delay: Duration::from_secs(
+                    args.drain_delay_secs.or(file.drain_delay_secs).unwrap_or(5),
+                ),
+                deadline: Duration::from_secs(
+                    args.drain_deadline_secs
+                        .or(file.drain_deadline_secs)
+                        .unwrap_or(30),
+                ),
+                spread: Duration::from_secs(
+                    args.drain_spread_secs
+                        .or(file.drain_spread_secs)
+                        .unwrap_or(5),
+                ),
+            },
             log,
             log_format,
             admin_token,

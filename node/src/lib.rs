@@ -17,6 +17,7 @@ pub mod admin;
 pub mod api;
 pub mod cluster;
 pub mod config;
+pub mod drain;
 pub mod host;
 pub mod node;
 pub mod proxy;

@@ -15,6 +15,7 @@ use crate::admin::{self, Health};
 use crate::api::{self, auth::Auth, auth::AuthError};
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::config::{ClusterSettings, Config};
+use crate::drain::Drainer;
 use crate::proxy::Proxy;
 use crate::store::{Store, StoreError};
 use crate::tls::seal::{DataKey, SealError};
@@ -138,7 +139,10 @@ async fn cluster_config(s: &ClusterSettings, api: SocketAddr) -> Result<ClusterC
 
 /// Runs a node until `shutdown` resolves, then stops accepting, lets open
 /// requests finish within the configured grace, and returns.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir).map_err(|source| NodeError::DataDir {
         path: dir.clone(),
@@ -213,19 +217,46 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     };
     let health = Arc::new(Health::default());
+    let drainer = Drainer::new(
+        proxy.clone(),
+        tls,
+        health.clone(),
+        cluster.clone(),
+        config.drain,
+        config.shutdown_grace,
+        http,
+        https,
+    );
+    // This node's drain record, as the store has it.
+    let (drain_tx, drain_rx) = watch::channel(None);
+    {
+        let me = store.node_id().to_string();
+        store.subscribe(move |snap| {
+            let mine = snap.drains.iter().find(|d| d.node_id == me).cloned();
+            drain_tx.send_if_modified(|cur| {
+                if *cur != mine {
+                    *cur = mine;
+                    true
+                } else {
+                    false
+                }
+            });
+        });
+    }
     let admin_task = tokio::spawn(admin::serve(admin_l, health.clone(), stopped()));
     let api_task = tokio::spawn(api::serve(
         api_l,
-        store.clone(),
-        auth,
-        data_key,
-        cluster.clone(),
+        api::Deps {
+            store: store.clone(),
+            auth,
+            data_key,
+            cluster: cluster.clone(),
+            drain_defaults: config.drain,
+        },
         stopped(),
     ));
-    let grace = config.shutdown_grace;
-    let proxy_task = tokio::spawn(proxy.clone().serve(http, None, stopped(), grace));
-    let https_task = tokio::spawn(proxy.clone().serve(https, Some(tls), stopped(), grace));
-    health.set_ready(true);
+    // Ready unless this node starts drained (the drain outlives restarts).
+    health.set_ready(drain_rx.borrow().is_none());
     tracing::info!(
         node_id = store.node_id(),
         http = %bound.http,
@@ -237,51 +268,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "charon-node ready"
     );
 
-    shutdown.await;
-    tracing::info!(
-        "shutting down: no new connections; open requests get {:?}",
-        config.shutdown_grace
-    );
-    health.set_ready(false);
-    cluster.set_status(crate::cluster::STATUS_DRAINING).await;
+    // Serves, drains on request, and returns once SIGTERM's drain is done.
+    drainer.clone().run(drain_rx, shutdown).await;
     let _ = stop_tx.send(true);
-    let _ = tokio::join!(proxy_task, https_task);
-    close_tunnels(&proxy, grace).await;
     if let Ok(Err(e)) = api_task.await {
         tracing::warn!(error = %e, "API server ended with an error");
     }
     let _ = admin_task.await;
     cluster.shutdown().await;
-    let open = proxy.tunnels.len();
-    if open > 0 {
-        tracing::warn!(
-            tunnels = open,
-            "closing WebSocket tunnels still open at exit"
-        );
-    }
     let _ = std::fs::remove_file(dir.join(LISTEN_FILE));
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Sends Close 1001 (going away) to both sides of every open tunnel at a
-/// frame boundary and waits, within `grace`, for the closing handshakes, so
-/// clients see a clean close and reconnect instead of an abnormal 1006.
-async fn close_tunnels(proxy: &Proxy, grace: std::time::Duration) {
-    let tunnels = proxy.tunnels.list();
-    if tunnels.is_empty() {
-        return;
-    }
-    tracing::info!(
-        tunnels = tunnels.len(),
-        "closing WebSocket tunnels with 1001 (going away)"
-    );
-    for t in &tunnels {
-        t.close(1001, "server shutting down");
-    }
-    drop(tunnels);
-    let deadline = tokio::time::Instant::now() + grace;
-    while !proxy.tunnels.is_empty() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
 }

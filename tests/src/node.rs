@@ -241,6 +241,16 @@ impl TestNodeBuilder {
             cmd.arg("--gossip-listen")
                 .arg(gossip.as_deref().unwrap_or("127.0.0.1:0"));
         }
+        // Drains (and SIGTERM) act at once unless a test asks otherwise.
+        for (key, flag) in [
+            ("CHARON_DRAIN_DELAY_SECS", "--drain-delay-secs"),
+            ("CHARON_DRAIN_DEADLINE_SECS", "--drain-deadline-secs"),
+            ("CHARON_DRAIN_SPREAD_SECS", "--drain-spread-secs"),
+        ] {
+            if self.env_value(key).is_none() && !self.args.iter().any(|a| a == flag) {
+                cmd.env(key, "0");
+            }
+        }
         cmd.arg("--data-dir")
             .arg(data_dir)
             .args(["--http-listen", "127.0.0.1:0"])
@@ -291,6 +301,9 @@ pub struct TestNode {
 
 /// The Hosts client with a bearer-token interceptor.
 pub type HostsApi = HostsClient<InterceptedService<Channel, BearerToken>>;
+/// The Nodes client with a bearer-token interceptor.
+pub type NodesApi =
+    charon_proto::v1::nodes_client::NodesClient<InterceptedService<Channel, BearerToken>>;
 /// The Tokens client with a bearer-token interceptor.
 pub type TokensApi =
     charon_proto::v1::tokens_client::TokensClient<InterceptedService<Channel, BearerToken>>;
@@ -342,6 +355,18 @@ impl TestNode {
     }
 
     async fn spawn_and_wait(&mut self) -> Result<()> {
+        self.spawn_and_wait_for("/readyz").await
+    }
+
+    /// Starts the node again after [`stop`](Self::stop) or
+    /// [`kill`](Self::kill) and waits only until it is up (`/healthz` 200),
+    /// not ready: for a node that starts drained.
+    pub async fn start_again_unready(&mut self) -> Result<()> {
+        ensure!(self.child.is_none(), "the node is still running");
+        self.spawn_and_wait_for("/healthz").await
+    }
+
+    async fn spawn_and_wait_for(&mut self, check: &'static str) -> Result<()> {
         // A listen.json left by a previous run of this node would be read
         // before the new process replaces it.
         let listen = self.data_dir.join("listen.json");
@@ -379,7 +404,7 @@ impl TestNode {
                     self.log_tail()
                 );
             }
-            match self.try_ready(&mut step).await {
+            match self.try_ready(&mut step, check).await {
                 Ok(true) => return Ok(()),
                 Ok(false) => last_error.clear(),
                 Err(err) => last_error = format!(": {err:#}"),
@@ -390,7 +415,7 @@ impl TestNode {
     }
 
     /// One readiness check: listen.json present, token known, /readyz 200.
-    async fn try_ready(&mut self, step: &mut &'static str) -> Result<bool> {
+    async fn try_ready(&mut self, step: &mut &'static str, check: &'static str) -> Result<bool> {
         *step = "listen.json";
         let text = match std::fs::read_to_string(self.data_dir.join("listen.json")) {
             Ok(text) => text,
@@ -419,8 +444,8 @@ impl TestNode {
             },
         };
 
-        *step = "/readyz == 200";
-        Ok(self.admin_get("/readyz").await? == 200)
+        *step = check;
+        Ok(self.admin_get(check).await? == 200)
     }
 
     /// Status of `GET path` on the admin listener.
@@ -545,6 +570,19 @@ impl TestNode {
             self.grpc_channel().await?,
             BearerToken(Some(value)),
         ))
+    }
+
+    /// A Nodes client (drain, undrain) that sends the node's admin token.
+    pub async fn nodes_client(&self) -> Result<NodesApi> {
+        let value = format!("Bearer {}", self.token)
+            .parse::<MetadataValue<Ascii>>()
+            .context("token is not valid metadata")?;
+        Ok(
+            charon_proto::v1::nodes_client::NodesClient::with_interceptor(
+                self.grpc_channel().await?,
+                BearerToken(Some(value)),
+            ),
+        )
     }
 
     /// A Tokens client that sends the node's admin token.

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod certs;
 pub mod cluster;
 pub mod hosts;
+pub mod nodes;
 pub mod tokens;
 
 use std::future::Future;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use charon_proto::v1::certificates_server::CertificatesServer;
 use charon_proto::v1::cluster_server::ClusterServer;
 use charon_proto::v1::hosts_server::HostsServer;
+use charon_proto::v1::nodes_server::NodesServer;
 use charon_proto::v1::tokens_server::TokensServer;
 use tokio::net::TcpListener;
 
@@ -59,15 +61,33 @@ fn stamped<M>(msg: M, stamp: Option<Stamp>) -> tonic::Response<M> {
     resp
 }
 
+/// What the API services work with.
+pub struct Deps {
+    pub store: Arc<Store>,
+    pub auth: Auth,
+    pub data_key: Arc<DataKey>,
+    pub cluster: Arc<Cluster>,
+    pub drain_defaults: crate::config::DrainSettings,
+}
+
 /// Serves the API on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
-    store: Arc<Store>,
-    auth: Auth,
-    data_key: Arc<DataKey>,
-    cluster: Arc<Cluster>,
+    deps: Deps,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    let Deps {
+        store,
+        auth,
+        data_key,
+        cluster,
+        drain_defaults,
+    } = deps;
+    let nodes_auth = auth.clone();
+    let nodes = NodesServer::with_interceptor(
+        nodes::NodesApi::new(store.clone(), cluster.clone(), drain_defaults),
+        move |req| nodes_auth.check(req),
+    );
     let cluster_auth = auth.clone();
     let cluster_api =
         ClusterServer::with_interceptor(cluster::ClusterApi::new(cluster.clone()), move |req| {
@@ -92,6 +112,7 @@ pub async fn serve(
         .add_service(certs)
         .add_service(cluster_api)
         .add_service(tokens)
+        .add_service(nodes)
         .add_service(sync)
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),

@@ -43,7 +43,7 @@ const K_API: &str = "api";
 const K_NAME: &str = "name";
 const K_REGION: &str = "region";
 const K_ZONE: &str = "zone";
-const K_STATUS: &str = "status";
+pub const K_STATUS: &str = "status";
 const K_VERSION: &str = "version";
 const K_VV: &str = "vv";
 const K_HASH: &str = "hash";
@@ -123,6 +123,17 @@ pub struct Member {
     pub hash: String,
     /// Writes this member lacks that some live member has applied.
     pub lag: u64,
+    /// Drain progress the member publishes while it drains.
+    pub drain: DrainFacts,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DrainFacts {
+    pub http_connections: u64,
+    pub tunnels: u64,
+    pub deadline_ms: u64,
+    pub listeners_closed: bool,
+    pub cut: u64,
 }
 
 /// A test hook standing in for the network between nodes: when it says a
@@ -280,6 +291,18 @@ impl Cluster {
         cc.lock().await.self_node_state().set(key, value);
     }
 
+    /// Publishes several facts in one go.
+    pub async fn set_facts(&self, facts: &[(&str, String)]) {
+        let cc = self.handle.chitchat();
+        let mut cc = cc.lock().await;
+        let me = cc.self_node_state();
+        for (k, v) in facts {
+            if me.get(k) != Some(v.as_str()) {
+                me.set(*k, v);
+            }
+        }
+    }
+
     pub async fn set_status(&self, status: &str) {
         self.set_fact(K_STATUS, status).await;
     }
@@ -335,6 +358,13 @@ impl Cluster {
                 vv: decode_vv(state.get(K_VV).unwrap_or("")),
                 hash: get(K_HASH),
                 lag: 0,
+                drain: DrainFacts {
+                    http_connections: get(crate::drain::K_CONNS).parse().unwrap_or(0),
+                    tunnels: get(crate::drain::K_TUNNELS).parse().unwrap_or(0),
+                    deadline_ms: get(crate::drain::K_DEADLINE).parse().unwrap_or(0),
+                    listeners_closed: get(crate::drain::K_LISTENERS_CLOSED) == "true",
+                    cut: get(crate::drain::K_CUT).parse().unwrap_or(0),
+                },
             };
             match newest.get(&m.node_id) {
                 Some(old) if old.generation >= m.generation => {}

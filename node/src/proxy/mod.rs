@@ -15,9 +15,12 @@ pub mod upstream;
 
 use std::convert::Infallible;
 use std::future::Future;
+
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -136,6 +139,33 @@ pub struct Proxy {
     connector: Connector,
     pub tunnels: Arc<TunnelRegistry>,
     config: ProxyConfig,
+    /// Open client connections (HTTP/1.1 and h2; a connection that became a
+    /// tunnel counts as a tunnel instead).
+    http_conns: Arc<AtomicUsize>,
+    /// Bumped to cut every open connection and tunnel at once: the last
+    /// step of a drain, after the final grace.
+    cut: watch::Sender<u64>,
+    cut_count: AtomicU64,
+    /// While draining, every HTTP/1.x response says `Connection: close`, so
+    /// keep-alive clients go elsewhere for their next request instead of
+    /// racing the listener's close.
+    draining: AtomicBool,
+}
+
+/// Counts one open connection for as long as it lives.
+struct ConnGuard(Arc<AtomicUsize>);
+
+impl ConnGuard {
+    fn new(n: &Arc<AtomicUsize>) -> ConnGuard {
+        n.fetch_add(1, Ordering::Relaxed);
+        ConnGuard(n.clone())
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Proxy {
@@ -146,7 +176,48 @@ impl Proxy {
             connector: Connector::new(config.connect_timeout),
             tunnels: Arc::new(TunnelRegistry::default()),
             config,
+            http_conns: Arc::default(),
+            cut: watch::Sender::new(0),
+            cut_count: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
         })
+    }
+
+    pub fn set_draining(&self, on: bool) {
+        self.draining.store(on, Ordering::Relaxed);
+    }
+
+    /// Open client HTTP connections (not counting tunnels).
+    pub fn http_connections(&self) -> usize {
+        self.http_conns.load(Ordering::Relaxed)
+    }
+
+    /// Closes every open connection and tunnel now, without a goodbye;
+    /// they are counted in [`Proxy::cut_count`].
+    pub fn cut_all(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    /// Connections and tunnels closed by [`Proxy::cut_all`].
+    pub fn cut_count(&self) -> u64 {
+        self.cut_count.load(Ordering::Relaxed)
+    }
+
+    /// Runs `fut` unless the proxy cuts everything first.
+    fn cuttable<F: Future<Output = ()> + Send + 'static>(
+        self: &Arc<Self>,
+        fut: F,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let mut cut = self.cut.subscribe();
+        let proxy = self.clone();
+        async move {
+            tokio::select! {
+                _ = fut => {}
+                _ = cut.changed() => {
+                    proxy.cut_count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
     }
 
     /// Builds a new route table from the store's hosts and swaps it in.
@@ -164,8 +235,7 @@ impl Proxy {
         self: Arc<Self>,
         listener: TcpListener,
         tls: Option<Arc<TlsTerminator>>,
-        shutdown: impl Future<Output = ()>,
-        grace: Duration,
+        shutdown: impl Future<Output = Duration>,
     ) {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -177,9 +247,9 @@ impl Proxy {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tokio::pin!(shutdown);
         let local = listener.local_addr().ok();
-        loop {
+        let grace = loop {
             let (stream, peer) = tokio::select! {
-                _ = &mut shutdown => break,
+                grace = &mut shutdown => break grace,
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
                     Err(e) => {
@@ -197,14 +267,27 @@ impl Proxy {
                 tls: tls.is_some(),
             };
             let proxy = self.clone();
-            let service = hyper::service::service_fn(move |req| {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
+                async move {
+                    let h1 = req.version() < http::Version::HTTP_2;
+                    let mut resp = proxy.clone().handle(req, info).await;
+                    if h1
+                        && proxy.draining.load(Ordering::Relaxed)
+                        && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+                    {
+                        resp.headers_mut()
+                            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let watcher = graceful.watcher();
             let builder = builder.clone();
             let tls = tls.clone();
-            tokio::spawn(async move {
+            let guard = ConnGuard::new(&self.http_conns);
+            tokio::spawn(self.cuttable(async move {
+                let _guard = guard;
                 let result = match tls {
                     None => {
                         let conn =
@@ -230,8 +313,8 @@ impl Proxy {
                 if let Err(e) = result {
                     log_connection_error(peer, &*e);
                 }
-            });
-        }
+            }));
+        };
         drop(listener);
         tracing::info!(?grace, "proxy listener closed; waiting for open requests");
         if tokio::time::timeout(grace, graceful.shutdown())
@@ -280,7 +363,7 @@ impl Proxy {
     }
 
     async fn forward(
-        &self,
+        self: &Arc<Self>,
         mut req: Request<Incoming>,
         route: &Arc<Route>,
         host: &str,
@@ -448,7 +531,7 @@ impl Proxy {
     }
 
     fn spawn_tunnel(
-        &self,
+        self: &Arc<Self>,
         route: &Arc<Route>,
         upstream: &Arc<UpstreamState>,
         conn: ConnInfo,
@@ -464,7 +547,7 @@ impl Proxy {
             idle_timeout: secs(h.ws_idle_timeout_secs),
             ping_interval: secs(h.ws_ping_interval_secs),
         };
-        tokio::spawn(async move {
+        tokio::spawn(self.cuttable(async move {
             let info = reg.info.clone();
             match tokio::join!(client, up) {
                 (Ok(c), Ok(u)) => {
@@ -477,7 +560,7 @@ impl Proxy {
                 }
             }
             drop(reg);
-        });
+        }));
     }
 }
 

@@ -17,6 +17,17 @@ pub enum Body {
     Host(ProxyHost),
     Cert(StoredCert),
     Token(ApiToken),
+    Drain(DrainRecord),
+}
+
+/// A replicated drain request for one node.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DrainRecord {
+    pub node_id: String,
+    pub deadline_ms: u64,
+    pub spread_secs: u32,
+    pub requested_at_ms: u64,
+    pub requested_on: String,
 }
 
 /// A replicated API token: its SHA-256 only.
@@ -33,6 +44,13 @@ impl Body {
     pub fn as_host(&self) -> Option<&ProxyHost> {
         match self {
             Body::Host(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    pub fn as_drain(&self) -> Option<&DrainRecord> {
+        match self {
+            Body::Drain(d) => Some(d),
             _ => None,
         }
     }
@@ -98,6 +116,13 @@ pub fn encode(rec: &Record) -> Vec<u8> {
                 created_at_ms: t.created_at_ms,
                 created_on: t.created_on.clone(),
             }),
+            Body::Drain(d) => pb::record::Body::Drain(pb::DrainRecord {
+                node_id: d.node_id.clone(),
+                deadline_ms: d.deadline_ms,
+                spread_secs: d.spread_secs,
+                requested_at_ms: d.requested_at_ms,
+                requested_on: d.requested_on.clone(),
+            }),
         }),
     };
     let mut out = Vec::with_capacity(1 + msg.encoded_len());
@@ -124,6 +149,13 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
                 sha256_hex: t.sha256_hex,
                 created_at_ms: t.created_at_ms,
                 created_on: t.created_on,
+            }),
+            pb::record::Body::Drain(d) => Body::Drain(DrainRecord {
+                node_id: d.node_id,
+                deadline_ms: d.deadline_ms,
+                spread_secs: d.spread_secs,
+                requested_at_ms: d.requested_at_ms,
+                requested_on: d.requested_on,
             }),
         })
     };

@@ -19,7 +19,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
-pub use codec::{ApiToken, Body, Record};
+pub use codec::{ApiToken, Body, DrainRecord, Record};
 use hlc::Hlc;
 
 use crate::host::ProxyHost;
@@ -36,6 +36,7 @@ pub const DB_FILE: &str = "charon.redb";
 pub const HOST_PREFIX: &str = "host/";
 pub const CERT_PREFIX: &str = "cert/";
 pub const TOKEN_PREFIX: &str = "token/";
+pub const DRAIN_PREFIX: &str = "drain/";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -131,6 +132,7 @@ pub struct Snapshot {
     pub hosts: HostSet,
     pub certs: Vec<Arc<StoredCert>>,
     pub tokens: Vec<Arc<ApiToken>>,
+    pub drains: Vec<Arc<DrainRecord>>,
 }
 
 type Subscriber = Box<dyn Fn(&Snapshot) + Send + Sync>;
@@ -172,6 +174,10 @@ impl View<'_> {
 
     pub fn certs(&self) -> &[Arc<StoredCert>] {
         &self.inner.snapshot.certs
+    }
+
+    pub fn drains(&self) -> &[Arc<DrainRecord>] {
+        &self.inner.snapshot.drains
     }
 
     pub fn tokens(&self) -> &[Arc<ApiToken>] {
@@ -528,7 +534,9 @@ impl Store {
         }
         let applied = winners.len();
         let touches = |k: &str| {
-            k.starts_with(HOST_PREFIX) || k.starts_with(CERT_PREFIX) || k.starts_with(TOKEN_PREFIX)
+            [HOST_PREFIX, CERT_PREFIX, TOKEN_PREFIX, DRAIN_PREFIX]
+                .iter()
+                .any(|p| k.starts_with(p))
         };
         let touched = winners.keys().any(|k| touches(k)) || removed.iter().any(|k| touches(k));
         for k in removed {
@@ -735,11 +743,16 @@ fn snapshot(records: &BTreeMap<String, Record>) -> Snapshot {
         hosts: live(records, HOST_PREFIX, Body::as_host),
         certs: live(records, CERT_PREFIX, Body::as_cert),
         tokens: live(records, TOKEN_PREFIX, Body::as_token),
+        drains: live(records, DRAIN_PREFIX, Body::as_drain),
     }
 }
 
 pub fn host_key(id: &str) -> String {
     format!("{HOST_PREFIX}{id}")
+}
+
+pub fn drain_key(node_id: &str) -> String {
+    format!("{DRAIN_PREFIX}{node_id}")
 }
 
 pub fn token_key(id: &str) -> String {

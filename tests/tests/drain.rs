@@ -1,0 +1,307 @@
+//! Drain: `/readyz` first, then the listeners, keep-alive and h2 connections
+//! ended politely, WebSocket tunnels closed with 1001 on both sides at the
+//! deadline, a drain that outlives a restart, and SIGTERM's own drain.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use bytes::Bytes;
+use charon_proto::v1::{DrainRequest, DrainStatusRequest, UndrainRequest};
+use charon_tests::client::{self, ws_connect, WsClient};
+use charon_tests::{eventually, EchoBackend, TestNode, WsEchoBackend};
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Empty};
+use tokio_tungstenite::tungstenite::Message;
+
+async fn drain(node: &TestNode, deadline_secs: u32, spread_secs: u32) -> Result<()> {
+    node.nodes_client()
+        .await?
+        .drain(DrainRequest {
+            node: "me".into(),
+            deadline_secs,
+            spread_secs,
+        })
+        .await
+        .context("Nodes.Drain")?;
+    Ok(())
+}
+
+fn named(name: &str) -> charon_tests::TestNodeBuilder {
+    TestNode::builder().name(name)
+}
+
+async fn echo(ws: &mut WsClient, text: &str) -> Result<()> {
+    ws.send(Message::text(text)).await?;
+    match tokio::time::timeout(client::IO_TIMEOUT, ws.next()).await? {
+        Some(Ok(Message::Text(t))) if t.as_str() == text => Ok(()),
+        other => bail!("expected the echo of {text:?}, got {other:?}"),
+    }
+}
+
+/// Reads until the server's Close; returns its code and whether the
+/// connection then ended cleanly (tungstenite answers the Close itself).
+async fn close_of(ws: &mut WsClient) -> Result<(u16, bool)> {
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .context("no Close in time")?
+        {
+            Some(Ok(Message::Close(Some(f)))) => break u16::from(f.code),
+            Some(Ok(Message::Close(None))) => bail!("Close without a code"),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => bail!("the tunnel failed before a Close: {e}"),
+            None => bail!("the tunnel ended without a Close (1006)"),
+        }
+    };
+    let clean = matches!(
+        tokio::time::timeout(Duration::from_secs(5), ws.next()).await,
+        Ok(None)
+            | Ok(Some(Err(
+                tokio_tungstenite::tungstenite::Error::ConnectionClosed
+            )))
+    );
+    Ok((code, clean))
+}
+
+#[tokio::test]
+async fn tunnels_get_close_1001_on_both_sides_at_the_deadline_spread_over_the_window() -> Result<()>
+{
+    let node = named("me").start().await?;
+    let backend = WsEchoBackend::start("ws").await?;
+    node.add_host(&["ws.drain.test"], &[backend.url()]).await?;
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        let (mut ws, _) = ws_connect(node.http, "ws.drain.test", "/", &[]).await?;
+        echo(&mut ws, &format!("hello {i}")).await?;
+        clients.push(ws);
+    }
+    let asked = Instant::now();
+    drain(&node, 2, 2).await?;
+    // The tunnels keep working until the deadline.
+    echo(&mut clients[0], "still here").await?;
+    let mut closes = Vec::new();
+    for ws in &mut clients {
+        let (code, clean) = close_of(ws).await?;
+        closes.push((code, clean, asked.elapsed()));
+    }
+    for (code, clean, at) in &closes {
+        ensure!(*code == 1001, "close code {code}");
+        ensure!(*clean, "the closing handshake did not complete");
+        ensure!(
+            *at >= Duration::from_millis(1900),
+            "closed {at:?} after the drain, before the 2 s deadline"
+        );
+        ensure!(
+            *at <= Duration::from_secs(6),
+            "closed {at:?} after the drain: deadline 2 s + spread 2 s"
+        );
+    }
+    let first = closes.iter().map(|c| c.2).min().unwrap();
+    let last = closes.iter().map(|c| c.2).max().unwrap();
+    ensure!(
+        last - first >= Duration::from_millis(1000),
+        "closes not spread: {first:?}..{last:?}"
+    );
+    // The upstream saw (masked, or tungstenite would have failed) Close 1001s.
+    eventually(Duration::from_secs(10), || async {
+        let codes = backend.close_codes();
+        ensure!(codes == [1001; 4], "backend close codes {codes:?}");
+        Ok(())
+    })
+    .await?;
+    let status = node
+        .nodes_client()
+        .await?
+        .drain_status(DrainStatusRequest { node: "me".into() })
+        .await?
+        .into_inner();
+    eventually(Duration::from_secs(10), || async {
+        let s = node
+            .nodes_client()
+            .await?
+            .drain_status(DrainStatusRequest { node: "me".into() })
+            .await?
+            .into_inner();
+        ensure!(
+            s.status == "drained" && s.tunnels == 0 && s.cut == 0 && s.listeners_closed,
+            "{s:?}"
+        );
+        Ok(())
+    })
+    .await?;
+    ensure!(status.requested);
+    Ok(())
+}
+
+#[tokio::test]
+async fn readyz_flips_first_then_keep_alive_ends_h2_gets_goaway_and_in_flight_finishes(
+) -> Result<()> {
+    let node = named("me")
+        .env("CHARON_DRAIN_DELAY_SECS", "2")
+        .start()
+        .await?;
+    let slow = EchoBackend::start("slow").await?;
+    node.add_host(&["slow.drain.test"], &[slow.url()]).await?;
+    let req = |path: &str| {
+        http::Request::builder()
+            .uri(path)
+            .header("host", "slow.drain.test")
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    // A keep-alive HTTP/1.1 connection and an h2 connection, both used once.
+    let mut h1 = client::http1_connect(node.http).await?;
+    let resp = h1.send_request(req("/one")).await?;
+    ensure!(resp.status() == 200 && resp.headers().get("connection").is_none());
+    resp.into_body().collect().await?;
+    let tcp = tokio::net::TcpStream::connect(node.http).await?;
+    let (mut h2, h2_conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await?;
+    let h2_task = tokio::spawn(h2_conn);
+    let resp = h2.send_request(req("/h2")).await?;
+    ensure!(resp.status() == 200);
+    resp.into_body().collect().await?;
+    // A slow streamed response in flight through the drain.
+    let http = node.http;
+    let in_flight =
+        tokio::spawn(async move { client::get(http, "slow.drain.test", "/slow?ms=4000").await });
+    eventually(Duration::from_secs(10), || async {
+        ensure!(slow.hits() >= 3, "the slow request has not arrived");
+        Ok(())
+    })
+    .await?;
+
+    drain(&node, 30, 1).await?;
+    // 1. /readyz says no while the listener still accepts.
+    eventually(Duration::from_secs(2), || async {
+        ensure!(node.admin_get("/readyz").await? == 503);
+        Ok(())
+    })
+    .await?;
+    ensure!(node.admin_get("/healthz").await? == 200);
+    ensure!(
+        tokio::net::TcpStream::connect(node.http).await.is_ok(),
+        "the listener closed before /readyz said 503"
+    );
+    // 2. The keep-alive connection's next response says Connection: close.
+    let resp = h1.send_request(req("/two")).await?;
+    ensure!(
+        resp.headers().get("connection").map(|v| v.as_bytes()) == Some(b"close"),
+        "keep-alive response during a drain: {:?}",
+        resp.headers()
+    );
+    resp.into_body().collect().await?;
+    // 3. The listener closes; the h2 connection ends with GOAWAY (cleanly).
+    eventually(Duration::from_secs(5), || async {
+        ensure!(
+            tokio::net::TcpStream::connect(node.http).await.is_err(),
+            "still accepting"
+        );
+        Ok(())
+    })
+    .await?;
+    let ended = tokio::time::timeout(Duration::from_secs(10), h2_task)
+        .await
+        .context("the h2 connection was not ended")??;
+    ensure!(
+        ended.is_ok(),
+        "the h2 connection ended with an error: {ended:?}"
+    );
+    // 4. The in-flight request completes.
+    let resp = in_flight.await?.context("the in-flight request failed")?;
+    ensure!(resp.status == 200, "in-flight: {}", resp.status);
+    ensure!(resp.backend_name().as_deref() == Some("slow"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_drain_outlives_a_restart_and_undrain_restores_service() -> Result<()> {
+    let mut node = named("me").start().await?;
+    let backend = EchoBackend::start("b").await?;
+    node.add_host(&["svc.drain.test"], &[backend.url()]).await?;
+    drain(&node, 1, 0).await?;
+    eventually(Duration::from_secs(10), || async {
+        ensure!(tokio::net::TcpStream::connect(node.http).await.is_err());
+        Ok(())
+    })
+    .await?;
+    node.signal("TERM")?;
+    ensure!(node.wait_exit(Duration::from_secs(20)).await?.success());
+    node.start_again_unready().await?;
+    // Still drained after the restart: not ready, not accepting.
+    ensure!(node.admin_get("/readyz").await? == 503);
+    eventually(Duration::from_secs(10), || async {
+        ensure!(tokio::net::TcpStream::connect(node.http).await.is_err());
+        Ok(())
+    })
+    .await?;
+    node.nodes_client()
+        .await?
+        .undrain(UndrainRequest { node: "me".into() })
+        .await?;
+    eventually(Duration::from_secs(10), || async {
+        ensure!(node.admin_get("/readyz").await? == 200);
+        let resp = client::get(node.http, "svc.drain.test", "/").await?;
+        ensure!(resp.status == 200 && resp.backend_name().as_deref() == Some("b"));
+        Ok(())
+    })
+    .await?;
+    let err = node
+        .nodes_client()
+        .await?
+        .undrain(UndrainRequest { node: "me".into() })
+        .await
+        .unwrap_err();
+    ensure!(err.code() == tonic::Code::NotFound, "{err:?}");
+    let err = node
+        .nodes_client()
+        .await?
+        .drain(DrainRequest {
+            node: "nobody".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    ensure!(err.code() == tonic::Code::NotFound && err.message().contains("nobody"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_drains_then_exits_0_and_cuts_a_client_that_never_closes() -> Result<()> {
+    let mut node = named("me")
+        .env("CHARON_DRAIN_DEADLINE_SECS", "1")
+        .args(["--shutdown-grace-secs", "1"])
+        .start()
+        .await?;
+    let backend = WsEchoBackend::start("ws").await?;
+    node.add_host(&["stuck.drain.test"], &[backend.url()])
+        .await?;
+    // A raw client that completes the upgrade and then never reads again,
+    // so it never answers the proxy's Close.
+    let (head, _) = client::ws_upgrade_head("stuck.drain.test", "/", &[]);
+    let ws = client::RawWs::handshake(node.http, &head).await?;
+    ensure!(ws.status() == Some(101));
+    let signalled = Instant::now();
+    node.signal("TERM")?;
+    let status = node.wait_exit(Duration::from_secs(20)).await?;
+    ensure!(status.success(), "exit after SIGTERM: {status}");
+    let took = signalled.elapsed();
+    ensure!(
+        took >= Duration::from_millis(900),
+        "exited after {took:?}, before the 1 s deadline"
+    );
+    ensure!(
+        took <= Duration::from_secs(8),
+        "exited after {took:?}: deadline 1 s + grace 1 s"
+    );
+    let log = node.log();
+    ensure!(
+        log.contains("cutting what is left"),
+        "the stuck tunnel was not reported as cut:\n{log}"
+    );
+    drop(ws);
+    Ok(())
+}

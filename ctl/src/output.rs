@@ -257,12 +257,23 @@ pub fn members_table(members: &[Member]) -> String {
             or_dash(&m.region),
             or_dash(&m.zone),
             or_dash(&m.api_address),
-            or_dash(&m.status),
+            member_status(m),
             live_dead(m.live),
             m.lag.to_string(),
         ]
     }));
     align(&rows)
+}
+
+/// The status, with what a draining member still has open.
+fn member_status(m: &Member) -> String {
+    match m.status.as_str() {
+        "draining" => format!(
+            "draining ({} conns, {} tunnels)",
+            m.http_connections, m.tunnels
+        ),
+        s => or_dash(s),
+    }
 }
 
 /// `cluster status` in table mode: a line saying whether the live members
@@ -315,6 +326,8 @@ pub fn member_json(m: &Member) -> Value {
         "applied": m.applied,
         "state_hash": m.state_hash,
         "lag": m.lag,
+        "http_connections": m.http_connections,
+        "tunnels": m.tunnels,
     })
 }
 
@@ -1134,6 +1147,8 @@ version:             4
             .into(),
             state_hash: "9f86d081884c7d65".into(),
             lag: 0,
+            http_connections: 0,
+            tunnels: 0,
         }
     }
 
@@ -1150,6 +1165,8 @@ version:             4
                 applied: [("0f3a9c2e-1111-4000-8000-000000000001".to_string(), 10)].into(),
                 state_hash: "2c26b46b68ffc68f".into(),
                 lag: 5,
+                http_connections: 2,
+                tunnels: 40,
                 ..member("n2-long-name", "7b2d4e6f-2222-4000-8000-000000000002")
             },
             Member {
@@ -1167,10 +1184,10 @@ version:             4
     #[test]
     fn members_table_marks_the_answering_node_and_keeps_the_order() {
         let want = "\
-NAME          NODE ID   REGION   ZONE  API                       STATUS    STATE  LAG
-n1*           0f3a9c2e  eu-west  a     http://n1:7070            serving   live   0
-n2-long-name  7b2d4e6f  eu-west  b     http://n2-long-name:7070  draining  live   5
-n3            c0ffee00  -        -     http://n3:7070            serving   dead   15
+NAME          NODE ID   REGION   ZONE  API                       STATUS                          STATE  LAG
+n1*           0f3a9c2e  eu-west  a     http://n1:7070            serving                         live   0
+n2-long-name  7b2d4e6f  eu-west  b     http://n2-long-name:7070  draining (2 conns, 40 tunnels)  live   5
+n3            c0ffee00  -        -     http://n3:7070            serving                         dead   15
 ";
         assert_eq!(members_table(&members()), want);
         assert_eq!(members_table(&[]), "no members\n");
@@ -1256,6 +1273,8 @@ n3            dead   -                 15   -
             "applied",
             "state_hash",
             "lag",
+            "http_connections",
+            "tunnels",
         ];
         want.sort();
         assert_eq!(keys, want);

@@ -493,6 +493,8 @@ fn member(name: &str, node_id: &str, live: bool) -> Member {
         applied: [(N1_ID.to_string(), 12)].into(),
         state_hash: "9f86d081884c7d65".into(),
         lag: 0,
+        http_connections: 0,
+        tunnels: 0,
     }
 }
 
@@ -1396,11 +1398,11 @@ async fn cluster_members_as_table_and_json() {
     let (code, stdout, stderr) = call(&endpoint, &dir, &["cluster", "members"]).await;
     assert_eq!(code, Some(0), "stderr: {stderr}");
     let want = "\
-NAME  NODE ID   REGION   ZONE  API             STATUS    STATE  LAG
-n1*   0f3a9c2e  eu-west  a     http://n1:7070  serving   live   0
-n3    c0ffee00  eu-west  a     http://n3:7070  draining  live   3
-n2    7b2d4e6f  eu-west  a     http://n2:7070  serving   live   0
-n4    deadbeef  eu-west  a     http://n4:7070  serving   dead   12
+NAME  NODE ID   REGION   ZONE  API             STATUS                         STATE  LAG
+n1*   0f3a9c2e  eu-west  a     http://n1:7070  serving                        live   0
+n3    c0ffee00  eu-west  a     http://n3:7070  draining (0 conns, 0 tunnels)  live   3
+n2    7b2d4e6f  eu-west  a     http://n2:7070  serving                        live   0
+n4    deadbeef  eu-west  a     http://n4:7070  serving                        dead   12
 ";
     assert_eq!(stdout, want);
     assert_eq!(stderr, "");

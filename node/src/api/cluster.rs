@@ -34,6 +34,8 @@ fn member_to_pb(m: Member) -> pb::Member {
         applied: m.vv.into_iter().collect(),
         state_hash: m.hash,
         lag: m.lag,
+        http_connections: m.drain.http_connections,
+        tunnels: m.drain.tunnels,
     }
 }
 

@@ -271,24 +271,7 @@ impl Config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
-        let file_cluster = FileCluster {
-            gossip_listen: file.gossip_listen.take(),
-            gossip_advertise: file.gossip_advertise.take(),
-            api_advertise: file.api_advertise.take(),
-            seeds: file.seeds.take(),
-            cluster_id: file.cluster_id.take(),
-            cluster_secret_file: file.cluster_secret_file.take(),
-            node_name: file.node_name.take(),
-            region: file.region.take(),
-            zone: file.zone.take(),
-            gossip_interval_ms: file.gossip_interval_ms.take(),
-            phi_threshold: file.phi_threshold.take(),
-            max_heartbeat_interval_ms: file.max_heartbeat_interval_ms.take(),
-            dead_node_grace_secs: file.dead_node_grace_secs.take(),
-            anti_entropy_secs: file.anti_entropy_secs.take(),
-            tombstone_grace_secs: file.tombstone_grace_secs.take(),
-        };
-        let cluster = cluster_settings(&mut args, file_cluster)?;
+        let cluster = cluster_settings(&mut args, &mut file)?;
         let http = args
             .http_listen
             .or(file.http_listen)
@@ -435,25 +418,6 @@ impl Config {
     }
 }
 
-/// The cluster part of the TOML file.
-struct FileCluster {
-    gossip_listen: Option<String>,
-    gossip_advertise: Option<String>,
-    api_advertise: Option<String>,
-    seeds: Option<Vec<String>>,
-    cluster_id: Option<String>,
-    cluster_secret_file: Option<PathBuf>,
-    node_name: Option<String>,
-    region: Option<String>,
-    zone: Option<String>,
-    gossip_interval_ms: Option<u64>,
-    phi_threshold: Option<f64>,
-    max_heartbeat_interval_ms: Option<u64>,
-    dead_node_grace_secs: Option<u64>,
-    anti_entropy_secs: Option<u64>,
-    tombstone_grace_secs: Option<u64>,
-}
-
 /// The machine's host name, the default node name.
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -473,16 +437,22 @@ fn check_host_port(setting: &'static str, v: &str) -> Result<(), ConfigError> {
     }
 }
 
-fn cluster_settings(args: &mut Args, file: FileCluster) -> Result<ClusterSettings, ConfigError> {
+fn cluster_settings(
+    args: &mut Args,
+    file: &mut FileConfig,
+) -> Result<ClusterSettings, ConfigError> {
     let gossip_listen = parse_addr(
         "gossip_listen",
         &args
             .gossip_listen
             .take()
-            .or(file.gossip_listen)
+            .or(file.gossip_listen.take())
             .unwrap_or_else(|| "127.0.0.1:7946".into()),
     )?;
-    let gossip_advertise = args.gossip_advertise.take().or(file.gossip_advertise);
+    let gossip_advertise = args
+        .gossip_advertise
+        .take()
+        .or(file.gossip_advertise.take());
     if let Some(a) = &gossip_advertise {
         check_host_port("gossip_advertise", a)?;
     } else if gossip_listen.ip().is_unspecified() {
@@ -491,12 +461,12 @@ fn cluster_settings(args: &mut Args, file: FileCluster) -> Result<ClusterSetting
             format!("required when gossip_listen is {gossip_listen}: peers need an address to reach this node"),
         ));
     }
-    let api_advertise = args.api_advertise.take().or(file.api_advertise);
+    let api_advertise = args.api_advertise.take().or(file.api_advertise.take());
     if let Some(a) = &api_advertise {
         check_host_port("api_advertise", a)?;
     }
     let seeds: Vec<String> = if args.seeds.is_empty() {
-        file.seeds.unwrap_or_default()
+        file.seeds.take().unwrap_or_default()
     } else {
         std::mem::take(&mut args.seeds)
     }
@@ -507,7 +477,10 @@ fn cluster_settings(args: &mut Args, file: FileCluster) -> Result<ClusterSetting
     for s in &seeds {
         check_host_port("seeds", s)?;
     }
-    let secret_file = args.cluster_secret_file.take().or(file.cluster_secret_file);
+    let secret_file = args
+        .cluster_secret_file
+        .take()
+        .or(file.cluster_secret_file.take());
     let secret = match (
         args.cluster_secret.take().filter(|s| !s.is_empty()),
         secret_file,
@@ -547,22 +520,22 @@ fn cluster_settings(args: &mut Args, file: FileCluster) -> Result<ClusterSetting
     let cluster_id = args
         .cluster_id
         .take()
-        .or(file.cluster_id)
+        .or(file.cluster_id.take())
         .unwrap_or_else(|| "charon".into());
     name_ok("cluster_id", &cluster_id)?;
     let node_name = args
         .node_name
         .take()
-        .or(file.node_name)
+        .or(file.node_name.take())
         .unwrap_or_else(host_name);
     name_ok("node_name", &node_name)?;
     let region = args
         .region
         .take()
-        .or(file.region)
+        .or(file.region.take())
         .unwrap_or_else(|| "default".into());
     name_ok("region", &region)?;
-    let zone = args.zone.take().or(file.zone).unwrap_or_default();
+    let zone = args.zone.take().or(file.zone.take()).unwrap_or_default();
     if !zone.is_empty() {
         name_ok("zone", &zone)?;
     }
@@ -662,6 +635,41 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("collides"), "{e}");
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_and_read_from_the_file() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.cluster.gossip_listen.to_string(), "127.0.0.1:7946");
+        assert_eq!(c.cluster.cluster_id, "charon");
+        assert_eq!(c.cluster.region, "default");
+        for (argv, setting) in [
+            (vec!["--gossip-listen", "0.0.0.0:7946"], "gossip_advertise:"),
+            (vec!["--seeds", "10.0.0.1"], "seeds:"),
+            (vec!["--cluster-secret", "short"], "cluster_secret:"),
+            (vec!["--region", "eu west"], "region:"),
+            (vec!["--gossip-interval-ms", "0"], "gossip_interval_ms:"),
+            (vec!["--phi-threshold=-1"], "phi_threshold:"),
+        ] {
+            let e = parse(&argv).unwrap_err().to_string();
+            assert!(e.starts_with(setting), "{argv:?}: {e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "from-a-file-0123456789\n").unwrap();
+        std::fs::write(
+            &path,
+            format!(
+                "seeds = [\"n1:7946\", \"n2:7946\"]\nregion = \"eu\"\ncluster_secret_file = {:?}\n",
+                secret.display().to_string()
+            ),
+        )
+        .unwrap();
+        let c = parse(&["--config", path.to_str().unwrap(), "--region", "us"]).unwrap();
+        assert_eq!(c.cluster.seeds, ["n1:7946", "n2:7946"]);
+        assert_eq!(c.cluster.region, "us", "the flag wins");
+        assert_eq!(c.cluster.secret.as_deref(), Some("from-a-file-0123456789"));
     }
 
     #[test]

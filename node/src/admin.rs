@@ -1,6 +1,7 @@
-//! The admin listener: `/healthz` (the process is alive) and `/readyz` (it
-//! should receive traffic: the route table has been built from the store
-//! and the listeners are up).
+//! The admin listener: `/healthz` (the process is alive), `/readyz` (it
+//! should receive traffic: the route table has been built from the store,
+//! the listeners are up and the node is not draining) and `/metrics`
+//! (Prometheus text format).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -29,14 +30,30 @@ impl Health {
     }
 }
 
-fn respond(health: &Health, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// Renders the metrics exposition (async: it reads cluster state).
+pub type MetricsFn =
+    Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
+
+async fn respond(
+    health: &Health,
+    metrics: &Option<MetricsFn>,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if let ("/metrics", Some(m)) = (req.uri().path(), metrics) {
+        let mut resp = Response::new(Full::new(Bytes::from(m().await)));
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        return resp;
+    }
     let (status, body) = match req.uri().path() {
         "/healthz" => (StatusCode::OK, "ok\n"),
         "/readyz" if health.is_ready() => (StatusCode::OK, "ready\n"),
         "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         _ => (
             StatusCode::NOT_FOUND,
-            "not found: try /healthz or /readyz\n",
+            "not found: try /healthz, /readyz or /metrics\n",
         ),
     };
     let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
@@ -44,7 +61,12 @@ fn respond(health: &Health, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     resp
 }
 
-pub async fn serve(listener: TcpListener, health: Arc<Health>, shutdown: impl Future<Output = ()>) {
+pub async fn serve(
+    listener: TcpListener,
+    health: Arc<Health>,
+    metrics: Option<MetricsFn>,
+    shutdown: impl Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -55,10 +77,11 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, shutdown: impl Fu
             },
         };
         let health = health.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let resp = respond(&health, &req);
-                async move { Ok::<_, Infallible>(resp) }
+                let (health, metrics) = (health.clone(), metrics.clone());
+                async move { Ok::<_, Infallible>(respond(&health, &metrics, &req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)

@@ -73,6 +73,13 @@ pub struct Args {
     /// the deadline, so clients do not all reconnect at once [default: 5]
     #[arg(long, env = "CHARON_DRAIN_SPREAD_SECS")]
     pub drain_spread_secs: Option<u64>,
+    /// Access log (one JSON line per request and per closed tunnel): stdout,
+    /// off, or a file path (rotated by size) [default: stdout]
+    #[arg(long, env = "CHARON_ACCESS_LOG")]
+    pub access_log: Option<String>,
+    /// Rotate the access-log file at this size, in MiB (5 old files kept) [default: 100]
+    #[arg(long, env = "CHARON_ACCESS_LOG_MAX_MB")]
+    pub access_log_max_mb: Option<u64>,
     /// Log filter (tracing env-filter syntax) [default: info]
     #[arg(long, env = "CHARON_LOG")]
     pub log: Option<String>,
@@ -148,6 +155,8 @@ struct FileConfig {
     drain_delay_secs: Option<u64>,
     drain_deadline_secs: Option<u64>,
     drain_spread_secs: Option<u64>,
+    access_log: Option<String>,
+    access_log_max_mb: Option<u64>,
     log: Option<String>,
     log_format: Option<String>,
     gossip_listen: Option<String>,
@@ -216,6 +225,7 @@ pub struct Config {
     /// in-flight requests get before the rest is cut.
     pub shutdown_grace: Duration,
     pub drain: DrainSettings,
+    pub access_log: crate::telemetry::Sink,
     pub log: String,
     pub log_format: LogFormat,
     /// From `CHARON_ADMIN_TOKEN` only (never a flag: flags show up in `ps`).
@@ -386,6 +396,15 @@ impl Config {
                         .unwrap_or(5),
                 ),
             },
+            access_log: crate::telemetry::Sink::parse(
+                args.access_log
+                    .or(file.access_log)
+                    .as_deref()
+                    .unwrap_or("stdout"),
+                args.access_log_max_mb
+                    .or(file.access_log_max_mb)
+                    .unwrap_or(100),
+            ),
             log,
             log_format,
             admin_token,

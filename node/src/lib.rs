@@ -22,4 +22,5 @@ pub mod host;
 pub mod node;
 pub mod proxy;
 pub mod store;
+pub mod telemetry;
 pub mod tls;

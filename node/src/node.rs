@@ -15,9 +15,11 @@ use crate::admin::{self, Health};
 use crate::api::{self, auth::Auth, auth::AuthError};
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::config::{ClusterSettings, Config};
-use crate::drain::Drainer;
+use crate::drain::{Drainer, Phase};
 use crate::proxy::Proxy;
 use crate::store::{Store, StoreError};
+use crate::telemetry::metrics::Gauges;
+use crate::telemetry::{AccessLog, Metrics, Telemetry};
 use crate::tls::seal::{DataKey, SealError};
 use crate::tls::sni::CertTable;
 use crate::tls::TlsTerminator;
@@ -47,6 +49,11 @@ pub enum NodeError {
     },
     #[error("cluster: {0}")]
     Cluster(String),
+    #[error("access_log: cannot open {sink}: {source}")]
+    AccessLog {
+        sink: String,
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source}")]
     ListenFile {
         path: PathBuf,
@@ -137,6 +144,46 @@ async fn cluster_config(s: &ClusterSettings, api: SocketAddr) -> Result<ClusterC
     })
 }
 
+/// `/metrics`: counters from the proxy plus gauges read at scrape time.
+fn metrics_renderer(
+    metrics: Arc<Metrics>,
+    proxy: Arc<Proxy>,
+    cluster: Arc<Cluster>,
+    drainer: Arc<Drainer>,
+) -> admin::MetricsFn {
+    Arc::new(move || {
+        let (metrics, proxy, cluster, drainer) = (
+            metrics.clone(),
+            proxy.clone(),
+            cluster.clone(),
+            drainer.clone(),
+        );
+        Box::pin(async move {
+            let mut by_host: std::collections::BTreeMap<String, u64> = Default::default();
+            for t in proxy.tunnels.list() {
+                *by_host.entry(t.host_name.clone()).or_default() += 1;
+            }
+            let members = cluster.members().await;
+            let live = members.iter().filter(|m| m.live).count() as u64;
+            let gauges = Gauges {
+                http_connections: proxy.http_connections() as u64,
+                tunnels_by_host: by_host.into_iter().collect(),
+                members_by_state: vec![
+                    ("live".into(), live),
+                    ("dead".into(), members.len() as u64 - live),
+                ],
+                config_lag: members.iter().map(|m| (m.name.clone(), m.lag)).collect(),
+                drain_state: match drainer.state().borrow().phase {
+                    Phase::Serving => 0,
+                    Phase::Draining => 1,
+                    Phase::Drained => 2,
+                },
+            };
+            metrics.render(&gauges)
+        })
+    })
+}
+
 /// Runs a node until `shutdown` resolves, then stops accepting, lets open
 /// requests finish within the configured grace, and returns.
 pub async fn run(
@@ -182,6 +229,20 @@ pub async fn run(
     let mut proxy_config = config.proxy.clone();
     proxy_config.https_port = bound.https.port();
     let proxy = Proxy::new(proxy_config);
+    let metrics = Arc::new(Metrics::default());
+    let access_log = AccessLog::new(
+        &config.cluster.node_name,
+        config.access_log.clone(),
+        metrics.clone(),
+    )
+    .map_err(|source| NodeError::AccessLog {
+        sink: format!("{:?}", config.access_log),
+        source,
+    })?;
+    proxy.set_telemetry(Arc::new(Telemetry {
+        metrics: metrics.clone(),
+        access_log: access_log.clone(),
+    }));
     let tls = TlsTerminator::new();
     {
         let (proxy, tls, data_key) = (proxy.clone(), tls.clone(), data_key.clone());
@@ -243,7 +304,13 @@ pub async fn run(
             });
         });
     }
-    let admin_task = tokio::spawn(admin::serve(admin_l, health.clone(), stopped()));
+    let render = metrics_renderer(metrics, proxy.clone(), cluster.clone(), drainer.clone());
+    let admin_task = tokio::spawn(admin::serve(
+        admin_l,
+        health.clone(),
+        Some(render),
+        stopped(),
+    ));
     let api_task = tokio::spawn(api::serve(
         api_l,
         api::Deps {
@@ -252,6 +319,8 @@ pub async fn run(
             data_key,
             cluster: cluster.clone(),
             drain_defaults: config.drain,
+            access_log,
+            proxy: proxy.clone(),
         },
         stopped(),
     ));

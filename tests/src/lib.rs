@@ -18,8 +18,10 @@
 
 pub mod backends;
 pub mod client;
+pub mod haproxy;
 pub mod node;
 pub mod procfs;
+pub mod supervisor;
 pub mod tls;
 pub mod wait;
 

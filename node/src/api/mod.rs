@@ -9,6 +9,7 @@ pub mod certs;
 pub mod cluster;
 pub mod hosts;
 pub mod nodes;
+pub mod observe;
 pub mod tokens;
 
 use std::future::Future;
@@ -17,8 +18,10 @@ use std::sync::Arc;
 use charon_proto::v1::certificates_server::CertificatesServer;
 use charon_proto::v1::cluster_server::ClusterServer;
 use charon_proto::v1::hosts_server::HostsServer;
+use charon_proto::v1::logs_server::LogsServer;
 use charon_proto::v1::nodes_server::NodesServer;
 use charon_proto::v1::tokens_server::TokensServer;
+use charon_proto::v1::tunnels_server::TunnelsServer;
 use tokio::net::TcpListener;
 
 use crate::cluster::Cluster;
@@ -68,6 +71,8 @@ pub struct Deps {
     pub data_key: Arc<DataKey>,
     pub cluster: Arc<Cluster>,
     pub drain_defaults: crate::config::DrainSettings,
+    pub access_log: Arc<crate::telemetry::AccessLog>,
+    pub proxy: Arc<crate::proxy::Proxy>,
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.
@@ -82,7 +87,18 @@ pub async fn serve(
         data_key,
         cluster,
         drain_defaults,
+        access_log,
+        proxy,
     } = deps;
+    let logs_auth = auth.clone();
+    let logs = LogsServer::with_interceptor(observe::LogsApi::new(access_log), move |req| {
+        logs_auth.check(req)
+    });
+    let tunnels_auth = auth.clone();
+    let tunnels_api = TunnelsServer::with_interceptor(
+        observe::TunnelsApi::new(proxy, cluster.config().node_name.clone()),
+        move |req| tunnels_auth.check(req),
+    );
     let nodes_auth = auth.clone();
     let nodes = NodesServer::with_interceptor(
         nodes::NodesApi::new(store.clone(), cluster.clone(), drain_defaults),
@@ -113,6 +129,8 @@ pub async fn serve(
         .add_service(cluster_api)
         .add_service(tokens)
         .add_service(nodes)
+        .add_service(logs)
+        .add_service(tunnels_api)
         .add_service(sync)
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),

@@ -95,7 +95,22 @@ pub enum ProxyError {
     },
 }
 
+/// Which upstream answered, carried on the response from `forward` to the
+/// access log.
+#[derive(Clone)]
+struct UpstreamUsed(Arc<str>);
+
 impl ProxyError {
+    /// The metric label of an upstream failure (`None` for client errors).
+    pub fn upstream_kind(&self) -> Option<&'static str> {
+        match self {
+            ProxyError::Unreachable { .. } => Some("refused"),
+            ProxyError::Timeout { .. } => Some("timeout"),
+            ProxyError::Upstream { .. } => Some("error"),
+            _ => None,
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -150,6 +165,8 @@ pub struct Proxy {
     /// keep-alive clients go elsewhere for their next request instead of
     /// racing the listener's close.
     draining: AtomicBool,
+    /// Metrics, access log and traces; unset in tests of the proxy alone.
+    telemetry: std::sync::OnceLock<Arc<crate::telemetry::Telemetry>>,
 }
 
 /// Counts one open connection for as long as it lives.
@@ -180,7 +197,12 @@ impl Proxy {
             cut: watch::Sender::new(0),
             cut_count: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            telemetry: std::sync::OnceLock::new(),
         })
+    }
+
+    pub fn set_telemetry(&self, t: Arc<crate::telemetry::Telemetry>) {
+        let _ = self.telemetry.set(t);
     }
 
     pub fn set_draining(&self, on: bool) {
@@ -286,6 +308,7 @@ impl Proxy {
             let builder = builder.clone();
             let tls = tls.clone();
             let guard = ConnGuard::new(&self.http_conns);
+            let proxy_t = self.clone();
             tokio::spawn(self.cuttable(async move {
                 let _guard = guard;
                 let result = match tls {
@@ -296,15 +319,24 @@ impl Proxy {
                     }
                     Some(tls) => match tls.accept(stream, info.local).await {
                         Ok(stream) => {
+                            if let Some(t) = proxy_t.telemetry.get() {
+                                t.metrics.tls_handshake(None);
+                            }
                             let conn = builder
                                 .serve_connection_with_upgrades(TokioIo::new(stream), service);
                             watcher.watch(conn.into_owned()).await
                         }
                         Err(e @ AcceptError::UnknownName(_)) => {
+                            if let Some(t) = proxy_t.telemetry.get() {
+                                t.metrics.tls_handshake(Some("unknown_name"));
+                            }
                             tracing::info!(client = %peer, "TLS: {e}");
                             return;
                         }
                         Err(e) => {
+                            if let Some(t) = proxy_t.telemetry.get() {
+                                t.metrics.tls_handshake(Some("handshake_error"));
+                            }
                             tracing::debug!(client = %peer, "TLS: {e}");
                             return;
                         }
@@ -325,41 +357,97 @@ impl Proxy {
         }
     }
 
-    /// Proxies one request; never fails (errors become responses).
+    /// Proxies one request; never fails (errors become responses). With
+    /// telemetry set, counts it and writes its access-log line.
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         conn: ConnInfo,
     ) -> Response<ProxyBody> {
+        let Some(t) = self.telemetry.get().cloned() else {
+            return self.handle_inner(req, conn).await.0;
+        };
+        let started = std::time::Instant::now();
+        let ts_ms = crate::store::hlc::wall_ms();
+        let method = req.method().to_string();
+        let path = req.uri().path().to_string();
+        let proto = format!("{:?}", req.version());
+        let authority = request_host(&req).unwrap_or_default().to_string();
+        let (mut resp, route, error) = self.handle_inner(req, conn).await;
+        let took = started.elapsed();
+        let status = resp.status().as_u16();
+        let upstream = resp.extensions_mut().remove::<UpstreamUsed>();
+        let host_name: Arc<str> = route
+            .as_ref()
+            .map(|r| r.host.name.clone().into())
+            .unwrap_or_else(|| Arc::from(""));
+        t.metrics.request(&host_name, status, took);
+        if let Some(kind) = error.as_ref().and_then(ProxyError::upstream_kind) {
+            t.metrics.upstream_error(&host_name, kind);
+        }
+        t.access_log.record(crate::telemetry::Entry {
+            ts: crate::telemetry::rfc3339_ms(ts_ms),
+            ts_ms,
+            kind: "http",
+            client: conn.peer.to_string(),
+            host: host_name.to_string(),
+            host_id: route
+                .as_ref()
+                .map(|r| r.host.id.clone())
+                .unwrap_or_default(),
+            method,
+            authority,
+            path,
+            proto,
+            tls: conn.tls,
+            status,
+            upstream: upstream.map(|u| u.0.to_string()).unwrap_or_default(),
+            duration_ms: took.as_secs_f64() * 1000.0,
+            error: error.map(|e| e.to_string()).unwrap_or_default(),
+            ..Default::default()
+        });
+        resp
+    }
+
+    async fn handle_inner(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> (Response<ProxyBody>, Option<Arc<Route>>, Option<ProxyError>) {
         let host = match request_host(&req) {
             Ok(h) => h.to_string(),
             Err(why) => {
                 tracing::info!(client = %conn.peer, "bad request: {why}");
-                return ProxyError::BadRequest(why).response();
+                let e = ProxyError::BadRequest(why);
+                return (e.response(), None, Some(e));
             }
         };
         let table = self.routes.load();
         let Some(route) = table.lookup(&host).cloned() else {
             let err = ProxyError::UnknownHost(routes::strip_port(&host).to_string());
             tracing::info!(host = %host, client = %conn.peer, "{err}");
-            return err.response();
+            return (err.response(), None, Some(err));
         };
         drop(table);
         if route.host.force_https && !conn.tls {
-            return redirect_to_https(&req, &host, self.config.https_port);
+            return (
+                redirect_to_https(&req, &host, self.config.https_port),
+                Some(route),
+                None,
+            );
         }
-        let mut resp = match self.forward(req, &route, &host, conn).await {
-            Ok(resp) => resp,
+        let (mut resp, error) = match self.forward(req, &route, &host, conn).await {
+            Ok(resp) => (resp, None),
             Err(e) => {
                 tracing::warn!(host = %host, host_id = %route.host.id, client = %conn.peer, status = e.status().as_u16(), "{e}");
-                e.response()
+                (e.response(), Some(e))
             }
         };
         if let (true, Some(v)) = (conn.tls, &route.hsts) {
             resp.headers_mut()
                 .insert(http::header::STRICT_TRANSPORT_SECURITY, v.clone());
         }
-        resp
+        (resp, Some(route), error)
     }
 
     async fn forward(
@@ -444,6 +532,10 @@ impl Proxy {
             match self.send(&upstream, req, timeout).await {
                 Ok((mut resp, sender)) => {
                     upstream.mark_up();
+                    if self.telemetry.get().is_some() {
+                        resp.extensions_mut()
+                            .insert(UpstreamUsed(upstream.url.to_string().into()));
+                    }
                     // An HTTP/1.0 upstream must not turn the client's
                     // HTTP/1.1 connection into a 1.0 one.
                     *resp.version_mut() = client_version;
@@ -547,11 +639,24 @@ impl Proxy {
             idle_timeout: secs(h.ws_idle_timeout_secs),
             ping_interval: secs(h.ws_ping_interval_secs),
         };
+        let telemetry = self.telemetry.get().cloned();
+        let tls = conn.tls;
         tokio::spawn(self.cuttable(async move {
             let info = reg.info.clone();
             match tokio::join!(client, up) {
                 (Ok(c), Ok(u)) => {
                     tracing::debug!(tunnel = info.id, host = %info.host_name, upstream = %info.upstream, client = %info.client, "tunnel open");
+                    if let Some(t) = &telemetry {
+                        t.metrics.tunnel_opened(&Arc::from(info.host_name.as_str()));
+                    }
+                    let started = std::time::Instant::now();
+                    // Logged however the tunnel ends, even when cut.
+                    let _log = telemetry.map(|t| TunnelLog {
+                        t,
+                        info: info.clone(),
+                        started,
+                        tls,
+                    });
                     relay::relay(TokioIo::new(c), TokioIo::new(u), info.clone(), opts).await;
                     tracing::debug!(tunnel = info.id, "tunnel closed");
                 }
@@ -561,6 +666,57 @@ impl Proxy {
             }
             drop(reg);
         }));
+    }
+}
+
+/// Writes a closed tunnel's access-log line and metrics when dropped: at
+/// the end of the relay, or when a drain cuts the tunnel.
+struct TunnelLog {
+    t: Arc<crate::telemetry::Telemetry>,
+    info: Arc<tunnels::TunnelInfo>,
+    started: std::time::Instant,
+    tls: bool,
+}
+
+impl Drop for TunnelLog {
+    fn drop(&mut self) {
+        let i = &self.info;
+        let relaxed = Ordering::Relaxed;
+        let (up_bytes, down_bytes) = (
+            i.to_upstream.bytes.load(relaxed),
+            i.to_client.bytes.load(relaxed),
+        );
+        let lived = self.started.elapsed();
+        self.t.metrics.tunnel_closed(lived, up_bytes, down_bytes);
+        let by_proxy = i.control.borrow().close.is_some();
+        let (client_close, upstream_close) = (i.to_upstream.close_code(), i.to_client.close_code());
+        let closed_by = match (by_proxy, client_close, upstream_close) {
+            (true, _, _) => "proxy",
+            (false, Some(_), None) => "client",
+            (false, None, Some(_)) => "upstream",
+            (false, Some(_), Some(_)) => "both",
+            (false, None, None) => "none (connection ended without a Close)",
+        };
+        let ts_ms = crate::store::hlc::wall_ms();
+        self.t.access_log.record(crate::telemetry::Entry {
+            ts: crate::telemetry::rfc3339_ms(ts_ms),
+            ts_ms,
+            kind: "tunnel",
+            client: i.client.to_string(),
+            host: i.host_name.clone(),
+            host_id: i.host_id.clone(),
+            tls: self.tls,
+            status: 101,
+            upstream: i.upstream.clone(),
+            duration_ms: lived.as_secs_f64() * 1000.0,
+            bytes_to_upstream: Some(up_bytes),
+            bytes_to_client: Some(down_bytes),
+            frames_to_upstream: Some(i.to_upstream.frames.load(relaxed)),
+            frames_to_client: Some(i.to_client.frames.load(relaxed)),
+            close_code: client_close.or(upstream_close).flatten(),
+            closed_by: closed_by.to_string(),
+            ..Default::default()
+        });
     }
 }
 

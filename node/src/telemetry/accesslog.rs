@@ -1,0 +1,358 @@
+//! The access log: one JSON line per proxied request and per closed tunnel.
+//!
+//! Lines go to stdout (default), a file rotated by size, or nowhere; the
+//! proxy never waits for the disk: lines are handed to a writer thread over
+//! a bounded channel and dropped (and counted) if it falls behind. The last
+//! [`RING`] events are kept in memory for `charonctl logs --since`, and
+//! every event is broadcast to `charonctl logs -f` followers.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use super::metrics::Metrics;
+
+/// Events kept in memory.
+pub const RING: usize = 10_000;
+/// Lines the writer may fall behind by before new ones are dropped.
+const QUEUE: usize = 16_384;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sink {
+    Off,
+    Stdout,
+    /// A file, rotated to `.1` … `.5` when it reaches `max_bytes`.
+    File {
+        path: PathBuf,
+        max_bytes: u64,
+    },
+}
+
+impl Sink {
+    pub fn parse(v: &str, max_mb: u64) -> Sink {
+        match v {
+            "off" | "none" | "" => Sink::Off,
+            "stdout" | "-" => Sink::Stdout,
+            path => Sink::File {
+                path: PathBuf::from(path),
+                max_bytes: max_mb.max(1) * 1024 * 1024,
+            },
+        }
+    }
+}
+
+/// One event, as written (JSON) and as filtered.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Entry {
+    pub ts: String,
+    pub ts_ms: u64,
+    pub node: String,
+    pub kind: &'static str,
+    pub client: String,
+    /// The proxy host's name ("" when none matched).
+    pub host: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub host_id: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub method: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub authority: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub path: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub proto: String,
+    pub tls: bool,
+    pub status: u16,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub upstream: String,
+    pub duration_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_to_upstream: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_to_client: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frames_to_upstream: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frames_to_client: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub close_code: Option<u16>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub closed_by: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub trace_id: String,
+}
+
+/// An event as kept and streamed.
+#[derive(Debug)]
+pub struct Event {
+    pub ts_ms: u64,
+    pub kind: &'static str,
+    pub host: String,
+    pub host_id: String,
+    pub status: u16,
+    pub json: String,
+}
+
+pub struct AccessLog {
+    node: String,
+    ring: Mutex<VecDeque<Arc<Event>>>,
+    live: broadcast::Sender<Arc<Event>>,
+    writer: Option<SyncSender<String>>,
+    metrics: Arc<Metrics>,
+}
+
+impl AccessLog {
+    pub fn new(node: &str, sink: Sink, metrics: Arc<Metrics>) -> std::io::Result<Arc<AccessLog>> {
+        let writer = match sink {
+            Sink::Off => None,
+            sink => {
+                let (tx, rx) = sync_channel::<String>(QUEUE);
+                let mut out = Output::open(sink)?;
+                std::thread::Builder::new()
+                    .name("access-log".into())
+                    .spawn(move || {
+                        while let Ok(line) = rx.recv() {
+                            out.write_line(&line);
+                            // Flush when the queue is drained, not per line.
+                            while let Ok(line) = rx.try_recv() {
+                                out.write_line(&line);
+                            }
+                            out.flush();
+                        }
+                    })?;
+                Some(tx)
+            }
+        };
+        Ok(Arc::new(AccessLog {
+            node: node.to_string(),
+            ring: Mutex::new(VecDeque::with_capacity(1024)),
+            live: broadcast::channel(4096).0,
+            writer,
+            metrics,
+        }))
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn record(&self, mut e: Entry) {
+        e.node.clone_from(&self.node);
+        let json = serde_json::to_string(&e).unwrap_or_default();
+        if let Some(w) = &self.writer {
+            match w.try_send(json.clone()) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                    self.metrics
+                        .access_log_dropped
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let ev = Arc::new(Event {
+            ts_ms: e.ts_ms,
+            kind: e.kind,
+            host: e.host,
+            host_id: e.host_id,
+            status: e.status,
+            json,
+        });
+        {
+            let mut ring = self.ring.lock().expect("access log lock");
+            if ring.len() == RING {
+                ring.pop_front();
+            }
+            ring.push_back(ev.clone());
+        }
+        let _ = self.live.send(ev);
+    }
+
+    /// Kept events newer than `since_ms`, oldest first.
+    pub fn recent(&self, since_ms: u64) -> Vec<Arc<Event>> {
+        self.ring
+            .lock()
+            .expect("access log lock")
+            .iter()
+            .filter(|e| e.ts_ms >= since_ms)
+            .cloned()
+            .collect()
+    }
+
+    pub fn follow(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.live.subscribe()
+    }
+}
+
+/// Whether an event passes a `charonctl logs` filter.
+pub fn matches(e: &Event, host: &str, status: &str) -> bool {
+    let host_ok = host.is_empty() || e.host == host || e.host_id == host;
+    let status_ok = match status {
+        "" => true,
+        s if s.len() == 3 && s.ends_with("xx") => {
+            s.as_bytes()[0].checked_sub(b'0').map(u16::from) == Some(e.status / 100)
+        }
+        s => s.parse::<u16>().ok() == Some(e.status),
+    };
+    host_ok && status_ok
+}
+
+enum Output {
+    Stdout(std::io::Stdout),
+    File {
+        path: PathBuf,
+        max_bytes: u64,
+        file: BufWriter<File>,
+        written: u64,
+    },
+}
+
+impl Output {
+    fn open(sink: Sink) -> std::io::Result<Output> {
+        Ok(match sink {
+            Sink::Off | Sink::Stdout => Output::Stdout(std::io::stdout()),
+            Sink::File { path, max_bytes } => {
+                let file = OpenOptions::new().create(true).append(true).open(&path)?;
+                let written = file.metadata()?.len();
+                Output::File {
+                    path,
+                    max_bytes,
+                    file: BufWriter::new(file),
+                    written,
+                }
+            }
+        })
+    }
+
+    fn write_line(&mut self, line: &str) {
+        match self {
+            Output::Stdout(s) => {
+                let mut s = s.lock();
+                let _ = s.write_all(line.as_bytes());
+                let _ = s.write_all(b"\n");
+            }
+            Output::File {
+                path,
+                max_bytes,
+                file,
+                written,
+            } => {
+                if *written + line.len() as u64 + 1 > *max_bytes && *written > 0 {
+                    let _ = file.flush();
+                    for i in (1..5).rev() {
+                        let _ = std::fs::rename(rotated(path, i), rotated(path, i + 1));
+                    }
+                    let _ = std::fs::rename(&*path, rotated(path, 1));
+                    match OpenOptions::new().create(true).append(true).open(&*path) {
+                        Ok(f) => {
+                            *file = BufWriter::new(f);
+                            *written = 0;
+                        }
+                        Err(e) => eprintln!("access log: cannot reopen {}: {e}", path.display()),
+                    }
+                }
+                let _ = file.write_all(line.as_bytes());
+                let _ = file.write_all(b"\n");
+                *written += line.len() as u64 + 1;
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        match self {
+            Output::Stdout(s) => {
+                let _ = s.lock().flush();
+            }
+            Output::File { file, .. } => {
+                let _ = file.flush();
+            }
+        }
+    }
+}
+
+fn rotated(path: &std::path::Path, i: u32) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".{i}"));
+    PathBuf::from(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_by_host_and_status_class() {
+        let e = Event {
+            ts_ms: 1,
+            kind: "http",
+            host: "a.test".into(),
+            host_id: "h-1".into(),
+            status: 503,
+            json: String::new(),
+        };
+        assert!(matches(&e, "", ""));
+        assert!(matches(&e, "a.test", "5xx"));
+        assert!(matches(&e, "h-1", "503"));
+        assert!(!matches(&e, "b.test", ""));
+        assert!(!matches(&e, "", "4xx"));
+        assert!(!matches(&e, "", "404"));
+    }
+
+    #[test]
+    fn a_file_sink_rotates_and_the_ring_keeps_recent_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let log = AccessLog::new(
+            "n1",
+            Sink::File {
+                path: path.clone(),
+                max_bytes: 2000,
+            },
+            Arc::default(),
+        )
+        .unwrap();
+        let mut follower = log.follow();
+        for i in 0..50 {
+            log.record(Entry {
+                ts_ms: i,
+                kind: "http",
+                host: "a.test".into(),
+                status: 200,
+                ..Default::default()
+            });
+        }
+        assert_eq!(log.recent(40).len(), 10);
+        let first = follower.try_recv().unwrap();
+        assert!(first.json.contains("\"node\":\"n1\""), "{}", first.json);
+        drop(log);
+        // The writer thread ends when the log is dropped; wait for the files.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let rotated = rotated(&path, 1);
+            let lines = |p: &std::path::Path| {
+                std::fs::read_to_string(p)
+                    .map(|s| s.lines().count())
+                    .unwrap_or(0)
+            };
+            let total = lines(&path)
+                + lines(&rotated)
+                + lines(&super::rotated(&path, 2))
+                + lines(&super::rotated(&path, 3))
+                + lines(&super::rotated(&path, 4))
+                + lines(&super::rotated(&path, 5));
+            if rotated.exists() && total > 0 && std::fs::metadata(&path).unwrap().len() <= 2000 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no rotation happened");
+            std::thread::yield_now();
+        }
+    }
+}

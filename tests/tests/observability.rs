@@ -1,0 +1,276 @@
+//! What operators see: `/metrics` in Prometheus text format moving with
+//! traffic, the JSON access log (stdout and the Logs stream), and the list
+//! of open tunnels.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use charon_proto::v1::{FollowLogsRequest, ListTunnelsRequest, LogFilter, RecentLogsRequest};
+use charon_tests::client::{self, ws_connect};
+use charon_tests::{eventually, EchoBackend, TestNode, WsEchoBackend};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Parses the text exposition format strictly enough to catch mistakes:
+/// every sample belongs to a family declared by `# TYPE`, label sets are
+/// well-formed, values are numbers. Returns sample → value.
+fn parse_prometheus(text: &str) -> Result<BTreeMap<String, f64>> {
+    let mut families = Vec::<String>::new();
+    let mut samples = BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split(' ');
+            let name = it.next().context("TYPE without a name")?;
+            let kind = it.next().context("TYPE without a kind")?;
+            ensure!(
+                ["counter", "gauge", "histogram"].contains(&kind),
+                "line {n}: kind {kind}"
+            );
+            families.push(name.to_string());
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').context("no value")?;
+        let value: f64 = value
+            .parse()
+            .with_context(|| format!("line {n}: value {value:?}"))?;
+        let name = series.split('{').next().unwrap_or(series);
+        ensure!(
+            families.iter().any(|f| name == f
+                || ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|s| name.strip_suffix(s) == Some(f.as_str()))),
+            "line {n}: sample {name} has no # TYPE"
+        );
+        if let Some(labels) = series.strip_prefix(name) {
+            if !labels.is_empty() {
+                ensure!(
+                    labels.starts_with('{') && labels.ends_with('}'),
+                    "line {n}: labels {labels}"
+                );
+                for pair in labels[1..labels.len() - 1].split("\",") {
+                    let (k, v) = pair.split_once("=\"").context("label without =\"")?;
+                    ensure!(
+                        !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                        "line {n}: label name {k:?}"
+                    );
+                    let _ = v;
+                }
+            }
+        }
+        samples.insert(series.to_string(), value);
+    }
+    Ok(samples)
+}
+
+async fn scrape(node: &TestNode) -> Result<BTreeMap<String, f64>> {
+    let resp = client::get(node.admin, "localhost", "/metrics").await?;
+    ensure!(resp.status == 200, "/metrics answered {}", resp.status);
+    parse_prometheus(&resp.text())
+}
+
+#[tokio::test]
+async fn metrics_parse_and_move_with_traffic() -> Result<()> {
+    let node = TestNode::start().await?;
+    let http = EchoBackend::start("b").await?;
+    let ws = WsEchoBackend::start("w").await?;
+    node.add_host(&["m.obs.test"], &[http.url()]).await?;
+    node.add_host(&["ws.obs.test"], &[ws.url()]).await?;
+    let before = scrape(&node).await?;
+    let ok = "charon_http_requests_total{host=\"m.obs.test\",status=\"2xx\"}";
+    let lost = "charon_http_requests_total{host=\"\",status=\"4xx\"}";
+    for _ in 0..5 {
+        ensure!(client::get(node.http, "m.obs.test", "/").await?.status == 200);
+    }
+    ensure!(client::get(node.http, "nobody.obs.test", "/").await?.status == 404);
+    let (mut sock, _) = ws_connect(node.http, "ws.obs.test", "/", &[]).await?;
+    sock.send(Message::text("hi")).await?;
+    sock.next().await.context("no echo")??;
+    let during = scrape(&node).await?;
+    let get = |m: &BTreeMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(0.0);
+    ensure!(
+        get(&during, ok) - get(&before, ok) >= 5.0,
+        "{ok}: {} → {}",
+        get(&before, ok),
+        get(&during, ok)
+    );
+    ensure!(get(&during, lost) - get(&before, lost) >= 1.0);
+    ensure!(get(&during, "charon_tunnels{host=\"ws.obs.test\"}") == 1.0);
+    ensure!(get(&during, "charon_tunnels_opened_total{host=\"ws.obs.test\"}") == 1.0);
+    ensure!(
+        get(
+            &during,
+            "charon_http_request_duration_seconds_count{host=\"m.obs.test\"}"
+        ) >= 5.0
+    );
+    ensure!(get(&during, "charon_cluster_members{state=\"live\"}") == 1.0);
+    ensure!(during.contains_key("charon_drain_state"));
+    sock.close(None).await?;
+    eventually(Duration::from_secs(10), || async {
+        let after = scrape(&node).await?;
+        ensure!(get(&after, "charon_tunnel_duration_seconds_count") == 1.0);
+        ensure!(get(&after, "charon_tunnels{host=\"ws.obs.test\"}") == 0.0);
+        ensure!(
+            get(
+                &after,
+                "charon_tunnel_bytes_total{direction=\"to_upstream\"}"
+            ) > 0.0
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_access_log_is_json_on_stdout_and_streams_through_the_api() -> Result<()> {
+    let node = TestNode::start().await?;
+    let http = EchoBackend::start("b").await?;
+    let ws = WsEchoBackend::start("w").await?;
+    let h = node.add_host(&["log.obs.test"], &[http.url()]).await?;
+    node.add_host(&["wslog.obs.test"], &[ws.url()]).await?;
+    let channel = node.grpc_channel().await?;
+    let token: tonic::metadata::MetadataValue<_> = format!("Bearer {}", node.token).parse()?;
+    let mut logs = charon_proto::v1::logs_client::LogsClient::with_interceptor(
+        channel,
+        move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", token.clone());
+            Ok(r)
+        },
+    );
+    let mut follow = logs
+        .follow(FollowLogsRequest {
+            filter: Some(LogFilter {
+                host: "log.obs.test".into(),
+                status: "4xx".into(),
+            }),
+            since_ms: 0,
+        })
+        .await?
+        .into_inner();
+    // Filtered out (2xx), then one that matches (the backend's 404).
+    ensure!(
+        client::get(node.http, "log.obs.test", "/fine")
+            .await?
+            .status
+            == 200
+    );
+    let resp = client::get(node.http, "log.obs.test", "/status?code=404").await?;
+    let ev = tokio::time::timeout(Duration::from_secs(10), follow.message())
+        .await
+        .context("no event followed")??
+        .context("stream ended")?;
+    ensure!(ev.status == 404 && resp.status == 404, "{ev:?}");
+    let line: serde_json::Value = serde_json::from_str(&ev.json)?;
+    ensure!(
+        line["path"] == "/status" && line["host_id"] == h.id.as_str(),
+        "{line}"
+    );
+    ensure!(
+        line["upstream"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("http://127.0.0.1")),
+        "{line}"
+    );
+    // A tunnel's line when it closes.
+    let (mut sock, _) = ws_connect(node.http, "wslog.obs.test", "/", &[]).await?;
+    sock.send(Message::text("x")).await?;
+    sock.next().await.context("no echo")??;
+    sock.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    }))
+    .await?;
+    // Read the server's Close so the client finishes its side too.
+    while let Some(Ok(_)) = sock.next().await {}
+    let recent = eventually(Duration::from_secs(10), || {
+        let mut logs = logs.clone();
+        async move {
+            let r = logs
+                .recent(RecentLogsRequest {
+                    filter: Some(LogFilter {
+                        host: "wslog.obs.test".into(),
+                        status: String::new(),
+                    }),
+                    since_ms: 0,
+                    limit: 0,
+                })
+                .await?
+                .into_inner();
+            let Some(t) = r.events.iter().find(|e| e.kind == "tunnel") else {
+                bail!("no tunnel line yet: {:?}", r.events);
+            };
+            Ok(t.json.clone())
+        }
+    })
+    .await?;
+    let t: serde_json::Value = serde_json::from_str(&recent)?;
+    ensure!(t["close_code"] == 1000 && t["closed_by"] == "both", "{t}");
+    ensure!(t["frames_to_upstream"].as_u64() >= Some(2), "{t}");
+    // The same lines went to stdout (the harness keeps it in the node's log).
+    let stdout = node.log();
+    ensure!(
+        stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|v| v["kind"] == "tunnel" && v["host"] == "wslog.obs.test"),
+        "no JSON tunnel line on stdout"
+    );
+    // Bad filters are refused with the field named.
+    let err = logs
+        .recent(RecentLogsRequest {
+            filter: Some(LogFilter {
+                host: String::new(),
+                status: "9zz".into(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    ensure!(err.code() == tonic::Code::InvalidArgument && err.message().contains("status"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn open_tunnels_are_listed() -> Result<()> {
+    let node = TestNode::start().await?;
+    let ws = WsEchoBackend::start("w").await?;
+    node.add_host(&["tl.obs.test"], &[ws.url()]).await?;
+    let (mut sock, _) = ws_connect(node.http, "tl.obs.test", "/", &[]).await?;
+    sock.send(Message::text("x")).await?;
+    sock.next().await.context("no echo")??;
+    let channel = node.grpc_channel().await?;
+    let token: tonic::metadata::MetadataValue<_> = format!("Bearer {}", node.token).parse()?;
+    let mut api = charon_proto::v1::tunnels_client::TunnelsClient::with_interceptor(
+        channel,
+        move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", token.clone());
+            Ok(r)
+        },
+    );
+    let list = api
+        .list_tunnels(ListTunnelsRequest {
+            host: "tl.obs.test".into(),
+        })
+        .await?
+        .into_inner();
+    ensure!(list.tunnels.len() == 1, "{list:?}");
+    let t = &list.tunnels[0];
+    ensure!(
+        t.upstream.starts_with("http://127.0.0.1") && t.bytes_to_upstream > 0,
+        "{t:?}"
+    );
+    ensure!(api
+        .list_tunnels(ListTunnelsRequest {
+            host: "other.test".into()
+        })
+        .await?
+        .into_inner()
+        .tunnels
+        .is_empty());
+    Ok(())
+}

@@ -1,0 +1,789 @@
+//! A rolling restart under load, the way it is done in production: three
+//! nodes, each under a supervisor that starts it again when it exits 0,
+//! behind HAProxy (health check: `/readyz` on the admin port), restarted one
+//! at a time by `deploy/rolling-restart.sh` while HTTP clients and 200
+//! WebSocket clients go through HAProxy and hosts are written through the
+//! API of the nodes that stay up.
+//!
+//! What must hold: no HTTP request fails; every WebSocket tunnel that ends
+//! ends with Close 1001 (going away) and its client reconnects and works;
+//! no tunnel ends any other way (another code, or no Close at all: 1006);
+//! every host written before and during the restarts is on every node.
+//!
+//! Needs `haproxy` (`scripts/setup-test-env.sh` installs it with apt-get);
+//! without it the test says SKIPPED and passes.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use bytes::Bytes;
+use charon_tests::client::{self, HttpResponse, WsClient};
+use charon_tests::haproxy::{find_haproxy, Haproxy, HaproxyServer};
+use charon_tests::node::binary;
+use charon_tests::supervisor::{NodeAddrs, SupervisedNode};
+use charon_tests::{eventually, host_request, repo_root, EchoBackend, WsEchoBackend};
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::Empty;
+use tokio::process::Command;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+const SECRET: &str = "rolling-test-cluster-secret-0123456789";
+const TOKEN: &str = "rolling-test-token-0123456789";
+const APP: &str = "app.rolling.test";
+const WS: &str = "ws.rolling.test";
+const HTTP_TASKS: usize = 4;
+const WS_CLIENTS: usize = 200;
+/// Each WebSocket client sends a message this often.
+const WS_EVERY: Duration = Duration::from_millis(200);
+/// The whole test, setup and checks included.
+const TEST_LIMIT: Duration = Duration::from_secs(240);
+/// One run of the script (one node): drain (~2 s delay + 3 s deadline + 2 s
+/// spread), restart, catch-up, undrain.
+const SCRIPT_LIMIT: Duration = Duration::from_secs(60);
+
+/// Counters and notable events, shared by the load tasks.
+#[derive(Default)]
+struct Load {
+    http_sent: AtomicU64,
+    http_ok: AtomicU64,
+    http_failed: AtomicU64,
+    /// Client connections to HAProxy found closed between two requests.
+    http_reconnects: AtomicU64,
+    ws_sent: AtomicU64,
+    ws_echoed: AtomicU64,
+    ws_close_1001: AtomicU64,
+    ws_reconnects: AtomicU64,
+    /// Messages sent but not echoed before a Close 1001 (the tunnel closed
+    /// at a frame boundary with them in flight): allowed, and counted.
+    ws_unanswered_at_close: AtomicU64,
+    /// Any other end of a tunnel, a failed reconnect, a wrong echo.
+    ws_abnormal: AtomicU64,
+    other_closes: Mutex<Vec<u16>>,
+    events: Mutex<Vec<String>>,
+    /// What the test is doing now, to date the events.
+    phase: Mutex<String>,
+    started: Mutex<Option<Instant>>,
+}
+
+impl Load {
+    fn event(&self, what: String) {
+        let at = self
+            .started
+            .lock()
+            .unwrap()
+            .map(|s| s.elapsed().as_secs_f64())
+            .unwrap_or_default();
+        let phase = self.phase.lock().unwrap().clone();
+        let mut events = self.events.lock().unwrap();
+        if events.len() < 50 {
+            events.push(format!("t={at:.2}s [{phase}] {what}"));
+        }
+    }
+
+    fn set_phase(&self, phase: &str) {
+        *self.phase.lock().unwrap() = phase.to_owned();
+    }
+}
+
+/// Back-to-back GETs on one keep-alive connection to HAProxy (a new one
+/// when HAProxy closed it between two requests), until `stop`.
+async fn http_loop(id: usize, lb: SocketAddr, load: Arc<Load>, stop: watch::Receiver<bool>) {
+    let mut sender = None;
+    let mut n = 0u64;
+    while !*stop.borrow() {
+        let mut s = match sender.take() {
+            Some(s) => s,
+            None => match client::http1_connect::<Empty<Bytes>>(lb).await {
+                Ok(s) => s,
+                Err(e) => {
+                    load.http_sent.fetch_add(1, Ordering::Relaxed);
+                    load.http_failed.fetch_add(1, Ordering::Relaxed);
+                    load.event(format!("http task {id}: connecting to HAProxy: {e:#}"));
+                    // Pace the retries of a failing connect.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if s.ready().await.is_err() {
+            // HAProxy closed the idle connection: not a request lost.
+            load.http_reconnects.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        n += 1;
+        let req = http::Request::builder()
+            .uri(format!("/get/{id}/{n}"))
+            .header("host", APP)
+            .body(Empty::<Bytes>::new())
+            .expect("valid request");
+        load.http_sent.fetch_add(1, Ordering::Relaxed);
+        let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+            let resp = s.send_request(req).await.context("sending")?;
+            HttpResponse::read(resp).await
+        })
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("no response within 10 s")));
+        match outcome {
+            Ok(resp) if resp.status == 200 && resp.backend_name().as_deref() == Some("app") => {
+                load.http_ok.fetch_add(1, Ordering::Relaxed);
+                sender = Some(s);
+            }
+            Ok(resp) => {
+                load.http_failed.fetch_add(1, Ordering::Relaxed);
+                load.event(format!(
+                    "http task {id}: GET #{n} answered {} {:.200}",
+                    resp.status,
+                    resp.text()
+                ));
+                sender = Some(s);
+            }
+            Err(e) => {
+                load.http_failed.fetch_add(1, Ordering::Relaxed);
+                load.event(format!("http task {id}: GET #{n} failed: {e:#}"));
+            }
+        }
+    }
+}
+
+/// What one WebSocket client saw.
+#[derive(Debug, Default)]
+struct WsReport {
+    closes_1001: u64,
+    reconnects: u64,
+    /// The final echo (after the load stopped) came back.
+    working_at_end: bool,
+}
+
+/// How a connection ended.
+enum End {
+    /// The load is over; the connection is still open and was checked.
+    Stopped(bool),
+    /// Close 1001 from the proxy: reconnect.
+    GoingAway,
+    /// Anything else: reconnect too, but it is counted as abnormal.
+    Abnormal,
+}
+
+async fn ws_connect(lb: SocketAddr) -> Result<WsClient> {
+    Ok(client::ws_connect(lb, WS, "/", &[]).await?.0)
+}
+
+/// Reads what is left after the server's Close: tungstenite answers it;
+/// the connection must then end cleanly.
+async fn finish_close(ws: &mut WsClient) -> Result<()> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+            Err(_) => bail!("the connection did not end within 5 s after the Close"),
+            Ok(None) | Ok(Some(Err(tokio_tungstenite::tungstenite::Error::ConnectionClosed))) => {
+                return Ok(())
+            }
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(e))) => bail!("after the Close: {e}"),
+        }
+    }
+}
+
+/// One connection's life: a message every [`WS_EVERY`], each echo checked
+/// in order, until the proxy closes it or the load stops.
+async fn ws_session(
+    id: usize,
+    ws: &mut WsClient,
+    load: &Load,
+    stop: &mut watch::Receiver<bool>,
+    seq: &mut u64,
+) -> End {
+    let mut pending = std::collections::VecDeque::new();
+    let first = Instant::now() + WS_EVERY.mul_f64((id % 40) as f64 / 40.0);
+    let mut tick = tokio::time::interval_at(first, WS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => {
+                // The load is over: one last echo on this connection.
+                let text = format!("final {id}");
+                let ok = async {
+                    ws.send(Message::text(text.clone())).await?;
+                    loop {
+                        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await? {
+                            Some(Ok(Message::Text(t))) if t.as_str() == text => return anyhow::Ok(()),
+                            Some(Ok(Message::Text(_))) => continue, // echoes still in flight
+                            other => bail!("instead of the final echo: {other:?}"),
+                        }
+                    }
+                }
+                .await;
+                if let Err(e) = &ok {
+                    load.event(format!("ws client {id}: final echo: {e:#}"));
+                }
+                let _ = ws
+                    .close(Some(CloseFrame { code: CloseCode::Normal, reason: "done".into() }))
+                    .await;
+                return End::Stopped(ok.is_ok());
+            }
+            _ = tick.tick() => {
+                *seq += 1;
+                let text = format!("c{id} m{seq}");
+                if let Err(e) = ws.send(Message::text(text.clone())).await {
+                    // The server may have closed: what it sent says how.
+                    load.event(format!("ws client {id}: send failed: {e}"));
+                    load.ws_abnormal.fetch_add(1, Ordering::Relaxed);
+                    return End::Abnormal;
+                }
+                load.ws_sent.fetch_add(1, Ordering::Relaxed);
+                pending.push_back(text);
+            }
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Text(t))) => {
+                    if pending.front().map(String::as_str) == Some(t.as_str()) {
+                        pending.pop_front();
+                        load.ws_echoed.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        load.event(format!(
+                            "ws client {id}: echo {:?}, expected {:?}", t.as_str(), pending.front()
+                        ));
+                        load.ws_abnormal.fetch_add(1, Ordering::Relaxed);
+                        return End::Abnormal;
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let code = frame.as_ref().map(|f| u16::from(f.code)).unwrap_or(1005);
+                    let clean = finish_close(ws).await;
+                    if code == 1001 {
+                        load.ws_close_1001.fetch_add(1, Ordering::Relaxed);
+                        load.ws_unanswered_at_close
+                            .fetch_add(pending.len() as u64, Ordering::Relaxed);
+                        if let Err(e) = clean {
+                            load.event(format!("ws client {id}: Close 1001, then: {e:#}"));
+                            load.ws_abnormal.fetch_add(1, Ordering::Relaxed);
+                        }
+                        return End::GoingAway;
+                    }
+                    load.other_closes.lock().unwrap().push(code);
+                    load.event(format!("ws client {id}: Close {code} ({frame:?})"));
+                    load.ws_abnormal.fetch_add(1, Ordering::Relaxed);
+                    return End::Abnormal;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    load.other_closes.lock().unwrap().push(1006);
+                    load.event(format!("ws client {id}: tunnel failed without a Close (1006): {e}"));
+                    load.ws_abnormal.fetch_add(1, Ordering::Relaxed);
+                    return End::Abnormal;
+                }
+                None => {
+                    load.other_closes.lock().unwrap().push(1006);
+                    load.event(format!("ws client {id}: tunnel ended without a Close (1006)"));
+                    load.ws_abnormal.fetch_add(1, Ordering::Relaxed);
+                    return End::Abnormal;
+                }
+            }
+        }
+    }
+}
+
+/// A WebSocket client through HAProxy: reconnects after each close until
+/// the load stops. `ready` is told once the first connection is up.
+async fn ws_client(
+    id: usize,
+    lb: SocketAddr,
+    load: Arc<Load>,
+    mut stop: watch::Receiver<bool>,
+    ready: tokio::sync::mpsc::Sender<()>,
+) -> WsReport {
+    let mut report = WsReport::default();
+    let mut seq = 0u64;
+    let mut first = true;
+    loop {
+        let mut ws = match ws_connect(lb).await {
+            Ok(ws) => ws,
+            Err(e) => {
+                load.event(format!("ws client {id}: connecting through HAProxy: {e:#}"));
+                load.ws_abnormal.fetch_add(1, Ordering::Relaxed);
+                if *stop.borrow() {
+                    return report;
+                }
+                // Pace the retries of a failing connect.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if first {
+            first = false;
+            let _ = ready.send(()).await;
+        } else {
+            report.reconnects += 1;
+            load.ws_reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        match ws_session(id, &mut ws, &load, &mut stop, &mut seq).await {
+            End::Stopped(ok) => {
+                report.working_at_end = ok;
+                return report;
+            }
+            End::GoingAway => report.closes_1001 += 1,
+            End::Abnormal => {}
+        }
+        if *stop.borrow() {
+            return report;
+        }
+    }
+}
+
+fn node_args(me: &str, all: &[(&str, NodeAddrs)]) -> Vec<String> {
+    let seeds: Vec<String> = all
+        .iter()
+        .filter(|(name, _)| *name != me)
+        .map(|(_, a)| a.gossip.to_string())
+        .collect();
+    [
+        "--seeds",
+        &seeds.join(","),
+        "--anti-entropy-secs",
+        "1",
+        // HAProxy must see /readyz 503 (2 checks, 200 ms apart) before the
+        // listeners close.
+        "--drain-delay-secs",
+        "0",
+        "--log",
+        "info,charon_node::proxy=debug",
+        "--drain-deadline-secs",
+        "3",
+        "--drain-spread-secs",
+        "2",
+        "--shutdown-grace-secs",
+        "5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// `deploy/rolling-restart.sh` for one node through another node's API.
+async fn rolling_restart(
+    node: &str,
+    endpoint: &str,
+    token_file: &Path,
+    run_dir: &Path,
+) -> Result<String> {
+    let script = repo_root().join("deploy/rolling-restart.sh");
+    let restart = format!("kill -TERM \"$(cat '{}/{{node}}.pid')\"", run_dir.display());
+    let mut cmd = Command::new("bash");
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("CHARON_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.arg(&script)
+        .args(["--endpoint", endpoint])
+        .arg("--token-file")
+        .arg(token_file)
+        .args(["--deadline", "3s", "--spread", "2s", "--timeout", "50s"])
+        .args(["--restart-cmd", &restart, node])
+        .env("CHARONCTL", binary("charonctl")?)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(SCRIPT_LIMIT, cmd.output())
+        .await
+        .with_context(|| format!("rolling-restart.sh {node} still running after {SCRIPT_LIMIT:?}"))?
+        .context("running rolling-restart.sh")?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    println!(
+        "--- rolling-restart.sh {node} (via {endpoint}): {}",
+        out.status
+    );
+    print!("{stderr}{stdout}");
+    ensure!(
+        out.status.success(),
+        "rolling-restart.sh {node} failed with {}:\n{stderr}{stdout}",
+        out.status
+    );
+    ensure!(
+        stdout.contains(&format!("{node}: restarted in")),
+        "no summary line for {node}: {stdout}"
+    );
+    Ok(stdout)
+}
+
+/// Waits until `node`'s own HTTP listener routes both hosts.
+async fn wait_serves(node: &SupervisedNode) -> Result<()> {
+    eventually(Duration::from_secs(20), || async {
+        let resp = client::get(node.addrs.http, APP, "/probe").await?;
+        ensure!(
+            resp.status == 200 && resp.backend_name().as_deref() == Some("app"),
+            "{} answered {} for {APP}",
+            node.name,
+            resp.status
+        );
+        let mut ws = ws_connect(node.addrs.http).await?;
+        ws.send(Message::text("whoami?")).await?;
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await? {
+            Some(Ok(Message::Text(t))) if t.as_str() == "ws" => Ok(()),
+            other => bail!("{}: {WS} answered {other:?}", node.name),
+        }
+    })
+    .await
+    .with_context(|| format!("{} never served both hosts", node.name))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_under_load_loses_no_request_and_every_tunnel_gets_1001() -> Result<()> {
+    let Some(haproxy) = find_haproxy() else {
+        eprintln!(
+            "SKIPPED: haproxy not installed (scripts/setup-test-env.sh installs it with \
+             apt-get where apt is available; or set HAPROXY_BIN): \
+             rolling_restart_under_load was not run"
+        );
+        return Ok(());
+    };
+    // Refuse stale binaries before starting anything.
+    binary("charon-node")?;
+    binary("charonctl")?;
+    let run_dir = tempfile::Builder::new()
+        .prefix("charon-rolling-")
+        .tempdir()?;
+    let token_file = run_dir.path().join("token");
+    std::fs::write(&token_file, TOKEN)?;
+
+    let names = ["n1", "n2", "n3"];
+    let mut plan = Vec::new();
+    for name in names {
+        plan.push((name, NodeAddrs::pick()?));
+    }
+    let mut nodes = Vec::new();
+    for (name, addrs) in &plan {
+        let args = node_args(name, &plan);
+        nodes.push(
+            SupervisedNode::start(
+                name,
+                *addrs,
+                run_dir.path(),
+                TOKEN,
+                &args,
+                &[("CHARON_CLUSTER_SECRET", SECRET)],
+            )
+            .await?,
+        );
+    }
+    let servers: Vec<HaproxyServer> = nodes
+        .iter()
+        .map(|n| HaproxyServer {
+            name: n.name.clone(),
+            addr: n.addrs.http,
+            check_port: n.addrs.admin.port(),
+        })
+        .collect();
+    let lb = Haproxy::start(&haproxy, &servers).await?;
+
+    let outcome = tokio::time::timeout(TEST_LIMIT, run(&nodes, &lb, &token_file, run_dir.path()))
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the test took more than {TEST_LIMIT:?}")));
+    if outcome.is_err() {
+        for n in &nodes {
+            eprintln!(
+                "===== log of {} (last 6000 bytes)\n{}",
+                n.name,
+                n.log_tail(6000)
+            );
+        }
+        eprintln!("===== HAProxy log\n{}", lb.log());
+        // Everything, kept for a closer look.
+        let keep =
+            std::env::temp_dir().join(format!("charon-rolling-failure-{}", std::process::id()));
+        std::fs::create_dir_all(&keep)?;
+        for n in &nodes {
+            std::fs::write(keep.join(format!("{}.log", n.name)), n.log())?;
+        }
+        std::fs::write(keep.join("haproxy.log"), lb.log())?;
+        std::fs::write(keep.join("haproxy.cfg"), &lb.config)?;
+        eprintln!("===== all logs kept in {}", keep.display());
+    }
+    outcome
+}
+
+async fn run(
+    nodes: &[SupervisedNode],
+    lb: &Haproxy,
+    token_file: &Path,
+    run_dir: &Path,
+) -> Result<()> {
+    let test_start = Instant::now();
+    // The cluster, the backends and the two hosts, added on node 1.
+    eventually(Duration::from_secs(20), || async {
+        for n in nodes {
+            let out = Command::new(binary("charonctl")?)
+                .args(["--endpoint", &n.endpoint(), "--token", TOKEN])
+                .args(["cluster", "status"])
+                .output()
+                .await?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            ensure!(
+                text.starts_with("converged") && text.contains("3 of 3 members live"),
+                "{}: {}",
+                n.name,
+                text.lines().next().unwrap_or("")
+            );
+        }
+        Ok(())
+    })
+    .await
+    .context("the cluster did not form")?;
+    let app = EchoBackend::start("app").await?;
+    let ws_backend = WsEchoBackend::start("ws").await?;
+    let mut hosts = BTreeSet::new();
+    for (domain, upstream) in [(APP, app.url()), (WS, ws_backend.url())] {
+        let h = nodes[0]
+            .create_host(host_request(&[domain], &[upstream]))
+            .await?;
+        hosts.insert(h.id);
+    }
+    for n in nodes {
+        wait_serves(n).await?;
+    }
+    lb.wait_all_up(Duration::from_secs(20))
+        .await
+        .context("HAProxy never saw all three nodes up")?;
+
+    // The load.
+    let load = Arc::new(Load::default());
+    *load.started.lock().unwrap() = Some(Instant::now());
+    load.set_phase("load starting");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut http_tasks = Vec::new();
+    for id in 0..HTTP_TASKS {
+        http_tasks.push(tokio::spawn(http_loop(
+            id,
+            lb.addr,
+            load.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(WS_CLIENTS);
+    let mut ws_tasks = Vec::new();
+    for id in 0..WS_CLIENTS {
+        ws_tasks.push(tokio::spawn(ws_client(
+            id,
+            lb.addr,
+            load.clone(),
+            stop_rx.clone(),
+            ready_tx.clone(),
+        )));
+    }
+    drop(ready_tx);
+    let mut connected = 0;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while connected < WS_CLIENTS && ready_rx.recv().await.is_some() {
+            connected += 1;
+        }
+    })
+    .await
+    .with_context(|| format!("only {connected} of {WS_CLIENTS} WebSocket clients connected"))?;
+    ensure!(
+        connected == WS_CLIENTS,
+        "only {connected} WebSocket clients connected"
+    );
+    // Every tunnel carries messages before the restarts begin.
+    let warm = load.ws_echoed.load(Ordering::Relaxed);
+    eventually(Duration::from_secs(10), || async {
+        let echoed = load.ws_echoed.load(Ordering::Relaxed);
+        ensure!(echoed >= warm + 2 * WS_CLIENTS as u64, "{echoed} echoes");
+        Ok(())
+    })
+    .await?;
+
+    // The rolling restart: each node through another node's API, while
+    // hosts are written through that other node.
+    let restarts_start = Instant::now();
+    let rounds = [(0usize, 1usize), (1, 2), (2, 0)];
+    let mut summaries = Vec::new();
+    for (round, (target, via)) in rounds.into_iter().enumerate() {
+        let (target, via) = (&nodes[target], &nodes[via]);
+        load.set_phase(&format!("restarting {}", target.name));
+        let starts_before = target.starts();
+        let pid_before = target.pid();
+        let (done_tx, mut done_rx) = watch::channel(false);
+        let writer = {
+            let upstream = app.url();
+            async move {
+                let mut ids = Vec::new();
+                for i in 0.. {
+                    let domain = format!("w{round}-{i}.rolling.test");
+                    let h = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        via.create_host(host_request(&[&domain], std::slice::from_ref(&upstream))),
+                    )
+                    .await
+                    .with_context(|| format!("CreateHost {domain} on {} hung", via.name))??;
+                    ids.push(h.id);
+                    // Space the writes over the restart (not a wait for a
+                    // condition: the writes are what is being spread).
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(700)) => {}
+                        _ = done_rx.changed() => break,
+                    }
+                }
+                anyhow::Ok(ids)
+            }
+        };
+        let script = async {
+            let out = rolling_restart(&target.name, &via.endpoint(), token_file, run_dir).await;
+            let _ = done_tx.send(true);
+            out
+        };
+        let (out, written) = tokio::join!(script, writer);
+        let out = out?;
+        let written = written?;
+        ensure!(!written.is_empty(), "no host written during round {round}");
+        hosts.extend(written);
+        summaries.push(out.lines().next().unwrap_or_default().to_owned());
+        ensure!(
+            target.starts() == starts_before + 1 && target.pid() != pid_before,
+            "{} was not restarted exactly once by its supervisor (starts {} -> {}, pid {:?} -> {:?})",
+            target.name,
+            starts_before,
+            target.starts(),
+            pid_before,
+            target.pid()
+        );
+    }
+    let restarts_took = restarts_start.elapsed();
+    load.set_phase("after the restarts");
+    lb.wait_all_up(Duration::from_secs(10))
+        .await
+        .context("HAProxy does not see all three nodes up after the restarts")?;
+    // A little load on the restarted cluster before stopping.
+    let echoed = load.ws_echoed.load(Ordering::Relaxed);
+    eventually(Duration::from_secs(10), || async {
+        let now = load.ws_echoed.load(Ordering::Relaxed);
+        ensure!(now >= echoed + WS_CLIENTS as u64, "{now} echoes");
+        Ok(())
+    })
+    .await?;
+
+    // Stop the load and collect.
+    load.set_phase("stopping");
+    stop_tx.send(true)?;
+    for t in http_tasks {
+        tokio::time::timeout(Duration::from_secs(15), t)
+            .await
+            .context("an HTTP task did not stop")??;
+    }
+    let mut reports = Vec::new();
+    for t in ws_tasks {
+        reports.push(
+            tokio::time::timeout(Duration::from_secs(20), t)
+                .await
+                .context("a WebSocket client did not stop")??,
+        );
+    }
+
+    // Every host on every node.
+    for n in nodes {
+        eventually(Duration::from_secs(20), || async {
+            let have: BTreeSet<String> = n.host_ids().await?.into_iter().collect();
+            ensure!(
+                have == hosts,
+                "{} lists {} hosts, want {} (missing {:?}, unexpected {:?})",
+                n.name,
+                have.len(),
+                hosts.len(),
+                hosts.difference(&have).collect::<Vec<_>>(),
+                have.difference(&hosts).collect::<Vec<_>>()
+            );
+            Ok(())
+        })
+        .await?;
+    }
+
+    // The numbers.
+    let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let closed_clients = reports.iter().filter(|r| r.closes_1001 > 0).count();
+    let working = reports.iter().filter(|r| r.working_at_end).count();
+    let other_closes = load.other_closes.lock().unwrap().clone();
+    let events = load.events.lock().unwrap().clone();
+    println!("===== rolling restart under load");
+    for s in &summaries {
+        println!("script: {s}");
+    }
+    println!(
+        "HTTP: {} requests sent, {} ok, {} failed ({} client reconnects to HAProxy)",
+        n(&load.http_sent),
+        n(&load.http_ok),
+        n(&load.http_failed),
+        n(&load.http_reconnects)
+    );
+    println!(
+        "WebSocket: {WS_CLIENTS} clients, {} messages sent, {} echoed, {} unanswered when a Close 1001 came",
+        n(&load.ws_sent),
+        n(&load.ws_echoed),
+        n(&load.ws_unanswered_at_close)
+    );
+    println!(
+        "WebSocket closes: 1001 x {}, other codes {:?}; {} reconnects; {} clients closed at least once; \
+         {} abnormal; {working}/{WS_CLIENTS} working at the end",
+        n(&load.ws_close_1001),
+        other_closes,
+        n(&load.ws_reconnects),
+        closed_clients,
+        n(&load.ws_abnormal)
+    );
+    let mut counters = Vec::new();
+    for name in ["wretr", "wredis", "econ", "eresp", "hrsp_5xx"] {
+        counters.push(format!("{name} {}", lb.backend_counter(name).await?));
+    }
+    println!("HAProxy backend counters: {}", counters.join(", "));
+    println!(
+        "time: restarts {:.1}s, whole test {:.1}s",
+        restarts_took.as_secs_f64(),
+        test_start.elapsed().as_secs_f64()
+    );
+    for e in &events {
+        println!("event: {e}");
+    }
+
+    ensure!(
+        n(&load.http_failed) == 0,
+        "{} of {} HTTP requests failed during the rolling restart; first events:\n{}",
+        n(&load.http_failed),
+        n(&load.http_sent),
+        events.join("\n")
+    );
+    ensure!(n(&load.http_ok) > 0, "no HTTP request went through");
+    ensure!(
+        other_closes.is_empty() && n(&load.ws_abnormal) == 0,
+        "WebSocket tunnels ended other than with Close 1001: codes {other_closes:?}, \
+         {} abnormal; first events:\n{}",
+        n(&load.ws_abnormal),
+        events.join("\n")
+    );
+    ensure!(
+        working == WS_CLIENTS,
+        "{} WebSocket clients were not working at the end",
+        WS_CLIENTS - working
+    );
+    for (id, r) in reports.iter().enumerate() {
+        ensure!(
+            r.closes_1001 >= 1,
+            "client {id} was never closed, though every node was restarted"
+        );
+        ensure!(
+            r.reconnects == r.closes_1001,
+            "client {id}: {} closes with 1001 but {} reconnects",
+            r.closes_1001,
+            r.reconnects
+        );
+    }
+    ensure!(
+        n(&load.ws_close_1001) == n(&load.ws_reconnects),
+        "1001 closes and reconnects differ"
+    );
+    Ok(())
+}

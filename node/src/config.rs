@@ -204,6 +204,9 @@ pub struct ClusterSettings {
     pub dead_node_grace: Duration,
     pub anti_entropy_interval: Duration,
     pub tombstone_grace: Duration,
+    /// How long a starting node may wait for its seeds and pull what it
+    /// missed before it says ready.
+    pub catch_up_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -599,6 +602,7 @@ fn cluster_settings(
             args.anti_entropy_secs.or(file.anti_entropy_secs),
             10,
         )?,
+        catch_up_timeout: Duration::from_secs(10),
         tombstone_grace: secs(
             "tombstone_grace_secs",
             args.tombstone_grace_secs.or(file.tombstone_grace_secs),

@@ -324,7 +324,9 @@ pub async fn run(
         },
         stopped(),
     ));
-    // Ready unless this node starts drained (the drain outlives restarts).
+    // Catch up with the cluster first, then ready unless this node starts
+    // drained (the drain outlives restarts).
+    cluster.catch_up(config.cluster.catch_up_timeout).await;
     health.set_ready(drain_rx.borrow().is_none());
     tracing::info!(
         node_id = store.node_id(),
@@ -340,8 +342,11 @@ pub async fn run(
     // Serves, drains on request, and returns once SIGTERM's drain is done.
     drainer.clone().run(drain_rx, shutdown).await;
     let _ = stop_tx.send(true);
-    if let Ok(Err(e)) = api_task.await {
-        tracing::warn!(error = %e, "API server ended with an error");
+    // Idle API clients (a CLI, a peer's channel) must not hold the exit.
+    match tokio::time::timeout(std::time::Duration::from_secs(2), api_task).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "API server ended with an error"),
+        Err(_) => tracing::info!("API connections still open at exit; closing them"),
+        _ => {}
     }
     let _ = admin_task.await;
     cluster.shutdown().await;

@@ -157,6 +157,7 @@ async fn kill_9_in_the_middle_of_writes_loses_no_acknowledged_write() -> Result<
     ensure!(acked_on_2.len() >= 30, "only {} writes", acked_on_2.len());
     acked.extend(acked_on_2);
     // Writes elsewhere while node 2 is down: it must catch up on them.
+    let mut while_down = BTreeSet::new();
     for i in 0..20 {
         let h = nodes[0]
             .create_host(host_request(
@@ -164,9 +165,19 @@ async fn kill_9_in_the_middle_of_writes_loses_no_acknowledged_write() -> Result<
                 &["http://127.0.0.1:9".into()],
             ))
             .await?;
+        while_down.insert(h.id.clone());
         acked.insert(h.id);
     }
     nodes[1].start_again().await?;
+    // Ready means caught up: what was written while it was down is there
+    // the moment /readyz says 200.
+    let have: BTreeSet<String> = nodes[1].host_ids().await?.into_iter().collect();
+    let missed: Vec<_> = while_down.difference(&have).collect();
+    ensure!(
+        missed.is_empty(),
+        "ready but missing {} writes made while down",
+        missed.len()
+    );
     // The one write in flight when the kill came may or may not have been
     // committed; if it was, every node must end up with it too.
     let on_2 = wait_hosts_within(&nodes[1], &acked, 1).await?;

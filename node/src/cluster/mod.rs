@@ -322,7 +322,11 @@ impl Cluster {
         // restart: keep the newest.
         let mut newest: BTreeMap<String, Member> = BTreeMap::new();
         for (id, state) in cc.node_states() {
-            let proof = state.get(K_AUTH).unwrap_or("");
+            // A peer's facts arrive over several gossip rounds: no proof
+            // yet means "not a member yet", not "wrong secret".
+            let Some(proof) = state.get(K_AUTH) else {
+                continue;
+            };
             if !self
                 .auth
                 .verify_member(&id.node_id, id.generation_id, proof)
@@ -464,18 +468,27 @@ impl Cluster {
             let cc = cc.lock().await;
             cc.live_nodes_watcher()
         };
+        let mut seen_ahead: HashSet<String> = HashSet::new();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 r = watcher.changed() => if r.is_err() { return },
             }
             let ours = self.store.version_vector();
-            let candidates: Vec<Member> = self
+            let ahead_now: Vec<Member> = self
                 .live_peers()
                 .await
                 .into_iter()
                 .filter(|m| ahead(&m.vv, &ours))
                 .collect();
+            // Only peers that were already ahead at the last look: a write
+            // being pushed to us right now is not worth a pull racing it.
+            let candidates: Vec<Member> = ahead_now
+                .iter()
+                .filter(|m| seen_ahead.contains(&m.node_id))
+                .cloned()
+                .collect();
+            seen_ahead = ahead_now.into_iter().map(|m| m.node_id).collect();
             let Some(first) = candidates.first() else {
                 continue;
             };
@@ -540,12 +553,16 @@ impl Cluster {
             if peer.hash == hash_hex(summary.hash) {
                 continue;
             }
-            // Equal or older vectors with another hash: something the
-            // vectors cannot explain, so ask for everything.
+            // A peer ahead: pull the delta. A peer behind: it will pull from
+            // us (its gossiped facts may just be a round old). Equal vectors
+            // with another hash: something the vectors cannot explain, so
+            // ask for everything.
             let have = if ahead(&peer.vv, &summary.vv) {
                 summary.vv
-            } else {
+            } else if peer.vv == summary.vv {
                 VersionVector::new()
+            } else {
+                continue;
             };
             tracing::debug!(peer = %peer.name, full = have.is_empty(), "anti-entropy: state hashes differ");
             self.pull_from(&peer, &have).await;
@@ -583,6 +600,47 @@ impl Cluster {
                 ),
                 Ok(Err(e)) => tracing::error!(error = %e, "tombstone collection failed"),
                 _ => {}
+            }
+        }
+    }
+
+    /// Start-up catch-up, before the node says it is ready: waits (up to
+    /// `timeout`) for the seeds to answer, then pulls from any live peer
+    /// ahead of this node until none is. A node restarted after missing
+    /// writes so serves them from its first ready moment.
+    pub async fn catch_up(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let started = Instant::now();
+        loop {
+            let peers = self.live_peers().await;
+            let ours = self.store.version_vector();
+            let behind: Vec<&Member> = peers.iter().filter(|m| ahead(&m.vv, &ours)).collect();
+            let waiting_for_seeds = peers.is_empty() && !self.config.seeds.is_empty();
+            if behind.is_empty() && !waiting_for_seeds {
+                if !peers.is_empty() {
+                    tracing::info!(
+                        peers = peers.len(),
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "caught up with the cluster"
+                    );
+                }
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    ?timeout,
+                    behind = behind.len(),
+                    seeds_answered = !peers.is_empty(),
+                    "start-up catch-up timed out; serving what this node has"
+                );
+                return;
+            }
+            if let Some(peer) = behind.first() {
+                let peer = (*peer).clone();
+                self.pull_from(&peer, &ours).await;
+            } else {
+                // Poll interval while the seeds' gossip arrives.
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
     }

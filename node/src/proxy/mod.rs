@@ -425,7 +425,9 @@ impl Proxy {
         let table = self.routes.load();
         let Some(route) = table.lookup(&host).cloned() else {
             let err = ProxyError::UnknownHost(routes::strip_port(&host).to_string());
-            tracing::info!(host = %host, client = %conn.peer, "{err}");
+            // Debug only: scanners would flood the log (the access log and
+            // the 4xx metrics still count them).
+            tracing::debug!(host = %host, client = %conn.peer, "{err}");
             return (err.response(), None, Some(err));
         };
         drop(table);

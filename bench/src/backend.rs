@@ -35,6 +35,11 @@ struct Bodies {
 pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen).await?;
     println!("listening {}", listener.local_addr()?);
+    serve_on(listener).await
+}
+
+/// Serves on an already bound listener until the process ends.
+pub async fn serve_on(listener: TcpListener) -> anyhow::Result<()> {
     let bodies = Bodies {
         small: Bytes::from(vec![b's'; SMALL_LEN]),
         large: Bytes::from(vec![b'L'; LARGE_LEN]),

@@ -3,9 +3,12 @@
 //! `run` is the orchestrator `bench/run.sh` calls; the other subcommands
 //! are the pieces it starts as separate processes: the backend and the load
 //! generators. Each load generator runs on one thread unless told otherwise.
+//! `propagation` (what `bench/propagation.sh` runs) measures a cluster of
+//! `charon-node` processes on its own.
 
 mod backend;
 mod load;
+mod propagation;
 mod run;
 
 use std::net::SocketAddr;
@@ -147,6 +150,48 @@ enum Cmd {
         #[arg(long, default_value = "full")]
         mode: String,
     },
+    /// Config propagation in a cluster of real charon-node processes:
+    /// write → served on every other node, and a killed node's catch-up.
+    /// Prints a JSON result, then a Markdown table.
+    Propagation {
+        /// Directory holding charon-node.
+        #[arg(long)]
+        bin_dir: PathBuf,
+        /// Scratch directory for the nodes' data and logs (node-N/ in it
+        /// are replaced).
+        #[arg(long)]
+        workdir: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Measured writes.
+        #[arg(long, default_value_t = 100)]
+        writes: usize,
+        /// Writes before the measured ones, not counted (peer connections
+        /// are opened lazily on the first push).
+        #[arg(long, default_value_t = 5)]
+        warmup_writes: usize,
+        /// Writes while the last node is down (0: no catch-up test).
+        #[arg(long, default_value_t = 1000)]
+        catchup_writes: usize,
+        /// Passed to every node.
+        #[arg(long, default_value_t = 200)]
+        gossip_interval_ms: u64,
+        /// Which node takes the writes.
+        #[arg(long, value_enum, default_value = "first")]
+        write_to: propagation::WriteTo,
+        /// Pause between two probes of one node, in µs (0: back to back).
+        #[arg(long, default_value_t = 1000)]
+        poll_interval_us: u64,
+        /// Pause between two checks of the restarted node, in ms.
+        #[arg(long, default_value_t = 5)]
+        catchup_poll_ms: u64,
+        /// Also write the Markdown here (and the JSON next to it, .json).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The command line to print in the Markdown.
+        #[arg(long)]
+        command: Option<String>,
+    },
 }
 
 fn parse_test(s: &str) -> Result<Test, String> {
@@ -239,6 +284,39 @@ fn real_main() -> anyhow::Result<bool> {
             workdir,
             targets,
         } => run::serve(bin_dir, workdir, &targets)?,
+        Cmd::Propagation {
+            bin_dir,
+            workdir,
+            nodes,
+            writes,
+            warmup_writes,
+            catchup_writes,
+            gossip_interval_ms,
+            write_to,
+            poll_interval_us,
+            catchup_poll_ms,
+            out,
+            command,
+        } => {
+            let command = command.unwrap_or_else(|| {
+                let args: Vec<String> = std::env::args().skip(1).collect();
+                format!("charon-bench {}", args.join(" "))
+            });
+            return propagation::run(propagation::Args {
+                bin_dir,
+                workdir,
+                nodes,
+                writes,
+                warmup_writes,
+                catchup_writes,
+                gossip_interval_ms,
+                write_to,
+                poll_interval_us,
+                catchup_poll_ms,
+                out,
+                command,
+            });
+        }
         Cmd::Run {
             bin_dir,
             workdir,

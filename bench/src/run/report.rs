@@ -644,7 +644,7 @@ pub fn markdown(
             Test::Idle => idle_section(&mut out, samples, &a.targets),
         }
     }
-    let _ = writeln!(out, "## Not measured yet\n");
+    let _ = writeln!(out, "## Not measured in this run\n");
     let _ = writeln!(out, "| figure | charon |\n|---|---|");
     let charon_tls = samples
         .iter()
@@ -657,7 +657,7 @@ pub fn markdown(
     }
     let _ = writeln!(
         out,
-        "| config propagation latency, 3-node cluster | n/a (no cluster yet) |\n"
+        "| config propagation latency, 3- and 10-node cluster | measured separately: `bench/propagation.sh` (see docs/benchmarks.md, \"Config propagation\") |\n"
     );
     let failed: Vec<&Sample> = samples.iter().filter(|s| s.error.is_some()).collect();
     if !failed.is_empty() {

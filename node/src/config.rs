@@ -80,6 +80,10 @@ pub struct Args {
     /// Rotate the access-log file at this size, in MiB (5 old files kept) [default: 100]
     #[arg(long, env = "CHARON_ACCESS_LOG_MAX_MB")]
     pub access_log_max_mb: Option<u64>,
+    /// OTLP/gRPC collector for traces (e.g. http://127.0.0.1:4317); also
+    /// read from OTEL_EXPORTER_OTLP_ENDPOINT [default: no tracing]
+    #[arg(long, env = "CHARON_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Log filter (tracing env-filter syntax) [default: info]
     #[arg(long, env = "CHARON_LOG")]
     pub log: Option<String>,
@@ -157,6 +161,7 @@ struct FileConfig {
     drain_spread_secs: Option<u64>,
     access_log: Option<String>,
     access_log_max_mb: Option<u64>,
+    otlp_endpoint: Option<String>,
     log: Option<String>,
     log_format: Option<String>,
     gossip_listen: Option<String>,
@@ -229,6 +234,7 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub drain: DrainSettings,
     pub access_log: crate::telemetry::Sink,
+    pub otlp_endpoint: Option<String>,
     pub log: String,
     pub log_format: LogFormat,
     /// From `CHARON_ADMIN_TOKEN` only (never a flag: flags show up in `ps`).
@@ -408,6 +414,11 @@ impl Config {
                     .or(file.access_log_max_mb)
                     .unwrap_or(100),
             ),
+            otlp_endpoint: args
+                .otlp_endpoint
+                .or(file.otlp_endpoint)
+                .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
+                .filter(|e| !e.trim().is_empty()),
             log,
             log_format,
             admin_token,

@@ -19,6 +19,7 @@ use crate::drain::{Drainer, Phase};
 use crate::proxy::Proxy;
 use crate::store::{Store, StoreError};
 use crate::telemetry::metrics::Gauges;
+use crate::telemetry::otel::{NodeFacts, Tracing};
 use crate::telemetry::{AccessLog, Metrics, Telemetry};
 use crate::tls::seal::{DataKey, SealError};
 use crate::tls::sni::CertTable;
@@ -49,6 +50,8 @@ pub enum NodeError {
     },
     #[error("cluster: {0}")]
     Cluster(String),
+    #[error("otlp_endpoint: {0}")]
+    Tracing(String),
     #[error("access_log: cannot open {sink}: {source}")]
     AccessLog {
         sink: String,
@@ -239,10 +242,29 @@ pub async fn run(
         sink: format!("{:?}", config.access_log),
         source,
     })?;
-    proxy.set_telemetry(Arc::new(Telemetry {
+    let tracing = match &config.otlp_endpoint {
+        None => None,
+        Some(endpoint) => {
+            let t = Tracing::start(
+                endpoint,
+                NodeFacts {
+                    node_name: &config.cluster.node_name,
+                    node_id: store.node_id(),
+                    region: &config.cluster.region,
+                },
+                metrics.clone(),
+            )
+            .map_err(NodeError::Tracing)?;
+            tracing::info!(%endpoint, "exporting traces over OTLP/gRPC");
+            Some(t)
+        }
+    };
+    let telemetry = Arc::new(Telemetry {
         metrics: metrics.clone(),
         access_log: access_log.clone(),
-    }));
+        tracing,
+    });
+    proxy.set_telemetry(telemetry.clone());
     let tls = TlsTerminator::new();
     {
         let (proxy, tls, data_key) = (proxy.clone(), tls.clone(), data_key.clone());
@@ -350,6 +372,9 @@ pub async fn run(
     }
     let _ = admin_task.await;
     cluster.shutdown().await;
+    if let Some(t) = &telemetry.tracing {
+        t.shutdown();
+    }
     let _ = std::fs::remove_file(dir.join(LISTEN_FILE));
     tracing::info!("stopped");
     Ok(())

@@ -20,6 +20,7 @@ pub mod backends;
 pub mod client;
 pub mod haproxy;
 pub mod node;
+pub mod otlp;
 pub mod procfs;
 pub mod supervisor;
 pub mod tls;

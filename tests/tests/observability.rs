@@ -274,3 +274,119 @@ async fn open_tunnels_are_listed() -> Result<()> {
         .is_empty());
     Ok(())
 }
+
+/// Spans reach an OTLP collector: a server span continuing the client's
+/// `traceparent`, a client span for the upstream call whose context the
+/// upstream receives, a tunnel span covering the WebSocket's life; with the
+/// collector gone the node keeps serving and counts what it drops.
+#[tokio::test]
+async fn traces_reach_an_otlp_collector_and_a_dead_collector_costs_nothing_but_spans() -> Result<()>
+{
+    let collector = charon_tests::otlp::OtlpCollector::start().await?;
+    let node = TestNode::builder()
+        .name("traced")
+        .args(["--otlp-endpoint", &collector.endpoint()])
+        .start()
+        .await?;
+    let http = EchoBackend::start("b").await?;
+    let ws = WsEchoBackend::start("w").await?;
+    let h = node.add_host(&["tr.obs.test"], &[http.url()]).await?;
+    node.add_host(&["trws.obs.test"], &[ws.url()]).await?;
+
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = "00f067aa0ba902b7";
+    let req = client::build_request(
+        http::Method::GET,
+        "tr.obs.test",
+        "/traced",
+        &[("traceparent", &format!("00-{trace}-{parent}-01"))],
+        bytes::Bytes::new(),
+    )?;
+    let resp = client::HttpResponse::read(client::send(node.http, req).await?).await?;
+    ensure!(resp.status == 200);
+    // The upstream got the context of the proxy's client span.
+    let seen = resp.json()?["headers"]["traceparent"][0]
+        .as_str()
+        .context("no traceparent at the upstream")?
+        .to_string();
+    let parts: Vec<&str> = seen.split('-').collect();
+    ensure!(parts.len() == 4 && parts[1] == trace, "upstream saw {seen}");
+    let upstream_parent = parts[2].to_string();
+
+    let (mut sock, _) = ws_connect(node.http, "trws.obs.test", "/", &[]).await?;
+    sock.send(Message::text("hi")).await?;
+    sock.next().await.context("no echo")??;
+    sock.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "done".into(),
+    }))
+    .await?;
+    while let Some(Ok(_)) = sock.next().await {}
+
+    let spans = eventually(Duration::from_secs(20), || async {
+        let spans = collector.spans();
+        ensure!(
+            spans.iter().any(|s| s.span.name.starts_with("WebSocket")),
+            "{} spans so far, no tunnel span",
+            spans.len()
+        );
+        Ok(spans)
+    })
+    .await?;
+    let server = spans
+        .iter()
+        .find(|s| s.trace_id() == trace && s.parent_id() == parent)
+        .context("no server span continuing the client's trace")?;
+    ensure!(server.attr("http.request.method").as_deref() == Some("GET"));
+    ensure!(server.attr("url.path").as_deref() == Some("/traced"));
+    ensure!(server.attr("http.response.status_code").as_deref() == Some("200"));
+    ensure!(server.attr("charon.host_id").as_deref() == Some(h.id.as_str()));
+    ensure!(server.attr("client.address").as_deref() == Some("127.0.0.1"));
+    ensure!(server.resource_attr("service.name").as_deref() == Some("charon"));
+    ensure!(server.resource_attr("charon.node.name").as_deref() == Some("traced"));
+    let upstream = spans
+        .iter()
+        .find(|s| s.span_id() == upstream_parent)
+        .context("the upstream's parent span was not exported")?;
+    ensure!(
+        upstream.parent_id() == server.span_id() && upstream.trace_id() == trace,
+        "client span not a child of the server span"
+    );
+    ensure!(upstream.attr("http.response.status_code").as_deref() == Some("200"));
+    let tunnel = spans
+        .iter()
+        .find(|s| s.span.name == "WebSocket trws.obs.test")
+        .context("no tunnel span")?;
+    ensure!(
+        tunnel.attr("websocket.close.code").as_deref() == Some("1000"),
+        "{tunnel:?}"
+    );
+    ensure!(tunnel
+        .attr("websocket.frames_to_upstream")
+        .is_some_and(|f| f != "0"));
+    let events: Vec<&str> = tunnel.span.events.iter().map(|e| e.name.as_str()).collect();
+    ensure!(events == ["upgrade", "close"], "tunnel events {events:?}");
+    let tunnel_parent = spans
+        .iter()
+        .find(|s| s.span_id() == tunnel.parent_id())
+        .context("the tunnel span's parent is missing")?;
+    ensure!(tunnel_parent.attr("http.response.status_code").as_deref() == Some("101"));
+
+    // The collector goes away: requests still work, drops are counted.
+    collector.stop();
+    for _ in 0..20 {
+        ensure!(client::get(node.http, "tr.obs.test", "/").await?.status == 200);
+    }
+    eventually(Duration::from_secs(30), || async {
+        let m = scrape(&node).await?;
+        let dropped = m
+            .get("charon_trace_spans_dropped_total")
+            .copied()
+            .unwrap_or(0.0);
+        ensure!(dropped > 0.0, "no drops counted yet");
+        Ok(())
+    })
+    .await?;
+    ensure!(client::get(node.http, "tr.obs.test", "/").await?.status == 200);
+    Ok(())
+}

@@ -16,11 +16,14 @@ pub mod upstream;
 use std::convert::Infallible;
 use std::future::Future;
 
+use opentelemetry::KeyValue;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+
+use crate::telemetry::otel;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -94,6 +97,11 @@ pub enum ProxyError {
         source: hyper::Error,
     },
 }
+
+/// The request's trace context (its server span), from `handle` to the
+/// upstream call and the tunnel.
+#[derive(Clone)]
+struct TraceCx(opentelemetry::Context);
 
 /// Which upstream answered, carried on the response from `forward` to the
 /// access log.
@@ -373,6 +381,24 @@ impl Proxy {
         let path = req.uri().path().to_string();
         let proto = format!("{:?}", req.version());
         let authority = request_host(&req).unwrap_or_default().to_string();
+        let mut req = req;
+        let trace = t.tracing.as_ref().map(|tr| {
+            let cx = tr.server_span(
+                req.headers(),
+                method.clone(),
+                vec![
+                    KeyValue::new("http.request.method", method.clone()),
+                    KeyValue::new("url.path", path.clone()),
+                    KeyValue::new("url.scheme", if conn.tls { "https" } else { "http" }),
+                    KeyValue::new("server.address", authority.clone()),
+                    KeyValue::new("client.address", conn.peer.ip().to_string()),
+                    KeyValue::new("client.port", i64::from(conn.peer.port())),
+                    KeyValue::new("network.protocol.version", proto.clone()),
+                ],
+            );
+            req.extensions_mut().insert(TraceCx(cx.clone()));
+            cx
+        });
         let (mut resp, route, error) = self.handle_inner(req, conn).await;
         let took = started.elapsed();
         let status = resp.status().as_u16();
@@ -385,7 +411,28 @@ impl Proxy {
         if let Some(kind) = error.as_ref().and_then(ProxyError::upstream_kind) {
             t.metrics.upstream_error(&host_name, kind);
         }
+        let trace_id = trace.as_ref().map(|cx| {
+            let mut attrs = vec![
+                KeyValue::new("http.response.status_code", i64::from(status)),
+                KeyValue::new("charon.host", host_name.to_string()),
+            ];
+            if let Some(r) = &route {
+                attrs.push(KeyValue::new("charon.host_id", r.host.id.clone()));
+            }
+            if let Some(u) = &upstream {
+                attrs.push(KeyValue::new("charon.upstream", u.0.to_string()));
+            }
+            let failed = (status >= 500).then(|| {
+                error
+                    .as_ref()
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| format!("status {status}"))
+            });
+            otel::end(cx, attrs, failed);
+            otel::trace_id(cx)
+        });
         t.access_log.record(crate::telemetry::Entry {
+            trace_id: trace_id.unwrap_or_default(),
             ts: crate::telemetry::rfc3339_ms(ts_ms),
             ts_ms,
             kind: "http",
@@ -525,13 +572,48 @@ impl Proxy {
 
         let mut req = req.map(UploadBody::new);
         let mut last_err = None;
+        let tracing = self.telemetry.get().and_then(|t| t.tracing.as_ref());
+        let trace_parent = req.extensions().get::<TraceCx>().map(|c| c.0.clone());
         for upstream in pool.attempt_order() {
             if !h.preserve_host {
                 if let Ok(v) = HeaderValue::from_str(&upstream.url.authority()) {
                     req.headers_mut().insert(HOST, v);
                 }
             }
-            match self.send(&upstream, req, timeout).await {
+            let client_span = match (tracing, &trace_parent) {
+                (Some(tr), Some(parent)) => {
+                    let method = req.method().to_string();
+                    Some(tr.child_span(
+                        parent,
+                        format!("{method} upstream"),
+                        opentelemetry::trace::SpanKind::Client,
+                        vec![
+                            KeyValue::new("http.request.method", method),
+                            KeyValue::new("server.address", upstream.url.authority().to_string()),
+                            KeyValue::new("url.full", format!("{}{}", upstream.url, req.uri())),
+                        ],
+                        Some(req.headers_mut()),
+                    ))
+                }
+                _ => None,
+            };
+            let sent = self.send(&upstream, req, timeout).await;
+            if let Some(cx) = &client_span {
+                match &sent {
+                    Ok((resp, _)) => otel::end(
+                        cx,
+                        vec![KeyValue::new(
+                            "http.response.status_code",
+                            i64::from(resp.status().as_u16()),
+                        )],
+                        None,
+                    ),
+                    Err(SendError::Connect(_, e)) => otel::end(cx, vec![], Some(e.to_string())),
+                    Err(SendError::Timeout) => otel::end(cx, vec![], Some("timeout".into())),
+                    Err(SendError::Failed(e)) => otel::end(cx, vec![], Some(e.to_string())),
+                }
+            }
+            match sent {
                 Ok((mut resp, sender)) => {
                     upstream.mark_up();
                     if self.telemetry.get().is_some() {
@@ -545,7 +627,47 @@ impl Proxy {
                         (client_upgrade, resp.status())
                     {
                         let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                        self.spawn_tunnel(route, &upstream, conn, client_upgrade, upstream_upgrade);
+                        let span = match (tracing, &trace_parent) {
+                            (Some(tr), Some(parent)) => {
+                                let header = |n: &str| {
+                                    resp.headers()
+                                        .get(n)
+                                        .and_then(|v| v.to_str().ok())
+                                        .unwrap_or("")
+                                        .to_string()
+                                };
+                                let cx = tr.child_span(
+                                    parent,
+                                    format!("WebSocket {}", h.name),
+                                    opentelemetry::trace::SpanKind::Internal,
+                                    vec![
+                                        KeyValue::new("charon.host", h.name.clone()),
+                                        KeyValue::new("charon.upstream", upstream.url.to_string()),
+                                        KeyValue::new("client.address", conn.peer.ip().to_string()),
+                                        KeyValue::new(
+                                            "websocket.subprotocol",
+                                            header("sec-websocket-protocol"),
+                                        ),
+                                        KeyValue::new(
+                                            "websocket.extensions",
+                                            header("sec-websocket-extensions"),
+                                        ),
+                                    ],
+                                    None,
+                                );
+                                otel::add_event(&cx, "upgrade", vec![]);
+                                Some(cx)
+                            }
+                            _ => None,
+                        };
+                        self.spawn_tunnel(
+                            route,
+                            &upstream,
+                            conn,
+                            client_upgrade,
+                            upstream_upgrade,
+                            span,
+                        );
                         // The 101 goes back as the upstream sent it,
                         // Sec-WebSocket-Accept/-Protocol/-Extensions included.
                         return Ok(resp.map(Either::Left));
@@ -631,6 +753,7 @@ impl Proxy {
         conn: ConnInfo,
         client: hyper::upgrade::OnUpgrade,
         up: hyper::upgrade::OnUpgrade,
+        span: Option<opentelemetry::Context>,
     ) {
         let h = &route.host;
         let reg = self
@@ -658,6 +781,7 @@ impl Proxy {
                         info: info.clone(),
                         started,
                         tls,
+                        span,
                     });
                     relay::relay(TokioIo::new(c), TokioIo::new(u), info.clone(), opts).await;
                     tracing::debug!(tunnel = info.id, "tunnel closed");
@@ -678,6 +802,7 @@ struct TunnelLog {
     info: Arc<tunnels::TunnelInfo>,
     started: std::time::Instant,
     tls: bool,
+    span: Option<opentelemetry::Context>,
 }
 
 impl Drop for TunnelLog {
@@ -699,8 +824,39 @@ impl Drop for TunnelLog {
             (false, Some(_), Some(_)) => "both",
             (false, None, None) => "none (connection ended without a Close)",
         };
+        let close_code = client_close.or(upstream_close).flatten();
+        let trace_id = self.span.as_ref().map(|cx| {
+            let frames_up = i.to_upstream.frames.load(relaxed);
+            let frames_down = i.to_client.frames.load(relaxed);
+            otel::add_event(
+                cx,
+                "close",
+                vec![KeyValue::new(
+                    "websocket.close.code",
+                    i64::from(close_code.unwrap_or(0)),
+                )],
+            );
+            otel::end(
+                cx,
+                vec![
+                    KeyValue::new("websocket.bytes_to_upstream", up_bytes as i64),
+                    KeyValue::new("websocket.bytes_to_client", down_bytes as i64),
+                    KeyValue::new("websocket.frames_to_upstream", frames_up as i64),
+                    KeyValue::new("websocket.frames_to_client", frames_down as i64),
+                    KeyValue::new("websocket.close.code", i64::from(close_code.unwrap_or(0))),
+                    KeyValue::new("websocket.closed_by", closed_by),
+                    KeyValue::new(
+                        "charon.closed_by_drain",
+                        by_proxy && close_code == Some(1001),
+                    ),
+                ],
+                None,
+            );
+            otel::trace_id(cx)
+        });
         let ts_ms = crate::store::hlc::wall_ms();
         self.t.access_log.record(crate::telemetry::Entry {
+            trace_id: trace_id.unwrap_or_default(),
             ts: crate::telemetry::rfc3339_ms(ts_ms),
             ts_ms,
             kind: "tunnel",
@@ -715,7 +871,7 @@ impl Drop for TunnelLog {
             bytes_to_client: Some(down_bytes),
             frames_to_upstream: Some(i.to_upstream.frames.load(relaxed)),
             frames_to_client: Some(i.to_client.frames.load(relaxed)),
-            close_code: client_close.or(upstream_close).flatten(),
+            close_code,
             closed_by: closed_by.to_string(),
             ..Default::default()
         });

@@ -4,6 +4,7 @@
 
 pub mod accesslog;
 pub mod metrics;
+pub mod otel;
 
 use std::sync::Arc;
 
@@ -14,6 +15,8 @@ pub use metrics::Metrics;
 pub struct Telemetry {
     pub metrics: Arc<Metrics>,
     pub access_log: Arc<AccessLog>,
+    /// Set when `--otlp-endpoint` (or `OTEL_EXPORTER_OTLP_ENDPOINT`) is.
+    pub tracing: Option<otel::Tracing>,
 }
 
 /// RFC 3339 UTC with milliseconds, for log lines.

@@ -8,6 +8,7 @@
 
 mod backend;
 mod load;
+mod otlp_sink;
 mod propagation;
 mod run;
 
@@ -101,6 +102,11 @@ enum Cmd {
             default_value = "charon,nginx,haproxy,caddy"
         )]
         targets: Vec<Kind>,
+    },
+    /// An OTLP/gRPC trace collector that counts and discards spans.
+    OtlpSink {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
     },
     /// Runs the whole comparison and writes the Markdown report.
     Run {
@@ -240,6 +246,7 @@ fn real_main() -> anyhow::Result<bool> {
     let secs = Duration::from_secs;
     match Cli::parse().cmd {
         Cmd::Backend { listen, threads } => runtime(threads)?.block_on(backend::serve(listen))?,
+        Cmd::OtlpSink { listen } => runtime(1)?.block_on(otlp_sink::serve(listen))?,
         Cmd::WsLoad {
             addr,
             path,

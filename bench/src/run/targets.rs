@@ -306,6 +306,13 @@ fn charon_command(env: &Env, dir: &Path) -> Command {
     // One worker thread: tokio's multi-thread runtime (Runtime::new) reads
     // this when the worker count is not set in code.
     cmd.env("TOKIO_WORKER_THREADS", "1")
+        // Like the peers: no access log. Set through the environment so
+        // that builds without these settings still start.
+        .env("CHARON_ACCESS_LOG", "off")
+        // Its own gossip port, and no drain wait when the run stops it.
+        .env("CHARON_GOSSIP_LISTEN", "127.0.0.1:0")
+        .env("CHARON_DRAIN_DELAY_SECS", "0")
+        .env("CHARON_DRAIN_DEADLINE_SECS", "0")
         .arg("--data-dir")
         .arg(dir.join("data"))
         .args([

@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use charon_proto::v1::{
-    AddCertificateRequest, CreateHostRequest, DrainRequest, Location, LocationList, ProxyHost,
-    ReplaceCertificateRequest, StringList, UpdateHostRequest,
+    AddCertificateRequest, CreateHostRequest, DrainRequest, FollowLogsRequest, ListTunnelsRequest,
+    Location, LocationList, LogFilter, ProxyHost, RecentLogsRequest, ReplaceCertificateRequest,
+    StringList, UpdateHostRequest,
 };
 use clap::builder::{OsStringValueParser, TypedValueParser};
 use clap::error::ErrorKind;
@@ -22,13 +23,15 @@ use crate::error::CtlError;
 const GLOBAL: &str = "Global options";
 const WAIT: &str = "Waiting for replication";
 const DRAIN_WAIT: &str = "Following the drain";
+const NODES: &str = "Which nodes to ask";
 
 /// The exit codes, listed under the top-level `--help`.
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success (a `cluster status` that is not converged is a success too)
   1  the call failed: the node is unreachable, refused it, or failed;
-     `node drain --wait`: the drained node was not live for over 10s
+     `node drain --wait`: the drained node was not live for over 10s;
+     `logs` and `tunnels` with --all-nodes: no node answered
   2  usage error: a bad flag or argument, nothing was sent
   4  --wait: the write succeeded, but not every live node applied it
      within --wait-timeout; for `node drain`, the node still had
@@ -138,6 +141,49 @@ pub enum Command {
     /// Drain a node before taking it down, and follow the drain.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Show the access log: proxied requests and closed WebSocket tunnels.
+    ///
+    /// Without --follow, prints the events a node kept (its last 10,000)
+    /// from --since ago on (default: 10m), oldest first; with --follow,
+    /// prints events as they happen until Ctrl-C. Table mode prints one
+    /// line per event:
+    ///
+    ///   TIME NODE METHOD HOST PATH STATUS DURATION -> UPSTREAM (client ADDR)
+    ///   TIME NODE TUNNEL HOST 101 closed by WHO code N, DURATION,
+    ///     BYTES up / BYTES down -> UPSTREAM (client ADDR)
+    ///
+    /// -o json prints each event's access-log line exactly as the node
+    /// wrote it, one JSON object per line (JSONL), ready for jq.
+    ///
+    /// By default the --endpoint node is asked. --node asks another member,
+    /// --all-nodes every live member (at once, at the API addresses that
+    /// `cluster members` lists, with the same token): their events are
+    /// merged by time, or with --follow printed as they arrive from each.
+    /// A node that cannot be asked is named in a warning on stderr and the
+    /// others go on; the command fails only when none answered.
+    ///
+    /// Examples:
+    ///   charonctl logs --status 5xx --since 1h
+    ///   charonctl logs -f --all-nodes --host app.example
+    ///   charonctl logs -o json --since 30m | jq 'select(.duration_ms > 500)'
+    #[command(
+        verbatim_doc_comment,
+        about = "Show the access log: proxied requests and closed WebSocket tunnels"
+    )]
+    Logs(LogsArgs),
+    /// List the open WebSocket tunnels.
+    ///
+    /// One row per tunnel: NODE holding it, its ID there, proxy HOST,
+    /// CLIENT and UPSTREAM addresses, AGE (how long it has been open), and
+    /// the bytes it carried so far each way: UP (client to upstream) and
+    /// DOWN (upstream to client). -o json prints an array with every field
+    /// of the API (started_ms in Unix milliseconds, frame counts too).
+    ///
+    /// By default the --endpoint node is asked; --node asks another member,
+    /// --all-nodes every live member, as for `logs`: the rows are grouped
+    /// by node, each node's oldest tunnel first.
+    #[command(alias = "tunnel")]
+    Tunnels(TunnelsArgs),
 }
 
 impl Command {
@@ -175,6 +221,140 @@ impl Command {
 pub struct DrainWait {
     /// `--wait-timeout`; `None`: no limit.
     pub timeout: Option<Duration>,
+}
+
+/// What `logs` shows when --since is not given (without --follow).
+pub const DEFAULT_SINCE: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Keep printing events as they happen, until Ctrl-C or until the node
+    /// ends the stream. Without --since, only new events are printed; with
+    /// it, the kept events from then on come first.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+
+    /// Only the events of this proxy host: its name (by default its first
+    /// domain) or its id, as `host list` shows them.
+    #[arg(long, value_name = "HOST")]
+    pub host: Option<String>,
+
+    /// Only the events with this status: a class such as 5xx or 4xx, or a
+    /// code from 100 to 599 such as 404 (closed tunnels are logged as 101).
+    #[arg(long, value_name = "CLASS|CODE", value_parser = parse_status_filter)]
+    pub status: Option<String>,
+
+    /// Only the events of the last DURATION: a number and a unit (ms, s, m,
+    /// h), e.g. 30s, 10m or 1h30m [default: 10m; with --follow: only new
+    /// events].
+    #[arg(long, value_name = "DURATION", value_parser = parse_since)]
+    pub since: Option<Duration>,
+
+    /// Print at most the N newest events (across all nodes with
+    /// --all-nodes) [default: all that are kept]. Not with --follow.
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..),
+        conflicts_with = "follow"
+    )]
+    pub limit: Option<u32>,
+
+    #[command(flatten)]
+    pub nodes: NodeScopeArgs,
+}
+
+impl LogsArgs {
+    pub fn filter(&self) -> LogFilter {
+        LogFilter {
+            host: self.host.clone().unwrap_or_default(),
+            status: self.status.clone().unwrap_or_default(),
+        }
+    }
+
+    /// `Logs.Recent`: the kept events since --since ago (default
+    /// [`DEFAULT_SINCE`]); `now_ms` is the wall clock in Unix milliseconds.
+    pub fn recent_request(&self, now_ms: u64) -> RecentLogsRequest {
+        RecentLogsRequest {
+            filter: Some(self.filter()),
+            since_ms: since_ms(now_ms, self.since.unwrap_or(DEFAULT_SINCE)),
+            limit: self.limit.unwrap_or(0),
+        }
+    }
+
+    /// `Logs.Follow`: the kept events since --since ago first, when given;
+    /// since_ms 0 asks for new events only.
+    pub fn follow_request(&self, now_ms: u64) -> FollowLogsRequest {
+        FollowLogsRequest {
+            filter: Some(self.filter()),
+            since_ms: self.since.map_or(0, |since| since_ms(now_ms, since)),
+        }
+    }
+}
+
+/// `now - since` in Unix milliseconds; at least 1, because 0 means "no
+/// backlog" to `Logs.Follow` (and "everything" to `Logs.Recent`, the same
+/// as 1 there).
+fn since_ms(now_ms: u64, since: Duration) -> u64 {
+    let since = u64::try_from(since.as_millis()).unwrap_or(u64::MAX);
+    now_ms.saturating_sub(since).max(1)
+}
+
+#[derive(Debug, Args)]
+pub struct TunnelsArgs {
+    /// Only the tunnels of this proxy host: its name (by default its first
+    /// domain) or its id, as `host list` shows them.
+    #[arg(long, value_name = "HOST")]
+    pub host: Option<String>,
+
+    #[command(flatten)]
+    pub nodes: NodeScopeArgs,
+}
+
+impl TunnelsArgs {
+    pub fn to_request(&self) -> ListTunnelsRequest {
+        ListTunnelsRequest {
+            host: self.host.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// `--node` and `--all-nodes` of `logs` and `tunnels`.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = NODES)]
+pub struct NodeScopeArgs {
+    /// Ask this member instead of the --endpoint node: its name or id, as
+    /// `cluster members` lists them. Its API address is looked up through
+    /// --endpoint; the same token is used.
+    #[arg(long, value_name = "NAME", conflicts_with = "all_nodes")]
+    pub node: Option<String>,
+
+    /// Ask every live member of the cluster (looked up through --endpoint)
+    /// with the same token; a member that cannot be asked is named in a
+    /// warning on stderr, and the others go on.
+    #[arg(long)]
+    pub all_nodes: bool,
+}
+
+impl NodeScopeArgs {
+    pub fn scope(&self) -> Scope {
+        match (&self.node, self.all_nodes) {
+            (Some(node), _) => Scope::Node(node.clone()),
+            (None, true) => Scope::AllNodes,
+            (None, false) => Scope::Endpoint,
+        }
+    }
+}
+
+/// Which nodes `logs` and `tunnels` ask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// The --endpoint node.
+    Endpoint,
+    /// The member with this name or id.
+    Node(String),
+    /// Every live member.
+    AllNodes,
 }
 
 #[derive(Debug, Subcommand)]
@@ -861,6 +1041,27 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
             .ok_or_else(too_long)?;
     }
     Ok(total)
+}
+
+/// Parses `logs --since`: a duration above zero.
+pub fn parse_since(value: &str) -> Result<Duration, String> {
+    let since = parse_duration(value)?;
+    if since.is_zero() {
+        return Err("must be more than 0".into());
+    }
+    Ok(since)
+}
+
+/// Parses `logs --status`: a class (`5xx`, `4XX`) or a code from 100 to 599,
+/// as the node filters them; the class is sent in lower case.
+pub fn parse_status_filter(value: &str) -> Result<String, String> {
+    const SHAPE: &str = "expected a class such as 5xx or a code from 100 to 599 such as 404";
+    let status = value.trim().to_ascii_lowercase();
+    match status.as_bytes() {
+        [b'1'..=b'5', b'x', b'x'] => Ok(status),
+        [b'1'..=b'5', b'0'..=b'9', b'0'..=b'9'] => Ok(status),
+        _ => Err(format!("{:?} is not a status; {SHAPE}", value.trim())),
+    }
 }
 
 /// Parses `--wait-timeout`: a duration above zero and at most [`MAX_WAIT`].
@@ -1633,6 +1834,116 @@ mod tests {
             Command::Cluster(ClusterCommand::Status)
         ));
         assert!(parse(&["cluster"]).is_err());
+    }
+
+    fn logs(args: &[&str]) -> LogsArgs {
+        let Command::Logs(args) = parse(&[&["logs"], args].concat()).unwrap().command else {
+            panic!("not logs")
+        };
+        args
+    }
+
+    /// 2026-11-24T10:00:00Z.
+    const NOW_MS: u64 = 1_795_514_400_000;
+
+    #[test]
+    fn logs_recent_asks_for_the_last_ten_minutes_by_default() {
+        let req = logs(&[]).recent_request(NOW_MS);
+        assert_eq!(req.since_ms, NOW_MS - 600_000);
+        assert_eq!(req.limit, 0);
+        let filter = req.filter.unwrap();
+        assert_eq!((filter.host.as_str(), filter.status.as_str()), ("", ""));
+
+        let args = logs(&[
+            "--host", "app.test", "--status", "5XX", "--since", "1h", "--limit", "50",
+        ]);
+        assert_eq!(args.nodes.scope(), Scope::Endpoint);
+        let req = args.recent_request(NOW_MS);
+        assert_eq!(req.since_ms, NOW_MS - 3_600_000);
+        assert_eq!(req.limit, 50);
+        let filter = req.filter.unwrap();
+        assert_eq!(filter.host, "app.test");
+        assert_eq!(filter.status, "5xx");
+        // Longer ago than the epoch: everything, but never 0.
+        assert_eq!(
+            logs(&["--since", "500000000h"])
+                .recent_request(NOW_MS)
+                .since_ms,
+            1
+        );
+    }
+
+    #[test]
+    fn logs_follow_asks_for_a_backlog_only_with_since() {
+        let args = logs(&["-f", "--status", "404"]);
+        assert!(args.follow);
+        let req = args.follow_request(NOW_MS);
+        assert_eq!(req.since_ms, 0);
+        assert_eq!(req.filter.unwrap().status, "404");
+        let req = logs(&["--follow", "--since", "5m"]).follow_request(NOW_MS);
+        assert_eq!(req.since_ms, NOW_MS - 300_000);
+    }
+
+    #[test]
+    fn logs_and_tunnels_pick_their_nodes() {
+        assert_eq!(
+            logs(&["--node", "n2"]).nodes.scope(),
+            Scope::Node("n2".into())
+        );
+        assert_eq!(logs(&["--all-nodes", "-f"]).nodes.scope(), Scope::AllNodes);
+        let cli = parse(&["tunnels", "--host", "h1", "--all-nodes", "-o", "json"]).unwrap();
+        assert_eq!(cli.output, OutputFormat::Json);
+        let Command::Tunnels(args) = cli.command else {
+            panic!("not tunnels")
+        };
+        assert_eq!(args.to_request().host, "h1");
+        assert_eq!(args.nodes.scope(), Scope::AllNodes);
+        let Command::Tunnels(args) = parse(&["tunnel"]).unwrap().command else {
+            panic!("not tunnels")
+        };
+        assert_eq!(args.to_request().host, "");
+        assert_eq!(args.nodes.scope(), Scope::Endpoint);
+    }
+
+    #[test]
+    fn logs_usage_errors() {
+        for args in [
+            &["logs", "--status", "600"][..],
+            &["logs", "--status", "5x"],
+            &["logs", "--node", "n1", "--all-nodes"],
+            &["logs", "--since", "10"],
+            &["logs", "--since", "0s"],
+            &["logs", "--limit", "0"],
+            &["logs", "--limit", "-1"],
+            &["logs", "-f", "--limit", "5"],
+            &["logs", "--wait"],
+            &["logs", "n1"],
+            &["tunnels", "--node", "n1", "--all-nodes"],
+            &["tunnels", "--status", "5xx"],
+        ] {
+            assert!(parse(args).is_err(), "{args:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn status_filters() {
+        for (text, want) in [
+            ("5xx", "5xx"),
+            ("4XX", "4xx"),
+            (" 1xx ", "1xx"),
+            ("404", "404"),
+            ("100", "100"),
+            ("599", "599"),
+        ] {
+            assert_eq!(parse_status_filter(text).as_deref(), Ok(want), "{text:?}");
+        }
+        for bad in [
+            "", "6xx", "0xx", "x", "5x", "5xxx", "99", "600", "1000", "+404", "40x", "abc",
+        ] {
+            assert!(parse_status_filter(bad).is_err(), "{bad:?} was accepted");
+        }
+        let err = parse_status_filter("600").unwrap_err();
+        assert!(err.contains("a class such as 5xx"), "{err}");
     }
 
     #[test]

@@ -8,8 +8,10 @@ use std::time::Duration;
 use charon_proto::v1::certificates_client::CertificatesClient;
 use charon_proto::v1::cluster_client::ClusterClient;
 use charon_proto::v1::hosts_client::HostsClient;
+use charon_proto::v1::logs_client::LogsClient;
 use charon_proto::v1::nodes_client::NodesClient;
 use charon_proto::v1::tokens_client::TokensClient;
+use charon_proto::v1::tunnels_client::TunnelsClient;
 use tonic::metadata::{Ascii, MetadataMap, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
@@ -24,10 +26,15 @@ pub const DEFAULT_TOKEN_FILE: &str = "charon-data/admin.token";
 
 /// A connection refused answers at once; this bounds the wait for a host
 /// that drops packets instead.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The connect timeout for the other members that `logs` and `tunnels`
+/// ask: a member that does not answer quickly is warned about and left
+/// out, rather than holding up the answers of the others.
+pub const MEMBER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// API calls are small; a node that takes longer than this is stuck.
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `Cluster.WaitForWrite` answers once its own timeout has passed; this is
 /// the slack on top of it for the answer to arrive.
@@ -44,14 +51,19 @@ pub type Certificates = CertificatesClient<Authed>;
 pub type Cluster = ClusterClient<Authed>;
 pub type Tokens = TokensClient<Authed>;
 pub type Nodes = NodesClient<Authed>;
+pub type Logs = LogsClient<Authed>;
+pub type Tunnels = TunnelsClient<Authed>;
 
-/// The API's services, sharing one connection.
+/// The API's services, sharing one connection; a clone shares it too.
+#[derive(Clone)]
 pub struct Api {
     pub hosts: Hosts,
     pub certificates: Certificates,
     pub cluster: Cluster,
     pub tokens: Tokens,
     pub nodes: Nodes,
+    pub logs: Logs,
+    pub tunnels: Tunnels,
 }
 
 /// The version of a write, as `Cluster.WaitForWrite` takes it.
@@ -190,23 +202,37 @@ fn read_token_file(path: &Path) -> Result<String, CtlError> {
 /// reported as such before any request is built. `call_timeout` bounds each
 /// call (see [`call_timeout`]).
 pub async fn connect(endpoint: &str, token: &str, call_timeout: Duration) -> Result<Api, CtlError> {
+    connect_with(endpoint, token, CONNECT_TIMEOUT, Some(call_timeout)).await
+}
+
+/// [`connect`] with its timeouts chosen. `call_timeout` `None` sets no
+/// limit on the channel, for `logs --follow`, whose stream lasts until
+/// Ctrl-C; the caller then bounds each call itself.
+pub async fn connect_with(
+    endpoint: &str,
+    token: &str,
+    connect_timeout: Duration,
+    call_timeout: Option<Duration>,
+) -> Result<Api, CtlError> {
     let auth = BearerAuth::new(token)?;
     let unreachable = || CtlError::Unreachable {
         endpoint: endpoint.to_string(),
     };
-    let channel = Endpoint::from_shared(endpoint.to_string())
+    let mut channel = Endpoint::from_shared(endpoint.to_string())
         .map_err(|_| unreachable())?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(call_timeout)
-        .connect()
-        .await
-        .map_err(|_| unreachable())?;
+        .connect_timeout(connect_timeout);
+    if let Some(call_timeout) = call_timeout {
+        channel = channel.timeout(call_timeout);
+    }
+    let channel = channel.connect().await.map_err(|_| unreachable())?;
     Ok(Api {
         hosts: HostsClient::with_interceptor(channel.clone(), auth.clone()),
         certificates: CertificatesClient::with_interceptor(channel.clone(), auth.clone()),
         cluster: ClusterClient::with_interceptor(channel.clone(), auth.clone()),
         tokens: TokensClient::with_interceptor(channel.clone(), auth.clone()),
-        nodes: NodesClient::with_interceptor(channel, auth),
+        nodes: NodesClient::with_interceptor(channel.clone(), auth.clone()),
+        logs: LogsClient::with_interceptor(channel.clone(), auth.clone()),
+        tunnels: TunnelsClient::with_interceptor(channel, auth),
     })
 }
 

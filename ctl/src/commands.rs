@@ -25,17 +25,29 @@ use crate::cli::{
 };
 use crate::client::{self, Api, WriteStamp};
 use crate::error::{CtlError, EXIT_NOT_REPLICATED};
-use crate::{drain, output};
+use crate::{drain, observe, output};
 
 /// Runs the command. The exit code is [`EXIT_NOT_REPLICATED`] when `--wait`
-/// ran out of time, 0 otherwise; a failure is an `Err`.
+/// ran out of time, 0 otherwise; a failure is an `Err`. `logs` and
+/// `tunnels`, which may ask several nodes, are run by [`crate::observe`].
 pub async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
-    let wait = cli.command.wait();
-    let drain_wait = cli.command.drain_wait();
     let json = cli.output == OutputFormat::Json;
-    let call = Call::prepare(cli.command, &cli::read_file)?;
-    let method = call.method();
     let source = client::token_source(cli.token, cli.token_file, |name| std::env::var(name).ok());
+    let command = match cli.command {
+        Command::Logs(args) => {
+            let token = client::resolve_token(source)?;
+            return observe::logs(args, &cli.endpoint, &token, json).await;
+        }
+        Command::Tunnels(args) => {
+            let token = client::resolve_token(source)?;
+            return observe::tunnels(args, &cli.endpoint, &token, json).await;
+        }
+        command => command,
+    };
+    let wait = command.wait();
+    let drain_wait = command.drain_wait();
+    let call = Call::prepare(command, &cli::read_file)?;
+    let method = call.method();
     let token = client::resolve_token(source)?;
     let mut api = client::connect(&cli.endpoint, &token, client::call_timeout(wait)).await?;
     let printed = call
@@ -215,6 +227,9 @@ impl Call {
                 NodeCommand::Undrain { node } => Call::Undrain(UndrainRequest { node }),
                 NodeCommand::Status { node } => Call::DrainStatus(DrainStatusRequest { node }),
             },
+            Command::Logs(_) | Command::Tunnels(_) => {
+                unreachable!("run() hands logs and tunnels to crate::observe")
+            }
         })
     }
 

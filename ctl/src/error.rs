@@ -94,6 +94,27 @@ pub enum CtlError {
     /// `node drain --wait`: someone withdrew the drain meanwhile.
     #[error("{0} was undrained meanwhile; stopped following its drain")]
     Undrained(String),
+
+    /// `logs` and `tunnels` with `--node` or `--all-nodes`: a failure of
+    /// one member, named.
+    #[error("{node}: {source}")]
+    Member { node: String, source: Box<CtlError> },
+
+    /// `--node NAME`: the cluster has no such member.
+    #[error("the cluster has no member named {0} (see `charonctl cluster members`)")]
+    NoMember(String),
+
+    /// A member whose advertised API address cannot be connected to.
+    #[error("cannot ask {node}: {why}")]
+    Unaskable { node: String, why: String },
+
+    /// `--all-nodes`: no member is live with an address to ask.
+    #[error("no live member of the cluster can be asked")]
+    NoLiveMember,
+
+    /// `--all-nodes`: every member asked failed (each was warned about).
+    #[error("no node answered (asked: {})", .0.join(", "))]
+    NoNodeAnswered(Vec<String>),
 }
 
 impl CtlError {
@@ -210,6 +231,32 @@ mod tests {
                 "n2 has not been live for more than 10s; stopped following its drain \
                  (the drain stands: see `charonctl node status n2`)",
                 "n2 was undrained meanwhile; stopped following its drain",
+            ]
+        );
+    }
+
+    #[test]
+    fn member_errors_are_one_line_naming_the_member() {
+        let errors = [
+            CtlError::Member {
+                node: "n2".into(),
+                source: Box::new(CtlError::from_status(Status::unavailable(""), EP)),
+            },
+            CtlError::NoMember("n9".into()),
+            CtlError::Unaskable {
+                node: "n3".into(),
+                why: "it advertises no API address".into(),
+            },
+            CtlError::NoNodeAnswered(vec!["n1".into(), "n2".into()]),
+        ];
+        let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            [
+                "n2: cannot reach the node at http://127.0.0.1:7070 — is it running?",
+                "the cluster has no member named n9 (see `charonctl cluster members`)",
+                "cannot ask n3: it advertises no API address",
+                "no node answered (asked: n1, n2)",
             ]
         );
     }

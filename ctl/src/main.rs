@@ -4,6 +4,7 @@
 //! - [`client`]: token lookup, connection, bearer-token interceptor
 //! - [`commands`]: one API call per command, rendered on stdout
 //! - [`drain`]: `node drain --wait`, following a drain with live progress
+//! - [`observe`]: `logs` and `tunnels`, from one node or every member
 //! - [`output`]: table and JSON rendering
 //! - [`error`]: failures worded for the operator
 //!
@@ -18,6 +19,7 @@ mod client;
 mod commands;
 mod drain;
 mod error;
+mod observe;
 mod output;
 
 use std::process::ExitCode;
@@ -33,7 +35,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// A single-threaded runtime is plenty for one call at a time.
+/// A single-threaded runtime is plenty: even `--all-nodes` mostly waits
+/// on the network, its tasks taking turns on this thread.
 fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

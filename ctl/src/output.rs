@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use charon_proto::v1::{
     ApiToken, Certificate, ClusterStatusResponse, CreateTokenResponse, DrainResponse,
-    DrainStatusResponse, Location, Member, ProxyHost, UndrainResponse, WaitForWriteResponse,
+    DrainStatusResponse, Location, LogEvent, Member, ProxyHost, Tunnel, UndrainResponse,
+    WaitForWriteResponse,
 };
 use serde_json::{json, Value};
 
@@ -669,6 +670,192 @@ pub fn format_duration(d: Duration) -> String {
         .collect()
 }
 
+/// One access-log event as a line for people, without a line end:
+///
+/// `2026-11-24T10:00:00.123Z n1 GET app.test /path 200 3.1ms -> http://127.0.0.1:3000 (client 127.0.0.1:5555)`
+///
+/// `2026-11-24T10:00:00.123Z n1 TUNNEL app.test 101 closed by client code 1000, 12.3s, 1.2 KiB up / 3.4 KiB down -> http://127.0.0.1:3000 (client 127.0.0.1:5555)`
+///
+/// The time, node, kind, host and status come from the event's own fields;
+/// the rest from its JSON line, and are left out when it lacks them (or is
+/// not JSON). A request that matched no proxy host shows the Host it asked
+/// for; an error the node logged comes last.
+pub fn log_line(e: &LogEvent) -> String {
+    let line: Value = serde_json::from_str(&e.json).unwrap_or(Value::Null);
+    let text = |key: &str| line.get(key).and_then(Value::as_str).unwrap_or("");
+    let number = |key: &str| line.get(key).and_then(Value::as_u64);
+    let node = if e.node.is_empty() {
+        text("node")
+    } else {
+        &e.node
+    };
+    let kind = if e.kind.is_empty() {
+        text("kind")
+    } else {
+        &e.kind
+    };
+    let host = [e.host.as_str(), text("host"), text("authority")]
+        .into_iter()
+        .find(|h| !h.is_empty())
+        .unwrap_or("-");
+    let status = match e.status {
+        0 => number("status").unwrap_or(0),
+        status => status.into(),
+    };
+    let duration = line
+        .get("duration_ms")
+        .and_then(Value::as_f64)
+        .map(human_ms);
+    let mut out = format!("{} {}", unix_ms_precise(e.ts_ms), or_dash(node));
+    match kind {
+        "http" => {
+            out.push_str(&format!(
+                " {} {host} {} {status}",
+                or_dash(text("method")),
+                or_dash(text("path"))
+            ));
+            if let Some(duration) = duration {
+                out.push_str(&format!(" {duration}"));
+            }
+        }
+        "tunnel" => {
+            out.push_str(&format!(" TUNNEL {host} {status} "));
+            out.push_str(&match text("closed_by") {
+                "" => "closed".to_string(),
+                by if by.starts_with("none") => "ended without a Close".to_string(),
+                by => format!("closed by {by}"),
+            });
+            if let Some(code) = number("close_code") {
+                out.push_str(&format!(" code {code}"));
+            }
+            if let Some(duration) = duration {
+                out.push_str(&format!(", {duration}"));
+            }
+            if let (Some(up), Some(down)) = (number("bytes_to_upstream"), number("bytes_to_client"))
+            {
+                out.push_str(&format!(
+                    ", {} up / {} down",
+                    human_bytes(up),
+                    human_bytes(down)
+                ));
+            }
+        }
+        other => out.push_str(&format!(
+            " {} {host} {status}",
+            or_dash(&other.to_ascii_uppercase())
+        )),
+    }
+    let upstream = text("upstream");
+    if !upstream.is_empty() {
+        out.push_str(&format!(" -> {upstream}"));
+    }
+    let client = text("client");
+    if !client.is_empty() {
+        out.push_str(&format!(" (client {client})"));
+    }
+    let error = text("error");
+    if !error.is_empty() {
+        out.push_str(&format!(" error: {error}"));
+    }
+    out
+}
+
+/// `tunnels` in table mode: one row per tunnel; `now_ms` (Unix
+/// milliseconds) is the clock the ages are counted from.
+pub fn tunnels_table(tunnels: &[Tunnel], now_ms: u64) -> String {
+    if tunnels.is_empty() {
+        return "no tunnels\n".to_string();
+    }
+    let header = [
+        "NODE", "ID", "HOST", "CLIENT", "UPSTREAM", "AGE", "UP", "DOWN",
+    ];
+    let mut rows = vec![header.map(String::from).to_vec()];
+    rows.extend(tunnels.iter().map(|t| {
+        vec![
+            or_dash(&t.node),
+            t.id.to_string(),
+            or_dash(&t.host),
+            or_dash(&t.client),
+            or_dash(&t.upstream),
+            age(t.started_ms, now_ms),
+            human_bytes(t.bytes_to_upstream),
+            human_bytes(t.bytes_to_client),
+        ]
+    }));
+    align(&rows)
+}
+
+/// One tunnel as a JSON object with every field of `Tunnel`.
+pub fn tunnel_json(t: &Tunnel) -> Value {
+    json!({
+        "node": t.node,
+        "id": t.id,
+        "host": t.host,
+        "host_id": t.host_id,
+        "client": t.client,
+        "upstream": t.upstream,
+        "started_ms": t.started_ms,
+        "bytes_to_upstream": t.bytes_to_upstream,
+        "bytes_to_client": t.bytes_to_client,
+        "frames_to_upstream": t.frames_to_upstream,
+        "frames_to_client": t.frames_to_client,
+    })
+}
+
+pub fn tunnels_json(tunnels: &[Tunnel]) -> Value {
+    Value::Array(tunnels.iter().map(tunnel_json).collect())
+}
+
+/// How long ago `started_ms` was, in whole seconds: `0s`, `42s`, `3m12s`,
+/// `2h5m`; `-` when unknown.
+fn age(started_ms: u64, now_ms: u64) -> String {
+    if started_ms == 0 {
+        return "-".to_string();
+    }
+    let secs = now_ms.saturating_sub(started_ms) / 1000;
+    if secs == 0 {
+        return "0s".to_string();
+    }
+    format_duration(Duration::from_secs(secs))
+}
+
+/// A byte count in binary units with one decimal: `512 B`, `1.2 KiB`,
+/// `3.4 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut unit = 0;
+    let mut size = 1024u128;
+    loop {
+        // Tenths of the unit, rounded half up.
+        let tenths = (u128::from(n) * 10 + size / 2) / size;
+        if tenths < 10_240 || unit + 1 == UNITS.len() {
+            return format!("{}.{} {}", tenths / 10, tenths % 10, UNITS[unit]);
+        }
+        unit += 1;
+        size *= 1024;
+    }
+}
+
+/// A duration in milliseconds as the access log measured it: `0.4ms`,
+/// `3.1ms`, `250.0ms`, `12.3s`, then whole seconds (`1m30s`, `2h5m`).
+fn human_ms(ms: f64) -> String {
+    if !ms.is_finite() || ms <= 0.0 {
+        return "0.0ms".to_string();
+    }
+    let tenths_ms = (ms * 10.0).round() as u64;
+    if tenths_ms < 10_000 {
+        return format!("{}.{}ms", tenths_ms / 10, tenths_ms % 10);
+    }
+    let tenths_s = (ms / 100.0).round() as u64;
+    if tenths_s < 600 {
+        return format!("{}.{}s", tenths_s / 10, tenths_s % 10);
+    }
+    format_duration(Duration::from_secs((ms / 1000.0).round() as u64))
+}
+
 /// A member's name, with `*` after it when it is the answering node.
 fn member_name(m: &Member) -> String {
     let name = if m.name.is_empty() {
@@ -791,6 +978,17 @@ fn unix_date(ms: u64) -> String {
     let mut text = unix_ms(ms);
     text.truncate(10);
     text
+}
+
+/// Unix milliseconds as UTC RFC 3339 with the milliseconds, as the access
+/// log writes them: `2026-11-24T10:00:00.123Z`.
+fn unix_ms_precise(ms: u64) -> String {
+    if ms == 0 {
+        return "-".to_string();
+    }
+    let mut text = unix_ms(ms);
+    text.truncate(19);
+    format!("{text}.{:03}Z", ms % 1000)
 }
 
 /// Unix milliseconds as UTC RFC 3339, without pulling in a date crate for
@@ -1588,5 +1786,239 @@ cut:               0
         assert_eq!(unix_ms(4_102_444_799_000), "2099-12-31T23:59:59Z");
         assert_eq!(unix_date(4_102_444_799_000), "2099-12-31");
         assert_eq!(unix_date(0), "-");
+        assert_eq!(unix_ms_precise(0), "-");
+        assert_eq!(unix_ms_precise(7), "1970-01-01T00:00:00.007Z");
+        assert_eq!(unix_ms_precise(TS), "2026-11-24T10:00:00.123Z");
+    }
+
+    /// 2026-11-24T10:00:00.123Z.
+    const TS: u64 = 1_795_514_400_123;
+
+    fn log_event(json: Value) -> LogEvent {
+        LogEvent {
+            ts_ms: TS,
+            node: json["node"].as_str().unwrap_or_default().into(),
+            kind: json["kind"].as_str().unwrap_or_default().into(),
+            host: json["host"].as_str().unwrap_or_default().into(),
+            status: json["status"].as_u64().unwrap_or_default() as u32,
+            json: json.to_string(),
+        }
+    }
+
+    /// An access-log line of a request, as the node writes it.
+    fn http_line() -> Value {
+        json!({
+            "ts": "2026-11-24T10:00:00.123Z",
+            "ts_ms": TS,
+            "node": "n1",
+            "kind": "http",
+            "client": "127.0.0.1:5555",
+            "host": "app.test",
+            "host_id": "h1",
+            "method": "GET",
+            "authority": "app.test",
+            "path": "/path",
+            "proto": "HTTP/1.1",
+            "tls": false,
+            "status": 200,
+            "upstream": "http://127.0.0.1:3000",
+            "duration_ms": 3.08,
+        })
+    }
+
+    /// An access-log line of a closed tunnel.
+    fn tunnel_line() -> Value {
+        json!({
+            "ts": "2026-11-24T10:00:00.123Z",
+            "ts_ms": TS,
+            "node": "n1",
+            "kind": "tunnel",
+            "client": "127.0.0.1:5556",
+            "host": "app.test",
+            "host_id": "h1",
+            "tls": true,
+            "status": 101,
+            "upstream": "http://127.0.0.1:3000",
+            "duration_ms": 12_345.6,
+            "bytes_to_upstream": 1229,
+            "bytes_to_client": 3482,
+            "frames_to_upstream": 4,
+            "frames_to_client": 9,
+            "close_code": 1000,
+            "closed_by": "client",
+        })
+    }
+
+    #[test]
+    fn an_http_event_is_one_line() {
+        assert_eq!(
+            log_line(&log_event(http_line())),
+            "2026-11-24T10:00:00.123Z n1 GET app.test /path 200 3.1ms \
+             -> http://127.0.0.1:3000 (client 127.0.0.1:5555)"
+        );
+        // No host matched: the Host asked for; no upstream; the error last.
+        let mut line = http_line();
+        line["host"] = json!("");
+        line["host_id"] = json!("");
+        line["authority"] = json!("nope.test");
+        line["status"] = json!(502);
+        line["upstream"] = json!("");
+        line["duration_ms"] = json!(1500.0);
+        line["error"] = json!("upstream refused the connection");
+        assert_eq!(
+            log_line(&log_event(line)),
+            "2026-11-24T10:00:00.123Z n1 GET nope.test /path 502 1.5s \
+             (client 127.0.0.1:5555) error: upstream refused the connection"
+        );
+    }
+
+    #[test]
+    fn a_tunnel_event_says_who_closed_it_how_long_and_how_much() {
+        assert_eq!(
+            log_line(&log_event(tunnel_line())),
+            "2026-11-24T10:00:00.123Z n1 TUNNEL app.test 101 closed by client code 1000, \
+             12.3s, 1.2 KiB up / 3.4 KiB down -> http://127.0.0.1:3000 (client 127.0.0.1:5556)"
+        );
+        let mut line = tunnel_line();
+        line["closed_by"] = json!("none (connection ended without a Close)");
+        line.as_object_mut().unwrap().remove("close_code");
+        line["duration_ms"] = json!(5_400_000.0);
+        line["bytes_to_upstream"] = json!(0);
+        line["bytes_to_client"] = json!(5 * 1024 * 1024 * 1024u64);
+        assert_eq!(
+            log_line(&log_event(line)),
+            "2026-11-24T10:00:00.123Z n1 TUNNEL app.test 101 ended without a Close, \
+             1h30m, 0 B up / 5.0 GiB down -> http://127.0.0.1:3000 (client 127.0.0.1:5556)"
+        );
+        let mut line = tunnel_line();
+        line["closed_by"] = json!("proxy");
+        line["close_code"] = json!(1001);
+        let text = log_line(&log_event(line));
+        assert!(text.contains(" 101 closed by proxy code 1001, "), "{text}");
+    }
+
+    #[test]
+    fn an_event_whose_line_is_not_json_still_shows_its_fields() {
+        let e = LogEvent {
+            json: "not json".into(),
+            ts_ms: TS,
+            node: "n2".into(),
+            kind: "http".into(),
+            host: "app.test".into(),
+            status: 404,
+        };
+        assert_eq!(log_line(&e), "2026-11-24T10:00:00.123Z n2 - app.test - 404");
+        let e = LogEvent {
+            kind: "grpc".into(),
+            host: String::new(),
+            ..e
+        };
+        assert_eq!(log_line(&e), "2026-11-24T10:00:00.123Z n2 GRPC - 404");
+    }
+
+    #[test]
+    fn byte_counts_in_binary_units() {
+        let cases = [
+            (0, "0 B"),
+            (1023, "1023 B"),
+            (1024, "1.0 KiB"),
+            (1229, "1.2 KiB"),
+            (1_048_524, "1023.9 KiB"),
+            (1_048_575, "1.0 MiB"),
+            (3 * 1024 * 1024 + 400 * 1024, "3.4 MiB"),
+            (u64::MAX, "16384.0 PiB"),
+        ];
+        for (n, want) in cases {
+            assert_eq!(human_bytes(n), want, "{n}");
+        }
+    }
+
+    #[test]
+    fn durations_of_requests_and_tunnels() {
+        let cases = [
+            (0.0, "0.0ms"),
+            (0.04, "0.0ms"),
+            (0.35, "0.4ms"),
+            (3.1, "3.1ms"),
+            (250.0, "250.0ms"),
+            (999.94, "999.9ms"),
+            (999.96, "1.0s"),
+            (12_345.0, "12.3s"),
+            (59_949.0, "59.9s"),
+            (59_951.0, "1m"),
+            (90_400.0, "1m30s"),
+            (7_500_000.0, "2h5m"),
+            (f64::NAN, "0.0ms"),
+        ];
+        for (ms, want) in cases {
+            assert_eq!(human_ms(ms), want, "{ms}");
+        }
+    }
+
+    fn tunnel(node: &str, id: u64, started_ms: u64) -> Tunnel {
+        Tunnel {
+            id,
+            host: "app.test".into(),
+            host_id: "h1".into(),
+            client: "127.0.0.1:5556".into(),
+            upstream: "http://127.0.0.1:3000".into(),
+            started_ms,
+            bytes_to_upstream: 1229,
+            bytes_to_client: 3 * 1024 * 1024 + 400 * 1024,
+            frames_to_upstream: 4,
+            frames_to_client: 9,
+            node: node.into(),
+        }
+    }
+
+    #[test]
+    fn tunnels_table_columns() {
+        let tunnels = [
+            tunnel("n1", 7, TS - 192_500),
+            Tunnel {
+                host: String::new(),
+                bytes_to_upstream: 0,
+                bytes_to_client: 12,
+                ..tunnel("n2-long", 12, TS - 400)
+            },
+            tunnel("n2-long", 13, 0),
+        ];
+        let want = "\
+NODE     ID  HOST      CLIENT          UPSTREAM               AGE    UP       DOWN
+n1       7   app.test  127.0.0.1:5556  http://127.0.0.1:3000  3m12s  1.2 KiB  3.4 MiB
+n2-long  12  -         127.0.0.1:5556  http://127.0.0.1:3000  0s     0 B      12 B
+n2-long  13  app.test  127.0.0.1:5556  http://127.0.0.1:3000  -      1.2 KiB  3.4 MiB
+";
+        assert_eq!(tunnels_table(&tunnels, TS), want);
+        assert_eq!(tunnels_table(&[], TS), "no tunnels\n");
+        // A clock behind the node's: not a negative age.
+        assert_eq!(age(TS + 5000, TS), "0s");
+        assert_eq!(age(TS - 7_200_000, TS), "2h");
+    }
+
+    #[test]
+    fn tunnel_json_has_every_field() {
+        let v = tunnels_json(&[tunnel("n1", 7, TS)]);
+        let t = &v[0];
+        let mut keys: Vec<&str> = t.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort();
+        let mut want = vec![
+            "node",
+            "id",
+            "host",
+            "host_id",
+            "client",
+            "upstream",
+            "started_ms",
+            "bytes_to_upstream",
+            "bytes_to_client",
+            "frames_to_upstream",
+            "frames_to_client",
+        ];
+        want.sort();
+        assert_eq!(keys, want);
+        assert_eq!(t["id"], 7);
+        assert_eq!(t["started_ms"], TS);
+        assert_eq!(t["bytes_to_client"], 3 * 1024 * 1024 + 400 * 1024);
     }
 }

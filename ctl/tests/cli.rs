@@ -1,30 +1,38 @@
 //! Runs the real `charonctl` binary. No Charon node is needed: the tests
 //! either point it at a port where nothing listens, stop it at argument
-//! parsing, or serve the `Hosts`, `Certificates`, `Cluster`, `Tokens` and
-//! `Nodes` APIs from a small in-process fake that records what the CLI sent.
+//! parsing, or serve the `Hosts`, `Certificates`, `Cluster`, `Tokens`,
+//! `Nodes`, `Logs` and `Tunnels` APIs from a small in-process fake that
+//! records what the CLI sent. Several fakes listing each other as members
+//! make a cluster for `--all-nodes`.
 
 use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
-use std::process::Output;
+use std::process::{Output, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use charon_proto::v1::certificates_server::{Certificates, CertificatesServer};
 use charon_proto::v1::cluster_server::{Cluster, ClusterServer};
 use charon_proto::v1::hosts_server::{Hosts, HostsServer};
+use charon_proto::v1::logs_server::{Logs, LogsServer};
 use charon_proto::v1::nodes_server::{Nodes, NodesServer};
 use charon_proto::v1::tokens_server::{Tokens, TokensServer};
+use charon_proto::v1::tunnels_server::{Tunnels, TunnelsServer};
 use charon_proto::v1::{
     AddCertificateRequest, ApiToken, Certificate, CertificateReply, ClusterStatusRequest,
     ClusterStatusResponse, CreateHostRequest, CreateTokenRequest, CreateTokenResponse,
     DeleteCertificateRequest, DeleteCertificateResponse, DeleteHostRequest, DeleteHostResponse,
-    DrainRequest, DrainResponse, DrainStatusRequest, DrainStatusResponse, GetCertificateRequest,
-    GetHostRequest, ListCertificatesRequest, ListCertificatesResponse, ListHostsRequest,
-    ListHostsResponse, ListMembersRequest, ListMembersResponse, ListTokensRequest,
-    ListTokensResponse, Member, ProxyHost, ReplaceCertificateRequest, RevokeTokenRequest,
-    RevokeTokenResponse, UndrainRequest, UndrainResponse, UpdateHostRequest, WaitForWriteRequest,
-    WaitForWriteResponse,
+    DrainRequest, DrainResponse, DrainStatusRequest, DrainStatusResponse, FollowLogsRequest,
+    GetCertificateRequest, GetHostRequest, ListCertificatesRequest, ListCertificatesResponse,
+    ListHostsRequest, ListHostsResponse, ListMembersRequest, ListMembersResponse,
+    ListTokensRequest, ListTokensResponse, ListTunnelsRequest, ListTunnelsResponse, LogEvent,
+    LogFilter, Member, ProxyHost, RecentLogsRequest, RecentLogsResponse, ReplaceCertificateRequest,
+    RevokeTokenRequest, RevokeTokenResponse, Tunnel, UndrainRequest, UndrainResponse,
+    UpdateHostRequest, WaitForWriteRequest, WaitForWriteResponse,
 };
+use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::BoxStream;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Request, Response, Status};
 
@@ -166,6 +174,8 @@ async fn without_a_token_the_default_file_is_mentioned() {
 #[derive(Default)]
 struct Seen {
     authorization: Vec<String>,
+    /// The client address of each call: one connection, one address.
+    peers: Vec<Option<SocketAddr>>,
     created: Vec<CreateHostRequest>,
     updated: Vec<UpdateHostRequest>,
     certs_added: Vec<AddCertificateRequest>,
@@ -187,6 +197,23 @@ struct Seen {
     drain_script: VecDeque<DrainStatusResponse>,
     /// Set by a test: `DrainStatus` fails with this.
     drain_status_error: Option<(Code, String)>,
+    /// Set by a test: `ListMembers` answers these rather than [`members`].
+    members: Option<Vec<Member>>,
+    /// Set by a test: the events the node keeps, in its order; answered
+    /// by `Logs.Recent`, and first by `Logs.Follow` when asked for a
+    /// backlog.
+    events: Vec<LogEvent>,
+    /// Set by a test: what `Logs.Follow` streams after the backlog, one
+    /// every [`FOLLOW_PACE`], before it ends.
+    live: Vec<LogEvent>,
+    /// Set by a test: `Logs.Follow`'s stream fails with this after `live`.
+    follow_error: Option<(Code, String)>,
+    recent_asked: Vec<RecentLogsRequest>,
+    follow_asked: Vec<FollowLogsRequest>,
+    /// Set by a test: the open tunnels.
+    tunnels: Vec<Tunnel>,
+    /// The `host` of each `ListTunnels` call.
+    tunnels_asked: Vec<String>,
 }
 
 /// Accepts only the token "good"; knows one host, `h1` / `a.example`, and two
@@ -206,7 +233,10 @@ impl FakeNode {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        self.0.lock().unwrap().authorization.push(auth.clone());
+        let mut seen = self.0.lock().unwrap();
+        seen.authorization.push(auth.clone());
+        seen.peers.push(request.remote_addr());
+        drop(seen);
         if auth == "Bearer good" {
             Ok(())
         } else {
@@ -526,8 +556,9 @@ impl Cluster for FakeNode {
         request: Request<ListMembersRequest>,
     ) -> Result<Response<ListMembersResponse>, Status> {
         self.check(&request)?;
+        let listed = self.0.lock().unwrap().members.clone();
         Ok(Response::new(ListMembersResponse {
-            members: members(),
+            members: listed.unwrap_or_else(members),
             cluster_id: "prod".into(),
         }))
     }
@@ -757,6 +788,108 @@ impl Nodes for FakeNode {
     }
 }
 
+/// How far apart `Logs.Follow` streams its events.
+const FOLLOW_PACE: Duration = Duration::from_millis(20);
+
+/// Whether `e` passes `filter`, as the node decides it.
+fn passes(e: &LogEvent, filter: &LogFilter) -> bool {
+    let host = filter.host.is_empty() || e.host == filter.host;
+    let status = match filter.status.as_str() {
+        "" => true,
+        class if class.ends_with("xx") => class[..1] == (e.status / 100).to_string(),
+        code => code == e.status.to_string(),
+    };
+    host && status
+}
+
+#[tonic::async_trait]
+impl Logs for FakeNode {
+    type FollowStream = BoxStream<LogEvent>;
+
+    /// The kept events that pass the filter, the newest `limit` of them;
+    /// `since_ms` is only recorded: the tests' events are not of today.
+    async fn recent(
+        &self,
+        request: Request<RecentLogsRequest>,
+    ) -> Result<Response<RecentLogsResponse>, Status> {
+        self.check(&request)?;
+        let request = request.into_inner();
+        let mut seen = self.0.lock().unwrap();
+        seen.recent_asked.push(request.clone());
+        let filter = request.filter.unwrap_or_default();
+        let mut events: Vec<LogEvent> = seen
+            .events
+            .iter()
+            .filter(|e| passes(e, &filter))
+            .cloned()
+            .collect();
+        let limit = request.limit as usize;
+        if limit > 0 && events.len() > limit {
+            events.drain(..events.len() - limit);
+        }
+        Ok(Response::new(RecentLogsResponse { events }))
+    }
+
+    /// The kept events first when `since_ms` asks for them, then `live`,
+    /// then `follow_error` if set; then the stream ends.
+    async fn follow(
+        &self,
+        request: Request<FollowLogsRequest>,
+    ) -> Result<Response<Self::FollowStream>, Status> {
+        self.check(&request)?;
+        let request = request.into_inner();
+        let mut seen = self.0.lock().unwrap();
+        seen.follow_asked.push(request.clone());
+        let filter = request.filter.unwrap_or_default();
+        let backlog = if request.since_ms > 0 {
+            seen.events.clone()
+        } else {
+            Vec::new()
+        };
+        let items: Vec<Result<LogEvent, Status>> = backlog
+            .into_iter()
+            .chain(seen.live.clone())
+            .filter(|e| passes(e, &filter))
+            .map(Ok)
+            .chain(
+                seen.follow_error
+                    .clone()
+                    .map(|(code, message)| Err(Status::new(code, message))),
+            )
+            .collect();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            for item in items {
+                tokio::time::sleep(FOLLOW_PACE).await;
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl Tunnels for FakeNode {
+    async fn list_tunnels(
+        &self,
+        request: Request<ListTunnelsRequest>,
+    ) -> Result<Response<ListTunnelsResponse>, Status> {
+        self.check(&request)?;
+        let host = request.into_inner().host;
+        let mut seen = self.0.lock().unwrap();
+        seen.tunnels_asked.push(host.clone());
+        let tunnels = seen
+            .tunnels
+            .iter()
+            .filter(|t| host.is_empty() || t.host == host || t.host_id == host)
+            .cloned()
+            .collect();
+        Ok(Response::new(ListTunnelsResponse { tunnels }))
+    }
+}
+
 /// Serves the fake on a loopback port; the server task ends with the test's
 /// runtime.
 async fn fake_node() -> (String, FakeNode) {
@@ -768,6 +901,8 @@ async fn fake_node() -> (String, FakeNode) {
     let cluster = ClusterServer::new(node.clone());
     let tokens = TokensServer::new(node.clone());
     let nodes = NodesServer::new(node.clone());
+    let logs = LogsServer::new(node.clone());
+    let tunnels = TunnelsServer::new(node.clone());
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(hosts)
@@ -775,6 +910,8 @@ async fn fake_node() -> (String, FakeNode) {
             .add_service(cluster)
             .add_service(tokens)
             .add_service(nodes)
+            .add_service(logs)
+            .add_service(tunnels)
             .serve_with_incoming(TcpIncoming::from(listener))
             .await
             .unwrap();
@@ -2141,5 +2278,660 @@ cut:               0
         assert_eq!(code, Some(1), "{args:?}: {stderr}");
         assert_eq!(stdout, "", "{args:?}");
         assert_eq!(stderr, "error: no node named n9\n", "{args:?}");
+    }
+}
+
+/// 2026-11-24T10:00:00Z: the day of the tests' events.
+const T0: u64 = 1_795_514_400_000;
+
+/// A request `node` proxied at `T0 + after_ms`, as the node streams it.
+fn request_event(node: &str, after_ms: u64, path: &str, status: u32) -> LogEvent {
+    let ts_ms = T0 + after_ms;
+    let json = serde_json::json!({
+        "ts_ms": ts_ms,
+        "node": node,
+        "kind": "http",
+        "client": "127.0.0.1:5555",
+        "host": "app.test",
+        "host_id": "h1",
+        "method": "GET",
+        "authority": "app.test",
+        "path": path,
+        "proto": "HTTP/1.1",
+        "tls": false,
+        "status": status,
+        "upstream": "http://127.0.0.1:3000",
+        "duration_ms": 3.08,
+    });
+    LogEvent {
+        json: json.to_string(),
+        ts_ms,
+        node: node.into(),
+        kind: "http".into(),
+        host: "app.test".into(),
+        status,
+    }
+}
+
+/// A tunnel `node` closed at `T0 + after_ms`.
+fn tunnel_event(node: &str, after_ms: u64) -> LogEvent {
+    let ts_ms = T0 + after_ms;
+    let json = serde_json::json!({
+        "ts_ms": ts_ms,
+        "node": node,
+        "kind": "tunnel",
+        "client": "127.0.0.1:5556",
+        "host": "app.test",
+        "host_id": "h1",
+        "tls": true,
+        "status": 101,
+        "upstream": "http://127.0.0.1:3000",
+        "duration_ms": 12_345.6,
+        "bytes_to_upstream": 1229,
+        "bytes_to_client": 3482,
+        "frames_to_upstream": 4,
+        "frames_to_client": 9,
+        "close_code": 1000,
+        "closed_by": "client",
+    });
+    LogEvent {
+        json: json.to_string(),
+        ts_ms,
+        node: node.into(),
+        kind: "tunnel".into(),
+        host: "app.test".into(),
+        status: 101,
+    }
+}
+
+/// The table line of `request_event(node, after_ms, path, status)`, for
+/// `after_ms` under a second.
+fn request_line(node: &str, after_ms: u64, path: &str, status: u32) -> String {
+    format!(
+        "2026-11-24T10:00:00.{after_ms:03}Z {node} GET app.test {path} {status} 3.1ms \
+         -> http://127.0.0.1:3000 (client 127.0.0.1:5555)"
+    )
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Asserts that `since_ms` was `ago` before a moment between `before` and
+/// now (Unix milliseconds).
+fn assert_since(since_ms: u64, ago: Duration, before: u64) {
+    let ago = ago.as_millis() as u64;
+    assert!(
+        (before - ago..=now_ms() - ago).contains(&since_ms),
+        "since_ms {since_ms} is not {ago} ms before the run"
+    );
+}
+
+#[tokio::test]
+async fn logs_prints_the_kept_events_oldest_first() {
+    let (endpoint, node) = fake_node().await;
+    node.0.lock().unwrap().events = vec![
+        request_event("n1", 200, "/b", 200),
+        request_event("n1", 100, "/a", 503),
+        tunnel_event("n1", 300),
+    ];
+    let dir = empty_dir("logs-recent");
+    let before = now_ms();
+    let (code, stdout, stderr) = call(&endpoint, &dir, &["logs"]).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert_eq!(stderr, "");
+    let want = [
+        request_line("n1", 100, "/a", 503),
+        request_line("n1", 200, "/b", 200),
+        "2026-11-24T10:00:00.300Z n1 TUNNEL app.test 101 closed by client code 1000, 12.3s, \
+         1.2 KiB up / 3.4 KiB down -> http://127.0.0.1:3000 (client 127.0.0.1:5556)"
+            .to_string(),
+    ];
+    assert_eq!(stdout, want.map(|l| l + "\n").concat());
+    {
+        let seen = node.0.lock().unwrap();
+        let asked = &seen.recent_asked[0];
+        assert_since(asked.since_ms, Duration::from_secs(600), before);
+        assert_eq!(asked.limit, 0);
+        assert_eq!(asked.filter, Some(LogFilter::default()));
+        assert_eq!(seen.authorization, ["Bearer good"]);
+    }
+
+    let before = now_ms();
+    let (code, stdout, stderr) = call(
+        &endpoint,
+        &dir,
+        &[
+            "logs", "--host", "app.test", "--status", "5XX", "--since", "1h", "--limit", "50",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert_eq!(stdout, request_line("n1", 100, "/a", 503) + "\n");
+    let seen = node.0.lock().unwrap();
+    let asked = &seen.recent_asked[1];
+    assert_since(asked.since_ms, Duration::from_secs(3600), before);
+    assert_eq!(asked.limit, 50);
+    assert_eq!(
+        asked.filter,
+        Some(LogFilter {
+            host: "app.test".into(),
+            status: "5xx".into(),
+        })
+    );
+}
+
+#[tokio::test]
+async fn logs_as_json_prints_each_line_as_the_node_wrote_it() {
+    let (endpoint, node) = fake_node().await;
+    let events = vec![request_event("n1", 200, "/b", 200), tunnel_event("n1", 100)];
+    node.0.lock().unwrap().events = events.clone();
+    let dir = empty_dir("logs-json");
+    let (code, stdout, stderr) = call(&endpoint, &dir, &["-o", "json", "logs"]).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert_eq!(stdout, format!("{}\n{}\n", events[1].json, events[0].json));
+    for line in stdout.lines() {
+        let value: serde_json::Value = serde_json::from_str(line).expect("each line is JSON");
+        assert!(value["ts_ms"].as_u64().unwrap() > T0);
+    }
+
+    // Nothing kept: nothing on stdout; table mode says so on stderr.
+    node.0.lock().unwrap().events.clear();
+    let (code, stdout, stderr) = call(&endpoint, &dir, &["logs", "-o", "json"]).await;
+    assert_eq!((code, stdout.as_str(), stderr.as_str()), (Some(0), "", ""));
+    let (code, stdout, stderr) = call(&endpoint, &dir, &["logs"]).await;
+    assert_eq!(
+        (code, stdout.as_str(), stderr.as_str()),
+        (Some(0), "", "no events\n")
+    );
+}
+
+#[tokio::test]
+async fn logs_and_tunnels_usage_errors_are_refused_before_any_connection() {
+    let endpoint = dead_endpoint();
+    let dir = empty_dir("logs-usage");
+    for (args, names) in [
+        (&["logs", "--status", "600"][..], "--status"),
+        (&["logs", "--status", "5x"], "--status"),
+        (&["logs", "--status", "abc"], "--status"),
+        (&["logs", "--since", "10"], "--since"),
+        (&["logs", "--since", "0s"], "--since"),
+        (&["logs", "--limit", "0"], "--limit"),
+        (&["logs", "-f", "--limit", "5"], "--limit"),
+        (&["logs", "--node", "n2", "--all-nodes"], "--node"),
+        (&["tunnels", "--all-nodes", "--node", "n2"], "--node"),
+        (&["tunnels", "--since", "1m"], "--since"),
+    ] {
+        let (code, stdout, stderr) = call(&endpoint, &dir, args).await;
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert_eq!(stdout, "", "{args:?}");
+        assert!(stderr.contains(names), "{args:?}: {stderr}");
+        assert!(!stderr.contains("cannot reach"), "{args:?}: {stderr}");
+    }
+    let (_, _, stderr) = call(&endpoint, &dir, &["logs", "--status", "600"]).await;
+    assert!(
+        stderr.contains("a class such as 5xx or a code from 100 to 599"),
+        "{stderr}"
+    );
+}
+
+/// A cluster of fakes: `n1` (the one `--endpoint` reaches), `n2` and `n3`
+/// live, `n4` dead and `n5` live but unreachable. `n1` advertises an
+/// address where nothing listens: it must be asked through `--endpoint`.
+async fn fake_cluster() -> (String, [FakeNode; 3], String) {
+    let (e1, n1) = fake_node().await;
+    let (e2, n2) = fake_node().await;
+    let (e3, n3) = fake_node().await;
+    let unreachable = dead_endpoint();
+    let at = |m: Member, api_address: &str| Member {
+        api_address: api_address.into(),
+        ..m
+    };
+    let e2_addr = e2.trim_start_matches("http://").to_string();
+    n1.0.lock().unwrap().members = Some(vec![
+        at(member("n1", N1_ID, true), &dead_endpoint()),
+        // A bare host:port, as nodes advertise it.
+        at(member("n2", N2_ID, true), &e2_addr),
+        at(
+            member("n3", "c0ffee00-3333-4000-8000-000000000003", true),
+            &e3,
+        ),
+        at(
+            member("n4", "deadbeef-4444-4000-8000-000000000004", false),
+            &e3,
+        ),
+        at(
+            member("n5", "5555aaaa-5555-4000-8000-000000000005", true),
+            &unreachable,
+        ),
+    ]);
+    (e1, [n1, n2, n3], unreachable)
+}
+
+#[tokio::test]
+async fn logs_all_nodes_merges_the_members_by_time_and_warns_about_the_others() {
+    let (endpoint, [n1, n2, n3], unreachable) = fake_cluster().await;
+    n1.0.lock().unwrap().events = vec![
+        request_event("n1", 100, "/a", 200),
+        request_event("n1", 400, "/d", 200),
+    ];
+    n2.0.lock().unwrap().events = vec![request_event("n2", 300, "/c", 502)];
+    n3.0.lock().unwrap().events = vec![
+        request_event("n3", 200, "/b", 200),
+        request_event("n3", 500, "/e", 404),
+    ];
+    let dir = empty_dir("logs-all-nodes");
+    let (code, stdout, stderr) = call(&endpoint, &dir, &["logs", "--all-nodes"]).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    let want = [
+        request_line("n1", 100, "/a", 200),
+        request_line("n3", 200, "/b", 200),
+        request_line("n2", 300, "/c", 502),
+        request_line("n1", 400, "/d", 200),
+        request_line("n3", 500, "/e", 404),
+    ];
+    assert_eq!(stdout, want.clone().map(|l| l + "\n").concat());
+    assert_eq!(
+        stderr,
+        format!(
+            "warning: n4 is not live; not asked\n\
+             warning: n5: cannot reach the node at {unreachable} — is it running?\n"
+        )
+    );
+    for node in [&n1, &n2, &n3] {
+        let seen = node.0.lock().unwrap();
+        assert_eq!(seen.recent_asked.len(), 1);
+        assert!(seen.authorization.iter().all(|a| a == "Bearer good"));
+    }
+    // n1 was asked for the members, then for its events on the same
+    // connection: behind a load balancer, a new one might reach another node.
+    let peers = n1.0.lock().unwrap().peers.clone();
+    assert_eq!(peers.len(), 2);
+    assert!(peers[0].is_some() && peers[0] == peers[1], "{peers:?}");
+
+    // The limit keeps the newest across the nodes.
+    let (code, stdout, _) = call(
+        &endpoint,
+        &dir,
+        &["logs", "--all-nodes", "--limit", "2", "-o", "json"],
+    )
+    .await;
+    assert_eq!(code, Some(0));
+    let nodes: Vec<String> = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["path"].to_string())
+        .collect();
+    assert_eq!(nodes, ["\"/d\"", "\"/e\""]);
+    assert_eq!(n2.0.lock().unwrap().recent_asked[1].limit, 2);
+}
+
+#[tokio::test]
+async fn logs_node_asks_only_that_member() {
+    let (endpoint, [n1, n2, n3], unreachable) = fake_cluster().await;
+    n1.0.lock().unwrap().events = vec![request_event("n1", 100, "/a", 200)];
+    n2.0.lock().unwrap().events = vec![request_event("n2", 300, "/c", 502)];
+    let dir = empty_dir("logs-node");
+    let (code, stdout, stderr) = call(&endpoint, &dir, &["logs", "--node", "n2"]).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert_eq!(stdout, request_line("n2", 300, "/c", 502) + "\n");
+    assert_eq!(stderr, "");
+    assert!(n1.0.lock().unwrap().recent_asked.is_empty());
+    assert!(n3.0.lock().unwrap().recent_asked.is_empty());
+
+    // By id; the answering node through --endpoint.
+    let (code, stdout, _) = call(&endpoint, &dir, &["logs", "--node", N2_ID]).await;
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains(" n2 GET "), "{stdout}");
+    let (code, stdout, _) = call(&endpoint, &dir, &["logs", "--node", "n1"]).await;
+    assert_eq!(code, Some(0));
+    assert_eq!(stdout, request_line("n1", 100, "/a", 200) + "\n");
+
+    for (args, want) in [
+        (
+            &["logs", "--node", "n9"][..],
+            "error: the cluster has no member named n9 (see `charonctl cluster members`)\n"
+                .to_string(),
+        ),
+        (
+            &["tunnels", "--node", "n5"],
+            format!("error: n5: cannot reach the node at {unreachable} — is it running?\n"),
+        ),
+    ] {
+        let (code, stdout, stderr) = call(&endpoint, &dir, args).await;
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert_eq!(stdout, "", "{args:?}");
+        assert_eq!(stderr, want, "{args:?}");
+    }
+}
+
+#[tokio::test]
+async fn logs_all_nodes_fails_only_when_no_node_answers() {
+    let (endpoint, node) = fake_node().await;
+    let (a, b) = (dead_endpoint(), dead_endpoint());
+    node.0.lock().unwrap().members = Some(vec![
+        Member {
+            api_address: a.clone(),
+            ..member("n5", "5555aaaa", true)
+        },
+        Member {
+            api_address: b.clone(),
+            ..member("n6", "6666aaaa", true)
+        },
+    ]);
+    let dir = empty_dir("logs-none-answered");
+    for args in [&["logs", "--all-nodes"][..], &["logs", "--all-nodes", "-f"]] {
+        let (code, stdout, stderr) = call(&endpoint, &dir, args).await;
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert_eq!(stdout, "", "{args:?}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 3, "{args:?}: {stderr}");
+        for (node, at) in [("n5", &a), ("n6", &b)] {
+            let warning =
+                format!("warning: {node}: cannot reach the node at {at} — is it running?");
+            assert!(
+                lines.iter().any(|l| l.starts_with(&warning)),
+                "{args:?}: {stderr}"
+            );
+        }
+        assert_eq!(
+            lines[2], "error: no node answered (asked: n5, n6)",
+            "{args:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn logs_follow_prints_events_as_they_come_until_the_stream_ends() {
+    let (endpoint, node) = fake_node().await;
+    {
+        let mut seen = node.0.lock().unwrap();
+        seen.events = vec![
+            request_event("n1", 100, "/kept", 200),
+            request_event("n1", 150, "/kept-404", 404),
+        ];
+        seen.live = vec![
+            request_event("n1", 200, "/new", 200),
+            request_event("n1", 250, "/new-404", 404),
+        ];
+    }
+    let dir = empty_dir("logs-follow");
+    let (code, stdout, stderr) = call(&endpoint, &dir, &["logs", "-f"]).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert_eq!(stderr, "");
+    assert_eq!(
+        stdout,
+        [
+            request_line("n1", 200, "/new", 200),
+            request_line("n1", 250, "/new-404", 404),
+        ]
+        .map(|l| l + "\n")
+        .concat()
+    );
+    assert_eq!(node.0.lock().unwrap().follow_asked[0].since_ms, 0);
+
+    // --since asks for the kept events first.
+    let before = now_ms();
+    let (code, stdout, stderr) = call(
+        &endpoint,
+        &dir,
+        &[
+            "-o", "json", "logs", "--follow", "--since", "5m", "--status", "404",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    let paths: Vec<String> = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["path"].to_string())
+        .collect();
+    assert_eq!(paths, ["\"/kept-404\"", "\"/new-404\""]);
+    let seen = node.0.lock().unwrap();
+    let asked = &seen.follow_asked[1];
+    assert_since(asked.since_ms, Duration::from_secs(300), before);
+    assert_eq!(asked.filter.as_ref().unwrap().status, "404");
+}
+
+#[tokio::test]
+async fn logs_follow_of_one_node_fails_with_its_stream() {
+    let (endpoint, node) = fake_node().await;
+    {
+        let mut seen = node.0.lock().unwrap();
+        seen.live = vec![request_event("n1", 200, "/new", 200)];
+        seen.follow_error = Some((Code::Internal, "boom".into()));
+    }
+    let dir = empty_dir("logs-follow-fails");
+    let (code, stdout, stderr) = call(&endpoint, &dir, &["logs", "-f"]).await;
+    assert_eq!(code, Some(1), "stderr: {stderr}");
+    assert_eq!(stdout, request_line("n1", 200, "/new", 200) + "\n");
+    assert_eq!(stderr, "error: the node failed: boom (Internal)\n");
+
+    let (code, _, stderr) = run(&mut charonctl(&[
+        "logs",
+        "-f",
+        "--endpoint",
+        &endpoint,
+        "--token",
+        "bad",
+    ]))
+    .await;
+    assert_eq!(code, Some(1), "stderr: {stderr}");
+    assert!(stderr.contains("refused the token"), "{stderr}");
+}
+
+#[tokio::test]
+async fn logs_follow_all_nodes_interleaves_and_goes_on_when_one_fails() {
+    let (endpoint, [n1, n2, n3], unreachable) = fake_cluster().await;
+    n1.0.lock().unwrap().live = vec![
+        request_event("n1", 100, "/a", 200),
+        request_event("n1", 400, "/d", 200),
+    ];
+    {
+        let mut seen = n2.0.lock().unwrap();
+        seen.live = vec![request_event("n2", 300, "/c", 502)];
+        seen.follow_error = Some((Code::Internal, "boom".into()));
+    }
+    n3.0.lock().unwrap().live = vec![
+        request_event("n3", 200, "/b", 200),
+        request_event("n3", 500, "/e", 404),
+        request_event("n3", 600, "/f", 404),
+    ];
+    let dir = empty_dir("logs-follow-all");
+    let (code, stdout, stderr) = call(&endpoint, &dir, &["logs", "-f", "--all-nodes"]).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    let mut lines: Vec<&str> = stdout.lines().collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            request_line("n1", 100, "/a", 200),
+            request_line("n3", 200, "/b", 200),
+            request_line("n2", 300, "/c", 502),
+            request_line("n1", 400, "/d", 200),
+            request_line("n3", 500, "/e", 404),
+            request_line("n3", 600, "/f", 404),
+        ]
+    );
+    // Each node's own order holds.
+    let at = |path: &str| stdout.find(path).unwrap();
+    assert!(at(" /a ") < at(" /d "), "{stdout}");
+    assert!(
+        at(" /b ") < at(" /e ") && at(" /e ") < at(" /f "),
+        "{stdout}"
+    );
+
+    let warnings: Vec<&str> = stderr.lines().collect();
+    for want in [
+        "warning: n4 is not live; not asked".to_string(),
+        format!("warning: n5: cannot reach the node at {unreachable} — is it running?"),
+        "warning: n2: the node failed: boom (Internal)".to_string(),
+        "warning: n1 ended the stream".to_string(),
+        "warning: n3 ended the stream".to_string(),
+    ] {
+        assert!(
+            warnings.iter().any(|w| w.starts_with(&want)),
+            "{want:?} not in\n{stderr}"
+        );
+    }
+    assert_eq!(warnings.len(), 5, "{stderr}");
+    assert_eq!(warnings[0], "warning: n4 is not live; not asked");
+    for node in [&n1, &n2, &n3] {
+        assert_eq!(node.0.lock().unwrap().follow_asked.len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn logs_follow_ends_quietly_when_stdout_is_closed() {
+    let (endpoint, node) = fake_node().await;
+    node.0.lock().unwrap().live = (0..100)
+        .map(|i| request_event("n1", i, "/x", 200))
+        .collect();
+    let dir = empty_dir("logs-follow-pipe");
+    let mut cmd = charonctl(&["logs", "-f", "--endpoint", &endpoint, "--token", "good"]);
+    cmd.current_dir(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut reader = tokio::io::BufReader::new(stdout);
+    let mut first = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut reader, &mut first)
+        .await
+        .unwrap();
+    assert!(first.contains(" GET app.test /x 200 "), "{first}");
+    // Like `| head -1`: the reader goes away.
+    drop(reader);
+    let output = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("charonctl ends once stdout is closed")
+        .unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(0), "stderr: {stderr}");
+    assert_eq!(stderr, "");
+}
+
+fn open_tunnel(node: &str, id: u64, started_ms: u64) -> Tunnel {
+    Tunnel {
+        id,
+        host: "app.test".into(),
+        host_id: "h1".into(),
+        client: "127.0.0.1:5556".into(),
+        upstream: "http://127.0.0.1:3000".into(),
+        started_ms,
+        bytes_to_upstream: 1229,
+        bytes_to_client: 3 * 1024 * 1024 + 400 * 1024,
+        frames_to_upstream: 4,
+        frames_to_client: 9,
+        node: node.into(),
+    }
+}
+
+#[tokio::test]
+async fn tunnels_as_table_and_json_from_one_node_or_all() {
+    let (endpoint, [n1, n2, _n3], unreachable) = fake_cluster().await;
+    // 3m12s and a half ago, so the age reads 3m12s unless the run takes
+    // half a second.
+    let started = now_ms() - 192_500;
+    n1.0.lock().unwrap().tunnels = vec![open_tunnel("n1", 7, started)];
+    n2.0.lock().unwrap().tunnels = vec![
+        open_tunnel("n2", 12, started),
+        Tunnel {
+            host: "other.test".into(),
+            host_id: "h2".into(),
+            ..open_tunnel("n2", 13, started)
+        },
+    ];
+    let dir = empty_dir("tunnels");
+    let (code, stdout, stderr) = call(&endpoint, &dir, &["tunnels"]).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    let want = "\
+NODE  ID  HOST      CLIENT          UPSTREAM               AGE    UP       DOWN
+n1    7   app.test  127.0.0.1:5556  http://127.0.0.1:3000  3m12s  1.2 KiB  3.4 MiB
+";
+    assert_eq!(stdout, want);
+    assert_eq!(stderr, "");
+
+    let (code, stdout, stderr) = call(
+        &endpoint,
+        &dir,
+        &["tunnels", "--all-nodes", "--host", "app.test"],
+    )
+    .await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .map(|l| l.split_whitespace().take(3).collect())
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ["NODE", "ID", "HOST"],
+            ["n1", "7", "app.test"],
+            ["n2", "12", "app.test"],
+        ]
+    );
+    assert!(
+        stderr.ends_with(&format!(
+            "warning: n5: cannot reach the node at {unreachable} — is it running?\n"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(n2.0.lock().unwrap().tunnels_asked, ["app.test"]);
+
+    let (code, stdout, _) = call(&endpoint, &dir, &["-o", "json", "tunnels", "--node", "n2"]).await;
+    assert_eq!(code, Some(0));
+    let value: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    let tunnels = value.as_array().expect("an array");
+    assert_eq!(tunnels.len(), 2);
+    assert_eq!(tunnels[1]["id"], 13);
+    assert_eq!(tunnels[1]["node"], "n2");
+    assert_eq!(tunnels[1]["host_id"], "h2");
+    assert_eq!(tunnels[1]["started_ms"], started);
+    assert_eq!(tunnels[1]["bytes_to_upstream"], 1229);
+    assert_eq!(tunnels[1]["frames_to_client"], 9);
+
+    n1.0.lock().unwrap().tunnels.clear();
+    let (code, stdout, _) = call(&endpoint, &dir, &["tunnels"]).await;
+    assert_eq!((code, stdout.as_str()), (Some(0), "no tunnels\n"));
+    let (code, stdout, _) = call(&endpoint, &dir, &["tunnels", "-o", "json"]).await;
+    assert_eq!((code, stdout.as_str()), (Some(0), "[]\n"));
+}
+
+#[tokio::test]
+async fn help_documents_logs_and_tunnels() {
+    let (code, stdout, _) = run(&mut charonctl(&["--help"])).await;
+    assert_eq!(code, Some(0));
+    for command in ["logs", "tunnels"] {
+        assert!(stdout.contains(command), "--help lacks {command}: {stdout}");
+    }
+    let (code, stdout, _) = run(&mut charonctl(&["logs", "--help"])).await;
+    assert_eq!(code, Some(0));
+    for text in [
+        "-f, --follow",
+        "--host <HOST>",
+        "--status <CLASS|CODE>",
+        "--since <DURATION>",
+        "[default: 10m; with --follow: only new",
+        "--limit <N>",
+        "--node <NAME>",
+        "--all-nodes",
+        "JSONL",
+        "closed by WHO code N",
+        "charonctl logs -f --all-nodes",
+    ] {
+        assert!(
+            stdout.contains(text),
+            "`logs --help` lacks {text}: {stdout}"
+        );
+    }
+    let (code, stdout, _) = run(&mut charonctl(&["tunnels", "--help"])).await;
+    assert_eq!(code, Some(0));
+    for text in ["--host <HOST>", "--node <NAME>", "--all-nodes", "AGE", "UP"] {
+        assert!(
+            stdout.contains(text),
+            "`tunnels --help` lacks {text}: {stdout}"
+        );
     }
 }

@@ -390,3 +390,100 @@ async fn traces_reach_an_otlp_collector_and_a_dead_collector_costs_nothing_but_s
     ensure!(client::get(node.http, "tr.obs.test", "/").await?.status == 200);
     Ok(())
 }
+
+/// `charonctl logs -f --all-nodes`, asked on node 1, shows a request that
+/// went through node 2; `charonctl tunnels --all-nodes` lists node 2's
+/// tunnel.
+#[tokio::test]
+async fn charonctl_follows_the_logs_of_every_node() -> Result<()> {
+    let secret = "observability-secret-0123456789";
+    let token = "observability-token-0123456789";
+    let n1 = TestNode::builder()
+        .name("n1")
+        .cluster_secret(secret)
+        .env("CHARON_ADMIN_TOKEN", token)
+        .start()
+        .await?;
+    let n2 = TestNode::builder()
+        .name("n2")
+        .cluster_secret(secret)
+        .env("CHARON_ADMIN_TOKEN", token)
+        .seeds(&[&n1])
+        .start()
+        .await?;
+    let http = EchoBackend::start("b").await?;
+    let ws = WsEchoBackend::start("w").await?;
+    n1.add_host(&["follow.obs.test"], &[http.url()]).await?;
+    n1.add_host(&["ftun.obs.test"], &[ws.url()]).await?;
+    n2.wait_routed("follow.obs.test").await?;
+    eventually(Duration::from_secs(20), || async {
+        let (members, _) = n1.members().await?;
+        ensure!(members.iter().filter(|m| m.live).count() == 2);
+        Ok(())
+    })
+    .await?;
+
+    let mut follow = tokio::process::Command::new(charon_tests::node::binary("charonctl")?)
+        .args([
+            "--endpoint",
+            &format!("http://{}", n1.api),
+            "--token",
+            token,
+        ])
+        .args([
+            "-o",
+            "json",
+            "logs",
+            "-f",
+            "--all-nodes",
+            "--host",
+            "follow.obs.test",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+        follow.stdout.take().context("no stdout")?,
+    ));
+    // Requests through node 2 until one shows up (the follower may still
+    // be connecting to node 2 when the first ones are made).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let line = loop {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "charonctl never showed the request made through n2"
+        );
+        ensure!(
+            client::get(n2.http, "follow.obs.test", "/via-n2")
+                .await?
+                .status
+                == 200
+        );
+        match tokio::time::timeout(Duration::from_millis(300), lines.next_line()).await {
+            Ok(Ok(Some(l))) => break l,
+            Ok(other) => bail!("charonctl output ended: {other:?}"),
+            Err(_) => continue,
+        }
+    };
+    let v: serde_json::Value = serde_json::from_str(&line)?;
+    ensure!(v["node"] == "n2" && v["path"] == "/via-n2", "{v}");
+    drop(follow);
+
+    let (mut sock, _) = ws_connect(n2.http, "ftun.obs.test", "/", &[]).await?;
+    sock.send(Message::text("x")).await?;
+    sock.next().await.context("no echo")??;
+    let out = n1.ctl(&["-o", "json", "tunnels", "--all-nodes"]).await?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let tunnels = list.as_array().context("not an array")?;
+    ensure!(
+        tunnels.len() == 1 && tunnels[0]["node"] == "n2" && tunnels[0]["host"] == "ftun.obs.test",
+        "{list}"
+    );
+    Ok(())
+}

@@ -123,11 +123,19 @@ impl ProxyError {
 }
 
 /// Facts about one accepted client connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub local: SocketAddr,
     pub tls: bool,
+    /// Its forwarded-header values, formatted once for all its requests.
+    pub facts: ClientFacts,
+}
+
+/// What each request's service call needs: one `Arc` clone per request.
+struct Connection {
+    proxy: Arc<Proxy>,
+    info: ConnInfo,
 }
 
 pub struct Proxy {
@@ -191,15 +199,24 @@ impl Proxy {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let info = ConnInfo {
-                peer,
-                local: local.unwrap_or(peer),
-                tls: tls.is_some(),
-            };
-            let proxy = self.clone();
+            let local = local.unwrap_or(peer);
+            let trusted = self
+                .config
+                .trusted_proxies
+                .iter()
+                .any(|c| c.contains(peer.ip()));
+            let conn = Arc::new(Connection {
+                proxy: self.clone(),
+                info: ConnInfo {
+                    peer,
+                    local,
+                    tls: tls.is_some(),
+                    facts: ClientFacts::new(peer, trusted, tls.is_some(), local.port()),
+                },
+            });
             let service = hyper::service::service_fn(move |req| {
-                let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
+                let conn = conn.clone();
+                async move { Ok::<_, Infallible>(conn.proxy.handle(req, &conn.info).await) }
             });
             let watcher = graceful.watcher();
             let builder = builder.clone();
@@ -211,7 +228,7 @@ impl Proxy {
                             builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                         watcher.watch(conn.into_owned()).await
                     }
-                    Some(tls) => match tls.accept(stream, info.local).await {
+                    Some(tls) => match tls.accept(stream, local).await {
                         Ok(stream) => {
                             let conn = builder
                                 .serve_connection_with_upgrades(TokioIo::new(stream), service);
@@ -243,29 +260,30 @@ impl Proxy {
     }
 
     /// Proxies one request; never fails (errors become responses).
-    pub async fn handle(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-        conn: ConnInfo,
-    ) -> Response<ProxyBody> {
-        let host = match request_host(&req) {
-            Ok(h) => h.to_string(),
+    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
+        // The request's own Host value (a reference-count increment), not a
+        // copy: it is also what Host and X-Forwarded-Host are set to.
+        let host_value = match request_host(&req) {
+            Ok(h) => h,
             Err(why) => {
                 tracing::info!(client = %conn.peer, "bad request: {why}");
                 return ProxyError::BadRequest(why).response();
             }
         };
+        let Ok(host) = host_value.to_str() else {
+            return ProxyError::BadRequest("invalid Host header").response();
+        };
         let table = self.routes.load();
-        let Some(route) = table.lookup(&host).cloned() else {
-            let err = ProxyError::UnknownHost(routes::strip_port(&host).to_string());
+        let Some(route) = table.lookup(host).cloned() else {
+            let err = ProxyError::UnknownHost(routes::strip_port(host).to_string());
             tracing::info!(host = %host, client = %conn.peer, "{err}");
             return err.response();
         };
         drop(table);
         if route.host.force_https && !conn.tls {
-            return redirect_to_https(&req, &host, self.config.https_port);
+            return redirect_to_https(&req, host, self.config.https_port);
         }
-        let mut resp = match self.forward(req, &route, &host, conn).await {
+        let mut resp = match self.forward(req, &route, &host_value, host, conn).await {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::warn!(host = %host, host_id = %route.host.id, client = %conn.peer, status = e.status().as_u16(), "{e}");
@@ -283,11 +301,12 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         route: &Arc<Route>,
+        host_value: &HeaderValue,
         host: &str,
-        conn: ConnInfo,
+        conn: &ConnInfo,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let h = &route.host;
-        let pool = route.pool_for(req.uri().path()).clone();
+        let pool = route.pool_for(req.uri().path());
         let websocket = h.websocket
             && req.method() == http::Method::GET
             && req.version() == Version::HTTP_11
@@ -297,14 +316,20 @@ impl Proxy {
         // Build the upstream request in place: extensions stay attached,
         // among them hyper's record of the client's header-name spelling,
         // which the upstream connection uses when it writes the headers.
-        let path = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-            .to_string();
-        *req.uri_mut() =
-            Uri::try_from(path).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+        // Origin-form targets (`/path?q`, what HTTP/1.1 clients send) go
+        // upstream as they are; only h2 and absolute-form ones are cut down
+        // to path and query.
+        let uri = req.uri();
+        if uri.scheme().is_some() || uri.authority().is_some() || uri.path_and_query().is_none() {
+            let mut parts = std::mem::take(req.uri_mut()).into_parts();
+            parts.scheme = None;
+            parts.authority = None;
+            if parts.path_and_query.is_none() {
+                parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+            }
+            *req.uri_mut() = Uri::from_parts(parts)
+                .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+        }
         let client_version = req.version();
         let from_h2 = client_version == Version::HTTP_2;
         *req.version_mut() = Version::HTTP_11;
@@ -325,24 +350,10 @@ impl Proxy {
             join_cookies(headers);
         }
         if h.preserve_host {
-            if let Ok(v) = HeaderValue::from_str(host) {
-                headers.insert(HOST, v);
-            }
+            headers.insert(HOST, host_value.clone());
         }
         if h.forwarded_headers {
-            let trusted = self
-                .config
-                .trusted_proxies
-                .iter()
-                .any(|c| c.contains(conn.peer.ip()));
-            let facts = ClientFacts {
-                peer: conn.peer,
-                trusted,
-                proto: if conn.tls { "https" } else { "http" },
-                host: Some(host),
-                local_port: conn.local.port(),
-            };
-            headers::set_forwarded(headers, &facts);
+            headers::set_forwarded(headers, &conn.facts, Some(host_value));
         }
         let timeout = if h.upstream_timeout_ms > 0 {
             Duration::from_millis(u64::from(h.upstream_timeout_ms))
@@ -354,8 +365,8 @@ impl Proxy {
         let mut last_err = None;
         for upstream in pool.attempt_order() {
             if !h.preserve_host {
-                if let Ok(v) = HeaderValue::from_str(&upstream.url.authority()) {
-                    req.headers_mut().insert(HOST, v);
+                if let Some(v) = &upstream.host_header {
+                    req.headers_mut().insert(HOST, v.clone());
                 }
             }
             match self.send(&upstream, req, timeout).await {
@@ -368,7 +379,13 @@ impl Proxy {
                         (client_upgrade, resp.status())
                     {
                         let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                        self.spawn_tunnel(route, &upstream, conn, client_upgrade, upstream_upgrade);
+                        self.spawn_tunnel(
+                            route,
+                            &upstream,
+                            conn.peer,
+                            client_upgrade,
+                            upstream_upgrade,
+                        );
                         // The 101 goes back as the upstream sent it,
                         // Sec-WebSocket-Accept/-Protocol/-Extensions included.
                         return Ok(resp.map(Either::Left));
@@ -451,14 +468,14 @@ impl Proxy {
         &self,
         route: &Arc<Route>,
         upstream: &Arc<UpstreamState>,
-        conn: ConnInfo,
+        peer: SocketAddr,
         client: hyper::upgrade::OnUpgrade,
         up: hyper::upgrade::OnUpgrade,
     ) {
         let h = &route.host;
         let reg = self
             .tunnels
-            .register(&h.id, &h.name, upstream.url.to_string(), conn.peer);
+            .register(&h.id, &h.name, upstream.url.to_string(), peer);
         let secs = |s: u32| (s > 0).then(|| Duration::from_secs(u64::from(s)));
         let opts = TunnelOptions {
             idle_timeout: secs(h.ws_idle_timeout_secs),
@@ -518,19 +535,18 @@ fn redirect_to_https(req: &Request<Incoming>, host: &str, https_port: u16) -> Re
 /// RFC 9112 §3.2.2), else the one `Host` header. Two `Host` headers are
 /// refused (RFC 9112 §3.2): an upstream reading the other one would
 /// disagree with us about whose request this is.
-fn request_host(req: &Request<Incoming>) -> Result<&str, &'static str> {
+fn request_host(req: &Request<Incoming>) -> Result<HeaderValue, &'static str> {
     if let Some(a) = req.uri().authority() {
-        return Ok(a.as_str());
+        return HeaderValue::from_str(a.as_str()).map_err(|_| "invalid request target");
     }
     let mut values = req.headers().get_all(HOST).iter();
     match (values.next(), values.next()) {
         (None, _) => Err("missing Host header"),
         (Some(_), Some(_)) => Err("more than one Host header"),
-        (Some(v), None) => v
-            .to_str()
-            .ok()
-            .filter(|h| !h.is_empty())
-            .ok_or("invalid Host header"),
+        (Some(v), None) => match v.to_str() {
+            Ok(h) if !h.is_empty() => Ok(v.clone()),
+            _ => Err("invalid Host header"),
+        },
     }
 }
 

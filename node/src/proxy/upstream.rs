@@ -85,6 +85,9 @@ impl http_body::Body for UploadBody {
 /// config changes).
 pub struct UpstreamState {
     pub url: UpstreamUrl,
+    /// `Host` for requests to it when the client's is not kept: built once
+    /// rather than formatted per request.
+    pub host_header: Option<http::HeaderValue>,
     /// Client TLS for `https://` upstreams (per the host's CA settings).
     tls: Option<Arc<rustls::ClientConfig>>,
     /// Until when (ms since [`epoch`]) it is skipped after a failure.
@@ -104,6 +107,7 @@ fn now_ms() -> u64 {
 impl UpstreamState {
     fn new(url: UpstreamUrl, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
         UpstreamState {
+            host_header: http::HeaderValue::from_str(&url.authority()).ok(),
             url,
             tls,
             down_until_ms: AtomicU64::new(0),

@@ -441,13 +441,14 @@ impl Proxy {
             };
             // The response timeout starts once the request body has been
             // sent: a slow upload is not a silent upstream.
-            let mut uploaded = req.body().uploaded();
+            let uploaded = req.body().uploaded();
             let response = sender.try_send_request(req);
             let deadline = async move {
-                let _ = uploaded.wait_for(|done| *done).await;
+                uploaded.await;
                 tokio::time::sleep(timeout).await;
             };
             let result = tokio::select! {
+                biased;
                 r = response => r,
                 () = deadline => return Err(SendError::Timeout),
             };

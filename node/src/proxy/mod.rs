@@ -176,6 +176,13 @@ impl Proxy {
         grace: Duration,
     ) {
         let mut builder = auto::Builder::new(TokioExecutor::new());
+        // hyper records how each request spelled its header names (it can
+        // only do so while parsing, before we know whether the request is a
+        // WebSocket upgrade). `forward` keeps that record for upgrades only:
+        // writing every request and response through it cost about 17 % of
+        // the instructions per proxied request, and header names are
+        // case-insensitive (RFC 9110 §5.1); what needs the exact spelling
+        // is the odd WebSocket server.
         builder
             .http1()
             .preserve_header_case(true)
@@ -361,6 +368,14 @@ impl Proxy {
             self.config.upstream_timeout
         };
 
+        if !websocket {
+            // Header-name spelling is kept for WebSocket upgrades only (see
+            // `serve`). Without hyper's record of it the request is written
+            // with the plain encoder; the record is the only extension a
+            // request that is not an upgrade carries.
+            req.extensions_mut().clear();
+        }
+
         let mut req = req.map(UploadBody::new);
         let mut last_err = None;
         for upstream in pool.attempt_order() {
@@ -369,7 +384,7 @@ impl Proxy {
                     req.headers_mut().insert(HOST, v.clone());
                 }
             }
-            match self.send(&upstream, req, timeout).await {
+            match self.send(upstream, req, timeout, websocket).await {
                 Ok((mut resp, sender)) => {
                     upstream.mark_up();
                     // An HTTP/1.0 upstream must not turn the client's
@@ -390,7 +405,11 @@ impl Proxy {
                         // Sec-WebSocket-Accept/-Protocol/-Extensions included.
                         return Ok(resp.map(Either::Left));
                     }
-                    upstream.release(sender);
+                    // An upgrade's connection keeps header-name spelling:
+                    // it is not for the pool, whose connections do not.
+                    if !websocket {
+                        upstream.release(sender);
+                    }
                     headers::remove_hop_by_hop(resp.headers_mut());
                     return Ok(resp.map(Either::Left));
                 }
@@ -424,17 +443,25 @@ impl Proxy {
     /// Sends on a pooled connection (or a new one). A pooled connection that
     /// turns out closed hands the request back untouched and is replaced by
     /// a new connection; a connect failure also hands it back, so the caller
-    /// can try the next upstream without losing the body.
+    /// can try the next upstream without losing the body. A WebSocket
+    /// upgrade always gets a new connection, one that keeps the spelling of
+    /// the response's header names (the upstream's 101 goes back as sent).
     async fn send(
         &self,
         upstream: &Arc<UpstreamState>,
         mut req: Request<UploadBody>,
         timeout: Duration,
+        websocket: bool,
     ) -> Result<(Response<Incoming>, upstream::Sender), SendError> {
         loop {
-            let (mut sender, reused) = match upstream.take_idle() {
+            let pooled = if websocket {
+                None
+            } else {
+                upstream.take_idle()
+            };
+            let (mut sender, reused) = match pooled {
                 Some(s) => (s, true),
-                None => match self.connector.connect(upstream).await {
+                None => match self.connector.connect(upstream, websocket).await {
                     Ok(s) => (s, false),
                     Err(e) => return Err(SendError::Connect(Box::new(req), e)),
                 },

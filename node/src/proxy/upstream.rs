@@ -422,8 +422,16 @@ impl Connector {
     /// TCP (+ TLS, SNI = the upstream's host name) connect and HTTP/1.1
     /// handshake, bounded by the connect timeout. The connection task is
     /// spawned with upgrade support, so the same connection can carry a
-    /// WebSocket after a 101.
-    pub async fn connect(&self, upstream: &UpstreamState) -> Result<Sender, ConnectError> {
+    /// WebSocket after a 101. With `preserve_case` the responses keep the
+    /// upstream's header-name spelling (for WebSocket upgrades); pooled
+    /// connections do without, which spares a second header map per
+    /// response. Requests are written with the client's spelling whenever
+    /// they carry hyper's record of it, whatever the connection.
+    pub async fn connect(
+        &self,
+        upstream: &UpstreamState,
+        preserve_case: bool,
+    ) -> Result<Sender, ConnectError> {
         let url = &upstream.url;
         let fut = async {
             let tcp = TcpStream::connect((url.host.as_str(), url.port))
@@ -444,7 +452,7 @@ impl Connector {
                 UpstreamIo::Plain(tcp)
             };
             let (sender, conn) = http1::Builder::new()
-                .preserve_header_case(true)
+                .preserve_header_case(preserve_case)
                 .handshake(TokioIo::new(io))
                 .await
                 .map_err(ConnectError::Handshake)?;

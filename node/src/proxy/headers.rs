@@ -22,8 +22,20 @@ static HOP_BY_HOP: [HeaderName; 7] = [
     UPGRADE,
 ];
 
+/// Whether `name` is one of [`HOP_BY_HOP`]. Names are compared, not hashed:
+/// a message rarely has more than a dozen headers, and usually none of
+/// these.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.iter().any(|h| h == name)
+}
+
 /// Removes hop-by-hop headers, including any named in `Connection`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the names is cheaper than seven hashed removals, and a
+    // typical keep-alive request or response has none of them.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Most messages have no Connection header (HTTP/1.1 keeps alive by
     // default); only when there is one are its tokens looked at. Each value
     // is cloned (a reference-count increment) so that the map can be
@@ -180,6 +192,8 @@ impl ClientFacts {
 /// `X-Forwarded-For` appended to) only when the peer is a trusted proxy;
 /// otherwise a client could forge them.
 pub fn set_forwarded(headers: &mut HeaderMap, facts: &ClientFacts, host: Option<&HeaderValue>) {
+    // Room for the five at once, rather than growing the map step by step.
+    headers.reserve(5);
     if !facts.trusted {
         // `insert` replaces every value a client may have sent, so only the
         // headers that are not set here need removing.

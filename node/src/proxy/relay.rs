@@ -67,13 +67,16 @@ fn give_buf(buf: Box<[u8]>) {
     });
 }
 
-/// Reads once with a lent buffer. While the read is pending the buffer is
-/// back in the pool, so waiting costs no memory.
+/// Reads once with a lent buffer: `spare`, else one from the pool. When
+/// the read is pending or fails the buffer goes back to `spare`, which the
+/// relay returns to the pool before it waits: waiting costs no memory, and
+/// one poll of a tunnel lends itself one buffer however many reads it tries.
 fn poll_read_lent<R: AsyncRead + Unpin>(
     r: &mut R,
     cx: &mut Context<'_>,
+    spare: &mut Option<Box<[u8]>>,
 ) -> Poll<io::Result<(Box<[u8]>, usize)>> {
-    let mut buf = take_buf();
+    let mut buf = spare.take().unwrap_or_else(take_buf);
     let mut rb = ReadBuf::new(&mut buf);
     match Pin::new(r).poll_read(cx, &mut rb) {
         Poll::Ready(Ok(())) => {
@@ -81,13 +84,22 @@ fn poll_read_lent<R: AsyncRead + Unpin>(
             Poll::Ready(Ok((buf, n)))
         }
         Poll::Ready(Err(e)) => {
-            give_buf(buf);
+            *spare = Some(buf);
             Poll::Ready(Err(e))
         }
         Poll::Pending => {
-            give_buf(buf);
+            *spare = Some(buf);
             Poll::Pending
         }
+    }
+}
+
+/// Keeps `buf` as the poll's spare buffer, or returns it to the pool.
+fn keep_spare(spare: &mut Option<Box<[u8]>>, buf: Box<[u8]>) {
+    if spare.is_none() {
+        *spare = Some(buf);
+    } else {
+        give_buf(buf);
     }
 }
 
@@ -238,6 +250,7 @@ impl Direction {
         w: &mut W,
         stats: &DirStats,
         read: &mut bool,
+        spare: &mut Option<Box<[u8]>>,
     ) -> Poll<io::Result<End>>
     where
         R: AsyncRead + Unpin,
@@ -289,7 +302,7 @@ impl Direction {
                 }
                 ready!(Pin::new(&mut *w).poll_flush(cx))?;
                 self.needs_flush = false;
-                give_buf(self.buf.take().expect("checked"));
+                keep_spare(spare, self.buf.take().expect("checked"));
                 stats
                     .frames
                     .fetch_add(self.tracker.frames - self.frames_before, Ordering::Relaxed);
@@ -317,9 +330,9 @@ impl Direction {
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
-            let (buf, n) = ready!(poll_read_lent(r, cx))?;
+            let (buf, n) = ready!(poll_read_lent(r, cx, spare))?;
             if n == 0 {
-                give_buf(buf);
+                keep_spare(spare, buf);
                 self.eof = true;
                 let _ = ready!(Pin::new(&mut *w).poll_shutdown(cx));
                 return Poll::Ready(Ok(End::Eof));
@@ -409,8 +422,23 @@ where
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
+        timer: Pin<&mut Option<Sleep>>,
+        linger: Pin<&mut Option<Sleep>>,
+    ) -> Poll<()> {
+        let mut spare = None;
+        let poll = self.poll_with(cx, timer, linger, &mut spare);
+        if let Some(buf) = spare {
+            give_buf(buf);
+        }
+        poll
+    }
+
+    fn poll_with(
+        &mut self,
+        cx: &mut Context<'_>,
         mut timer: Pin<&mut Option<Sleep>>,
         mut linger: Pin<&mut Option<Sleep>>,
+        spare: &mut Option<Box<[u8]>>,
     ) -> Poll<()> {
         while let (Some(sleep), Some(timers)) = (timer.as_mut().as_pin_mut(), &mut self.timers) {
             if sleep.poll(cx).is_pending() {
@@ -448,6 +476,7 @@ where
                 &mut self.upstream,
                 &self.info.to_upstream,
                 &mut read,
+                spare,
             ) {
                 Poll::Ready(Ok(_)) => self.up.done = true,
                 Poll::Ready(Err(e)) => {
@@ -464,6 +493,7 @@ where
                 &mut self.client,
                 &self.info.to_client,
                 &mut read,
+                spare,
             ) {
                 Poll::Ready(Ok(_)) => self.down.done = true,
                 Poll::Ready(Err(e)) => {

@@ -396,7 +396,7 @@ impl Proxy {
                         let upstream_upgrade = hyper::upgrade::on(&mut resp);
                         self.spawn_tunnel(
                             route,
-                            &upstream,
+                            upstream,
                             conn.peer,
                             client_upgrade,
                             upstream_upgrade,

@@ -70,9 +70,20 @@ impl FrameTracker {
                     }
                 }
             } else {
-                self.header[self.have as usize] = data[i];
-                self.have += 1;
-                i += 1;
+                // A whole header in `data` (the usual case) is taken at
+                // once; one split across reads is gathered byte by byte.
+                let whole = (self.have == 0 && data.len() - i >= 2)
+                    .then(|| header_len([data[i], data[i + 1]]))
+                    .filter(|&len| data.len() - i >= len);
+                if let Some(len) = whole {
+                    self.header[..len].copy_from_slice(&data[i..i + len]);
+                    self.have = len as u8;
+                    i += len;
+                } else {
+                    self.header[self.have as usize] = data[i];
+                    self.have += 1;
+                    i += 1;
+                }
                 if self.have >= 2
                     && self.have as usize == header_len([self.header[0], self.header[1]])
                 {

@@ -3,34 +3,64 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, UPGRADE};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, FORWARDED, TE, TRAILER, TRANSFER_ENCODING,
+    UPGRADE,
+};
 
-/// Headers that describe one connection, never the message (RFC 9110 §7.6.1),
-/// plus `Expect` (the proxy already answered any 100-continue itself).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Headers that describe one connection, never the message (RFC 9110 §7.6.1).
+/// `HeaderName`s rather than strings: a `&str` key is parsed (lower-cased,
+/// matched against the standard names) on every lookup, and this list is
+/// applied twice per proxied request.
+static HOP_BY_HOP: [HeaderName; 7] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
 ];
+
+/// Whether `name` is one of [`HOP_BY_HOP`]. Names are compared, not hashed:
+/// a message rarely has more than a dozen headers, and usually none of
+/// these.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.iter().any(|h| h == name)
+}
 
 /// Removes hop-by-hop headers, including any named in `Connection`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
+    // One pass over the names is cheaper than seven hashed removals, and a
+    // typical keep-alive request or response has none of them.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
+    // Most messages have no Connection header (HTTP/1.1 keeps alive by
+    // default); only when there is one are its tokens looked at. Each value
+    // is cloned (a reference-count increment) so that the map can be
+    // changed while its tokens are read, and names are removed by `&str`,
+    // which hyper's `HeaderMap` parses on the stack without allocating.
+    let mut i = 0;
+    while let Some(value) = headers.get_all(CONNECTION).iter().nth(i).cloned() {
+        i += 1;
+        let Ok(tokens) = value.to_str() else {
+            continue;
+        };
+        for token in tokens.split(',').map(str::trim) {
+            // `close` and `keep-alive` are the usual tokens: `close` names no
+            // header and the other is removed below anyway.
+            if token.is_empty()
+                || token.eq_ignore_ascii_case("close")
+                || token.eq_ignore_ascii_case("keep-alive")
+            {
+                continue;
+            }
+            headers.remove(token);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
     }
 }
 
@@ -121,65 +151,93 @@ impl Cidr {
     }
 }
 
-const XFF: &str = "x-forwarded-for";
-const XFP: &str = "x-forwarded-proto";
-const XFH: &str = "x-forwarded-host";
-const XFPORT: &str = "x-forwarded-port";
-const XRI: &str = "x-real-ip";
+static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
+static XFPORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+static XRI: HeaderName = HeaderName::from_static("x-real-ip");
 
-/// Facts about the client connection that go into forwarded headers.
-pub struct ClientFacts<'a> {
-    pub peer: SocketAddr,
+/// Facts about the client connection that go into forwarded headers,
+/// already in header form. They are the same for every request on a
+/// connection, so they are built once when it is accepted: cloning a
+/// `HeaderValue` is a reference-count increment, formatting an IP address
+/// is not.
+#[derive(Debug, Clone)]
+pub struct ClientFacts {
+    /// The peer's IP address (IPv4-mapped IPv6 shown as IPv4).
+    pub peer_ip: HeaderValue,
     /// Whether the peer is a trusted proxy whose forwarded headers we keep.
     pub trusted: bool,
-    pub proto: &'static str,
-    pub host: Option<&'a str>,
-    pub local_port: u16,
+    /// `http` or `https`.
+    pub proto: HeaderValue,
+    /// The port the client connected to.
+    pub local_port: HeaderValue,
 }
 
-/// Sets `X-Forwarded-For/-Proto/-Host/-Port` and `X-Real-IP`. Values that
-/// came with the request are kept (and `X-Forwarded-For` appended to) only
-/// when the peer is a trusted proxy; otherwise a client could forge them.
-pub fn set_forwarded(headers: &mut HeaderMap, facts: &ClientFacts<'_>) {
-    let peer_ip = facts.peer.ip().to_canonical().to_string();
+impl ClientFacts {
+    pub fn new(peer: SocketAddr, trusted: bool, tls: bool, local_port: u16) -> Self {
+        let peer_ip = peer.ip().to_canonical().to_string();
+        ClientFacts {
+            peer_ip: HeaderValue::from_str(&peer_ip)
+                .expect("an IP address is a valid header value"),
+            trusted,
+            proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
+            local_port: HeaderValue::from(local_port),
+        }
+    }
+}
+
+/// Sets `X-Forwarded-For/-Proto/-Host/-Port` and `X-Real-IP` (`host` is the
+/// request's host). Values that came with the request are kept (and
+/// `X-Forwarded-For` appended to) only when the peer is a trusted proxy;
+/// otherwise a client could forge them.
+pub fn set_forwarded(headers: &mut HeaderMap, facts: &ClientFacts, host: Option<&HeaderValue>) {
+    // Room for the five at once, rather than growing the map step by step.
+    headers.reserve(5);
     if !facts.trusted {
-        for h in [XFF, XFP, XFH, XFPORT, XRI, "forwarded"] {
-            headers.remove(h);
-        }
+        // `insert` replaces every value a client may have sent, so only the
+        // headers that are not set here need removing.
+        headers.remove(FORWARDED);
+        headers.insert(&XFF, facts.peer_ip.clone());
+        headers.insert(&XRI, facts.peer_ip.clone());
+        headers.insert(&XFP, facts.proto.clone());
+        match host {
+            Some(h) => headers.insert(&XFH, h.clone()),
+            None => headers.remove(&XFH),
+        };
+        headers.insert(&XFPORT, facts.local_port.clone());
+        return;
     }
-    let xff = match headers.get(XFF).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer_ip}"),
-        _ => peer_ip.clone(),
+    let xff = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => {
+            let peer = facts.peer_ip.to_str().unwrap_or_default();
+            HeaderValue::from_str(&format!("{prev}, {peer}")).ok()
+        }
+        _ => Some(facts.peer_ip.clone()),
     };
-    let real_ip = headers
-        .get(XRI)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| {
-            // Behind trusted proxies the first address is the client's.
-            facts
-                .trusted
-                .then(|| xff.split(',').next().map(|s| s.trim().to_string()))
-                .flatten()
-        })
-        .unwrap_or(peer_ip);
-    let set = |headers: &mut HeaderMap, name: &'static str, value: &str| {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            headers.insert(name, v);
-        }
+    let real_ip = match headers.get(&XRI) {
+        Some(v) if v.to_str().is_ok() => Some(v.clone()),
+        // Behind trusted proxies the first address is the client's.
+        _ => xff
+            .as_ref()
+            .and_then(|x| x.to_str().ok())
+            .and_then(|x| x.split(',').next())
+            .and_then(|first| HeaderValue::from_str(first.trim()).ok()),
     };
-    set(headers, XFF, &xff);
-    set(headers, XRI, &real_ip);
-    if !headers.contains_key(XFP) {
-        set(headers, XFP, facts.proto);
+    if let Some(v) = xff {
+        headers.insert(&XFF, v);
     }
-    if !headers.contains_key(XFH) {
-        if let Some(h) = facts.host {
-            set(headers, XFH, h);
+    headers.insert(&XRI, real_ip.unwrap_or_else(|| facts.peer_ip.clone()));
+    if !headers.contains_key(&XFP) {
+        headers.insert(&XFP, facts.proto.clone());
+    }
+    if !headers.contains_key(&XFH) {
+        if let Some(h) = host {
+            headers.insert(&XFH, h.clone());
         }
     }
-    if !headers.contains_key(XFPORT) {
-        set(headers, XFPORT, &facts.local_port.to_string());
+    if !headers.contains_key(&XFPORT) {
+        headers.insert(&XFPORT, facts.local_port.clone());
     }
 }
 
@@ -239,14 +297,12 @@ mod tests {
         assert!("nope".parse::<Cidr>().is_err());
     }
 
-    fn facts(trusted: bool) -> ClientFacts<'static> {
-        ClientFacts {
-            peer: "192.0.2.7:5555".parse().unwrap(),
-            trusted,
-            proto: "http",
-            host: Some("app.com:8080"),
-            local_port: 8080,
-        }
+    fn facts(trusted: bool) -> ClientFacts {
+        ClientFacts::new("192.0.2.7:5555".parse().unwrap(), trusted, false, 8080)
+    }
+
+    fn host() -> HeaderValue {
+        HeaderValue::from_static("app.com:8080")
     }
 
     #[test]
@@ -256,7 +312,7 @@ mod tests {
             ("x-real-ip", "1.2.3.4"),
             ("x-forwarded-proto", "https"),
         ]);
-        set_forwarded(&mut h, &facts(false));
+        set_forwarded(&mut h, &facts(false), Some(&host()));
         assert_eq!(h["x-forwarded-for"], "192.0.2.7");
         assert_eq!(h["x-real-ip"], "192.0.2.7");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -270,7 +326,7 @@ mod tests {
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-proto", "https"),
         ]);
-        set_forwarded(&mut h, &facts(true));
+        set_forwarded(&mut h, &facts(true), Some(&host()));
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 192.0.2.7");
         assert_eq!(h["x-real-ip"], "1.2.3.4");
         assert_eq!(h["x-forwarded-proto"], "https");

@@ -149,11 +149,19 @@ impl ProxyError {
 }
 
 /// Facts about one accepted client connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub local: SocketAddr,
     pub tls: bool,
+    /// Its forwarded-header values, formatted once for all its requests.
+    pub facts: ClientFacts,
+}
+
+/// What each request's service call needs: one `Arc` clone per request.
+struct Connection {
+    proxy: Arc<Proxy>,
+    info: ConnInfo,
 }
 
 pub struct Proxy {
@@ -268,6 +276,13 @@ impl Proxy {
         shutdown: impl Future<Output = Duration>,
     ) {
         let mut builder = auto::Builder::new(TokioExecutor::new());
+        // hyper records how each request spelled its header names (it can
+        // only do so while parsing, before we know whether the request is a
+        // WebSocket upgrade). `forward` keeps that record for upgrades only:
+        // writing every request and response through it cost about 17 % of
+        // the instructions per proxied request, and header names are
+        // case-insensitive (RFC 9110 §5.1); what needs the exact spelling
+        // is the odd WebSocket server.
         builder
             .http1()
             .preserve_header_case(true)
@@ -291,19 +306,28 @@ impl Proxy {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let info = ConnInfo {
-                peer,
-                local: local.unwrap_or(peer),
-                tls: tls.is_some(),
-            };
-            let proxy = self.clone();
+            let local = local.unwrap_or(peer);
+            let trusted = self
+                .config
+                .trusted_proxies
+                .iter()
+                .any(|c| c.contains(peer.ip()));
+            let conn = Arc::new(Connection {
+                proxy: self.clone(),
+                info: ConnInfo {
+                    peer,
+                    local,
+                    tls: tls.is_some(),
+                    facts: ClientFacts::new(peer, trusted, tls.is_some(), local.port()),
+                },
+            });
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let proxy = proxy.clone();
+                let conn = conn.clone();
                 async move {
                     let h1 = req.version() < http::Version::HTTP_2;
-                    let mut resp = proxy.clone().handle(req, info).await;
+                    let mut resp = conn.proxy.handle(req, &conn.info).await;
                     if h1
-                        && proxy.draining.load(Ordering::Relaxed)
+                        && conn.proxy.draining.load(Ordering::Relaxed)
                         && resp.status() != StatusCode::SWITCHING_PROTOCOLS
                     {
                         resp.headers_mut()
@@ -325,7 +349,7 @@ impl Proxy {
                             builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                         watcher.watch(conn.into_owned()).await
                     }
-                    Some(tls) => match tls.accept(stream, info.local).await {
+                    Some(tls) => match tls.accept(stream, local).await {
                         Ok(stream) => {
                             if let Some(t) = proxy_t.telemetry.get() {
                                 t.metrics.tls_handshake(None);
@@ -368,9 +392,9 @@ impl Proxy {
     /// Proxies one request; never fails (errors become responses). With
     /// telemetry set, counts it and writes its access-log line.
     pub async fn handle(
-        self: Arc<Self>,
+        self: &Arc<Self>,
         req: Request<Incoming>,
-        conn: ConnInfo,
+        conn: &ConnInfo,
     ) -> Response<ProxyBody> {
         let Some(t) = self.telemetry.get().cloned() else {
             return self.handle_inner(req, conn).await.0;
@@ -380,7 +404,10 @@ impl Proxy {
         let method = req.method().to_string();
         let path = req.uri().path().to_string();
         let proto = format!("{:?}", req.version());
-        let authority = request_host(&req).unwrap_or_default().to_string();
+        let authority = request_host(&req)
+            .ok()
+            .and_then(|h| h.to_str().ok().map(str::to_string))
+            .unwrap_or_default();
         let mut req = req;
         let trace = t.tracing.as_ref().map(|tr| {
             let cx = tr.server_span(
@@ -457,21 +484,27 @@ impl Proxy {
     }
 
     async fn handle_inner(
-        self: Arc<Self>,
+        self: &Arc<Self>,
         req: Request<Incoming>,
-        conn: ConnInfo,
+        conn: &ConnInfo,
     ) -> (Response<ProxyBody>, Option<Arc<Route>>, Option<ProxyError>) {
-        let host = match request_host(&req) {
-            Ok(h) => h.to_string(),
+        // The request's own Host value (a reference-count increment), not a
+        // copy: it is also what Host and X-Forwarded-Host are set to.
+        let host_value = match request_host(&req) {
+            Ok(h) => h,
             Err(why) => {
                 tracing::info!(client = %conn.peer, "bad request: {why}");
                 let e = ProxyError::BadRequest(why);
                 return (e.response(), None, Some(e));
             }
         };
+        let Ok(host) = host_value.to_str() else {
+            let e = ProxyError::BadRequest("invalid Host header");
+            return (e.response(), None, Some(e));
+        };
         let table = self.routes.load();
-        let Some(route) = table.lookup(&host).cloned() else {
-            let err = ProxyError::UnknownHost(routes::strip_port(&host).to_string());
+        let Some(route) = table.lookup(host).cloned() else {
+            let err = ProxyError::UnknownHost(routes::strip_port(host).to_string());
             // Debug only: scanners would flood the log (the access log and
             // the 4xx metrics still count them).
             tracing::debug!(host = %host, client = %conn.peer, "{err}");
@@ -480,12 +513,12 @@ impl Proxy {
         drop(table);
         if route.host.force_https && !conn.tls {
             return (
-                redirect_to_https(&req, &host, self.config.https_port),
+                redirect_to_https(&req, host, self.config.https_port),
                 Some(route),
                 None,
             );
         }
-        let (mut resp, error) = match self.forward(req, &route, &host, conn).await {
+        let (mut resp, error) = match self.forward(req, &route, &host_value, host, conn).await {
             Ok(resp) => (resp, None),
             Err(e) => {
                 tracing::warn!(host = %host, host_id = %route.host.id, client = %conn.peer, status = e.status().as_u16(), "{e}");
@@ -503,11 +536,12 @@ impl Proxy {
         self: &Arc<Self>,
         mut req: Request<Incoming>,
         route: &Arc<Route>,
+        host_value: &HeaderValue,
         host: &str,
-        conn: ConnInfo,
+        conn: &ConnInfo,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let h = &route.host;
-        let pool = route.pool_for(req.uri().path()).clone();
+        let pool = route.pool_for(req.uri().path());
         let websocket = h.websocket
             && req.method() == http::Method::GET
             && req.version() == Version::HTTP_11
@@ -517,14 +551,20 @@ impl Proxy {
         // Build the upstream request in place: extensions stay attached,
         // among them hyper's record of the client's header-name spelling,
         // which the upstream connection uses when it writes the headers.
-        let path = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-            .to_string();
-        *req.uri_mut() =
-            Uri::try_from(path).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+        // Origin-form targets (`/path?q`, what HTTP/1.1 clients send) go
+        // upstream as they are; only h2 and absolute-form ones are cut down
+        // to path and query.
+        let uri = req.uri();
+        if uri.scheme().is_some() || uri.authority().is_some() || uri.path_and_query().is_none() {
+            let mut parts = std::mem::take(req.uri_mut()).into_parts();
+            parts.scheme = None;
+            parts.authority = None;
+            if parts.path_and_query.is_none() {
+                parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+            }
+            *req.uri_mut() = Uri::from_parts(parts)
+                .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+        }
         let client_version = req.version();
         let from_h2 = client_version == Version::HTTP_2;
         *req.version_mut() = Version::HTTP_11;
@@ -545,24 +585,10 @@ impl Proxy {
             join_cookies(headers);
         }
         if h.preserve_host {
-            if let Ok(v) = HeaderValue::from_str(host) {
-                headers.insert(HOST, v);
-            }
+            headers.insert(HOST, host_value.clone());
         }
         if h.forwarded_headers {
-            let trusted = self
-                .config
-                .trusted_proxies
-                .iter()
-                .any(|c| c.contains(conn.peer.ip()));
-            let facts = ClientFacts {
-                peer: conn.peer,
-                trusted,
-                proto: if conn.tls { "https" } else { "http" },
-                host: Some(host),
-                local_port: conn.local.port(),
-            };
-            headers::set_forwarded(headers, &facts);
+            headers::set_forwarded(headers, &conn.facts, Some(host_value));
         }
         let timeout = if h.upstream_timeout_ms > 0 {
             Duration::from_millis(u64::from(h.upstream_timeout_ms))
@@ -570,14 +596,22 @@ impl Proxy {
             self.config.upstream_timeout
         };
 
-        let mut req = req.map(UploadBody::new);
-        let mut last_err = None;
         let tracing = self.telemetry.get().and_then(|t| t.tracing.as_ref());
         let trace_parent = req.extensions().get::<TraceCx>().map(|c| c.0.clone());
+        if !websocket {
+            // Header-name spelling is kept for WebSocket upgrades only (see
+            // `serve`). Without hyper's record of it the request is written
+            // with the plain encoder; the record is the only extension a
+            // request that is not an upgrade carries.
+            req.extensions_mut().clear();
+        }
+
+        let mut req = req.map(UploadBody::new);
+        let mut last_err = None;
         for upstream in pool.attempt_order() {
             if !h.preserve_host {
-                if let Ok(v) = HeaderValue::from_str(&upstream.url.authority()) {
-                    req.headers_mut().insert(HOST, v);
+                if let Some(v) = &upstream.host_header {
+                    req.headers_mut().insert(HOST, v.clone());
                 }
             }
             let client_span = match (tracing, &trace_parent) {
@@ -597,7 +631,7 @@ impl Proxy {
                 }
                 _ => None,
             };
-            let sent = self.send(&upstream, req, timeout).await;
+            let sent = self.send(upstream, req, timeout, websocket).await;
             if let Some(cx) = &client_span {
                 match &sent {
                     Ok((resp, _)) => otel::end(
@@ -662,7 +696,7 @@ impl Proxy {
                         };
                         self.spawn_tunnel(
                             route,
-                            &upstream,
+                            upstream,
                             conn,
                             client_upgrade,
                             upstream_upgrade,
@@ -672,7 +706,11 @@ impl Proxy {
                         // Sec-WebSocket-Accept/-Protocol/-Extensions included.
                         return Ok(resp.map(Either::Left));
                     }
-                    upstream.release(sender);
+                    // An upgrade's connection keeps header-name spelling:
+                    // it is not for the pool, whose connections do not.
+                    if !websocket {
+                        upstream.release(sender);
+                    }
                     headers::remove_hop_by_hop(resp.headers_mut());
                     return Ok(resp.map(Either::Left));
                 }
@@ -706,30 +744,39 @@ impl Proxy {
     /// Sends on a pooled connection (or a new one). A pooled connection that
     /// turns out closed hands the request back untouched and is replaced by
     /// a new connection; a connect failure also hands it back, so the caller
-    /// can try the next upstream without losing the body.
+    /// can try the next upstream without losing the body. A WebSocket
+    /// upgrade always gets a new connection, one that keeps the spelling of
+    /// the response's header names (the upstream's 101 goes back as sent).
     async fn send(
         &self,
         upstream: &Arc<UpstreamState>,
         mut req: Request<UploadBody>,
         timeout: Duration,
+        websocket: bool,
     ) -> Result<(Response<Incoming>, upstream::Sender), SendError> {
         loop {
-            let (mut sender, reused) = match upstream.take_idle() {
+            let pooled = if websocket {
+                None
+            } else {
+                upstream.take_idle()
+            };
+            let (mut sender, reused) = match pooled {
                 Some(s) => (s, true),
-                None => match self.connector.connect(upstream).await {
+                None => match self.connector.connect(upstream, websocket).await {
                     Ok(s) => (s, false),
                     Err(e) => return Err(SendError::Connect(Box::new(req), e)),
                 },
             };
             // The response timeout starts once the request body has been
             // sent: a slow upload is not a silent upstream.
-            let mut uploaded = req.body().uploaded();
+            let uploaded = req.body().uploaded();
             let response = sender.try_send_request(req);
             let deadline = async move {
-                let _ = uploaded.wait_for(|done| *done).await;
+                uploaded.await;
                 tokio::time::sleep(timeout).await;
             };
             let result = tokio::select! {
+                biased;
                 r = response => r,
                 () = deadline => return Err(SendError::Timeout),
             };
@@ -750,7 +797,7 @@ impl Proxy {
         self: &Arc<Self>,
         route: &Arc<Route>,
         upstream: &Arc<UpstreamState>,
-        conn: ConnInfo,
+        conn: &ConnInfo,
         client: hyper::upgrade::OnUpgrade,
         up: hyper::upgrade::OnUpgrade,
         span: Option<opentelemetry::Context>,
@@ -815,7 +862,7 @@ impl Drop for TunnelLog {
         );
         let lived = self.started.elapsed();
         self.t.metrics.tunnel_closed(lived, up_bytes, down_bytes);
-        let by_proxy = i.control.borrow().close.is_some();
+        let by_proxy = i.close_was_requested();
         let (client_close, upstream_close) = (i.to_upstream.close_code(), i.to_client.close_code());
         let closed_by = match (by_proxy, client_close, upstream_close) {
             (true, _, _) => "proxy",
@@ -915,19 +962,18 @@ fn redirect_to_https(req: &Request<Incoming>, host: &str, https_port: u16) -> Re
 /// RFC 9112 §3.2.2), else the one `Host` header. Two `Host` headers are
 /// refused (RFC 9112 §3.2): an upstream reading the other one would
 /// disagree with us about whose request this is.
-fn request_host(req: &Request<Incoming>) -> Result<&str, &'static str> {
+fn request_host(req: &Request<Incoming>) -> Result<HeaderValue, &'static str> {
     if let Some(a) = req.uri().authority() {
-        return Ok(a.as_str());
+        return HeaderValue::from_str(a.as_str()).map_err(|_| "invalid request target");
     }
     let mut values = req.headers().get_all(HOST).iter();
     match (values.next(), values.next()) {
         (None, _) => Err("missing Host header"),
         (Some(_), Some(_)) => Err("more than one Host header"),
-        (Some(v), None) => v
-            .to_str()
-            .ok()
-            .filter(|h| !h.is_empty())
-            .ok_or("invalid Host header"),
+        (Some(v), None) => match v.to_str() {
+            Ok(h) if !h.is_empty() => Ok(v.clone()),
+            _ => Err("invalid Host header"),
+        },
     }
 }
 

@@ -12,21 +12,32 @@
 //! back at once when the read is pending, or when the data has been written
 //! out. Payload is copied once (socket → buffer → socket), with no
 //! allocation per message.
+//!
+//! Cost: the relay is one hand-written future that owns both connections
+//! and polls both directions, the timers and the close request itself. No
+//! `select!` (which builds futures and draws a random branch order on every
+//! turn), no `tokio::io::split` (a lock per read and write), no watch
+//! channel woken on every read: activity is a timestamp kept in the relay,
+//! read by its own timer.
+//!
+//! Fairness: each wake-up relays at most one buffer's worth of bytes per
+//! direction; a tunnel with more to do wakes itself and goes to the back of
+//! the run queue, so a thousand busy tunnels on one worker take turns.
 
 use std::cell::RefCell;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
-use tokio::time::Instant;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::watch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 use super::frames::{close_frame, control_frame, FrameTracker, OP_PING};
-use super::tunnels::{Control, DirStats, TunnelInfo};
+use super::tunnels::{DirStats, TunnelInfo};
 
 const BUF_SIZE: usize = 16 * 1024;
 /// Buffers kept per worker thread between uses.
@@ -34,6 +45,8 @@ const POOL_PER_THREAD: usize = 64;
 /// After both Close frames have passed, how long to wait for the peers to
 /// close their TCP connections before the proxy closes them.
 const CLOSE_LINGER: Duration = Duration::from_secs(5);
+/// Bytes one direction relays per wake-up before the tunnel yields.
+const BYTES_PER_WAKE: usize = BUF_SIZE;
 
 thread_local! {
     static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
@@ -54,13 +67,16 @@ fn give_buf(buf: Box<[u8]>) {
     });
 }
 
-/// Reads once with a lent buffer. While the read is pending the buffer is
-/// back in the pool, so waiting costs no memory.
+/// Reads once with a lent buffer: `spare`, else one from the pool. When
+/// the read is pending or fails the buffer goes back to `spare`, which the
+/// relay returns to the pool before it waits: waiting costs no memory, and
+/// one poll of a tunnel lends itself one buffer however many reads it tries.
 fn poll_read_lent<R: AsyncRead + Unpin>(
     r: &mut R,
     cx: &mut Context<'_>,
+    spare: &mut Option<Box<[u8]>>,
 ) -> Poll<io::Result<(Box<[u8]>, usize)>> {
-    let mut buf = take_buf();
+    let mut buf = spare.take().unwrap_or_else(take_buf);
     let mut rb = ReadBuf::new(&mut buf);
     match Pin::new(r).poll_read(cx, &mut rb) {
         Poll::Ready(Ok(())) => {
@@ -68,14 +84,40 @@ fn poll_read_lent<R: AsyncRead + Unpin>(
             Poll::Ready(Ok((buf, n)))
         }
         Poll::Ready(Err(e)) => {
-            give_buf(buf);
+            *spare = Some(buf);
             Poll::Ready(Err(e))
         }
         Poll::Pending => {
-            give_buf(buf);
+            *spare = Some(buf);
             Poll::Pending
         }
     }
+}
+
+/// Keeps `buf` as the poll's spare buffer, or returns it to the pool.
+fn keep_spare(spare: &mut Option<Box<[u8]>>, buf: Box<[u8]>) {
+    if spare.is_none() {
+        *spare = Some(buf);
+    } else {
+        give_buf(buf);
+    }
+}
+
+/// Writes all of `data[*pos..]`, resumably: `pos` says how far it got.
+fn poll_write_all<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    cx: &mut Context<'_>,
+    data: &[u8],
+    pos: &mut usize,
+) -> Poll<io::Result<()>> {
+    while *pos < data.len() {
+        let n = ready!(Pin::new(&mut *w).poll_write(cx, &data[*pos..]))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        *pos += n;
+    }
+    Poll::Ready(Ok(()))
 }
 
 /// Per-host tunnel options.
@@ -98,108 +140,386 @@ enum End {
     Handshake,
 }
 
-struct Direction<'a> {
-    stats: &'a DirStats,
-    /// Frames the proxy inserts towards an upstream must be masked.
-    mask: bool,
-    /// Shared with the other direction and the timers: last byte seen.
-    activity: &'a watch::Sender<Instant>,
+/// A frame the proxy inserts into a direction's stream.
+struct Inserted {
+    frame: Vec<u8>,
+    /// Bytes of it written so far.
+    written: usize,
+    is_close: bool,
 }
 
-/// Relays one direction until it ends. Control requests (close, ping) are
-/// acted on at the next frame boundary of this direction's stream.
-async fn pump<R, W>(
-    mut r: R,
-    mut w: W,
-    dir: Direction<'_>,
-    mut ctl: watch::Receiver<Control>,
-) -> io::Result<End>
+/// One direction of a tunnel: what it has read and not yet written, and
+/// where its frames begin.
+struct Direction {
+    /// Frames the proxy inserts towards an upstream must be masked.
+    mask: bool,
+    tracker: FrameTracker,
+    /// A frame waiting for the next frame boundary.
+    pending: Option<Inserted>,
+    /// The frame being written (it has left `pending`).
+    inserting: Option<Inserted>,
+    /// The proxy has sent Close this way: what the reader still sends (up
+    /// to its own Close) is dropped.
+    closed_by_proxy: bool,
+    /// The lent buffer while its bytes are being relayed.
+    buf: Option<Box<[u8]>>,
+    /// Bytes in `buf`.
+    filled: usize,
+    /// Bytes of `buf` the tracker has walked.
+    walked: usize,
+    /// `buf[write_from..write_to]` is still to be written.
+    write_from: usize,
+    write_to: usize,
+    /// Tracker state when `buf` was read, for the counters.
+    frames_before: u64,
+    peer_closed_before: bool,
+    needs_flush: bool,
+    /// The reader hit EOF: the writer is being shut down.
+    eof: bool,
+    done: bool,
+}
+
+impl Drop for Direction {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            give_buf(buf);
+        }
+    }
+}
+
+impl Direction {
+    fn new(mask: bool) -> Self {
+        Direction {
+            mask,
+            tracker: FrameTracker::default(),
+            pending: None,
+            inserting: None,
+            closed_by_proxy: false,
+            buf: None,
+            filled: 0,
+            walked: 0,
+            write_from: 0,
+            write_to: 0,
+            frames_before: 0,
+            peer_closed_before: false,
+            needs_flush: false,
+            eof: false,
+            done: false,
+        }
+    }
+
+    /// Queues a Close (when the tunnel is being closed) or else a Ping, to
+    /// go out at this direction's next frame boundary. Nothing is sent
+    /// after a Close either way.
+    fn request(&mut self, close: Option<&(u16, String)>, ping: bool) {
+        if self.closed_by_proxy || self.tracker.close.is_some() {
+            return;
+        }
+        let frame = if let Some((code, reason)) = close {
+            (close_frame(*code, reason, self.mask), true)
+        } else if ping && self.pending.is_none() {
+            (control_frame(OP_PING, b"charon", self.mask), false)
+        } else {
+            return;
+        };
+        self.pending = Some(Inserted {
+            frame: frame.0,
+            written: 0,
+            is_close: frame.1,
+        });
+    }
+
+    /// Moves the pending frame to be written next, if this direction is at
+    /// a frame boundary.
+    fn insert_if_at_boundary(&mut self) -> bool {
+        if self.pending.is_some() && self.tracker.at_boundary() {
+            self.inserting = self.pending.take();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Relays until the reader has nothing more, the writer cannot take
+    /// more, or this wake-up's share of bytes is used up. `Ready` only when
+    /// the direction has ended. `read` is set when bytes were read.
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+        stats: &DirStats,
+        read: &mut bool,
+        spare: &mut Option<Box<[u8]>>,
+    ) -> Poll<io::Result<End>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if self.eof {
+            // Half-close: the other direction may still have data.
+            let _ = ready!(Pin::new(&mut *w).poll_shutdown(cx));
+            return Poll::Ready(Ok(End::Eof));
+        }
+        let mut budget = BYTES_PER_WAKE;
+        loop {
+            if let Some(ins) = &mut self.inserting {
+                ready!(poll_write_all(w, cx, &ins.frame, &mut ins.written))?;
+                self.closed_by_proxy |= ins.is_close;
+                self.inserting = None;
+                self.needs_flush = true;
+            }
+            if let Some(buf) = &self.buf {
+                if self.write_from < self.write_to {
+                    ready!(poll_write_all(
+                        w,
+                        cx,
+                        &buf[..self.write_to],
+                        &mut self.write_from
+                    ))?;
+                    self.needs_flush = true;
+                }
+                // (Field by field here: `buf` borrows `self.buf`.)
+                let at_boundary = self.tracker.at_boundary();
+                if self.walked < self.filled {
+                    if at_boundary && self.pending.is_some() {
+                        self.inserting = self.pending.take();
+                        continue;
+                    }
+                    let k = self
+                        .tracker
+                        .advance(&buf[self.walked..self.filled], self.pending.is_some());
+                    if !self.closed_by_proxy {
+                        self.write_from = self.walked;
+                        self.write_to = self.walked + k;
+                    }
+                    self.walked += k;
+                    continue;
+                }
+                if at_boundary && self.pending.is_some() {
+                    self.inserting = self.pending.take();
+                    continue;
+                }
+                ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                self.needs_flush = false;
+                keep_spare(spare, self.buf.take().expect("checked"));
+                stats
+                    .frames
+                    .fetch_add(self.tracker.frames - self.frames_before, Ordering::Relaxed);
+                if let (Some(code), false) = (self.tracker.close, self.peer_closed_before) {
+                    stats.record_close(code);
+                    if self.closed_by_proxy {
+                        return Poll::Ready(Ok(End::Handshake));
+                    }
+                }
+                continue;
+            }
+            // Between reads: a frame the proxy wants to send goes now if
+            // the stream is at a boundary.
+            if self.insert_if_at_boundary() {
+                continue;
+            }
+            if self.needs_flush {
+                ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                self.needs_flush = false;
+            }
+            if budget == 0 {
+                // More may be waiting: let other tunnels have their turn
+                // first (a self-wake puts this task at the back of the run
+                // queue).
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let (buf, n) = ready!(poll_read_lent(r, cx, spare))?;
+            if n == 0 {
+                keep_spare(spare, buf);
+                self.eof = true;
+                let _ = ready!(Pin::new(&mut *w).poll_shutdown(cx));
+                return Poll::Ready(Ok(End::Eof));
+            }
+            *read = true;
+            stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
+            budget = budget.saturating_sub(n);
+            self.frames_before = self.tracker.frames;
+            self.peer_closed_before = self.tracker.close.is_some();
+            self.buf = Some(buf);
+            self.filled = n;
+            self.walked = 0;
+            self.write_from = 0;
+            self.write_to = 0;
+        }
+    }
+}
+
+/// Idle timeout and keep-alive pings, checked every `tick`.
+struct Timers {
+    tick: Duration,
+    idle_timeout: Option<Duration>,
+    ping_interval: Option<Duration>,
+    pings_unanswered: u32,
+    /// Activity as of the previous tick.
+    last_seen: Instant,
+}
+
+/// What a timer tick asks of the relay.
+enum Tick {
+    Nothing,
+    Ping,
+    /// The tunnel has been asked to close; the timers are done.
+    Closed,
+}
+
+impl Timers {
+    fn on_tick(&mut self, info: &TunnelInfo, last_activity: Instant) -> Tick {
+        let quiet = last_activity.elapsed();
+        if let Some(idle) = self.idle_timeout {
+            if quiet >= idle {
+                tracing::info!(tunnel = info.id, host = %info.host_name, "closing idle tunnel");
+                info.close(1001, "idle timeout");
+                return Tick::Closed;
+            }
+        }
+        if let Some(interval) = self.ping_interval {
+            if last_activity != self.last_seen {
+                self.pings_unanswered = 0;
+                self.last_seen = last_activity;
+            }
+            if quiet >= interval {
+                if self.pings_unanswered >= 2 {
+                    tracing::info!(tunnel = info.id, host = %info.host_name, "peer stopped answering pings; closing tunnel");
+                    info.close(1001, "ping timeout");
+                    return Tick::Closed;
+                }
+                self.pings_unanswered += 1;
+                return Tick::Ping;
+            }
+        }
+        Tick::Nothing
+    }
+}
+
+/// Both directions of a tunnel and what they share.
+struct Relay<C, U> {
+    client: C,
+    upstream: U,
+    info: Arc<TunnelInfo>,
+    /// Client → upstream.
+    up: Direction,
+    /// Upstream → client.
+    down: Direction,
+    /// The close request, once seen.
+    close: Option<(u16, String)>,
+    timers: Option<Timers>,
+    /// When a byte last came in either way (kept only with timers).
+    last_activity: Instant,
+}
+
+impl<C, U> Relay<C, U>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut tracker = FrameTracker::default();
-    let mut pending: Option<(Vec<u8>, bool)> = None; // (frame, is_close)
-    let mut closed_by_proxy = false;
-    let mut last_ping = 0u64;
-    let mut ctl_open = true;
-    loop {
-        tokio::select! {
-            changed = ctl.changed(), if ctl_open => {
-                if changed.is_err() {
-                    ctl_open = false;
-                    continue;
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        timer: Pin<&mut Option<Sleep>>,
+        linger: Pin<&mut Option<Sleep>>,
+    ) -> Poll<()> {
+        let mut spare = None;
+        let poll = self.poll_with(cx, timer, linger, &mut spare);
+        if let Some(buf) = spare {
+            give_buf(buf);
+        }
+        poll
+    }
+
+    fn poll_with(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut timer: Pin<&mut Option<Sleep>>,
+        mut linger: Pin<&mut Option<Sleep>>,
+        spare: &mut Option<Box<[u8]>>,
+    ) -> Poll<()> {
+        while let (Some(sleep), Some(timers)) = (timer.as_mut().as_pin_mut(), &mut self.timers) {
+            if sleep.poll(cx).is_pending() {
+                break;
+            }
+            match timers.on_tick(&self.info, self.last_activity) {
+                Tick::Nothing => {}
+                Tick::Ping => {
+                    self.up.request(self.close.as_ref(), true);
+                    self.down.request(self.close.as_ref(), true);
                 }
-                let c = ctl.borrow_and_update().clone();
-                if closed_by_proxy || tracker.close.is_some() {
-                    continue;
-                }
-                if let Some((code, reason)) = &c.close {
-                    pending = Some((close_frame(*code, reason, dir.mask), true));
-                } else if c.ping_seq > last_ping && pending.is_none() {
-                    last_ping = c.ping_seq;
-                    pending = Some((control_frame(OP_PING, b"charon", dir.mask), false));
-                }
-                if tracker.at_boundary() {
-                    if let Some((frame, is_close)) = pending.take() {
-                        w.write_all(&frame).await?;
-                        w.flush().await?;
-                        closed_by_proxy |= is_close;
-                    }
+                Tick::Closed => {
+                    timer.set(None);
+                    break;
                 }
             }
-            read = poll_fn(|cx| poll_read_lent(&mut r, cx)) => {
-                let (buf, n) = read?;
-                if n == 0 {
-                    give_buf(buf);
-                    // Half-close: the other direction may still have data.
-                    let _ = w.shutdown().await;
-                    return Ok(End::Eof);
-                }
-                dir.activity.send_replace(Instant::now());
-                dir.stats.bytes.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-                let before = tracker.frames;
-                let peer_closed_before = tracker.close.is_some();
-                let mut pos = 0;
-                let mut result = Ok(());
-                while pos < n {
-                    if tracker.at_boundary() {
-                        if let Some((frame, is_close)) = pending.take() {
-                            if let Err(e) = w.write_all(&frame).await {
-                                result = Err(e);
-                                break;
-                            }
-                            closed_by_proxy |= is_close;
-                        }
-                    }
-                    let k = tracker.advance(&buf[pos..n], pending.is_some());
-                    // After the proxy sent Close this way, nothing more may
-                    // follow it: what the reader still sends (up to its own
-                    // Close) is dropped.
-                    if !closed_by_proxy {
-                        if let Err(e) = w.write_all(&buf[pos..pos + k]).await {
-                            result = Err(e);
-                            break;
-                        }
-                    }
-                    pos += k;
-                }
-                give_buf(buf);
-                result?;
-                if pending.is_some() && tracker.at_boundary() {
-                    let (frame, is_close) = pending.take().expect("checked");
-                    w.write_all(&frame).await?;
-                    closed_by_proxy |= is_close;
-                }
-                w.flush().await?;
-                dir.stats.frames.fetch_add(tracker.frames - before, std::sync::atomic::Ordering::Relaxed);
-                if let (Some(code), false) = (tracker.close, peer_closed_before) {
-                    dir.stats.record_close(code);
-                    if closed_by_proxy {
-                        return Ok(End::Handshake);
-                    }
-                }
+            let next = Instant::now() + timers.tick;
+            if let Some(sleep) = timer.as_mut().as_pin_mut() {
+                sleep.reset(next);
             }
+        }
+        if self.close.is_none() {
+            if let Some(close) = self.info.poll_close_request(cx) {
+                self.up.request(Some(&close), false);
+                self.down.request(Some(&close), false);
+                self.close = Some(close);
+            }
+        }
+
+        let mut read = false;
+        if !self.up.done {
+            match self.up.poll(
+                cx,
+                &mut self.client,
+                &mut self.upstream,
+                &self.info.to_upstream,
+                &mut read,
+                spare,
+            ) {
+                Poll::Ready(Ok(_)) => self.up.done = true,
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(tunnel = self.info.id, error = %e, "client side of tunnel failed");
+                    return Poll::Ready(());
+                }
+                Poll::Pending => {}
+            }
+        }
+        if !self.down.done {
+            match self.down.poll(
+                cx,
+                &mut self.upstream,
+                &mut self.client,
+                &self.info.to_client,
+                &mut read,
+                spare,
+            ) {
+                Poll::Ready(Ok(_)) => self.down.done = true,
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(tunnel = self.info.id, error = %e, "upstream side of tunnel failed");
+                    return Poll::Ready(());
+                }
+                Poll::Pending => {}
+            }
+        }
+        if read && self.timers.is_some() {
+            self.last_activity = Instant::now();
+        }
+        if self.up.done && self.down.done {
+            return Poll::Ready(());
+        }
+        // Once a Close has passed both ways, the peers normally hang up;
+        // bound how long we wait for them to.
+        if linger.is_none()
+            && self.info.to_client.close_code().is_some()
+            && self.info.to_upstream.close_code().is_some()
+        {
+            linger.set(Some(tokio::time::sleep(CLOSE_LINGER)));
+        }
+        match linger.as_pin_mut() {
+            Some(sleep) => sleep.poll(cx),
+            None => Poll::Pending,
         }
     }
 }
@@ -211,108 +531,39 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let (cr, cw) = tokio::io::split(client);
-    let (ur, uw) = tokio::io::split(upstream);
-    let activity = watch::Sender::new(Instant::now());
-    let up = pump(
-        cr,
-        uw,
-        Direction {
-            stats: &info.to_upstream,
-            mask: true,
-            activity: &activity,
-        },
-        info.control.subscribe(),
-    );
-    let down = pump(
-        ur,
-        cw,
-        Direction {
-            stats: &info.to_client,
-            mask: false,
-            activity: &activity,
-        },
-        info.control.subscribe(),
-    );
-    tokio::pin!(up, down);
-    let timers = timers(&info, &activity, opts);
-    tokio::pin!(timers);
-    let (mut up_done, mut down_done) = (false, false);
-    let mut linger: Option<Pin<Box<tokio::time::Sleep>>> = None;
-    while !(up_done && down_done) {
-        tokio::select! {
-            r = &mut up, if !up_done => {
-                up_done = true;
-                if let Err(e) = r {
-                    tracing::debug!(tunnel = info.id, error = %e, "client side of tunnel failed");
-                    break;
-                }
-            }
-            r = &mut down, if !down_done => {
-                down_done = true;
-                if let Err(e) = r {
-                    tracing::debug!(tunnel = info.id, error = %e, "upstream side of tunnel failed");
-                    break;
-                }
-            }
-            () = &mut timers => {}
-            () = async { linger.as_mut().expect("guarded").await }, if linger.is_some() => break,
-        }
-        // Once a Close has passed both ways, the peers normally hang up;
-        // bound how long we wait for them to.
-        if linger.is_none()
-            && info.to_client.close_code().is_some()
-            && info.to_upstream.close_code().is_some()
-        {
-            linger = Some(Box::pin(tokio::time::sleep(CLOSE_LINGER)));
-        }
-    }
-}
-
-/// Idle timeout and keep-alive pings. Never completes on its own unless it
-/// has nothing to do, in which case it pends forever (costing nothing).
-async fn timers(info: &TunnelInfo, activity: &watch::Sender<Instant>, opts: TunnelOptions) {
     let tick = match (opts.idle_timeout, opts.ping_interval) {
-        (None, None) => return std::future::pending().await,
-        (Some(a), Some(b)) => a.min(b),
-        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => None,
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (Some(a), None) | (None, Some(a)) => Some(a),
     };
-    let mut pings_unanswered = 0u32;
-    let mut last_seen = *activity.borrow();
-    loop {
-        tokio::time::sleep(tick).await;
-        let last = *activity.borrow();
-        let quiet = last.elapsed();
-        if let Some(idle) = opts.idle_timeout {
-            if quiet >= idle {
-                tracing::info!(tunnel = info.id, host = %info.host_name, "closing idle tunnel");
-                info.close(1001, "idle timeout");
-                return std::future::pending().await;
-            }
-        }
-        if let Some(interval) = opts.ping_interval {
-            if last != last_seen {
-                pings_unanswered = 0;
-                last_seen = last;
-            }
-            if quiet >= interval {
-                if pings_unanswered >= 2 {
-                    tracing::info!(tunnel = info.id, host = %info.host_name, "peer stopped answering pings; closing tunnel");
-                    info.close(1001, "ping timeout");
-                    return std::future::pending().await;
-                }
-                pings_unanswered += 1;
-                info.control.send_modify(|c| c.ping_seq += 1);
-            }
-        }
-    }
+    let now = Instant::now();
+    let timer = tick.map(tokio::time::sleep);
+    let linger: Option<Sleep> = None;
+    tokio::pin!(timer, linger);
+    let mut relay = Relay {
+        client,
+        upstream,
+        info,
+        up: Direction::new(true),
+        down: Direction::new(false),
+        close: None,
+        timers: tick.map(|tick| Timers {
+            tick,
+            idle_timeout: opts.idle_timeout,
+            ping_interval: opts.ping_interval,
+            pings_unanswered: 0,
+            last_seen: now,
+        }),
+        last_activity: now,
+    };
+    poll_fn(|cx| relay.poll(cx, timer.as_mut(), linger.as_mut())).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::proxy::tunnels::TunnelRegistry;
-    use tokio::io::{duplex, AsyncReadExt};
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
 
     async fn read_all<R: AsyncRead + Unpin>(r: &mut R) -> Vec<u8> {
         let mut v = Vec::new();
@@ -469,5 +720,71 @@ mod tests {
         let mut head = [0u8; 4];
         client.read_exact(&mut head).await.unwrap();
         assert_eq!(head, [0x88, 14, 0x03, 0xe9]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quiet_peers_are_pinged_then_closed() {
+        let (_reg, r) = registry_info();
+        let info = r.info.clone();
+        let (client_proxy, mut client) = duplex(1 << 16);
+        let (upstream_proxy, mut upstream) = duplex(1 << 16);
+        let opts = TunnelOptions {
+            idle_timeout: None,
+            ping_interval: Some(Duration::from_secs(10)),
+        };
+        tokio::spawn(relay(client_proxy, upstream_proxy, info.clone(), opts));
+        let ping = [0x89, 6, b'c', b'h', b'a', b'r', b'o', b'n'];
+        let mut got = [0u8; 8];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, ping, "an unmasked Ping towards the client");
+        let mut head = [0u8; 2];
+        upstream.read_exact(&mut head).await.unwrap();
+        assert_eq!(head, [0x89, 0x86], "a masked Ping towards the upstream");
+        let mut rest = [0u8; 10];
+        upstream.read_exact(&mut rest).await.unwrap();
+        // Nobody answers: a second Ping, then Close 1001.
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, ping);
+        let mut head = [0u8; 4];
+        client.read_exact(&mut head).await.unwrap();
+        assert_eq!(head[..2], [0x88, 14], "then Close 1001 (ping timeout)");
+        assert_eq!(head[2..], [0x03, 0xe9]);
+    }
+
+    #[tokio::test]
+    async fn a_busy_direction_yields_between_buffers() {
+        let (_reg, r) = registry_info();
+        let info = r.info.clone();
+        let (client_proxy, mut client) = duplex(1 << 20);
+        let (upstream_proxy, mut upstream) = duplex(1 << 20);
+        // One binary frame of 256 KiB, already waiting in full.
+        let payload = vec![7u8; 256 * 1024];
+        let mut frame = vec![0x82, 127];
+        frame.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+        frame.extend_from_slice(&payload);
+        client.write_all(&frame).await.unwrap();
+        let mut relay = Box::pin(relay(
+            client_proxy,
+            upstream_proxy,
+            info.clone(),
+            TunnelOptions::default(),
+        ));
+        // One poll relays at most one buffer's worth, and asks to be polled
+        // again rather than pending on I/O.
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(relay.as_mut().poll(&mut cx).is_pending());
+        let sent = info.to_upstream.bytes.load(Ordering::Relaxed);
+        assert!(
+            sent > 0 && sent <= BYTES_PER_WAKE as u64,
+            "{sent} bytes in one poll"
+        );
+        let task = tokio::spawn(relay);
+        let mut got = vec![0u8; frame.len()];
+        upstream.read_exact(&mut got).await.unwrap();
+        assert!(got == frame, "the frame arrives whole");
+        drop(client);
+        drop(upstream);
+        task.await.unwrap();
     }
 }

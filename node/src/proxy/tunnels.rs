@@ -5,22 +5,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Context;
 use std::time::SystemTime;
 
-use tokio::sync::watch;
-
-/// What the proxy asks a tunnel's relay to do. Both directions watch it and
-/// act at their next frame boundary.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Control {
-    /// Send Close with this code and reason to both sides, then finish the
-    /// closing handshake and end the tunnel.
-    pub close: Option<(u16, String)>,
-    /// Incremented to send one Ping to both sides.
-    pub ping_seq: u64,
-}
+use futures_util::task::AtomicWaker;
 
 /// Counters for one direction of a tunnel.
 #[derive(Debug, Default)]
@@ -63,19 +53,47 @@ pub struct TunnelInfo {
     pub to_upstream: DirStats,
     /// Upstream → client.
     pub to_client: DirStats,
-    pub control: watch::Sender<Control>,
+    /// Close with this code and reason, asked for once (drain, timers,
+    /// `charonctl`). The relay polls `close_requested`, one atomic load,
+    /// and takes the lock only when it is set.
+    close_request: Mutex<Option<(u16, String)>>,
+    close_requested: AtomicBool,
+    /// The relay's task, woken by [`close`](Self::close).
+    relay_waker: AtomicWaker,
 }
 
 impl TunnelInfo {
-    /// Asks the relay to close both sides with `code` at frame boundaries.
+    /// Asks the relay to close both sides with `code` at frame boundaries,
+    /// then finish the closing handshake and end the tunnel. Only the first
+    /// request counts.
     pub fn close(&self, code: u16, reason: &str) {
-        self.control.send_if_modified(|c| {
-            if c.close.is_some() {
-                return false;
+        {
+            let mut req = self.close_request.lock().expect("close lock");
+            if req.is_some() {
+                return;
             }
-            c.close = Some((code, reason.to_string()));
-            true
-        });
+            *req = Some((code, reason.to_string()));
+        }
+        self.close_requested.store(true, Ordering::Release);
+        self.relay_waker.wake();
+    }
+
+    /// Whether the proxy asked this tunnel to close (drain, idle timeout,
+    /// shutdown) — as opposed to one of its ends.
+    pub fn close_was_requested(&self) -> bool {
+        self.close_requested.load(Ordering::Acquire)
+    }
+
+    /// For the relay: the close request, if one has been made; otherwise
+    /// the relay's task is woken when one is.
+    pub(crate) fn poll_close_request(&self, cx: &Context<'_>) -> Option<(u16, String)> {
+        if !self.close_requested.load(Ordering::Acquire) {
+            self.relay_waker.register(cx.waker());
+            if !self.close_requested.load(Ordering::Acquire) {
+                return None;
+            }
+        }
+        self.close_request.lock().expect("close lock").clone()
     }
 }
 
@@ -120,7 +138,9 @@ impl TunnelRegistry {
             started: SystemTime::now(),
             to_upstream: DirStats::default(),
             to_client: DirStats::default(),
-            control: watch::Sender::new(Control::default()),
+            close_request: Mutex::new(None),
+            close_requested: AtomicBool::new(false),
+            relay_waker: AtomicWaker::new(),
         });
         self.map
             .lock()

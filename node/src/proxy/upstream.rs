@@ -6,13 +6,15 @@
 //! whole and can go to the next upstream.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures_util::task::AtomicWaker;
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
@@ -35,20 +37,72 @@ pub type Sender = http1::SendRequest<UploadBody>;
 /// A client's request body on its way upstream. It reports when it has
 /// been sent completely, because the upstream's response timeout only
 /// starts then: a slow upload is not a silent upstream.
+///
+/// Most requests have no body at all: they get no signal (and no
+/// allocation); [`uploaded`](Self::uploaded) is then ready at once.
 pub struct UploadBody {
     inner: Incoming,
-    done: tokio::sync::watch::Sender<bool>,
+    done: Option<Arc<UploadSignal>>,
+}
+
+/// Set once a body has been sent (or dropped); wakes the one waiter.
+#[derive(Default)]
+struct UploadSignal {
+    done: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl UploadSignal {
+    fn set(&self) {
+        if !self.done.swap(true, Ordering::AcqRel) {
+            self.waker.wake();
+        }
+    }
 }
 
 impl UploadBody {
     pub fn new(inner: Incoming) -> Self {
-        let done = tokio::sync::watch::Sender::new(inner.is_end_stream());
+        let done = (!inner.is_end_stream()).then(Arc::default);
         UploadBody { inner, done }
     }
 
-    /// Resolves (`wait_for(|d| *d)`) once the body is sent, or is dropped.
-    pub fn uploaded(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.done.subscribe()
+    /// Resolves once the body is sent, or is dropped.
+    pub fn uploaded(&self) -> Uploaded {
+        Uploaded(self.done.clone())
+    }
+
+    fn set_done(&self) {
+        if let Some(d) = &self.done {
+            d.set();
+        }
+    }
+}
+
+impl Drop for UploadBody {
+    fn drop(&mut self) {
+        self.set_done();
+    }
+}
+
+/// See [`UploadBody::uploaded`].
+pub struct Uploaded(Option<Arc<UploadSignal>>);
+
+impl Future for Uploaded {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(signal) = &self.0 else {
+            return Poll::Ready(());
+        };
+        if signal.done.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        signal.waker.register(cx.waker());
+        if signal.done.load(Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 }
 
@@ -62,10 +116,10 @@ impl http_body::Body for UploadBody {
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(None | Some(Err(_))) = polled {
-            self.done.send_replace(true);
+            self.set_done();
         } else if let Poll::Ready(Some(Ok(_))) = polled {
             if self.inner.is_end_stream() {
-                self.done.send_replace(true);
+                self.set_done();
             }
         }
         polled
@@ -85,6 +139,9 @@ impl http_body::Body for UploadBody {
 /// config changes).
 pub struct UpstreamState {
     pub url: UpstreamUrl,
+    /// `Host` for requests to it when the client's is not kept: built once
+    /// rather than formatted per request.
+    pub host_header: Option<http::HeaderValue>,
     /// Client TLS for `https://` upstreams (per the host's CA settings).
     tls: Option<Arc<rustls::ClientConfig>>,
     /// Until when (ms since [`epoch`]) it is skipped after a failure.
@@ -104,6 +161,7 @@ fn now_ms() -> u64 {
 impl UpstreamState {
     fn new(url: UpstreamUrl, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
         UpstreamState {
+            host_header: http::HeaderValue::from_str(&url.authority()).ok(),
             url,
             tls,
             down_until_ms: AtomicU64::new(0),
@@ -127,30 +185,40 @@ impl UpstreamState {
         }
     }
 
-    /// An idle, open connection if one is pooled.
+    /// An idle, open connection if one is pooled. Connections still busy
+    /// with the rest of a response stay pooled for a later request; closed
+    /// and expired ones are dropped.
     pub fn take_idle(&self) -> Option<Sender> {
         let mut idle = self.idle.lock().expect("pool lock");
-        while let Some((s, since)) = idle.pop() {
-            if !s.is_closed() && s.is_ready() && since.elapsed() < IDLE_TTL {
-                return Some(s);
+        let now = Instant::now();
+        // Newest first: the most recently used connection is the least
+        // likely to have been closed by the upstream.
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            let (s, since) = &idle[i];
+            // A connection busy for longer than one may idle has a response
+            // nobody reads: not worth its slot either.
+            if s.is_closed() || now.saturating_duration_since(*since) >= IDLE_TTL {
+                idle.swap_remove(i);
+            } else if s.is_ready() {
+                return Some(idle.swap_remove(i).0);
             }
         }
         None
     }
 
-    /// Returns a connection to the pool once its response has been read to
-    /// the end (hyper reports "ready" then); a connection that closes first
-    /// is simply dropped.
-    pub fn release(self: &Arc<Self>, mut sender: Sender) {
-        let state = self.clone();
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                let mut idle = state.idle.lock().expect("pool lock");
-                if idle.len() < MAX_IDLE {
-                    idle.push((sender, Instant::now()));
-                }
-            }
-        });
+    /// Returns a connection to the pool as soon as its response head has
+    /// arrived. hyper only reports it ready once the response body has been
+    /// read to the end; until then [`take_idle`](Self::take_idle) passes it
+    /// over. This used to spawn a task per response that waited for
+    /// readiness: a task's allocation, scheduling and wake-ups for every
+    /// request, where a pooled entry costs a push.
+    pub fn release(&self, sender: Sender) {
+        let mut idle = self.idle.lock().expect("pool lock");
+        if idle.len() < MAX_IDLE {
+            idle.push((sender, Instant::now()));
+        }
     }
 }
 
@@ -175,12 +243,85 @@ impl Pool {
     /// The order to try upstreams in for one request: round-robin start,
     /// healthy ones first, then those cooling down — when every upstream is
     /// marked down, trying one beats failing without trying.
-    pub fn attempt_order(&self) -> Vec<Arc<UpstreamState>> {
+    ///
+    /// An iterator rather than a `Vec`: it runs on every request, and the
+    /// first upstream nearly always answers. Health is read once, when the
+    /// iterator is made, so an upstream marked down during the request is
+    /// neither skipped nor tried twice.
+    pub fn attempt_order(&self) -> AttemptOrder<'_> {
         let n = self.upstreams.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n.max(1);
-        let rotated = (0..n).map(|i| &self.upstreams[(start + i) % n]);
-        let (up, down): (Vec<_>, Vec<_>) = rotated.cloned().partition(|u| !u.is_down());
-        up.into_iter().chain(down).collect()
+        let now = now_ms();
+        let mut down = DownSet::new(n);
+        for (i, u) in self.upstreams.iter().enumerate() {
+            if u.down_until_ms.load(Ordering::Relaxed) > now {
+                down.insert(i);
+            }
+        }
+        AttemptOrder {
+            upstreams: &self.upstreams,
+            start,
+            step: 0,
+            down,
+        }
+    }
+}
+
+/// Which upstreams of a pool were cooling down when an [`AttemptOrder`] was
+/// made: a bit set in one word for pools of up to 64 upstreams.
+enum DownSet {
+    Small(u64),
+    Large(Vec<bool>),
+}
+
+impl DownSet {
+    fn new(n: usize) -> Self {
+        if n <= 64 {
+            DownSet::Small(0)
+        } else {
+            DownSet::Large(vec![false; n])
+        }
+    }
+
+    fn insert(&mut self, i: usize) {
+        match self {
+            DownSet::Small(bits) => *bits |= 1 << i,
+            DownSet::Large(v) => v[i] = true,
+        }
+    }
+
+    fn contains(&self, i: usize) -> bool {
+        match self {
+            DownSet::Small(bits) => bits & (1 << i) != 0,
+            DownSet::Large(v) => v[i],
+        }
+    }
+}
+
+/// Upstreams in the order [`Pool::attempt_order`] tries them: one pass over
+/// the rotated list for healthy ones, a second for those cooling down.
+pub struct AttemptOrder<'a> {
+    upstreams: &'a [Arc<UpstreamState>],
+    start: usize,
+    /// 0..n: first pass; n..2n: second pass.
+    step: usize,
+    down: DownSet,
+}
+
+impl<'a> Iterator for AttemptOrder<'a> {
+    type Item = &'a Arc<UpstreamState>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let n = self.upstreams.len();
+        while self.step < 2 * n {
+            let second_pass = self.step >= n;
+            let i = (self.start + self.step) % n;
+            self.step += 1;
+            if self.down.contains(i) == second_pass {
+                return Some(&self.upstreams[i]);
+            }
+        }
+        None
     }
 }
 
@@ -281,8 +422,16 @@ impl Connector {
     /// TCP (+ TLS, SNI = the upstream's host name) connect and HTTP/1.1
     /// handshake, bounded by the connect timeout. The connection task is
     /// spawned with upgrade support, so the same connection can carry a
-    /// WebSocket after a 101.
-    pub async fn connect(&self, upstream: &UpstreamState) -> Result<Sender, ConnectError> {
+    /// WebSocket after a 101. With `preserve_case` the responses keep the
+    /// upstream's header-name spelling (for WebSocket upgrades); pooled
+    /// connections do without, which spares a second header map per
+    /// response. Requests are written with the client's spelling whenever
+    /// they carry hyper's record of it, whatever the connection.
+    pub async fn connect(
+        &self,
+        upstream: &UpstreamState,
+        preserve_case: bool,
+    ) -> Result<Sender, ConnectError> {
         let url = &upstream.url;
         let fut = async {
             let tcp = TcpStream::connect((url.host.as_str(), url.port))
@@ -303,7 +452,7 @@ impl Connector {
                 UpstreamIo::Plain(tcp)
             };
             let (sender, conn) = http1::Builder::new()
-                .preserve_header_case(true)
+                .preserve_header_case(preserve_case)
                 .handshake(TokioIo::new(io))
                 .await
                 .map_err(ConnectError::Handshake)?;
@@ -341,11 +490,13 @@ mod tests {
             reg.get(&url(2), "", false),
             reg.get(&url(3), "", false),
         ]);
-        let firsts: Vec<u16> = (0..3).map(|_| pool.attempt_order()[0].url.port).collect();
+        let firsts: Vec<u16> = (0..3)
+            .map(|_| pool.attempt_order().next().unwrap().url.port)
+            .collect();
         assert_eq!(firsts, [1, 2, 3]);
         pool.upstreams()[1].mark_down(Duration::from_secs(60));
         for _ in 0..3 {
-            let order: Vec<u16> = pool.attempt_order().iter().map(|u| u.url.port).collect();
+            let order: Vec<u16> = pool.attempt_order().map(|u| u.url.port).collect();
             assert_eq!(order.len(), 3);
             assert_eq!(*order.last().unwrap(), 2, "{order:?}");
         }

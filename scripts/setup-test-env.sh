@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# Create (or refresh) the Python virtualenv used by Charon's tests:
-#   <repo>/.venv with the pinned packages of tests/python/requirements.txt.
+# Prepare what Charon's tests need besides cargo:
+#   - <repo>/.venv: a Python virtualenv with the pinned packages of
+#     tests/python/requirements.txt;
+#   - haproxy (tests/tests/rolling.rs puts it in front of a cluster): installed
+#     with apt-get when missing and apt is available, without starting its
+#     system service. Where it cannot be installed the script says so and goes
+#     on; the rolling-restart test then reports itself as SKIPPED.
 #
 # Idempotent and fast when nothing changed: a stamp file inside the venv holds
 # the hash of the requirements file and the interpreter version; if it matches,
@@ -9,6 +14,7 @@
 # Usage: scripts/setup-test-env.sh            (from anywhere)
 # Env:   PYTHON      interpreter used to create the venv (default: python3)
 #        CHARON_VENV venv directory (default: <repo>/.venv)
+#        CHARON_NO_APT=1  never run apt-get (haproxy is then only looked for)
 # Prints the venv's python path as its last line of stdout.
 set -euo pipefail
 
@@ -17,6 +23,67 @@ python="${PYTHON:-python3}"
 venv="${CHARON_VENV:-$repo/.venv}"
 req="$repo/tests/python/requirements.txt"
 stamp="$venv/.charon-requirements.stamp"
+
+# haproxy: from Debian's packages when missing. Best effort: a machine without
+# apt (or without root) still gets the venv. Serialised with the same kind of
+# lock as the venv (apt-get holds dpkg's lock and fails rather than waits).
+install_haproxy() {
+    if command -v haproxy >/dev/null 2>&1 || [[ -x /usr/sbin/haproxy ]]; then
+        return 0
+    fi
+    local why=""
+    if [[ ${CHARON_NO_APT:-0} == 1 ]]; then
+        why="CHARON_NO_APT=1"
+    elif ! command -v apt-get >/dev/null 2>&1; then
+        why="apt-get is not available"
+    fi
+    if [[ -n $why ]]; then
+        echo "setup-test-env: note: haproxy is not installed and $why;" \
+            "the rolling-restart test (tests/tests/rolling.rs) will be skipped" >&2
+        return 0
+    fi
+    local sudo=""
+    if [[ $(id -u) -ne 0 ]]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+            sudo="sudo -n"
+        else
+            echo "setup-test-env: note: haproxy is not installed and installing it needs root" \
+                "(apt-get install haproxy); the rolling-restart test will be skipped" >&2
+            return 0
+        fi
+    fi
+    local lock="${TMPDIR:-/tmp}/charon-apt-haproxy.lock"
+    exec 8>"$lock"
+    if command -v flock >/dev/null 2>&1; then
+        flock 8
+        if command -v haproxy >/dev/null 2>&1 || [[ -x /usr/sbin/haproxy ]]; then
+            exec 8>&-
+            return 0
+        fi
+    fi
+    echo "setup-test-env: installing haproxy (apt-get)" >&2
+    # A packaged daemon would start its service: a policy-rc.d that says "no"
+    # keeps it stopped (only ours is removed afterwards), as in bench/run.sh.
+    local policy=/usr/sbin/policy-rc.d made_policy=0 status=0
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+        $sudo chmod 755 "$policy"
+        made_policy=1
+    fi
+    {
+        $sudo apt-get update -q &&
+            DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q \
+                --no-install-recommends haproxy
+    } >&2 || status=$?
+    if ((made_policy)); then $sudo rm -f "$policy"; fi
+    exec 8>&-
+    if ((status != 0)); then
+        echo "setup-test-env: note: apt-get install haproxy failed (status $status);" \
+            "the rolling-restart test will be skipped" >&2
+    fi
+    return 0
+}
+install_haproxy
 
 if ! command -v "$python" >/dev/null 2>&1; then
     echo "setup-test-env: $python not found (need Python >= 3.10)" >&2

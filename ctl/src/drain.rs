@@ -83,7 +83,13 @@ impl Tracker {
     /// to the deadline).
     pub fn observe(&mut self, s: &DrainStatusResponse, now: Instant, now_ms: u64) -> Step {
         let total = s.http_connections.saturating_add(s.tunnels);
-        let first_total = *self.first_total.get_or_insert(total);
+        // The bar's 0 % is the first answer from the draining node: before
+        // the drain reaches it, it still says "serving" with no counts.
+        let first_total = if s.status == "serving" && self.first_total.is_none() {
+            total
+        } else {
+            *self.first_total.get_or_insert(total)
+        };
         if is_drained(s) {
             return Step::Drained;
         }

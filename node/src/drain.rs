@@ -349,8 +349,19 @@ impl Drainer {
         let end = plan.deadline.max(Instant::now()) + plan.spread;
         self.close_listeners(end.saturating_duration_since(Instant::now()) + self.final_grace)
             .await;
-        if !self.wait_until(plan.deadline, requests).await {
-            return Outcome::Undrained;
+        // Tunnels stay until the deadline; a node with nothing open left
+        // need not wait for it.
+        loop {
+            let now = Instant::now();
+            if now >= plan.deadline
+                || (self.proxy.tunnels.is_empty() && self.proxy.http_connections() == 0)
+            {
+                break;
+            }
+            let step = (now + Duration::from_millis(50)).min(plan.deadline);
+            if !self.wait_until(step, requests).await {
+                return Outcome::Undrained;
+            }
         }
         // Close 1001 to every tunnel, spread over the window.
         let tunnels = self.proxy.tunnels.list();

@@ -79,11 +79,16 @@ async fn tunnels_get_close_1001_on_both_sides_at_the_deadline_spread_over_the_wi
     drain(&node, 2, 2).await?;
     // The tunnels keep working until the deadline.
     echo(&mut clients[0], "still here").await?;
-    let mut closes = Vec::new();
-    for ws in &mut clients {
-        let (code, clean) = close_of(ws).await?;
-        closes.push((code, clean, asked.elapsed()));
-    }
+    // Every client waits for its Close at the same time: the order the
+    // proxy closes them in is its own.
+    let waits = clients.iter_mut().map(|ws| async move {
+        let r = close_of(ws).await;
+        r.map(|(code, clean)| (code, clean, asked.elapsed()))
+    });
+    let closes: Vec<(u16, bool, Duration)> = futures_util::future::join_all(waits)
+        .await
+        .into_iter()
+        .collect::<Result<_>>()?;
     for (code, clean, at) in &closes {
         ensure!(*code == 1001, "close code {code}");
         ensure!(*clean, "the closing handshake did not complete");

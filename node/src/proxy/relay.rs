@@ -412,6 +412,8 @@ struct Relay<C, U> {
     timers: Option<Timers>,
     /// When a byte last came in either way (kept only with timers).
     last_activity: Instant,
+    /// The proxy has closed its side of the client's TCP connection.
+    client_shut: bool,
 }
 
 impl<C, U> Relay<C, U>
@@ -506,6 +508,23 @@ where
         if read && self.timers.is_some() {
             self.last_activity = Instant::now();
         }
+        // Towards the client the proxy is the server, and after the closing
+        // handshake the server closes the TCP connection first (RFC 6455
+        // §7.1.1): once a Close has gone to the client (fully written) and
+        // one has come from it, send FIN instead of waiting for the client,
+        // which waits for us — whichever direction saw its Close first.
+        let close_sent_to_client = self.info.to_client.close_code().is_some()
+            || (self.down.closed_by_proxy
+                && self.down.inserting.is_none()
+                && !self.down.needs_flush);
+        if !self.client_shut
+            && close_sent_to_client
+            && self.info.to_upstream.close_code().is_some()
+            && Pin::new(&mut self.client).poll_shutdown(cx).is_ready()
+        {
+            self.client_shut = true;
+            self.down.done = true;
+        }
         if self.up.done && self.down.done {
             return Poll::Ready(());
         }
@@ -555,6 +574,7 @@ where
             last_seen: now,
         }),
         last_activity: now,
+        client_shut: false,
     };
     poll_fn(|cx| relay.poll(cx, timer.as_mut(), linger.as_mut())).await
 }

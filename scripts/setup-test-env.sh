@@ -27,8 +27,23 @@ stamp="$venv/.charon-requirements.stamp"
 # haproxy: from Debian's packages when missing. Best effort: a machine without
 # apt (or without root) still gets the venv. Serialised with the same kind of
 # lock as the venv (apt-get holds dpkg's lock and fails rather than waits).
+# Also jq (deploy/rolling-restart.sh reads charonctl's JSON with it) and,
+# where a Docker engine answers, docker-compose (scripts/docker-cluster-test.sh).
+missing_packages() {
+    local need=()
+    command -v haproxy >/dev/null 2>&1 || [[ -x /usr/sbin/haproxy ]] || need+=(haproxy)
+    command -v jq >/dev/null 2>&1 || need+=(jq)
+    if docker info >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1 &&
+        ! command -v docker-compose >/dev/null 2>&1; then
+        need+=(docker-compose)
+    fi
+    echo "${need[*]}"
+}
+
 install_haproxy() {
-    if command -v haproxy >/dev/null 2>&1 || [[ -x /usr/sbin/haproxy ]]; then
+    local packages
+    packages="$(missing_packages)"
+    if [[ -z $packages ]]; then
         return 0
     fi
     local why=""
@@ -56,12 +71,13 @@ install_haproxy() {
     exec 8>"$lock"
     if command -v flock >/dev/null 2>&1; then
         flock 8
-        if command -v haproxy >/dev/null 2>&1 || [[ -x /usr/sbin/haproxy ]]; then
+        packages="$(missing_packages)"
+        if [[ -z $packages ]]; then
             exec 8>&-
             return 0
         fi
     fi
-    echo "setup-test-env: installing haproxy (apt-get)" >&2
+    echo "setup-test-env: installing $packages (apt-get)" >&2
     # A packaged daemon would start its service: a policy-rc.d that says "no"
     # keeps it stopped (only ours is removed afterwards), as in bench/run.sh.
     local policy=/usr/sbin/policy-rc.d made_policy=0 status=0
@@ -70,15 +86,17 @@ install_haproxy() {
         $sudo chmod 755 "$policy"
         made_policy=1
     fi
+    local -a pkgs
+    read -r -a pkgs <<<"$packages"
     {
         $sudo apt-get update -q &&
             DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q \
-                --no-install-recommends haproxy
+                --no-install-recommends "${pkgs[@]}"
     } >&2 || status=$?
     if ((made_policy)); then $sudo rm -f "$policy"; fi
     exec 8>&-
     if ((status != 0)); then
-        echo "setup-test-env: note: apt-get install haproxy failed (status $status);" \
+        echo "setup-test-env: note: apt-get install $packages failed (status $status);" \
             "the rolling-restart test will be skipped" >&2
     fi
     return 0

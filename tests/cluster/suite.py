@@ -460,6 +460,23 @@ class Suite:
                 raise Fail("each side should see its own edit of conflict.test during the partition")
             if "edit-vs-delete.test" in h_eu3 or h_us2["edit-vs-delete.test"]["name"] != "edited-in-us":
                 raise Fail("each side should see its own edit-vs-delete.test during the partition")
+            # A node stopped while its peers across the WAN are unreachable
+            # still drains and exits 0 (peers' connections must not hold it).
+            t_stop = now()
+            docker("stop", "-t", "60", self.container("us2"), timeout=90)
+            stop_s = now() - t_stop
+            code = docker("inspect", "-f", "{{.State.ExitCode}}", self.container("us2")).stdout.strip()
+            self.numbers["partition: docker stop of us2 while cut off"] = f"{stop_s:.1f} s, exit {code}"
+            if code != "0" or stop_s > 45:
+                raise Fail(f"us2 stopped during the partition in {stop_s:.1f}s with exit {code}")
+            docker("start", self.container("us2"))
+
+            def us2_ready():
+                st, _ = self.http(ADMIN_PORT["us2"], "x", "/readyz", timeout=2)
+                if st != 200:
+                    raise Fail(f"us2 /readyz {st}")
+                return True
+            eventually("us2 back during the partition", 60, us2_ready)
         finally:
             t_heal = now()
             self.cluster("heal")

@@ -550,50 +550,46 @@ impl TestNode {
         ))
     }
 
-    /// A Certificates client that sends the node's admin token.
-    pub async fn certs_client(&self) -> Result<CertsApi> {
+    /// The interceptor that sends this node's admin token.
+    pub fn bearer(&self) -> Result<BearerToken> {
         let value = format!("Bearer {}", self.token)
             .parse::<MetadataValue<Ascii>>()
             .context("token is not valid metadata")?;
+        Ok(BearerToken(Some(value)))
+    }
+
+    /// A Certificates client that sends the node's admin token.
+    pub async fn certs_client(&self) -> Result<CertsApi> {
         Ok(CertificatesClient::with_interceptor(
             self.grpc_channel().await?,
-            BearerToken(Some(value)),
+            self.bearer()?,
         ))
     }
 
     /// A Cluster client that sends the node's admin token.
     pub async fn cluster_client(&self) -> Result<ClusterApi> {
-        let value = format!("Bearer {}", self.token)
-            .parse::<MetadataValue<Ascii>>()
-            .context("token is not valid metadata")?;
         Ok(ClusterClient::with_interceptor(
             self.grpc_channel().await?,
-            BearerToken(Some(value)),
+            self.bearer()?,
         ))
     }
 
     /// A Nodes client (drain, undrain) that sends the node's admin token.
     pub async fn nodes_client(&self) -> Result<NodesApi> {
-        let value = format!("Bearer {}", self.token)
-            .parse::<MetadataValue<Ascii>>()
-            .context("token is not valid metadata")?;
         Ok(
             charon_proto::v1::nodes_client::NodesClient::with_interceptor(
                 self.grpc_channel().await?,
-                BearerToken(Some(value)),
+                self.bearer()?,
             ),
         )
     }
 
     /// A Tokens client that sends the node's admin token.
     pub async fn tokens_client(&self) -> Result<TokensApi> {
-        let value = format!("Bearer {}", self.token)
-            .parse::<MetadataValue<Ascii>>()
-            .context("token is not valid metadata")?;
         Ok(
             charon_proto::v1::tokens_client::TokensClient::with_interceptor(
                 self.grpc_channel().await?,
-                BearerToken(Some(value)),
+                self.bearer()?,
             ),
         )
     }

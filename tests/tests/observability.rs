@@ -133,14 +133,9 @@ async fn the_access_log_is_json_on_stdout_and_streams_through_the_api() -> Resul
     let ws = WsEchoBackend::start("w").await?;
     let h = node.add_host(&["log.obs.test"], &[http.url()]).await?;
     node.add_host(&["wslog.obs.test"], &[ws.url()]).await?;
-    let channel = node.grpc_channel().await?;
-    let token: tonic::metadata::MetadataValue<_> = format!("Bearer {}", node.token).parse()?;
     let mut logs = charon_proto::v1::logs_client::LogsClient::with_interceptor(
-        channel,
-        move |mut r: tonic::Request<()>| {
-            r.metadata_mut().insert("authorization", token.clone());
-            Ok(r)
-        },
+        node.grpc_channel().await?,
+        node.bearer()?,
     );
     let mut follow = logs
         .follow(FollowLogsRequest {
@@ -243,14 +238,9 @@ async fn open_tunnels_are_listed() -> Result<()> {
     let (mut sock, _) = ws_connect(node.http, "tl.obs.test", "/", &[]).await?;
     sock.send(Message::text("x")).await?;
     sock.next().await.context("no echo")??;
-    let channel = node.grpc_channel().await?;
-    let token: tonic::metadata::MetadataValue<_> = format!("Bearer {}", node.token).parse()?;
     let mut api = charon_proto::v1::tunnels_client::TunnelsClient::with_interceptor(
-        channel,
-        move |mut r: tonic::Request<()>| {
-            r.metadata_mut().insert("authorization", token.clone());
-            Ok(r)
-        },
+        node.grpc_channel().await?,
+        node.bearer()?,
     );
     let list = api
         .list_tunnels(ListTunnelsRequest {

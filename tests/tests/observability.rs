@@ -355,7 +355,10 @@ async fn traces_reach_an_otlp_collector_and_a_dead_collector_costs_nothing_but_s
         .attr("websocket.frames_to_upstream")
         .is_some_and(|f| f != "0"));
     let events: Vec<&str> = tunnel.span.events.iter().map(|e| e.name.as_str()).collect();
-    ensure!(events == ["upgrade", "close"], "tunnel events {events:?}");
+    ensure!(
+        events == ["upgrade", "first byte", "close"],
+        "tunnel events {events:?}"
+    );
     let tunnel_parent = spans
         .iter()
         .find(|s| s.span_id() == tunnel.parent_id())

@@ -875,6 +875,18 @@ impl Drop for TunnelLog {
         let trace_id = self.span.as_ref().map(|cx| {
             let frames_up = i.to_upstream.frames.load(relaxed);
             let frames_down = i.to_client.frames.load(relaxed);
+            let first = [&i.to_upstream, &i.to_client]
+                .iter()
+                .map(|d| d.first_byte_ms.load(relaxed))
+                .filter(|&ms| ms > 0)
+                .min();
+            if let Some(ms) = first {
+                otel::add_event_at(
+                    cx,
+                    "first byte",
+                    std::time::UNIX_EPOCH + Duration::from_millis(ms),
+                );
+            }
             otel::add_event(
                 cx,
                 "close",

@@ -338,7 +338,11 @@ impl Direction {
                 return Poll::Ready(Ok(End::Eof));
             }
             *read = true;
-            stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
+            if stats.bytes.fetch_add(n as u64, Ordering::Relaxed) == 0 {
+                stats
+                    .first_byte_ms
+                    .store(crate::store::hlc::wall_ms(), Ordering::Relaxed);
+            }
             budget = budget.saturating_sub(n);
             self.frames_before = self.tracker.frames;
             self.peer_closed_before = self.tracker.close.is_some();

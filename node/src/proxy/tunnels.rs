@@ -17,6 +17,9 @@ use futures_util::task::AtomicWaker;
 pub struct DirStats {
     pub bytes: AtomicU64,
     pub frames: AtomicU64,
+    /// When the first byte went this way (ms since the epoch, 0 = none
+    /// yet): the tunnel span's "first byte" event.
+    pub first_byte_ms: AtomicU64,
     /// Close code seen travelling this way, plus one (0 = none yet;
     /// 1 = a Close without a code).
     close_code: AtomicU32,

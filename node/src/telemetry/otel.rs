@@ -144,6 +144,11 @@ pub fn add_event(cx: &Context, name: &'static str, attrs: Vec<KeyValue>) {
     cx.span().add_event(name, attrs);
 }
 
+/// An event that happened earlier than now (the span is ended later).
+pub fn add_event_at(cx: &Context, name: &'static str, at: std::time::SystemTime) {
+    cx.span().add_event_with_timestamp(name, at, vec![]);
+}
+
 pub fn trace_id(cx: &Context) -> String {
     cx.span().span_context().trace_id().to_string()
 }

@@ -39,7 +39,8 @@ def main(paths):
     grace = pod["spec"]["terminationGracePeriodSeconds"]
     pre = c["lifecycle"]["preStop"]
     pre_s = pre.get("sleep", {}).get("seconds", 0)
-    need("sleep" in pre or "exec" in pre, "no preStop hook")
+    need("sleep" in pre or "exec" in pre or pre.get("httpGet", {}).get("path") == "/drain",
+         "no preStop hook that drains (httpGet /drain on the admin port, or a sleep)")
     total = pre_s + secs("CHARON_DRAIN_DELAY_SECS") + secs("CHARON_DRAIN_DEADLINE_SECS") \
         + secs("CHARON_DRAIN_SPREAD_SECS") + secs("CHARON_SHUTDOWN_GRACE_SECS")
     need(total < grace, f"preStop + drain + grace = {total}s is not under terminationGracePeriodSeconds {grace}s")

@@ -1,7 +1,7 @@
 //! The admin listener: `/healthz` (the process is alive), `/readyz` (it
 //! should receive traffic: the route table has been built from the store,
 //! the listeners are up and the node is not draining) and `/metrics`
-//! (Prometheus text format).
+//! (Prometheus text format); `/drain` starts a local drain (preStop hooks).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -30,6 +30,9 @@ impl Health {
     }
 }
 
+/// Starts a local drain (`/drain`).
+pub type DrainFn = Arc<dyn Fn() + Send + Sync>;
+
 /// Renders the metrics exposition (async: it reads cluster state).
 pub type MetricsFn =
     Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
@@ -37,8 +40,19 @@ pub type MetricsFn =
 async fn respond(
     health: &Health,
     metrics: &Option<MetricsFn>,
+    drain: &Option<DrainFn>,
     req: &Request<Incoming>,
 ) -> Response<Full<Bytes>> {
+    // A drain of this node only, for a preStop hook (Kubernetes' httpGet
+    // can only GET): not replicated, it ends with the process.
+    if let ("/drain", Some(d)) = (req.uri().path(), drain) {
+        d();
+        let mut resp = Response::new(Full::new(Bytes::from_static(
+            b"draining: /readyz now says 503; tunnels close at the drain deadline\n",
+        )));
+        *resp.status_mut() = StatusCode::ACCEPTED;
+        return resp;
+    }
     if let ("/metrics", Some(m)) = (req.uri().path(), metrics) {
         let mut resp = Response::new(Full::new(Bytes::from(m().await)));
         resp.headers_mut().insert(
@@ -65,6 +79,7 @@ pub async fn serve(
     listener: TcpListener,
     health: Arc<Health>,
     metrics: Option<MetricsFn>,
+    drain: Option<DrainFn>,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -77,11 +92,11 @@ pub async fn serve(
             },
         };
         let health = health.clone();
-        let metrics = metrics.clone();
+        let (metrics, drain) = (metrics.clone(), drain.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let (health, metrics) = (health.clone(), metrics.clone());
-                async move { Ok::<_, Infallible>(respond(&health, &metrics, &req).await) }
+                let (health, metrics, drain) = (health.clone(), metrics.clone(), drain.clone());
+                async move { Ok::<_, Infallible>(respond(&health, &metrics, &drain, &req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)

@@ -76,6 +76,10 @@ pub struct Drainer {
     serving: Mutex<Option<Serving>>,
     state: watch::Sender<DrainState>,
     terminating: watch::Sender<bool>,
+    /// A drain of this node only, asked on the admin listener (`/drain`,
+    /// e.g. a Kubernetes preStop hook): not replicated, so it ends with the
+    /// process and the next start serves.
+    local: watch::Sender<bool>,
 }
 
 enum Outcome {
@@ -116,9 +120,17 @@ impl Drainer {
             serving: Mutex::new(None),
             state: watch::Sender::new(DrainState::default()),
             terminating: watch::Sender::new(false),
+            local: watch::Sender::new(false),
         });
         *d.serving.try_lock().expect("new") = Some(d.serve(http, https));
         d
+    }
+
+    /// Starts a local drain with the configured defaults (see `local`).
+    pub fn drain_locally(&self) {
+        if !self.local.send_replace(true) {
+            tracing::info!("local drain requested on the admin listener");
+        }
     }
 
     pub fn state(&self) -> watch::Receiver<DrainState> {
@@ -261,9 +273,10 @@ impl Drainer {
             })
         };
         let mut term = self.terminating.subscribe();
+        let mut local = self.local.subscribe();
         loop {
             let record = requests.borrow_and_update().clone();
-            let terminating = *term.borrow_and_update();
+            let terminating = *term.borrow_and_update() || *local.borrow_and_update();
             let plan = match (&record, terminating) {
                 (Some(r), _) => self.plan_of(r),
                 (None, true) => self.default_plan(),
@@ -271,12 +284,15 @@ impl Drainer {
                     tokio::select! {
                         _ = requests.changed() => {}
                         _ = term.changed() => {}
+                        _ = local.changed() => {}
                     }
                     continue;
                 }
             };
             if let Some(r) = &record {
                 tracing::info!(deadline_ms = r.deadline_ms, spread_secs = r.spread_secs, requested_on = %r.requested_on, "drain requested");
+            } else if *self.local.borrow() && !*self.terminating.borrow() {
+                tracing::info!(deadline = ?self.settings.deadline, "draining this node (local drain)");
             } else {
                 tracing::info!(deadline = ?self.settings.deadline, "SIGTERM: draining before exit");
             }
@@ -294,7 +310,7 @@ impl Drainer {
                     self.publish_progress().await;
                     return;
                 }
-                if requests.borrow_and_update().is_none() {
+                if requests.borrow_and_update().is_none() && !*self.local.borrow() {
                     self.resume().await;
                     break;
                 }
@@ -308,7 +324,7 @@ impl Drainer {
 
     /// True once the drain record is gone and no SIGTERM came.
     fn undrained(&self, requests: &watch::Receiver<Option<Arc<DrainRecord>>>) -> bool {
-        requests.borrow().is_none() && !*self.terminating.borrow()
+        requests.borrow().is_none() && !*self.terminating.borrow() && !*self.local.borrow()
     }
 
     /// Sleeps until `at`, or returns false early on undrain.

@@ -327,10 +327,15 @@ pub async fn run(
         });
     }
     let render = metrics_renderer(metrics, proxy.clone(), cluster.clone(), drainer.clone());
+    let local_drain: admin::DrainFn = {
+        let d = drainer.clone();
+        Arc::new(move || d.drain_locally())
+    };
     let admin_task = tokio::spawn(admin::serve(
         admin_l,
         health.clone(),
         Some(render),
+        Some(local_drain),
         stopped(),
     ));
     let api_task = tokio::spawn(api::serve(

@@ -66,6 +66,7 @@ def main():
     dns_name = f"{headless['metadata']['name']}.{NS}.svc"
     grace = pod["terminationGracePeriodSeconds"]
     pre_stop = c["lifecycle"]["preStop"].get("sleep", {}).get("seconds", 0)
+    pre_stop_get = c["lifecycle"]["preStop"].get("httpGet")
     ready = c["readinessProbe"]["httpGet"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     ready_port = ports.get(ready["port"], ready["port"])
@@ -187,6 +188,12 @@ def main():
         # Stop charon-1 as the kubelet would: preStop sleep, then SIGTERM with
         # what is left of the grace period.
         t = time.monotonic()
+        if pre_stop_get:
+            ip = docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                        names[1]).stdout.strip()
+            port = ports.get(pre_stop_get["port"], pre_stop_get["port"])
+            with urllib.request.urlopen(f"http://{ip}:{port}{pre_stop_get['path']}", timeout=10) as r:
+                print(f"preStop GET {pre_stop_get['path']}: {r.status}")
         time.sleep(pre_stop)
         docker("stop", "-t", str(grace - pre_stop), names[1], timeout=grace + 30)
         took = time.monotonic() - t

@@ -310,3 +310,46 @@ async fn sigterm_drains_then_exits_0_and_cuts_a_client_that_never_closes() -> Re
     drop(ws);
     Ok(())
 }
+
+/// `/drain` on the admin listener (a Kubernetes preStop hook) drains this
+/// node only: not ready at once, listeners closed after the delay, and the
+/// SIGTERM that follows exits 0; the next start serves (nothing was
+/// replicated or stored).
+#[tokio::test]
+async fn admin_drain_is_local_and_ends_with_the_process() -> Result<()> {
+    let mut node = named("me")
+        .env("CHARON_DRAIN_DELAY_SECS", "1")
+        .start()
+        .await?;
+    let backend = EchoBackend::start("b").await?;
+    node.add_host(&["local.drain.test"], &[backend.url()])
+        .await?;
+    let resp = client::get(node.admin, "localhost", "/drain").await?;
+    ensure!(resp.status == 202, "/drain answered {}", resp.status);
+    eventually(Duration::from_secs(2), || async {
+        ensure!(node.admin_get("/readyz").await? == 503);
+        Ok(())
+    })
+    .await?;
+    eventually(Duration::from_secs(10), || async {
+        ensure!(tokio::net::TcpStream::connect(node.http).await.is_err());
+        Ok(())
+    })
+    .await?;
+    let status = node
+        .nodes_client()
+        .await?
+        .drain_status(DrainStatusRequest { node: "me".into() })
+        .await?
+        .into_inner();
+    ensure!(
+        !status.requested,
+        "a local drain must not be a replicated record"
+    );
+    node.signal("TERM")?;
+    ensure!(node.wait_exit(Duration::from_secs(20)).await?.success());
+    node.start_again().await?;
+    let resp = client::get(node.http, "local.drain.test", "/").await?;
+    ensure!(resp.status == 200, "after restart: {}", resp.status);
+    Ok(())
+}

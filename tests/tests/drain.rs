@@ -26,6 +26,15 @@ async fn drain(node: &TestNode, deadline_secs: u32, spread_secs: u32) -> Result<
     Ok(())
 }
 
+async fn drain_status(node: &TestNode) -> Result<charon_proto::v1::DrainStatusResponse> {
+    Ok(node
+        .nodes_client()
+        .await?
+        .drain_status(DrainStatusRequest { node: "me".into() })
+        .await?
+        .into_inner())
+}
+
 fn named(name: &str) -> charon_tests::TestNodeBuilder {
     TestNode::builder().name(name)
 }
@@ -114,19 +123,9 @@ async fn tunnels_get_close_1001_on_both_sides_at_the_deadline_spread_over_the_wi
         Ok(())
     })
     .await?;
-    let status = node
-        .nodes_client()
-        .await?
-        .drain_status(DrainStatusRequest { node: "me".into() })
-        .await?
-        .into_inner();
+    let status = drain_status(&node).await?;
     eventually(Duration::from_secs(10), || async {
-        let s = node
-            .nodes_client()
-            .await?
-            .drain_status(DrainStatusRequest { node: "me".into() })
-            .await?
-            .into_inner();
+        let s = drain_status(&node).await?;
         ensure!(
             s.status == "drained" && s.tunnels == 0 && s.cut == 0 && s.listeners_closed,
             "{s:?}"
@@ -336,12 +335,7 @@ async fn admin_drain_is_local_and_ends_with_the_process() -> Result<()> {
         Ok(())
     })
     .await?;
-    let status = node
-        .nodes_client()
-        .await?
-        .drain_status(DrainStatusRequest { node: "me".into() })
-        .await?
-        .into_inner();
+    let status = drain_status(&node).await?;
     ensure!(
         !status.requested,
         "a local drain must not be a replicated record"

@@ -432,7 +432,7 @@ impl Proxy {
         let upstream = resp.extensions_mut().remove::<UpstreamUsed>();
         let host_name: Arc<str> = route
             .as_ref()
-            .map(|r| r.host.name.clone().into())
+            .map(|r| r.name.clone())
             .unwrap_or_else(|| Arc::from(""));
         t.metrics.request(&host_name, status, took);
         if let Some(kind) = error.as_ref().and_then(ProxyError::upstream_kind) {
@@ -652,7 +652,7 @@ impl Proxy {
                     upstream.mark_up();
                     if self.telemetry.get().is_some() {
                         resp.extensions_mut()
-                            .insert(UpstreamUsed(upstream.url.to_string().into()));
+                            .insert(UpstreamUsed(upstream.url_text.clone()));
                     }
                     // An HTTP/1.0 upstream must not turn the client's
                     // HTTP/1.1 connection into a 1.0 one.

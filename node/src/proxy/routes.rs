@@ -19,6 +19,9 @@ pub struct LocationRoute {
 /// A host ready for the request path: parsed upstreams, sorted locations.
 pub struct Route {
     pub host: Arc<ProxyHost>,
+    /// The host's name for metrics and logs, shared rather than copied
+    /// per request.
+    pub name: Arc<str>,
     pub pool: Arc<Pool>,
     /// Strict-Transport-Security value for HTTPS responses, built once.
     pub hsts: Option<http::HeaderValue>,
@@ -133,6 +136,7 @@ impl RouteTable {
             });
             let route = Arc::new(Route {
                 hsts,
+                name: Arc::from(host.name.as_str()),
                 host: host.clone(),
                 pool: main,
                 locations,

@@ -142,6 +142,8 @@ pub struct UpstreamState {
     /// `Host` for requests to it when the client's is not kept: built once
     /// rather than formatted per request.
     pub host_header: Option<http::HeaderValue>,
+    /// The URL as text, for logs and metrics (built once).
+    pub url_text: Arc<str>,
     /// Client TLS for `https://` upstreams (per the host's CA settings).
     tls: Option<Arc<rustls::ClientConfig>>,
     /// Until when (ms since [`epoch`]) it is skipped after a failure.
@@ -162,6 +164,7 @@ impl UpstreamState {
     fn new(url: UpstreamUrl, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
         UpstreamState {
             host_header: http::HeaderValue::from_str(&url.authority()).ok(),
+            url_text: Arc::from(url.to_string()),
             url,
             tls,
             down_until_ms: AtomicU64::new(0),

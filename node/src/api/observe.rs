@@ -24,13 +24,14 @@ impl LogsApi {
 }
 
 fn to_pb(node: &str, e: &Event) -> pb::LogEvent {
+    let entry = e.entry();
     pb::LogEvent {
-        json: e.json.clone(),
-        ts_ms: e.ts_ms,
+        json: e.json().to_string(),
+        ts_ms: entry.ts_ms,
         node: node.to_string(),
-        kind: e.kind.to_string(),
-        host: e.host.clone(),
-        status: u32::from(e.status),
+        kind: entry.kind.to_string(),
+        host: entry.host.clone(),
+        status: u32::from(entry.status),
     }
 }
 
@@ -78,7 +79,7 @@ impl pb::logs_server::Logs for LogsApi {
             loop {
                 match live.recv().await {
                     Ok(e) => {
-                        if e.ts_ms < last_backlog || !matches(&e, &f.host, &f.status) {
+                        if e.entry().ts_ms < last_backlog || !matches(&e, &f.host, &f.status) {
                             continue;
                         }
                         if tx.send(Ok(to_pb(&node, &e))).await.is_err() {

@@ -12,7 +12,7 @@ use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::Serialize;
 use tokio::sync::broadcast;
@@ -51,6 +51,8 @@ impl Sink {
 /// One event, as written (JSON) and as filtered.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Entry {
+    /// RFC 3339 (UTC, milliseconds). May be left empty: it is then filled
+    /// from `ts_ms` when the entry is serialised.
     pub ts: String,
     pub ts_ms: u64,
     pub node: String,
@@ -91,15 +93,43 @@ pub struct Entry {
     pub trace_id: String,
 }
 
-/// An event as kept and streamed.
+/// An event as kept and streamed: the entry, and its JSON line, made once
+/// and only when first asked for (at once when there is a writer).
 #[derive(Debug)]
 pub struct Event {
-    pub ts_ms: u64,
-    pub kind: &'static str,
-    pub host: String,
-    pub host_id: String,
-    pub status: u16,
-    pub json: String,
+    entry: Entry,
+    json: OnceLock<String>,
+}
+
+impl Event {
+    fn new(entry: Entry) -> Event {
+        Event {
+            entry,
+            json: OnceLock::new(),
+        }
+    }
+
+    /// The entry, for filtering and for the API's fields.
+    pub fn entry(&self) -> &Entry {
+        &self.entry
+    }
+
+    /// The JSON line (no trailing newline), made on first call.
+    pub fn json(&self) -> &str {
+        self.json.get_or_init(|| to_json(&self.entry))
+    }
+}
+
+/// `e` as one JSON line, with an empty `ts` filled from `ts_ms`.
+fn to_json(e: &Entry) -> String {
+    if e.ts.is_empty() {
+        let mut filled = e.clone();
+        filled.ts = super::rfc3339_ms(e.ts_ms);
+        serde_json::to_string(&filled)
+    } else {
+        serde_json::to_string(e)
+    }
+    .unwrap_or_default()
 }
 
 pub struct AccessLog {
@@ -145,27 +175,33 @@ impl AccessLog {
         &self.node
     }
 
+    /// Keeps `e` (with this node's name), writes it if there is a sink and
+    /// sends it to followers if there are any. Without a sink the JSON is
+    /// only made when an API reader asks for it ([`Event::json`]).
     pub fn record(&self, mut e: Entry) {
         e.node.clone_from(&self.node);
-        let json = serde_json::to_string(&e).unwrap_or_default();
-        if let Some(w) = &self.writer {
-            match w.try_send(json.clone()) {
-                Ok(()) => {}
-                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                    self.metrics
-                        .access_log_dropped
-                        .fetch_add(1, Ordering::Relaxed);
+        let ev = match &self.writer {
+            None => Event::new(e),
+            Some(w) => {
+                if e.ts.is_empty() {
+                    e.ts = super::rfc3339_ms(e.ts_ms);
+                }
+                let json = serde_json::to_string(&e).unwrap_or_default();
+                match w.try_send(json.clone()) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                        self.metrics
+                            .access_log_dropped
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Event {
+                    entry: e,
+                    json: OnceLock::from(json),
                 }
             }
-        }
-        let ev = Arc::new(Event {
-            ts_ms: e.ts_ms,
-            kind: e.kind,
-            host: e.host,
-            host_id: e.host_id,
-            status: e.status,
-            json,
-        });
+        };
+        let ev = Arc::new(ev);
         {
             let mut ring = self.ring.lock().expect("access log lock");
             if ring.len() == RING {
@@ -173,7 +209,12 @@ impl AccessLog {
             }
             ring.push_back(ev.clone());
         }
-        let _ = self.live.send(ev);
+        // Checked after the ring push: a follower that subscribes after the
+        // check reads the ring after the push (it subscribes first), so it
+        // can still find the event there.
+        if self.live.receiver_count() > 0 {
+            let _ = self.live.send(ev);
+        }
     }
 
     /// Kept events newer than `since_ms`, oldest first.
@@ -182,7 +223,7 @@ impl AccessLog {
             .lock()
             .expect("access log lock")
             .iter()
-            .filter(|e| e.ts_ms >= since_ms)
+            .filter(|e| e.entry.ts_ms >= since_ms)
             .cloned()
             .collect()
     }
@@ -194,6 +235,7 @@ impl AccessLog {
 
 /// Whether an event passes a `charonctl logs` filter.
 pub fn matches(e: &Event, host: &str, status: &str) -> bool {
+    let e = e.entry();
     let host_ok = host.is_empty() || e.host == host || e.host_id == host;
     let status_ok = match status {
         "" => true,
@@ -288,16 +330,81 @@ fn rotated(path: &std::path::Path, i: u32) -> PathBuf {
 mod tests {
     use super::*;
 
+    const _: () = {
+        const fn send_sync<T: Send + Sync>() {}
+        send_sync::<Event>();
+    };
+
+    fn sample(ts: &str) -> Entry {
+        Entry {
+            ts: ts.into(),
+            ts_ms: 1_795_513_100_550,
+            kind: "http",
+            client: "192.0.2.1:5000".into(),
+            host: "a.test".into(),
+            host_id: "h-1".into(),
+            method: "GET".into(),
+            path: "/x?\"y\"".into(),
+            tls: true,
+            status: 502,
+            duration_ms: 1.5,
+            bytes_to_client: Some(42),
+            error: "upstream refused".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn without_a_sink_the_json_is_made_on_demand_with_ts_filled() {
+        let log = AccessLog::new("n1", Sink::Off, Arc::default()).unwrap();
+        log.record(sample(""));
+        let got = log.recent(0);
+        assert_eq!(got.len(), 1);
+        assert!(got[0].json.get().is_none(), "JSON made eagerly");
+        assert_eq!(
+            got[0].json(),
+            concat!(
+                r#"{"ts":"2026-11-24T09:38:20.550Z","ts_ms":1795513100550,"node":"n1","#,
+                r#""kind":"http","client":"192.0.2.1:5000","host":"a.test","host_id":"h-1","#,
+                r#""method":"GET","path":"/x?\"y\"","tls":true,"status":502,"#,
+                r#""duration_ms":1.5,"bytes_to_client":42,"error":"upstream refused"}"#,
+            )
+        );
+        // The same bytes as a caller-filled entry, serialised directly.
+        let mut filled = sample("2026-11-24T09:38:20.550Z");
+        filled.node = "n1".into();
+        assert_eq!(got[0].json(), serde_json::to_string(&filled).unwrap());
+        // The entry itself is kept as recorded.
+        assert_eq!(got[0].entry().ts, "");
+        assert!(matches(&got[0], "h-1", "5xx"));
+        assert!(log.recent(1_795_513_100_551).is_empty());
+    }
+
+    #[test]
+    fn a_follower_subscribed_before_a_record_receives_it() {
+        let log = AccessLog::new("n1", Sink::Off, Arc::default()).unwrap();
+        log.record(sample("")); // nobody listening: not sent
+        let mut follower = log.follow();
+        log.record(sample(""));
+        let ev = follower.try_recv().unwrap();
+        assert_eq!(ev.entry().host, "a.test");
+        assert!(ev
+            .json()
+            .starts_with("{\"ts\":\"2026-11-24T09:38:20.550Z\","));
+        assert!(follower.try_recv().is_err());
+        assert_eq!(log.recent(0).len(), 2);
+    }
+
     #[test]
     fn filters_by_host_and_status_class() {
-        let e = Event {
+        let e = Event::new(Entry {
             ts_ms: 1,
             kind: "http",
             host: "a.test".into(),
             host_id: "h-1".into(),
             status: 503,
-            json: String::new(),
-        };
+            ..Default::default()
+        });
         assert!(matches(&e, "", ""));
         assert!(matches(&e, "a.test", "5xx"));
         assert!(matches(&e, "h-1", "503"));
@@ -331,7 +438,7 @@ mod tests {
         }
         assert_eq!(log.recent(40).len(), 10);
         let first = follower.try_recv().unwrap();
-        assert!(first.json.contains("\"node\":\"n1\""), "{}", first.json);
+        assert!(first.json().contains("\"node\":\"n1\""), "{}", first.json());
         drop(log);
         // The writer thread ends when the log is dropped; wait for the files.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);

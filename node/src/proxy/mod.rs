@@ -2,11 +2,16 @@
 //!
 //! Request path: Host/`:authority` → [`routes::RouteTable`] (an `Arc`
 //! snapshot, never redb) → location → [`upstream::Pool`] → forwarded over a
-//! pooled HTTP/1.1 connection. A WebSocket upgrade takes the same path, and
-//! after the upstream's 101 both connections are handed to
-//! [`relay::relay`].
+//! pooled HTTP/1.1 connection.
+//!
+//! HTTP/1.x clients are served by [`h1`], the proxy's own HTTP/1 path
+//! (WebSocket upgrades included: after the upstream's 101 both connections
+//! are handed to [`relay::relay`]). h2 clients (ALPN `h2`, or the h2
+//! preface in clear text) are served by hyper, and forwarded through
+//! hyper's HTTP/1.1 client.
 
 pub mod frames;
+pub mod h1;
 pub mod headers;
 pub mod relay;
 pub mod routes;
@@ -27,12 +32,11 @@ use crate::telemetry::otel;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{HeaderValue, CONNECTION, COOKIE, HOST, UPGRADE};
+use http::header::{HeaderValue, COOKIE, HOST};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::store::HostSet;
@@ -96,6 +100,13 @@ pub enum ProxyError {
         upstream: String,
         source: hyper::Error,
     },
+    #[error("upstream {upstream} failed: {source}")]
+    UpstreamIo {
+        upstream: String,
+        source: std::io::Error,
+    },
+    #[error("upstream {upstream} sent an invalid response: {why}")]
+    UpstreamBad { upstream: String, why: &'static str },
 }
 
 /// The request's trace context (its server span), from `handle` to the
@@ -114,7 +125,9 @@ impl ProxyError {
         match self {
             ProxyError::Unreachable { .. } => Some("refused"),
             ProxyError::Timeout { .. } => Some("timeout"),
-            ProxyError::Upstream { .. } => Some("error"),
+            ProxyError::Upstream { .. }
+            | ProxyError::UpstreamIo { .. }
+            | ProxyError::UpstreamBad { .. } => Some("error"),
             _ => None,
         }
     }
@@ -128,7 +141,10 @@ impl ProxyError {
                 ..
             }
             | ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Unreachable { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Unreachable { .. }
+            | ProxyError::Upstream { .. }
+            | ProxyError::UpstreamIo { .. }
+            | ProxyError::UpstreamBad { .. } => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -146,6 +162,18 @@ impl ProxyError {
         );
         resp
     }
+}
+
+/// One request's outcome, for its metrics and access-log line.
+struct Served<'a> {
+    started: std::time::Instant,
+    conn: &'a ConnInfo,
+    facts: Option<h1::ReqFacts>,
+    status: u16,
+    route: Option<&'a Arc<Route>>,
+    upstream: Option<&'a Arc<str>>,
+    error: Option<&'a ProxyError>,
+    trace: Option<&'a opentelemetry::Context>,
 }
 
 /// Facts about one accepted client connection.
@@ -183,6 +211,9 @@ pub struct Proxy {
     draining: AtomicBool,
     /// Metrics, access log and traces; unset in tests of the proxy alone.
     telemetry: std::sync::OnceLock<Arc<crate::telemetry::Telemetry>>,
+    /// The host label of requests no host matched (made once, not per
+    /// request).
+    no_host: Arc<str>,
 }
 
 /// Counts one open connection for as long as it lives.
@@ -214,6 +245,7 @@ impl Proxy {
             cut_count: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             telemetry: std::sync::OnceLock::new(),
+            no_host: Arc::from(""),
         })
     }
 
@@ -266,30 +298,20 @@ impl Proxy {
         self.routes.store(Arc::new(table));
     }
 
-    /// Serves HTTP/1.1 and h2 (prior knowledge) on `listener` until
-    /// `shutdown` resolves; then stops accepting and gives open requests
-    /// up to `grace` to finish.
+    /// Serves HTTP/1.x ([`h1`]) and h2 (ALPN, or prior knowledge in clear
+    /// text; hyper) on `listener` until `shutdown` resolves; then stops
+    /// accepting and gives open requests up to `grace` to finish.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         tls: Option<Arc<TlsTerminator>>,
         shutdown: impl Future<Output = Duration>,
     ) {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        // hyper records how each request spelled its header names (it can
-        // only do so while parsing, before we know whether the request is a
-        // WebSocket upgrade). `forward` keeps that record for upgrades only:
-        // writing every request and response through it cost about 17 % of
-        // the instructions per proxied request, and header names are
-        // case-insensitive (RFC 9110 §5.1); what needs the exact spelling
-        // is the odd WebSocket server.
-        builder
-            .http1()
-            .preserve_header_case(true)
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.config.header_read_timeout);
-        let builder = Arc::new(builder);
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new());
+        let h2 = Arc::new(h2);
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let h1_shutdown = h1::Shutdown::new();
         tokio::pin!(shutdown);
         let local = listener.local_addr().ok();
         let grace = loop {
@@ -312,85 +334,97 @@ impl Proxy {
                 .trusted_proxies
                 .iter()
                 .any(|c| c.contains(peer.ip()));
-            let conn = Arc::new(Connection {
-                proxy: self.clone(),
-                info: ConnInfo {
-                    peer,
-                    local,
-                    tls: tls.is_some(),
-                    facts: ClientFacts::new(peer, trusted, tls.is_some(), local.port()),
-                },
-            });
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let conn = conn.clone();
-                async move {
-                    let h1 = req.version() < http::Version::HTTP_2;
-                    let mut resp = conn.proxy.handle(req, &conn.info).await;
-                    if h1
-                        && conn.proxy.draining.load(Ordering::Relaxed)
-                        && resp.status() != StatusCode::SWITCHING_PROTOCOLS
-                    {
-                        resp.headers_mut()
-                            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
-                    }
-                    Ok::<_, Infallible>(resp)
-                }
-            });
+            let info = ConnInfo {
+                peer,
+                local,
+                tls: tls.is_some(),
+                facts: ClientFacts::new(peer, trusted, tls.is_some(), local.port()),
+            };
             let watcher = graceful.watcher();
-            let builder = builder.clone();
             let tls = tls.clone();
             let guard = ConnGuard::new(&self.http_conns);
-            let proxy_t = self.clone();
+            let proxy = self.clone();
+            let h2 = h2.clone();
+            let h1_shutdown = h1_shutdown.clone();
             tokio::spawn(self.cuttable(async move {
                 let _guard = guard;
-                let result = match tls {
-                    None => {
-                        let conn =
-                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                        watcher.watch(conn.into_owned()).await
+                let Some(tls) = tls else {
+                    if let h1::Ended::H2(h2_conn) =
+                        h1::serve(proxy.clone(), stream, info, h1_shutdown).await
+                    {
+                        let (io, info) = *h2_conn;
+                        proxy.serve_h2(&h2, watcher, io, info).await;
                     }
-                    Some(tls) => match tls.accept(stream, local).await {
-                        Ok(stream) => {
-                            if let Some(t) = proxy_t.telemetry.get() {
-                                t.metrics.tls_handshake(None);
-                            }
-                            let conn = builder
-                                .serve_connection_with_upgrades(TokioIo::new(stream), service);
-                            watcher.watch(conn.into_owned()).await
-                        }
-                        Err(e @ AcceptError::UnknownName(_)) => {
-                            if let Some(t) = proxy_t.telemetry.get() {
-                                t.metrics.tls_handshake(Some("unknown_name"));
-                            }
-                            tracing::info!(client = %peer, "TLS: {e}");
-                            return;
-                        }
-                        Err(e) => {
-                            if let Some(t) = proxy_t.telemetry.get() {
-                                t.metrics.tls_handshake(Some("handshake_error"));
-                            }
-                            tracing::debug!(client = %peer, "TLS: {e}");
-                            return;
-                        }
-                    },
+                    return;
                 };
-                if let Err(e) = result {
-                    log_connection_error(peer, &*e);
+                match tls.accept(stream, local).await {
+                    Ok(stream) => {
+                        if let Some(t) = proxy.telemetry.get() {
+                            t.metrics.tls_handshake(None);
+                        }
+                        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                            proxy.serve_h2(&h2, watcher, stream, info).await;
+                        } else if let h1::Ended::H2(h2_conn) =
+                            h1::serve(proxy.clone(), stream, info, h1_shutdown).await
+                        {
+                            let (io, info) = *h2_conn;
+                            proxy.serve_h2(&h2, watcher, io, info).await;
+                        }
+                    }
+                    Err(e @ AcceptError::UnknownName(_)) => {
+                        if let Some(t) = proxy.telemetry.get() {
+                            t.metrics.tls_handshake(Some("unknown_name"));
+                        }
+                        tracing::info!(client = %peer, "TLS: {e}");
+                    }
+                    Err(e) => {
+                        if let Some(t) = proxy.telemetry.get() {
+                            t.metrics.tls_handshake(Some("handshake_error"));
+                        }
+                        tracing::debug!(client = %peer, "TLS: {e}");
+                    }
                 }
             }));
         };
         drop(listener);
         tracing::info!(?grace, "proxy listener closed; waiting for open requests");
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        h1_shutdown.begin();
+        let all = async {
+            tokio::join!(graceful.shutdown(), h1_shutdown.wait());
+        };
+        if tokio::time::timeout(grace, all).await.is_err() {
             tracing::warn!("grace period over; closing remaining connections");
         }
     }
 
-    /// Proxies one request; never fails (errors become responses). With
-    /// telemetry set, counts it and writes its access-log line.
+    /// Serves one h2 connection with hyper.
+    async fn serve_h2<I>(
+        self: &Arc<Self>,
+        builder: &hyper::server::conn::http2::Builder<TokioExecutor>,
+        watcher: hyper_util::server::graceful::Watcher,
+        io: I,
+        info: ConnInfo,
+    ) where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let peer = info.peer;
+        let conn = Arc::new(Connection {
+            proxy: self.clone(),
+            info,
+        });
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(conn.proxy.handle(req, &conn.info).await) }
+        });
+        let c = builder.serve_connection(TokioIo::new(io), service);
+        if let Err(e) = watcher.watch(c).await {
+            log_connection_error(peer, &e);
+        }
+    }
+
+    /// Proxies one request that came over h2; never fails (errors become
+    /// responses). With telemetry set, counts it and writes its access-log
+    /// line.
     pub async fn handle(
         self: &Arc<Self>,
         req: Request<Incoming>,
@@ -400,87 +434,128 @@ impl Proxy {
             return self.handle_inner(req, conn).await.0;
         };
         let started = std::time::Instant::now();
-        let ts_ms = crate::store::hlc::wall_ms();
-        let method = req.method().to_string();
-        let path = req.uri().path().to_string();
-        let proto = format!("{:?}", req.version());
-        let authority = request_host(&req)
-            .ok()
-            .and_then(|h| h.to_str().ok().map(str::to_string))
-            .unwrap_or_default();
+        let facts = h1::ReqFacts {
+            method: req.method().to_string(),
+            path: req.uri().path().to_string(),
+            authority: request_host(&req)
+                .ok()
+                .and_then(|h| h.to_str().ok().map(str::to_string))
+                .unwrap_or_default(),
+            proto: match req.version() {
+                Version::HTTP_2 => "HTTP/2.0",
+                Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            traceparent: None,
+            tracestate: None,
+        };
         let mut req = req;
         let trace = t.tracing.as_ref().map(|tr| {
             let cx = tr.server_span(
                 req.headers(),
-                method.clone(),
+                facts.method.clone(),
                 vec![
-                    KeyValue::new("http.request.method", method.clone()),
-                    KeyValue::new("url.path", path.clone()),
+                    KeyValue::new("http.request.method", facts.method.clone()),
+                    KeyValue::new("url.path", facts.path.clone()),
                     KeyValue::new("url.scheme", if conn.tls { "https" } else { "http" }),
-                    KeyValue::new("server.address", authority.clone()),
+                    KeyValue::new("server.address", facts.authority.clone()),
                     KeyValue::new("client.address", conn.peer.ip().to_string()),
                     KeyValue::new("client.port", i64::from(conn.peer.port())),
-                    KeyValue::new("network.protocol.version", proto.clone()),
+                    KeyValue::new("network.protocol.version", "2"),
                 ],
             );
             req.extensions_mut().insert(TraceCx(cx.clone()));
             cx
         });
         let (mut resp, route, error) = self.handle_inner(req, conn).await;
-        let took = started.elapsed();
         let status = resp.status().as_u16();
         let upstream = resp.extensions_mut().remove::<UpstreamUsed>();
-        let host_name: Arc<str> = route
-            .as_ref()
-            .map(|r| r.name.clone())
-            .unwrap_or_else(|| Arc::from(""));
-        t.metrics.request(&host_name, status, took);
-        if let Some(kind) = error.as_ref().and_then(ProxyError::upstream_kind) {
-            t.metrics.upstream_error(&host_name, kind);
+        if let Some(cx) = &trace {
+            self.end_server_span(
+                cx,
+                status,
+                route.as_ref(),
+                upstream.as_ref().map(|u| &u.0),
+                error.as_ref(),
+            );
         }
-        let trace_id = trace.as_ref().map(|cx| {
-            let mut attrs = vec![
-                KeyValue::new("http.response.status_code", i64::from(status)),
-                KeyValue::new("charon.host", host_name.to_string()),
-            ];
-            if let Some(r) = &route {
-                attrs.push(KeyValue::new("charon.host_id", r.host.id.clone()));
-            }
-            if let Some(u) = &upstream {
-                attrs.push(KeyValue::new("charon.upstream", u.0.to_string()));
-            }
-            let failed = (status >= 500).then(|| {
-                error
-                    .as_ref()
-                    .map(|e| e.to_string())
-                    .unwrap_or_else(|| format!("status {status}"))
-            });
-            otel::end(cx, attrs, failed);
-            otel::trace_id(cx)
+        self.record_h1(Served {
+            started,
+            conn,
+            facts: Some(facts),
+            status,
+            route: route.as_ref(),
+            upstream: upstream.as_ref().map(|u| &u.0),
+            error: error.as_ref(),
+            trace: trace.as_ref(),
         });
+        resp
+    }
+
+    /// Ends a request's server span with its outcome.
+    fn end_server_span(
+        &self,
+        cx: &opentelemetry::Context,
+        status: u16,
+        route: Option<&Arc<Route>>,
+        upstream: Option<&Arc<str>>,
+        error: Option<&ProxyError>,
+    ) {
+        let mut attrs = vec![
+            KeyValue::new("http.response.status_code", i64::from(status)),
+            KeyValue::new(
+                "charon.host",
+                route.map(|r| r.name.to_string()).unwrap_or_default(),
+            ),
+        ];
+        if let Some(r) = route {
+            attrs.push(KeyValue::new("charon.host_id", r.host.id.clone()));
+        }
+        if let Some(u) = upstream {
+            attrs.push(KeyValue::new("charon.upstream", u.to_string()));
+        }
+        let failed = (status >= 500).then(|| {
+            error
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| format!("status {status}"))
+        });
+        otel::end(cx, attrs, failed);
+    }
+
+    /// Counts a served request and writes its access-log line.
+    fn record_h1(&self, s: Served<'_>) {
+        let Some(t) = self.telemetry.get() else {
+            return;
+        };
+        let took = s.started.elapsed();
+        let host_name = s.route.map(|r| &r.name).unwrap_or(&self.no_host);
+        t.metrics.request(host_name, s.status, took);
+        if let Some(kind) = s.error.and_then(ProxyError::upstream_kind) {
+            t.metrics.upstream_error(host_name, kind);
+        }
+        let ts_ms = crate::store::hlc::wall_ms().saturating_sub(took.as_millis() as u64);
+        let (method, path, authority, proto) = match s.facts {
+            Some(f) => (f.method, f.path, f.authority, f.proto.to_string()),
+            None => Default::default(),
+        };
         t.access_log.record(crate::telemetry::Entry {
-            trace_id: trace_id.unwrap_or_default(),
-            ts: crate::telemetry::rfc3339_ms(ts_ms),
+            trace_id: s.trace.map(otel::trace_id).unwrap_or_default(),
             ts_ms,
             kind: "http",
-            client: conn.peer.to_string(),
+            client: s.conn.peer.to_string(),
             host: host_name.to_string(),
-            host_id: route
-                .as_ref()
-                .map(|r| r.host.id.clone())
-                .unwrap_or_default(),
+            host_id: s.route.map(|r| r.host.id.clone()).unwrap_or_default(),
             method,
             authority,
             path,
             proto,
-            tls: conn.tls,
-            status,
-            upstream: upstream.map(|u| u.0.to_string()).unwrap_or_default(),
+            tls: s.conn.tls,
+            status: s.status,
+            upstream: s.upstream.map(|u| u.to_string()).unwrap_or_default(),
             duration_ms: took.as_secs_f64() * 1000.0,
-            error: error.map(|e| e.to_string()).unwrap_or_default(),
+            error: s.error.map(|e| e.to_string()).unwrap_or_default(),
             ..Default::default()
         });
-        resp
     }
 
     async fn handle_inner(
@@ -532,6 +607,7 @@ impl Proxy {
         (resp, Some(route), error)
     }
 
+    /// Forwards an h2 request over hyper's HTTP/1.1 client.
     async fn forward(
         self: &Arc<Self>,
         mut req: Request<Incoming>,
@@ -542,18 +618,8 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let h = &route.host;
         let pool = route.pool_for(req.uri().path());
-        let websocket = h.websocket
-            && req.method() == http::Method::GET
-            && req.version() == Version::HTTP_11
-            && headers::is_websocket_upgrade(req.headers());
-        let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
-
-        // Build the upstream request in place: extensions stay attached,
-        // among them hyper's record of the client's header-name spelling,
-        // which the upstream connection uses when it writes the headers.
-        // Origin-form targets (`/path?q`, what HTTP/1.1 clients send) go
-        // upstream as they are; only h2 and absolute-form ones are cut down
-        // to path and query.
+        // h2 targets come with scheme and authority: the upstream gets the
+        // origin form (path and query).
         let uri = req.uri();
         if uri.scheme().is_some() || uri.authority().is_some() || uri.path_and_query().is_none() {
             let mut parts = std::mem::take(req.uri_mut()).into_parts();
@@ -566,24 +632,11 @@ impl Proxy {
                 .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
         }
         let client_version = req.version();
-        let from_h2 = client_version == Version::HTTP_2;
         *req.version_mut() = Version::HTTP_11;
-        let upgrade_value = websocket
-            .then(|| req.headers().get(UPGRADE).cloned())
-            .flatten();
-        let connection_token = websocket
-            .then(|| headers::connection_upgrade_token(req.headers()))
-            .flatten();
         let headers = req.headers_mut();
         headers::remove_hop_by_hop(headers);
         headers.remove(http::header::EXPECT);
-        if let (Some(u), Some(c)) = (upgrade_value, connection_token) {
-            headers.insert(UPGRADE, u);
-            headers.insert(CONNECTION, c);
-        }
-        if from_h2 {
-            join_cookies(headers);
-        }
+        join_cookies(headers);
         if h.preserve_host {
             headers.insert(HOST, host_value.clone());
         }
@@ -598,13 +651,7 @@ impl Proxy {
 
         let tracing = self.telemetry.get().and_then(|t| t.tracing.as_ref());
         let trace_parent = req.extensions().get::<TraceCx>().map(|c| c.0.clone());
-        if !websocket {
-            // Header-name spelling is kept for WebSocket upgrades only (see
-            // `serve`). Without hyper's record of it the request is written
-            // with the plain encoder; the record is the only extension a
-            // request that is not an upgrade carries.
-            req.extensions_mut().clear();
-        }
+        req.extensions_mut().clear();
 
         let mut req = req.map(UploadBody::new);
         let mut last_err = None;
@@ -631,7 +678,7 @@ impl Proxy {
                 }
                 _ => None,
             };
-            let sent = self.send(upstream, req, timeout, websocket).await;
+            let sent = self.send(upstream, req, timeout).await;
             if let Some(cx) = &client_span {
                 match &sent {
                     Ok((resp, _)) => otel::end(
@@ -654,63 +701,8 @@ impl Proxy {
                         resp.extensions_mut()
                             .insert(UpstreamUsed(upstream.url_text.clone()));
                     }
-                    // An HTTP/1.0 upstream must not turn the client's
-                    // HTTP/1.1 connection into a 1.0 one.
                     *resp.version_mut() = client_version;
-                    if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
-                        (client_upgrade, resp.status())
-                    {
-                        let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                        let span = match (tracing, &trace_parent) {
-                            (Some(tr), Some(parent)) => {
-                                let header = |n: &str| {
-                                    resp.headers()
-                                        .get(n)
-                                        .and_then(|v| v.to_str().ok())
-                                        .unwrap_or("")
-                                        .to_string()
-                                };
-                                let cx = tr.child_span(
-                                    parent,
-                                    format!("WebSocket {}", h.name),
-                                    opentelemetry::trace::SpanKind::Internal,
-                                    vec![
-                                        KeyValue::new("charon.host", h.name.clone()),
-                                        KeyValue::new("charon.upstream", upstream.url.to_string()),
-                                        KeyValue::new("client.address", conn.peer.ip().to_string()),
-                                        KeyValue::new(
-                                            "websocket.subprotocol",
-                                            header("sec-websocket-protocol"),
-                                        ),
-                                        KeyValue::new(
-                                            "websocket.extensions",
-                                            header("sec-websocket-extensions"),
-                                        ),
-                                    ],
-                                    None,
-                                );
-                                otel::add_event(&cx, "upgrade", vec![]);
-                                Some(cx)
-                            }
-                            _ => None,
-                        };
-                        self.spawn_tunnel(
-                            route,
-                            upstream,
-                            conn,
-                            client_upgrade,
-                            upstream_upgrade,
-                            span,
-                        );
-                        // The 101 goes back as the upstream sent it,
-                        // Sec-WebSocket-Accept/-Protocol/-Extensions included.
-                        return Ok(resp.map(Either::Left));
-                    }
-                    // An upgrade's connection keeps header-name spelling:
-                    // it is not for the pool, whose connections do not.
-                    if !websocket {
-                        upstream.release(sender);
-                    }
+                    upstream.release(sender);
                     headers::remove_hop_by_hop(resp.headers_mut());
                     return Ok(resp.map(Either::Left));
                 }
@@ -744,25 +736,17 @@ impl Proxy {
     /// Sends on a pooled connection (or a new one). A pooled connection that
     /// turns out closed hands the request back untouched and is replaced by
     /// a new connection; a connect failure also hands it back, so the caller
-    /// can try the next upstream without losing the body. A WebSocket
-    /// upgrade always gets a new connection, one that keeps the spelling of
-    /// the response's header names (the upstream's 101 goes back as sent).
+    /// can try the next upstream without losing the body.
     async fn send(
         &self,
         upstream: &Arc<UpstreamState>,
         mut req: Request<UploadBody>,
         timeout: Duration,
-        websocket: bool,
     ) -> Result<(Response<Incoming>, upstream::Sender), SendError> {
         loop {
-            let pooled = if websocket {
-                None
-            } else {
-                upstream.take_idle()
-            };
-            let (mut sender, reused) = match pooled {
+            let (mut sender, reused) = match upstream.take_idle() {
                 Some(s) => (s, true),
-                None => match self.connector.connect(upstream, websocket).await {
+                None => match self.connector.connect(upstream, false).await {
                     Ok(s) => (s, false),
                     Err(e) => return Err(SendError::Connect(Box::new(req), e)),
                 },
@@ -793,15 +777,21 @@ impl Proxy {
         }
     }
 
-    fn spawn_tunnel(
+    /// Starts the relay of an upgraded connection pair in its own task
+    /// (the client connection's task has ended), registered for drains and
+    /// `charonctl tunnels`.
+    fn spawn_tunnel<C, U>(
         self: &Arc<Self>,
         route: &Arc<Route>,
         upstream: &Arc<UpstreamState>,
         conn: &ConnInfo,
-        client: hyper::upgrade::OnUpgrade,
-        up: hyper::upgrade::OnUpgrade,
+        client: C,
+        up: U,
         span: Option<opentelemetry::Context>,
-    ) {
+    ) where
+        C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let h = &route.host;
         let reg = self
             .tunnels
@@ -815,28 +805,21 @@ impl Proxy {
         let tls = conn.tls;
         tokio::spawn(self.cuttable(async move {
             let info = reg.info.clone();
-            match tokio::join!(client, up) {
-                (Ok(c), Ok(u)) => {
-                    tracing::debug!(tunnel = info.id, host = %info.host_name, upstream = %info.upstream, client = %info.client, "tunnel open");
-                    if let Some(t) = &telemetry {
-                        t.metrics.tunnel_opened(&Arc::from(info.host_name.as_str()));
-                    }
-                    let started = std::time::Instant::now();
-                    // Logged however the tunnel ends, even when cut.
-                    let _log = telemetry.map(|t| TunnelLog {
-                        t,
-                        info: info.clone(),
-                        started,
-                        tls,
-                        span,
-                    });
-                    relay::relay(TokioIo::new(c), TokioIo::new(u), info.clone(), opts).await;
-                    tracing::debug!(tunnel = info.id, "tunnel closed");
-                }
-                (c, u) => {
-                    tracing::warn!(host = %info.host_name, upstream = %info.upstream, client_ok = c.is_ok(), upstream_ok = u.is_ok(), "WebSocket upgrade did not complete");
-                }
+            tracing::debug!(tunnel = info.id, host = %info.host_name, upstream = %info.upstream, client = %info.client, "tunnel open");
+            if let Some(t) = &telemetry {
+                t.metrics.tunnel_opened(&Arc::from(info.host_name.as_str()));
             }
+            let started = std::time::Instant::now();
+            // Logged however the tunnel ends, even when cut.
+            let _log = telemetry.map(|t| TunnelLog {
+                t,
+                info: info.clone(),
+                started,
+                tls,
+                span,
+            });
+            relay::relay(client, up, info.clone(), opts).await;
+            tracing::debug!(tunnel = info.id, "tunnel closed");
             drop(reg);
         }));
     }

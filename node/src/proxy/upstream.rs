@@ -31,6 +31,9 @@ use crate::tls::upstream::{ClientConfigs, TlsProfile};
 const IDLE_TTL: Duration = Duration::from_secs(50);
 /// Idle connections kept per upstream.
 const MAX_IDLE: usize = 256;
+/// First size of an HTTP/1 upstream connection's read buffer: a response
+/// head and a small body fit in one read.
+const RAW_BUF: usize = 8 * 1024;
 
 pub type Sender = http1::SendRequest<UploadBody>;
 
@@ -148,7 +151,44 @@ pub struct UpstreamState {
     tls: Option<Arc<rustls::ClientConfig>>,
     /// Until when (ms since [`epoch`]) it is skipped after a failure.
     down_until_ms: AtomicU64,
+    /// hyper connections, for requests that came over h2.
     idle: Mutex<Vec<(Sender, Instant)>>,
+    /// Plain connections for the HTTP/1 path (`proxy::h1`), newest last.
+    raw_idle: Mutex<Vec<(RawConn, Instant)>>,
+}
+
+/// An upstream connection of the HTTP/1 path, with what has been read from
+/// it and not yet used (normally nothing between two responses).
+pub struct RawConn {
+    pub io: UpstreamIo,
+    pub buf: crate::proxy::h1::wire::Buf,
+}
+
+impl RawConn {
+    /// Whether the upstream has closed (or sent something unasked) while
+    /// the connection sat in the pool. The reactor's readiness says so
+    /// without a system call in the usual case (nothing happened); only a
+    /// connection marked readable is read from to see what it was.
+    fn went_bad(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return true;
+        }
+        let tcp = match &self.io {
+            UpstreamIo::Plain(s) => s,
+            // TLS could have buffered a close_notify: any readiness means
+            // something arrived, which an idle connection should not get.
+            UpstreamIo::Tls(s) => {
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                return s.get_ref().0.poll_read_ready(&mut cx).is_ready();
+            }
+        };
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if tcp.poll_read_ready(&mut cx).is_pending() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        !matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
 }
 
 fn epoch() -> Instant {
@@ -169,6 +209,7 @@ impl UpstreamState {
             tls,
             down_until_ms: AtomicU64::new(0),
             idle: Mutex::new(Vec::new()),
+            raw_idle: Mutex::new(Vec::new()),
         }
     }
 
@@ -209,6 +250,30 @@ impl UpstreamState {
             }
         }
         None
+    }
+
+    /// An idle connection of the HTTP/1 path, newest first (the least
+    /// likely to have been closed by the upstream); expired and closed ones
+    /// are dropped on the way.
+    pub fn take_raw(&self) -> Option<RawConn> {
+        let mut idle = self.raw_idle.lock().expect("pool lock");
+        let now = Instant::now();
+        while let Some((mut c, since)) = idle.pop() {
+            if now.saturating_duration_since(since) < IDLE_TTL && !c.went_bad() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Pools a connection whose last response was read to its end.
+    pub fn release_raw(&self, conn: RawConn) {
+        let mut idle = self.raw_idle.lock().expect("pool lock");
+        if idle.len() >= MAX_IDLE {
+            // The oldest is the likeliest to be closed by the upstream soon.
+            idle.remove(0);
+        }
+        idle.push((conn, Instant::now()));
     }
 
     /// Returns a connection to the pool as soon as its response head has
@@ -435,25 +500,8 @@ impl Connector {
         upstream: &UpstreamState,
         preserve_case: bool,
     ) -> Result<Sender, ConnectError> {
-        let url = &upstream.url;
         let fut = async {
-            let tcp = TcpStream::connect((url.host.as_str(), url.port))
-                .await
-                .map_err(ConnectError::Refused)?;
-            let _ = tcp.set_nodelay(true);
-            let io = if let Some(tls) = &upstream.tls {
-                let name =
-                    rustls::pki_types::ServerName::try_from(url.host.clone()).map_err(|e| {
-                        ConnectError::Tls(io::Error::new(io::ErrorKind::InvalidInput, e))
-                    })?;
-                let tls = tokio_rustls::TlsConnector::from(tls.clone())
-                    .connect(name, tcp)
-                    .await
-                    .map_err(ConnectError::Tls)?;
-                UpstreamIo::Tls(Box::new(tls))
-            } else {
-                UpstreamIo::Plain(tcp)
-            };
+            let io = self.open(upstream).await?;
             let (sender, conn) = http1::Builder::new()
                 .preserve_header_case(preserve_case)
                 .handshake(TokioIo::new(io))
@@ -470,6 +518,36 @@ impl Connector {
             Ok(r) => r,
             Err(_) => Err(ConnectError::Timeout(self.connect_timeout)),
         }
+    }
+
+    /// A new connection for the HTTP/1 path, bounded by the connect timeout.
+    pub async fn connect_raw(&self, upstream: &UpstreamState) -> Result<RawConn, ConnectError> {
+        match tokio::time::timeout(self.connect_timeout, self.open(upstream)).await {
+            Ok(r) => r.map(|io| RawConn {
+                io,
+                buf: crate::proxy::h1::wire::Buf::with_capacity(RAW_BUF),
+            }),
+            Err(_) => Err(ConnectError::Timeout(self.connect_timeout)),
+        }
+    }
+
+    /// TCP, and TLS for `https://` upstreams (SNI = the upstream's name).
+    async fn open(&self, upstream: &UpstreamState) -> Result<UpstreamIo, ConnectError> {
+        let url = &upstream.url;
+        let tcp = TcpStream::connect((url.host.as_str(), url.port))
+            .await
+            .map_err(ConnectError::Refused)?;
+        let _ = tcp.set_nodelay(true);
+        let Some(tls) = &upstream.tls else {
+            return Ok(UpstreamIo::Plain(tcp));
+        };
+        let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+            .map_err(|e| ConnectError::Tls(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        let tls = tokio_rustls::TlsConnector::from(tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(ConnectError::Tls)?;
+        Ok(UpstreamIo::Tls(Box::new(tls)))
     }
 }
 

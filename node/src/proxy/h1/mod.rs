@@ -1,0 +1,1641 @@
+//! The proxy's own HTTP/1.x path: client connection in, upstream
+//! connection out, both driven by the connection's one task.
+//!
+//! Why not hyper here (it still serves h2): proxying through hyper's
+//! server and client costs a header map built and torn down twice per
+//! request, a connection task and channels per upstream connection, and a
+//! wake-up between tasks at every step; the benchmark (docs/benchmarks.md)
+//! measured the result at about 1.3× nginx's CPU per request. Here a
+//! request is parsed once (httparse, borrowing the read buffer), its head
+//! is rewritten straight into the upstream's write buffer, header names
+//! keep the client's spelling for free, and bodies pass through as bytes:
+//! one read and one write per side for a small exchange, and no
+//! allocation on the way once the connection's buffers exist.
+//!
+//! What is checked and refused with 400 (RFC 9112): malformed heads, a
+//! missing or repeated Host, Content-Length with Transfer-Encoding, a
+//! transfer coding that does not end in chunked, invalid or disagreeing
+//! Content-Lengths; heads over 64 KiB or 128 fields get 431.
+
+pub mod wire;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::Context;
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use opentelemetry::KeyValue;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::Notify;
+use tokio::time::Sleep;
+
+use super::routes::{self, Route};
+use super::upstream::{Pool, RawConn, UpstreamState};
+use super::{ConnInfo, Proxy, ProxyError, Served};
+use crate::telemetry::otel;
+use wire::{arm, copy_body, read_into, Buf, Coding, CopyError, Framing, Prefixed, Read};
+
+/// Longest request or response head accepted.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in one head.
+const MAX_HEADERS: usize = 128;
+/// A client connection's read buffer to start with (and to shrink back to
+/// while idle).
+const CLIENT_BUF: usize = 4 * 1024;
+/// Bodies up to this size that are already read go out with their head,
+/// in one write.
+const INLINE_BODY: usize = 16 * 1024;
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Ends a listener's HTTP/1 connections gracefully: idle ones close at
+/// once, busy ones after their response (which then says
+/// `Connection: close`).
+pub struct Shutdown {
+    on: AtomicBool,
+    notify: Arc<Notify>,
+    live: AtomicUsize,
+    all_done: Notify,
+}
+
+impl Shutdown {
+    pub fn new() -> Arc<Shutdown> {
+        Arc::new(Shutdown {
+            on: AtomicBool::new(false),
+            notify: Arc::new(Notify::new()),
+            live: AtomicUsize::new(0),
+            all_done: Notify::new(),
+        })
+    }
+
+    pub fn begin(&self) {
+        self.on.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+        if self.live.load(Ordering::SeqCst) == 0 {
+            self.all_done.notify_waiters();
+        }
+    }
+
+    fn is_on(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once every connection has ended.
+    pub async fn wait(&self) {
+        loop {
+            let done = self.all_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.live.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            done.await;
+        }
+    }
+
+    fn enter(self: &Arc<Self>) -> LiveGuard {
+        self.live.fetch_add(1, Ordering::SeqCst);
+        LiveGuard(self.clone())
+    }
+}
+
+struct LiveGuard(Arc<Shutdown>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::SeqCst) == 1 && self.0.is_on() {
+            self.0.all_done.notify_waiters();
+        }
+    }
+}
+
+/// How a client connection's HTTP/1 service ended.
+pub enum Ended<S> {
+    Closed,
+    /// It opened with the h2 preface: hyper takes it from here.
+    H2(Box<(Prefixed<S>, ConnInfo)>),
+}
+
+/// Serves HTTP/1.x requests on one client connection until it closes.
+pub async fn serve<S>(proxy: Arc<Proxy>, io: S, info: ConnInfo, shutdown: Arc<Shutdown>) -> Ended<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let _live = shutdown.enter();
+    let header_timeout = proxy.config.header_read_timeout;
+    let mut c = Client {
+        proxy,
+        info,
+        io,
+        buf: Buf::with_capacity(CLIENT_BUF),
+        out: Vec::with_capacity(1024),
+        fields: Vec::with_capacity(1024),
+        line: Vec::with_capacity(256),
+        host: Vec::with_capacity(64),
+        timer: Box::pin(tokio::time::sleep(header_timeout)),
+        shutdown,
+        stop: None,
+        first: true,
+    };
+    match c.run().await {
+        Next::Close => Ended::Closed,
+        Next::H2 => {
+            let prefix = c.buf.take();
+            Ended::H2(Box::new((Prefixed::new(prefix, c.io), c.info)))
+        }
+        Next::Tunnel(t) => {
+            let Tunnel {
+                route,
+                upstream,
+                conn,
+                span,
+            } = *t;
+            let client = Prefixed::new(c.buf.take(), c.io);
+            let RawConn { io, mut buf } = conn;
+            let up = Prefixed::new(buf.take(), io);
+            c.proxy
+                .spawn_tunnel(&route, &upstream, &c.info, client, up, span);
+            Ended::Closed
+        }
+    }
+}
+
+/// One client connection.
+struct Client<S> {
+    proxy: Arc<Proxy>,
+    info: ConnInfo,
+    io: S,
+    buf: Buf,
+    /// What is written next (a head, maybe with a small body).
+    out: Vec<u8>,
+    /// The request's header fields as they go upstream (all but Host).
+    fields: Vec<u8>,
+    /// The request line as it goes upstream.
+    line: Vec<u8>,
+    /// The request's host, as the client sent it.
+    host: Vec<u8>,
+    /// One timer, re-armed for whatever is awaited: the next request head,
+    /// a body's next bytes, the upstream's response.
+    timer: Pin<Box<Sleep>>,
+    shutdown: Arc<Shutdown>,
+    /// Registered with the shutdown's `Notify` on the first idle wait; after
+    /// that, a flag check is all an idle wait costs.
+    stop: Option<Pin<Box<OwnedNotified>>>,
+    first: bool,
+}
+
+enum Next {
+    Close,
+    H2,
+    Tunnel(Box<Tunnel>),
+}
+
+struct Tunnel {
+    route: Arc<Route>,
+    upstream: Arc<UpstreamState>,
+    conn: RawConn,
+    span: Option<opentelemetry::Context>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Method {
+    Get,
+    Head,
+    Connect,
+    Other,
+}
+
+/// A parsed request, owning everything the exchange needs (the head's
+/// bytes are consumed from the buffer before the exchange starts).
+struct Req {
+    minor: u8,
+    method: Method,
+    framing: Framing,
+    keep_alive: bool,
+    expect_continue: bool,
+    websocket: bool,
+    route: Arc<Route>,
+    pool: Arc<Pool>,
+    /// For the access log and traces, when telemetry is on.
+    facts: Option<ReqFacts>,
+}
+
+pub(super) struct ReqFacts {
+    pub(super) method: String,
+    pub(super) path: String,
+    pub(super) authority: String,
+    pub(super) proto: &'static str,
+    pub(super) traceparent: Option<http::HeaderValue>,
+    pub(super) tracestate: Option<http::HeaderValue>,
+}
+
+/// A request refused before it reached an upstream.
+struct Refusal {
+    status: StatusCode,
+    message: String,
+    /// Set when the connection cannot go on (unreadable head, or a body
+    /// that was not read).
+    close: bool,
+    route: Option<Arc<Route>>,
+    location: Option<String>,
+    error: Option<ProxyError>,
+    facts: Option<ReqFacts>,
+}
+
+/// The classes of header field the proxy looks at.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum H {
+    Host,
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    Upgrade,
+    Expect,
+    /// keep-alive, proxy-connection, te, trailer.
+    HopByHop,
+    Xff,
+    Xri,
+    Xfp,
+    Xfh,
+    Xfport,
+    Forwarded,
+    TraceParent,
+    TraceState,
+    Sts,
+    Other,
+}
+
+fn classify(name: &str) -> H {
+    let is = |s: &str| name.eq_ignore_ascii_case(s);
+    match name.len() {
+        2 if is("te") => H::HopByHop,
+        4 if is("host") => H::Host,
+        6 if is("expect") => H::Expect,
+        7 if is("upgrade") => H::Upgrade,
+        7 if is("trailer") => H::HopByHop,
+        9 if is("forwarded") => H::Forwarded,
+        9 if is("x-real-ip") => H::Xri,
+        10 if is("connection") => H::Connection,
+        10 if is("keep-alive") => H::HopByHop,
+        10 if is("tracestate") => H::TraceState,
+        11 if is("traceparent") => H::TraceParent,
+        14 if is("content-length") => H::ContentLength,
+        15 if is("x-forwarded-for") => H::Xff,
+        16 if is("proxy-connection") => H::HopByHop,
+        16 if is("x-forwarded-host") => H::Xfh,
+        16 if is("x-forwarded-port") => H::Xfport,
+        17 if is("transfer-encoding") => H::TransferEncoding,
+        17 if is("x-forwarded-proto") => H::Xfp,
+        25 if is("strict-transport-security") => H::Sts,
+        _ => H::Other,
+    }
+}
+
+fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|&b| b == b',').map(|t| t.trim_ascii())
+}
+
+fn has_token(v: &[u8], t: &str) -> bool {
+    tokens(v).any(|x| x.eq_ignore_ascii_case(t.as_bytes()))
+}
+
+/// Content-Length: digits only, at most 18 of them.
+fn parse_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// Appends `name: value\r\n`.
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `n` in decimal, without `format!`'s machinery.
+fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut d = [0u8; 20];
+    let mut i = d.len();
+    loop {
+        i -= 1;
+        d[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&d[i..]);
+}
+
+impl<S> Client<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    async fn run(&mut self) -> Next {
+        loop {
+            // 1. A whole request head.
+            let head_len = loop {
+                if self.first && !self.buf.is_empty() {
+                    let b = self.buf.bytes();
+                    let n = b.len().min(H2_PREFACE.len());
+                    if b[..n] == H2_PREFACE[..n] {
+                        if n == H2_PREFACE.len() {
+                            return Next::H2;
+                        }
+                        // Too short to tell yet.
+                    } else {
+                        self.first = false;
+                    }
+                }
+                if !(self.buf.is_empty() || self.first && self.buf.len() < H2_PREFACE.len()) {
+                    match head_end(self.buf.bytes()) {
+                        Some(n) => break n,
+                        None if self.buf.len() >= MAX_HEAD => {
+                            self.refuse_head(
+                                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                "request head too large",
+                            )
+                            .await;
+                            return Next::Close;
+                        }
+                        None => {}
+                    }
+                }
+                let idle = self.buf.is_empty();
+                if idle {
+                    if self.shutdown.is_on() {
+                        return Next::Close;
+                    }
+                    self.buf.shrink_if_empty(CLIENT_BUF);
+                }
+                arm(&mut self.timer, self.proxy.config.header_read_timeout);
+                let shutdown = &self.shutdown;
+                let stop = &mut self.stop;
+                let mut check = |cx: &mut Context<'_>| stop_requested(shutdown, stop, cx);
+                let stop_fn: Option<&mut (dyn FnMut(&mut Context<'_>) -> bool + Send)> =
+                    if idle { Some(&mut check) } else { None };
+                match read_into(
+                    &mut self.io,
+                    &mut self.buf,
+                    Some(self.timer.as_mut()),
+                    stop_fn,
+                )
+                .await
+                {
+                    Read::Data(_) => {}
+                    Read::Eof | Read::Shutdown | Read::Err(_) => return Next::Close,
+                    Read::TimedOut => {
+                        if !idle {
+                            self.refuse_head(
+                                StatusCode::REQUEST_TIMEOUT,
+                                "request head not received in time",
+                            )
+                            .await;
+                        }
+                        return Next::Close;
+                    }
+                }
+            };
+            self.first = false;
+            let started = Instant::now();
+
+            // 2. Parse, route, and write the upstream head's fields.
+            let parsed = self.parse(head_len);
+            self.buf.consume(head_len);
+            let req = match parsed {
+                Ok(r) => r,
+                Err(refusal) => {
+                    let close = refusal.close;
+                    let sent = self.refuse(*refusal, started).await;
+                    if close || !sent {
+                        return Next::Close;
+                    }
+                    continue;
+                }
+            };
+
+            // 3. The exchange.
+            match self.exchange(req, started).await {
+                Step::KeepAlive => {}
+                Step::Close => return Next::Close,
+                Step::Tunnel(t) => return Next::Tunnel(t),
+            }
+        }
+    }
+
+    /// Answers a request whose head could not be read, then the connection
+    /// closes.
+    async fn refuse_head(&mut self, status: StatusCode, why: &str) {
+        tracing::info!(client = %self.info.peer, status = status.as_u16(), "{why}; refused");
+        self.out.clear();
+        simple_response(
+            &mut self.out,
+            1,
+            status,
+            &format!(
+                "{} {}: {why}\n",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("")
+            ),
+            true,
+            None,
+            None,
+        );
+        let _ = self.io.write_all(&self.out).await;
+        let _ = self.io.flush().await;
+    }
+
+    /// Writes a refusal (error page or redirect) and records it; returns
+    /// whether it was written.
+    async fn refuse(&mut self, r: Refusal, started: Instant) -> bool {
+        self.out.clear();
+        let close = r.close || self.closing();
+        let hsts = match (&r.route, self.info.tls) {
+            (Some(route), true) => route.hsts.clone(),
+            _ => None,
+        };
+        simple_response(
+            &mut self.out,
+            1,
+            r.status,
+            &r.message,
+            close,
+            r.location.as_deref(),
+            hsts.as_ref(),
+        );
+        let sent = self.io.write_all(&self.out).await.is_ok() && self.io.flush().await.is_ok();
+        self.proxy.record_h1(Served {
+            started,
+            conn: &self.info,
+            facts: r.facts,
+            status: r.status.as_u16(),
+            route: r.route.as_ref(),
+            upstream: None,
+            error: r.error.as_ref(),
+            trace: None,
+        });
+        sent
+    }
+
+    /// Whether responses must say `Connection: close` now.
+    fn closing(&self) -> bool {
+        self.shutdown.is_on() || self.proxy.draining.load(Ordering::Relaxed)
+    }
+
+    /// Parses the head in the buffer (`head_len` bytes), routes it, and
+    /// writes its upstream request line and fields into `line`/`fields`.
+    fn parse(&mut self, head_len: usize) -> Result<Req, Box<Refusal>> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut p = httparse::Request::new(&mut headers);
+        let bad = |why: &'static str, close: bool| {
+            Box::new(Refusal {
+                status: StatusCode::BAD_REQUEST,
+                message: format!("400 Bad Request: {why}\n"),
+                close,
+                route: None,
+                location: None,
+                error: Some(ProxyError::BadRequest(why)),
+                facts: None,
+            })
+        };
+        let head = &self.buf.bytes()[..head_len];
+        match p.parse(head) {
+            Ok(httparse::Status::Complete(_)) => {}
+            Err(httparse::Error::TooManyHeaders) => {
+                let mut r = bad("too many header fields", true);
+                r.status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+                r.message = "431 Request Header Fields Too Large: too many header fields\n".into();
+                return Err(r);
+            }
+            _ => return Err(bad("malformed request", true)),
+        }
+        let (Some(method_s), Some(target), Some(minor)) = (p.method, p.path, p.version) else {
+            return Err(bad("malformed request", true));
+        };
+        let method = match method_s {
+            "GET" => Method::Get,
+            "HEAD" => Method::Head,
+            "CONNECT" => Method::Connect,
+            _ => Method::Other,
+        };
+        let n = p.headers.len();
+        let mut kinds = [H::Other; MAX_HEADERS];
+        let mut host: Option<&[u8]> = None;
+        let mut hosts = 0;
+        let mut length: Option<u64> = None;
+        let mut te: Option<&[u8]> = None;
+        let mut bad_length = false;
+        let mut conn_close = false;
+        let mut conn_keep = false;
+        let mut conn_upgrade = false;
+        let mut named: Vec<&[u8]> = Vec::new();
+        let mut upgrade_ws = false;
+        let mut upgrade_value: Option<&[u8]> = None;
+        let mut expect_continue = false;
+        let mut traceparent = None;
+        let mut tracestate = None;
+        for (i, h) in p.headers.iter().enumerate() {
+            let k = classify(h.name);
+            kinds[i] = k;
+            match k {
+                H::Host => {
+                    hosts += 1;
+                    host = Some(h.value);
+                }
+                H::ContentLength => match parse_length(h.value) {
+                    Some(v) if length.is_none_or(|l| l == v) => length = Some(v),
+                    _ => bad_length = true,
+                },
+                H::TransferEncoding => te = Some(h.value),
+                H::Connection => {
+                    for t in tokens(h.value) {
+                        if t.eq_ignore_ascii_case(b"close") {
+                            conn_close = true;
+                        } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                            conn_keep = true;
+                        } else if t.eq_ignore_ascii_case(b"upgrade") {
+                            conn_upgrade = true;
+                        } else if !t.is_empty() {
+                            named.push(t);
+                        }
+                    }
+                }
+                H::Upgrade if has_token(h.value, "websocket") => {
+                    upgrade_ws = true;
+                    upgrade_value = Some(h.value);
+                }
+                H::Expect => expect_continue = h.value.eq_ignore_ascii_case(b"100-continue"),
+                H::TraceParent => traceparent = Some(h.value),
+                H::TraceState => tracestate = Some(h.value),
+                _ => {}
+            }
+        }
+
+        // The target: origin-form, absolute-form (whose authority wins over
+        // Host, RFC 9112 §3.2.2), or `*`.
+        let (authority, path_q): (Option<&str>, &str) = if target.starts_with('/') || target == "*"
+        {
+            (None, target)
+        } else if let Some(rest) = strip_scheme(target) {
+            let end = rest.find(['/', '?']).unwrap_or(rest.len());
+            let path = &rest[end..];
+            (Some(&rest[..end]), if path.is_empty() { "/" } else { path })
+        } else if method == Method::Connect {
+            let mut r = bad("CONNECT is not supported by a reverse proxy", true);
+            r.status = StatusCode::METHOD_NOT_ALLOWED;
+            r.message =
+                "405 Method Not Allowed: CONNECT is not supported by a reverse proxy\n".into();
+            return Err(r);
+        } else {
+            return Err(bad("invalid request target", true));
+        };
+        let host: &[u8] = match authority {
+            Some(a) if !a.is_empty() => a.as_bytes(),
+            Some(_) => return Err(bad("invalid request target", true)),
+            None => match (hosts, host) {
+                (0, _) | (_, None) => return Err(bad("missing Host header", true)),
+                (1, Some(h)) => h,
+                _ => return Err(bad("more than one Host header", true)),
+            },
+        };
+        if host.is_empty() || !host.iter().all(|b| b.is_ascii_graphic()) {
+            return Err(bad("invalid Host header", true));
+        }
+        let host_str = std::str::from_utf8(host).expect("checked ASCII");
+
+        // Framing (RFC 9112 §6.1-6.3): the smuggling cases are refused.
+        let framing = match (te, length) {
+            (Some(_), Some(_)) | (Some(_), None) if bad_length || length.is_some() => {
+                return Err(bad("both Transfer-Encoding and Content-Length", true))
+            }
+            (Some(_), _) if minor == 0 => {
+                return Err(bad("Transfer-Encoding in an HTTP/1.0 request", true))
+            }
+            (Some(t), _) => match tokens(t).last() {
+                Some(last) if last.eq_ignore_ascii_case(b"chunked") => Framing::Chunked,
+                _ => return Err(bad("unsupported Transfer-Encoding", true)),
+            },
+            (None, _) if bad_length => return Err(bad("invalid Content-Length", true)),
+            (None, Some(0)) | (None, None) => {
+                if length == Some(0) {
+                    Framing::Length(0)
+                } else {
+                    Framing::Empty
+                }
+            }
+            (None, Some(l)) => Framing::Length(l),
+        };
+        let has_body = !matches!(framing, Framing::Empty | Framing::Length(0));
+        let keep_alive = if minor == 0 {
+            conn_keep && !conn_close
+        } else {
+            !conn_close
+        };
+
+        let telemetry = self.proxy.telemetry.get();
+        let path_only = path_q.split('?').next().unwrap_or("/");
+        let facts = telemetry.map(|_| ReqFacts {
+            method: method_s.to_string(),
+            path: path_only.to_string(),
+            authority: host_str.to_string(),
+            proto: if minor == 0 { "HTTP/1.0" } else { "HTTP/1.1" },
+            traceparent: traceparent.and_then(|v| http::HeaderValue::from_bytes(v).ok()),
+            tracestate: tracestate.and_then(|v| http::HeaderValue::from_bytes(v).ok()),
+        });
+        let tracing_on = telemetry.is_some_and(|t| t.tracing.is_some());
+
+        let table = self.proxy.routes.load();
+        let Some(route) = table.lookup(host_str).cloned() else {
+            let err = ProxyError::UnknownHost(routes::strip_port(host_str).to_string());
+            tracing::debug!(host = %host_str, client = %self.info.peer, "{err}");
+            return Err(Box::new(Refusal {
+                status: StatusCode::NOT_FOUND,
+                message: format!("404 Not Found: {err}\n"),
+                close: has_body,
+                route: None,
+                location: None,
+                error: Some(err),
+                facts,
+            }));
+        };
+        drop(table);
+        if route.host.force_https && !self.info.tls {
+            let port = match self.proxy.config.https_port {
+                443 => String::new(),
+                p => format!(":{p}"),
+            };
+            let location = format!("https://{}{port}{path_q}", routes::strip_port(host_str));
+            return Err(Box::new(Refusal {
+                status: StatusCode::PERMANENT_REDIRECT,
+                message: format!("redirecting to {location}\n"),
+                close: has_body,
+                route: Some(route),
+                location: Some(location),
+                error: None,
+                facts,
+            }));
+        }
+        let h = &route.host;
+        let websocket =
+            h.websocket && method == Method::Get && minor == 1 && upgrade_ws && conn_upgrade;
+        let pool = route.pool_for(path_only).clone();
+
+        // The upstream head, less Host (which depends on the upstream).
+        self.line.clear();
+        self.line.extend_from_slice(method_s.as_bytes());
+        self.line.push(b' ');
+        self.line.extend_from_slice(path_q.as_bytes());
+        self.line.extend_from_slice(b" HTTP/1.1\r\n");
+        self.host.clear();
+        self.host.extend_from_slice(host);
+        let fwd = h.forwarded_headers;
+        let trusted = self.info.facts.trusted;
+        let mut xff_prev: Vec<u8> = Vec::new();
+        let mut xri: Option<&[u8]> = None;
+        let (mut has_xfp, mut has_xfh, mut has_xfport) = (false, false, false);
+        let f = &mut self.fields;
+        f.clear();
+        for (i, hd) in p.headers.iter().enumerate().take(n) {
+            let keep = match kinds[i] {
+                H::Host
+                | H::ContentLength
+                | H::TransferEncoding
+                | H::Connection
+                | H::Upgrade
+                | H::Expect
+                | H::HopByHop => false,
+                H::TraceParent | H::TraceState => !tracing_on,
+                H::Xff if fwd => {
+                    if trusted && !hd.value.trim_ascii().is_empty() {
+                        if !xff_prev.is_empty() {
+                            xff_prev.extend_from_slice(b", ");
+                        }
+                        xff_prev.extend_from_slice(hd.value.trim_ascii());
+                    }
+                    false
+                }
+                H::Xri if fwd => {
+                    if trusted && xri.is_none() && std::str::from_utf8(hd.value).is_ok() {
+                        xri = Some(hd.value);
+                    }
+                    false
+                }
+                H::Xfp if fwd => {
+                    has_xfp = true;
+                    trusted
+                }
+                H::Xfh if fwd => {
+                    has_xfh = true;
+                    trusted
+                }
+                H::Xfport if fwd => {
+                    has_xfport = true;
+                    trusted
+                }
+                H::Forwarded if fwd => trusted,
+                _ => !named
+                    .iter()
+                    .any(|t| t.eq_ignore_ascii_case(hd.name.as_bytes())),
+            };
+            if keep {
+                field(f, hd.name.as_bytes(), hd.value);
+            }
+        }
+        if fwd {
+            let facts = &self.info.facts;
+            let peer = facts.peer_ip.as_bytes();
+            if trusted && !xff_prev.is_empty() {
+                let first = xff_prev
+                    .split(|&b| b == b',')
+                    .next()
+                    .unwrap_or_default()
+                    .trim_ascii()
+                    .to_vec();
+                xff_prev.extend_from_slice(b", ");
+                xff_prev.extend_from_slice(peer);
+                field(f, b"X-Forwarded-For", &xff_prev);
+                field(f, b"X-Real-IP", xri.unwrap_or(&first));
+            } else {
+                field(f, b"X-Forwarded-For", peer);
+                field(f, b"X-Real-IP", xri.unwrap_or(peer));
+            }
+            if !(trusted && has_xfp) {
+                field(f, b"X-Forwarded-Proto", facts.proto.as_bytes());
+            }
+            if !(trusted && has_xfh) {
+                field(f, b"X-Forwarded-Host", host);
+            }
+            if !(trusted && has_xfport) {
+                field(f, b"X-Forwarded-Port", facts.local_port.as_bytes());
+            }
+        }
+        if websocket {
+            field(f, b"Upgrade", upgrade_value.unwrap_or(b"websocket"));
+            field(f, b"Connection", b"Upgrade");
+        }
+        match framing {
+            Framing::Length(l) => {
+                f.extend_from_slice(b"Content-Length: ");
+                push_u64(f, l);
+                f.extend_from_slice(b"\r\n");
+            }
+            Framing::Chunked => field(f, b"Transfer-Encoding", b"chunked"),
+            Framing::Empty | Framing::Close => {}
+        }
+        Ok(Req {
+            minor,
+            method,
+            framing,
+            keep_alive,
+            expect_continue: expect_continue && minor == 1 && has_body,
+            websocket,
+            route,
+            pool,
+            facts,
+        })
+    }
+
+    /// Sends the request to an upstream (trying the pool's others when one
+    /// cannot be reached) and the response back.
+    async fn exchange(&mut self, req: Req, started: Instant) -> Step {
+        let proxy = self.proxy.clone();
+        let h = &req.route.host;
+        let resp_timeout = if h.upstream_timeout_ms > 0 {
+            Duration::from_millis(u64::from(h.upstream_timeout_ms))
+        } else {
+            proxy.config.upstream_timeout
+        };
+        let tracing = proxy.telemetry.get().and_then(|t| t.tracing.as_ref());
+        let server_cx = match (tracing, &req.facts) {
+            (Some(tr), Some(f)) => Some(self.server_span(tr, f)),
+            _ => None,
+        };
+        // A body that is already here whole can be sent again if a pooled
+        // connection turns out to be closed.
+        let buffered_body = match req.framing {
+            Framing::Empty => Some(0),
+            Framing::Length(l) if l as usize <= self.buf.len() && l as usize <= INLINE_BODY => {
+                Some(l as usize)
+            }
+            _ => None,
+        };
+        // Whether the request's body has been read from the client (so the
+        // connection can take another request after an error response).
+        let mut body_read = matches!(req.framing, Framing::Empty | Framing::Length(0));
+        let mut last_err: Option<ProxyError> = None;
+        let mut outcome = None;
+        'upstreams: for upstream in req.pool.attempt_order() {
+            let mut pooled = true;
+            loop {
+                let (mut conn, reused) = match pooled.then(|| upstream.take_raw()).flatten() {
+                    Some(c) => (c, true),
+                    None => match proxy.connector.connect_raw(upstream).await {
+                        Ok(c) => (c, false),
+                        Err(e) => {
+                            tracing::warn!(host = %h.name, upstream = %upstream.url, error = %e, "upstream unreachable; trying the next one");
+                            upstream.mark_down(proxy.config.failure_cooldown);
+                            last_err = Some(ProxyError::Unreachable {
+                                upstream: upstream.url.to_string(),
+                                source: e,
+                            });
+                            continue 'upstreams;
+                        }
+                    },
+                };
+                pooled = false;
+                let client_cx = match (tracing, &server_cx) {
+                    (Some(tr), Some(parent)) => {
+                        let mut inject = http::HeaderMap::new();
+                        let cx = tr.child_span(
+                            parent,
+                            format!(
+                                "{} upstream",
+                                req.facts.as_ref().map_or("", |f| f.method.as_str())
+                            ),
+                            opentelemetry::trace::SpanKind::Client,
+                            vec![
+                                KeyValue::new(
+                                    "http.request.method",
+                                    req.facts
+                                        .as_ref()
+                                        .map(|f| f.method.clone())
+                                        .unwrap_or_default(),
+                                ),
+                                KeyValue::new(
+                                    "server.address",
+                                    upstream.url.authority().to_string(),
+                                ),
+                                KeyValue::new(
+                                    "url.full",
+                                    format!(
+                                        "{}{}",
+                                        upstream.url,
+                                        String::from_utf8_lossy(
+                                            &self.line[self
+                                                .line
+                                                .iter()
+                                                .position(|&b| b == b' ')
+                                                .map_or(0, |p| p + 1)
+                                                ..self.line.len().saturating_sub(11)]
+                                        )
+                                    ),
+                                ),
+                            ],
+                            Some(&mut inject),
+                        );
+                        Some((cx, inject))
+                    }
+                    _ => None,
+                };
+                // Head, and the body when it is here whole and small.
+                self.out.clear();
+                self.out.extend_from_slice(&self.line);
+                match (h.preserve_host, &upstream.host_header) {
+                    (false, Some(v)) => field(&mut self.out, b"Host", v.as_bytes()),
+                    _ => field(&mut self.out, b"Host", &self.host),
+                }
+                self.out.extend_from_slice(&self.fields);
+                if let Some((_, inject)) = &client_cx {
+                    for (k, v) in inject {
+                        field(&mut self.out, k.as_str().as_bytes(), v.as_bytes());
+                    }
+                }
+                self.out.extend_from_slice(b"\r\n");
+                if let Some(n) = buffered_body {
+                    self.out.extend_from_slice(&self.buf.bytes()[..n]);
+                }
+                let sent = async {
+                    conn.io.write_all(&self.out).await?;
+                    conn.io.flush().await
+                }
+                .await;
+                let end_span = |cx: &Option<(opentelemetry::Context, http::HeaderMap)>,
+                                status: Option<u16>,
+                                err: Option<String>| {
+                    if let Some((cx, _)) = cx {
+                        let attrs = status
+                            .map(|s| vec![KeyValue::new("http.response.status_code", i64::from(s))])
+                            .unwrap_or_default();
+                        otel::end(cx, attrs, err);
+                    }
+                };
+                if let Err(e) = sent {
+                    if reused && buffered_body.is_some() {
+                        end_span(&client_cx, None, Some(e.to_string()));
+                        continue; // a stale pooled connection: a new one
+                    }
+                    end_span(&client_cx, None, Some(e.to_string()));
+                    last_err = Some(ProxyError::UpstreamIo {
+                        upstream: upstream.url.to_string(),
+                        source: e,
+                    });
+                    break 'upstreams;
+                }
+                // The rest of the body, streamed.
+                match buffered_body {
+                    // Consumed once a response has come: until then it may
+                    // have to be sent again on a new connection.
+                    Some(_) => {}
+                    None => {
+                        if req.expect_continue {
+                            let _ = self.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+                            let _ = self.io.flush().await;
+                        }
+                        let r = copy_body(
+                            &mut self.io,
+                            &mut self.buf,
+                            &mut conn.io,
+                            req.framing,
+                            Coding::AsIs,
+                            &mut self.timer,
+                            proxy.config.header_read_timeout,
+                        )
+                        .await;
+                        if let Err(e) = r {
+                            let (msg, err) = match e {
+                                CopyError::Sink(e) => (
+                                    e.to_string(),
+                                    Some(ProxyError::UpstreamIo {
+                                        upstream: upstream.url.to_string(),
+                                        source: e,
+                                    }),
+                                ),
+                                CopyError::Source(e) => (format!("client: {e}"), None),
+                                CopyError::SourceTimedOut => ("client stalled".to_string(), None),
+                                CopyError::Invalid(w) => {
+                                    (w.to_string(), Some(ProxyError::BadRequest(w)))
+                                }
+                            };
+                            end_span(&client_cx, None, Some(msg));
+                            match err {
+                                Some(err) => last_err = Some(err),
+                                // The client went away or stalled mid-body:
+                                // nobody to answer.
+                                None => return Step::Close,
+                            }
+                            break 'upstreams;
+                        }
+                        body_read = true;
+                    }
+                }
+                // The response head, after any 1xx.
+                match self
+                    .read_response_head(&mut conn, resp_timeout, req.method == Method::Head)
+                    .await
+                {
+                    Ok(head) => {
+                        if let (false, Some(n)) = (body_read, buffered_body) {
+                            self.buf.consume(n);
+                            body_read = true;
+                        }
+                        end_span(&client_cx, Some(head.status), None);
+                        upstream.mark_up();
+                        outcome = Some((upstream.clone(), conn, head));
+                        break 'upstreams;
+                    }
+                    Err(HeadError::Closed) if reused && buffered_body.is_some() => {
+                        end_span(&client_cx, None, Some("closed".into()));
+                        continue;
+                    }
+                    Err(e) => {
+                        end_span(&client_cx, None, Some(e.to_string()));
+                        last_err = Some(match e {
+                            HeadError::TimedOut => {
+                                upstream.mark_down(proxy.config.failure_cooldown);
+                                ProxyError::Timeout {
+                                    upstream: upstream.url.to_string(),
+                                    timeout: resp_timeout,
+                                }
+                            }
+                            HeadError::Io(e) => ProxyError::UpstreamIo {
+                                upstream: upstream.url.to_string(),
+                                source: e,
+                            },
+                            HeadError::Closed => ProxyError::UpstreamIo {
+                                upstream: upstream.url.to_string(),
+                                source: std::io::Error::new(
+                                    std::io::ErrorKind::UnexpectedEof,
+                                    "connection closed before a response",
+                                ),
+                            },
+                            HeadError::Invalid(w) => ProxyError::UpstreamBad {
+                                upstream: upstream.url.to_string(),
+                                why: w,
+                            },
+                        });
+                        break 'upstreams;
+                    }
+                }
+            }
+        }
+        let Some((upstream, conn, head)) = outcome else {
+            let e = last_err.expect("a pool has at least one upstream");
+            tracing::warn!(host = %h.name, host_id = %h.id, client = %self.info.peer, status = e.status().as_u16(), "{e}");
+            if let (false, Some(n)) = (body_read, buffered_body) {
+                self.buf.consume(n);
+                body_read = true;
+            }
+            let close = !body_read;
+            let status = e.status();
+            let r = Refusal {
+                status,
+                message: format!(
+                    "{} {}: {e}\n",
+                    status.as_u16(),
+                    status.canonical_reason().unwrap_or("")
+                ),
+                close: close || !req.keep_alive,
+                route: Some(req.route.clone()),
+                location: None,
+                error: Some(e),
+                facts: req.facts,
+            };
+            let close = r.close;
+            if let Some(cx) = &server_cx {
+                self.proxy.end_server_span(
+                    cx,
+                    status.as_u16(),
+                    Some(&req.route),
+                    None,
+                    r.error.as_ref(),
+                );
+            }
+            let sent = self.refuse(r, started).await;
+            return if close || !sent {
+                Step::Close
+            } else {
+                Step::KeepAlive
+            };
+        };
+        self.respond(req, started, upstream, conn, head, server_cx)
+            .await
+    }
+
+    fn server_span(&self, tr: &otel::Tracing, f: &ReqFacts) -> opentelemetry::Context {
+        let mut carrier = http::HeaderMap::new();
+        if let Some(v) = &f.traceparent {
+            carrier.insert("traceparent", v.clone());
+        }
+        if let Some(v) = &f.tracestate {
+            carrier.insert("tracestate", v.clone());
+        }
+        let conn = &self.info;
+        tr.server_span(
+            &carrier,
+            f.method.clone(),
+            vec![
+                KeyValue::new("http.request.method", f.method.clone()),
+                KeyValue::new("url.path", f.path.clone()),
+                KeyValue::new("url.scheme", if conn.tls { "https" } else { "http" }),
+                KeyValue::new("server.address", f.authority.clone()),
+                KeyValue::new("client.address", conn.peer.ip().to_string()),
+                KeyValue::new("client.port", i64::from(conn.peer.port())),
+                KeyValue::new("network.protocol.version", "1.1"),
+            ],
+        )
+    }
+
+    /// Reads the upstream's response head (skipping 1xx other than 101) and
+    /// works out its framing.
+    async fn read_response_head(
+        &mut self,
+        conn: &mut RawConn,
+        timeout: Duration,
+        head_request: bool,
+    ) -> Result<RespHead, HeadError> {
+        let mut armed = false;
+        loop {
+            if !conn.buf.is_empty() {
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let mut p = httparse::Response::new(&mut headers);
+                match p.parse(conn.buf.bytes()) {
+                    Ok(httparse::Status::Complete(len)) => {
+                        let status = p.code.unwrap_or(0);
+                        if (100..200).contains(&status) && status != 101 {
+                            conn.buf.consume(len);
+                            continue;
+                        }
+                        return RespHead::from_parsed(&p, len, head_request);
+                    }
+                    Ok(httparse::Status::Partial) if conn.buf.len() >= MAX_HEAD => {
+                        return Err(HeadError::Invalid("response head too large"))
+                    }
+                    Ok(httparse::Status::Partial) => {}
+                    Err(_) => return Err(HeadError::Invalid("malformed response head")),
+                }
+            }
+            if !armed {
+                arm(&mut self.timer, timeout);
+                armed = true;
+            }
+            match read_into(&mut conn.io, &mut conn.buf, Some(self.timer.as_mut()), None).await {
+                Read::Data(_) => {}
+                Read::Eof if conn.buf.is_empty() => return Err(HeadError::Closed),
+                Read::Eof => {
+                    return Err(HeadError::Invalid(
+                        "connection closed inside the response head",
+                    ))
+                }
+                Read::TimedOut => return Err(HeadError::TimedOut),
+                Read::Err(e) => return Err(HeadError::Io(e)),
+                Read::Shutdown => unreachable!("no stop check given"),
+            }
+        }
+    }
+
+    /// Writes the response head and streams the body to the client.
+    #[allow(clippy::too_many_arguments)]
+    async fn respond(
+        &mut self,
+        req: Req,
+        started: Instant,
+        upstream: Arc<UpstreamState>,
+        mut conn: RawConn,
+        head: RespHead,
+        server_cx: Option<opentelemetry::Context>,
+    ) -> Step {
+        let proxy = self.proxy.clone();
+        // A 101 to a WebSocket upgrade: the head goes back exactly as sent,
+        // then the connections become a tunnel.
+        if head.status == 101 {
+            if !req.websocket {
+                let e = ProxyError::UpstreamBad {
+                    upstream: upstream.url.to_string(),
+                    why: "101 Switching Protocols to a request that asked for no upgrade",
+                };
+                let status = e.status();
+                let r = Refusal {
+                    status,
+                    message: format!(
+                        "{} {}: {e}\n",
+                        status.as_u16(),
+                        status.canonical_reason().unwrap_or("")
+                    ),
+                    close: true,
+                    route: Some(req.route.clone()),
+                    location: None,
+                    error: Some(e),
+                    facts: req.facts,
+                };
+                self.refuse(r, started).await;
+                return Step::Close;
+            }
+            let raw = conn.buf.bytes()[..head.len].to_vec();
+            conn.buf.consume(head.len);
+            if self.io.write_all(&raw).await.is_err() || self.io.flush().await.is_err() {
+                return Step::Close;
+            }
+            let span = match (
+                proxy.telemetry.get().and_then(|t| t.tracing.as_ref()),
+                &server_cx,
+            ) {
+                (Some(tr), Some(parent)) => {
+                    let cx = tr.child_span(
+                        parent,
+                        format!("WebSocket {}", req.route.host.name),
+                        opentelemetry::trace::SpanKind::Internal,
+                        vec![
+                            KeyValue::new("charon.host", req.route.host.name.clone()),
+                            KeyValue::new("charon.upstream", upstream.url.to_string()),
+                            KeyValue::new("client.address", self.info.peer.ip().to_string()),
+                            KeyValue::new(
+                                "websocket.subprotocol",
+                                head.subprotocol.clone().unwrap_or_default(),
+                            ),
+                            KeyValue::new(
+                                "websocket.extensions",
+                                head.extensions.clone().unwrap_or_default(),
+                            ),
+                        ],
+                        None,
+                    );
+                    otel::add_event(&cx, "upgrade", vec![]);
+                    Some(cx)
+                }
+                _ => None,
+            };
+            if let Some(cx) = &server_cx {
+                proxy.end_server_span(cx, 101, Some(&req.route), Some(&upstream.url_text), None);
+            }
+            proxy.record_h1(Served {
+                started,
+                conn: &self.info,
+                facts: req.facts,
+                status: 101,
+                route: Some(&req.route),
+                upstream: Some(&upstream.url_text),
+                error: None,
+                trace: server_cx.as_ref(),
+            });
+            return Step::Tunnel(Box::new(Tunnel {
+                route: req.route,
+                upstream,
+                conn,
+                span,
+            }));
+        }
+
+        let client_minor = req.minor;
+        let (framing, coding, chunked_out) = match head.framing {
+            Framing::Chunked if client_minor == 0 => (Framing::Chunked, Coding::Dechunk, false),
+            Framing::Chunked => (Framing::Chunked, Coding::AsIs, true),
+            f => (f, Coding::AsIs, false),
+        };
+        let close = !req.keep_alive
+            || self.closing()
+            || framing == Framing::Close
+            || coding == Coding::Dechunk;
+        let hsts = if self.info.tls {
+            req.route.hsts.clone()
+        } else {
+            None
+        };
+
+        // The head, rewritten from the upstream's.
+        self.out.clear();
+        {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut p = httparse::Response::new(&mut headers);
+            let _ = p.parse(&conn.buf.bytes()[..head.len]);
+            let out = &mut self.out;
+            out.extend_from_slice(if client_minor == 0 {
+                b"HTTP/1.0 "
+            } else {
+                b"HTTP/1.1 "
+            });
+            push_u64(out, u64::from(head.status));
+            out.push(b' ');
+            match p.reason {
+                Some(r) if !r.is_empty() => out.extend_from_slice(r.as_bytes()),
+                _ => out.extend_from_slice(
+                    StatusCode::from_u16(head.status)
+                        .ok()
+                        .and_then(|s| s.canonical_reason())
+                        .unwrap_or("")
+                        .as_bytes(),
+                ),
+            }
+            out.extend_from_slice(b"\r\n");
+            let mut wrote_length = false;
+            for hd in p.headers.iter() {
+                let keep = match classify(hd.name) {
+                    H::Connection | H::Upgrade | H::HopByHop | H::TransferEncoding => false,
+                    H::ContentLength => {
+                        let k = !wrote_length && head.te.is_none();
+                        wrote_length = true;
+                        k
+                    }
+                    H::Sts => hsts.is_none(),
+                    _ => !head
+                        .named
+                        .iter()
+                        .any(|t| t.eq_ignore_ascii_case(hd.name.as_bytes())),
+                };
+                if keep {
+                    field(out, hd.name.as_bytes(), hd.value);
+                }
+            }
+            if chunked_out {
+                field(out, b"Transfer-Encoding", b"chunked");
+            }
+            if close {
+                field(out, b"Connection", b"close");
+            } else if client_minor == 0 {
+                field(out, b"Connection", b"keep-alive");
+            }
+            if let Some(v) = &hsts {
+                field(out, b"Strict-Transport-Security", v.as_bytes());
+            }
+            out.extend_from_slice(b"\r\n");
+        }
+        conn.buf.consume(head.len);
+        // What of the body is already here goes out with the head, in one
+        // write (all of a small body; the first part of a large one).
+        let mut body_done = false;
+        let mut framing = framing;
+        if let Framing::Length(l) = framing {
+            let n = (l as usize).min(conn.buf.len()).min(INLINE_BODY);
+            self.out.extend_from_slice(&conn.buf.bytes()[..n]);
+            conn.buf.consume(n);
+            let rest = l - n as u64;
+            framing = Framing::Length(rest);
+            body_done = rest == 0;
+        }
+        if matches!(framing, Framing::Empty) {
+            body_done = true;
+        }
+        let status = head.status;
+        let mut error = None;
+        let mut client_gone = false;
+        let mut upstream_ok = head.reusable;
+        if self.io.write_all(&self.out).await.is_err() || self.io.flush().await.is_err() {
+            client_gone = true;
+            upstream_ok = upstream_ok && body_done;
+        } else if !body_done {
+            let idle = self.response_idle(&req);
+            let r = copy_body(
+                &mut conn.io,
+                &mut conn.buf,
+                &mut self.io,
+                framing,
+                coding,
+                &mut self.timer,
+                idle,
+            )
+            .await;
+            match r {
+                Ok(_) => {}
+                Err(CopyError::Sink(_)) => {
+                    client_gone = true;
+                    upstream_ok = false;
+                }
+                Err(e) => {
+                    // The head has gone out: the client learns of it by
+                    // the connection closing before the body's end.
+                    tracing::warn!(host = %req.route.host.name, upstream = %upstream.url, client = %self.info.peer, "upstream response body failed: {e:?}");
+                    upstream_ok = false;
+                    client_gone = true;
+                    error = Some(ProxyError::UpstreamBad {
+                        upstream: upstream.url.to_string(),
+                        why: "response body ended early or was malformed",
+                    });
+                }
+            }
+        }
+        if upstream_ok && conn.buf.is_empty() {
+            upstream.release_raw(conn);
+        }
+        if let Some(cx) = &server_cx {
+            proxy.end_server_span(
+                cx,
+                status,
+                Some(&req.route),
+                Some(&upstream.url_text),
+                error.as_ref(),
+            );
+        }
+        proxy.record_h1(Served {
+            started,
+            conn: &self.info,
+            facts: req.facts,
+            status,
+            route: Some(&req.route),
+            upstream: Some(&upstream.url_text),
+            error: error.as_ref(),
+            trace: server_cx.as_ref(),
+        });
+        if close || client_gone {
+            let _ = self.io.shutdown().await;
+            Step::Close
+        } else {
+            Step::KeepAlive
+        }
+    }
+
+    fn response_idle(&self, req: &Req) -> Duration {
+        let h = &req.route.host;
+        if h.upstream_timeout_ms > 0 {
+            Duration::from_millis(u64::from(h.upstream_timeout_ms))
+        } else {
+            self.proxy.config.upstream_timeout
+        }
+    }
+}
+
+enum Step {
+    KeepAlive,
+    Close,
+    Tunnel(Box<Tunnel>),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum HeadError {
+    #[error("connection closed before a response")]
+    Closed,
+    #[error("no response in time")]
+    TimedOut,
+    #[error("{0}")]
+    Io(std::io::Error),
+    #[error("{0}")]
+    Invalid(&'static str),
+}
+
+/// What the proxy needs of an upstream's response head.
+struct RespHead {
+    len: usize,
+    status: u16,
+    framing: Framing,
+    /// Transfer-Encoding was present.
+    te: Option<()>,
+    /// The connection may carry another request afterwards.
+    reusable: bool,
+    /// Fields named in `Connection`, to be dropped.
+    named: Vec<Vec<u8>>,
+    subprotocol: Option<String>,
+    extensions: Option<String>,
+}
+
+impl RespHead {
+    fn from_parsed(
+        p: &httparse::Response<'_, '_>,
+        len: usize,
+        head_request: bool,
+    ) -> Result<RespHead, HeadError> {
+        let status = p.code.unwrap_or(0);
+        let minor = p.version.unwrap_or(1);
+        let mut length = None;
+        let mut bad_length = false;
+        let mut te: Option<&[u8]> = None;
+        let mut close = false;
+        let mut keep = false;
+        let mut named = Vec::new();
+        let mut subprotocol = None;
+        let mut extensions = None;
+        for h in p.headers.iter() {
+            match classify(h.name) {
+                H::ContentLength => match parse_length(h.value) {
+                    Some(v) if length.is_none_or(|l| l == v) => length = Some(v),
+                    _ => bad_length = true,
+                },
+                H::TransferEncoding => te = Some(h.value),
+                H::Connection => {
+                    for t in tokens(h.value) {
+                        if t.eq_ignore_ascii_case(b"close") {
+                            close = true;
+                        } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                            keep = true;
+                        } else if !t.is_empty() && !t.eq_ignore_ascii_case(b"upgrade") {
+                            named.push(t.to_vec());
+                        }
+                    }
+                }
+                H::Other if status == 101 => {
+                    if h.name.eq_ignore_ascii_case("sec-websocket-protocol") {
+                        subprotocol = Some(String::from_utf8_lossy(h.value).into_owned());
+                    } else if h.name.eq_ignore_ascii_case("sec-websocket-extensions") {
+                        extensions = Some(String::from_utf8_lossy(h.value).into_owned());
+                    }
+                }
+                _ => {}
+            }
+        }
+        let no_body = head_request || status == 204 || status == 304 || status == 101;
+        let framing = if no_body {
+            Framing::Empty
+        } else if let Some(t) = te {
+            match tokens(t).last() {
+                Some(last) if last.eq_ignore_ascii_case(b"chunked") => Framing::Chunked,
+                _ => Framing::Close,
+            }
+        } else if bad_length {
+            return Err(HeadError::Invalid("invalid Content-Length from upstream"));
+        } else {
+            match length {
+                Some(l) => Framing::Length(l),
+                None => Framing::Close,
+            }
+        };
+        let reusable = framing != Framing::Close && !close && (minor == 1 || keep) && status != 101;
+        Ok(RespHead {
+            len,
+            status,
+            framing,
+            te: te.map(|_| ()),
+            reusable,
+            named,
+            subprotocol,
+            extensions,
+        })
+    }
+}
+
+/// The length of the head at the start of `b` once its empty line has
+/// arrived (CRLF or bare LF line ends, as httparse takes them). Only the
+/// end is looked for here: the head is parsed once, by `Client::parse`.
+fn head_end(b: &[u8]) -> Option<usize> {
+    // Empty lines before a request line are skipped (RFC 9112 §2.2).
+    let mut from = 0;
+    while from < b.len() && (b[from] == b'\r' || b[from] == b'\n') {
+        from += 1;
+    }
+    let mut i = from;
+    while let Some(p) = b[i..].iter().position(|&c| c == b'\n') {
+        let at = i + p;
+        match (b.get(at + 1), b.get(at + 2)) {
+            (Some(b'\n'), _) => return Some(at + 2),
+            (Some(b'\r'), Some(b'\n')) => return Some(at + 3),
+            (Some(_), _) | (None, _) => {}
+        }
+        i = at + 1;
+    }
+    None
+}
+
+fn strip_scheme(target: &str) -> Option<&str> {
+    let (scheme, rest) = target.split_once("://")?;
+    (scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https")).then_some(rest)
+}
+
+/// The listener is shutting down: checked on each wake-up of an idle
+/// connection; the first check registers the task with the shutdown's
+/// `Notify`, so that it is woken when the shutdown begins.
+fn stop_requested(
+    shutdown: &Arc<Shutdown>,
+    stop: &mut Option<Pin<Box<OwnedNotified>>>,
+    cx: &mut Context<'_>,
+) -> bool {
+    if shutdown.is_on() {
+        return true;
+    }
+    if stop.is_none() {
+        let mut n = Box::pin(shutdown.notify.clone().notified_owned());
+        let _ = n.as_mut().poll(cx);
+        *stop = Some(n);
+    }
+    shutdown.is_on()
+}
+
+/// A response made by the proxy itself (errors, redirects).
+fn simple_response(
+    out: &mut Vec<u8>,
+    minor: u8,
+    status: StatusCode,
+    body: &str,
+    close: bool,
+    location: Option<&str>,
+    hsts: Option<&http::HeaderValue>,
+) {
+    out.extend_from_slice(if minor == 0 {
+        b"HTTP/1.0 "
+    } else {
+        b"HTTP/1.1 "
+    });
+    push_u64(out, u64::from(status.as_u16()));
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    field(out, b"Content-Type", b"text/plain; charset=utf-8");
+    out.extend_from_slice(b"Content-Length: ");
+    push_u64(out, body.len() as u64);
+    out.extend_from_slice(b"\r\n");
+    if let Some(l) = location {
+        field(out, b"Location", l.as_bytes());
+    }
+    if let Some(v) = hsts {
+        field(out, b"Strict-Transport-Security", v.as_bytes());
+    }
+    if close {
+        field(out, b"Connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_classes() {
+        assert_eq!(classify("Host"), H::Host);
+        assert_eq!(classify("content-LENGTH"), H::ContentLength);
+        assert_eq!(classify("Transfer-Encoding"), H::TransferEncoding);
+        assert_eq!(classify("X-Forwarded-For"), H::Xff);
+        assert_eq!(classify("x-forwarded-proto"), H::Xfp);
+        assert_eq!(classify("TE"), H::HopByHop);
+        assert_eq!(classify("x-custom"), H::Other);
+    }
+
+    #[test]
+    fn lengths() {
+        assert_eq!(parse_length(b"0"), Some(0));
+        assert_eq!(parse_length(b"12345"), Some(12345));
+        assert_eq!(parse_length(b"+5"), None);
+        assert_eq!(parse_length(b"1 2"), None);
+        assert_eq!(parse_length(b""), None);
+        assert_eq!(parse_length(b"9999999999999999999"), None);
+    }
+
+    #[test]
+    fn head_ends_are_found() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nBODY"), Some(27));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n"), None);
+        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: a\n\n"), Some(24));
+        assert_eq!(
+            head_end(b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Some(31)
+        );
+        let mut n = 0;
+        push_u64(&mut Vec::new(), 0);
+        let mut v = Vec::new();
+        push_u64(&mut v, 1_234_567);
+        n += v.len();
+        assert_eq!((v, n), (b"1234567".to_vec(), 7));
+    }
+}

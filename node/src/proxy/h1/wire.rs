@@ -1,0 +1,658 @@
+//! HTTP/1.x on the wire: a read buffer, message framing, the chunked
+//! coding, and the small I/O helpers the proxy's HTTP/1 path is made of.
+//!
+//! Bodies are passed through as bytes: a chunked body goes on chunked, its
+//! chunk boundaries and trailers as they came; [`Chunked`] only reads along
+//! to find where the body ends (and decodes for HTTP/1.0 clients, who
+//! cannot take the chunked coding).
+
+use std::cell::RefCell;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// Grows a buffer by at least this much when it is full.
+const READ_CHUNK: usize = 8 * 1024;
+/// Size of the buffers bodies are streamed through.
+pub const BODY_BUF: usize = 64 * 1024;
+/// Body buffers kept per worker thread between uses.
+const BODY_BUFS_PER_THREAD: usize = 32;
+/// Longest trailer section accepted after a chunked body.
+const MAX_TRAILERS: usize = 16 * 1024;
+
+/// A read buffer: bytes `start..end` of `data` are unread. Plain indices
+/// over one zero-initialised `Vec`, so reads need no `unsafe` and the
+/// buffer is reused for every message on a connection.
+#[derive(Default)]
+pub struct Buf {
+    data: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Buf {
+    pub fn with_capacity(n: usize) -> Buf {
+        Buf {
+            data: vec![0; n],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.data[self.start..self.end]
+    }
+
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    pub fn consume(&mut self, n: usize) {
+        debug_assert!(n <= self.len());
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Takes the unread bytes out (for a tunnel's first bytes).
+    pub fn take(&mut self) -> Vec<u8> {
+        let v = self.bytes().to_vec();
+        self.start = 0;
+        self.end = 0;
+        v
+    }
+
+    pub fn extend(&mut self, bytes: &[u8]) {
+        let spare = self.spare(bytes.len());
+        spare[..bytes.len()].copy_from_slice(bytes);
+        self.end += bytes.len();
+    }
+
+    /// Room to read into, at least `min` bytes: moves unread bytes to the
+    /// front, or grows the buffer.
+    fn spare(&mut self, min: usize) -> &mut [u8] {
+        if self.data.len() - self.end < min {
+            if self.start > 0 {
+                self.data.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            if self.data.len() - self.end < min {
+                let want = (self.end + min).max(self.data.len() + READ_CHUNK);
+                self.data.resize(want, 0);
+            }
+        }
+        &mut self.data[self.end..]
+    }
+
+    /// Frees the memory of an empty buffer (an idle keep-alive connection
+    /// should not hold it).
+    pub fn shrink_if_empty(&mut self, keep: usize) {
+        if self.is_empty() && self.data.len() > keep {
+            self.data = vec![0; keep];
+        }
+    }
+}
+
+/// What one read ended with.
+#[derive(Debug)]
+pub enum Read {
+    /// This many new bytes are in the buffer.
+    Data(usize),
+    Eof,
+    TimedOut,
+    /// The listener is shutting down and the caller asked to be told.
+    Shutdown,
+    Err(io::Error),
+}
+
+/// Reads once into `buf` (at least 1 byte of room, growing it when full),
+/// giving up at the timer's deadline. `stop` is checked only while the read
+/// is pending, so a busy connection is never cut by it.
+pub async fn read_into<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut Buf,
+    mut timer: Option<Pin<&mut Sleep>>,
+    mut stop: Option<&mut (dyn FnMut(&mut Context<'_>) -> bool + Send)>,
+) -> Read {
+    poll_fn(|cx| {
+        let room = buf.spare(1024);
+        let mut rb = ReadBuf::new(room);
+        match Pin::new(&mut *io).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                let n = rb.filled().len();
+                buf.end += n;
+                return Poll::Ready(if n == 0 { Read::Eof } else { Read::Data(n) });
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Read::Err(e)),
+            Poll::Pending => {}
+        }
+        if let Some(stop) = stop.as_mut() {
+            if stop(cx) {
+                return Poll::Ready(Read::Shutdown);
+            }
+        }
+        if let Some(t) = timer.as_mut() {
+            if t.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Read::TimedOut);
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Arms `timer` for `d` from now.
+pub fn arm(timer: &mut Pin<Box<Sleep>>, d: std::time::Duration) {
+    timer.as_mut().reset(Instant::now() + d);
+}
+
+/// How a message's body is delimited (RFC 9112 §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body at all.
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the connection closes (responses only).
+    Close,
+}
+
+/// Where [`Chunked`] is in the chunked coding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum St {
+    Size,
+    Ext,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    TrailerStart,
+    Trailer,
+    TrailerLf,
+    LastLf,
+    Done,
+}
+
+/// Reads along a chunked body to find its end (RFC 9112 §7.1).
+#[derive(Debug)]
+pub struct Chunked {
+    st: St,
+    size: u64,
+    digits: u8,
+    trailer_bytes: usize,
+}
+
+impl Default for Chunked {
+    fn default() -> Self {
+        Chunked {
+            st: St::Size,
+            size: 0,
+            digits: 0,
+            trailer_bytes: 0,
+        }
+    }
+}
+
+impl Chunked {
+    pub fn is_done(&self) -> bool {
+        self.st == St::Done
+    }
+
+    /// Scans `input`; returns how many of its bytes belong to the body (all
+    /// of them unless the body ends inside). `data` is given each run of
+    /// chunk data, for decoding.
+    pub fn scan(
+        &mut self,
+        input: &[u8],
+        mut data: impl FnMut(&[u8]),
+    ) -> Result<usize, &'static str> {
+        let mut i = 0;
+        while i < input.len() && self.st != St::Done {
+            if self.st == St::Data {
+                let n = (self.size.min((input.len() - i) as u64)) as usize;
+                data(&input[i..i + n]);
+                i += n;
+                self.size -= n as u64;
+                if self.size == 0 {
+                    self.st = St::DataCr;
+                }
+                continue;
+            }
+            let b = input[i];
+            i += 1;
+            self.st = match self.st {
+                St::Size => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        if self.digits == 15 {
+                            return Err("chunk size too large");
+                        }
+                        let d = (b as char).to_digit(16).unwrap_or(0) as u64;
+                        self.size = self.size * 16 + d;
+                        self.digits += 1;
+                        St::Size
+                    }
+                    _ if self.digits == 0 => return Err("invalid chunk size"),
+                    b';' | b' ' | b'\t' => St::Ext,
+                    b'\r' => St::SizeLf,
+                    _ => return Err("invalid chunk size"),
+                },
+                St::Ext => match b {
+                    b'\r' => St::SizeLf,
+                    b'\t' | b' '..=b'~' | 0x80..=0xff => St::Ext,
+                    _ => return Err("invalid chunk extension"),
+                },
+                St::SizeLf => match b {
+                    b'\n' if self.size == 0 => St::TrailerStart,
+                    b'\n' => St::Data,
+                    _ => return Err("invalid chunk line"),
+                },
+                St::DataCr => match b {
+                    b'\r' => St::DataLf,
+                    _ => return Err("chunk longer than its size"),
+                },
+                St::DataLf => match b {
+                    b'\n' => {
+                        self.digits = 0;
+                        St::Size
+                    }
+                    _ => return Err("invalid chunk end"),
+                },
+                St::TrailerStart => match b {
+                    b'\r' => St::LastLf,
+                    _ => self.trailer_byte()?,
+                },
+                St::Trailer => match b {
+                    b'\r' => St::TrailerLf,
+                    _ => self.trailer_byte()?,
+                },
+                St::TrailerLf => match b {
+                    b'\n' => St::TrailerStart,
+                    _ => return Err("invalid trailer line"),
+                },
+                St::LastLf => match b {
+                    b'\n' => St::Done,
+                    _ => return Err("invalid end of chunked body"),
+                },
+                St::Data | St::Done => unreachable!("handled above"),
+            };
+        }
+        Ok(i)
+    }
+
+    fn trailer_byte(&mut self) -> Result<St, &'static str> {
+        self.trailer_bytes += 1;
+        if self.trailer_bytes > MAX_TRAILERS {
+            return Err("trailers too large");
+        }
+        Ok(St::Trailer)
+    }
+}
+
+thread_local! {
+    static BODY_BUFS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A body buffer lent from a per-thread pool while one body is streamed:
+/// a connection that is not streaming holds none.
+pub struct BodyBuf(Option<Box<[u8]>>);
+
+impl BodyBuf {
+    pub fn take() -> BodyBuf {
+        let b = BODY_BUFS
+            .with(|p| p.borrow_mut().pop())
+            .unwrap_or_else(|| vec![0u8; BODY_BUF].into_boxed_slice());
+        BodyBuf(Some(b))
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        self.0.as_deref_mut().expect("taken until dropped")
+    }
+}
+
+impl Drop for BodyBuf {
+    fn drop(&mut self) {
+        if let Some(b) = self.0.take() {
+            BODY_BUFS.with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() < BODY_BUFS_PER_THREAD {
+                    p.push(b);
+                }
+            });
+        }
+    }
+}
+
+/// Why a body could not be passed on, by whose side failed.
+#[derive(Debug)]
+pub enum CopyError {
+    /// Reading the body's source failed, or it ended early.
+    Source(io::Error),
+    /// The source sent something that is not a valid body.
+    Invalid(&'static str),
+    /// The source was silent for longer than allowed.
+    SourceTimedOut,
+    /// Writing to the destination failed (the receiver went away).
+    Sink(io::Error),
+}
+
+/// How a body is written out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coding {
+    /// Byte for byte, framing included.
+    AsIs,
+    /// Chunked in, plain data out (for HTTP/1.0 clients).
+    Dechunk,
+}
+
+/// Streams one body from `src` (its first bytes already in `buf`) to
+/// `dst`, `idle` being the longest silence allowed between reads. Bytes
+/// after the body stay in `buf`. Returns the number of bytes written.
+#[allow(clippy::too_many_arguments)]
+pub async fn copy_body<R, W>(
+    src: &mut R,
+    buf: &mut Buf,
+    dst: &mut W,
+    framing: Framing,
+    coding: Coding,
+    timer: &mut Pin<Box<Sleep>>,
+    idle: std::time::Duration,
+) -> Result<u64, CopyError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut chunked = Chunked::default();
+    let mut remaining = match framing {
+        Framing::Empty | Framing::Length(0) => return Ok(0),
+        Framing::Length(n) => n,
+        Framing::Chunked | Framing::Close => u64::MAX,
+    };
+    let mut written = 0u64;
+    // First the bytes already read with the head.
+    if !buf.is_empty() {
+        let (used, done) = pass(
+            buf.bytes(),
+            framing,
+            coding,
+            &mut remaining,
+            &mut chunked,
+            dst,
+            &mut written,
+        )
+        .await?;
+        buf.consume(used);
+        if done {
+            return Ok(written);
+        }
+    }
+    let mut scratch = BodyBuf::take();
+    loop {
+        let room = match framing {
+            // Never read past the body: what follows is the next message.
+            Framing::Length(_) => (remaining.min(BODY_BUF as u64)) as usize,
+            _ => BODY_BUF,
+        };
+        arm(timer, idle);
+        let n = {
+            let dst_buf = &mut scratch.bytes_mut()[..room];
+            read_slice(src, dst_buf, timer.as_mut()).await?
+        };
+        if n == 0 {
+            return match framing {
+                Framing::Close => Ok(written),
+                _ => Err(CopyError::Source(io::ErrorKind::UnexpectedEof.into())),
+            };
+        }
+        let data = &scratch.bytes_mut()[..n];
+        let (used, done) = pass(
+            data,
+            framing,
+            coding,
+            &mut remaining,
+            &mut chunked,
+            dst,
+            &mut written,
+        )
+        .await?;
+        if done {
+            // A pipelining peer's next message: back to the connection's buffer.
+            if used < n {
+                buf.extend(&scratch.bytes_mut()[used..n]);
+            }
+            return Ok(written);
+        }
+    }
+}
+
+/// Passes the body's part of `data` on; returns (bytes used, body done).
+async fn pass<W: AsyncWrite + Unpin>(
+    data: &[u8],
+    framing: Framing,
+    coding: Coding,
+    remaining: &mut u64,
+    chunked: &mut Chunked,
+    dst: &mut W,
+    written: &mut u64,
+) -> Result<(usize, bool), CopyError> {
+    match framing {
+        Framing::Empty => Ok((0, true)),
+        Framing::Length(_) => {
+            let n = (*remaining).min(data.len() as u64) as usize;
+            write_all(dst, &data[..n]).await?;
+            *written += n as u64;
+            *remaining -= n as u64;
+            Ok((n, *remaining == 0))
+        }
+        Framing::Close => {
+            write_all(dst, data).await?;
+            *written += data.len() as u64;
+            Ok((data.len(), false))
+        }
+        Framing::Chunked => match coding {
+            Coding::AsIs => {
+                let n = chunked.scan(data, |_| {}).map_err(CopyError::Invalid)?;
+                write_all(dst, &data[..n]).await?;
+                *written += n as u64;
+                Ok((n, chunked.is_done()))
+            }
+            Coding::Dechunk => {
+                let mut runs: Vec<(usize, usize)> = Vec::new();
+                let base = data.as_ptr() as usize;
+                let n = chunked
+                    .scan(data, |run| {
+                        let at = run.as_ptr() as usize - base;
+                        runs.push((at, at + run.len()));
+                    })
+                    .map_err(CopyError::Invalid)?;
+                for (a, b) in runs {
+                    write_all(dst, &data[a..b]).await?;
+                    *written += (b - a) as u64;
+                }
+                Ok((n, chunked.is_done()))
+            }
+        },
+    }
+}
+
+async fn write_all<W: AsyncWrite + Unpin>(dst: &mut W, data: &[u8]) -> Result<(), CopyError> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    dst.write_all(data).await.map_err(CopyError::Sink)?;
+    dst.flush().await.map_err(CopyError::Sink)
+}
+
+async fn read_slice<R: AsyncRead + Unpin>(
+    src: &mut R,
+    dst: &mut [u8],
+    mut timer: Pin<&mut Sleep>,
+) -> Result<usize, CopyError> {
+    poll_fn(|cx| {
+        let mut rb = ReadBuf::new(dst);
+        match Pin::new(&mut *src).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => return Poll::Ready(Ok(rb.filled().len())),
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(CopyError::Source(e))),
+            Poll::Pending => {}
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(CopyError::SourceTimedOut));
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// A connection whose first bytes were already read: they are read again
+/// first. Used where a connection changes hands with bytes in flight (an
+/// h2 preface, a tunnel's first frames).
+pub struct Prefixed<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Prefixed {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let n = (self.prefix.len() - self.pos).min(buf.remaining());
+            let pos = self.pos;
+            buf.put_slice(&self.prefix[pos..pos + n]);
+            self.pos += n;
+            if self.pos == self.prefix.len() {
+                // Give the memory back: a tunnel may live for days.
+                self.prefix = Vec::new();
+                self.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan_all(input: &[u8]) -> Result<(usize, Vec<u8>, bool), &'static str> {
+        let mut c = Chunked::default();
+        let mut out = Vec::new();
+        let n = c.scan(input, |d| out.extend_from_slice(d))?;
+        Ok((n, out, c.is_done()))
+    }
+
+    #[test]
+    fn chunked_finds_the_end_and_decodes() {
+        let body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\nNEXT";
+        let (n, data, done) = scan_all(body).unwrap();
+        assert!(done);
+        assert_eq!(&body[n..], b"NEXT");
+        assert_eq!(data, b"hello world");
+        let with_trailer = b"3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n";
+        let (n, data, done) = scan_all(with_trailer).unwrap();
+        assert!(done);
+        assert_eq!(n, with_trailer.len());
+        assert_eq!(data, b"abc");
+    }
+
+    #[test]
+    fn chunked_works_byte_by_byte() {
+        let body = b"A\r\n0123456789\r\n0\r\n\r\n";
+        let mut c = Chunked::default();
+        let mut out = Vec::new();
+        for b in body.iter() {
+            assert!(!c.is_done());
+            let n = c.scan(std::slice::from_ref(b), |d| out.extend_from_slice(d));
+            assert_eq!(n, Ok(1));
+        }
+        assert!(c.is_done());
+        assert_eq!(out, b"0123456789");
+    }
+
+    #[test]
+    fn chunked_refuses_garbage() {
+        assert!(scan_all(b"x\r\n").is_err());
+        assert!(scan_all(b"\r\n").is_err());
+        assert!(scan_all(b"3\r\nabcd\r\n").is_err());
+        assert!(scan_all(b"ffffffffffffffff\r\n").is_err());
+        assert!(scan_all(b"3\nabc").is_err());
+    }
+
+    #[test]
+    fn buf_reuses_and_grows() {
+        let mut b = Buf::with_capacity(4);
+        b.extend(b"abc");
+        b.consume(2);
+        b.extend(b"defghij");
+        assert_eq!(b.bytes(), b"cdefghij");
+        b.consume(8);
+        assert!(b.is_empty());
+        assert_eq!(b.take(), b"");
+    }
+
+    #[tokio::test]
+    async fn prefixed_reads_its_prefix_first() {
+        use tokio::io::AsyncReadExt;
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(b" world").await.unwrap();
+        drop(a);
+        let mut p = Prefixed::new(b"hello".to_vec(), b);
+        let mut s = String::new();
+        p.read_to_string(&mut s).await.unwrap();
+        assert_eq!(s, "hello world");
+    }
+}

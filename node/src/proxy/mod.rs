@@ -266,6 +266,9 @@ impl Proxy {
     /// they are counted in [`Proxy::cut_count`].
     pub fn cut_all(&self) {
         self.cut.send_modify(|n| *n += 1);
+        for t in self.tunnels.list() {
+            t.cut();
+        }
     }
 
     /// Connections and tunnels closed by [`Proxy::cut_all`].
@@ -803,25 +806,57 @@ impl Proxy {
         };
         let telemetry = self.telemetry.get().cloned();
         let tls = conn.tls;
-        tokio::spawn(self.cuttable(async move {
-            let info = reg.info.clone();
-            tracing::debug!(tunnel = info.id, host = %info.host_name, upstream = %info.upstream, client = %info.client, "tunnel open");
-            if let Some(t) = &telemetry {
-                t.metrics.tunnel_opened(&Arc::from(info.host_name.as_str()));
-            }
-            let started = std::time::Instant::now();
-            // Logged however the tunnel ends, even when cut.
-            let _log = telemetry.map(|t| TunnelLog {
-                t,
-                info: info.clone(),
-                started,
-                tls,
-                span,
-            });
-            relay::relay(client, up, info.clone(), opts).await;
-            tracing::debug!(tunnel = info.id, "tunnel closed");
-            drop(reg);
-        }));
+        let info = reg.info.clone();
+        tracing::debug!(tunnel = info.id, host = %info.host_name, upstream = %info.upstream, client = %info.client, "tunnel open");
+        if let Some(t) = &telemetry {
+            t.metrics.tunnel_opened(&Arc::from(info.host_name.as_str()));
+        }
+        // Logged however the tunnel ends, even when cut.
+        let log = telemetry.map(|t| TunnelLog {
+            t,
+            info: info.clone(),
+            started: std::time::Instant::now(),
+            tls,
+            span,
+        });
+        tokio::spawn(TunnelTask {
+            relay: relay::relay(client, up, info, opts),
+            proxy: self.clone(),
+            _log: log,
+            _reg: reg,
+        });
+    }
+}
+
+/// A tunnel's task: its relay, and what must happen when it ends (the
+/// access-log line, leaving the registry). A plain struct rather than an
+/// `async` block wrapped in a `select!` for the cut: both of those keep a
+/// second copy of the relay's state in the task, and an idle tunnel's
+/// memory is mostly its task.
+struct TunnelTask<C, U> {
+    relay: relay::Relay<C, U>,
+    proxy: Arc<Proxy>,
+    _log: Option<TunnelLog>,
+    _reg: tunnels::Registration,
+}
+
+impl<C, U> Future for TunnelTask<C, U>
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let end = std::task::ready!(std::pin::Pin::new(&mut self.relay).poll(cx));
+        if end == relay::RelayEnd::Cut {
+            self.proxy.cut_count.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::debug!(tunnel = self._reg.info.id, ?end, "tunnel closed");
+        std::task::Poll::Ready(())
     }
 }
 

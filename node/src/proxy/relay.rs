@@ -25,7 +25,7 @@
 //! the run queue, so a thousand busy tunnels on one worker take turns.
 
 use std::cell::RefCell;
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -403,7 +403,11 @@ impl Timers {
 }
 
 /// Both directions of a tunnel and what they share.
-struct Relay<C, U> {
+/// A tunnel's relay: a future that ends when the tunnel is over. Written
+/// by hand rather than as an `async fn`, whose frame would keep a second
+/// copy of both connections (the arguments) next to the state: an idle
+/// tunnel's memory is mostly this struct.
+pub struct Relay<C, U> {
     client: C,
     upstream: U,
     info: Arc<TunnelInfo>,
@@ -418,6 +422,44 @@ struct Relay<C, U> {
     last_activity: Instant,
     /// The proxy has closed its side of the client's TCP connection.
     client_shut: bool,
+    /// The idle/ping tick, for tunnels that have one (boxed: most have
+    /// none, and an unboxed `Sleep` is over 100 bytes).
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Bounds the wait for the peers to hang up after the closing handshake.
+    linger: Option<Pin<Box<Sleep>>>,
+}
+
+/// How a relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// Both sides are done (or one failed).
+    Done,
+    /// The proxy cut it ([`TunnelInfo::cut`]).
+    Cut,
+}
+
+impl<C, U> std::future::Future for Relay<C, U>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    type Output = RelayEnd;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayEnd> {
+        let this = self.get_mut();
+        // Registered on every wake-up, so a cut reaches the relay even
+        // after a close request has used the previous registration.
+        this.info.register_relay(cx);
+        if this.info.is_cut() {
+            return Poll::Ready(RelayEnd::Cut);
+        }
+        let mut spare = None;
+        let poll = this.poll_with(cx, &mut spare);
+        if let Some(buf) = spare {
+            give_buf(buf);
+        }
+        poll.map(|()| RelayEnd::Done)
+    }
 }
 
 impl<C, U> Relay<C, U>
@@ -425,29 +467,9 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-        timer: Pin<&mut Option<Sleep>>,
-        linger: Pin<&mut Option<Sleep>>,
-    ) -> Poll<()> {
-        let mut spare = None;
-        let poll = self.poll_with(cx, timer, linger, &mut spare);
-        if let Some(buf) = spare {
-            give_buf(buf);
-        }
-        poll
-    }
-
-    fn poll_with(
-        &mut self,
-        cx: &mut Context<'_>,
-        mut timer: Pin<&mut Option<Sleep>>,
-        mut linger: Pin<&mut Option<Sleep>>,
-        spare: &mut Option<Box<[u8]>>,
-    ) -> Poll<()> {
-        while let (Some(sleep), Some(timers)) = (timer.as_mut().as_pin_mut(), &mut self.timers) {
-            if sleep.poll(cx).is_pending() {
+    fn poll_with(&mut self, cx: &mut Context<'_>, spare: &mut Option<Box<[u8]>>) -> Poll<()> {
+        while let (Some(sleep), Some(timers)) = (self.timer.as_mut(), &mut self.timers) {
+            if sleep.as_mut().poll(cx).is_pending() {
                 break;
             }
             match timers.on_tick(&self.info, self.last_activity) {
@@ -457,13 +479,13 @@ where
                     self.down.request(self.close.as_ref(), true);
                 }
                 Tick::Closed => {
-                    timer.set(None);
+                    self.timer = None;
                     break;
                 }
             }
             let next = Instant::now() + timers.tick;
-            if let Some(sleep) = timer.as_mut().as_pin_mut() {
-                sleep.reset(next);
+            if let Some(sleep) = self.timer.as_mut() {
+                sleep.as_mut().reset(next);
             }
         }
         if self.close.is_none() {
@@ -534,22 +556,28 @@ where
         }
         // Once a Close has passed both ways, the peers normally hang up;
         // bound how long we wait for them to.
-        if linger.is_none()
+        if self.linger.is_none()
             && self.info.to_client.close_code().is_some()
             && self.info.to_upstream.close_code().is_some()
         {
-            linger.set(Some(tokio::time::sleep(CLOSE_LINGER)));
+            self.linger = Some(Box::pin(tokio::time::sleep(CLOSE_LINGER)));
         }
-        match linger.as_pin_mut() {
-            Some(sleep) => sleep.poll(cx),
+        match self.linger.as_mut() {
+            Some(sleep) => sleep.as_mut().poll(cx),
             None => Poll::Pending,
         }
     }
 }
 
 /// Relays between an upgraded client connection and an upgraded upstream
-/// connection until both sides are done. Returns when the tunnel is over.
-pub async fn relay<C, U>(client: C, upstream: U, info: Arc<TunnelInfo>, opts: TunnelOptions)
+/// connection until both sides are done: the returned future ends when
+/// the tunnel is over.
+pub fn relay<C, U>(
+    client: C,
+    upstream: U,
+    info: Arc<TunnelInfo>,
+    opts: TunnelOptions,
+) -> Relay<C, U>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -560,10 +588,7 @@ where
         (Some(a), None) | (None, Some(a)) => Some(a),
     };
     let now = Instant::now();
-    let timer = tick.map(tokio::time::sleep);
-    let linger: Option<Sleep> = None;
-    tokio::pin!(timer, linger);
-    let mut relay = Relay {
+    Relay {
         client,
         upstream,
         info,
@@ -579,8 +604,9 @@ where
         }),
         last_activity: now,
         client_shut: false,
-    };
-    poll_fn(|cx| relay.poll(cx, timer.as_mut(), linger.as_mut())).await
+        timer: tick.map(|t| Box::pin(tokio::time::sleep(t))),
+        linger: None,
+    }
 }
 
 #[cfg(test)]

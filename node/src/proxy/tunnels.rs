@@ -61,6 +61,8 @@ pub struct TunnelInfo {
     /// and takes the lock only when it is set.
     close_request: Mutex<Option<(u16, String)>>,
     close_requested: AtomicBool,
+    /// Set by [`TunnelInfo::cut`]: the relay ends at its next wake-up.
+    cut: AtomicBool,
     /// The relay's task, woken by [`close`](Self::close).
     relay_waker: AtomicWaker,
 }
@@ -83,6 +85,22 @@ impl TunnelInfo {
 
     /// Whether the proxy asked this tunnel to close (drain, idle timeout,
     /// shutdown) — as opposed to one of its ends.
+    /// Ends the tunnel now, without a goodbye (the last step of a drain).
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::Release);
+        self.relay_waker.wake();
+    }
+
+    pub fn is_cut(&self) -> bool {
+        self.cut.load(Ordering::Acquire)
+    }
+
+    /// The relay's task, to be woken by [`close`](Self::close) and
+    /// [`cut`](Self::cut).
+    pub fn register_relay(&self, cx: &Context<'_>) {
+        self.relay_waker.register(cx.waker());
+    }
+
     pub fn close_was_requested(&self) -> bool {
         self.close_requested.load(Ordering::Acquire)
     }
@@ -143,6 +161,7 @@ impl TunnelRegistry {
             to_client: DirStats::default(),
             close_request: Mutex::new(None),
             close_requested: AtomicBool::new(false),
+            cut: AtomicBool::new(false),
             relay_waker: AtomicWaker::new(),
         });
         self.map

@@ -847,3 +847,170 @@ async fn location_prefix_is_a_path_segment() -> Result<()> {
     expect_backend(&node, "seg.test", "/apix", "root").await?;
     Ok(())
 }
+
+/// Reads a connection to its end (the last request said `Connection: close`).
+async fn read_to_close(tcp: &mut tokio::net::TcpStream) -> Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut all))
+        .await
+        .context("the proxy did not close the connection")??;
+    Ok(String::from_utf8_lossy(&all).into_owned())
+}
+
+#[tokio::test]
+async fn request_smuggling_shapes_are_refused() -> Result<()> {
+    let node = TestNode::start().await?;
+    let a = EchoBackend::start("a").await?;
+    node.add_host(&["smuggle.test"], &[a.url()]).await?;
+    let hits = a.hits();
+    let cases: [&[u8]; 5] = [
+        b"POST / HTTP/1.1\r\nHost: smuggle.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: smuggle.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: smuggle.test\r\nTransfer-Encoding: gzip\r\n\r\nxxxx",
+        b"POST / HTTP/1.1\r\nHost: smuggle.test\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"POST / HTTP/1.0\r\nHost: smuggle.test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ];
+    for raw in cases {
+        let resp = client::raw_exchange(node.http, raw).await?;
+        assert_eq!(
+            client::raw_status(&resp),
+            Some(400),
+            "request {:?} got {resp:?}",
+            String::from_utf8_lossy(raw)
+        );
+        assert!(
+            resp.to_ascii_lowercase().contains("connection: close"),
+            "a refused body must end the connection: {resp:?}"
+        );
+    }
+    assert_eq!(
+        a.hits(),
+        hits,
+        "a smuggling-shaped request reached the upstream"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn pipelined_requests_and_chunked_uploads_keep_their_order() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let node = TestNode::start().await?;
+    let a = EchoBackend::start("a").await?;
+    node.add_host(&["pipe.test"], &[a.url()]).await?;
+    let mut tcp = tokio::net::TcpStream::connect(node.http).await?;
+    // Three requests in one write: a GET, a chunked upload (with a chunk
+    // extension and a trailer), and a GET that closes.
+    tcp.write_all(
+        b"GET /one HTTP/1.1\r\nHost: pipe.test\r\n\r\n\
+          POST /upload HTTP/1.1\r\nHost: pipe.test\r\nTransfer-Encoding: chunked\r\n\r\n\
+          3;x=y\r\n\x00\x01\x02\r\n2\r\n\x03\x04\r\n0\r\nX-Trailer: 1\r\n\r\n\
+          GET /three HTTP/1.1\r\nHost: pipe.test\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    let all = read_to_close(&mut tcp).await?;
+    assert_eq!(all.matches("HTTP/1.1 200").count(), 3, "{all}");
+    let one = all.find("\"path\":\"/one\"").context("first answer")?;
+    let upload = all.find("\"bytes\":5").context("upload answer")?;
+    let three = all.find("\"path\":\"/three\"").context("third answer")?;
+    assert!(
+        one < upload && upload < three,
+        "answers out of order: {all}"
+    );
+    assert!(all.contains("\"pattern_ok\":true"), "{all}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn header_names_keep_the_clients_spelling() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A raw upstream that hands over each request head as it arrived.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (tx, mut heads) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nX-Upstream-Case: Yes\r\nContent-Length: 2\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    let node = TestNode::start().await?;
+    node.add_host(&["case.test"], &[format!("http://{addr}")])
+        .await?;
+    let resp = client::raw_exchange(
+        node.http,
+        b"GET / HTTP/1.1\r\nHost: case.test\r\nX-Mixed-Case: 1\r\nACCEPT: */*\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    assert_eq!(client::raw_status(&resp), Some(200), "{resp}");
+    assert!(
+        resp.contains("X-Upstream-Case: Yes"),
+        "response spelling lost: {resp}"
+    );
+    let mut head = String::new();
+    while !head.contains("X-Mixed-Case") {
+        head = tokio::time::timeout(Duration::from_secs(10), heads.recv())
+            .await
+            .context("no request reached the upstream")?
+            .context("upstream gone")?;
+    }
+    assert!(
+        head.contains("X-Mixed-Case: 1") && head.contains("ACCEPT: */*"),
+        "{head}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_upstream_closing_idle_connections_costs_no_request() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Answers one request per connection and closes it without saying so
+    // (no `Connection: close`), as upstreams with short keep-alive timeouts
+    // do: the proxy pools each connection and finds it closed next time.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    let node = TestNode::start().await?;
+    node.add_host(&["closer.test"], &[format!("http://{addr}")])
+        .await?;
+    for i in 0..20 {
+        let resp = client::get(node.http, "closer.test", "/").await?;
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
+        if i % 2 == 0 {
+            // Sometimes give the close time to arrive before the next request.
+            tokio::time::sleep(Duration::from_millis(20)).await; // let the FIN land
+        }
+    }
+    Ok(())
+}

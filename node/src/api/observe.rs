@@ -30,7 +30,7 @@ fn to_pb(node: &str, e: &Event) -> pb::LogEvent {
         ts_ms: entry.ts_ms,
         node: node.to_string(),
         kind: entry.kind.to_string(),
-        host: entry.host.clone(),
+        host: entry.host.to_string(),
         status: u32::from(entry.status),
     }
 }

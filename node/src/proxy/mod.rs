@@ -26,7 +26,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
 
 use crate::telemetry::otel;
 
@@ -180,6 +179,9 @@ struct Served<'a> {
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// `peer` as text, for access-log lines: formatted once per connection
+    /// rather than per request.
+    pub peer_text: Arc<str>,
     pub local: SocketAddr,
     pub tls: bool,
     /// Its forwarded-header values, formatted once for all its requests.
@@ -203,7 +205,9 @@ pub struct Proxy {
     http_conns: Arc<AtomicUsize>,
     /// Bumped to cut every open connection and tunnel at once: the last
     /// step of a drain, after the final grace.
-    cut: watch::Sender<u64>,
+    cut_epoch: AtomicU64,
+    /// Wakes every connection task at a cut (each registers once).
+    cut_notify: Arc<tokio::sync::Notify>,
     cut_count: AtomicU64,
     /// While draining, every HTTP/1.x response says `Connection: close`, so
     /// keep-alive clients go elsewhere for their next request instead of
@@ -241,7 +245,8 @@ impl Proxy {
             tunnels: Arc::new(TunnelRegistry::default()),
             config,
             http_conns: Arc::default(),
-            cut: watch::Sender::new(0),
+            cut_epoch: AtomicU64::new(0),
+            cut_notify: Arc::new(tokio::sync::Notify::new()),
             cut_count: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             telemetry: std::sync::OnceLock::new(),
@@ -265,7 +270,8 @@ impl Proxy {
     /// Closes every open connection and tunnel now, without a goodbye;
     /// they are counted in [`Proxy::cut_count`].
     pub fn cut_all(&self) {
-        self.cut.send_modify(|n| *n += 1);
+        self.cut_epoch.fetch_add(1, Ordering::AcqRel);
+        self.cut_notify.notify_waiters();
         for t in self.tunnels.list() {
             t.cut();
         }
@@ -277,19 +283,12 @@ impl Proxy {
     }
 
     /// Runs `fut` unless the proxy cuts everything first.
-    fn cuttable<F: Future<Output = ()> + Send + 'static>(
-        self: &Arc<Self>,
-        fut: F,
-    ) -> impl Future<Output = ()> + Send + 'static {
-        let mut cut = self.cut.subscribe();
-        let proxy = self.clone();
-        async move {
-            tokio::select! {
-                _ = fut => {}
-                _ = cut.changed() => {
-                    proxy.cut_count.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+    fn cuttable<F: Future<Output = ()> + Send + 'static>(self: &Arc<Self>, fut: F) -> Cuttable<F> {
+        Cuttable {
+            fut: Box::pin(fut),
+            epoch: self.cut_epoch.load(Ordering::Acquire),
+            proxy: self.clone(),
+            notified: None,
         }
     }
 
@@ -339,6 +338,7 @@ impl Proxy {
                 .any(|c| c.contains(peer.ip()));
             let info = ConnInfo {
                 peer,
+                peer_text: Arc::from(peer.to_string()),
                 local,
                 tls: tls.is_some(),
                 facts: ClientFacts::new(peer, trusted, tls.is_some(), local.port()),
@@ -538,23 +538,23 @@ impl Proxy {
         }
         let ts_ms = crate::store::hlc::wall_ms().saturating_sub(took.as_millis() as u64);
         let (method, path, authority, proto) = match s.facts {
-            Some(f) => (f.method, f.path, f.authority, f.proto.to_string()),
+            Some(f) => (f.method, f.path, f.authority, f.proto),
             None => Default::default(),
         };
         t.access_log.record(crate::telemetry::Entry {
             trace_id: s.trace.map(otel::trace_id).unwrap_or_default(),
             ts_ms,
             kind: "http",
-            client: s.conn.peer.to_string(),
-            host: host_name.to_string(),
-            host_id: s.route.map(|r| r.host.id.clone()).unwrap_or_default(),
+            client: s.conn.peer_text.clone(),
+            host: host_name.clone(),
+            host_id: s.route.map(|r| r.id.clone()).unwrap_or_default(),
             method,
             authority,
             path,
             proto,
             tls: s.conn.tls,
             status: s.status,
-            upstream: s.upstream.map(|u| u.to_string()).unwrap_or_default(),
+            upstream: s.upstream.cloned().unwrap_or_default(),
             duration_ms: took.as_secs_f64() * 1000.0,
             error: s.error.map(|e| e.to_string()).unwrap_or_default(),
             ..Default::default()
@@ -828,6 +828,39 @@ impl Proxy {
     }
 }
 
+/// A connection's task, ended early by [`Proxy::cut_all`]. Written by hand:
+/// a `select!` over the connection and a watch channel costs a poll of the
+/// channel and a random branch draw at every wake-up, and keeps a second
+/// copy of the connection's future; here a wake-up costs one atomic load,
+/// and the task registers with the cut's `Notify` once.
+struct Cuttable<F> {
+    fut: std::pin::Pin<Box<F>>,
+    epoch: u64,
+    proxy: Arc<Proxy>,
+    notified: Option<std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>>,
+}
+
+impl<F: Future<Output = ()>> Future for Cuttable<F> {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.notified.is_none() {
+            let mut n = Box::pin(self.proxy.cut_notify.clone().notified_owned());
+            // Registers this task's waker; the flag below is what is read.
+            let _ = n.as_mut().poll(cx);
+            self.notified = Some(n);
+        }
+        if self.proxy.cut_epoch.load(Ordering::Acquire) != self.epoch {
+            self.proxy.cut_count.fetch_add(1, Ordering::Relaxed);
+            return std::task::Poll::Ready(());
+        }
+        self.fut.as_mut().poll(cx)
+    }
+}
+
 /// A tunnel's task: its relay, and what must happen when it ends (the
 /// access-log line, leaving the registry). A plain struct rather than an
 /// `async` block wrapped in a `select!` for the cut: both of those keep a
@@ -937,12 +970,12 @@ impl Drop for TunnelLog {
             ts: crate::telemetry::rfc3339_ms(ts_ms),
             ts_ms,
             kind: "tunnel",
-            client: i.client.to_string(),
-            host: i.host_name.clone(),
-            host_id: i.host_id.clone(),
+            client: Arc::from(i.client.to_string()),
+            host: Arc::from(i.host_name.as_str()),
+            host_id: Arc::from(i.host_id.as_str()),
             tls: self.tls,
             status: 101,
-            upstream: i.upstream.clone(),
+            upstream: Arc::from(i.upstream.as_str()),
             duration_ms: lived.as_secs_f64() * 1000.0,
             bytes_to_upstream: Some(up_bytes),
             bytes_to_client: Some(down_bytes),

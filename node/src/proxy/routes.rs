@@ -22,6 +22,8 @@ pub struct Route {
     /// The host's name for metrics and logs, shared rather than copied
     /// per request.
     pub name: Arc<str>,
+    /// The host's id, shared likewise.
+    pub id: Arc<str>,
     pub pool: Arc<Pool>,
     /// Strict-Transport-Security value for HTTPS responses, built once.
     pub hsts: Option<http::HeaderValue>,
@@ -137,6 +139,7 @@ impl RouteTable {
             let route = Arc::new(Route {
                 hsts,
                 name: Arc::from(host.name.as_str()),
+                id: Arc::from(host.id.as_str()),
                 host: host.clone(),
                 pool: main,
                 locations,

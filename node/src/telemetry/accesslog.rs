@@ -49,31 +49,43 @@ impl Sink {
 }
 
 /// One event, as written (JSON) and as filtered.
+fn arc_empty(s: &Arc<str>) -> bool {
+    s.is_empty()
+}
+
+fn static_empty(s: &&'static str) -> bool {
+    s.is_empty()
+}
+
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Entry {
     /// RFC 3339 (UTC, milliseconds). May be left empty: it is then filled
     /// from `ts_ms` when the entry is serialised.
     pub ts: String,
     pub ts_ms: u64,
-    pub node: String,
+    /// The fields below that are shared with the proxy's own records
+    /// (node, client, host, upstream) are `Arc<str>`: an entry is made per
+    /// request and 10,000 are kept, so a copy of each would cost an
+    /// allocation to make and another to free.
+    pub node: Arc<str>,
     pub kind: &'static str,
-    pub client: String,
+    pub client: Arc<str>,
     /// The proxy host's name ("" when none matched).
-    pub host: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub host_id: String,
+    pub host: Arc<str>,
+    #[serde(skip_serializing_if = "arc_empty")]
+    pub host_id: Arc<str>,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub method: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub authority: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub path: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub proto: String,
+    #[serde(skip_serializing_if = "static_empty")]
+    pub proto: &'static str,
     pub tls: bool,
     pub status: u16,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub upstream: String,
+    #[serde(skip_serializing_if = "arc_empty")]
+    pub upstream: Arc<str>,
     pub duration_ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_to_upstream: Option<u64>,
@@ -133,7 +145,7 @@ fn to_json(e: &Entry) -> String {
 }
 
 pub struct AccessLog {
-    node: String,
+    node: Arc<str>,
     ring: Mutex<VecDeque<Arc<Event>>>,
     live: broadcast::Sender<Arc<Event>>,
     writer: Option<SyncSender<String>>,
@@ -163,7 +175,7 @@ impl AccessLog {
             }
         };
         Ok(Arc::new(AccessLog {
-            node: node.to_string(),
+            node: Arc::from(node),
             ring: Mutex::new(VecDeque::with_capacity(1024)),
             live: broadcast::channel(4096).0,
             writer,
@@ -179,7 +191,7 @@ impl AccessLog {
     /// sends it to followers if there are any. Without a sink the JSON is
     /// only made when an API reader asks for it ([`Event::json`]).
     pub fn record(&self, mut e: Entry) {
-        e.node.clone_from(&self.node);
+        e.node = self.node.clone();
         let ev = match &self.writer {
             None => Event::new(e),
             Some(w) => {
@@ -236,7 +248,7 @@ impl AccessLog {
 /// Whether an event passes a `charonctl logs` filter.
 pub fn matches(e: &Event, host: &str, status: &str) -> bool {
     let e = e.entry();
-    let host_ok = host.is_empty() || e.host == host || e.host_id == host;
+    let host_ok = host.is_empty() || &*e.host == host || &*e.host_id == host;
     let status_ok = match status {
         "" => true,
         s if s.len() == 3 && s.ends_with("xx") => {
@@ -387,7 +399,7 @@ mod tests {
         let mut follower = log.follow();
         log.record(sample(""));
         let ev = follower.try_recv().unwrap();
-        assert_eq!(ev.entry().host, "a.test");
+        assert_eq!(&*ev.entry().host, "a.test");
         assert!(ev
             .json()
             .starts_with("{\"ts\":\"2026-11-24T09:38:20.550Z\","));

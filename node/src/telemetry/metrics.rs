@@ -8,6 +8,11 @@
 //! client-supplied strings, so cardinality stays bounded.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
+
+/// Keys are proxy host names and fixed labels, looked up on every request:
+/// FNV rather than SipHash (see `proxy::routes::Fnv`).
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<crate::proxy::routes::Fnv>>;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -82,13 +87,13 @@ impl Histogram {
 
 /// A family of counters keyed by label values.
 struct Family<K> {
-    map: RwLock<HashMap<K, Arc<AtomicU64>>>,
+    map: RwLock<FastMap<K, Arc<AtomicU64>>>,
 }
 
 impl<K: std::hash::Hash + Eq + Clone + Ord> Family<K> {
     fn new() -> Self {
         Family {
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(FastMap::default()),
         }
     }
 
@@ -127,7 +132,7 @@ pub fn escape(v: &str) -> String {
 
 pub struct Metrics {
     requests: Family<(Arc<str>, &'static str)>,
-    latency: RwLock<HashMap<Arc<str>, Arc<Histogram>>>,
+    latency: RwLock<FastMap<Arc<str>, Arc<Histogram>>>,
     upstream_errors: Family<(Arc<str>, &'static str)>,
     tunnels_opened: Family<Arc<str>>,
     tunnel_duration: Histogram,

@@ -20,6 +20,7 @@
 pub mod wire;
 
 use std::future::Future;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -135,6 +136,7 @@ where
         fields: Vec::with_capacity(1024),
         line: Vec::with_capacity(256),
         host: Vec::with_capacity(64),
+        resp_fields: Vec::with_capacity(32),
         timer: Box::pin(tokio::time::sleep(header_timeout)),
         shutdown,
         stop: None,
@@ -177,6 +179,8 @@ struct Client<S> {
     line: Vec<u8>,
     /// The request's host, as the client sent it.
     host: Vec<u8>,
+    /// The upstream response head's fields: class, name and value offsets.
+    resp_fields: Vec<(H, Range<usize>, Range<usize>)>,
     /// One timer, re-armed for whatever is awaited: the next request head,
     /// a body's next bytes, the upstream's response.
     timer: Pin<Box<Sleep>>,
@@ -1121,7 +1125,14 @@ where
                             conn.buf.consume(len);
                             continue;
                         }
-                        return RespHead::from_parsed(&p, len, head_request);
+                        let base = conn.buf.bytes().as_ptr() as usize;
+                        return RespHead::from_parsed(
+                            &p,
+                            len,
+                            head_request,
+                            base,
+                            &mut self.resp_fields,
+                        );
                     }
                     Ok(httparse::Status::Partial) if conn.buf.len() >= MAX_HEAD => {
                         return Err(HeadError::Invalid("response head too large"))
@@ -1260,9 +1271,7 @@ where
         // The head, rewritten from the upstream's.
         self.out.clear();
         {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut p = httparse::Response::new(&mut headers);
-            let _ = p.parse(&conn.buf.bytes()[..head.len]);
+            let raw = conn.buf.bytes();
             let out = &mut self.out;
             out.extend_from_slice(if client_minor == 0 {
                 b"HTTP/1.0 "
@@ -1271,8 +1280,8 @@ where
             });
             push_u64(out, u64::from(head.status));
             out.push(b' ');
-            match p.reason {
-                Some(r) if !r.is_empty() => out.extend_from_slice(r.as_bytes()),
+            match &raw[head.reason.clone()] {
+                r if !r.is_empty() => out.extend_from_slice(r),
                 _ => out.extend_from_slice(
                     StatusCode::from_u16(head.status)
                         .ok()
@@ -1283,8 +1292,9 @@ where
             }
             out.extend_from_slice(b"\r\n");
             let mut wrote_length = false;
-            for hd in p.headers.iter() {
-                let keep = match classify(hd.name) {
+            for (kind, name, value) in self.resp_fields.iter() {
+                let name = &raw[name.clone()];
+                let keep = match kind {
                     H::Connection | H::Upgrade | H::HopByHop | H::TransferEncoding => false,
                     H::ContentLength => {
                         let k = !wrote_length && head.te.is_none();
@@ -1292,13 +1302,10 @@ where
                         k
                     }
                     H::Sts => hsts.is_none(),
-                    _ => !head
-                        .named
-                        .iter()
-                        .any(|t| t.eq_ignore_ascii_case(hd.name.as_bytes())),
+                    _ => !head.named.iter().any(|t| t.eq_ignore_ascii_case(name)),
                 };
                 if keep {
-                    field(out, hd.name.as_bytes(), hd.value);
+                    field(out, name, &raw[value.clone()]);
                 }
             }
             if chunked_out {
@@ -1430,6 +1437,8 @@ enum HeadError {
 struct RespHead {
     len: usize,
     status: u16,
+    /// Where the reason phrase lies in the head.
+    reason: Range<usize>,
     framing: Framing,
     /// Transfer-Encoding was present.
     te: Option<()>,
@@ -1442,11 +1451,21 @@ struct RespHead {
 }
 
 impl RespHead {
+    /// Also records where each field lies in the head (offsets from
+    /// `base`, the head's first byte) in `fields`, so that the head is
+    /// parsed once even though it is rewritten later.
     fn from_parsed(
         p: &httparse::Response<'_, '_>,
         len: usize,
         head_request: bool,
+        base: usize,
+        fields: &mut Vec<(H, Range<usize>, Range<usize>)>,
     ) -> Result<RespHead, HeadError> {
+        let range = |s: &[u8]| {
+            let at = s.as_ptr() as usize - base;
+            at..at + s.len()
+        };
+        fields.clear();
         let status = p.code.unwrap_or(0);
         let minor = p.version.unwrap_or(1);
         let mut length = None;
@@ -1458,7 +1477,9 @@ impl RespHead {
         let mut subprotocol = None;
         let mut extensions = None;
         for h in p.headers.iter() {
-            match classify(h.name) {
+            let kind = classify(h.name);
+            fields.push((kind, range(h.name.as_bytes()), range(h.value)));
+            match kind {
                 H::ContentLength => match parse_length(h.value) {
                     Some(v) if length.is_none_or(|l| l == v) => length = Some(v),
                     _ => bad_length = true,
@@ -1505,6 +1526,7 @@ impl RespHead {
         Ok(RespHead {
             len,
             status,
+            reason: p.reason.map_or(0..0, |r| range(r.as_bytes())),
             framing,
             te: te.map(|_| ()),
             reusable,

@@ -300,12 +300,25 @@ for node in "${nodes[@]}"; do
     if ! ctl_capture node undrain "$node"; then
         fail "$node: undrain failed: ${out//$'\n'/ }; $node is left drained"
     fi
+    # Serving by its drain record (node status) and by its own word in
+    # gossip (cluster members, which the next node's check reads): the
+    # second lags the first by a replication and a gossip round.
     while :; do
         if ctl_capture node status "$node" -o json; then
             state=$(jq -r '"\(.status) \(.live)"' <<<"$out")
-            [[ $state == "serving true" ]] && break
-            why="node status says ${state/ true/, live}"
-            why=${why/ false/, not live}
+            if [[ $state == "serving true" ]]; then
+                if ctl_capture cluster members -o json; then
+                    members=$out
+                    gossiped=$(member_of | jq -r '.status // "missing"')
+                    [[ $gossiped == serving ]] && break
+                    why="cluster members says $gossiped"
+                else
+                    why="cluster members: ${out//$'\n'/ }"
+                fi
+            else
+                why="node status says ${state/ true/, live}"
+                why=${why/ false/, not live}
+            fi
         else
             why="node status: ${out//$'\n'/ }"
         fi

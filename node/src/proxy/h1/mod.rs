@@ -249,6 +249,31 @@ struct Refusal {
     facts: Option<ReqFacts>,
 }
 
+impl Refusal {
+    /// The error page for a request no upstream answered properly.
+    fn upstream(
+        e: ProxyError,
+        route: &Arc<Route>,
+        close: bool,
+        facts: Option<ReqFacts>,
+    ) -> Refusal {
+        let status = e.status();
+        Refusal {
+            status,
+            message: format!(
+                "{} {}: {e}\n",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("")
+            ),
+            close,
+            route: Some(route.clone()),
+            location: None,
+            error: Some(e),
+            facts,
+        }
+    }
+}
+
 /// The classes of header field the proxy looks at.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum H {
@@ -532,13 +557,7 @@ where
         let mut kinds = [H::Other; MAX_HEADERS];
         let mut host: Option<&[u8]> = None;
         let mut hosts = 0;
-        let mut length: Option<u64> = None;
-        let mut te: Option<&[u8]> = None;
-        let mut bad_length = false;
-        let mut conn_close = false;
-        let mut conn_keep = false;
-        let mut conn_upgrade = false;
-        let mut named: Vec<&[u8]> = Vec::new();
+        let mut m = MessageFields::default();
         let mut upgrade_ws = false;
         let mut upgrade_value: Option<&[u8]> = None;
         let mut expect_continue = false;
@@ -552,24 +571,7 @@ where
                     hosts += 1;
                     host = Some(h.value);
                 }
-                H::ContentLength => match parse_length(h.value) {
-                    Some(v) if length.is_none_or(|l| l == v) => length = Some(v),
-                    _ => bad_length = true,
-                },
-                H::TransferEncoding => te = Some(h.value),
-                H::Connection => {
-                    for t in tokens(h.value) {
-                        if t.eq_ignore_ascii_case(b"close") {
-                            conn_close = true;
-                        } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                            conn_keep = true;
-                        } else if t.eq_ignore_ascii_case(b"upgrade") {
-                            conn_upgrade = true;
-                        } else if !t.is_empty() {
-                            named.push(t);
-                        }
-                    }
-                }
+                H::ContentLength | H::TransferEncoding | H::Connection => m.see(k, h.value),
                 H::Upgrade if has_token(h.value, "websocket") => {
                     upgrade_ws = true;
                     upgrade_value = Some(h.value);
@@ -614,8 +616,8 @@ where
         let host_str = std::str::from_utf8(host).expect("checked ASCII");
 
         // Framing (RFC 9112 §6.1-6.3): the smuggling cases are refused.
-        let framing = match (te, length) {
-            (Some(_), Some(_)) | (Some(_), None) if bad_length || length.is_some() => {
+        let framing = match (m.te, m.length) {
+            (Some(_), Some(_)) | (Some(_), None) if m.bad_length || m.length.is_some() => {
                 return Err(bad("both Transfer-Encoding and Content-Length", true))
             }
             (Some(_), _) if minor == 0 => {
@@ -625,9 +627,9 @@ where
                 Some(last) if last.eq_ignore_ascii_case(b"chunked") => Framing::Chunked,
                 _ => return Err(bad("unsupported Transfer-Encoding", true)),
             },
-            (None, _) if bad_length => return Err(bad("invalid Content-Length", true)),
+            (None, _) if m.bad_length => return Err(bad("invalid Content-Length", true)),
             (None, Some(0)) | (None, None) => {
-                if length == Some(0) {
+                if m.length == Some(0) {
                     Framing::Length(0)
                 } else {
                     Framing::Empty
@@ -637,9 +639,9 @@ where
         };
         let has_body = !matches!(framing, Framing::Empty | Framing::Length(0));
         let keep_alive = if minor == 0 {
-            conn_keep && !conn_close
+            m.keep && !m.close
         } else {
-            !conn_close
+            !m.close
         };
 
         let telemetry = self.proxy.telemetry.get();
@@ -687,7 +689,7 @@ where
         }
         let h = &route.host;
         let websocket =
-            h.websocket && method == Method::Get && minor == 1 && upgrade_ws && conn_upgrade;
+            h.websocket && method == Method::Get && minor == 1 && upgrade_ws && m.upgrade;
         let pool = route.pool_for(path_only).clone();
 
         // The upstream head, less Host (which depends on the upstream).
@@ -743,7 +745,8 @@ where
                     trusted
                 }
                 H::Forwarded if fwd => trusted,
-                _ => !named
+                _ => !m
+                    .named
                     .iter()
                     .any(|t| t.eq_ignore_ascii_case(hd.name.as_bytes())),
             };
@@ -1047,19 +1050,7 @@ where
             }
             let close = !body_read;
             let status = e.status();
-            let r = Refusal {
-                status,
-                message: format!(
-                    "{} {}: {e}\n",
-                    status.as_u16(),
-                    status.canonical_reason().unwrap_or("")
-                ),
-                close: close || !req.keep_alive,
-                route: Some(req.route.clone()),
-                location: None,
-                error: Some(e),
-                facts: req.facts,
-            };
+            let r = Refusal::upstream(e, &req.route, close || !req.keep_alive, req.facts);
             let close = r.close;
             if let Some(cx) = &server_cx {
                 self.proxy.end_server_span(
@@ -1180,20 +1171,7 @@ where
                     upstream: upstream.url.to_string(),
                     why: "101 Switching Protocols to a request that asked for no upgrade",
                 };
-                let status = e.status();
-                let r = Refusal {
-                    status,
-                    message: format!(
-                        "{} {}: {e}\n",
-                        status.as_u16(),
-                        status.canonical_reason().unwrap_or("")
-                    ),
-                    close: true,
-                    route: Some(req.route.clone()),
-                    location: None,
-                    error: Some(e),
-                    facts: req.facts,
-                };
+                let r = Refusal::upstream(e, &req.route, true, req.facts);
                 self.refuse(r, started).await;
                 return Step::Close;
             }
@@ -1433,6 +1411,46 @@ enum HeadError {
     Invalid(&'static str),
 }
 
+/// The fields requests and responses share: framing and `Connection`.
+#[derive(Default)]
+struct MessageFields<'a> {
+    length: Option<u64>,
+    /// A Content-Length that is not a number, or two that disagree.
+    bad_length: bool,
+    te: Option<&'a [u8]>,
+    close: bool,
+    keep: bool,
+    upgrade: bool,
+    /// Other `Connection` tokens: fields to drop.
+    named: Vec<&'a [u8]>,
+}
+
+impl<'a> MessageFields<'a> {
+    fn see(&mut self, kind: H, value: &'a [u8]) {
+        match kind {
+            H::ContentLength => match parse_length(value) {
+                Some(v) if self.length.is_none_or(|l| l == v) => self.length = Some(v),
+                _ => self.bad_length = true,
+            },
+            H::TransferEncoding => self.te = Some(value),
+            H::Connection => {
+                for t in tokens(value) {
+                    if t.eq_ignore_ascii_case(b"close") {
+                        self.close = true;
+                    } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                        self.keep = true;
+                    } else if t.eq_ignore_ascii_case(b"upgrade") {
+                        self.upgrade = true;
+                    } else if !t.is_empty() {
+                        self.named.push(t);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// What the proxy needs of an upstream's response head.
 struct RespHead {
     len: usize,
@@ -1468,34 +1486,14 @@ impl RespHead {
         fields.clear();
         let status = p.code.unwrap_or(0);
         let minor = p.version.unwrap_or(1);
-        let mut length = None;
-        let mut bad_length = false;
-        let mut te: Option<&[u8]> = None;
-        let mut close = false;
-        let mut keep = false;
-        let mut named = Vec::new();
+        let mut m = MessageFields::default();
         let mut subprotocol = None;
         let mut extensions = None;
         for h in p.headers.iter() {
             let kind = classify(h.name);
             fields.push((kind, range(h.name.as_bytes()), range(h.value)));
             match kind {
-                H::ContentLength => match parse_length(h.value) {
-                    Some(v) if length.is_none_or(|l| l == v) => length = Some(v),
-                    _ => bad_length = true,
-                },
-                H::TransferEncoding => te = Some(h.value),
-                H::Connection => {
-                    for t in tokens(h.value) {
-                        if t.eq_ignore_ascii_case(b"close") {
-                            close = true;
-                        } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                            keep = true;
-                        } else if !t.is_empty() && !t.eq_ignore_ascii_case(b"upgrade") {
-                            named.push(t.to_vec());
-                        }
-                    }
-                }
+                H::ContentLength | H::TransferEncoding | H::Connection => m.see(kind, h.value),
                 H::Other if status == 101 => {
                     if h.name.eq_ignore_ascii_case("sec-websocket-protocol") {
                         subprotocol = Some(String::from_utf8_lossy(h.value).into_owned());
@@ -1509,28 +1507,29 @@ impl RespHead {
         let no_body = head_request || status == 204 || status == 304 || status == 101;
         let framing = if no_body {
             Framing::Empty
-        } else if let Some(t) = te {
+        } else if let Some(t) = m.te {
             match tokens(t).last() {
                 Some(last) if last.eq_ignore_ascii_case(b"chunked") => Framing::Chunked,
                 _ => Framing::Close,
             }
-        } else if bad_length {
+        } else if m.bad_length {
             return Err(HeadError::Invalid("invalid Content-Length from upstream"));
         } else {
-            match length {
+            match m.length {
                 Some(l) => Framing::Length(l),
                 None => Framing::Close,
             }
         };
-        let reusable = framing != Framing::Close && !close && (minor == 1 || keep) && status != 101;
+        let reusable =
+            framing != Framing::Close && !m.close && (minor == 1 || m.keep) && status != 101;
         Ok(RespHead {
             len,
             status,
             reason: p.reason.map_or(0..0, |r| range(r.as_bytes())),
             framing,
-            te: te.map(|_| ()),
+            te: m.te.map(|_| ()),
             reusable,
-            named,
+            named: m.named.iter().map(|t| t.to_vec()).collect(),
             subprotocol,
             extensions,
         })

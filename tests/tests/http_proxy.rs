@@ -298,17 +298,14 @@ async fn node_default_upstream_timeout_is_504() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn malformed_requests_are_400() -> Result<()> {
+/// Sends each raw request for `domain` (routed to a fresh echo backend) on
+/// its own connection and expects 400, the connection's end, and nothing
+/// reaching the upstream.
+async fn expect_refused_with_400(domain: &str, cases: &[&[u8]]) -> Result<()> {
     let node = TestNode::start().await?;
     let a = EchoBackend::start("a").await?;
-    node.add_host(&["a.test"], &[a.url()]).await?;
+    node.add_host(&[domain], &[a.url()]).await?;
     let hits = a.hits();
-    let cases: [&[u8]; 3] = [
-        b"GET / HTTP/1.1\r\nHost: a.test\r\nthis line is not a header\r\n\r\n",
-        b"GET / HTTP/1.1\r\nHost: a.test\r\nContent-Length: twelve\r\n\r\n",
-        b"GET / HTTP/1.1\r\nHost: a.test\r\nBad Name: x\r\n\r\n",
-    ];
     for raw in cases {
         let resp = client::raw_exchange(node.http, raw).await?;
         assert_eq!(
@@ -317,9 +314,26 @@ async fn malformed_requests_are_400() -> Result<()> {
             "request {:?} got {resp:?}",
             String::from_utf8_lossy(raw)
         );
+        assert!(
+            resp.to_ascii_lowercase().contains("connection: close"),
+            "a refused request must end the connection: {resp:?}"
+        );
     }
-    assert_eq!(a.hits(), hits, "a malformed request reached the upstream");
+    assert_eq!(a.hits(), hits, "a refused request reached the upstream");
     Ok(())
+}
+
+#[tokio::test]
+async fn malformed_requests_are_400() -> Result<()> {
+    expect_refused_with_400(
+        "a.test",
+        &[
+            b"GET / HTTP/1.1\r\nHost: a.test\r\nthis line is not a header\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a.test\r\nContent-Length: twelve\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a.test\r\nBad Name: x\r\n\r\n",
+        ],
+    )
+    .await
 }
 
 #[tokio::test]
@@ -860,36 +874,17 @@ async fn read_to_close(tcp: &mut tokio::net::TcpStream) -> Result<String> {
 
 #[tokio::test]
 async fn request_smuggling_shapes_are_refused() -> Result<()> {
-    let node = TestNode::start().await?;
-    let a = EchoBackend::start("a").await?;
-    node.add_host(&["smuggle.test"], &[a.url()]).await?;
-    let hits = a.hits();
-    let cases: [&[u8]; 5] = [
-        b"POST / HTTP/1.1\r\nHost: smuggle.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-        b"POST / HTTP/1.1\r\nHost: smuggle.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
-        b"POST / HTTP/1.1\r\nHost: smuggle.test\r\nTransfer-Encoding: gzip\r\n\r\nxxxx",
-        b"POST / HTTP/1.1\r\nHost: smuggle.test\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
-        b"POST / HTTP/1.0\r\nHost: smuggle.test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-    ];
-    for raw in cases {
-        let resp = client::raw_exchange(node.http, raw).await?;
-        assert_eq!(
-            client::raw_status(&resp),
-            Some(400),
-            "request {:?} got {resp:?}",
-            String::from_utf8_lossy(raw)
-        );
-        assert!(
-            resp.to_ascii_lowercase().contains("connection: close"),
-            "a refused body must end the connection: {resp:?}"
-        );
-    }
-    assert_eq!(
-        a.hits(),
-        hits,
-        "a smuggling-shaped request reached the upstream"
-    );
-    Ok(())
+    expect_refused_with_400(
+        "smuggle.test",
+        &[
+            b"POST / HTTP/1.1\r\nHost: smuggle.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: smuggle.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: smuggle.test\r\nTransfer-Encoding: gzip\r\n\r\nxxxx",
+            b"POST / HTTP/1.1\r\nHost: smuggle.test\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+            b"POST / HTTP/1.0\r\nHost: smuggle.test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ],
+    )
+    .await
 }
 
 #[tokio::test]

@@ -31,6 +31,9 @@ use crate::tls::upstream::{ClientConfigs, TlsProfile};
 const IDLE_TTL: Duration = Duration::from_secs(50);
 /// Idle connections kept per upstream.
 const MAX_IDLE: usize = 256;
+/// First size of an HTTP/1 upstream connection's read buffer: a response
+/// head and a small body fit in one read.
+const RAW_BUF: usize = 8 * 1024;
 
 pub type Sender = http1::SendRequest<UploadBody>;
 
@@ -522,8 +525,7 @@ impl Connector {
         match tokio::time::timeout(self.connect_timeout, self.open(upstream)).await {
             Ok(r) => r.map(|io| RawConn {
                 io,
-                // Empty: a large one is lent for each response.
-                buf: crate::proxy::h1::wire::Buf::default(),
+                buf: crate::proxy::h1::wire::Buf::with_capacity(RAW_BUF),
             }),
             Err(_) => Err(ConnectError::Timeout(self.connect_timeout)),
         }

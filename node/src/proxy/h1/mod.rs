@@ -38,7 +38,7 @@ use super::routes::{self, Route};
 use super::upstream::{Pool, RawConn, UpstreamState};
 use super::{ConnInfo, Proxy, ProxyError, Served};
 use crate::telemetry::otel;
-use wire::{arm, copy_body, read_into, write_two, Buf, Coding, CopyError, Framing, Prefixed, Read};
+use wire::{arm, copy_body, read_into, Buf, Coding, CopyError, Framing, Prefixed, Read};
 
 /// Longest request or response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
@@ -158,7 +158,6 @@ where
             let client = Prefixed::new(c.buf.take(), c.io);
             let RawConn { io, mut buf } = conn;
             let up = Prefixed::new(buf.take(), io);
-            buf.give_back();
             c.proxy
                 .spawn_tunnel(&route, &upstream, &c.info, client, up, span);
             Ended::Closed
@@ -1106,7 +1105,6 @@ where
         head_request: bool,
     ) -> Result<RespHead, HeadError> {
         let mut armed = false;
-        conn.buf.borrow_big();
         loop {
             if !conn.buf.is_empty() {
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -1306,10 +1304,11 @@ where
         // write (all of a small body; the first part of a large one).
         let mut body_done = false;
         let mut framing = framing;
-        let mut with_head = 0;
         if let Framing::Length(l) = framing {
-            with_head = (l as usize).min(conn.buf.len());
-            let rest = l - with_head as u64;
+            let n = (l as usize).min(conn.buf.len()).min(INLINE_BODY);
+            self.out.extend_from_slice(&conn.buf.bytes()[..n]);
+            conn.buf.consume(n);
+            let rest = l - n as u64;
             framing = Framing::Length(rest);
             body_done = rest == 0;
         }
@@ -1320,9 +1319,7 @@ where
         let mut error = None;
         let mut client_gone = false;
         let mut upstream_ok = head.reusable;
-        let sent = write_two(&mut self.io, &self.out, &conn.buf.bytes()[..with_head]).await;
-        conn.buf.consume(with_head);
-        if sent.is_err() {
+        if self.io.write_all(&self.out).await.is_err() || self.io.flush().await.is_err() {
             client_gone = true;
             upstream_ok = upstream_ok && body_done;
         } else if !body_done {
@@ -1356,7 +1353,6 @@ where
                 }
             }
         }
-        conn.buf.give_back();
         if upstream_ok && conn.buf.is_empty() {
             upstream.release_raw(conn);
         }

@@ -95,37 +95,6 @@ impl Buf {
         &mut self.data[self.end..]
     }
 
-    /// Reads into a large buffer lent from a per-thread pool until
-    /// [`give_back`](Self::give_back): an upstream's response head and the
-    /// body that came with it then arrive in one read, and go out in one
-    /// write, while a pooled connection between responses holds no buffer.
-    pub fn borrow_big(&mut self) {
-        if self.data.len() >= BODY_BUF {
-            return;
-        }
-        let big = BIG_BUFS
-            .with(|p| p.borrow_mut().pop())
-            .unwrap_or_else(|| vec![0u8; BODY_BUF]);
-        let old = std::mem::replace(&mut self.data, big);
-        let n = self.end - self.start;
-        self.data[..n].copy_from_slice(&old[self.start..self.end]);
-        self.start = 0;
-        self.end = n;
-    }
-
-    /// Returns a lent buffer to the pool once it is empty.
-    pub fn give_back(&mut self) {
-        if self.is_empty() && self.data.len() == BODY_BUF {
-            let big = std::mem::take(&mut self.data);
-            BIG_BUFS.with(|p| {
-                let mut p = p.borrow_mut();
-                if p.len() < BODY_BUFS_PER_THREAD {
-                    p.push(big);
-                }
-            });
-        }
-    }
-
     /// Frees the memory of an empty buffer (an idle keep-alive connection
     /// should not hold it).
     pub fn shrink_if_empty(&mut self, keep: usize) {
@@ -332,29 +301,6 @@ impl Chunked {
 
 thread_local! {
     static BODY_BUFS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
-    static BIG_BUFS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Writes `a` then `b` with as few system calls as the stream allows (one
-/// `writev` for a socket), then flushes.
-pub async fn write_two<W: AsyncWrite + Unpin>(w: &mut W, a: &[u8], b: &[u8]) -> io::Result<()> {
-    let (mut a, mut b) = (a, b);
-    while !a.is_empty() || !b.is_empty() {
-        let n = poll_fn(|cx| {
-            Pin::new(&mut *w).poll_write_vectored(cx, &[io::IoSlice::new(a), io::IoSlice::new(b)])
-        })
-        .await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        if n < a.len() {
-            a = &a[n..];
-        } else {
-            b = &b[n - a.len()..];
-            a = &[];
-        }
-    }
-    w.flush().await
 }
 
 /// A body buffer lent from a per-thread pool while one body is streamed:
@@ -452,13 +398,16 @@ where
     }
     let mut scratch = BodyBuf::take();
     loop {
-        // A whole buffer's room even when less of the body is left: a read
-        // that fills what it was given leaves the socket marked readable,
-        // and the connection's next read would be a wasted system call.
-        // Bytes past the body (a pipelining client's next request) go back
-        // to `buf` below.
+        let room = match framing {
+            // Never read past the body: what follows is the next message.
+            Framing::Length(_) => (remaining.min(BODY_BUF as u64)) as usize,
+            _ => BODY_BUF,
+        };
         arm(timer, idle);
-        let n = read_slice(src, scratch.bytes_mut(), timer.as_mut()).await?;
+        let n = {
+            let dst_buf = &mut scratch.bytes_mut()[..room];
+            read_slice(src, dst_buf, timer.as_mut()).await?
+        };
         if n == 0 {
             return match framing {
                 Framing::Close => Ok(written),

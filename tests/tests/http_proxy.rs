@@ -916,13 +916,16 @@ async fn pipelined_requests_and_chunked_uploads_keep_their_order() -> Result<()>
     Ok(())
 }
 
-#[tokio::test]
-async fn header_names_keep_the_clients_spelling() -> Result<()> {
+/// A raw HTTP/1.1 upstream: for each connection it reads one request
+/// head, hands it over on the returned channel, answers `reply` and closes
+/// the connection (without saying so in the reply). Returns its URL.
+async fn raw_upstream(
+    reply: &'static [u8],
+) -> Result<(String, tokio::sync::mpsc::UnboundedReceiver<String>)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // A raw upstream that hands over each request head as it arrived.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let (tx, mut heads) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let (tx, heads) = tokio::sync::mpsc::unbounded_channel::<String>();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             let tx = tx.clone();
@@ -936,17 +939,20 @@ async fn header_names_keep_the_clients_spelling() -> Result<()> {
                     }
                 }
                 let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\nX-Upstream-Case: Yes\r\nContent-Length: 2\r\n\r\nok",
-                    )
-                    .await;
+                let _ = s.write_all(reply).await;
             });
         }
     });
+    Ok((format!("http://{addr}"), heads))
+}
+
+#[tokio::test]
+async fn header_names_keep_the_clients_spelling() -> Result<()> {
+    let (url, mut heads) =
+        raw_upstream(b"HTTP/1.1 200 OK\r\nX-Upstream-Case: Yes\r\nContent-Length: 2\r\n\r\nok")
+            .await?;
     let node = TestNode::start().await?;
-    node.add_host(&["case.test"], &[format!("http://{addr}")])
-        .await?;
+    node.add_host(&["case.test"], &[url]).await?;
     let resp = client::raw_exchange(
         node.http,
         b"GET / HTTP/1.1\r\nHost: case.test\r\nX-Mixed-Case: 1\r\nACCEPT: */*\r\nConnection: close\r\n\r\n",
@@ -973,32 +979,12 @@ async fn header_names_keep_the_clients_spelling() -> Result<()> {
 
 #[tokio::test]
 async fn an_upstream_closing_idle_connections_costs_no_request() -> Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // Answers one request per connection and closes it without saying so
     // (no `Connection: close`), as upstreams with short keep-alive timeouts
     // do: the proxy pools each connection and finds it closed next time.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut b = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut b).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&b[..n]),
-                    }
-                }
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                    .await;
-            });
-        }
-    });
+    let (url, _heads) = raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await?;
     let node = TestNode::start().await?;
-    node.add_host(&["closer.test"], &[format!("http://{addr}")])
-        .await?;
+    node.add_host(&["closer.test"], &[url]).await?;
     for i in 0..20 {
         let resp = client::get(node.http, "closer.test", "/").await?;
         assert_eq!(resp.status, 200, "request {i}: {}", resp.text());

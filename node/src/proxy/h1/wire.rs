@@ -398,16 +398,14 @@ where
     }
     let mut scratch = BodyBuf::take();
     loop {
-        let room = match framing {
-            // Never read past the body: what follows is the next message.
-            Framing::Length(_) => (remaining.min(BODY_BUF as u64)) as usize,
-            _ => BODY_BUF,
-        };
+        // The whole buffer's room even when fewer body bytes remain: a read
+        // that comes back short tells the reactor the socket is drained, so
+        // the next read waits for readiness instead of costing an EAGAIN
+        // syscall (as an exact-size read of the body's last bytes did).
+        // Whatever follows the body (a pipelining peer's next message) goes
+        // back to `buf` below.
         arm(timer, idle);
-        let n = {
-            let dst_buf = &mut scratch.bytes_mut()[..room];
-            read_slice(src, dst_buf, timer.as_mut()).await?
-        };
+        let n = read_slice(src, scratch.bytes_mut(), timer.as_mut()).await?;
         if n == 0 {
             return match framing {
                 Framing::Close => Ok(written),

@@ -995,3 +995,123 @@ async fn an_upstream_closing_idle_connections_costs_no_request() -> Result<()> {
     }
     Ok(())
 }
+
+/// A raw HTTP/1.1 upstream that keeps its connections open and answers each
+/// request head (requests without bodies) with `reply(head)`, in one write,
+/// so whatever the reply holds tends to arrive in one read. Returns its URL
+/// and the number of connections it has accepted.
+async fn raw_keepalive_upstream(
+    reply: fn(&str) -> Vec<u8>,
+) -> Result<(String, std::sync::Arc<std::sync::atomic::AtomicUsize>)> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let conns = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut b = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head: Vec<u8> = buf.drain(..end + 4).collect();
+                        let out = reply(&String::from_utf8_lossy(&head));
+                        if s.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&b[..n]),
+                    }
+                }
+            });
+        }
+    });
+    Ok((format!("http://{addr}"), conns))
+}
+
+#[tokio::test]
+async fn responses_of_every_size_arrive_whole() -> Result<()> {
+    // Sizes around the proxy's buffers: the 8 KiB head buffer, the 16 KiB
+    // inlined with the head, the 64 KiB body buffer (a head plus 64 KiB
+    // does not fit it), and beyond. Each reply is one write upstream.
+    let (url, conns) = raw_keepalive_upstream(|head| {
+        let n: usize = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.trim_start_matches('/').parse().ok())
+            .unwrap_or(0);
+        let mut out = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n").into_bytes();
+        out.extend((0..n).map(|i| pattern_byte(i as u64)));
+        out
+    })
+    .await?;
+    let node = TestNode::start().await?;
+    node.add_host(&["sizes.test"], &[url]).await?;
+    let sizes = [
+        0, 1, 100, 8_000, 8_192, 16_384, 20_000, 40_000, 65_400, 65_536, 70_000, 200_000,
+    ];
+    for round in 0..2 {
+        for n in sizes {
+            let resp = client::get(node.http, "sizes.test", &format!("/{n}")).await?;
+            assert_eq!(resp.status, 200, "{n} bytes, round {round}");
+            assert_eq!(resp.body.len(), n, "{n} bytes, round {round}");
+            let bad = resp
+                .body
+                .iter()
+                .enumerate()
+                .position(|(i, b)| *b != pattern_byte(i as u64));
+            assert_eq!(bad, None, "{n} bytes, round {round}: first wrong byte");
+        }
+    }
+    // Sequential requests: the pooled connection carried them all.
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn bytes_past_a_response_body_are_never_read_as_the_next_response() -> Result<()> {
+    // A broken upstream sends a second, unasked-for response right behind
+    // each one. Were the connection reused, the next request would get it.
+    let (url, conns) = raw_keepalive_upstream(|_| {
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\
+          HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale"
+            .to_vec()
+    })
+    .await?;
+    let node = TestNode::start().await?;
+    node.add_host(&["past.test"], &[url]).await?;
+    let before = conns.load(std::sync::atomic::Ordering::SeqCst);
+    for i in 0..5 {
+        let resp = client::get(node.http, "past.test", "/").await?;
+        assert_eq!(resp.status, 200, "request {i}");
+        assert_eq!(resp.text(), "ok", "request {i}");
+    }
+    // One new connection per request (`add_host` may have used one too).
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst) - before, 5);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_interim_response_read_with_the_final_one_is_skipped() -> Result<()> {
+    // 103 Early Hints and the 200 in one write, so in one read.
+    let (url, conns) = raw_keepalive_upstream(|_| {
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n\
+          HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+            .to_vec()
+    })
+    .await?;
+    let node = TestNode::start().await?;
+    node.add_host(&["hints.test"], &[url]).await?;
+    for i in 0..3 {
+        let resp = client::get(node.http, "hints.test", "/").await?;
+        assert_eq!(resp.status, 200, "request {i}");
+        assert_eq!(resp.text(), "hello", "request {i}");
+    }
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+    Ok(())
+}

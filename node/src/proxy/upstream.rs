@@ -439,6 +439,22 @@ pub enum UpstreamIo {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
+impl UpstreamIo {
+    pub fn is_plain(&self) -> bool {
+        matches!(self, UpstreamIo::Plain(_))
+    }
+
+    /// Ready once the reactor reports a plain connection readable, without
+    /// reading (so a caller can take a buffer only then). A TLS connection
+    /// is ready at once: its layer may already hold decrypted bytes.
+    pub fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            UpstreamIo::Plain(s) => s.poll_read_ready(cx),
+            UpstreamIo::Tls(_) => Poll::Ready(Ok(())),
+        }
+    }
+}
+
 impl AsyncRead for UpstreamIo {
     fn poll_read(
         self: Pin<&mut Self>,

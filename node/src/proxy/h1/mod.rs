@@ -19,17 +19,17 @@
 
 pub mod wire;
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::Context;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use opentelemetry::KeyValue;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
 use tokio::time::Sleep;
@@ -38,7 +38,10 @@ use super::routes::{self, Route};
 use super::upstream::{Pool, RawConn, UpstreamState};
 use super::{ConnInfo, Proxy, ProxyError, Served};
 use crate::telemetry::otel;
-use wire::{arm, copy_body, read_into, Buf, Coding, CopyError, Framing, Prefixed, Read};
+use wire::{
+    arm, copy_body, read_into, read_ready, read_ready_into, write_parts, BodyBuf, Buf, Coding,
+    CopyError, Framing, Prefixed, Read,
+};
 
 /// Longest request or response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
@@ -1105,38 +1108,77 @@ where
         head_request: bool,
     ) -> Result<RespHead, HeadError> {
         let mut armed = false;
+        let mut behind: Option<Behind> = None;
         loop {
             if !conn.buf.is_empty() {
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 let mut p = httparse::Response::new(&mut headers);
-                match p.parse(conn.buf.bytes()) {
+                let parsed = match p.parse(conn.buf.bytes()) {
                     Ok(httparse::Status::Complete(len)) => {
                         let status = p.code.unwrap_or(0);
                         if (100..200).contains(&status) && status != 101 {
-                            conn.buf.consume(len);
-                            continue;
+                            Some((len, None))
+                        } else {
+                            let base = conn.buf.bytes().as_ptr() as usize;
+                            let head = RespHead::from_parsed(
+                                &p,
+                                len,
+                                head_request,
+                                base,
+                                &mut self.resp_fields,
+                            )?;
+                            Some((len, Some(head)))
                         }
-                        let base = conn.buf.bytes().as_ptr() as usize;
-                        return RespHead::from_parsed(
-                            &p,
-                            len,
-                            head_request,
-                            base,
-                            &mut self.resp_fields,
-                        );
                     }
                     Ok(httparse::Status::Partial) if conn.buf.len() >= MAX_HEAD => {
                         return Err(HeadError::Invalid("response head too large"))
                     }
-                    Ok(httparse::Status::Partial) => {}
+                    Ok(httparse::Status::Partial) => None,
                     Err(_) => return Err(HeadError::Invalid("malformed response head")),
+                };
+                match parsed {
+                    // A 1xx: skipped; what came after it is parsed next.
+                    Some((len, None)) => {
+                        conn.buf.consume(len);
+                        if let Some(b) = behind.take() {
+                            conn.buf.extend(b.bytes());
+                        }
+                        continue;
+                    }
+                    Some((len, Some(mut head))) => {
+                        if let Some(b) = behind.take() {
+                            // Only a body of known length is streamed from
+                            // where it was read; anything else goes through
+                            // the connection's buffer as before.
+                            let body = matches!(head.framing, Framing::Length(_));
+                            if body && len == conn.buf.len() {
+                                head.behind = Some(b);
+                            } else {
+                                conn.buf.extend(b.bytes());
+                            }
+                        }
+                        return Ok(head);
+                    }
+                    None => {
+                        if let Some(b) = behind.take() {
+                            conn.buf.extend(b.bytes());
+                            continue;
+                        }
+                    }
                 }
             }
             if !armed {
                 arm(&mut self.timer, timeout);
                 armed = true;
             }
-            match read_into(&mut conn.io, &mut conn.buf, Some(self.timer.as_mut()), None).await {
+            let read = if conn.buf.is_empty() && conn.io.is_plain() {
+                let (read, b) = read_behind(conn, self.timer.as_mut()).await;
+                behind = b;
+                read
+            } else {
+                read_into(&mut conn.io, &mut conn.buf, Some(self.timer.as_mut()), None).await
+            };
+            match read {
                 Read::Data(_) => {}
                 Read::Eof if conn.buf.is_empty() => return Err(HeadError::Closed),
                 Read::Eof => {
@@ -1304,11 +1346,38 @@ where
         // write (all of a small body; the first part of a large one).
         let mut body_done = false;
         let mut framing = framing;
+        // Body bytes that came right behind the head but past the head's read
+        // buffer: they join the head's write too (a vectored one).
+        let mut behind: Option<Behind> = None;
+        let mut tail = 0;
         if let Framing::Length(l) = framing {
             let n = (l as usize).min(conn.buf.len()).min(INLINE_BODY);
             self.out.extend_from_slice(&conn.buf.bytes()[..n]);
             conn.buf.consume(n);
-            let rest = l - n as u64;
+            let mut rest = l - n as u64;
+            behind = head.behind.or_else(|| {
+                if rest == 0 || !conn.buf.is_empty() {
+                    return None;
+                }
+                let mut buf = BodyBuf::take();
+                let end = read_ready(&mut conn.io, buf.bytes_mut())?;
+                Some(Behind { buf, at: 0, end })
+            });
+            if let Some(b) = &mut behind {
+                let take = ((b.end - b.at) as u64).min(rest) as usize;
+                // Past the body: kept, so the connection is not reused.
+                conn.buf.extend(&b.buf.bytes()[b.at + take..b.end]);
+                b.end = b.at + take;
+                rest -= take as u64;
+            }
+            // A body longer than the body buffer: what more is ready now
+            // joins the same write, from the connection's buffer.
+            if rest > 0 && behind.is_some() && conn.buf.is_empty() {
+                if let Some(got) = read_ready_into(&mut conn.io, &mut conn.buf) {
+                    tail = (got as u64).min(rest) as usize;
+                    rest -= tail as u64;
+                }
+            }
             framing = Framing::Length(rest);
             body_done = rest == 0;
         }
@@ -1319,7 +1388,19 @@ where
         let mut error = None;
         let mut client_gone = false;
         let mut upstream_ok = head.reusable;
-        if self.io.write_all(&self.out).await.is_err() || self.io.flush().await.is_err() {
+        let wrote = match &behind {
+            Some(b) => {
+                let parts = [&self.out[..], b.bytes(), &conn.buf.bytes()[..tail]];
+                write_parts(&mut self.io, parts).await
+            }
+            None => match self.io.write_all(&self.out).await {
+                Ok(()) => self.io.flush().await,
+                Err(e) => Err(e),
+            },
+        };
+        drop(behind);
+        conn.buf.consume(tail);
+        if wrote.is_err() {
             client_gone = true;
             upstream_ok = upstream_ok && body_done;
         } else if !body_done {
@@ -1466,6 +1547,9 @@ struct RespHead {
     named: Vec<Vec<u8>>,
     subprotocol: Option<String>,
     extensions: Option<String>,
+    /// Body bytes that came in the head's read but were left in the body
+    /// buffer it was read into (see [`read_behind`]).
+    behind: Option<Behind>,
 }
 
 impl RespHead {
@@ -1532,7 +1616,77 @@ impl RespHead {
             named: m.named.iter().map(|t| t.to_vec()).collect(),
             subprotocol,
             extensions,
+            behind: None,
         })
+    }
+}
+
+/// Bytes read past a response head into a body buffer.
+struct Behind {
+    buf: BodyBuf,
+    at: usize,
+    end: usize,
+}
+
+impl Behind {
+    fn bytes(&self) -> &[u8] {
+        &self.buf.bytes()[self.at..self.end]
+    }
+}
+
+/// Reads a response head from a plain upstream connection whose buffer is
+/// empty, into a 64 KiB body buffer taken only once the socket is readable
+/// (so no connection holds one while it waits). The head goes to the
+/// connection's buffer; body bytes that came with it stay where they are,
+/// and leave with the head in one write. A response of up to 64 KiB then
+/// costs one read, where an 8 KiB head read made it two.
+async fn read_behind(conn: &mut RawConn, mut timer: Pin<&mut Sleep>) -> (Read, Option<Behind>) {
+    let got = poll_fn(|cx| {
+        if let Poll::Ready(r) = conn.io.poll_readable(cx) {
+            if let Err(e) = r {
+                return Poll::Ready(Err(Some(e)));
+            }
+            let mut scratch = BodyBuf::take();
+            let mut rb = ReadBuf::new(scratch.bytes_mut());
+            match Pin::new(&mut conn.io).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    return Poll::Ready(Ok((scratch, n)));
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Some(e))),
+                // Readiness was stale: now cleared, and the waker registered
+                // (the buffer goes back to the pool).
+                Poll::Pending => {}
+            }
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(None));
+        }
+        Poll::Pending
+    })
+    .await;
+    match got {
+        Ok((_, 0)) => (Read::Eof, None),
+        Ok((scratch, n)) => {
+            let bytes = &scratch.bytes()[..n];
+            match head_end(bytes) {
+                Some(end) if end < n => {
+                    conn.buf.extend(&bytes[..end]);
+                    let b = Behind {
+                        buf: scratch,
+                        at: end,
+                        end: n,
+                    };
+                    (Read::Data(n), Some(b))
+                }
+                _ => {
+                    conn.buf.extend(bytes);
+                    (Read::Data(n), None)
+                }
+            }
+        }
+        Err(None) => (Read::TimedOut, None),
+        Err(Some(e)) => (Read::Err(e), None),
     }
 }
 

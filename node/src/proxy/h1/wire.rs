@@ -318,6 +318,10 @@ impl BodyBuf {
     pub fn bytes_mut(&mut self) -> &mut [u8] {
         self.0.as_deref_mut().expect("taken until dropped")
     }
+
+    pub fn bytes(&self) -> &[u8] {
+        self.0.as_deref().expect("taken until dropped")
+    }
 }
 
 impl Drop for BodyBuf {
@@ -489,6 +493,55 @@ async fn write_all<W: AsyncWrite + Unpin>(dst: &mut W, data: &[u8]) -> Result<()
     }
     dst.write_all(data).await.map_err(CopyError::Sink)?;
     dst.flush().await.map_err(CopyError::Sink)
+}
+
+/// Reads what `src` has ready now, without waiting: `None` when nothing is
+/// (or at its end, or on an error, which the next real read meets again).
+///
+/// The reactor's readiness decides first, so this costs a syscall only where
+/// the last read left the socket marked readable (it filled its buffer), and
+/// that read usually finds more. With it a response whose body came right
+/// behind its head goes out in one write instead of two.
+pub fn read_ready<R: AsyncRead + Unpin>(src: &mut R, dst: &mut [u8]) -> Option<usize> {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut rb = ReadBuf::new(dst);
+    match Pin::new(src).poll_read(&mut cx, &mut rb) {
+        Poll::Ready(Ok(())) if !rb.filled().is_empty() => Some(rb.filled().len()),
+        _ => None,
+    }
+}
+
+/// Writes the parts in order, in one `writev` where the stream takes
+/// vectors (a plain socket does; otherwise one write each).
+pub async fn write_parts<W: AsyncWrite + Unpin>(dst: &mut W, parts: [&[u8]; 3]) -> io::Result<()> {
+    if !dst.is_write_vectored() {
+        for p in parts {
+            dst.write_all(p).await?;
+        }
+        return dst.flush().await;
+    }
+    let mut parts = parts;
+    while parts.iter().any(|p| !p.is_empty()) {
+        let n = dst.write_vectored(&parts.map(io::IoSlice::new)).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let mut left = n;
+        for p in parts.iter_mut() {
+            let k = left.min(p.len());
+            *p = &p[k..];
+            left -= k;
+        }
+    }
+    dst.flush().await
+}
+
+/// [`read_ready`] into `buf`'s free room (without growing it).
+pub fn read_ready_into<R: AsyncRead + Unpin>(src: &mut R, buf: &mut Buf) -> Option<usize> {
+    let room = buf.spare(1);
+    let n = read_ready(src, room)?;
+    buf.end += n;
+    Some(n)
 }
 
 async fn read_slice<R: AsyncRead + Unpin>(

@@ -1115,3 +1115,156 @@ async fn an_interim_response_read_with_the_final_one_is_skipped() -> Result<()> 
     assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
     Ok(())
 }
+
+/// An upstream that answers requests without a body with 200 (as the
+/// node's own route check sends), and a request with a body, once it has
+/// read `read_first` bytes of it, with 413; after which it either closes
+/// its side (and drops what still comes) or stops reading (holding the
+/// connection open for a minute). Returns its URL.
+async fn early_answer_upstream(
+    read_first: usize,
+    then_close: bool,
+) -> Result<(String, std::sync::Arc<std::sync::atomic::AtomicU64>)> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let received = std::sync::Arc::new(AtomicU64::new(0));
+    let total = received.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let total = total.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut b = vec![0u8; 64 * 1024];
+                loop {
+                    if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                        if !head.contains("content-length") {
+                            got.drain(..end + 4);
+                            let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                            if s.write_all(ok).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        if got.len() - (end + 4) >= read_first {
+                            break;
+                        }
+                    }
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            total.fetch_add(n as u64, Ordering::SeqCst);
+                            got.extend_from_slice(&b[..n]);
+                        }
+                    }
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\n\r\ntoo big!",
+                    )
+                    .await;
+                if then_close {
+                    // Closes its side, reading and dropping the rest as a
+                    // careful server does: a plain close with unread bytes
+                    // would reset the connection and could destroy its own
+                    // answer before the proxy has read it.
+                    let _ = s.shutdown().await;
+                    while let Ok(n) = s.read(&mut b).await {
+                        if n == 0 {
+                            break;
+                        }
+                        total.fetch_add(n as u64, Ordering::SeqCst);
+                    }
+                } else {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+            });
+        }
+    });
+    Ok((format!("http://{addr}"), received))
+}
+
+/// Starts a 64 MiB upload through the node and returns what the client
+/// read before the connection closed, or an error after 15 s. The body is
+/// written from another task, as a client that watches for an early answer
+/// does (the proxy may read and drop the rest of it meanwhile).
+async fn upload_and_read_answer(node: &TestNode, host: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(node.http).await?;
+    let (mut rd, mut wr) = tcp.into_split();
+    let len = 64u64 << 20;
+    let head = format!("POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len}\r\n\r\n");
+    wr.write_all(head.as_bytes()).await?;
+    let sender = tokio::spawn(async move {
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut sent = 0u64;
+        while sent < len && wr.write_all(&chunk).await.is_ok() {
+            sent += chunk.len() as u64;
+        }
+    });
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(15), async {
+        let mut b = [0u8; 4096];
+        loop {
+            match rd.read(&mut b).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => got.extend_from_slice(&b[..n]),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    sender.abort();
+    let text = String::from_utf8_lossy(&got).into_owned();
+    match read {
+        Err(_) => anyhow::bail!("no answer within 15 s (read so far: {text:?})"),
+        Ok(Err(e)) => anyhow::bail!("{e} after reading {text:?}"),
+        Ok(Ok(())) => Ok(text),
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_answering_before_the_body_ends_is_heard() -> Result<()> {
+    // Answers at once, or after 1 MiB of the body; then stops reading but
+    // keeps the connection: a proxy that only listens after sending the
+    // whole body waits until its timeout.
+    let node = TestNode::start().await?;
+    for (name, read_first) in [("at-once.test", 0), ("later.test", 1 << 20)] {
+        let (url, _) = early_answer_upstream(read_first, false).await?;
+        node.add_host(&[name], &[url]).await?;
+        let answer = upload_and_read_answer(&node, name).await?;
+        assert_eq!(client::raw_status(&answer), Some(413), "{name}: {answer}");
+        assert!(answer.ends_with("\r\n\r\ntoo big!"), "{name}: {answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{name}: the rest of the body was not read, so the connection closes: {answer}"
+        );
+    }
+    // The node is fine afterwards.
+    let backend = EchoBackend::start("after").await?;
+    node.add_host(&["after.test"], &[backend.url()]).await?;
+    let resp = client::get(node.http, "after.test", "/").await?;
+    assert_eq!(resp.status, 200);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_upstream_answering_and_closing_before_the_body_ends_is_heard() -> Result<()> {
+    let node = TestNode::start().await?;
+    let (url, received) = early_answer_upstream(0, true).await?;
+    node.add_host(&["closes.test"], &[url]).await?;
+    for i in 0..3 {
+        let before = received.load(std::sync::atomic::Ordering::SeqCst);
+        let answer = upload_and_read_answer(&node, "closes.test").await?;
+        assert_eq!(client::raw_status(&answer), Some(413), "try {i}: {answer}");
+        // The proxy stopped passing the body on once the answer came.
+        let passed = received.load(std::sync::atomic::Ordering::SeqCst) - before;
+        assert!(
+            passed < 32 << 20,
+            "try {i}: {passed} bytes reached the upstream"
+        );
+    }
+    Ok(())
+}

@@ -455,6 +455,24 @@ impl UpstreamIo {
     }
 }
 
+impl UpstreamIo {
+    /// Ready once the upstream has sent something or closed, looked at
+    /// without reading it (`MSG_PEEK`, and only when the reactor says the
+    /// socket is readable); pending, with the waker registered for
+    /// readability, until then. Always pending on TLS, whose layer cannot
+    /// peek: there the answer is only heard after the request.
+    pub fn poll_has_input(&self, cx: &mut Context<'_>) -> Poll<()> {
+        match self {
+            UpstreamIo::Plain(s) => {
+                let mut one = [0u8; 1];
+                let mut rb = ReadBuf::new(&mut one);
+                s.poll_peek(cx, &mut rb).map(|_| ())
+            }
+            UpstreamIo::Tls(_) => Poll::Pending,
+        }
+    }
+}
+
 impl AsyncRead for UpstreamIo {
     fn poll_read(
         self: Pin<&mut Self>,

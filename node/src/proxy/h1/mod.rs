@@ -20,6 +20,7 @@
 pub mod wire;
 
 use std::future::{poll_fn, Future};
+use std::io;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -35,7 +36,7 @@ use tokio::sync::Notify;
 use tokio::time::Sleep;
 
 use super::routes::{self, Route};
-use super::upstream::{Pool, RawConn, UpstreamState};
+use super::upstream::{Pool, RawConn, UpstreamIo, UpstreamState};
 use super::{ConnInfo, Proxy, ProxyError, Served};
 use crate::telemetry::otel;
 use wire::{
@@ -53,6 +54,9 @@ const CLIENT_BUF: usize = 4 * 1024;
 /// Bodies up to this size that are already read go out with their head,
 /// in one write.
 const INLINE_BODY: usize = 16 * 1024;
+/// How long a client that was answered before its request body's end is
+/// given to stop sending (see `Client::linger`).
+const LINGER: Duration = Duration::from_secs(5);
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Ends a listener's HTTP/1 connections gracefully: idle ones close at
@@ -957,17 +961,26 @@ where
                             let _ = self.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
                             let _ = self.io.flush().await;
                         }
+                        let mut sink = Heard {
+                            io: &mut conn.io,
+                            answered: false,
+                        };
                         let r = copy_body(
                             &mut self.io,
                             &mut self.buf,
-                            &mut conn.io,
+                            &mut sink,
                             req.framing,
                             Coding::AsIs,
                             &mut self.timer,
                             proxy.config.header_read_timeout,
                         )
                         .await;
-                        if let Err(e) = r {
+                        if sink.answered {
+                            // The upstream answered before the body's end:
+                            // the answer is read below, the rest of the body
+                            // is not sent, and neither connection is reused.
+                            tracing::debug!(host = %h.name, upstream = %upstream.url, "upstream answered before the request body's end");
+                        } else if let Err(e) = r {
                             let (msg, err) = match e {
                                 CopyError::Sink(e) => (
                                     e.to_string(),
@@ -990,8 +1003,9 @@ where
                                 None => return Step::Close,
                             }
                             break 'upstreams;
+                        } else {
+                            body_read = true;
                         }
-                        body_read = true;
                     }
                 }
                 // The response head, after any 1xx.
@@ -999,10 +1013,16 @@ where
                     .read_response_head(&mut conn, resp_timeout, req.method == Method::Head)
                     .await
                 {
-                    Ok(head) => {
+                    Ok(mut head) => {
                         if let (false, Some(n)) = (body_read, buffered_body) {
                             self.buf.consume(n);
                             body_read = true;
+                        }
+                        if !body_read {
+                            // An early answer: the upstream still expects the
+                            // rest of the body, the client is still sending it.
+                            head.reusable = false;
+                            head.linger = true;
                         }
                         end_span(&client_cx, Some(head.status), None);
                         upstream.mark_up();
@@ -1273,12 +1293,14 @@ where
         }
 
         let client_minor = req.minor;
+        let linger = head.linger;
         let (framing, coding, chunked_out) = match head.framing {
             Framing::Chunked if client_minor == 0 => (Framing::Chunked, Coding::Dechunk, false),
             Framing::Chunked => (Framing::Chunked, Coding::AsIs, true),
             f => (f, Coding::AsIs, false),
         };
         let close = !req.keep_alive
+            || linger
             || self.closing()
             || framing == Framing::Close
             || coding == Coding::Dechunk;
@@ -1458,9 +1480,30 @@ where
         });
         if close || client_gone {
             let _ = self.io.shutdown().await;
+            if linger && !client_gone {
+                self.linger().await;
+            }
             Step::Close
         } else {
             Step::KeepAlive
+        }
+    }
+
+    /// After an answer that came before the request body's end, with the
+    /// write side already shut: reads and drops what the client still
+    /// sends, until it closes or for `LINGER` at most. Closing a socket
+    /// with unread bytes resets the connection, and a reset can reach the
+    /// client before it has read the answer, which it would then lose (the
+    /// lingering close of nginx and HAProxy).
+    async fn linger(&mut self) {
+        arm(&mut self.timer, LINGER);
+        loop {
+            let n = self.buf.len();
+            self.buf.consume(n);
+            match read_into(&mut self.io, &mut self.buf, Some(self.timer.as_mut()), None).await {
+                Read::Data(_) => {}
+                _ => return,
+            }
         }
     }
 
@@ -1550,6 +1593,9 @@ struct RespHead {
     /// Body bytes that came in the head's read but were left in the body
     /// buffer it was read into (see [`read_behind`]).
     behind: Option<Behind>,
+    /// The answer came before the request's body had all been read from
+    /// the client: the client connection closes after it, lingering.
+    linger: bool,
 }
 
 impl RespHead {
@@ -1617,7 +1663,53 @@ impl RespHead {
             subprotocol,
             extensions,
             behind: None,
+            linger: false,
         })
+    }
+}
+
+/// The upstream end of a request body being streamed. An upstream may
+/// answer before the body's end (413, 401, a redirect) and stop reading;
+/// a proxy that kept writing would wait on it until a timeout and answer
+/// 502. So before each write this looks, without reading, whether the
+/// upstream has begun to answer, and if it has, fails the write with
+/// `answered` set: the body stops and the answer is read (RFC 9112 asks a
+/// client sending a body to watch for an error response meanwhile).
+struct Heard<'a> {
+    io: &'a mut UpstreamIo,
+    answered: bool,
+}
+
+impl AsyncWrite for Heard<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.io.poll_has_input(cx).is_ready() {
+            this.answered = true;
+            return Poll::Ready(Err(io::Error::other(
+                "the upstream answered before the request body's end",
+            )));
+        }
+        match Pin::new(&mut *this.io).poll_write(cx, buf) {
+            // An upstream that answered and closed: its answer may be
+            // there to read all the same.
+            Poll::Ready(Err(e)) => {
+                this.answered = this.io.poll_has_input(cx).is_ready();
+                Poll::Ready(Err(e))
+            }
+            other => other,
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
     }
 }
 

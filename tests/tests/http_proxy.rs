@@ -1268,3 +1268,69 @@ async fn an_upstream_answering_and_closing_before_the_body_ends_is_heard() -> Re
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_given_up_on() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream with a 1 GiB answer for GET /big, and "ok" for the
+    // node's own route check.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let (gone_tx, mut gone) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let gone_tx = gone_tx.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut b = [0u8; 4096];
+                loop {
+                    while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head: Vec<u8> = got.drain(..end + 4).collect();
+                        if !head.starts_with(b"GET /big ") {
+                            let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                            if s.write_all(ok).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 1073741824\r\n\r\n";
+                        let chunk = vec![b'z'; 256 * 1024];
+                        let mut sent = 0u64;
+                        let _ = s.write_all(head).await;
+                        while sent < 1 << 30 && s.write_all(&chunk).await.is_ok() {
+                            sent += chunk.len() as u64;
+                        }
+                        let _ = gone_tx.send(sent);
+                        return;
+                    }
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&b[..n]),
+                    }
+                }
+            });
+        }
+    });
+    let node = TestNode::start().await?;
+    let mut req = host_request(&["big.test"], &[url]);
+    req.host.as_mut().unwrap().upstream_timeout_ms = 1000;
+    node.create_host(req).await?;
+    node.wait_routed("big.test").await?;
+
+    // Asks for the answer and never reads it.
+    let mut tcp = tokio::net::TcpStream::connect(node.http).await?;
+    tcp.write_all(b"GET /big HTTP/1.1\r\nHost: big.test\r\n\r\n")
+        .await?;
+    let started = Instant::now();
+    let sent = tokio::time::timeout(Duration::from_secs(20), gone.recv())
+        .await
+        .context("the upstream connection was still open after 20 s")?
+        .context("upstream task ended")?;
+    assert!(sent < 1 << 30, "the whole body went out: {sent}");
+    eprintln!(
+        "upstream connection closed after {:?}, {sent} bytes sent",
+        started.elapsed()
+    );
+    drop(tcp);
+    Ok(())
+}

@@ -40,8 +40,8 @@ use super::upstream::{Pool, RawConn, UpstreamIo, UpstreamState};
 use super::{ConnInfo, Proxy, ProxyError, Served};
 use crate::telemetry::otel;
 use wire::{
-    arm, copy_body, read_into, read_ready, read_ready_into, write_parts, BodyBuf, Buf, Coding,
-    CopyError, Framing, Prefixed, Read,
+    arm, copy_body, read_into, read_ready, read_ready_into, within, write_parts, BodyBuf, Buf,
+    Coding, CopyError, Framing, Prefixed, Read,
 };
 
 /// Longest request or response head accepted.
@@ -991,6 +991,13 @@ where
                                 ),
                                 CopyError::Source(e) => (format!("client: {e}"), None),
                                 CopyError::SourceTimedOut => ("client stalled".to_string(), None),
+                                CopyError::SinkTimedOut => (
+                                    "upstream stopped reading the body".to_string(),
+                                    Some(ProxyError::Timeout {
+                                        upstream: upstream.url.to_string(),
+                                        timeout: proxy.config.header_read_timeout,
+                                    }),
+                                ),
                                 CopyError::Invalid(w) => {
                                     (w.to_string(), Some(ProxyError::BadRequest(w)))
                                 }
@@ -1410,23 +1417,21 @@ where
         let mut error = None;
         let mut client_gone = false;
         let mut upstream_ok = head.reusable;
-        let wrote = match &behind {
-            Some(b) => {
-                let parts = [&self.out[..], b.bytes(), &conn.buf.bytes()[..tail]];
-                write_parts(&mut self.io, parts).await
-            }
-            None => match self.io.write_all(&self.out).await {
-                Ok(()) => self.io.flush().await,
-                Err(e) => Err(e),
-            },
+        // A client that stopped reading is given up on after the response's
+        // inactivity timeout, here as while the body streams.
+        let idle = self.response_idle(&req);
+        let parts = match &behind {
+            Some(b) => [&self.out[..], b.bytes(), &conn.buf.bytes()[..tail]],
+            None => [&self.out[..], &[][..], &[][..]],
         };
+        let wrote = within(write_parts(&mut self.io, parts), &mut self.timer, idle).await;
+        let wrote = wrote.unwrap_or_else(|| Err(io::ErrorKind::TimedOut.into()));
         drop(behind);
         conn.buf.consume(tail);
         if wrote.is_err() {
             client_gone = true;
             upstream_ok = upstream_ok && body_done;
         } else if !body_done {
-            let idle = self.response_idle(&req);
             let r = copy_body(
                 &mut conn.io,
                 &mut conn.buf,
@@ -1440,6 +1445,11 @@ where
             match r {
                 Ok(_) => {}
                 Err(CopyError::Sink(_)) => {
+                    client_gone = true;
+                    upstream_ok = false;
+                }
+                Err(CopyError::SinkTimedOut) => {
+                    tracing::info!(host = %req.route.host.name, client = %self.info.peer, "client stopped reading the response; closing");
                     client_gone = true;
                     upstream_ok = false;
                 }

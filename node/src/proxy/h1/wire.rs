@@ -348,6 +348,9 @@ pub enum CopyError {
     SourceTimedOut,
     /// Writing to the destination failed (the receiver went away).
     Sink(io::Error),
+    /// The destination took nothing for longer than allowed (a receiver
+    /// that stopped reading).
+    SinkTimedOut,
 }
 
 /// How a body is written out.
@@ -393,6 +396,7 @@ where
             &mut chunked,
             dst,
             &mut written,
+            (&mut *timer, idle),
         )
         .await?;
         buf.consume(used);
@@ -425,6 +429,7 @@ where
             &mut chunked,
             dst,
             &mut written,
+            (&mut *timer, idle),
         )
         .await?;
         if done {
@@ -438,6 +443,7 @@ where
 }
 
 /// Passes the body's part of `data` on; returns (bytes used, body done).
+#[allow(clippy::too_many_arguments)]
 async fn pass<W: AsyncWrite + Unpin>(
     data: &[u8],
     framing: Framing,
@@ -446,25 +452,26 @@ async fn pass<W: AsyncWrite + Unpin>(
     chunked: &mut Chunked,
     dst: &mut W,
     written: &mut u64,
+    (timer, idle): (&mut Pin<Box<Sleep>>, std::time::Duration),
 ) -> Result<(usize, bool), CopyError> {
     match framing {
         Framing::Empty => Ok((0, true)),
         Framing::Length(_) => {
             let n = (*remaining).min(data.len() as u64) as usize;
-            write_all(dst, &data[..n]).await?;
+            write_all(dst, &data[..n], timer, idle).await?;
             *written += n as u64;
             *remaining -= n as u64;
             Ok((n, *remaining == 0))
         }
         Framing::Close => {
-            write_all(dst, data).await?;
+            write_all(dst, data, timer, idle).await?;
             *written += data.len() as u64;
             Ok((data.len(), false))
         }
         Framing::Chunked => match coding {
             Coding::AsIs => {
                 let n = chunked.scan(data, |_| {}).map_err(CopyError::Invalid)?;
-                write_all(dst, &data[..n]).await?;
+                write_all(dst, &data[..n], timer, idle).await?;
                 *written += n as u64;
                 Ok((n, chunked.is_done()))
             }
@@ -478,7 +485,7 @@ async fn pass<W: AsyncWrite + Unpin>(
                     })
                     .map_err(CopyError::Invalid)?;
                 for (a, b) in runs {
-                    write_all(dst, &data[a..b]).await?;
+                    write_all(dst, &data[a..b], timer, idle).await?;
                     *written += (b - a) as u64;
                 }
                 Ok((n, chunked.is_done()))
@@ -487,12 +494,77 @@ async fn pass<W: AsyncWrite + Unpin>(
     }
 }
 
-async fn write_all<W: AsyncWrite + Unpin>(dst: &mut W, data: &[u8]) -> Result<(), CopyError> {
+/// Writes all of `data`, failing with `SinkTimedOut` once the destination
+/// has taken nothing for `idle`. The timer is armed only when a write has
+/// to wait, so a write that goes through at once costs no timer work.
+async fn write_all<W: AsyncWrite + Unpin>(
+    dst: &mut W,
+    data: &[u8],
+    timer: &mut Pin<Box<Sleep>>,
+    idle: std::time::Duration,
+) -> Result<(), CopyError> {
     if data.is_empty() {
         return Ok(());
     }
-    dst.write_all(data).await.map_err(CopyError::Sink)?;
-    dst.flush().await.map_err(CopyError::Sink)
+    let mut data = data;
+    // Whether the timer runs for the current wait (re-armed after progress).
+    let mut armed = false;
+    poll_fn(|cx| {
+        loop {
+            let r = if data.is_empty() {
+                Pin::new(&mut *dst).poll_flush(cx).map_ok(|()| 0)
+            } else {
+                Pin::new(&mut *dst).poll_write(cx, data)
+            };
+            match r {
+                Poll::Ready(Ok(0)) if data.is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(CopyError::Sink(io::ErrorKind::WriteZero.into())))
+                }
+                Poll::Ready(Ok(n)) => {
+                    data = &data[n..];
+                    armed = false;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(CopyError::Sink(e))),
+                Poll::Pending => break,
+            }
+        }
+        if !armed {
+            arm(timer, idle);
+            armed = true;
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(CopyError::SinkTimedOut));
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Runs `fut` (a write) unless it is still pending `idle` after it first
+/// had to wait: `None` then. As with [`write_all`], the timer is only
+/// armed once the write waits.
+pub async fn within<F: Future>(
+    fut: F,
+    timer: &mut Pin<Box<Sleep>>,
+    idle: std::time::Duration,
+) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut armed = false;
+    poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if !armed {
+            arm(timer, idle);
+            armed = true;
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Reads what `src` has ready now, without waiting: `None` when nothing is

@@ -1097,7 +1097,7 @@ async fn bytes_past_a_response_body_are_never_read_as_the_next_response() -> Res
 }
 
 #[tokio::test]
-async fn an_interim_response_read_with_the_final_one_is_skipped() -> Result<()> {
+async fn early_hints_reach_http_1_1_clients_only() -> Result<()> {
     // 103 Early Hints and the 200 in one write, so in one read.
     let (url, conns) = raw_keepalive_upstream(|_| {
         b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n\
@@ -1111,6 +1111,30 @@ async fn an_interim_response_read_with_the_final_one_is_skipped() -> Result<()> 
         let resp = client::get(node.http, "hints.test", "/").await?;
         assert_eq!(resp.status, 200, "request {i}");
         assert_eq!(resp.text(), "hello", "request {i}");
+    }
+    // On the wire: the 103 with its Link, then the 200, for HTTP/1.1; only
+    // the 200 for HTTP/1.0, which has no interim responses.
+    for (version, hints) in [("1.1", true), ("1.0", false)] {
+        let mut tcp = tokio::net::TcpStream::connect(node.http).await?;
+        let req = format!("GET / HTTP/{version}\r\nHost: hints.test\r\nConnection: close\r\n\r\n");
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, req.as_bytes()).await?;
+        let mut got = Vec::new();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut got),
+        )
+        .await??;
+        let text = String::from_utf8_lossy(&got);
+        if hints {
+            assert!(
+                text.starts_with("HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"),
+                "{text}"
+            );
+            assert!(text.contains("\r\n\r\nHTTP/1.1 200 OK\r\n"), "{text}");
+        } else {
+            assert!(text.starts_with("HTTP/1.0 200 OK\r\n"), "{text}");
+        }
+        assert!(text.ends_with("\r\n\r\nhello"), "{text}");
     }
     assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
     Ok(())

@@ -1017,7 +1017,12 @@ where
                 }
                 // The response head, after any 1xx.
                 match self
-                    .read_response_head(&mut conn, resp_timeout, req.method == Method::Head)
+                    .read_response_head(
+                        &mut conn,
+                        resp_timeout,
+                        req.method == Method::Head,
+                        req.minor == 1,
+                    )
                     .await
                 {
                     Ok(mut head) => {
@@ -1039,6 +1044,10 @@ where
                     Err(HeadError::Closed) if reused && buffered_body.is_some() => {
                         end_span(&client_cx, None, Some("closed".into()));
                         continue;
+                    }
+                    Err(HeadError::ClientGone) => {
+                        end_span(&client_cx, None, Some("client went away".into()));
+                        return Step::Close;
                     }
                     Err(e) => {
                         end_span(&client_cx, None, Some(e.to_string()));
@@ -1065,6 +1074,7 @@ where
                                 upstream: upstream.url.to_string(),
                                 why: w,
                             },
+                            HeadError::ClientGone => unreachable!("handled above"),
                         });
                         break 'upstreams;
                     }
@@ -1126,13 +1136,17 @@ where
         )
     }
 
-    /// Reads the upstream's response head (skipping 1xx other than 101) and
-    /// works out its framing.
+    /// Reads the upstream's response head and works out its framing.
+    /// Interim (1xx) responses other than 101 come before it: 100 Continue
+    /// is dropped (the proxy answers `Expect` itself), the others (103
+    /// Early Hints) are passed on as they came when `forward_interim` (an
+    /// HTTP/1.1 client; HTTP/1.0 has no 1xx) and dropped otherwise.
     async fn read_response_head(
         &mut self,
         conn: &mut RawConn,
         timeout: Duration,
         head_request: bool,
+        forward_interim: bool,
     ) -> Result<RespHead, HeadError> {
         let mut armed = false;
         let mut behind: Option<Behind> = None;
@@ -1144,7 +1158,7 @@ where
                     Ok(httparse::Status::Complete(len)) => {
                         let status = p.code.unwrap_or(0);
                         if (100..200).contains(&status) && status != 101 {
-                            Some((len, None))
+                            Some((len, Err(status)))
                         } else {
                             let base = conn.buf.bytes().as_ptr() as usize;
                             let head = RespHead::from_parsed(
@@ -1154,7 +1168,7 @@ where
                                 base,
                                 &mut self.resp_fields,
                             )?;
-                            Some((len, Some(head)))
+                            Some((len, Ok(head)))
                         }
                     }
                     Ok(httparse::Status::Partial) if conn.buf.len() >= MAX_HEAD => {
@@ -1165,14 +1179,21 @@ where
                 };
                 match parsed {
                     // A 1xx: skipped; what came after it is parsed next.
-                    Some((len, None)) => {
+                    Some((len, Err(status))) => {
+                        if forward_interim && status != 100 {
+                            let interim = &conn.buf.bytes()[..len];
+                            let sent = self.io.write_all(interim).await;
+                            if sent.is_err() || self.io.flush().await.is_err() {
+                                return Err(HeadError::ClientGone);
+                            }
+                        }
                         conn.buf.consume(len);
                         if let Some(b) = behind.take() {
                             conn.buf.extend(b.bytes());
                         }
                         continue;
                     }
-                    Some((len, Some(mut head))) => {
+                    Some((len, Ok(mut head))) => {
                         if let Some(b) = behind.take() {
                             // Only a body of known length is streamed from
                             // where it was read; anything else goes through
@@ -1543,6 +1564,9 @@ enum HeadError {
     Io(std::io::Error),
     #[error("{0}")]
     Invalid(&'static str),
+    /// Passing an interim response on to the client failed.
+    #[error("the client went away")]
+    ClientGone,
 }
 
 /// The fields requests and responses share: framing and `Connection`.

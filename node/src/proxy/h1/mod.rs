@@ -1765,7 +1765,8 @@ impl Behind {
 /// (so no connection holds one while it waits). The head goes to the
 /// connection's buffer; body bytes that came with it stay where they are,
 /// and leave with the head in one write. A response of up to 64 KiB then
-/// costs one read, where an 8 KiB head read made it two.
+/// costs one read, where an 8 KiB head read made it two. Up to
+/// `INLINE_BODY` it all goes to the connection's buffer (one small copy).
 async fn read_behind(conn: &mut RawConn, mut timer: Pin<&mut Sleep>) -> (Read, Option<Behind>) {
     let got = poll_fn(|cx| {
         if let Poll::Ready(r) = conn.io.poll_readable(cx) {
@@ -1795,7 +1796,14 @@ async fn read_behind(conn: &mut RawConn, mut timer: Pin<&mut Sleep>) -> (Read, O
         Ok((_, 0)) => (Read::Eof, None),
         Ok((scratch, n)) => {
             let bytes = &scratch.bytes()[..n];
-            match head_end(bytes) {
+            // A small response goes whole to the connection's buffer and out
+            // with the head in one plain write, as before this path existed.
+            let end = if n > INLINE_BODY {
+                head_end(bytes)
+            } else {
+                None
+            };
+            match end {
                 Some(end) if end < n => {
                     conn.buf.extend(&bytes[..end]);
                     let b = Behind {

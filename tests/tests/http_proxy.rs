@@ -916,6 +916,23 @@ async fn pipelined_requests_and_chunked_uploads_keep_their_order() -> Result<()>
     Ok(())
 }
 
+/// A loopback listener that runs `conn` on each accepted connection, in a
+/// task of its own: the raw upstreams below. Returns its URL.
+async fn raw_server<F, Fut>(conn: F) -> Result<String>
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(conn(s));
+        }
+    });
+    Ok(url)
+}
+
 /// A raw HTTP/1.1 upstream: for each connection it reads one request
 /// head, hands it over on the returned channel, answers `reply` and closes
 /// the connection (without saying so in the reply). Returns its URL.
@@ -923,27 +940,24 @@ async fn raw_upstream(
     reply: &'static [u8],
 ) -> Result<(String, tokio::sync::mpsc::UnboundedReceiver<String>)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
     let (tx, heads) = tokio::sync::mpsc::unbounded_channel::<String>();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut b = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut b).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&b[..n]),
-                    }
+    let url = raw_server(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let mut head = Vec::new();
+            let mut b = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&b[..n]),
                 }
-                let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
-                let _ = s.write_all(reply).await;
-            });
+            }
+            let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+            let _ = s.write_all(reply).await;
         }
-    });
-    Ok((format!("http://{addr}"), heads))
+    })
+    .await?;
+    Ok((url, heads))
 }
 
 #[tokio::test]
@@ -1005,33 +1019,30 @@ async fn raw_keepalive_upstream(
 ) -> Result<(String, std::sync::Arc<std::sync::atomic::AtomicUsize>)> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
     let conns = std::sync::Arc::new(AtomicUsize::new(0));
     let counted = conns.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            counted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut b = [0u8; 4096];
-                loop {
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head: Vec<u8> = buf.drain(..end + 4).collect();
-                        let out = reply(&String::from_utf8_lossy(&head));
-                        if s.write_all(&out).await.is_err() {
-                            return;
-                        }
-                    }
-                    match s.read(&mut b).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&b[..n]),
+    let url = raw_server(move |mut s| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut buf = Vec::new();
+            let mut b = [0u8; 4096];
+            loop {
+                while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head: Vec<u8> = buf.drain(..end + 4).collect();
+                    let out = reply(&String::from_utf8_lossy(&head));
+                    if s.write_all(&out).await.is_err() {
+                        return;
                     }
                 }
-            });
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&b[..n]),
+                }
+            }
         }
-    });
-    Ok((format!("http://{addr}"), conns))
+    })
+    .await?;
+    Ok((url, conns))
 }
 
 #[tokio::test]
@@ -1151,63 +1162,58 @@ async fn early_answer_upstream(
 ) -> Result<(String, std::sync::Arc<std::sync::atomic::AtomicU64>)> {
     use std::sync::atomic::{AtomicU64, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
     let received = std::sync::Arc::new(AtomicU64::new(0));
     let total = received.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let total = total.clone();
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                let mut b = vec![0u8; 64 * 1024];
-                loop {
-                    if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-                        if !head.contains("content-length") {
-                            got.drain(..end + 4);
-                            let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                            if s.write_all(ok).await.is_err() {
-                                return;
-                            }
-                            continue;
+    let url = raw_server(move |mut s| {
+        let total = total.clone();
+        async move {
+            let mut got = Vec::new();
+            let mut b = vec![0u8; 64 * 1024];
+            loop {
+                if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                    if !head.contains("content-length") {
+                        got.drain(..end + 4);
+                        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if s.write_all(ok).await.is_err() {
+                            return;
                         }
-                        if got.len() - (end + 4) >= read_first {
-                            break;
-                        }
+                        continue;
                     }
-                    match s.read(&mut b).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            total.fetch_add(n as u64, Ordering::SeqCst);
-                            got.extend_from_slice(&b[..n]);
-                        }
+                    if got.len() - (end + 4) >= read_first {
+                        break;
                     }
                 }
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\n\r\ntoo big!",
-                    )
-                    .await;
-                if then_close {
-                    // Closes its side, reading and dropping the rest as a
-                    // careful server does: a plain close with unread bytes
-                    // would reset the connection and could destroy its own
-                    // answer before the proxy has read it.
-                    let _ = s.shutdown().await;
-                    while let Ok(n) = s.read(&mut b).await {
-                        if n == 0 {
-                            break;
-                        }
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
                         total.fetch_add(n as u64, Ordering::SeqCst);
+                        got.extend_from_slice(&b[..n]);
                     }
-                } else {
-                    tokio::time::sleep(Duration::from_secs(60)).await;
                 }
-            });
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\n\r\ntoo big!")
+                .await;
+            if then_close {
+                // Closes its side, reading and dropping the rest as a
+                // careful server does: a plain close with unread bytes
+                // would reset the connection and could destroy its own
+                // answer before the proxy has read it.
+                let _ = s.shutdown().await;
+                while let Ok(n) = s.read(&mut b).await {
+                    if n == 0 {
+                        break;
+                    }
+                    total.fetch_add(n as u64, Ordering::SeqCst);
+                }
+            } else {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
         }
-    });
-    Ok((format!("http://{addr}"), received))
+    })
+    .await?;
+    Ok((url, received))
 }
 
 /// Starts a 64 MiB upload through the node and returns what the client
@@ -1298,43 +1304,40 @@ async fn a_client_that_stops_reading_is_given_up_on() -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // An upstream with a 1 GiB answer for GET /big, and "ok" for the
     // node's own route check.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
     let (gone_tx, mut gone) = tokio::sync::mpsc::unbounded_channel::<u64>();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let gone_tx = gone_tx.clone();
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                let mut b = [0u8; 4096];
-                loop {
-                    while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head: Vec<u8> = got.drain(..end + 4).collect();
-                        if !head.starts_with(b"GET /big ") {
-                            let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                            if s.write_all(ok).await.is_err() {
-                                return;
-                            }
-                            continue;
+    let url = raw_server(move |mut s| {
+        let gone_tx = gone_tx.clone();
+        async move {
+            let mut got = Vec::new();
+            let mut b = [0u8; 4096];
+            loop {
+                while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head: Vec<u8> = got.drain(..end + 4).collect();
+                    if !head.starts_with(b"GET /big ") {
+                        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if s.write_all(ok).await.is_err() {
+                            return;
                         }
-                        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 1073741824\r\n\r\n";
-                        let chunk = vec![b'z'; 256 * 1024];
-                        let mut sent = 0u64;
-                        let _ = s.write_all(head).await;
-                        while sent < 1 << 30 && s.write_all(&chunk).await.is_ok() {
-                            sent += chunk.len() as u64;
-                        }
-                        let _ = gone_tx.send(sent);
-                        return;
+                        continue;
                     }
-                    match s.read(&mut b).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&b[..n]),
+                    let head = b"HTTP/1.1 200 OK\r\nContent-Length: 1073741824\r\n\r\n";
+                    let chunk = vec![b'z'; 256 * 1024];
+                    let mut sent = 0u64;
+                    let _ = s.write_all(head).await;
+                    while sent < 1 << 30 && s.write_all(&chunk).await.is_ok() {
+                        sent += chunk.len() as u64;
                     }
+                    let _ = gone_tx.send(sent);
+                    return;
                 }
-            });
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&b[..n]),
+                }
+            }
         }
-    });
+    })
+    .await?;
     let node = TestNode::start().await?;
     let mut req = host_request(&["big.test"], &[url]);
     req.host.as_mut().unwrap().upstream_timeout_ms = 1000;

@@ -427,6 +427,8 @@ pub struct Relay<C, U> {
     timer: Option<Pin<Box<Sleep>>>,
     /// Bounds the wait for the peers to hang up after the closing handshake.
     linger: Option<Pin<Box<Sleep>>>,
+    /// The task's waker is with the tunnel's registry entry.
+    registered: bool,
 }
 
 /// How a relay ended.
@@ -447,9 +449,12 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayEnd> {
         let this = self.get_mut();
-        // Registered on every wake-up, so a cut reaches the relay even
-        // after a close request has used the previous registration.
-        this.info.register_relay(cx);
+        // Once, before the flags are first looked at: a close request or a
+        // cut made after that wakes this task.
+        if !this.registered {
+            this.info.register_relay(cx);
+            this.registered = true;
+        }
         if this.info.is_cut() {
             return Poll::Ready(RelayEnd::Cut);
         }
@@ -489,7 +494,7 @@ where
             }
         }
         if self.close.is_none() {
-            if let Some(close) = self.info.poll_close_request(cx) {
+            if let Some(close) = self.info.close_request() {
                 self.up.request(Some(&close), false);
                 self.down.request(Some(&close), false);
                 self.close = Some(close);
@@ -606,6 +611,7 @@ where
         client_shut: false,
         timer: tick.map(|t| Box::pin(tokio::time::sleep(t))),
         linger: None,
+        registered: false,
     }
 }
 
@@ -640,6 +646,34 @@ mod tests {
             None => f.extend_from_slice(payload),
         }
         f
+    }
+
+    #[tokio::test]
+    async fn a_cut_after_a_close_request_ends_a_quiet_relay() {
+        // Peers that never answer the Close: nothing but the cut can wake
+        // the relay, after the close request has already woken it once.
+        let (_reg, r) = registry_info();
+        let info = r.info.clone();
+        let (client_proxy, mut client) = duplex(1 << 16);
+        let (upstream_proxy, mut upstream) = duplex(1 << 16);
+        let task = tokio::spawn(relay(
+            client_proxy,
+            upstream_proxy,
+            info.clone(),
+            TunnelOptions::default(),
+        ));
+        tokio::task::yield_now().await;
+        info.close(1001, "bye");
+        let mut head = [0u8; 2];
+        client.read_exact(&mut head).await.unwrap();
+        upstream.read_exact(&mut head).await.unwrap();
+        assert_eq!(head[0], 0x88, "the close request was acted on");
+        info.cut();
+        let end = tokio::time::timeout(std::time::Duration::from_secs(5), task)
+            .await
+            .expect("the cut reached the relay")
+            .unwrap();
+        assert_eq!(end, RelayEnd::Cut);
     }
 
     #[tokio::test]

@@ -7,10 +7,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::Context;
+use std::task::{Context, Waker};
 use std::time::SystemTime;
-
-use futures_util::task::AtomicWaker;
 
 /// Counters for one direction of a tunnel.
 #[derive(Debug, Default)]
@@ -63,8 +61,12 @@ pub struct TunnelInfo {
     close_requested: AtomicBool,
     /// Set by [`TunnelInfo::cut`]: the relay ends at its next wake-up.
     cut: AtomicBool,
-    /// The relay's task, woken by [`close`](Self::close).
-    relay_waker: AtomicWaker,
+    /// The relay's task, woken by [`close`](Self::close) and
+    /// [`cut`](Self::cut). Set on the relay's first poll and not used up
+    /// by a wake (as an `AtomicWaker`'s would be), so the relay does not
+    /// register again at every wake-up: a tunnel task's waker stays the
+    /// same for its life.
+    relay_waker: Mutex<Option<Waker>>,
 }
 
 impl TunnelInfo {
@@ -80,7 +82,7 @@ impl TunnelInfo {
             *req = Some((code, reason.to_string()));
         }
         self.close_requested.store(true, Ordering::Release);
-        self.relay_waker.wake();
+        self.wake_relay();
     }
 
     /// Whether the proxy asked this tunnel to close (drain, idle timeout,
@@ -88,7 +90,13 @@ impl TunnelInfo {
     /// Ends the tunnel now, without a goodbye (the last step of a drain).
     pub fn cut(&self) {
         self.cut.store(true, Ordering::Release);
-        self.relay_waker.wake();
+        self.wake_relay();
+    }
+
+    fn wake_relay(&self) {
+        if let Some(w) = &*self.relay_waker.lock().expect("relay waker lock") {
+            w.wake_by_ref();
+        }
     }
 
     pub fn is_cut(&self) -> bool {
@@ -96,23 +104,26 @@ impl TunnelInfo {
     }
 
     /// The relay's task, to be woken by [`close`](Self::close) and
-    /// [`cut`](Self::cut).
+    /// [`cut`](Self::cut); the relay calls this before it first looks at
+    /// either flag.
     pub fn register_relay(&self, cx: &Context<'_>) {
-        self.relay_waker.register(cx.waker());
+        let mut w = self.relay_waker.lock().expect("relay waker lock");
+        match &*w {
+            Some(old) if old.will_wake(cx.waker()) => {}
+            _ => *w = Some(cx.waker().clone()),
+        }
     }
 
     pub fn close_was_requested(&self) -> bool {
         self.close_requested.load(Ordering::Acquire)
     }
 
-    /// For the relay: the close request, if one has been made; otherwise
-    /// the relay's task is woken when one is.
-    pub(crate) fn poll_close_request(&self, cx: &Context<'_>) -> Option<(u16, String)> {
+    /// For the relay (registered with [`register_relay`](Self::register_relay)):
+    /// the close request, if one has been made; otherwise the relay's task
+    /// is woken when one is.
+    pub(crate) fn close_request(&self) -> Option<(u16, String)> {
         if !self.close_requested.load(Ordering::Acquire) {
-            self.relay_waker.register(cx.waker());
-            if !self.close_requested.load(Ordering::Acquire) {
-                return None;
-            }
+            return None;
         }
         self.close_request.lock().expect("close lock").clone()
     }
@@ -162,7 +173,7 @@ impl TunnelRegistry {
             close_request: Mutex::new(None),
             close_requested: AtomicBool::new(false),
             cut: AtomicBool::new(false),
-            relay_waker: AtomicWaker::new(),
+            relay_waker: Mutex::new(None),
         });
         self.map
             .lock()

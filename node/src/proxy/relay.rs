@@ -633,6 +633,29 @@ mod tests {
         (reg, r)
     }
 
+    /// Keeps a test tunnel's registry entry alive.
+    type Entry = (Arc<TunnelRegistry>, crate::proxy::tunnels::Registration);
+
+    /// A relay between two in-memory pipes, in a task of its own: its
+    /// registry entry (keep it), its info, the test's ends of the client's
+    /// and the upstream's pipes, and the task.
+    fn spawn_relay(
+        opts: TunnelOptions,
+    ) -> (
+        Entry,
+        Arc<TunnelInfo>,
+        tokio::io::DuplexStream,
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<RelayEnd>,
+    ) {
+        let (reg, entry) = registry_info();
+        let info = entry.info.clone();
+        let (client_proxy, client) = duplex(1 << 16);
+        let (upstream_proxy, upstream) = duplex(1 << 16);
+        let task = tokio::spawn(relay(client_proxy, upstream_proxy, info.clone(), opts));
+        ((reg, entry), info, client, upstream, task)
+    }
+
     fn text(payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
         let mut f = vec![
             0x81,
@@ -652,16 +675,7 @@ mod tests {
     async fn a_cut_after_a_close_request_ends_a_quiet_relay() {
         // Peers that never answer the Close: nothing but the cut can wake
         // the relay, after the close request has already woken it once.
-        let (_reg, r) = registry_info();
-        let info = r.info.clone();
-        let (client_proxy, mut client) = duplex(1 << 16);
-        let (upstream_proxy, mut upstream) = duplex(1 << 16);
-        let task = tokio::spawn(relay(
-            client_proxy,
-            upstream_proxy,
-            info.clone(),
-            TunnelOptions::default(),
-        ));
+        let (_entry, info, mut client, mut upstream, task) = spawn_relay(TunnelOptions::default());
         tokio::task::yield_now().await;
         info.close(1001, "bye");
         let mut head = [0u8; 2];
@@ -678,16 +692,7 @@ mod tests {
 
     #[tokio::test]
     async fn passes_bytes_verbatim_and_injects_close_at_boundaries() {
-        let (_reg, r) = registry_info();
-        let info = r.info.clone();
-        let (client_proxy, mut client) = duplex(1 << 16);
-        let (upstream_proxy, mut upstream) = duplex(1 << 16);
-        let task = tokio::spawn(relay(
-            client_proxy,
-            upstream_proxy,
-            info.clone(),
-            TunnelOptions::default(),
-        ));
+        let (_entry, info, mut client, mut upstream, task) = spawn_relay(TunnelOptions::default());
 
         let hello = text(b"hello", Some([1, 2, 3, 4]));
         client.write_all(&hello).await.unwrap();
@@ -753,16 +758,7 @@ mod tests {
 
     #[tokio::test]
     async fn close_codes_pass_through_and_eof_half_closes() {
-        let (_reg, r) = registry_info();
-        let info = r.info.clone();
-        let (client_proxy, mut client) = duplex(1 << 16);
-        let (upstream_proxy, mut upstream) = duplex(1 << 16);
-        let task = tokio::spawn(relay(
-            client_proxy,
-            upstream_proxy,
-            info.clone(),
-            TunnelOptions::default(),
-        ));
+        let (_entry, info, mut client, mut upstream, task) = spawn_relay(TunnelOptions::default());
         let c = close_frame(4001, "done", true);
         client.write_all(&c).await.unwrap();
         let mut got = vec![0u8; c.len()];
@@ -792,15 +788,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_timeout_closes_quiet_tunnels() {
-        let (_reg, r) = registry_info();
-        let info = r.info.clone();
-        let (client_proxy, mut client) = duplex(1 << 16);
-        let (upstream_proxy, _upstream) = duplex(1 << 16);
-        let opts = TunnelOptions {
+        let (_entry, _info, mut client, _upstream, _task) = spawn_relay(TunnelOptions {
             idle_timeout: Some(Duration::from_secs(30)),
             ping_interval: None,
-        };
-        tokio::spawn(relay(client_proxy, upstream_proxy, info.clone(), opts));
+        });
         let mut head = [0u8; 4];
         client.read_exact(&mut head).await.unwrap();
         assert_eq!(head, [0x88, 14, 0x03, 0xe9]);
@@ -808,15 +799,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn quiet_peers_are_pinged_then_closed() {
-        let (_reg, r) = registry_info();
-        let info = r.info.clone();
-        let (client_proxy, mut client) = duplex(1 << 16);
-        let (upstream_proxy, mut upstream) = duplex(1 << 16);
-        let opts = TunnelOptions {
+        let (_entry, _info, mut client, mut upstream, _task) = spawn_relay(TunnelOptions {
             idle_timeout: None,
             ping_interval: Some(Duration::from_secs(10)),
-        };
-        tokio::spawn(relay(client_proxy, upstream_proxy, info.clone(), opts));
+        });
         let ping = [0x89, 6, b'c', b'h', b'a', b'r', b'o', b'n'];
         let mut got = [0u8; 8];
         client.read_exact(&mut got).await.unwrap();

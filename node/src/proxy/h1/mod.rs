@@ -1177,8 +1177,21 @@ where
                     Ok(httparse::Status::Partial) => None,
                     Err(_) => return Err(HeadError::Invalid("malformed response head")),
                 };
+                // Body bytes read past the head stay in their body buffer only
+                // for a final response of known length, whose head is all the
+                // connection's buffer holds; otherwise they join that buffer
+                // and are parsed (or streamed) from there.
+                let keep = matches!(&parsed, Some((len, Ok(h)))
+                    if matches!(h.framing, Framing::Length(_)) && *len == conn.buf.len());
+                let mut folded = false;
+                if !keep {
+                    if let Some(b) = behind.take() {
+                        conn.buf.extend(b.bytes());
+                        folded = true;
+                    }
+                }
                 match parsed {
-                    // A 1xx: skipped; what came after it is parsed next.
+                    // A 1xx: passed on or dropped; what follows is parsed next.
                     Some((len, Err(status))) => {
                         if forward_interim && status != 100 {
                             let interim = &conn.buf.bytes()[..len];
@@ -1188,31 +1201,15 @@ where
                             }
                         }
                         conn.buf.consume(len);
-                        if let Some(b) = behind.take() {
-                            conn.buf.extend(b.bytes());
-                        }
                         continue;
                     }
-                    Some((len, Ok(mut head))) => {
-                        if let Some(b) = behind.take() {
-                            // Only a body of known length is streamed from
-                            // where it was read; anything else goes through
-                            // the connection's buffer as before.
-                            let body = matches!(head.framing, Framing::Length(_));
-                            if body && len == conn.buf.len() {
-                                head.behind = Some(b);
-                            } else {
-                                conn.buf.extend(b.bytes());
-                            }
-                        }
+                    Some((_, Ok(mut head))) => {
+                        head.behind = behind.take();
                         return Ok(head);
                     }
-                    None => {
-                        if let Some(b) = behind.take() {
-                            conn.buf.extend(b.bytes());
-                            continue;
-                        }
-                    }
+                    // More bytes were already here: parse again with them.
+                    None if folded => continue,
+                    None => {}
                 }
             }
             if !armed {

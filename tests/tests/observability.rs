@@ -230,6 +230,88 @@ async fn the_access_log_is_json_on_stdout_and_streams_through_the_api() -> Resul
     Ok(())
 }
 
+/// Requests on one keep-alive connection reuse the strings of the one
+/// before (and, once the ring is full, of old log events): each line must
+/// still show only its own request, whatever the previous one left behind.
+#[tokio::test]
+async fn each_request_of_a_connection_logs_its_own_fields() -> Result<()> {
+    let node = TestNode::start().await?;
+    let http = EchoBackend::start("b").await?;
+    node.add_host(&["seq.obs.test"], &[http.url()]).await?;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    node.add_host(&["down.obs.test"], &[format!("http://{closed}")])
+        .await?;
+    let logs = charon_proto::v1::logs_client::LogsClient::with_interceptor(
+        node.grpc_channel().await?,
+        node.bearer()?,
+    );
+    let mut sender = client::http1_connect(node.http).await?;
+    // Long, then short: each shorter than the last in some field. Then a
+    // proxy error (an upstream that refuses connections), whose error field
+    // must not stay on the line after it.
+    let requests = [
+        ("GET", "seq.obs.test:80", "/a/much/longer/first/path", 200),
+        ("HEAD", "seq.obs.test", "/b", 200),
+        ("GET", "seq.obs.test", "/status?code=503", 503),
+        ("GET", "down.obs.test", "/d", 502),
+        ("GET", "seq.obs.test", "/c", 200),
+    ];
+    for (method, host, path, want) in requests {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, host)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+            .await
+            .context("no response in time")??;
+        ensure!(resp.status() == want, "{method} {path}: {}", resp.status());
+        http_body_util::BodyExt::collect(resp.into_body()).await?;
+    }
+    let lines = eventually(Duration::from_secs(10), || {
+        let mut logs = logs.clone();
+        async move {
+            let r = logs
+                .recent(RecentLogsRequest {
+                    filter: None,
+                    since_ms: 0,
+                    limit: 0,
+                })
+                .await?
+                .into_inner();
+            // Less the probes of `add_host`, which ask for `/`.
+            let lines = r
+                .events
+                .iter()
+                .map(|e| Ok(serde_json::from_str::<serde_json::Value>(&e.json)?))
+                .filter(|l| !matches!(l, Ok(l) if l["path"] == "/"))
+                .collect::<Result<Vec<_>>>()?;
+            ensure!(lines.len() == 5, "{} lines so far: {lines:?}", lines.len());
+            Ok(lines)
+        }
+    })
+    .await?;
+    for ((method, host, path, status), line) in requests.iter().zip(&lines) {
+        let path_only = path.split('?').next().unwrap_or_default();
+        ensure!(
+            line["method"] == *method
+                && line["authority"] == *host
+                && line["path"] == path_only
+                && line["status"] == *status,
+            "{line}"
+        );
+    }
+    // Only the 502 has an error (naming the upstream) and no upstream that
+    // answered; the backend's own 503 is a response.
+    for (i, l) in lines.iter().enumerate() {
+        ensure!(
+            l.get("error").is_some() == (i == 3) && l.get("upstream").is_some() == (i != 3),
+            "{l}"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn open_tunnels_are_listed() -> Result<()> {
     let node = TestNode::start().await?;

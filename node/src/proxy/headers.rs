@@ -172,16 +172,25 @@ pub struct ClientFacts {
     pub proto: HeaderValue,
     /// The port the client connected to.
     pub local_port: HeaderValue,
+    /// For an untrusted peer, the HTTP/1 lines of every forwarded header
+    /// but `X-Forwarded-Host` (which depends on the request): the same for
+    /// all of the connection's requests, so they are copied in one piece.
+    pub h1_lines: bytes::Bytes,
 }
 
 impl ClientFacts {
     pub fn new(peer: SocketAddr, trusted: bool, tls: bool, local_port: u16) -> Self {
         let peer_ip = peer.ip().to_canonical().to_string();
+        let scheme = if tls { "https" } else { "http" };
+        let h1_lines = format!(
+            "X-Forwarded-For: {peer_ip}\r\nX-Real-IP: {peer_ip}\r\nX-Forwarded-Proto: {scheme}\r\nX-Forwarded-Port: {local_port}\r\n"
+        );
         ClientFacts {
+            h1_lines: bytes::Bytes::from(h1_lines),
             peer_ip: HeaderValue::from_str(&peer_ip)
                 .expect("an IP address is a valid header value"),
             trusted,
-            proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
+            proto: HeaderValue::from_static(scheme),
             local_port: HeaderValue::from(local_port),
         }
     }

@@ -167,7 +167,7 @@ impl ProxyError {
 struct Served<'a> {
     started: std::time::Instant,
     conn: &'a ConnInfo,
-    facts: Option<h1::ReqFacts>,
+    facts: Option<&'a h1::ReqFacts>,
     status: u16,
     route: Option<&'a Arc<Route>>,
     upstream: Option<&'a Arc<str>>,
@@ -485,7 +485,7 @@ impl Proxy {
         self.record_h1(Served {
             started,
             conn,
-            facts: Some(facts),
+            facts: Some(&facts),
             status,
             route: route.as_ref(),
             upstream: upstream.as_ref().map(|u| &u.0),
@@ -537,27 +537,34 @@ impl Proxy {
             t.metrics.upstream_error(host_name, kind);
         }
         let ts_ms = crate::store::hlc::wall_ms().saturating_sub(took.as_millis() as u64);
-        let (method, path, authority, proto) = match s.facts {
-            Some(f) => (f.method, f.path, f.authority, f.proto),
-            None => Default::default(),
-        };
-        t.access_log.record(crate::telemetry::Entry {
-            trace_id: s.trace.map(otel::trace_id).unwrap_or_default(),
-            ts_ms,
-            kind: "http",
-            client: s.conn.peer_text.clone(),
-            host: host_name.clone(),
-            host_id: s.route.map(|r| r.id.clone()).unwrap_or_default(),
-            method,
-            authority,
-            path,
-            proto,
-            tls: s.conn.tls,
-            status: s.status,
-            upstream: s.upstream.cloned().unwrap_or_default(),
-            duration_ms: took.as_secs_f64() * 1000.0,
-            error: s.error.map(|e| e.to_string()).unwrap_or_default(),
-            ..Default::default()
+        // Filled in place: the strings of a recycled entry are reused.
+        t.access_log.record_with(|e| {
+            if let Some(cx) = s.trace {
+                e.trace_id = otel::trace_id(cx);
+            }
+            e.ts_ms = ts_ms;
+            e.kind = "http";
+            e.client = s.conn.peer_text.clone();
+            e.host = host_name.clone();
+            if let Some(r) = s.route {
+                e.host_id = r.id.clone();
+            }
+            if let Some(f) = s.facts {
+                e.method.push_str(&f.method);
+                e.authority.push_str(&f.authority);
+                e.path.push_str(&f.path);
+                e.proto = f.proto;
+            }
+            e.tls = s.conn.tls;
+            e.status = s.status;
+            if let Some(u) = s.upstream {
+                e.upstream = u.clone();
+            }
+            e.duration_ms = took.as_secs_f64() * 1000.0;
+            if let Some(err) = s.error {
+                use std::fmt::Write as _;
+                let _ = write!(e.error, "{err}");
+            }
         });
     }
 

@@ -105,6 +105,60 @@ pub struct Entry {
     pub trace_id: String,
 }
 
+impl Entry {
+    /// Back to the default, keeping the strings' capacity (see
+    /// [`AccessLog::record_with`]). Every field is named, so a new one cannot
+    /// be forgotten here.
+    fn clear(&mut self, empty: &Arc<str>) {
+        let Entry {
+            ts,
+            ts_ms,
+            node,
+            kind,
+            client,
+            host,
+            host_id,
+            method,
+            authority,
+            path,
+            proto,
+            tls,
+            status,
+            upstream,
+            duration_ms,
+            bytes_to_upstream,
+            bytes_to_client,
+            frames_to_upstream,
+            frames_to_client,
+            close_code,
+            closed_by,
+            error,
+            trace_id,
+        } = self;
+        for s in [ts, method, authority, path, closed_by, error, trace_id] {
+            s.clear();
+        }
+        for a in [node, client, host, host_id, upstream] {
+            *a = empty.clone();
+        }
+        *ts_ms = 0;
+        *kind = "";
+        *proto = "";
+        *tls = false;
+        *status = 0;
+        *duration_ms = 0.0;
+        for n in [
+            bytes_to_upstream,
+            bytes_to_client,
+            frames_to_upstream,
+            frames_to_client,
+        ] {
+            *n = None;
+        }
+        *close_code = None;
+    }
+}
+
 /// An event as kept and streamed: the entry, and its JSON line, made once
 /// and only when first asked for (at once when there is a writer).
 #[derive(Debug)]
@@ -146,6 +200,8 @@ fn to_json(e: &Entry) -> String {
 
 pub struct AccessLog {
     node: Arc<str>,
+    /// Shared by the entries' empty fields, so clearing one allocates nothing.
+    empty: Arc<str>,
     ring: Mutex<VecDeque<Arc<Event>>>,
     live: broadcast::Sender<Arc<Event>>,
     writer: Option<SyncSender<String>>,
@@ -176,6 +232,7 @@ impl AccessLog {
         };
         Ok(Arc::new(AccessLog {
             node: Arc::from(node),
+            empty: Arc::from(""),
             ring: Mutex::new(VecDeque::with_capacity(1024)),
             live: broadcast::channel(4096).0,
             writer,
@@ -190,37 +247,61 @@ impl AccessLog {
     /// Keeps `e` (with this node's name), writes it if there is a sink and
     /// sends it to followers if there are any. Without a sink the JSON is
     /// only made when an API reader asks for it ([`Event::json`]).
-    pub fn record(&self, mut e: Entry) {
-        e.node = self.node.clone();
-        let ev = match &self.writer {
-            None => Event::new(e),
-            Some(w) => {
-                if e.ts.is_empty() {
-                    e.ts = super::rfc3339_ms(e.ts_ms);
-                }
-                let json = serde_json::to_string(&e).unwrap_or_default();
-                match w.try_send(json.clone()) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                        self.metrics
-                            .access_log_dropped
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Event {
-                    entry: e,
-                    json: OnceLock::from(json),
-                }
+    pub fn record(&self, e: Entry) {
+        self.record_with(|slot| *slot = e);
+    }
+
+    /// As [`AccessLog::record`], with the entry filled in place by `fill`.
+    ///
+    /// Once the ring is full, the event that falls out of it is reused when
+    /// nobody else holds it (no reader of `recent`, no follower's queue): its
+    /// strings keep their capacity, so a caller that fills them with
+    /// `push_str` records a request without allocating or freeing anything.
+    /// That was four allocations and frees per proxied request.
+    pub fn record_with(&self, fill: impl FnOnce(&mut Entry)) {
+        let oldest = {
+            let mut ring = self.ring.lock().expect("access log lock");
+            if ring.len() >= RING {
+                ring.pop_front()
+            } else {
+                None
             }
         };
-        let ev = Arc::new(ev);
-        {
-            let mut ring = self.ring.lock().expect("access log lock");
-            if ring.len() == RING {
-                ring.pop_front();
+        let mut ev = match oldest {
+            // Held only here (weak references are never made): ours to reuse.
+            Some(ev) if Arc::strong_count(&ev) == 1 && Arc::weak_count(&ev) == 0 => ev,
+            _ => Arc::new(Event::new(Entry::default())),
+        };
+        // Unshared: either just made, or checked above.
+        let slot = Arc::get_mut(&mut ev).expect("an unshared event");
+        slot.json = OnceLock::new();
+        slot.entry.clear(&self.empty);
+        fill(&mut slot.entry);
+        let e = &mut slot.entry;
+        e.node = self.node.clone();
+        if let Some(w) = &self.writer {
+            if e.ts.is_empty() {
+                e.ts = super::rfc3339_ms(e.ts_ms);
             }
-            ring.push_back(ev.clone());
+            let json = serde_json::to_string(&*e).unwrap_or_default();
+            match w.try_send(json.clone()) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                    self.metrics
+                        .access_log_dropped
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            slot.json = OnceLock::from(json);
         }
+        let overflow = {
+            let mut ring = self.ring.lock().expect("access log lock");
+            // Another thread may have pushed between the two locks.
+            let overflow = (ring.len() >= RING).then(|| ring.pop_front()).flatten();
+            ring.push_back(ev.clone());
+            overflow
+        };
+        drop(overflow);
         // Checked after the ring push: a follower that subscribes after the
         // check reads the ring after the push (it subscribes first), so it
         // can still find the event there.
@@ -390,6 +471,49 @@ mod tests {
         assert_eq!(got[0].entry().ts, "");
         assert!(matches(&got[0], "h-1", "5xx"));
         assert!(log.recent(1_795_513_100_551).is_empty());
+    }
+
+    #[test]
+    fn a_recycled_event_carries_nothing_of_its_last_request() {
+        let log = AccessLog::new("n1", Sink::Off, Arc::default()).unwrap();
+        for _ in 0..RING {
+            log.record(sample(""));
+        }
+        // Held by a reader: must not be reused or changed under it.
+        let held = log.recent(0).swap_remove(0);
+        let held_ptr = Arc::as_ptr(&held);
+        let unheld_ptr = Arc::as_ptr(&log.recent(0)[1]);
+        // Later than the samples; the next two push the held event and the
+        // one after it out.
+        const LATER: u64 = 2_000_000_000_000;
+        for i in 0..2 {
+            log.record_with(|e| {
+                e.ts_ms = LATER + i;
+                e.kind = "http";
+                e.method.push_str("HEAD");
+                e.status = 200;
+            });
+        }
+        assert_eq!(held.entry().status, 502, "a held event was changed");
+        assert_eq!(held.entry().error, "upstream refused");
+        let got = log.recent(LATER);
+        assert_eq!(got.len(), 2);
+        assert!(got.iter().all(|e| Arc::as_ptr(e) != held_ptr));
+        assert_eq!(Arc::as_ptr(&got[1]), unheld_ptr, "not reused");
+        // The second one reused the unheld event's allocation; neither
+        // shows any field of the sample but what was filled in.
+        for (i, ev) in got.iter().enumerate() {
+            let want = Entry {
+                ts_ms: LATER + i as u64,
+                kind: "http",
+                node: "n1".into(),
+                method: "HEAD".into(),
+                status: 200,
+                ..Default::default()
+            };
+            assert_eq!(ev.json(), to_json(&want), "event {i}");
+        }
+        assert_eq!(log.recent(0).len(), RING);
     }
 
     #[test]

@@ -148,6 +148,7 @@ where
         shutdown,
         stop: None,
         first: true,
+        spare_facts: None,
     };
     match c.run().await {
         Next::Close => Ended::Closed,
@@ -196,6 +197,9 @@ struct Client<S> {
     /// that, a flag check is all an idle wait costs.
     stop: Option<Pin<Box<OwnedNotified>>>,
     first: bool,
+    /// The last request's facts, given back after it is recorded so that the
+    /// next request's reuse their strings instead of allocating three.
+    spare_facts: Option<ReqFacts>,
 }
 
 enum Next {
@@ -234,6 +238,7 @@ struct Req {
     facts: Option<ReqFacts>,
 }
 
+#[derive(Default)]
 pub(super) struct ReqFacts {
     pub(super) method: String,
     pub(super) path: String,
@@ -509,13 +514,14 @@ where
         self.proxy.record_h1(Served {
             started,
             conn: &self.info,
-            facts: r.facts,
+            facts: r.facts.as_ref(),
             status: r.status.as_u16(),
             route: r.route.as_ref(),
             upstream: None,
             error: r.error.as_ref(),
             trace: None,
         });
+        self.spare_facts = r.facts;
         sent
     }
 
@@ -653,13 +659,20 @@ where
 
         let telemetry = self.proxy.telemetry.get();
         let path_only = path_q.split('?').next().unwrap_or("/");
-        let facts = telemetry.map(|_| ReqFacts {
-            method: method_s.to_string(),
-            path: path_only.to_string(),
-            authority: host_str.to_string(),
-            proto: if minor == 0 { "HTTP/1.0" } else { "HTTP/1.1" },
-            traceparent: traceparent.and_then(|v| http::HeaderValue::from_bytes(v).ok()),
-            tracestate: tracestate.and_then(|v| http::HeaderValue::from_bytes(v).ok()),
+        let facts = telemetry.map(|_| {
+            let mut f = self.spare_facts.take().unwrap_or_default();
+            for (s, v) in [
+                (&mut f.method, method_s),
+                (&mut f.path, path_only),
+                (&mut f.authority, host_str),
+            ] {
+                s.clear();
+                s.push_str(v);
+            }
+            f.proto = if minor == 0 { "HTTP/1.0" } else { "HTTP/1.1" };
+            f.traceparent = traceparent.and_then(|v| http::HeaderValue::from_bytes(v).ok());
+            f.tracestate = tracestate.and_then(|v| http::HeaderValue::from_bytes(v).ok());
+            f
         });
         let tracing_on = telemetry.is_some_and(|t| t.tracing.is_some());
 
@@ -761,10 +774,15 @@ where
                 field(f, hd.name.as_bytes(), hd.value);
             }
         }
-        if fwd {
+        if fwd && !trusted {
+            f.extend_from_slice(&self.info.facts.h1_lines);
+            field(f, b"X-Forwarded-Host", host);
+        } else if fwd {
+            // A trusted peer (a proxy in front): its values are kept and
+            // its X-Forwarded-For chain is extended.
             let facts = &self.info.facts;
             let peer = facts.peer_ip.as_bytes();
-            if trusted && !xff_prev.is_empty() {
+            if !xff_prev.is_empty() {
                 let first = xff_prev
                     .split(|&b| b == b',')
                     .next()
@@ -779,13 +797,13 @@ where
                 field(f, b"X-Forwarded-For", peer);
                 field(f, b"X-Real-IP", xri.unwrap_or(peer));
             }
-            if !(trusted && has_xfp) {
+            if !has_xfp {
                 field(f, b"X-Forwarded-Proto", facts.proto.as_bytes());
             }
-            if !(trusted && has_xfh) {
+            if !has_xfh {
                 field(f, b"X-Forwarded-Host", host);
             }
-            if !(trusted && has_xfport) {
+            if !has_xfport {
                 field(f, b"X-Forwarded-Port", facts.local_port.as_bytes());
             }
         }
@@ -1302,7 +1320,7 @@ where
             proxy.record_h1(Served {
                 started,
                 conn: &self.info,
-                facts: req.facts,
+                facts: req.facts.as_ref(),
                 status: 101,
                 route: Some(&req.route),
                 upstream: Some(&upstream.url_text),
@@ -1499,13 +1517,14 @@ where
         proxy.record_h1(Served {
             started,
             conn: &self.info,
-            facts: req.facts,
+            facts: req.facts.as_ref(),
             status,
             route: Some(&req.route),
             upstream: Some(&upstream.url_text),
             error: error.as_ref(),
             trace: server_cx.as_ref(),
         });
+        self.spare_facts = req.facts;
         if close || client_gone {
             let _ = self.io.shutdown().await;
             if linger && !client_gone {

@@ -584,7 +584,8 @@ pub fn read_ready<R: AsyncRead + Unpin>(src: &mut R, dst: &mut [u8]) -> Option<u
 }
 
 /// Writes the parts in order, in one `writev` where the stream takes
-/// vectors (a plain socket does; otherwise one write each).
+/// vectors (a plain socket does; otherwise one write each), or one plain
+/// write when only one part has bytes.
 pub async fn write_parts<W: AsyncWrite + Unpin>(dst: &mut W, parts: [&[u8]; 3]) -> io::Result<()> {
     if !dst.is_write_vectored() {
         for p in parts {
@@ -597,15 +598,9 @@ pub async fn write_parts<W: AsyncWrite + Unpin>(dst: &mut W, parts: [&[u8]; 3]) 
         // One part left (a small response is all in the first): a plain
         // `send`, which costs the kernel less than a `writev` of one vector
         // among empty ones (no iovec import, no per-vector copy setup).
-        let n = match parts.iter().filter(|p| !p.is_empty()).count() {
-            1 => {
-                let only = parts
-                    .iter()
-                    .find(|p| !p.is_empty())
-                    .copied()
-                    .unwrap_or_default();
-                dst.write(only).await?
-            }
+        let mut nonempty = parts.iter().filter(|p| !p.is_empty());
+        let n = match (nonempty.next(), nonempty.next()) {
+            (Some(only), None) => dst.write(only).await?,
             _ => dst.write_vectored(&parts.map(io::IoSlice::new)).await?,
         };
         if n == 0 {
@@ -723,6 +718,79 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream that takes at most `max` bytes per call and logs which
+    /// call was made: partial writes, as a full socket buffer gives them.
+    struct Trickle {
+        out: Vec<u8>,
+        max: usize,
+        calls: Vec<&'static str>,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.max);
+            self.out.extend_from_slice(&buf[..n]);
+            self.calls.push("write");
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut n = 0;
+            for b in bufs {
+                let k = b.len().min(self.max - n);
+                self.out.extend_from_slice(&b[..k]);
+                n += k;
+            }
+            self.calls.push("writev");
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Every byte goes out in order however the writes are cut, vectors
+    /// only while two parts have bytes, and a lone part with a plain write
+    /// (the cheaper system call for a small response).
+    #[tokio::test]
+    async fn write_parts_sends_all_in_order_and_a_lone_part_plainly() {
+        let mut t = Trickle {
+            out: Vec::new(),
+            max: 4,
+            calls: Vec::new(),
+        };
+        write_parts(&mut t, [b"head:", b"", b"body"]).await.unwrap();
+        assert_eq!(t.out, b"head:body");
+        // "head" | ":" + "bod" | "y" alone.
+        assert_eq!(t.calls, ["writev", "writev", "write"]);
+
+        let mut t = Trickle {
+            out: Vec::new(),
+            max: 1024,
+            calls: Vec::new(),
+        };
+        write_parts(&mut t, [b"", b"only", b""]).await.unwrap();
+        assert_eq!(t.out, b"only");
+        assert_eq!(t.calls, ["write"]);
+    }
 
     fn scan_all(input: &[u8]) -> Result<(usize, Vec<u8>, bool), &'static str> {
         let mut c = Chunked::default();

@@ -31,8 +31,23 @@ fn main() -> ExitCode {
             .init(),
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
-    // The multi-thread runtime (worker count from TOKIO_WORKER_THREADS, or
-    // one per core). It polls the I/O driver after every 1,024 task polls
+    let workers = match worker_threads() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("charon-node: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    // One worker (TOKIO_WORKER_THREADS=1, or a one-CPU machine or
+    // container): a current-thread runtime. With one worker nothing can be
+    // stolen, and the work-stealing scheduler's bookkeeping per wake-up (the
+    // run queue's atomics, the LIFO slot, unparking) is pure cost: an
+    // interleaved A/B measured 0.93× the CPU per WebSocket message and
+    // 0.97× per 100-byte request with the current-thread runtime
+    // (docs/benchmarks.md). Nothing in the node blocks a runtime thread
+    // (store writes go through `spawn_blocking`), so one thread serves all.
+    //
+    // Either way the I/O driver is polled after every 1,024 task polls
     // instead of tokio's 61: with a thousand busy WebSocket tunnels, looking
     // for I/O every 61 polls let tunnels woken by the latest events go
     // ahead of those already waiting in the overflow queue: the least-served
@@ -40,11 +55,19 @@ fn main() -> ExitCode {
     // 2–3× nginx's. Now every tunnel that is ready runs once before any runs
     // again, as in an epoll loop; each does bounded work per poll (see
     // `proxy::relay`).
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .event_interval(1024)
-        .build()
-    {
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    if workers == 1 {
+        tracing::info!("runtime: current-thread (1 worker)");
+    } else {
+        tracing::info!("runtime: multi-thread ({workers} workers)");
+    }
+    let runtime = match builder.enable_all().event_interval(1024).build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("charon-node: cannot start the runtime: {e}");
@@ -61,6 +84,22 @@ fn main() -> ExitCode {
             eprintln!("charon-node: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Worker threads for the runtime: `TOKIO_WORKER_THREADS` as tokio reads it,
+/// else one per CPU. Read here rather than by tokio so that one worker can
+/// pick the current-thread runtime, and so that a bad value is a
+/// configuration error instead of a panic.
+fn worker_threads() -> Result<usize, String> {
+    match std::env::var("TOKIO_WORKER_THREADS") {
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!(
+                "TOKIO_WORKER_THREADS must be a whole number of threads, at least 1 (got {v:?})"
+            )),
+        },
+        Err(_) => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
     }
 }
 

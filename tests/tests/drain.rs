@@ -310,6 +310,41 @@ async fn sigterm_drains_then_exits_0_and_cuts_a_client_that_never_closes() -> Re
     Ok(())
 }
 
+/// With one worker (`TOKIO_WORKER_THREADS=1`, or a one-CPU container) the
+/// node runs on a current-thread runtime, which spends less per wake-up
+/// than the work-stealing one, and says so; the API, a tunnel and the
+/// drain's Close 1001 all work on the one thread. Two workers keep the
+/// multi-thread runtime.
+#[tokio::test]
+async fn one_worker_runs_on_one_thread_and_still_drains_with_1001() -> Result<()> {
+    let two = named("two")
+        .env("TOKIO_WORKER_THREADS", "2")
+        .start()
+        .await?;
+    ensure!(
+        two.log().contains("runtime: multi-thread (2 workers)"),
+        "log:\n{}",
+        two.log()
+    );
+    drop(two);
+
+    let node = named("me").env("TOKIO_WORKER_THREADS", "1").start().await?;
+    ensure!(
+        node.log().contains("runtime: current-thread (1 worker)"),
+        "log:\n{}",
+        node.log()
+    );
+    let backend = WsEchoBackend::start("ws").await?;
+    node.add_host(&["one.drain.test"], &[backend.url()]).await?;
+    let (mut ws, _) = ws_connect(node.http, "one.drain.test", "/", &[]).await?;
+    echo(&mut ws, "before the drain").await?;
+    drain(&node, 1, 0).await?;
+    let (code, clean) = close_of(&mut ws).await?;
+    ensure!(code == 1001, "close code {code}");
+    ensure!(clean, "the tunnel did not end cleanly after the Close");
+    Ok(())
+}
+
 /// `/drain` on the admin listener (a Kubernetes preStop hook) drains this
 /// node only: not ready at once, listeners closed after the delay, and the
 /// SIGTERM that follows exits 0; the next start serves (nothing was

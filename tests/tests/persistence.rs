@@ -185,3 +185,27 @@ async fn health_and_sigterm_finishes_in_flight_requests() -> Result<()> {
     );
     Ok(())
 }
+
+/// A worker count that is not a positive number is a configuration error
+/// (exit 64, named in one line), not a panic in the runtime's builder.
+#[tokio::test]
+async fn a_bad_worker_count_exits_64_naming_it() -> Result<()> {
+    for bad in ["0", "two"] {
+        let out = TestNode::builder()
+            .env("TOKIO_WORKER_THREADS", bad)
+            .run_to_exit(Duration::from_secs(30))
+            .await?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(64),
+            "{bad}: {}; stderr:\n{stderr}",
+            out.status
+        );
+        assert!(
+            stderr.contains("TOKIO_WORKER_THREADS") && !stderr.contains("panicked"),
+            "{bad}: stderr:\n{stderr}"
+        );
+    }
+    Ok(())
+}

@@ -110,7 +110,7 @@ if [[ -n $baseline ]]; then
         if ((status == 0)); then
             mkdir -p "$dest"
             cp "target/$profile/charon-node" "target/$profile/charonctl" "$dest/"
-            printf 'commit %s (--baseline-rev %s)\n' "$(git rev-parse --short "$sha")" "$baseline" >"$dest/charon-build.txt"
+            printf 'commit %s (--baseline-rev %s), %s build\n' "$(git rev-parse --short "$sha")" "$baseline" "$profile" >"$dest/charon-build.txt"
         fi
         git worktree remove --force "$tree"
         ((status == 0)) || { echo "bench/run.sh: building $baseline failed" >&2; exit "$status"; }

@@ -21,18 +21,18 @@ fn build_description(b: &CharonBuild) -> String {
         &b.bin_dir.join("charon-node").to_string_lossy(),
         &["--version"],
     );
-    let profile = b
-        .bin_dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("?")
-        .to_string();
+    // target/release or target/debug; other directories say it in
+    // charon-build.txt.
+    let profile = match b.bin_dir.file_name().and_then(|n| n.to_str()) {
+        Some(p @ ("release" | "debug")) => format!("{p} build "),
+        _ => String::new(),
+    };
     let source = match fs::read_to_string(b.bin_dir.join("charon-build.txt")) {
         Ok(s) => s.trim().to_string(),
         Err(_) => checkout_description(),
     };
     format!(
-        "{version} ({profile} build in `{}`), {source}",
+        "{version} ({profile}in `{}`), {source}",
         b.bin_dir.display()
     )
 }

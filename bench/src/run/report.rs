@@ -736,3 +736,227 @@ pub fn markdown(run: &Run, before: &Machine, after: &Machine) -> String {
     );
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+
+    use super::super::targets::{CharonBuild, Variant};
+    use super::*;
+
+    fn args(targets: Vec<TargetSpec>, tests: Vec<Test>, workers: usize) -> RunArgs {
+        RunArgs {
+            workdir: PathBuf::from("/tmp"),
+            out: PathBuf::from("/tmp/r.md"),
+            rounds: 3,
+            duration: 10,
+            warmup: 2,
+            http_conns: 64,
+            ws_conns: 1000,
+            ws_size: 128,
+            idle_conns: 9000,
+            tls_conns: 16,
+            sources: 1,
+            workers,
+            pin: true,
+            load_threads: workers,
+            backend_threads: workers,
+            h2_streams: 100,
+            builds: Vec::new(),
+            targets,
+            tests,
+            command: "test".into(),
+            mode: "test".into(),
+        }
+    }
+
+    fn sample(test: Test, target: &str, round: usize, values: &[(&'static str, f64)]) -> Sample {
+        Sample {
+            test,
+            target: target.into(),
+            kind: if target.starts_with("charon") {
+                Kind::Charon
+            } else {
+                target.parse().unwrap()
+            },
+            round,
+            values: values.iter().copied().collect::<BTreeMap<_, _>>(),
+            error: None,
+            skipped: None,
+        }
+    }
+
+    fn specs() -> Vec<TargetSpec> {
+        let builds = [
+            CharonBuild {
+                label: "base".into(),
+                bin_dir: PathBuf::from("/a"),
+            },
+            CharonBuild {
+                label: "new".into(),
+                bin_dir: PathBuf::from("/b"),
+            },
+        ];
+        let acl = Variant::parse("acl=--allow 10.0.0.0/8").unwrap();
+        TargetSpec::expand(&[Kind::Charon, Kind::Nginx, Kind::Haproxy], &builds, &[acl])
+    }
+
+    /// Three rounds where charon@new costs 20 µs per message, base 25,
+    /// nginx 30, HAProxy 40 (round 2 twice as slow for everyone).
+    fn ws_samples() -> Vec<Sample> {
+        let mut s = Vec::new();
+        for round in 0..3 {
+            let slow = if round == 1 { 2.0 } else { 1.0 };
+            for (t, us) in [
+                ("charon@base", 25.0),
+                ("charon@new", 20.0),
+                ("charon@base+acl", 26.0),
+                ("charon@new+acl", 21.0),
+                ("nginx", 30.0),
+                ("haproxy", 40.0),
+            ] {
+                s.push(sample(
+                    Test::Ws,
+                    t,
+                    round,
+                    &[
+                        ("cpu_us", us * slow),
+                        ("mps", 5e5 / us / slow),
+                        ("p99_ms", us / 10.0),
+                        ("proxy_cores", 1.0),
+                    ],
+                ));
+            }
+        }
+        s
+    }
+
+    fn report(
+        targets: Vec<TargetSpec>,
+        tests: Vec<Test>,
+        samples: &[Sample],
+        workers: usize,
+    ) -> String {
+        let a = args(targets, tests, workers);
+        let run = Run {
+            when: "now",
+            args: &a,
+            samples,
+            notes: &[],
+            took: Duration::from_secs(60),
+        };
+        markdown(&run, &Machine::default(), &Machine::default())
+    }
+
+    fn line<'a>(md: &'a str, starts: &str) -> Vec<&'a str> {
+        md.lines().filter(|l| l.starts_with(starts)).collect()
+    }
+
+    #[test]
+    fn per_core_and_total_rows_carry_ratios_to_nginx_and_haproxy() {
+        let md = report(specs(), vec![Test::Ws], &ws_samples(), 1);
+        // Per core: 1e6 / 20 µs = 50,000 msg per CPU-second, 1.5× nginx
+        // (30 µs), 2× HAProxy (40 µs), in every round.
+        let rows = line(&md, "| charon@new | 50,000");
+        assert_eq!(rows.len(), 1, "{md}");
+        assert!(
+            rows[0].contains("| 1.50× (1.50–1.50) | 2.00× (2.00–2.00) | 20.0 |"),
+            "{}",
+            rows[0]
+        );
+        // Total: the median msg/s and its range over rounds.
+        let total = line(
+            &md,
+            "| charon@new | 25,000 (12,500–25,000) | 1.50× (1.50–1.50) | 2.00×",
+        );
+        assert_eq!(total.len(), 1, "{md}");
+    }
+
+    #[test]
+    fn builds_and_variants_are_compared_with_the_first_once_per_test() {
+        let md = report(specs(), vec![Test::Ws], &ws_samples(), 1);
+        assert!(md.contains("## Charon builds and variants against charon@base"));
+        let rows = line(&md, "| charon@new | ws |");
+        assert_eq!(rows.len(), 1, "{md}");
+        // 25 / 20 µs: 1.25× per core; msg/s likewise; p99 0.8×.
+        assert!(
+            rows[0].contains("| 1.25× (1.25–1.25) | 1.25× (1.25–1.25) | 0.80× (0.80–0.80) |"),
+            "{}",
+            rows[0]
+        );
+        assert_eq!(line(&md, "| charon@new+acl | ws |").len(), 1);
+        assert!(line(&md, "| charon@base | ws |").is_empty());
+    }
+
+    #[test]
+    fn the_websocket_goal_depends_on_the_workers() {
+        let one = report(specs(), vec![Test::Ws], &ws_samples(), 1);
+        let row = line(
+            &one,
+            "| charon@new | WebSocket messages per proxy CPU-second ≥ 1.2× nginx",
+        );
+        assert_eq!(row.len(), 1, "{one}");
+        assert!(
+            row[0].ends_with("| 1.50× (1.50–1.50) | met |"),
+            "{}",
+            row[0]
+        );
+        let base = line(
+            &one,
+            "| charon@base | WebSocket messages per proxy CPU-second ≥ 1.2× nginx",
+        );
+        // 30 / 25 = 1.2: met, exactly.
+        assert!(base[0].ends_with("| met |"), "{}", base[0]);
+        let two = report(specs(), vec![Test::Ws], &ws_samples(), 2);
+        assert_eq!(
+            line(
+                &two,
+                "| charon@new | WebSocket messages per proxy CPU-second ≥ 1.1× nginx"
+            )
+            .len(),
+            1
+        );
+        // Variants are compared with their build, not held to the goals.
+        assert!(line(&one, "| charon@new+acl | WebSocket").is_empty());
+    }
+
+    #[test]
+    fn websockets_over_h2_are_compared_with_h1_per_round() {
+        let mut s = ws_samples();
+        for round in 0..3 {
+            let slow = if round == 1 { 2.0 } else { 1.0 };
+            s.push(sample(
+                Test::WsH2,
+                "charon@new",
+                round,
+                &[
+                    ("cpu_us", 16.0 * slow),
+                    ("mps", 30_000.0 / slow),
+                    ("p99_ms", 3.0),
+                ],
+            ));
+            let mut skipped = sample(Test::WsH2, "charon@base", round, &[]);
+            skipped.skipped = Some("no WebSockets over HTTP/2 in this build".into());
+            s.push(skipped);
+        }
+        let md = report(specs(), vec![Test::Ws, Test::WsH2], &s, 1);
+        let row = line(&md, "| charon@new | 20.0 → 16.0 |");
+        assert_eq!(row.len(), 1, "{md}");
+        // 20 / 16 µs = 1.25× per core with h2.
+        assert!(row[0].contains("| 1.25× (1.25–1.25) |"), "{}", row[0]);
+        assert_eq!(
+            line(
+                &md,
+                "| charon@base | n/a: no WebSockets over HTTP/2 in this build"
+            )
+            .len(),
+            3,
+            "total, per-core and h2-vs-h1 rows: {md}"
+        );
+        // nginx and HAProxy have no RFC 8441 row at all.
+        let h2 = md.split("over HTTP/2 (RFC 8441), 1,000").nth(1).unwrap();
+        let h2 = h2.split("\n## ").next().unwrap();
+        assert!(!h2.contains("| nginx |"), "{h2}");
+    }
+}

@@ -91,11 +91,14 @@ profile=release
 build=(--release)
 if ((debug)); then profile=debug build=(); fi
 
-# The baseline first: it is built in a temporary worktree into this
-# checkout's target directory (the dependencies are compiled once for
-# both), and its two binaries are kept, by commit, in
-# target/bench-baseline/<commit>-<profile>/ so a second run skips the build.
-# This checkout's own build below then puts target/$profile back to it.
+# The baseline: built in a temporary worktree, into a target directory of
+# its own (target/bench-baseline/target, kept between runs for the
+# dependencies). Not into this checkout's target/: cargo's fingerprints do
+# not depend on where a workspace lies, so a crate compiled there from the
+# baseline's sources, being newer than this checkout's files, could be
+# taken as up to date here and end up in charon@new. Its two binaries are
+# kept by commit in target/bench-baseline/<commit>-<profile>/, so a second
+# run with the same baseline skips the build.
 if [[ -n $baseline ]]; then
     sha=$(git rev-parse --verify "$baseline^{commit}") ||
         { echo "bench/run.sh: --baseline-rev $baseline is not a commit" >&2; exit 64; }
@@ -103,13 +106,13 @@ if [[ -n $baseline ]]; then
     if [[ ! -x $dest/charon-node || ! -x $dest/charonctl ]]; then
         echo "== cargo build ${build[*]} of $baseline ($sha) in a temporary worktree"
         tree=$(mktemp -d "${TMPDIR:-/tmp}/charon-baseline.XXXXXX")
-        target_dir="$PWD/target"
+        target_dir="$PWD/target/bench-baseline/target"
         git worktree add -q --detach "$tree" "$sha"
         status=0
         (cd "$tree" && CARGO_TARGET_DIR="$target_dir" cargo build "${build[@]}" -q -p charon-node -p charonctl) || status=$?
         if ((status == 0)); then
             mkdir -p "$dest"
-            cp "target/$profile/charon-node" "target/$profile/charonctl" "$dest/"
+            cp "$target_dir/$profile/charon-node" "$target_dir/$profile/charonctl" "$dest/"
             printf 'commit %s (--baseline-rev %s), %s build\n' "$(git rev-parse --short "$sha")" "$baseline" "$profile" >"$dest/charon-build.txt"
         fi
         git worktree remove --force "$tree"

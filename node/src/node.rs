@@ -22,7 +22,7 @@ use crate::telemetry::metrics::Gauges;
 use crate::telemetry::otel::{NodeFacts, Tracing};
 use crate::telemetry::{AccessLog, Metrics, Telemetry};
 use crate::tls::seal::{DataKey, SealError};
-use crate::tls::sni::CertTable;
+use crate::tls::sni::{CertTable, HostNames};
 use crate::tls::TlsTerminator;
 
 /// Written after binding so that tools and tests started with port 0 learn
@@ -283,7 +283,11 @@ pub async fn run(
                     }
                 })
                 .collect();
-            tls.publish(CertTable::build(&snap.hosts, &certs));
+            let routed = snap.hosts.iter().filter(|h| h.enabled).map(|h| HostNames {
+                domains: &h.domains,
+                cert_id: &h.cert_id,
+            });
+            tls.publish(CertTable::build(routed, &certs));
         });
     }
     let cluster = Cluster::start(cluster_config, store.clone(), &UdpTransport, None)

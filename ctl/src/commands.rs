@@ -7,7 +7,7 @@
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use charon_proto::v1::{
     AddCertificateRequest, Certificate, ClusterStatusRequest, CreateHostRequest,
@@ -17,7 +17,6 @@ use charon_proto::v1::{
     RevokeTokenRequest, UndrainRequest, UpdateHostRequest, WaitForWriteRequest,
 };
 use tonic::metadata::MetadataMap;
-use tonic::{Code, Status};
 
 use crate::cli::{
     self, CertCommand, Cli, ClusterCommand, Command, HostCommand, NodeCommand, OutputFormat,
@@ -25,6 +24,7 @@ use crate::cli::{
 };
 use crate::client::{self, Api, WriteStamp};
 use crate::error::{CtlError, EXIT_NOT_REPLICATED};
+use crate::output::{now_ms, to_json};
 use crate::{drain, observe, output};
 
 /// Runs the command. The exit code is [`EXIT_NOT_REPLICATED`] when `--wait`
@@ -53,7 +53,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
     let printed = call
         .execute(&mut api, json, now_ms())
         .await
-        .map_err(|status| call_error(status, method, &cli.endpoint))?;
+        .map_err(|status| CtlError::from_call(status, method, &cli.endpoint))?;
     // The write's answer goes out before the wait, which may take a while.
     print(&printed.stdout, &printed.stderr)?;
     if let (Some(drain_wait), Some(node)) = (drain_wait, &printed.drained_node) {
@@ -105,7 +105,7 @@ async fn wait_for_write(
         .wait_for_write(request)
         .await
         .map_err(|status| {
-            CtlError::Wait(Box::new(call_error(
+            CtlError::Wait(Box::new(CtlError::from_call(
                 status,
                 "Cluster.WaitForWrite",
                 endpoint,
@@ -113,18 +113,6 @@ async fn wait_for_write(
         })?
         .into_inner();
     Ok((output::wait_report(&reply, timeout), reply.complete))
-}
-
-/// The error of a failed call to `method` (`Service.Method`): a node that
-/// does not know the method is most likely older than charonctl.
-pub fn call_error(status: Status, method: &str, endpoint: &str) -> CtlError {
-    if status.code() == Code::Unimplemented {
-        CtlError::Refused(format!(
-            "the node has no {method}; is it older than charonctl?"
-        ))
-    } else {
-        CtlError::from_status(status, endpoint)
-    }
 }
 
 /// What a successful call prints.
@@ -461,16 +449,4 @@ fn deleted(kind: &str, id: &str, json: bool) -> String {
     } else {
         format!("deleted {kind} {id}\n")
     }
-}
-
-pub fn to_json(value: &serde_json::Value) -> String {
-    let mut text = serde_json::to_string_pretty(value).expect("a json Value always serializes");
-    text.push('\n');
-    text
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -7,7 +7,7 @@
 //! A certificate's private key is never returned by the API, so it cannot be
 //! printed; its (public) PEM chain appears in JSON only.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use charon_proto::v1::{
     ApiToken, Certificate, ClusterStatusResponse, CreateTokenResponse, DrainResponse,
@@ -15,6 +15,24 @@ use charon_proto::v1::{
     WaitForWriteResponse,
 };
 use serde_json::{json, Value};
+use time::format_description::BorrowedFormatItem;
+use time::macros::format_description;
+use time::OffsetDateTime;
+
+/// A JSON answer as printed: pretty, with a final newline.
+pub fn to_json(value: &Value) -> String {
+    let mut text = serde_json::to_string_pretty(value).expect("a json Value always serializes");
+    text.push('\n');
+    text
+}
+
+/// The wall clock in Unix milliseconds: what relative times (days left,
+/// ages, deadlines) and `--since` are measured from.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 /// `host list` in table mode: one row per host.
 pub fn hosts_table(hosts: &[ProxyHost]) -> String {
@@ -975,46 +993,36 @@ fn location(loc: &Location) -> String {
 
 /// The UTC date (`YYYY-MM-DD`) of Unix milliseconds.
 fn unix_date(ms: u64) -> String {
-    let mut text = unix_ms(ms);
-    text.truncate(10);
-    text
+    utc(ms, format_description!("[year]-[month]-[day]"))
 }
 
 /// Unix milliseconds as UTC RFC 3339 with the milliseconds, as the access
 /// log writes them: `2026-11-24T10:00:00.123Z`.
 fn unix_ms_precise(ms: u64) -> String {
-    if ms == 0 {
-        return "-".to_string();
-    }
-    let mut text = unix_ms(ms);
-    text.truncate(19);
-    format!("{text}.{:03}Z", ms % 1000)
+    utc(
+        ms,
+        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"),
+    )
 }
 
-/// Unix milliseconds as UTC RFC 3339, without pulling in a date crate for
-/// one conversion (days-to-civil from Howard Hinnant's date algorithms).
+/// Unix milliseconds as UTC RFC 3339: `2026-11-24T10:00:00Z`.
 fn unix_ms(ms: u64) -> String {
+    utc(
+        ms,
+        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z"),
+    )
+}
+
+/// `ms` in `format`, UTC; 0 (a field the node left unset) is `-`.
+fn utc(ms: u64, format: &[BorrowedFormatItem<'_>]) -> String {
     if ms == 0 {
         return "-".to_string();
     }
-    let secs = ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    i128::from(ms)
+        .checked_mul(1_000_000)
+        .and_then(|ns| OffsetDateTime::from_unix_timestamp_nanos(ns).ok())
+        .and_then(|t| t.format(format).ok())
+        .unwrap_or_else(|| format!("{ms}ms"))
 }
 
 #[cfg(test)]

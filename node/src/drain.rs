@@ -69,9 +69,9 @@ pub struct Drainer {
     serving: Mutex<Option<Serving>>,
     state: watch::Sender<DrainState>,
     terminating: watch::Sender<bool>,
-    /// A drain of this node only, asked on the admin listener (`/drain`,
-    /// e.g. a Kubernetes preStop hook): not replicated, so it ends with the
-    /// process and the next start serves.
+    /// A drain of this node only, asked on the admin listener (`POST
+    /// /drain` with a token): not replicated, so it ends with the process
+    /// and the next start serves.
     local: watch::Sender<bool>,
 }
 

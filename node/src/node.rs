@@ -331,9 +331,12 @@ pub async fn run(
         });
     }
     let render = metrics_renderer(metrics, proxy.clone(), cluster.clone(), drainer.clone());
-    let local_drain: admin::DrainFn = {
-        let d = drainer.clone();
-        Arc::new(move || d.drain_locally())
+    let local_drain = {
+        let (d, a) = (drainer.clone(), auth.clone());
+        admin::LocalDrain {
+            start: Arc::new(move || d.drain_locally()),
+            authorize: Arc::new(move |token| a.accepts(token)),
+        }
     };
     let admin_task = tokio::spawn(admin::serve(
         admin_l,

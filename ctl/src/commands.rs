@@ -16,6 +16,7 @@ use charon_proto::v1::{
     ListHostsRequest, ListMembersRequest, ListTokensRequest, ProxyHost, ReplaceCertificateRequest,
     RevokeTokenRequest, UndrainRequest, UpdateHostRequest, WaitForWriteRequest,
 };
+use serde::Serialize;
 use tonic::metadata::MetadataMap;
 
 use crate::cli::{
@@ -262,7 +263,7 @@ impl Call {
             Call::ListHosts => {
                 let list = hosts.list_hosts(ListHostsRequest {}).await?.into_inner();
                 if json {
-                    to_json(&output::hosts_json(&list.hosts))
+                    to_json(&list.hosts)
                 } else {
                     output::hosts_table(&list.hosts)
                 }
@@ -282,7 +283,7 @@ impl Call {
             }
             Call::DeleteHost(request) => {
                 let (metadata, reply, _) = hosts.delete_host(request).await?.into_parts();
-                Printed::with_metadata(deleted("host", &reply.id, json), metadata)
+                Printed::with_metadata(deleted("host", &reply.id, &reply, json), metadata)
             }
             Call::ListCertificates => {
                 let list = certs
@@ -290,7 +291,7 @@ impl Call {
                     .await?
                     .into_inner();
                 if json {
-                    to_json(&output::certs_json(&list.certificates))
+                    to_json(&list.certificates)
                 } else {
                     output::certs_table(&list.certificates, now_ms)
                 }
@@ -322,7 +323,7 @@ impl Call {
             }
             Call::DeleteCertificate(request) => {
                 let (metadata, reply, _) = certs.delete_certificate(request).await?.into_parts();
-                Printed::with_metadata(deleted("certificate", &reply.id, json), metadata)
+                Printed::with_metadata(deleted("certificate", &reply.id, &reply, json), metadata)
             }
             Call::ListMembers => {
                 let list = cluster
@@ -330,7 +331,7 @@ impl Call {
                     .await?
                     .into_inner();
                 if json {
-                    to_json(&output::members_json(&list.members))
+                    to_json(&list.members)
                 } else {
                     output::members_table(&list.members)
                 }
@@ -339,7 +340,7 @@ impl Call {
             Call::ClusterStatus => {
                 let status = cluster.status(ClusterStatusRequest {}).await?.into_inner();
                 if json {
-                    to_json(&output::status_json(&status))
+                    to_json(&status)
                 } else {
                     output::status_table(&status)
                 }
@@ -348,7 +349,7 @@ impl Call {
             Call::CreateToken(request) => {
                 let (metadata, reply, _) = tokens.create_token(request).await?.into_parts();
                 let stdout = if json {
-                    to_json(&output::token_created_json(&reply))
+                    to_json(&reply)
                 } else {
                     output::token_created(&reply)
                 };
@@ -357,7 +358,7 @@ impl Call {
             Call::ListTokens => {
                 let list = tokens.list_tokens(ListTokensRequest {}).await?.into_inner();
                 if json {
-                    to_json(&output::tokens_json(&list.tokens))
+                    to_json(&list.tokens)
                 } else {
                     output::tokens_table(&list.tokens)
                 }
@@ -366,7 +367,7 @@ impl Call {
             Call::RevokeToken(request) => {
                 let (metadata, reply, _) = tokens.revoke_token(request).await?.into_parts();
                 let stdout = if json {
-                    to_json(&serde_json::json!({ "id": reply.id }))
+                    to_json(&reply)
                 } else {
                     format!("revoked token {}\n", reply.id)
                 };
@@ -379,7 +380,7 @@ impl Call {
                 // With --wait in JSON mode, stdout is the drain's last status.
                 let (stdout, stderr) = match (json, follow) {
                     (false, _) => (line, String::new()),
-                    (true, false) => (to_json(&output::drain_json(&reply)), String::new()),
+                    (true, false) => (to_json(&reply), String::new()),
                     (true, true) => (String::new(), line),
                 };
                 let drained_node = if reply.node_id.is_empty() {
@@ -397,7 +398,7 @@ impl Call {
             Call::Undrain(request) => {
                 let (metadata, reply, _) = nodes.undrain(request).await?.into_parts();
                 let stdout = if json {
-                    to_json(&output::undrain_json(&reply))
+                    to_json(&reply)
                 } else {
                     output::undrained(&reply)
                 };
@@ -406,7 +407,7 @@ impl Call {
             Call::DrainStatus(request) => {
                 let status = nodes.drain_status(request).await?.into_inner();
                 if json {
-                    to_json(&output::drain_status_json(&status))
+                    to_json(&status)
                 } else {
                     output::drain_status_details(&status, now_ms)
                 }
@@ -419,7 +420,7 @@ impl Call {
 /// One host; after a change, table mode first says what happened.
 fn show_host(host: &ProxyHost, action: Option<&str>, json: bool) -> String {
     if json {
-        return to_json(&output::host_json(host));
+        return to_json(host);
     }
     let details = output::host_details(host);
     match action {
@@ -434,7 +435,7 @@ fn show_host(host: &ProxyHost, action: Option<&str>, json: bool) -> String {
 /// One certificate; after a change, table mode first says what happened.
 fn show_cert(cert: &Certificate, action: Option<&str>, json: bool, now_ms: u64) -> String {
     if json {
-        return to_json(&output::cert_json(cert));
+        return to_json(cert);
     }
     let details = output::cert_details(cert, now_ms);
     match action {
@@ -443,9 +444,10 @@ fn show_cert(cert: &Certificate, action: Option<&str>, json: bool, now_ms: u64) 
     }
 }
 
-fn deleted(kind: &str, id: &str, json: bool) -> String {
+/// A deletion: the reply (`{"id": ...}`) in JSON, a sentence otherwise.
+fn deleted(kind: &str, id: &str, reply: &impl Serialize, json: bool) -> String {
     if json {
-        to_json(&serde_json::json!({ "id": id }))
+        to_json(reply)
     } else {
         format!("deleted {kind} {id}\n")
     }

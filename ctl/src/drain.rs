@@ -225,7 +225,7 @@ pub async fn follow(
                 write_stderr(&screen.clear())?;
                 write_stderr(&output::drain_summary(&status, node, started.elapsed()))?;
                 if json {
-                    write_stdout(&to_json(&output::drain_status_json(&status)))?;
+                    write_stdout(&to_json(&status))?;
                 }
                 return Ok(ExitCode::SUCCESS);
             }
@@ -248,7 +248,7 @@ pub async fn follow(
     let timeout = wait.timeout.unwrap_or_default();
     write_stderr(&output::drain_timeout_report(last.as_ref(), node, timeout))?;
     if let (true, Some(status)) = (json, &last) {
-        write_stdout(&to_json(&output::drain_status_json(status)))?;
+        write_stdout(&to_json(status))?;
     }
     Ok(ExitCode::from(EXIT_NOT_DRAINED))
 }

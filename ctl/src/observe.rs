@@ -471,7 +471,7 @@ pub async fn tunnels(
     let per_node = report(gather(&plan.targets, answers))?;
     let tunnels: Vec<Tunnel> = per_node.into_iter().flatten().collect();
     let text = if json {
-        to_json(&output::tunnels_json(&tunnels))
+        to_json(&tunnels)
     } else {
         output::tunnels_table(&tunnels, now_ms())
     };

@@ -3,7 +3,8 @@
 //!
 //! Each node gossips only what fits in a datagram: API address, name,
 //! region, zone, status, build version, its store's version vector and
-//! state hash, and a membership proof (see [`auth`]). Records move over
+//! state hash, drain progress, and a membership proof (see [`auth`]); every
+//! key and how its value is written is in [`gossip`]. Records move over
 //! the sync service ([`sync`]) in three ways:
 //! - **push**: every local write goes to every live member at once (peers in
 //!   this node's region first), so a host added on one node is usually

@@ -7,7 +7,7 @@
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use charon_proto::v1::{
     AddCertificateRequest, Certificate, ClusterStatusRequest, CreateHostRequest,
@@ -16,8 +16,8 @@ use charon_proto::v1::{
     ListHostsRequest, ListMembersRequest, ListTokensRequest, ProxyHost, ReplaceCertificateRequest,
     RevokeTokenRequest, UndrainRequest, UpdateHostRequest, WaitForWriteRequest,
 };
+use serde::Serialize;
 use tonic::metadata::MetadataMap;
-use tonic::{Code, Status};
 
 use crate::cli::{
     self, CertCommand, Cli, ClusterCommand, Command, HostCommand, NodeCommand, OutputFormat,
@@ -25,6 +25,7 @@ use crate::cli::{
 };
 use crate::client::{self, Api, WriteStamp};
 use crate::error::{CtlError, EXIT_NOT_REPLICATED};
+use crate::output::{now_ms, to_json};
 use crate::{drain, observe, output};
 
 /// Runs the command. The exit code is [`EXIT_NOT_REPLICATED`] when `--wait`
@@ -53,7 +54,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
     let printed = call
         .execute(&mut api, json, now_ms())
         .await
-        .map_err(|status| call_error(status, method, &cli.endpoint))?;
+        .map_err(|status| CtlError::from_call(status, method, &cli.endpoint))?;
     // The write's answer goes out before the wait, which may take a while.
     print(&printed.stdout, &printed.stderr)?;
     if let (Some(drain_wait), Some(node)) = (drain_wait, &printed.drained_node) {
@@ -105,7 +106,7 @@ async fn wait_for_write(
         .wait_for_write(request)
         .await
         .map_err(|status| {
-            CtlError::Wait(Box::new(call_error(
+            CtlError::Wait(Box::new(CtlError::from_call(
                 status,
                 "Cluster.WaitForWrite",
                 endpoint,
@@ -113,18 +114,6 @@ async fn wait_for_write(
         })?
         .into_inner();
     Ok((output::wait_report(&reply, timeout), reply.complete))
-}
-
-/// The error of a failed call to `method` (`Service.Method`): a node that
-/// does not know the method is most likely older than charonctl.
-pub fn call_error(status: Status, method: &str, endpoint: &str) -> CtlError {
-    if status.code() == Code::Unimplemented {
-        CtlError::Refused(format!(
-            "the node has no {method}; is it older than charonctl?"
-        ))
-    } else {
-        CtlError::from_status(status, endpoint)
-    }
 }
 
 /// What a successful call prints.
@@ -274,7 +263,7 @@ impl Call {
             Call::ListHosts => {
                 let list = hosts.list_hosts(ListHostsRequest {}).await?.into_inner();
                 if json {
-                    to_json(&output::hosts_json(&list.hosts))
+                    to_json(&list.hosts)
                 } else {
                     output::hosts_table(&list.hosts)
                 }
@@ -294,7 +283,7 @@ impl Call {
             }
             Call::DeleteHost(request) => {
                 let (metadata, reply, _) = hosts.delete_host(request).await?.into_parts();
-                Printed::with_metadata(deleted("host", &reply.id, json), metadata)
+                Printed::with_metadata(deleted("host", &reply.id, &reply, json), metadata)
             }
             Call::ListCertificates => {
                 let list = certs
@@ -302,7 +291,7 @@ impl Call {
                     .await?
                     .into_inner();
                 if json {
-                    to_json(&output::certs_json(&list.certificates))
+                    to_json(&list.certificates)
                 } else {
                     output::certs_table(&list.certificates, now_ms)
                 }
@@ -334,7 +323,7 @@ impl Call {
             }
             Call::DeleteCertificate(request) => {
                 let (metadata, reply, _) = certs.delete_certificate(request).await?.into_parts();
-                Printed::with_metadata(deleted("certificate", &reply.id, json), metadata)
+                Printed::with_metadata(deleted("certificate", &reply.id, &reply, json), metadata)
             }
             Call::ListMembers => {
                 let list = cluster
@@ -342,7 +331,7 @@ impl Call {
                     .await?
                     .into_inner();
                 if json {
-                    to_json(&output::members_json(&list.members))
+                    to_json(&list.members)
                 } else {
                     output::members_table(&list.members)
                 }
@@ -351,7 +340,7 @@ impl Call {
             Call::ClusterStatus => {
                 let status = cluster.status(ClusterStatusRequest {}).await?.into_inner();
                 if json {
-                    to_json(&output::status_json(&status))
+                    to_json(&status)
                 } else {
                     output::status_table(&status)
                 }
@@ -360,7 +349,7 @@ impl Call {
             Call::CreateToken(request) => {
                 let (metadata, reply, _) = tokens.create_token(request).await?.into_parts();
                 let stdout = if json {
-                    to_json(&output::token_created_json(&reply))
+                    to_json(&reply)
                 } else {
                     output::token_created(&reply)
                 };
@@ -369,7 +358,7 @@ impl Call {
             Call::ListTokens => {
                 let list = tokens.list_tokens(ListTokensRequest {}).await?.into_inner();
                 if json {
-                    to_json(&output::tokens_json(&list.tokens))
+                    to_json(&list.tokens)
                 } else {
                     output::tokens_table(&list.tokens)
                 }
@@ -378,7 +367,7 @@ impl Call {
             Call::RevokeToken(request) => {
                 let (metadata, reply, _) = tokens.revoke_token(request).await?.into_parts();
                 let stdout = if json {
-                    to_json(&serde_json::json!({ "id": reply.id }))
+                    to_json(&reply)
                 } else {
                     format!("revoked token {}\n", reply.id)
                 };
@@ -391,7 +380,7 @@ impl Call {
                 // With --wait in JSON mode, stdout is the drain's last status.
                 let (stdout, stderr) = match (json, follow) {
                     (false, _) => (line, String::new()),
-                    (true, false) => (to_json(&output::drain_json(&reply)), String::new()),
+                    (true, false) => (to_json(&reply), String::new()),
                     (true, true) => (String::new(), line),
                 };
                 let drained_node = if reply.node_id.is_empty() {
@@ -409,7 +398,7 @@ impl Call {
             Call::Undrain(request) => {
                 let (metadata, reply, _) = nodes.undrain(request).await?.into_parts();
                 let stdout = if json {
-                    to_json(&output::undrain_json(&reply))
+                    to_json(&reply)
                 } else {
                     output::undrained(&reply)
                 };
@@ -418,7 +407,7 @@ impl Call {
             Call::DrainStatus(request) => {
                 let status = nodes.drain_status(request).await?.into_inner();
                 if json {
-                    to_json(&output::drain_status_json(&status))
+                    to_json(&status)
                 } else {
                     output::drain_status_details(&status, now_ms)
                 }
@@ -431,7 +420,7 @@ impl Call {
 /// One host; after a change, table mode first says what happened.
 fn show_host(host: &ProxyHost, action: Option<&str>, json: bool) -> String {
     if json {
-        return to_json(&output::host_json(host));
+        return to_json(host);
     }
     let details = output::host_details(host);
     match action {
@@ -446,7 +435,7 @@ fn show_host(host: &ProxyHost, action: Option<&str>, json: bool) -> String {
 /// One certificate; after a change, table mode first says what happened.
 fn show_cert(cert: &Certificate, action: Option<&str>, json: bool, now_ms: u64) -> String {
     if json {
-        return to_json(&output::cert_json(cert));
+        return to_json(cert);
     }
     let details = output::cert_details(cert, now_ms);
     match action {
@@ -455,22 +444,11 @@ fn show_cert(cert: &Certificate, action: Option<&str>, json: bool, now_ms: u64) 
     }
 }
 
-fn deleted(kind: &str, id: &str, json: bool) -> String {
+/// A deletion: the reply (`{"id": ...}`) in JSON, a sentence otherwise.
+fn deleted(kind: &str, id: &str, reply: &impl Serialize, json: bool) -> String {
     if json {
-        to_json(&serde_json::json!({ "id": id }))
+        to_json(reply)
     } else {
         format!("deleted {kind} {id}\n")
     }
-}
-
-pub fn to_json(value: &serde_json::Value) -> String {
-    let mut text = serde_json::to_string_pretty(value).expect("a json Value always serializes");
-    text.push('\n');
-    text
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

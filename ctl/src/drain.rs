@@ -17,9 +17,8 @@ use tokio::time::MissedTickBehavior;
 
 use crate::cli::DrainWait;
 use crate::client;
-use crate::commands::{call_error, now_ms, to_json};
 use crate::error::{CtlError, EXIT_NOT_DRAINED};
-use crate::output;
+use crate::output::{self, now_ms, to_json};
 
 /// How often `Nodes.DrainStatus` is asked.
 pub const POLL: Duration = Duration::from_millis(250);
@@ -210,7 +209,7 @@ pub async fn follow(
             Ok(answer) => answer.into_inner(),
             Err(status) => {
                 write_stderr(&screen.finish())?;
-                let error = call_error(status, "Nodes.DrainStatus", endpoint);
+                let error = CtlError::from_call(status, "Nodes.DrainStatus", endpoint);
                 return Err(CtlError::DrainWait(Box::new(error)));
             }
         };
@@ -226,7 +225,7 @@ pub async fn follow(
                 write_stderr(&screen.clear())?;
                 write_stderr(&output::drain_summary(&status, node, started.elapsed()))?;
                 if json {
-                    write_stdout(&to_json(&output::drain_status_json(&status)))?;
+                    write_stdout(&to_json(&status))?;
                 }
                 return Ok(ExitCode::SUCCESS);
             }
@@ -249,7 +248,7 @@ pub async fn follow(
     let timeout = wait.timeout.unwrap_or_default();
     write_stderr(&output::drain_timeout_report(last.as_ref(), node, timeout))?;
     if let (true, Some(status)) = (json, &last) {
-        write_stdout(&to_json(&output::drain_status_json(status)))?;
+        write_stdout(&to_json(status))?;
     }
     Ok(ExitCode::from(EXIT_NOT_DRAINED))
 }

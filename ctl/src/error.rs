@@ -118,6 +118,18 @@ pub enum CtlError {
 }
 
 impl CtlError {
+    /// The error of a failed call to `method` (`Service.Method`): a node
+    /// that does not know the method is most likely older than charonctl.
+    pub fn from_call(status: Status, method: &str, endpoint: &str) -> Self {
+        if status.code() == Code::Unimplemented {
+            CtlError::Refused(format!(
+                "the node has no {method}; is it older than charonctl?"
+            ))
+        } else {
+            CtlError::from_status(status, endpoint)
+        }
+    }
+
     /// Turns the status of a failed call into operator language.
     /// tonic reports a connection that could not be made as `Unavailable`.
     pub fn from_status(status: Status, endpoint: &str) -> Self {

@@ -28,9 +28,8 @@ use tonic::Status;
 
 use crate::cli::{self, LogsArgs, Scope, TunnelsArgs};
 use crate::client::{self, Api, CALL_TIMEOUT, MEMBER_CONNECT_TIMEOUT};
-use crate::commands::{call_error, now_ms, to_json};
 use crate::error::CtlError;
-use crate::output;
+use crate::output::{self, now_ms, to_json};
 
 /// Events in flight between the followers and the printer.
 const FOLLOW_BUFFER: usize = 1024;
@@ -98,7 +97,7 @@ async fn within<T>(
 ) -> Result<T, CtlError> {
     match tokio::time::timeout(CALL_TIMEOUT, call).await {
         Ok(Ok(answer)) => Ok(answer.into_inner()),
-        Ok(Err(status)) => Err(call_error(status, method, endpoint)),
+        Ok(Err(status)) => Err(CtlError::from_call(status, method, endpoint)),
         Err(_) => Err(CtlError::Timeout {
             endpoint: endpoint.to_string(),
         }),
@@ -434,7 +433,9 @@ async fn follow_one(
                 }
             }
             Ok(None) => return Ok(()),
-            Err(status) => return Err(call_error(status, "Logs.Follow", &target.endpoint)),
+            Err(status) => {
+                return Err(CtlError::from_call(status, "Logs.Follow", &target.endpoint))
+            }
         }
     }
 }
@@ -470,7 +471,7 @@ pub async fn tunnels(
     let per_node = report(gather(&plan.targets, answers))?;
     let tunnels: Vec<Tunnel> = per_node.into_iter().flatten().collect();
     let text = if json {
-        to_json(&output::tunnels_json(&tunnels))
+        to_json(&tunnels)
     } else {
         output::tunnels_table(&tunnels, now_ms())
     };

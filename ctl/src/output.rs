@@ -7,14 +7,35 @@
 //! A certificate's private key is never returned by the API, so it cannot be
 //! printed; its (public) PEM chain appears in JSON only.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use charon_proto::v1::{
     ApiToken, Certificate, ClusterStatusResponse, CreateTokenResponse, DrainResponse,
     DrainStatusResponse, Location, LogEvent, Member, ProxyHost, Tunnel, UndrainResponse,
     WaitForWriteResponse,
 };
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
+use time::format_description::BorrowedFormatItem;
+use time::macros::format_description;
+use time::OffsetDateTime;
+
+/// An API answer as JSON, printed: pretty, with a final newline. The proto
+/// types derive `Serialize` (proto/build.rs), so every field appears under
+/// its proto name and nothing here mirrors them by hand.
+pub fn to_json<T: Serialize + ?Sized>(value: &T) -> String {
+    let mut text = serde_json::to_string_pretty(value).expect("proto types always serialize");
+    text.push('\n');
+    text
+}
+
+/// The wall clock in Unix milliseconds: what relative times (days left,
+/// ages, deadlines) and `--since` are measured from.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 /// `host list` in table mode: one row per host.
 pub fn hosts_table(hosts: &[ProxyHost]) -> String {
@@ -91,40 +112,6 @@ pub fn host_details(h: &ProxyHost) -> String {
     rows.push(("updated", unix_ms(h.updated_at_ms)));
     rows.push(("version", h.version.to_string()));
     key_values(&rows)
-}
-
-/// One host as a JSON object with every field of `ProxyHost`.
-pub fn host_json(h: &ProxyHost) -> Value {
-    json!({
-        "id": h.id,
-        "name": h.name,
-        "domains": h.domains,
-        "upstreams": h.upstreams,
-        "enabled": h.enabled,
-        "websocket": h.websocket,
-        "preserve_host": h.preserve_host,
-        "forwarded_headers": h.forwarded_headers,
-        "locations": h.locations.iter().map(|l| json!({
-            "path_prefix": l.path_prefix,
-            "upstreams": l.upstreams,
-        })).collect::<Vec<_>>(),
-        "ws_idle_timeout_secs": h.ws_idle_timeout_secs,
-        "ws_ping_interval_secs": h.ws_ping_interval_secs,
-        "upstream_timeout_ms": h.upstream_timeout_ms,
-        "cert_id": h.cert_id,
-        "force_https": h.force_https,
-        "hsts_max_age_secs": h.hsts_max_age_secs,
-        "hsts_include_subdomains": h.hsts_include_subdomains,
-        "upstream_ca_pem": h.upstream_ca_pem,
-        "upstream_insecure_skip_verify": h.upstream_insecure_skip_verify,
-        "created_at_ms": h.created_at_ms,
-        "updated_at_ms": h.updated_at_ms,
-        "version": h.version,
-    })
-}
-
-pub fn hosts_json(hosts: &[ProxyHost]) -> Value {
-    Value::Array(hosts.iter().map(host_json).collect())
 }
 
 /// How https:// upstreams are verified.
@@ -214,33 +201,6 @@ pub fn cert_details(c: &Certificate, now_ms: u64) -> String {
     ])
 }
 
-/// One certificate as a JSON object with every field of `Certificate`
-/// (there is no key field: the API never returns the key).
-pub fn cert_json(c: &Certificate) -> Value {
-    json!({
-        "id": c.id,
-        "name": c.name,
-        "domains": c.domains,
-        "not_before_ms": c.not_before_ms,
-        "not_after_ms": c.not_after_ms,
-        "issuer": c.issuer,
-        "subject": c.subject,
-        "serial": c.serial,
-        "fingerprint_sha256": c.fingerprint_sha256,
-        "key_type": c.key_type,
-        "chain_length": c.chain_length,
-        "created_at_ms": c.created_at_ms,
-        "updated_at_ms": c.updated_at_ms,
-        "version": c.version,
-        "used_by_hosts": c.used_by_hosts,
-        "cert_pem": c.cert_pem,
-    })
-}
-
-pub fn certs_json(certs: &[Certificate]) -> Value {
-    Value::Array(certs.iter().map(cert_json).collect())
-}
-
 /// `cluster members` in table mode: one row per member, in the node's
 /// order; `*` after a name marks the member that answered.
 pub fn members_table(members: &[Member]) -> String {
@@ -309,42 +269,6 @@ pub fn status_table(status: &ClusterStatusResponse) -> String {
     out
 }
 
-/// One member as a JSON object with every field of `Member`: the full node
-/// id, and the applied vector as an object of origin id to sequence.
-pub fn member_json(m: &Member) -> Value {
-    json!({
-        "node_id": m.node_id,
-        "name": m.name,
-        "region": m.region,
-        "zone": m.zone,
-        "api_address": m.api_address,
-        "gossip_address": m.gossip_address,
-        "status": m.status,
-        "live": m.live,
-        "self": m.self_,
-        "generation": m.generation,
-        "build_version": m.build_version,
-        "applied": m.applied,
-        "state_hash": m.state_hash,
-        "lag": m.lag,
-        "http_connections": m.http_connections,
-        "tunnels": m.tunnels,
-    })
-}
-
-pub fn members_json(members: &[Member]) -> Value {
-    Value::Array(members.iter().map(member_json).collect())
-}
-
-/// The whole `ClusterStatusResponse`.
-pub fn status_json(status: &ClusterStatusResponse) -> Value {
-    json!({
-        "converged": status.converged,
-        "cluster_id": status.cluster_id,
-        "members": members_json(&status.members),
-    })
-}
-
 /// The stderr line after `--wait`: how long replication took, or which
 /// live nodes had not applied the write within `timeout`.
 pub fn wait_report(reply: &WaitForWriteResponse, timeout: Duration) -> String {
@@ -394,14 +318,6 @@ fn token_details(t: &ApiToken) -> String {
     ])
 }
 
-/// `token create -o json`: `{"token": {...}, "secret": "..."}`.
-pub fn token_created_json(reply: &CreateTokenResponse) -> Value {
-    json!({
-        "token": token_json(&reply.token.clone().unwrap_or_default()),
-        "secret": reply.secret,
-    })
-}
-
 /// `token list` in table mode: one row per token, in the node's order.
 pub fn tokens_table(tokens: &[ApiToken]) -> String {
     if tokens.is_empty() {
@@ -418,21 +334,6 @@ pub fn tokens_table(tokens: &[ApiToken]) -> String {
         ]
     }));
     align(&rows)
-}
-
-/// One token as a JSON object with every field of `ApiToken` (the API has
-/// no secret in it).
-pub fn token_json(t: &ApiToken) -> Value {
-    json!({
-        "id": t.id,
-        "name": t.name,
-        "created_at_ms": t.created_at_ms,
-        "created_on": t.created_on,
-    })
-}
-
-pub fn tokens_json(tokens: &[ApiToken]) -> Value {
-    Value::Array(tokens.iter().map(token_json).collect())
 }
 
 /// A node as people name it: its name, or its short id when it has none.
@@ -474,25 +375,12 @@ pub fn drain_started(reply: &DrainResponse) -> String {
     )
 }
 
-pub fn drain_json(reply: &DrainResponse) -> Value {
-    json!({
-        "node_id": reply.node_id,
-        "name": reply.name,
-        "deadline_ms": reply.deadline_ms,
-        "spread_secs": reply.spread_secs,
-    })
-}
-
 /// `node undrain` in table mode.
 pub fn undrained(reply: &UndrainResponse) -> String {
     format!(
         "undrained {}: it serves again\n",
         node_with_id(&reply.name, &reply.node_id)
     )
-}
-
-pub fn undrain_json(reply: &UndrainResponse) -> Value {
-    json!({ "node_id": reply.node_id, "name": reply.name })
 }
 
 /// `node status` in table mode: one `key: value` line per field; `now_ms`
@@ -521,23 +409,6 @@ pub fn drain_status_details(s: &DrainStatusResponse, now_ms: u64) -> String {
         ("deadline", deadline),
         ("cut", s.cut.to_string()),
     ])
-}
-
-/// The whole `DrainStatusResponse` (`node status -o json`, and the final
-/// answer of `node drain --wait -o json`).
-pub fn drain_status_json(s: &DrainStatusResponse) -> Value {
-    json!({
-        "node_id": s.node_id,
-        "name": s.name,
-        "status": s.status,
-        "live": s.live,
-        "http_connections": s.http_connections,
-        "tunnels": s.tunnels,
-        "deadline_ms": s.deadline_ms,
-        "listeners_closed": s.listeners_closed,
-        "cut": s.cut,
-        "requested": s.requested,
-    })
 }
 
 /// The width of the progress bar of `node drain --wait`, in characters.
@@ -785,27 +656,6 @@ pub fn tunnels_table(tunnels: &[Tunnel], now_ms: u64) -> String {
     align(&rows)
 }
 
-/// One tunnel as a JSON object with every field of `Tunnel`.
-pub fn tunnel_json(t: &Tunnel) -> Value {
-    json!({
-        "node": t.node,
-        "id": t.id,
-        "host": t.host,
-        "host_id": t.host_id,
-        "client": t.client,
-        "upstream": t.upstream,
-        "started_ms": t.started_ms,
-        "bytes_to_upstream": t.bytes_to_upstream,
-        "bytes_to_client": t.bytes_to_client,
-        "frames_to_upstream": t.frames_to_upstream,
-        "frames_to_client": t.frames_to_client,
-    })
-}
-
-pub fn tunnels_json(tunnels: &[Tunnel]) -> Value {
-    Value::Array(tunnels.iter().map(tunnel_json).collect())
-}
-
 /// How long ago `started_ms` was, in whole seconds: `0s`, `42s`, `3m12s`,
 /// `2h5m`; `-` when unknown.
 fn age(started_ms: u64, now_ms: u64) -> String {
@@ -975,51 +825,47 @@ fn location(loc: &Location) -> String {
 
 /// The UTC date (`YYYY-MM-DD`) of Unix milliseconds.
 fn unix_date(ms: u64) -> String {
-    let mut text = unix_ms(ms);
-    text.truncate(10);
-    text
+    utc(ms, format_description!("[year]-[month]-[day]"))
 }
 
 /// Unix milliseconds as UTC RFC 3339 with the milliseconds, as the access
 /// log writes them: `2026-11-24T10:00:00.123Z`.
 fn unix_ms_precise(ms: u64) -> String {
-    if ms == 0 {
-        return "-".to_string();
-    }
-    let mut text = unix_ms(ms);
-    text.truncate(19);
-    format!("{text}.{:03}Z", ms % 1000)
+    utc(
+        ms,
+        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"),
+    )
 }
 
-/// Unix milliseconds as UTC RFC 3339, without pulling in a date crate for
-/// one conversion (days-to-civil from Howard Hinnant's date algorithms).
+/// Unix milliseconds as UTC RFC 3339: `2026-11-24T10:00:00Z`.
 fn unix_ms(ms: u64) -> String {
+    utc(
+        ms,
+        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z"),
+    )
+}
+
+/// `ms` in `format`, UTC; 0 (a field the node left unset) is `-`.
+fn utc(ms: u64, format: &[BorrowedFormatItem<'_>]) -> String {
     if ms == 0 {
         return "-".to_string();
     }
-    let secs = ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    i128::from(ms)
+        .checked_mul(1_000_000)
+        .and_then(|ns| OffsetDateTime::from_unix_timestamp_nanos(ns).ok())
+        .and_then(|t| t.format(format).ok())
+        .unwrap_or_else(|| format!("{ms}ms"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    /// What `-o json` prints for `value`, read back.
+    fn printed<T: Serialize + ?Sized>(value: &T) -> Value {
+        serde_json::from_str(&to_json(value)).expect("to_json prints JSON")
+    }
 
     fn sample() -> ProxyHost {
         ProxyHost {
@@ -1108,7 +954,7 @@ version:            3
 
     #[test]
     fn json_uses_proto_field_names() {
-        let v = host_json(&sample());
+        let v = printed(&sample());
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         keys.sort();
         let mut want = vec![
@@ -1140,7 +986,7 @@ version:            3
         assert_eq!(v["locations"][0]["upstreams"][1], "http://10.0.0.7:1");
         assert_eq!(v["version"], 3);
         assert_eq!(v["forwarded_headers"], false);
-        assert!(hosts_json(&[sample()]).is_array());
+        assert!(printed(&[sample()]).is_array());
     }
 
     #[test]
@@ -1162,7 +1008,7 @@ version:            3
         ] {
             assert!(text.contains(line), "{line:?} not in\n{text}");
         }
-        let v = host_json(&host);
+        let v = printed(&host);
         assert_eq!(v["cert_id"], "c1");
         assert_eq!(v["force_https"], true);
         assert_eq!(v["hsts_max_age_secs"], 600);
@@ -1288,7 +1134,7 @@ version:             4
 
     #[test]
     fn cert_json_uses_proto_field_names() {
-        let v = cert_json(&cert());
+        let v = printed(&cert());
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         keys.sort();
         let mut want = vec![
@@ -1313,7 +1159,7 @@ version:             4
         assert_eq!(keys, want);
         assert_eq!(v["used_by_hosts"][1], "h2");
         assert_eq!(v["chain_length"], 2);
-        assert!(certs_json(&[cert()]).is_array());
+        assert!(printed(&[cert()]).is_array());
     }
 
     #[test]
@@ -1453,7 +1299,7 @@ n3            dead   -                 15   -
 
     #[test]
     fn member_json_has_every_field_and_the_full_id() {
-        let v = member_json(&members()[0]);
+        let v = printed(&members()[0]);
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         keys.sort();
         let mut want = vec![
@@ -1480,9 +1326,9 @@ n3            dead   -                 15   -
         assert_eq!(v["self"], true);
         assert_eq!(v["applied"]["0f3a9c2e-1111-4000-8000-000000000001"], 12);
         assert_eq!(v["generation"], 1_714_564_800_000_000_000u64);
-        assert_eq!(members_json(&members()).as_array().unwrap().len(), 3);
+        assert_eq!(printed(&members()).as_array().unwrap().len(), 3);
 
-        let status = status_json(&ClusterStatusResponse {
+        let status = printed(&ClusterStatusResponse {
             converged: true,
             members: members(),
             cluster_id: "prod".into(),
@@ -1561,7 +1407,7 @@ charon_5ecret
 ";
         assert_eq!(token_created(&reply), want);
         assert_eq!(
-            token_created_json(&reply),
+            printed(&reply),
             json!({
                 "token": {
                     "id": "t-0a1b2c3d4e",
@@ -1590,7 +1436,7 @@ t-0a1b2c3d4e    ci        2024-05-01T12:01:01Z  -
 ";
         assert_eq!(tokens_table(&tokens), want);
         assert_eq!(tokens_table(&[]), "no tokens\n");
-        let v = tokens_json(&tokens);
+        let v = printed(&tokens);
         assert_eq!(v[1]["id"], "t-0a1b2c3d4e");
         assert_eq!(v[1]["created_on"], "");
         assert!(v[0].get("secret").is_none());
@@ -1636,7 +1482,7 @@ t-0a1b2c3d4e    ci        2024-05-01T12:01:01Z  -
             drain_started(&plain),
             "draining 7b2d4e6f: WebSocket tunnels close at the node's deadline\n"
         );
-        let v = drain_json(&reply);
+        let v = printed(&reply);
         assert_eq!(v["node_id"], N2_ID);
         assert_eq!(v["spread_secs"], 30);
         assert_eq!(v["deadline_ms"], NOW + 300_000);
@@ -1758,7 +1604,7 @@ cut:               0
             "{text}"
         );
 
-        let v = drain_status_json(&drain_status(12, 340));
+        let v = printed(&drain_status(12, 340));
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         keys.sort();
         let mut want = vec![
@@ -1998,7 +1844,7 @@ n2-long  13  app.test  127.0.0.1:5556  http://127.0.0.1:3000  -      1.2 KiB  3.
 
     #[test]
     fn tunnel_json_has_every_field() {
-        let v = tunnels_json(&[tunnel("n1", 7, TS)]);
+        let v = printed(&[tunnel("n1", 7, TS)]);
         let t = &v[0];
         let mut keys: Vec<&str> = t.as_object().unwrap().keys().map(String::as_str).collect();
         keys.sort();

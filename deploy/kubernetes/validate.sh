@@ -5,8 +5,9 @@
 #      Kubernetes 1.30 ... 1.37 in strict mode (unknown fields are errors),
 #      with kubernetes-validate from PyPI (it ships the schemas), installed
 #      into target/venv-k8s-validate on first use;
-#   3. what the schemas cannot see (check_manifests.py): the preStop hook and
-#      the drain fit in terminationGracePeriodSeconds, readiness on /readyz,
+#   3. what the schemas cannot see (check_manifests.py): no preStop hook
+#      other than a sleep (SIGTERM drains), the drain fits in
+#      terminationGracePeriodSeconds, readiness on /readyz,
 #      the headless Service publishes not-ready pods and names the
 #      StatefulSet's serviceName, selectors match the pod labels, the Secret
 #      keys used exist, the ports named in probes and Services exist.

@@ -29,20 +29,13 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::admin::Health;
-use crate::cluster::{Cluster, STATUS_DRAINING, STATUS_SERVING};
+use crate::cluster::gossip::{STATUS_DRAINED, STATUS_DRAINING, STATUS_SERVING};
+use crate::cluster::{Cluster, DrainFacts};
 use crate::config::DrainSettings;
 use crate::proxy::Proxy;
-use crate::store::hlc::wall_ms;
 use crate::store::DrainRecord;
 use crate::tls::TlsTerminator;
-
-/// Gossip keys of drain progress.
-pub const K_CONNS: &str = "conns";
-pub const K_TUNNELS: &str = "tunnels";
-pub const K_DEADLINE: &str = "drain_deadline";
-pub const K_LISTENERS_CLOSED: &str = "listeners_closed";
-pub const K_CUT: &str = "cut";
-pub const STATUS_DRAINED: &str = "drained";
+use crate::util::wall_ms;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Phase {
@@ -76,9 +69,9 @@ pub struct Drainer {
     serving: Mutex<Option<Serving>>,
     state: watch::Sender<DrainState>,
     terminating: watch::Sender<bool>,
-    /// A drain of this node only, asked on the admin listener (`/drain`,
-    /// e.g. a Kubernetes preStop hook): not replicated, so it ends with the
-    /// process and the next start serves.
+    /// A drain of this node only, asked on the admin listener (`POST
+    /// /drain` with a token): not replicated, so it ends with the process
+    /// and the next start serves.
     local: watch::Sender<bool>,
 }
 
@@ -236,16 +229,14 @@ impl Drainer {
             Phase::Draining => STATUS_DRAINING,
             Phase::Drained => STATUS_DRAINED,
         };
-        self.cluster
-            .set_facts(&[
-                (crate::cluster::K_STATUS, status.to_string()),
-                (K_CONNS, conns.to_string()),
-                (K_TUNNELS, tunnels.to_string()),
-                (K_DEADLINE, s.deadline_ms.to_string()),
-                (K_LISTENERS_CLOSED, s.listeners_closed.to_string()),
-                (K_CUT, s.cut.to_string()),
-            ])
-            .await;
+        let facts = DrainFacts {
+            http_connections: conns as u64,
+            tunnels: tunnels as u64,
+            deadline_ms: s.deadline_ms,
+            listeners_closed: s.listeners_closed,
+            cut: s.cut,
+        };
+        self.cluster.publish_drain(status, &facts).await;
     }
 
     /// Runs until `shutdown` (SIGTERM) has been followed by a finished

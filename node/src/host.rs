@@ -7,6 +7,8 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 
+use crate::validate::FieldError;
+
 /// A location sends requests under `path_prefix` to its own upstreams.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Location {
@@ -48,23 +50,6 @@ pub struct ProxyHost {
     pub upstream_ca_pem: String,
     /// Explicit opt-out of upstream certificate verification.
     pub upstream_insecure_skip_verify: bool,
-}
-
-/// A validation failure, naming the field so the operator knows what to fix.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {reason}")]
-pub struct FieldError {
-    pub field: String,
-    pub reason: String,
-}
-
-impl FieldError {
-    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        FieldError {
-            field: field.into(),
-            reason: reason.into(),
-        }
-    }
 }
 
 /// A parsed upstream URL. Only scheme and authority: a path would silently

@@ -11,6 +11,8 @@
 //! - [`api`]: tonic services; API → store → route table.
 //! - [`admin`]: `/healthz`, `/readyz`.
 //! - [`node`]: wiring: opens the store, binds listeners, serves, shuts down.
+//! - [`validate`]: `FieldError`, what every validation returns.
+//! - [`util`]: the wall clock, the FNV hasher, date formatting.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -24,3 +26,5 @@ pub mod proxy;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod util;
+pub mod validate;

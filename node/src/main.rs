@@ -19,14 +19,17 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::new(&config.log);
     let json_logs = config.log_format == LogFormat::Json;
+    let colours = charon_node::telemetry::log_colours();
     match config.log_format {
         LogFormat::Text => tracing_subscriber::fmt()
             .with_env_filter(filter)
+            .with_ansi(colours)
             .with_writer(std::io::stderr)
             .init(),
         LogFormat::Json => tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter)
+            .with_ansi(colours)
             .with_writer(std::io::stderr)
             .init(),
     }

@@ -22,7 +22,7 @@ use crate::telemetry::metrics::Gauges;
 use crate::telemetry::otel::{NodeFacts, Tracing};
 use crate::telemetry::{AccessLog, Metrics, Telemetry};
 use crate::tls::seal::{DataKey, SealError};
-use crate::tls::sni::CertTable;
+use crate::tls::sni::{CertTable, HostNames};
 use crate::tls::TlsTerminator;
 
 /// Written after binding so that tools and tests started with port 0 learn
@@ -283,7 +283,11 @@ pub async fn run(
                     }
                 })
                 .collect();
-            tls.publish(CertTable::build(&snap.hosts, &certs));
+            let routed = snap.hosts.iter().filter(|h| h.enabled).map(|h| HostNames {
+                domains: &h.domains,
+                cert_id: &h.cert_id,
+            });
+            tls.publish(CertTable::build(routed, &certs));
         });
     }
     let cluster = Cluster::start(cluster_config, store.clone(), &UdpTransport, None)
@@ -327,9 +331,12 @@ pub async fn run(
         });
     }
     let render = metrics_renderer(metrics, proxy.clone(), cluster.clone(), drainer.clone());
-    let local_drain: admin::DrainFn = {
-        let d = drainer.clone();
-        Arc::new(move || d.drain_locally())
+    let local_drain = {
+        let (d, a) = (drainer.clone(), auth.clone());
+        admin::LocalDrain {
+            start: Arc::new(move || d.drain_locally()),
+            authorize: Arc::new(move |token| a.accepts(token)),
+        }
     };
     let admin_task = tokio::spawn(admin::serve(
         admin_l,

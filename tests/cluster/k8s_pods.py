@@ -12,11 +12,12 @@ replicas (charon-0..2 in namespace `charon`) with what the manifest says:
   - the headless Service: a DNS name (charon-gossip.charon.svc) that
     resolves to every pod, ready or not (a Docker network alias);
   - readiness: the readinessProbe's path and port; the pod's stop: preStop
-    sleep, then SIGTERM, and at most terminationGracePeriodSeconds.
+    sleep (if any), then SIGTERM, and at most terminationGracePeriodSeconds.
 Then it checks that the three nodes form one converged cluster through the
-seeds, that `charonctl` works inside a pod with the Secret's token, that a
-stopped pod drains and exits 0 within the grace period, and that a pod
-recreated with a new IP on the same volume rejoins.
+seeds, that `charonctl` works inside a pod with the Secret's token, that
+another pod cannot drain a pod through its admin port without the token,
+that a stopped pod drains and exits 0 within the grace period, and that a
+pod recreated with a new IP on the same volume rejoins.
 
 Usage: k8s_pods.py   (needs PyYAML: validate.sh's venv has it; docker)
 Exit: 0 passed, 1 failed.
@@ -65,8 +66,10 @@ def main():
     headless = services[sts["spec"]["serviceName"]]
     dns_name = f"{headless['metadata']['name']}.{NS}.svc"
     grace = pod["terminationGracePeriodSeconds"]
-    pre_stop = c["lifecycle"]["preStop"].get("sleep", {}).get("seconds", 0)
-    pre_stop_get = c["lifecycle"]["preStop"].get("httpGet")
+    pre_stop_hook = c.get("lifecycle", {}).get("preStop", {})
+    if set(pre_stop_hook) - {"sleep"}:
+        raise SystemExit(f"FAILED: preStop {sorted(pre_stop_hook)}: only a sleep is played here")
+    pre_stop = pre_stop_hook.get("sleep", {}).get("seconds", 0)
     ready = c["readinessProbe"]["httpGet"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     ready_port = ports.get(ready["port"], ready["port"])
@@ -156,6 +159,12 @@ def main():
         except OSError:
             return 0
 
+    def http_status(request):
+        try:
+            return urllib.request.urlopen(request, timeout=5).status
+        except urllib.error.HTTPError as e:
+            return e.code
+
     def wait(what, cond, timeout=90):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -185,15 +194,20 @@ def main():
                    "http://127.0.0.1:9", "--wait")
         print(f"charonctl inside charon-0 (token from the Secret): {p.stderr.strip()}")
 
-        # Stop charon-1 as the kubelet would: preStop sleep, then SIGTERM with
-        # what is left of the grace period.
+        # Any pod reaches the admin port: without the token, /drain is
+        # refused and charon-1 stays ready.
+        admin = f"http://{ips[1]}:{ports['admin']}/drain"
+        for method, headers in (("GET", {}), ("POST", {}), ("POST", {"Authorization": "Bearer wrong"})):
+            status = http_status(urllib.request.Request(admin, method=method, headers=headers))
+            if status not in (401, 405):
+                raise SystemExit(f"FAILED: {method} /drain {headers} answered {status}")
+        if readyz(ips[1]) != 200:
+            raise SystemExit("FAILED: charon-1 is not ready after refused /drain requests")
+        print("/drain without the admin token: refused (405 for GET, 401 for POST); charon-1 still ready")
+
+        # Stop charon-1 as the kubelet would: preStop sleep (if any), then
+        # SIGTERM with what is left of the grace period.
         t = time.monotonic()
-        if pre_stop_get:
-            ip = docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-                        names[1]).stdout.strip()
-            port = ports.get(pre_stop_get["port"], pre_stop_get["port"])
-            with urllib.request.urlopen(f"http://{ip}:{port}{pre_stop_get['path']}", timeout=10) as r:
-                print(f"preStop GET {pre_stop_get['path']}: {r.status}")
         time.sleep(pre_stop)
         docker("stop", "-t", str(grace - pre_stop), names[1], timeout=grace + 30)
         took = time.monotonic() - t

@@ -562,3 +562,22 @@ async fn charonctl_follows_the_logs_of_every_node() -> Result<()> {
     );
     Ok(())
 }
+
+/// Logs written to a file (not a terminal) carry no ANSI escape codes, even
+/// with `NO_COLOR` empty (which means unset): colours are for terminals.
+#[tokio::test]
+async fn logs_to_a_file_have_no_ansi_colours() -> Result<()> {
+    let node = TestNode::builder().env("NO_COLOR", "").start().await?;
+    let backend = EchoBackend::start("b").await?;
+    node.add_host(&["colour.test"], &[backend.url()]).await?;
+    let resp = client::get(node.http, "colour.test", "/").await?;
+    ensure!(resp.status == 200, "status {}", resp.status);
+    let log = node.log();
+    ensure!(log.contains("INFO"), "no INFO line in the log:\n{log}");
+    ensure!(
+        !log.contains('\u{1b}'),
+        "an ANSI escape in the log:\n{}",
+        log.escape_debug()
+    );
+    Ok(())
+}

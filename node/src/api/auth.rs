@@ -116,13 +116,19 @@ impl Auth {
             })
             .map(str::trim)
             .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer <token>\""))?;
-        // Comparing digests: equal-length inputs, and a timing difference
-        // reveals nothing about the token itself.
-        let h = hash(token);
-        if h != self.admin_hash && !self.tokens.load().contains(&h) {
+        if !self.accepts(token) {
             return Err(Status::unauthenticated("invalid token"));
         }
         Ok(req)
+    }
+
+    /// Whether `token` is the admin token or a replicated API token (also
+    /// what the admin listener's `POST /drain` checks).
+    pub fn accepts(&self, token: &str) -> bool {
+        // Comparing digests: equal-length inputs, and a timing difference
+        // reveals nothing about the token itself.
+        let h = hash(token);
+        h == self.admin_hash || self.tokens.load().contains(&h)
     }
 }
 

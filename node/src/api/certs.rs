@@ -8,10 +8,11 @@ use charon_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::hosts::HostsError;
-use crate::host::FieldError;
-use crate::store::{cert_key, hlc::wall_ms, Body, Store, View, Write};
+use crate::store::{cert_key, Body, Store, View, Write};
 use crate::tls::cert::{parse_and_validate, StoredCert};
 use crate::tls::seal::DataKey;
+use crate::util::wall_ms;
+use crate::validate::FieldError;
 
 pub struct CertsApi {
     store: Arc<Store>,

@@ -5,8 +5,10 @@ use std::sync::Arc;
 use charon_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use crate::host::{FieldError, Location, ProxyHost};
-use crate::store::{hlc::wall_ms, host_key, Body, Store, StoreError, View, Write};
+use crate::host::{Location, ProxyHost};
+use crate::store::{host_key, Body, Store, StoreError, View, Write};
+use crate::util::wall_ms;
+use crate::validate::FieldError;
 
 /// Why a host call failed; converted to a status at the boundary.
 #[derive(Debug, thiserror::Error)]

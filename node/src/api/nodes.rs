@@ -13,8 +13,8 @@ use tonic::{Request, Response, Status};
 use super::hosts::HostsError;
 use crate::cluster::{Cluster, Member};
 use crate::config::DrainSettings;
-use crate::store::hlc::wall_ms;
 use crate::store::{drain_key, Body, DrainRecord, Store, Write};
+use crate::util::wall_ms;
 
 pub struct NodesApi {
     store: Arc<Store>,

@@ -6,9 +6,9 @@ use charon_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::hosts::HostsError;
-use crate::host::FieldError;
-use crate::store::hlc::wall_ms;
 use crate::store::{token_key, ApiToken, Body, Store, Write};
+use crate::util::wall_ms;
+use crate::validate::FieldError;
 
 pub struct TokensApi {
     store: Arc<Store>,

@@ -3,7 +3,8 @@
 //!
 //! Each node gossips only what fits in a datagram: API address, name,
 //! region, zone, status, build version, its store's version vector and
-//! state hash, and a membership proof (see [`auth`]). Records move over
+//! state hash, drain progress, and a membership proof (see [`auth`]); every
+//! key and how its value is written is in [`gossip`]. Records move over
 //! the sync service ([`sync`]) in three ways:
 //! - **push**: every local write goes to every live member at once (peers in
 //!   this node's region first), so a host added on one node is usually
@@ -21,6 +22,7 @@
 //! floor is sent a snapshot.
 
 pub mod auth;
+pub mod gossip;
 pub mod sync;
 
 use std::collections::{BTreeMap, HashSet};
@@ -35,22 +37,12 @@ use tokio::task::JoinHandle;
 
 use crate::store::{Record, Store, VersionVector};
 use auth::ClusterAuth;
+pub use gossip::DrainFacts;
+use gossip::{
+    decode_vv, encode_vv, hash_hex, K_API, K_AUTH, K_HASH, K_NAME, K_REGION, K_STATUS, K_VERSION,
+    K_VV, K_ZONE, STATUS_SERVING,
+};
 use sync::Peers;
-
-/// Gossip keys. Kept short: chitchat's whole per-node state travels in
-/// datagrams.
-const K_API: &str = "api";
-const K_NAME: &str = "name";
-const K_REGION: &str = "region";
-const K_ZONE: &str = "zone";
-pub const K_STATUS: &str = "status";
-const K_VERSION: &str = "version";
-const K_VV: &str = "vv";
-const K_HASH: &str = "hash";
-const K_AUTH: &str = "auth";
-
-pub const STATUS_SERVING: &str = "serving";
-pub const STATUS_DRAINING: &str = "draining";
 
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -127,15 +119,6 @@ pub struct Member {
     pub drain: DrainFacts,
 }
 
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct DrainFacts {
-    pub http_connections: u64,
-    pub tunnels: u64,
-    pub deadline_ms: u64,
-    pub listeners_closed: bool,
-    pub cut: u64,
-}
-
 /// A test hook standing in for the network between nodes: when it says a
 /// peer (by node id) is unreachable, no sync call goes to it. In-process
 /// partition tests pair it with chitchat's `ChannelTransport` links.
@@ -152,31 +135,10 @@ pub struct Cluster {
     refused: Mutex<HashSet<ChitchatId>>,
 }
 
-/// `origin=seq` pairs joined by `,`: compact enough for gossip.
-fn encode_vv(vv: &VersionVector) -> String {
-    vv.iter()
-        .map(|(o, s)| format!("{o}={s}"))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-fn decode_vv(s: &str) -> VersionVector {
-    s.split(',')
-        .filter_map(|p| {
-            let (o, n) = p.split_once('=')?;
-            Some((o.to_string(), n.parse().ok()?))
-        })
-        .collect()
-}
-
 fn ahead(theirs: &VersionVector, ours: &VersionVector) -> bool {
     theirs
         .iter()
         .any(|(o, &s)| s > ours.get(o).copied().unwrap_or(0))
-}
-
-fn hash_hex(h: u64) -> String {
-    format!("{h:016x}")
 }
 
 impl Cluster {
@@ -307,6 +269,14 @@ impl Cluster {
         self.set_fact(K_STATUS, status).await;
     }
 
+    /// Publishes this node's status (a `gossip::STATUS_*`) with its drain
+    /// progress, in one go so peers never see one without the other.
+    pub async fn publish_drain(&self, status: &str, facts: &DrainFacts) {
+        let mut all = vec![(K_STATUS, status.to_string())];
+        all.extend(facts.encode());
+        self.set_facts(&all).await;
+    }
+
     fn can_reach(&self, node_id: &str) -> bool {
         self.reachable.as_ref().is_none_or(|f| f(node_id))
     }
@@ -362,13 +332,7 @@ impl Cluster {
                 vv: decode_vv(state.get(K_VV).unwrap_or("")),
                 hash: get(K_HASH),
                 lag: 0,
-                drain: DrainFacts {
-                    http_connections: get(crate::drain::K_CONNS).parse().unwrap_or(0),
-                    tunnels: get(crate::drain::K_TUNNELS).parse().unwrap_or(0),
-                    deadline_ms: get(crate::drain::K_DEADLINE).parse().unwrap_or(0),
-                    listeners_closed: get(crate::drain::K_LISTENERS_CLOSED) == "true",
-                    cut: get(crate::drain::K_CUT).parse().unwrap_or(0),
-                },
+                drain: DrainFacts::decode(|k| state.get(k).map(str::to_string)),
             };
             match newest.get(&m.node_id) {
                 Some(old) if old.generation >= m.generation => {}
@@ -586,7 +550,7 @@ impl Cluster {
                     *s = (*s).min(m.vv.get(o).copied().unwrap_or(0));
                 }
             }
-            let cutoff_ms = crate::store::hlc::wall_ms()
+            let cutoff_ms = crate::util::wall_ms()
                 .saturating_sub(self.config.tombstone_grace.as_millis() as u64);
             let store = self.store.clone();
             match tokio::task::spawn_blocking(move || {

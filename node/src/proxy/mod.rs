@@ -536,7 +536,7 @@ impl Proxy {
         if let Some(kind) = s.error.and_then(ProxyError::upstream_kind) {
             t.metrics.upstream_error(host_name, kind);
         }
-        let ts_ms = crate::store::hlc::wall_ms().saturating_sub(took.as_millis() as u64);
+        let ts_ms = crate::util::wall_ms().saturating_sub(took.as_millis() as u64);
         // Filled in place: the strings of a recycled entry are reused.
         t.access_log.record_with(|e| {
             if let Some(cx) = s.trace {
@@ -971,10 +971,10 @@ impl Drop for TunnelLog {
             );
             otel::trace_id(cx)
         });
-        let ts_ms = crate::store::hlc::wall_ms();
+        let ts_ms = crate::util::wall_ms();
         self.t.access_log.record(crate::telemetry::Entry {
             trace_id: trace_id.unwrap_or_default(),
-            ts: crate::telemetry::rfc3339_ms(ts_ms),
+            ts: crate::util::rfc3339_ms(ts_ms),
             ts_ms,
             kind: "tunnel",
             client: Arc::from(i.client.to_string()),

@@ -341,7 +341,7 @@ impl Direction {
             if stats.bytes.fetch_add(n as u64, Ordering::Relaxed) == 0 {
                 stats
                     .first_byte_ms
-                    .store(crate::store::hlc::wall_ms(), Ordering::Relaxed);
+                    .store(crate::util::wall_ms(), Ordering::Relaxed);
             }
             budget = budget.saturating_sub(n);
             self.frames_before = self.tracker.frames;

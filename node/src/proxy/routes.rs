@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::host::{ProxyHost, UpstreamUrl};
 use crate::proxy::upstream::{Pool, UpstreamRegistry};
+use crate::util::Fnv;
 
 /// Where one path prefix of a host goes.
 pub struct LocationRoute {
@@ -47,31 +48,6 @@ fn path_has_prefix(path: &str, prefix: &str) -> bool {
     match path.strip_prefix(prefix) {
         Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with(['/', '?']),
         None => false,
-    }
-}
-
-/// FNV-1a: host names are short, and SipHash (std's default, built to
-/// resist collision floods) costs more than the rest of a lookup. The keys
-/// are the operator's domains; a client only chooses what is looked up,
-/// which cannot make the table's buckets collide.
-#[derive(Clone, Copy)]
-pub struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl std::hash::Hasher for Fnv {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
     }
 }
 

@@ -337,7 +337,7 @@ impl Store {
         if writes.is_empty() {
             return Ok((out, None));
         }
-        let wall = hlc::wall_ms();
+        let wall = crate::util::wall_ms();
         let mut hlc = inner.hlc;
         let mut seq = inner.seq;
         let records: Vec<(String, Record)> = writes

@@ -190,7 +190,7 @@ impl Event {
 fn to_json(e: &Entry) -> String {
     if e.ts.is_empty() {
         let mut filled = e.clone();
-        filled.ts = super::rfc3339_ms(e.ts_ms);
+        filled.ts = crate::util::rfc3339_ms(e.ts_ms);
         serde_json::to_string(&filled)
     } else {
         serde_json::to_string(e)
@@ -281,7 +281,7 @@ impl AccessLog {
         e.node = self.node.clone();
         if let Some(w) = &self.writer {
             if e.ts.is_empty() {
-                e.ts = super::rfc3339_ms(e.ts_ms);
+                e.ts = crate::util::rfc3339_ms(e.ts_ms);
             }
             let json = serde_json::to_string(&*e).unwrap_or_default();
             match w.try_send(json.clone()) {

@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 
 /// Keys are proxy host names and fixed labels, looked up on every request:
-/// FNV rather than SipHash (see `proxy::routes::Fnv`).
-type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<crate::proxy::routes::Fnv>>;
+/// FNV rather than SipHash (see `util::Fnv`).
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<crate::util::Fnv>>;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};

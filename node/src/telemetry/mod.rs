@@ -19,43 +19,32 @@ pub struct Telemetry {
     pub tracing: Option<otel::Tracing>,
 }
 
-/// RFC 3339 UTC with milliseconds, for log lines.
-pub fn rfc3339_ms(ms: u64) -> String {
-    let secs = (ms / 1000) as i64;
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        ms % 1000
+/// Whether log lines get ANSI colours: only on a terminal, and not when
+/// `NO_COLOR` is set to anything non-empty (<https://no-color.org>). Logs
+/// piped to a file, journald or a container runtime would otherwise carry
+/// escape codes into every line.
+pub fn log_colours() -> bool {
+    use std::io::IsTerminal;
+    colours(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR"),
     )
+}
+
+fn colours(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 #[cfg(test)]
 mod tests {
+    use super::colours;
+
     #[test]
-    fn formats_utc_timestamps() {
-        assert_eq!(super::rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(
-            super::rfc3339_ms(1_795_513_100_550),
-            "2026-11-24T09:38:20.550Z"
-        );
-        assert_eq!(
-            super::rfc3339_ms(951_782_400_001),
-            "2000-02-29T00:00:00.001Z"
-        );
+    fn colours_only_on_a_terminal_without_no_color() {
+        assert!(colours(true, None));
+        assert!(colours(true, Some("".into())), "an empty NO_COLOR is unset");
+        assert!(!colours(true, Some("1".into())));
+        assert!(!colours(false, None));
+        assert!(!colours(false, Some("1".into())));
     }
 }

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use x509_parser::prelude::*;
 
 use super::seal::{DataKey, SealError};
-use crate::host::FieldError;
+use crate::validate::FieldError;
 
 /// Certificates expiring sooner than this are accepted with a warning.
 pub const EXPIRY_WARNING_DAYS: u64 = 30;
@@ -58,9 +58,7 @@ fn ms(t: ASN1Time) -> u64 {
 }
 
 fn date(ms: u64) -> String {
-    ASN1Time::from_timestamp((ms / 1000) as i64)
-        .map(|t| t.to_string())
-        .unwrap_or_else(|_| ms.to_string())
+    crate::util::rfc3339_secs(ms)
 }
 
 fn colon_hex(bytes: &[u8]) -> String {
@@ -285,7 +283,7 @@ mod tests {
     use super::*;
 
     fn now() -> u64 {
-        crate::store::hlc::wall_ms()
+        crate::util::wall_ms()
     }
 
     #[test]

@@ -11,7 +11,16 @@ use std::sync::Arc;
 use rustls::sign::CertifiedKey;
 
 use super::cert::StoredCert;
-use crate::host::ProxyHost;
+
+/// What the table needs of a proxy host that routes: the names it answers
+/// for and the certificate it pins (empty: none). Plain data, so TLS does
+/// not depend on the host type (whose validation uses TLS to check CA
+/// bundles).
+#[derive(Debug, Clone, Copy)]
+pub struct HostNames<'a> {
+    pub domains: &'a [String],
+    pub cert_id: &'a str,
+}
 
 #[derive(Default)]
 pub struct CertTable {
@@ -23,9 +32,10 @@ pub struct CertTable {
 }
 
 impl CertTable {
-    /// `certs` are the stored certificates with their opened keys.
-    pub fn build(
-        hosts: &[Arc<ProxyHost>],
+    /// `hosts` are the enabled hosts; `certs` the stored certificates with
+    /// their opened keys.
+    pub fn build<'a>(
+        hosts: impl IntoIterator<Item = HostNames<'a>>,
         certs: &[(Arc<StoredCert>, Arc<CertifiedKey>)],
     ) -> CertTable {
         let mut t = CertTable::default();
@@ -43,11 +53,11 @@ impl CertTable {
         }
         let by_id: HashMap<&str, &Arc<CertifiedKey>> =
             certs.iter().map(|(c, k)| (c.id.as_str(), k)).collect();
-        for h in hosts.iter().filter(|h| h.enabled) {
+        for h in hosts {
             let pin = (!h.cert_id.is_empty())
-                .then(|| by_id.get(h.cert_id.as_str()).map(|k| (*k).clone()))
+                .then(|| by_id.get(h.cert_id).map(|k| (*k).clone()))
                 .flatten();
-            for d in &h.domains {
+            for d in h.domains {
                 match d.strip_prefix("*.") {
                     Some(suffix) => t.host_wild.insert(suffix.to_string(), pin.clone()),
                     None => t.host_exact.insert(d.clone(), pin.clone()),
@@ -99,7 +109,7 @@ mod tests {
         ca: &crate::tls::cert::test_certs::Ca,
     ) -> (Arc<StoredCert>, Arc<CertifiedKey>) {
         let (c, k) = leaf(ca, names, None);
-        let p = parse_and_validate(&c, &k, crate::store::hlc::wall_ms()).unwrap();
+        let p = parse_and_validate(&c, &k, crate::util::wall_ms()).unwrap();
         let dk = DataKey::from_bytes([1; 32]);
         let mut s = p.meta;
         s.id = id.into();
@@ -108,15 +118,8 @@ mod tests {
         (Arc::new(s), key)
     }
 
-    fn host(domains: &[&str], cert: &str) -> Arc<ProxyHost> {
-        Arc::new(ProxyHost {
-            id: format!("h-{}", domains[0]),
-            domains: domains.iter().map(|s| s.to_string()).collect(),
-            upstreams: vec!["http://127.0.0.1:1".into()],
-            enabled: true,
-            cert_id: cert.into(),
-            ..Default::default()
-        })
+    fn host(domains: &[&str], cert: &str) -> (Vec<String>, String) {
+        (domains.iter().map(|s| s.to_string()).collect(), cert.into())
     }
 
     #[test]
@@ -125,11 +128,14 @@ mod tests {
         let a = stored("a", &["a.example.com"], &ca);
         let wild = stored("w", &["*.example.com"], &ca);
         let pinned = stored("p", &["other.org"], &ca);
-        let hosts = vec![
+        let hosts = [
             host(&["pinned.example.com"], "p"),
             host(&["a.example.com"], ""),
         ];
-        let t = CertTable::build(&hosts, &[a.clone(), wild.clone(), pinned.clone()]);
+        let names = hosts
+            .iter()
+            .map(|(domains, cert_id)| HostNames { domains, cert_id });
+        let t = CertTable::build(names, &[a.clone(), wild.clone(), pinned.clone()]);
         let is = |name: &str, want: &Arc<CertifiedKey>| {
             let got = t
                 .resolve(name)

@@ -10,30 +10,48 @@
 #   bench/run.sh --smoke --debug the same on debug builds: no release build needed
 #                                (CI: about 2 minutes once `cargo build` has run)
 #
+# Setup:
+#   --workers N          every proxy with N workers (Charon TOKIO_WORKER_THREADS,
+#                        nginx worker_processes, HAProxy nbthread, Caddy GOMAXPROCS)
+#   --pin                the proxy on CPUs of its own (taskset), load generators
+#                        and backend on the others; with N >= CPUs they cannot be
+#                        isolated (see bench/README.md)
+# Comparing Charon builds, interleaved in one run:
+#   --baseline-rev REV   build REV in a temporary git worktree and measure it
+#                        (charon@base) next to this checkout (charon@new)
+#   --charon-bin L=DIR   a build to measure, labelled L (repeatable)
+#   --charon-variant 'NAME=FLAGS'
+#                        also measure each build with `charonctl host add FLAGS`
+#                        (an argument @FILE: one argument per line of FILE)
+#
 # Other options: --debug (debug builds for a full run too: figures not
 # meaningful), --rounds N, --duration SECS, --warmup SECS, --targets LIST,
-# --tests LIST, --out FILE, --no-install; anything after `--` goes to
-# `charon-bench run` (see `charon-bench run --help`).
+# --tests LIST (idle,http-small,http-large,ws,tls,ws-h2,idle-h2), --out FILE,
+# --no-install; anything after `--` goes to `charon-bench run` (see
+# `charon-bench run --help`).
 #
-# Installs what is missing (nginx, haproxy, caddy, wrk, openssl) from Debian's
+# Installs what is missing (nginx, haproxy, caddy, wrk, openssl, taskset) from Debian's
 # packages with apt-get, without letting them start their system services.
 # Exit status: 0 when every measurement succeeded.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 cmdline="bench/run.sh${*:+ $*}"
-smoke=0 debug=0 install=1 out="" extra=()
-run_args=()
+smoke=0 debug=0 install=1 out="" baseline="" extra=()
+run_args=() charon_bins=()
 while (($#)); do
     case "$1" in
         --smoke) smoke=1 ;;
         --debug) debug=1 ;;
         --no-install) install=0 ;;
-        --rounds | --duration | --warmup | --targets | --tests)
+        --pin) run_args+=(--pin) ;;
+        --rounds | --duration | --warmup | --targets | --tests | --workers | --charon-variant)
             run_args+=("$1" "${2:?$1 needs a value}"); shift ;;
+        --charon-bin) charon_bins+=(--charon-bin "${2:?--charon-bin needs LABEL=DIR}"); shift ;;
+        --baseline-rev) baseline="${2:?--baseline-rev needs a git revision}"; shift ;;
         --out) out="${2:?--out needs a file}"; shift ;;
         --) shift; extra=("$@"); break ;;
-        -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "bench/run.sh: unknown option $1 (see --help)" >&2; exit 64 ;;
     esac
     shift
@@ -44,6 +62,8 @@ need=()
 for tool in nginx haproxy caddy wrk openssl; do
     command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
 done
+# taskset (pinned mode) comes with util-linux.
+command -v taskset >/dev/null 2>&1 || need+=(util-linux)
 if ((${#need[@]})); then
     if ((!install)); then
         echo "bench/run.sh: missing ${need[*]} (run without --no-install to apt-get them)" >&2
@@ -70,8 +90,42 @@ fi
 profile=release
 build=(--release)
 if ((debug)); then profile=debug build=(); fi
+
+# The baseline: built in a temporary worktree, into a target directory of
+# its own (target/bench-baseline/target, kept between runs for the
+# dependencies). Not into this checkout's target/: cargo's fingerprints do
+# not depend on where a workspace lies, so a crate compiled there from the
+# baseline's sources, being newer than this checkout's files, could be
+# taken as up to date here and end up in charon@new. Its two binaries are
+# kept by commit in target/bench-baseline/<commit>-<profile>/, so a second
+# run with the same baseline skips the build.
+if [[ -n $baseline ]]; then
+    sha=$(git rev-parse --verify "$baseline^{commit}") ||
+        { echo "bench/run.sh: --baseline-rev $baseline is not a commit" >&2; exit 64; }
+    dest="target/bench-baseline/$sha-$profile"
+    if [[ ! -x $dest/charon-node || ! -x $dest/charonctl ]]; then
+        echo "== cargo build ${build[*]} of $baseline ($sha) in a temporary worktree"
+        tree=$(mktemp -d "${TMPDIR:-/tmp}/charon-baseline.XXXXXX")
+        target_dir="$PWD/target/bench-baseline/target"
+        git worktree add -q --detach "$tree" "$sha"
+        status=0
+        (cd "$tree" && CARGO_TARGET_DIR="$target_dir" cargo build "${build[@]}" -q -p charon-node -p charonctl) || status=$?
+        if ((status == 0)); then
+            mkdir -p "$dest"
+            cp "$target_dir/$profile/charon-node" "$target_dir/$profile/charonctl" "$dest/"
+            printf 'commit %s (--baseline-rev %s), %s build\n' "$(git rev-parse --short "$sha")" "$baseline" "$profile" >"$dest/charon-build.txt"
+        fi
+        git worktree remove --force "$tree"
+        ((status == 0)) || { echo "bench/run.sh: building $baseline failed" >&2; exit "$status"; }
+    fi
+    charon_bins=(--charon-bin "base=$dest" --charon-bin "new=target/$profile" "${charon_bins[@]}")
+fi
+
 echo "== cargo build ${build[*]} (charon-node, charonctl, charon-bench)"
 cargo build "${build[@]}" -q -p charon-node -p charonctl -p charon-bench
+if [[ -n $baseline ]] && cmp -s "target/$profile/charon-node" "$dest/charon-node"; then
+    echo "bench/run.sh: note: charon@base and charon@new are the same binary" >&2
+fi
 
 # 3. The run.
 stamp=$(date -u +%Y-%m-%dT%H%M%SZ)
@@ -92,7 +146,7 @@ status=0
     --out "$out" \
     --mode "$mode" \
     --command "$cmdline" \
-    "${run_args[@]}" "${extra[@]}" || status=$?
+    "${run_args[@]}" "${charon_bins[@]}" "${extra[@]}" || status=$?
 if ((status == 0)); then
     rm -rf "$workdir"
 else

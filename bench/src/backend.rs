@@ -3,7 +3,10 @@
 //!
 //! - `GET /small`: 100 bytes; `GET /large`: 64 KiB (any other path: `/small`);
 //! - a WebSocket upgrade on any path: an echo (text and binary messages come
-//!   back as they were sent).
+//!   back as they were sent);
+//! - on a second, h2c-only listener: the same, and WebSockets over HTTP/2
+//!   (RFC 8441 extended CONNECT with `:protocol = websocket`), so that the
+//!   `direct` target of the WebSocket-over-h2 tests has something to reach.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -11,10 +14,10 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::header::{CONNECTION, CONTENT_TYPE, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -30,20 +33,77 @@ struct Bodies {
     large: Bytes,
 }
 
-/// Serves on `listen` until the process is killed; prints `listening ADDR`
-/// on stdout once bound.
-pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
+/// Serves HTTP/1.1 on `listen` and h2c on `h2_listen` until the process is
+/// killed; prints `listening ADDR` and `listening-h2 ADDR` on stdout once
+/// both are bound.
+pub async fn serve(listen: SocketAddr, h2_listen: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen).await?;
+    let h2 = TcpListener::bind(h2_listen).await?;
     println!("listening {}", listener.local_addr()?);
-    serve_on(listener).await
+    println!("listening-h2 {}", h2.local_addr()?);
+    serve_both(listener, h2).await
+}
+
+/// HTTP/1.1 on `h1`, h2c on `h2`, both already bound.
+pub async fn serve_both(h1: TcpListener, h2: TcpListener) -> anyhow::Result<()> {
+    tokio::spawn(serve_h2(h2));
+    serve_on(h1).await
+}
+
+/// h2c with prior knowledge, extended CONNECT enabled: WebSockets over
+/// HTTP/2 get an echo, anything else the HTTP/1.1 answers.
+async fn serve_h2(listener: TcpListener) {
+    let bodies = bodies();
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let bodies = bodies.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let bodies = bodies.clone();
+                async move { Ok::<_, Infallible>(handle_h2(req, &bodies)) }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .enable_connect_protocol()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+/// RFC 8441 §5: a CONNECT with `:protocol = websocket` is answered 200 and
+/// the stream then carries the WebSocket's frames.
+fn handle_h2(mut req: Request<Incoming>, bodies: &Bodies) -> Response<Full<Bytes>> {
+    let websocket = req.method() == Method::CONNECT
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+    if !websocket {
+        return handle(req, bodies);
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = on_upgrade.await {
+            echo(TokioIo::new(upgraded)).await;
+        }
+    });
+    Response::new(Full::new(Bytes::new()))
+}
+
+fn bodies() -> Bodies {
+    Bodies {
+        small: Bytes::from(vec![b's'; SMALL_LEN]),
+        large: Bytes::from(vec![b'L'; LARGE_LEN]),
+    }
 }
 
 /// Serves on an already bound listener until the process ends.
 pub async fn serve_on(listener: TcpListener) -> anyhow::Result<()> {
-    let bodies = Bodies {
-        small: Bytes::from(vec![b's'; SMALL_LEN]),
-        large: Bytes::from(vec![b'L'; LARGE_LEN]),
-    };
+    let bodies = bodies();
     loop {
         let (tcp, _) = match listener.accept().await {
             Ok(a) => a,

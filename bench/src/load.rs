@@ -6,22 +6,31 @@
 //! sample the proxy's CPU time exactly around the measured window:
 //! `connected N F` (N open, F failed), `measure-start`, `measure-end`, and a
 //! last line `result {json}`. `ws-idle` prints `ready N F` and holds its
-//! connections until its stdin is closed.
+//! connections until its stdin is closed. A tool asked for something the
+//! target does not offer (WebSockets over HTTP/2 on a build without RFC
+//! 8441) prints `unsupported REASON` instead and exits 0.
+//!
+//! WebSockets go over HTTP/1.1 upgrades, or with `--h2` over HTTP/2 extended
+//! CONNECT streams, `--h2-streams` of them per h2c connection ([`Transport`]).
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+
+use crate::h2ws::{H2Conn, H2Io, NotOffered};
 
 const WARMUP: u8 = 0;
 const MEASURE: u8 = 1;
@@ -50,25 +59,138 @@ async fn tcp_connect(target: SocketAddr, i: usize, sources: usize) -> std::io::R
     Ok(tcp)
 }
 
+/// How the WebSockets reach the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// One TCP connection and one HTTP/1.1 upgrade per WebSocket.
+    H1,
+    /// RFC 8441: extended CONNECT streams, this many per h2c connection.
+    H2 { streams_per_conn: usize },
+}
+
+impl Transport {
+    pub fn new(h2: bool, streams_per_conn: usize) -> Transport {
+        if h2 {
+            Transport::H2 {
+                streams_per_conn: streams_per_conn.max(1),
+            }
+        } else {
+            Transport::H1
+        }
+    }
+}
+
+/// The byte stream under one WebSocket: a TCP connection of its own, or a
+/// stream of a shared h2 connection. An enum rather than a trait object,
+/// so the HTTP/1.1 case costs a branch, not an indirect call.
+pub enum Io {
+    Tcp(TcpStream),
+    H2(H2Io),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Io::H2(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Io::H2(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Io::H2(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Io::H2(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+type Ws = WebSocketStream<Io>;
+
 async fn ws_connect(
     target: SocketAddr,
     path: &str,
     i: usize,
     sources: usize,
-) -> anyhow::Result<WebSocketStream<TcpStream>> {
+) -> anyhow::Result<Ws> {
     let tcp = tcp_connect(target, i, sources).await?;
     let url = format!("ws://{target}{path}");
     let (ws, _) = tokio_tungstenite::client_async_with_config(
         url.as_str(),
-        tcp,
+        Io::Tcp(tcp),
         Some(crate::backend::ws_config()),
     )
     .await?;
     Ok(ws)
 }
 
+/// The h2c connections for `conns` WebSockets, `streams_per_conn` each.
+/// Fails with [`NotOffered`] when the target does not take extended CONNECT.
+async fn h2_connect_all(
+    target: SocketAddr,
+    conns: usize,
+    streams_per_conn: usize,
+    sources: usize,
+) -> anyhow::Result<Vec<H2Conn>> {
+    let n = conns.div_ceil(streams_per_conn).max(1);
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let tcp = tcp_connect(target, i, sources).await?;
+        let conn = tokio::time::timeout(Duration::from_secs(20), H2Conn::connect(tcp, target))
+            .await
+            .map_err(|_| anyhow::anyhow!("h2 connection setup timed out"))??;
+        out.push(conn);
+    }
+    Ok(out)
+}
+
+/// Opens WebSocket number `i`, over its own connection or a stream of the
+/// h2 connection it falls to.
+async fn open_one(
+    target: SocketAddr,
+    path: &str,
+    i: usize,
+    sources: usize,
+    h2: &[H2Conn],
+) -> anyhow::Result<Ws> {
+    if h2.is_empty() {
+        return ws_connect(target, path, i, sources).await;
+    }
+    // Round-robin: every connection carries the same number of streams.
+    let io = h2[i % h2.len()].open_stream(path).await?;
+    Ok(WebSocketStream::from_raw_socket(
+        Io::H2(io),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        Some(crate::backend::ws_config()),
+    )
+    .await)
+}
+
 /// One round trip: send `payload`, wait for the same bytes back.
-async fn round_trip(ws: &mut WebSocketStream<TcpStream>, payload: &Bytes) -> anyhow::Result<()> {
+async fn round_trip(ws: &mut Ws, payload: &Bytes) -> anyhow::Result<()> {
     ws.send(Message::Binary(payload.clone())).await?;
     loop {
         match ws.next().await {
@@ -82,25 +204,36 @@ async fn round_trip(ws: &mut WebSocketStream<TcpStream>, payload: &Bytes) -> any
 }
 
 /// Opens `conns` WebSockets, `CONNECT_CONCURRENCY` at a time, each proven
-/// with one round trip. Failed ones are counted, not fatal.
+/// with one round trip. Failed ones are counted, not fatal. Over h2, the
+/// connections are opened first; `Err` only when they cannot be (then no
+/// WebSocket could be), e.g. [`NotOffered`].
 async fn open_all(
     target: SocketAddr,
     path: &str,
     conns: usize,
     sources: usize,
+    transport: Transport,
     payload: &Bytes,
-) -> (Vec<WebSocketStream<TcpStream>>, usize) {
+) -> anyhow::Result<(Vec<Ws>, usize)> {
+    let h2 = match transport {
+        Transport::H1 => Vec::new(),
+        Transport::H2 { streams_per_conn } => {
+            h2_connect_all(target, conns, streams_per_conn, sources).await?
+        }
+    };
+    let h2 = Arc::new(h2);
     let sem = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let mut tasks = Vec::with_capacity(conns);
     for i in 0..conns {
         let sem = sem.clone();
         let path = path.to_string();
         let payload = payload.clone();
+        let h2 = h2.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await.expect("semaphore open");
             let mut ws = tokio::time::timeout(
                 Duration::from_secs(20),
-                ws_connect(target, &path, i, sources),
+                open_one(target, &path, i, sources, &h2),
             )
             .await
             .map_err(|_| anyhow::anyhow!("connect timed out"))??;
@@ -129,7 +262,27 @@ async fn open_all(
     if let Some(e) = first_error {
         eprintln!("{failed} connection(s) failed; first error: {e}");
     }
-    (open, failed)
+    Ok((open, failed))
+}
+
+/// [`open_all`], or `None` after saying `unsupported …` when the target
+/// does not offer what the transport needs.
+async fn open_or_say_unsupported(
+    target: SocketAddr,
+    path: &str,
+    conns: usize,
+    sources: usize,
+    transport: Transport,
+    payload: &Bytes,
+) -> anyhow::Result<Option<(Vec<Ws>, usize)>> {
+    match open_all(target, path, conns, sources, transport, payload).await {
+        Ok(r) => Ok(Some(r)),
+        Err(e) if e.downcast_ref::<NotOffered>().is_some() => {
+            say(&format!("unsupported {e}"));
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[derive(Serialize)]
@@ -158,13 +311,18 @@ pub struct WsLoadArgs {
     pub warmup: Duration,
     pub duration: Duration,
     pub sources: usize,
+    pub transport: Transport,
 }
 
 /// Every connection does round trips back to back (one message in flight
 /// per connection) for the warm-up, then for the measured window.
 pub async fn ws_load(a: WsLoadArgs) -> anyhow::Result<()> {
     let payload = Bytes::from(vec![b'm'; a.size]);
-    let (open, failed) = open_all(a.addr, &a.path, a.conns, a.sources, &payload).await;
+    let Some((open, failed)) =
+        open_or_say_unsupported(a.addr, &a.path, a.conns, a.sources, a.transport, &payload).await?
+    else {
+        return Ok(());
+    };
     say(&format!("connected {} {failed}", open.len()));
     let connected = open.len();
     let phase = Arc::new(AtomicU8::new(WARMUP));
@@ -240,9 +398,14 @@ pub async fn ws_idle(
     path: &str,
     conns: usize,
     sources: usize,
+    transport: Transport,
 ) -> anyhow::Result<()> {
     let payload = Bytes::from_static(b"hello");
-    let (open, failed) = open_all(addr, path, conns, sources, &payload).await;
+    let Some((open, failed)) =
+        open_or_say_unsupported(addr, path, conns, sources, transport, &payload).await?
+    else {
+        return Ok(());
+    };
     say(&format!("ready {} {failed}", open.len()));
     let mut stdin = tokio::io::stdin();
     let mut buf = [0u8; 64];

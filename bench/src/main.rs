@@ -7,6 +7,7 @@
 //! `charon-node` processes on its own.
 
 mod backend;
+mod h2ws;
 mod load;
 mod otlp_sink;
 mod propagation;
@@ -19,7 +20,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use run::targets::Kind;
+use run::targets::{CharonBuild, Kind, Variant};
 use run::Test;
 
 #[derive(Parser)]
@@ -37,6 +38,10 @@ enum Cmd {
     Backend {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
+        /// h2c only, with RFC 8441 WebSockets (the `direct` target of the
+        /// WebSocket-over-h2 tests).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        h2_listen: SocketAddr,
         #[arg(long, default_value_t = 1)]
         threads: usize,
     },
@@ -60,6 +65,12 @@ enum Cmd {
         sources: usize,
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// WebSockets over HTTP/2 (RFC 8441, h2c prior knowledge).
+        #[arg(long)]
+        h2: bool,
+        /// With --h2: WebSockets per h2 connection.
+        #[arg(long, default_value_t = 100)]
+        h2_streams: usize,
     },
     /// Opens idle WebSockets and holds them until stdin closes.
     WsIdle {
@@ -73,6 +84,12 @@ enum Cmd {
         sources: usize,
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// WebSockets over HTTP/2 (RFC 8441, h2c prior knowledge).
+        #[arg(long)]
+        h2: bool,
+        /// With --h2: WebSockets per h2 connection.
+        #[arg(long, default_value_t = 100)]
+        h2_streams: usize,
     },
     /// New TLS handshakes per second; prints a JSON result.
     TlsLoad {
@@ -102,6 +119,9 @@ enum Cmd {
             default_value = "charon,nginx,haproxy,caddy"
         )]
         targets: Vec<Kind>,
+        /// Workers per proxy, as in `run --workers`.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
     },
     /// An OTLP/gRPC trace collector that counts and discards spans.
     OtlpSink {
@@ -110,7 +130,8 @@ enum Cmd {
     },
     /// Runs the whole comparison and writes the Markdown report.
     Run {
-        /// Directory holding charon-node and charonctl.
+        /// Directory holding charon-node and charonctl (the build measured
+        /// unless --charon-bin is given).
         #[arg(long)]
         bin_dir: PathBuf,
         /// Scratch directory for configurations, data and logs.
@@ -139,6 +160,35 @@ enum Cmd {
         tls_conns: usize,
         #[arg(long, default_value_t = 1)]
         sources: usize,
+        /// Workers per proxy: Charon TOKIO_WORKER_THREADS, nginx
+        /// worker_processes, HAProxy nbthread, Caddy GOMAXPROCS.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// Pin each proxy to CPUs of its own (taskset), the load generators
+        /// and the backend to the others (see bench/README.md).
+        #[arg(long)]
+        pin: bool,
+        /// Threads of each load generator (wrk -t, ws-load, tls-load);
+        /// default: --workers.
+        #[arg(long)]
+        load_threads: Option<usize>,
+        /// Threads of the backend; default: --workers.
+        #[arg(long)]
+        backend_threads: Option<usize>,
+        /// A Charon build to measure, as LABEL=DIR (DIR holds charon-node
+        /// and charonctl); repeat to compare builds in one interleaved run.
+        /// The first is the reference of the builds table. Default: the
+        /// build in --bin-dir, unlabelled.
+        #[arg(long = "charon-bin", value_name = "LABEL=DIR", value_parser = CharonBuild::parse)]
+        charon_bins: Vec<CharonBuild>,
+        /// A host-configuration variant of every Charon target, as
+        /// NAME='FLAGS' (extra `charonctl host add` flags; an argument @FILE
+        /// reads one argument per line from FILE). Repeatable.
+        #[arg(long = "charon-variant", value_name = "NAME=FLAGS", value_parser = Variant::parse)]
+        charon_variants: Vec<Variant>,
+        /// WebSockets per h2 connection in the WebSocket-over-h2 tests.
+        #[arg(long, default_value_t = 100)]
+        h2_streams: usize,
         /// Comma-separated: direct,charon,nginx,haproxy,caddy.
         #[arg(
             long,
@@ -146,8 +196,8 @@ enum Cmd {
             default_value = "direct,charon,nginx,haproxy,caddy"
         )]
         targets: Vec<Kind>,
-        /// Comma-separated: idle,http-small,http-large,ws,tls.
-        #[arg(long, value_delimiter = ',', default_value = "idle,http-small,http-large,ws,tls", value_parser = parse_test)]
+        /// Comma-separated: idle,http-small,http-large,ws,tls,ws-h2,idle-h2.
+        #[arg(long, value_delimiter = ',', default_value = "idle,http-small,http-large,ws,tls,ws-h2,idle-h2", value_parser = parse_test)]
         tests: Vec<Test>,
         /// The command line to print in the report.
         #[arg(long, default_value = "charon-bench run")]
@@ -207,9 +257,11 @@ fn parse_test(s: &str) -> Result<Test, String> {
         "http-large" => Test::HttpLarge,
         "ws" => Test::Ws,
         "tls" => Test::Tls,
+        "ws-h2" => Test::WsH2,
+        "idle-h2" => Test::IdleH2,
         _ => {
             return Err(format!(
-                "unknown test {s:?} (idle, http-small, http-large, ws, tls)"
+                "unknown test {s:?} (idle, http-small, http-large, ws, tls, ws-h2, idle-h2)"
             ))
         }
     })
@@ -245,7 +297,11 @@ fn main() -> ExitCode {
 fn real_main() -> anyhow::Result<bool> {
     let secs = Duration::from_secs;
     match Cli::parse().cmd {
-        Cmd::Backend { listen, threads } => runtime(threads)?.block_on(backend::serve(listen))?,
+        Cmd::Backend {
+            listen,
+            h2_listen,
+            threads,
+        } => runtime(threads)?.block_on(backend::serve(listen, h2_listen))?,
         Cmd::OtlpSink { listen } => runtime(1)?.block_on(otlp_sink::serve(listen))?,
         Cmd::WsLoad {
             addr,
@@ -256,6 +312,8 @@ fn real_main() -> anyhow::Result<bool> {
             duration,
             sources,
             threads,
+            h2,
+            h2_streams,
         } => runtime(threads)?.block_on(load::ws_load(load::WsLoadArgs {
             addr,
             path,
@@ -264,6 +322,7 @@ fn real_main() -> anyhow::Result<bool> {
             warmup: secs(warmup),
             duration: secs(duration),
             sources,
+            transport: load::Transport::new(h2, h2_streams),
         }))?,
         Cmd::WsIdle {
             addr,
@@ -271,7 +330,15 @@ fn real_main() -> anyhow::Result<bool> {
             conns,
             sources,
             threads,
-        } => runtime(threads)?.block_on(load::ws_idle(addr, &path, conns, sources))?,
+            h2,
+            h2_streams,
+        } => runtime(threads)?.block_on(load::ws_idle(
+            addr,
+            &path,
+            conns,
+            sources,
+            load::Transport::new(h2, h2_streams),
+        ))?,
         Cmd::TlsLoad {
             addr,
             conns,
@@ -290,7 +357,8 @@ fn real_main() -> anyhow::Result<bool> {
             bin_dir,
             workdir,
             targets,
-        } => run::serve(bin_dir, workdir, &targets)?,
+            workers,
+        } => run::serve(bin_dir, workdir, &targets, workers)?,
         Cmd::Propagation {
             bin_dir,
             workdir,
@@ -337,13 +405,28 @@ fn real_main() -> anyhow::Result<bool> {
             idle_conns,
             tls_conns,
             sources,
+            workers,
+            pin,
+            load_threads,
+            backend_threads,
+            charon_bins,
+            charon_variants,
+            h2_streams,
             targets,
             tests,
             command,
             mode,
         } => {
+            let workers = workers.max(1);
+            let builds = if charon_bins.is_empty() {
+                vec![CharonBuild {
+                    label: String::new(),
+                    bin_dir,
+                }]
+            } else {
+                charon_bins
+            };
             return run::run(run::RunArgs {
-                bin_dir,
                 workdir,
                 out,
                 rounds: rounds.max(1),
@@ -355,11 +438,17 @@ fn real_main() -> anyhow::Result<bool> {
                 idle_conns,
                 tls_conns,
                 sources,
-                targets,
+                workers,
+                pin,
+                load_threads: load_threads.unwrap_or(workers).max(1),
+                backend_threads: backend_threads.unwrap_or(workers).max(1),
+                h2_streams: h2_streams.max(1),
+                targets: run::targets::TargetSpec::expand(&targets, &builds, &charon_variants),
+                builds,
                 tests,
                 command,
                 mode,
-            })
+            });
         }
     }
     Ok(true)

@@ -2,9 +2,19 @@
 //! interleaved — each round runs every test against every target, in an
 //! order rotated from round to round, on processes started fresh for the
 //! round — and writes the report.
+//!
+//! Options shape the setup without touching the tests: `--workers N` for
+//! every proxy, `--pin` to give the proxy CPUs of its own ([`cpus`]),
+//! several Charon builds or host-configuration variants as extra targets
+//! ([`targets::TargetSpec`]). A new scenario is a [`Test`] variant, an arm
+//! in [`measure::measure`] and a section in [`report`].
 
+pub mod cpus;
+pub mod machine;
+pub mod measure;
 pub mod procfs;
 pub mod report;
+pub mod stats;
 pub mod targets;
 pub mod wrk;
 
@@ -13,14 +23,14 @@ use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde::Serialize;
 
-use targets::{Env, Kind, Target};
+use cpus::CpuPlan;
+use targets::{CharonBuild, Env, Kind, Target, TargetSpec};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -31,6 +41,12 @@ pub enum Test {
     HttpLarge,
     Ws,
     Tls,
+    /// WebSocket round trips over HTTP/2 extended CONNECT (RFC 8441),
+    /// many WebSockets per h2c connection: Charon (and the backend
+    /// directly) only.
+    WsH2,
+    /// Memory per idle WebSocket over HTTP/2: Charon only.
+    IdleH2,
 }
 
 impl Test {
@@ -38,6 +54,8 @@ impl Test {
         match self {
             Test::Idle => t.kind.is_proxy(),
             Test::Tls => t.tls.is_some(),
+            Test::WsH2 => t.h2c.is_some(),
+            Test::IdleH2 => t.kind == Kind::Charon,
             _ => true,
         }
     }
@@ -47,16 +65,25 @@ impl Test {
 #[derive(Debug, Clone, Serialize)]
 pub struct Sample {
     pub test: Test,
-    pub target: Kind,
+    /// The target's name (`charon`, `charon@new`, `nginx`...).
+    pub target: String,
+    pub kind: Kind,
     pub round: usize,
     pub values: BTreeMap<&'static str, f64>,
     /// Set when the measurement failed or is not trustworthy.
     pub error: Option<String>,
+    /// Set when the target does not offer what the test needs (n/a).
+    pub skipped: Option<String>,
+}
+
+impl Sample {
+    pub fn ok(&self) -> bool {
+        self.error.is_none() && self.skipped.is_none()
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct RunArgs {
-    pub bin_dir: PathBuf,
     pub workdir: PathBuf,
     pub out: PathBuf,
     pub rounds: usize,
@@ -68,7 +95,17 @@ pub struct RunArgs {
     pub idle_conns: usize,
     pub tls_conns: usize,
     pub sources: usize,
-    pub targets: Vec<Kind>,
+    /// Workers of every proxy.
+    pub workers: usize,
+    /// Pinned mode.
+    pub pin: bool,
+    pub load_threads: usize,
+    pub backend_threads: usize,
+    /// WebSockets per h2 connection in the h2 tests.
+    pub h2_streams: usize,
+    /// The Charon builds measured (one unlabelled unless compared).
+    pub builds: Vec<CharonBuild>,
+    pub targets: Vec<TargetSpec>,
     pub tests: Vec<Test>,
     pub command: String,
     pub mode: String,
@@ -79,77 +116,62 @@ pub struct RunArgs {
 pub fn run(a: RunArgs) -> anyhow::Result<bool> {
     fs::create_dir_all(&a.workdir)?;
     fs::create_dir_all(a.workdir.join("logs"))?;
+    let plan = if a.pin {
+        Some(CpuPlan::new(&cpus::available()?, a.workers)?)
+    } else {
+        None
+    };
     let (cert, key) = make_certificate(&a.workdir)?;
-    let machine_before = report::Machine::describe(&a.bin_dir);
+    let machine_before = report::Machine::describe(&a.builds);
     let started = Instant::now();
     let started_at = crate::utc_timestamp();
-    let mut backend = Backend::start(&a.workdir)?;
-    eprintln!("backend on {}", backend.addr);
+    let load_cpus = plan.as_ref().map(|p| p.load.as_slice());
+    let mut backend = Backend::start(&a.workdir, a.backend_threads, load_cpus)?;
+    eprintln!("backend on {} (h2c {})", backend.addr, backend.h2);
     let env = Env {
         workdir: a.workdir.clone(),
-        bin_dir: a.bin_dir.clone(),
         backend: backend.addr,
+        backend_h2: backend.h2,
         cert,
         key,
+        workers: a.workers,
+        proxy_cpus: plan.as_ref().map(|p| p.proxy.clone()),
     };
-    let mut samples = Vec::new();
     let mut notes = Vec::new();
+    if let Some(p) = &plan {
+        notes.push(p.describe(a.workers));
+        let cpus = cpus::allowed(backend.child.id())?;
+        if cpus != p.load {
+            bail!(
+                "the backend may run on CPUs {} instead of {}",
+                cpus::list(&cpus),
+                cpus::list(&p.load)
+            );
+        }
+        notes.push(format!(
+            "Placement, read back from /proc: backend: pid {}, CPUs {}.",
+            backend.child.id(),
+            cpus::list(&cpus)
+        ));
+    }
+    let ctx = measure::Ctx { a: &a, load_cpus };
+    let mut samples = Vec::new();
     for round in 0..a.rounds {
-        let mut order = a.targets.clone();
-        let n = order.len().max(1);
-        order.rotate_left(round % n);
-        eprintln!(
-            "== round {}/{} (order: {})",
-            round + 1,
-            a.rounds,
-            order
-                .iter()
-                .map(|k| k.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        let mut running = Vec::new();
-        for &k in &order {
-            let t = if k == Kind::Direct {
-                Target::direct(env.backend)
-            } else {
-                Target::start(k, &env)?
-            };
-            running.push(t);
-        }
-        for &test in &a.tests {
-            for t in &running {
-                if !test.applies_to(t) {
-                    continue;
-                }
-                let s = measure(&a, test, t, round);
-                eprintln!("   {}", report::one_line(&s));
-                samples.push(s);
-            }
-        }
-        for mut t in running {
-            if t.kind == Kind::Charon && round == 0 {
-                let busy = t.busy_threads(1.0);
-                notes.push(format!(
-                    "Charon ran with TOKIO_WORKER_THREADS=1; threads that used ≥ 1 s of CPU in round 1: {} ({}).",
-                    busy.len(),
-                    busy.join(", ")
-                ));
-            }
-            t.stop();
-        }
+        samples.extend(run_round(&ctx, &env, round, &mut notes)?);
     }
     backend.stop();
-    let machine_after = report::Machine::describe(&a.bin_dir);
+    let machine_after = report::Machine::describe(&a.builds);
     let ok = samples.iter().all(|s| s.error.is_none());
     let md = report::markdown(
-        &started_at,
-        &a,
-        &samples,
-        &notes,
+        &report::Run {
+            when: &started_at,
+            args: &a,
+            samples: &samples,
+            notes: &notes,
+            took: started.elapsed(),
+        },
         &machine_before,
         &machine_after,
-        started.elapsed(),
     );
     if let Some(dir) = a.out.parent() {
         fs::create_dir_all(dir)?;
@@ -161,26 +183,107 @@ pub fn run(a: RunArgs) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
+/// One round: every target started afresh, every test against each in
+/// turn, in an order rotated from the previous round.
+fn run_round(
+    c: &measure::Ctx,
+    env: &Env,
+    round: usize,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<Vec<Sample>> {
+    let a = c.a;
+    let mut order = a.targets.clone();
+    let n = order.len().max(1);
+    order.rotate_left(round % n);
+    eprintln!(
+        "== round {}/{} (order: {})",
+        round + 1,
+        a.rounds,
+        order
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut running = Vec::new();
+    for spec in &order {
+        let t = Target::start(spec, env)?;
+        if round == 0 && a.pin && t.kind.is_proxy() {
+            notes.push(format!(
+                "Placement, read back from /proc: {}.",
+                t.placement()
+            ));
+        }
+        running.push(t);
+    }
+    let mut samples = Vec::new();
+    for &test in &a.tests {
+        for t in &running {
+            if !test.applies_to(t) {
+                continue;
+            }
+            let s = measure::measure(c, test, t, round);
+            eprintln!("   {}", report::one_line(&s));
+            samples.push(s);
+        }
+    }
+    for mut t in running {
+        if t.kind == Kind::Charon && round == 0 {
+            // A tenth of a measurement's length: busy in the tests, not
+            // idle housekeeping (1 s in a full run, 0.1 s in a smoke run).
+            let min_secs = (a.duration as f64 / 10.0).max(0.1);
+            let busy = t.busy_threads(min_secs);
+            notes.push(format!(
+                "{} ran with TOKIO_WORKER_THREADS={}; threads that used ≥ {min_secs:.1} s of CPU in round 1: {} ({}).",
+                t.name(),
+                a.workers,
+                busy.len(),
+                busy.join(", ")
+            ));
+        }
+        t.stop();
+    }
+    Ok(samples)
+}
+
 /// `charon-bench serve`: the backend and the given targets, configured as
 /// in a run, until stdin closes — for profiling one by hand (perf, strace).
 /// Prints one line per target: `NAME http=ADDR tls=ADDR pid=PID`.
-pub fn serve(bin_dir: PathBuf, workdir: PathBuf, kinds: &[Kind]) -> anyhow::Result<()> {
+pub fn serve(
+    bin_dir: PathBuf,
+    workdir: PathBuf,
+    kinds: &[Kind],
+    workers: usize,
+) -> anyhow::Result<()> {
     fs::create_dir_all(workdir.join("logs"))?;
     let (cert, key) = make_certificate(&workdir)?;
-    let backend = Backend::start(&workdir)?;
-    println!("backend http={} pid={}", backend.addr, backend.child.id());
+    let backend = Backend::start(&workdir, 1, None)?;
+    println!(
+        "backend http={} h2c={} pid={}",
+        backend.addr,
+        backend.h2,
+        backend.child.id()
+    );
     let env = Env {
         workdir,
-        bin_dir,
         backend: backend.addr,
+        backend_h2: backend.h2,
         cert,
         key,
+        workers: workers.max(1),
+        proxy_cpus: None,
     };
+    let build = CharonBuild {
+        label: String::new(),
+        bin_dir,
+    };
+    let proxies: Vec<Kind> = kinds.iter().copied().filter(|k| k.is_proxy()).collect();
     let mut running = Vec::new();
-    for &k in kinds.iter().filter(|k| k.is_proxy()) {
-        let t = Target::start(k, &env)?;
+    for spec in TargetSpec::expand(&proxies, &[build], &[]) {
+        let t = Target::start(&spec, &env)?;
         println!(
-            "{k} http={} tls={} pid={}",
+            "{} http={} tls={} pid={}",
+            spec.name,
             t.http,
             t.tls.map_or("-".into(), |a| a.to_string()),
             t.pid().unwrap_or(0)
@@ -193,311 +296,6 @@ pub fn serve(bin_dir: PathBuf, workdir: PathBuf, kinds: &[Kind]) -> anyhow::Resu
     drop(running);
     drop(backend);
     Ok(())
-}
-
-fn measure(a: &RunArgs, test: Test, t: &Target, round: usize) -> Sample {
-    let mut s = Sample {
-        test,
-        target: t.kind,
-        round,
-        values: BTreeMap::new(),
-        error: None,
-    };
-    let log = a
-        .workdir
-        .join("logs")
-        .join(format!("r{round}-{test:?}-{}.log", t.kind).to_lowercase());
-    let r = match test {
-        Test::HttpSmall => measure_http(a, t, "/small", &mut s.values),
-        Test::HttpLarge => measure_http(a, t, "/large", &mut s.values),
-        Test::Ws => measure_ws(a, t, &log, &mut s.values),
-        Test::Tls => measure_tls(a, t, &log, &mut s.values),
-        Test::Idle => measure_idle(a, t, &log, &mut s.values),
-    };
-    if let Err(e) = r {
-        s.error = Some(format!("{e:#}"));
-    }
-    s
-}
-
-fn cpu(t: &Target) -> Option<f64> {
-    t.pid().map(procfs::cpu_secs)
-}
-
-fn wrk(conns: usize, secs: u64, url: &str) -> anyhow::Result<wrk::WrkResult> {
-    let mut cmd = Command::new("wrk");
-    cmd.args([
-        "-t1",
-        &format!("-c{conns}"),
-        &format!("-d{secs}s"),
-        "--latency",
-        url,
-    ]);
-    let out = output_within(cmd, Duration::from_secs(secs + 30))?;
-    wrk::parse(&out)
-}
-
-fn measure_http(
-    a: &RunArgs,
-    t: &Target,
-    path: &str,
-    v: &mut BTreeMap<&'static str, f64>,
-) -> anyhow::Result<()> {
-    let url = format!("http://{}{path}", t.http);
-    if a.warmup > 0 {
-        wrk(a.http_conns, a.warmup, &url).context("warm-up")?;
-    }
-    let c0 = cpu(t);
-    let r = wrk(a.http_conns, a.duration, &url)?;
-    let c1 = cpu(t);
-    v.insert("rps", r.rps);
-    v.insert("p50_ms", r.p50_ms);
-    v.insert("p99_ms", r.p99_ms);
-    v.insert("requests", r.requests as f64);
-    v.insert("errors", r.errors as f64);
-    if let (Some(c0), Some(c1)) = (c0, c1) {
-        v.insert("cpu_us", (c1 - c0) * 1e6 / r.requests as f64);
-    }
-    if r.errors > 0 {
-        bail!("{} errors (socket errors or non-2xx answers)", r.errors);
-    }
-    Ok(())
-}
-
-fn measure_ws(
-    a: &RunArgs,
-    t: &Target,
-    log: &Path,
-    v: &mut BTreeMap<&'static str, f64>,
-) -> anyhow::Result<()> {
-    let args = vec![
-        "ws-load".to_string(),
-        format!("--addr={}", t.http),
-        "--path=/ws".into(),
-        format!("--conns={}", a.ws_conns),
-        format!("--size={}", a.ws_size),
-        format!("--warmup={}", a.warmup),
-        format!("--duration={}", a.duration),
-        format!("--sources={}", a.sources),
-    ];
-    let json = windowed_tool(t, &args, log, a.warmup + a.duration + 120, v)?;
-    let msgs = json["messages"].as_f64().unwrap_or(0.0);
-    v.insert("mps", json["msgs_per_sec"].as_f64().unwrap_or(0.0));
-    v.insert("p50_ms", json["p50_us"].as_f64().unwrap_or(0.0) / 1000.0);
-    v.insert("p99_ms", json["p99_us"].as_f64().unwrap_or(0.0) / 1000.0);
-    v.insert("messages", msgs);
-    for (key, name) in [
-        ("conn_msgs_min", "conn_min"),
-        ("conn_msgs_p50", "conn_p50"),
-        ("conn_msgs_max", "conn_max"),
-    ] {
-        v.insert(name, json[key].as_f64().unwrap_or(0.0));
-    }
-    if let Some(cpu) = v.remove("cpu_secs") {
-        v.insert("cpu_us", cpu * 1e6 / msgs.max(1.0));
-    }
-    let failed =
-        json["failed_connects"].as_u64().unwrap_or(0) + json["errors"].as_u64().unwrap_or(0);
-    if failed > 0 || msgs == 0.0 {
-        bail!("{failed} connection(s) failed; {msgs} messages");
-    }
-    Ok(())
-}
-
-fn measure_tls(
-    a: &RunArgs,
-    t: &Target,
-    log: &Path,
-    v: &mut BTreeMap<&'static str, f64>,
-) -> anyhow::Result<()> {
-    let addr = t.tls.context("no TLS listener")?;
-    let args = vec![
-        "tls-load".to_string(),
-        format!("--addr={addr}"),
-        format!("--conns={}", a.tls_conns),
-        format!("--warmup={}", a.warmup),
-        format!("--duration={}", a.duration),
-        format!("--sources={}", a.sources),
-    ];
-    let json = windowed_tool(t, &args, log, a.warmup + a.duration + 60, v)?;
-    let n = json["handshakes"].as_f64().unwrap_or(0.0);
-    v.insert("hps", json["handshakes_per_sec"].as_f64().unwrap_or(0.0));
-    v.insert("p50_ms", json["p50_us"].as_f64().unwrap_or(0.0) / 1000.0);
-    v.insert("p99_ms", json["p99_us"].as_f64().unwrap_or(0.0) / 1000.0);
-    v.insert("handshakes", n);
-    if let Some(cpu) = v.remove("cpu_secs") {
-        v.insert("cpu_us", cpu * 1e6 / n.max(1.0));
-    }
-    let errors = json["errors"].as_u64().unwrap_or(0);
-    if n == 0.0 {
-        bail!("no handshake completed ({errors} errors)");
-    }
-    if errors > 0 {
-        bail!("{errors} handshakes failed");
-    }
-    Ok(())
-}
-
-/// Runs a load tool that says `measure-start` / `measure-end` and samples
-/// the target's CPU time exactly then (as `cpu_secs`); returns its result.
-fn windowed_tool(
-    t: &Target,
-    args: &[String],
-    log: &Path,
-    limit_secs: u64,
-    v: &mut BTreeMap<&'static str, f64>,
-) -> anyhow::Result<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(limit_secs);
-    let mut tool = Tool::spawn(args, log, false)?;
-    let mut c0 = None;
-    loop {
-        let line = tool.next_line(deadline)?;
-        if line == "measure-start" {
-            c0 = cpu(t);
-        } else if line == "measure-end" {
-            if let (Some(c0), Some(c1)) = (c0, cpu(t)) {
-                v.insert("cpu_secs", c1 - c0);
-            }
-        } else if let Some(json) = line.strip_prefix("result ") {
-            tool.finish(Duration::from_secs(10));
-            return Ok(serde_json::from_str(json)?);
-        }
-    }
-}
-
-fn measure_idle(
-    a: &RunArgs,
-    t: &Target,
-    log: &Path,
-    v: &mut BTreeMap<&'static str, f64>,
-) -> anyhow::Result<()> {
-    let pid = t.pid().context("no process")?;
-    // Warm-up, so one-time allocations (pools, buffers, the route to the
-    // upstream) are in the baseline: some requests and a few tunnels.
-    wrk(a.http_conns.min(16), 1, &format!("http://{}/small", t.http)).context("warm-up")?;
-    idle_tunnels(a, t, log, 20.min(a.idle_conns), |_| Ok(()))?;
-    std::thread::sleep(Duration::from_secs(1));
-    let before = procfs::rss_kib(pid);
-    let mut after = 0;
-    let open = idle_tunnels(a, t, log, a.idle_conns, |open| {
-        // Let the proxy settle, then read twice: the larger is taken.
-        std::thread::sleep(Duration::from_secs(2));
-        let r1 = procfs::rss_kib(pid);
-        std::thread::sleep(Duration::from_secs(1));
-        after = r1.max(procfs::rss_kib(pid));
-        eprintln!("      {open} idle tunnels: RSS {before} KiB -> {after} KiB");
-        Ok(())
-    })?;
-    v.insert("tunnels", open as f64);
-    v.insert("rss_before_kib", before as f64);
-    v.insert("rss_after_kib", after as f64);
-    v.insert(
-        "kib_per_tunnel",
-        (after as f64 - before as f64) / (open.max(1)) as f64,
-    );
-    // Give the proxy time to tear the tunnels down before the next test.
-    std::thread::sleep(Duration::from_secs(2));
-    if open < a.idle_conns {
-        bail!("only {open} of {} tunnels opened", a.idle_conns);
-    }
-    Ok(())
-}
-
-/// Opens `n` idle tunnels through `t`, calls `hold` while they are open,
-/// then closes them. Returns how many opened.
-fn idle_tunnels(
-    a: &RunArgs,
-    t: &Target,
-    log: &Path,
-    n: usize,
-    hold: impl FnOnce(usize) -> anyhow::Result<()>,
-) -> anyhow::Result<usize> {
-    let args = vec![
-        "ws-idle".to_string(),
-        format!("--addr={}", t.http),
-        "--path=/ws".into(),
-        format!("--conns={n}"),
-        format!("--sources={}", a.sources),
-    ];
-    let mut tool = Tool::spawn(&args, log, true)?;
-    let line = tool.next_line(Instant::now() + Duration::from_secs(180))?;
-    let open: usize = line
-        .strip_prefix("ready ")
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .with_context(|| format!("unexpected line from ws-idle: {line:?}"))?;
-    let held = hold(open);
-    tool.finish(Duration::from_secs(30));
-    held?;
-    Ok(open)
-}
-
-/// A load tool (this program, another subcommand) as a child process,
-/// its stdout read line by line on a thread.
-struct Tool {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Tool {
-    fn spawn(args: &[String], log: &Path, stdin: bool) -> anyhow::Result<Tool> {
-        let err = fs::OpenOptions::new().create(true).append(true).open(log)?;
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(args)
-            .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(err)
-            .spawn()?;
-        let stdout = child.stdout.take().expect("piped");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Tool {
-            stdin: child.stdin.take(),
-            child,
-            lines: rx,
-        })
-    }
-
-    fn next_line(&mut self, deadline: Instant) -> anyhow::Result<String> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match self.lines.recv_timeout(left) {
-            Ok(l) => Ok(l),
-            Err(mpsc::RecvTimeoutError::Timeout) => bail!("load tool timed out"),
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let status = self.child.wait()?;
-                bail!("load tool ended early ({status})")
-            }
-        }
-    }
-
-    /// Closes stdin (the tool's signal to stop) and waits for it to exit.
-    fn finish(&mut self, grace: Duration) {
-        drop(self.stdin.take());
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        terminate(&mut self.child, Duration::from_secs(2));
-    }
-}
-
-impl Drop for Tool {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            terminate(&mut self.child, Duration::from_secs(2));
-        }
-    }
 }
 
 /// SIGTERM, then SIGKILL once `grace` is over.
@@ -592,29 +390,42 @@ fn make_certificate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((cert, key))
 }
 
-/// The backend, this program's `backend` subcommand.
+/// The backend, this program's `backend` subcommand (on the load CPUs in
+/// pinned mode).
 struct Backend {
     child: Child,
     addr: SocketAddr,
+    /// Its h2c listener (RFC 8441 WebSockets).
+    h2: SocketAddr,
 }
 
 impl Backend {
-    fn start(workdir: &Path) -> anyhow::Result<Backend> {
+    fn start(workdir: &Path, threads: usize, cpus: Option<&[usize]>) -> anyhow::Result<Backend> {
         let log = fs::File::create(workdir.join("logs/backend.log"))?;
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(["backend", "--listen", "127.0.0.1:0"])
+        let mut child = cpus::command(std::env::current_exe()?, cpus)
+            .args([
+                "backend",
+                "--listen",
+                "127.0.0.1:0",
+                "--h2-listen",
+                "127.0.0.1:0",
+            ])
+            .arg(format!("--threads={threads}"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()?;
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut first)?;
-        let addr = first
-            .trim()
-            .strip_prefix("listening ")
-            .and_then(|a| a.parse().ok())
-            .with_context(|| format!("backend said {first:?}"))?;
-        Ok(Backend { child, addr })
+        let mut out = BufReader::new(child.stdout.take().expect("piped"));
+        let mut addr = |prefix: &str| -> anyhow::Result<SocketAddr> {
+            let mut line = String::new();
+            out.read_line(&mut line)?;
+            line.trim()
+                .strip_prefix(prefix)
+                .and_then(|a| a.parse().ok())
+                .with_context(|| format!("backend said {line:?}"))
+        };
+        let (addr, h2) = (addr("listening ")?, addr("listening-h2 ")?);
+        Ok(Backend { child, addr, h2 })
     }
 
     fn stop(&mut self) {

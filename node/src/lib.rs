@@ -5,10 +5,13 @@
 //! - [`config`]: flags, `CHARON_*` env and TOML file, validated before any
 //!   port is bound.
 //! - [`host`]: the proxy host type and its validation rules.
-//! - [`store`]: redb records (LWW + HLC stamps); the single `apply` path.
+//! - [`store`]: redb records (LWW + HLC stamps); the single `apply` path;
+//!   [`store::names`]: which host holds each domain, the same on every node
+//!   (claim records), and the conflicts a concurrent claim leaves.
 //! - [`proxy`]: route table (an immutable snapshot the store publishes after
 //!   each change), upstream pools, HTTP forwarding and the WebSocket relay.
-//! - [`api`]: tonic services; API → store → route table.
+//! - [`api`]: tonic services; API → store → route table; [`api::writes`]:
+//!   no write before catch-up, client deadlines, idempotency keys.
 //! - [`admin`]: `/healthz`, `/readyz`.
 //! - [`node`]: wiring: opens the store, binds listeners, serves, shuts down.
 //! - [`validate`]: `FieldError`, what every validation returns.

@@ -153,6 +153,8 @@ fn metrics_renderer(
     proxy: Arc<Proxy>,
     cluster: Arc<Cluster>,
     drainer: Arc<Drainer>,
+    store: Arc<Store>,
+    gate: Arc<api::WriteGate>,
 ) -> admin::MetricsFn {
     Arc::new(move || {
         let (metrics, proxy, cluster, drainer) = (
@@ -161,6 +163,7 @@ fn metrics_renderer(
             cluster.clone(),
             drainer.clone(),
         );
+        let (store, gate) = (store.clone(), gate.clone());
         Box::pin(async move {
             let mut by_host: std::collections::BTreeMap<String, u64> = Default::default();
             for t in proxy.tunnels.list() {
@@ -181,6 +184,8 @@ fn metrics_renderer(
                     Phase::Draining => 1,
                     Phase::Drained => 2,
                 },
+                name_conflicts: store.snapshot().names.conflicts.len() as u64,
+                catching_up: u64::from(!gate.is_open()),
             };
             metrics.render(&gauges)
         })
@@ -271,7 +276,8 @@ pub async fn run(
         let auth = auth.clone();
         store.subscribe(move |snap| {
             auth.publish_tokens(&snap.tokens);
-            proxy.publish(&snap.hosts);
+            // Each domain only to the host that holds it (store::names).
+            proxy.publish(&snap.routed);
             let certs: Vec<_> = snap
                 .certs
                 .iter()
@@ -283,7 +289,7 @@ pub async fn run(
                     }
                 })
                 .collect();
-            let routed = snap.hosts.iter().filter(|h| h.enabled).map(|h| HostNames {
+            let routed = snap.routed.iter().filter(|h| h.enabled).map(|h| HostNames {
                 domains: &h.domains,
                 cert_id: &h.cert_id,
             });
@@ -330,7 +336,15 @@ pub async fn run(
             });
         });
     }
-    let render = metrics_renderer(metrics, proxy.clone(), cluster.clone(), drainer.clone());
+    let gate = Arc::new(api::WriteGate::default());
+    let render = metrics_renderer(
+        metrics,
+        proxy.clone(),
+        cluster.clone(),
+        drainer.clone(),
+        store.clone(),
+        gate.clone(),
+    );
     let local_drain = {
         let (d, a) = (drainer.clone(), auth.clone());
         admin::LocalDrain {
@@ -355,12 +369,14 @@ pub async fn run(
             drain_defaults: config.drain,
             access_log,
             proxy: proxy.clone(),
+            gate: gate.clone(),
         },
         stopped(),
     ));
-    // Catch up with the cluster first, then ready unless this node starts
-    // drained (the drain outlives restarts).
+    // Catch up with the cluster first, then take writes, and be ready
+    // unless this node starts drained (the drain outlives restarts).
     cluster.catch_up(config.cluster.catch_up_timeout).await;
+    gate.open();
     health.set_ready(drain_rx.borrow().is_none());
     tracing::info!(
         node_id = store.node_id(),

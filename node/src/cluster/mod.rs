@@ -126,6 +126,8 @@ pub type Reachable = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 pub struct Cluster {
     store: Arc<Store>,
+    /// `--seeds` and the peers the store remembers from the last run.
+    seeds: Vec<String>,
     config: ClusterConfig,
     auth: ClusterAuth,
     handle: ChitchatHandle,
@@ -165,6 +167,14 @@ impl Cluster {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
         let node_id = store.node_id().to_string();
+        // The peers remembered from the last run join the given seeds: a
+        // node restarted without --seeds still finds its cluster.
+        let mut seeds = config.seeds.clone();
+        for p in store.remembered_peers().unwrap_or_default() {
+            if !seeds.contains(&p) && p != config.gossip_advertise.to_string() {
+                seeds.push(p);
+            }
+        }
         let chitchat_id = ChitchatId::new(node_id.clone(), generation, config.gossip_advertise);
         let summary = store.summary().borrow().clone();
         let initial = vec![
@@ -183,7 +193,7 @@ impl Cluster {
             cluster_id: config.cluster_id.clone(),
             gossip_interval: config.gossip_interval,
             listen_addr: config.gossip_listen,
-            seed_nodes: config.seeds.clone(),
+            seed_nodes: seeds.clone(),
             failure_detector_config: FailureDetectorConfig {
                 phi_threshold: config.phi_threshold,
                 sampling_window_size: 1000,
@@ -200,6 +210,7 @@ impl Cluster {
         let peers = Peers::new(auth.clone(), node_id);
         let cluster = Arc::new(Cluster {
             store,
+            seeds,
             config,
             auth,
             handle,
@@ -214,6 +225,7 @@ impl Cluster {
             tokio::spawn(cluster.clone().pull_loop()),
             tokio::spawn(cluster.clone().anti_entropy_loop()),
             tokio::spawn(cluster.clone().gc_loop()),
+            tokio::spawn(cluster.clone().remember_loop()),
         ];
         *cluster.tasks.lock().expect("tasks lock") = tasks;
         tracing::info!(
@@ -221,7 +233,7 @@ impl Cluster {
             node = %cluster.config.node_name,
             region = %cluster.config.region,
             gossip = %cluster.config.gossip_advertise,
-            seeds = ?cluster.config.seeds,
+            seeds = ?cluster.seeds,
             "joined the cluster gossip"
         );
         Ok(cluster)
@@ -533,6 +545,45 @@ impl Cluster {
         }
     }
 
+    /// Keeps the store's list of peers (gossip addresses) in step with the
+    /// live members, for the next start's catch-up.
+    async fn remember_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.config.gossip_interval * 5);
+        let mut watcher = {
+            let cc = self.handle.chitchat();
+            let cc = cc.lock().await;
+            cc.live_nodes_watcher()
+        };
+        let mut last: Vec<String> = self.store.remembered_peers().unwrap_or_default();
+        last.sort();
+        loop {
+            // A member's facts (its proof) may arrive a round after it
+            // turns live: look again on the tick too.
+            tokio::select! {
+                _ = tick.tick() => {}
+                r = watcher.changed() => if r.is_err() { return },
+            }
+            let mut now: Vec<String> = self
+                .members()
+                .await
+                .into_iter()
+                .filter(|m| m.live && !m.is_self)
+                .map(|m| m.gossip.to_string())
+                .collect();
+            now.sort();
+            if now.is_empty() || now == last {
+                continue;
+            }
+            let store = self.store.clone();
+            let list = now.clone();
+            match tokio::task::spawn_blocking(move || store.remember_peers(&list)).await {
+                Ok(Ok(())) => last = now,
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot remember the peers"),
+                Err(e) => tracing::warn!(error = %e, "store task failed"),
+            }
+        }
+    }
+
     /// Collects tombstones every member (live or remembered dead) has
     /// applied and that are older than the grace period.
     async fn gc_loop(self: Arc<Self>) {
@@ -579,7 +630,7 @@ impl Cluster {
             let peers = self.live_peers().await;
             let ours = self.store.version_vector();
             let behind: Vec<&Member> = peers.iter().filter(|m| ahead(&m.vv, &ours)).collect();
-            let waiting_for_seeds = peers.is_empty() && !self.config.seeds.is_empty();
+            let waiting_for_seeds = peers.is_empty() && !self.seeds.is_empty();
             if behind.is_empty() && !waiting_for_seeds {
                 if !peers.is_empty() {
                     tracing::info!(

@@ -10,6 +10,7 @@
 
 pub mod codec;
 pub mod hlc;
+pub mod names;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,8 +20,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
-pub use codec::{ApiToken, Body, DrainRecord, Record};
+pub use codec::{ApiToken, Body, DrainRecord, NameClaim, Record};
 use hlc::Hlc;
+pub use names::{name_key, Names, NAME_PREFIX};
 
 use crate::host::ProxyHost;
 use crate::tls::cert::StoredCert;
@@ -129,7 +131,12 @@ pub type HostSet = Vec<Arc<ProxyHost>>;
 /// change.
 #[derive(Default)]
 pub struct Snapshot {
+    /// Every live host, as stored (conflicted domains included).
     pub hosts: HostSet,
+    /// What the proxy and the TLS table serve: each host with only the
+    /// domains it holds (see [`names`]).
+    pub routed: HostSet,
+    pub names: Arc<Names>,
     pub certs: Vec<Arc<StoredCert>>,
     pub tokens: Vec<Arc<ApiToken>>,
     pub drains: Vec<Arc<DrainRecord>>,
@@ -188,15 +195,32 @@ impl View<'_> {
         self.inner.snapshot.certs.iter().find(|c| c.id == id)
     }
 
-    /// A host by id or by one of its domains.
-    pub fn find_host(&self, id_or_domain: &str) -> Option<&Arc<ProxyHost>> {
-        let needle = id_or_domain.trim().to_ascii_lowercase();
-        let hosts = self.hosts();
-        hosts
-            .iter()
-            .find(|h| h.id == id_or_domain)
-            .or_else(|| hosts.iter().find(|h| h.domains.contains(&needle)))
+    /// Who holds which domain, and the conflicts.
+    pub fn names(&self) -> &Names {
+        &self.inner.snapshot.names
     }
+
+    /// A stored record (tombstones included).
+    pub fn record(&self, key: &str) -> Option<&Record> {
+        self.inner.records.get(key)
+    }
+
+    /// A host by id or by one of its domains; a domain names the host that
+    /// holds it, never a host that lost it in a concurrent claim.
+    pub fn find_host(&self, id_or_domain: &str) -> Option<&Arc<ProxyHost>> {
+        find_host(&self.inner.snapshot, id_or_domain)
+    }
+}
+
+/// See [`View::find_host`].
+pub fn find_host<'a>(snap: &'a Snapshot, id_or_domain: &str) -> Option<&'a Arc<ProxyHost>> {
+    let needle = id_or_domain.trim().to_ascii_lowercase();
+    let hosts = &snap.hosts;
+    if let Some(h) = hosts.iter().find(|h| h.id == id_or_domain) {
+        return Some(h);
+    }
+    let holder = snap.names.holder(&needle)?;
+    hosts.iter().find(|h| h.id == holder)
 }
 
 impl Store {
@@ -462,7 +486,7 @@ impl Store {
         for (k, r) in records {
             let current = winners.get(&k).or_else(|| inner.records.get(&k));
             match current {
-                Some(old) if !r.supersedes(old) => {
+                Some(old) if !supersedes(&k, &r, old) => {
                     // The same record again is routine; a different one
                     // from another node is a concurrent edit that lost.
                     if old.origin != r.origin && old.hlc != r.hlc {
@@ -534,9 +558,15 @@ impl Store {
         }
         let applied = winners.len();
         let touches = |k: &str| {
-            [HOST_PREFIX, CERT_PREFIX, TOKEN_PREFIX, DRAIN_PREFIX]
-                .iter()
-                .any(|p| k.starts_with(p))
+            [
+                HOST_PREFIX,
+                CERT_PREFIX,
+                TOKEN_PREFIX,
+                DRAIN_PREFIX,
+                NAME_PREFIX,
+            ]
+            .iter()
+            .any(|p| k.starts_with(p))
         };
         let touched = winners.keys().any(|k| touches(k)) || removed.iter().any(|k| touches(k));
         for k in removed {
@@ -551,7 +581,9 @@ impl Store {
             }
         }
         if touched {
+            let before = inner.snapshot.names.clone();
             inner.snapshot = Arc::new(snapshot(&inner.records));
+            names::log_new_conflicts(&inner.snapshot, &before);
             for s in &inner.subscribers {
                 s(&inner.snapshot);
             }
@@ -625,6 +657,38 @@ impl Store {
         Ok(n)
     }
 
+    /// Gossip addresses of the peers this node last saw (see
+    /// [`Store::remember_peers`]).
+    pub fn remembered_peers(&self) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = match txn.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(meta
+            .get("peers")?
+            .map(|v| {
+                String::from_utf8_lossy(v.value())
+                    .lines()
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Keeps the gossip addresses of the live peers, so that a node
+    /// restarted without `--seeds` still finds its cluster and catches up
+    /// before it takes writes.
+    pub fn remember_peers(&self, peers: &[String]) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::Immediate)?;
+        txn.open_table(META)?
+            .insert("peers", peers.join("\n").as_bytes())?;
+        txn.commit()?;
+        Ok(())
+    }
+
     pub fn version_vector(&self) -> VersionVector {
         self.inner.lock().expect("store lock").vv.clone()
     }
@@ -663,6 +727,21 @@ struct Change<'a> {
     covers: Option<&'a VersionVector>,
     removed: Vec<String>,
     gc_floor: Option<VersionVector>,
+}
+
+/// The merge order of two versions of the record at `key`: last writer
+/// wins on `(hlc, origin)`, except that a host, once deleted, stays
+/// deleted. Host ids are never reused, so a live version that meets the
+/// host's tombstone can only be an update made on a node that had not yet
+/// heard of the delete (a paused or lagging node): taking it would bring
+/// an acknowledged delete back. Still a total order per key (tombstones
+/// above live versions, each ordered by clock), so merging stays
+/// commutative, idempotent and order-free.
+fn supersedes(key: &str, new: &Record, old: &Record) -> bool {
+    if key.starts_with(HOST_PREFIX) && new.body.is_none() != old.body.is_none() {
+        return new.body.is_none();
+    }
+    new.supersedes(old)
 }
 
 fn merge_max(into: &mut VersionVector, from: &VersionVector) {
@@ -739,8 +818,12 @@ fn live<T: Clone>(
 }
 
 fn snapshot(records: &BTreeMap<String, Record>) -> Snapshot {
+    let hosts = live(records, HOST_PREFIX, Body::as_host);
+    let names = Names::from_records(records, &hosts);
     Snapshot {
-        hosts: live(records, HOST_PREFIX, Body::as_host),
+        routed: names.routed(&hosts),
+        names: Arc::new(names),
+        hosts,
         certs: live(records, CERT_PREFIX, Body::as_cert),
         tokens: live(records, TOKEN_PREFIX, Body::as_token),
         drains: live(records, DRAIN_PREFIX, Body::as_drain),
@@ -880,7 +963,7 @@ mod tests {
             hlc: 5,
             origin: "y".into(),
             seq: 1,
-            body: None,
+            body: Some(Body::Host(host("h", "old.com"))),
         };
         assert_eq!(store.apply(vec![("host/h".into(), newer)]).unwrap(), 1);
         assert_eq!(store.apply(vec![("host/h".into(), older)]).unwrap(), 0);
@@ -959,7 +1042,8 @@ mod tests {
                 // The winner per key is the highest (hlc, origin).
                 for (k, r) in one.records() {
                     let best = ws.iter().filter(|(wk, _)| *wk == k)
-                        .max_by(|a, b| (a.1.hlc, &a.1.origin).cmp(&(b.1.hlc, &b.1.origin)))
+                        .max_by(|a, b| (a.1.body.is_none(), a.1.hlc, &a.1.origin)
+                            .cmp(&(b.1.body.is_none(), b.1.hlc, &b.1.origin)))
                         .unwrap();
                     prop_assert_eq!(&best.1, &r);
                 }
@@ -986,8 +1070,11 @@ mod tests {
             }
         }
 
+        /// A host once deleted stays deleted: its id is never reused, so a
+        /// later live version is an update made without knowing of the
+        /// delete.
         #[test]
-        fn a_tombstone_beats_older_writes_and_loses_to_newer_ones() {
+        fn a_host_tombstone_beats_every_live_version() {
             let dir = tempfile::tempdir().unwrap();
             let store = Store::open(dir.path()).unwrap();
             let live = |hlc, origin: &str, seq| Record {
@@ -1020,7 +1107,18 @@ mod tests {
             store
                 .apply(vec![("host/h".into(), live(30, "x", 2))])
                 .unwrap();
-            assert_eq!(store.hosts().len(), 1, "a newer write beats the tombstone");
+            assert!(
+                store.hosts().is_empty(),
+                "an update made without knowing of the delete brought the host back"
+            );
+            // The order of arrival does not matter.
+            let dir = tempfile::tempdir().unwrap();
+            let other = Store::open(dir.path()).unwrap();
+            other
+                .apply(vec![("host/h".into(), live(30, "x", 2))])
+                .unwrap();
+            other.apply(vec![("host/h".into(), dead)]).unwrap();
+            assert!(other.hosts().is_empty());
         }
 
         #[test]

@@ -1,0 +1,176 @@
+//! What every API write must respect besides its own checks: the node must
+//! have caught up with the cluster since it started ([`WriteGate`]), and the
+//! client must still be waiting for the answer ([`WriteCtx`]'s deadline).
+//! Both are checked under the store lock, right before the commit, so a
+//! write is either acknowledged or never happens.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tonic::metadata::MetadataMap;
+
+use super::hosts::HostsError;
+
+/// Request metadata: the client's deadline as Unix milliseconds. The
+/// standard `grpc-timeout` is relative to when the node *reads* the
+/// request, so a node that was paused with the request in its socket buffer
+/// would count it from the moment it resumed; an absolute deadline does not
+/// have that blind spot (clocks of client and node must roughly agree).
+pub const DEADLINE_HEADER: &str = "charon-deadline-ms";
+/// Request metadata: one key per logical write, the same on every retry.
+pub const KEY_HEADER: &str = "charon-idempotency-key";
+/// Keys longer than this are refused (they are stored with the record).
+const MAX_KEY_LEN: usize = 128;
+
+/// Closed until the node has caught up with the cluster after it started:
+/// a write on a stale copy could act on records the cluster has already
+/// deleted or replaced.
+#[derive(Debug, Default)]
+pub struct WriteGate {
+    open: AtomicBool,
+}
+
+impl WriteGate {
+    pub fn open(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::SeqCst)
+    }
+}
+
+/// One write request's context, read from its metadata when it arrives.
+#[derive(Debug, Clone, Default)]
+pub struct WriteCtx {
+    /// The earliest of `grpc-timeout` (from arrival) and
+    /// [`DEADLINE_HEADER`].
+    deadline: Option<Instant>,
+    /// [`KEY_HEADER`], validated.
+    pub key: Option<String>,
+    gate_open: Option<bool>,
+}
+
+impl WriteCtx {
+    pub fn from_metadata(md: &MetadataMap, gate: &WriteGate) -> Result<WriteCtx, tonic::Status> {
+        let now = Instant::now();
+        let relative = md
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .map(|d| now + d);
+        let absolute = md
+            .get(DEADLINE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|ms| {
+                let wall = crate::util::wall_ms();
+                if ms <= wall {
+                    now
+                } else {
+                    now + Duration::from_millis(ms - wall)
+                }
+            });
+        let deadline = match (relative, absolute) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let key = match md.get(KEY_HEADER).map(|v| v.to_str()) {
+            None => None,
+            Some(Ok(k)) if !k.trim().is_empty() && k.len() <= MAX_KEY_LEN => {
+                Some(k.trim().to_string())
+            }
+            Some(_) => {
+                return Err(tonic::Status::invalid_argument(format!(
+                    "{KEY_HEADER}: must be 1 to {MAX_KEY_LEN} visible ASCII characters"
+                )))
+            }
+        };
+        Ok(WriteCtx {
+            deadline,
+            key,
+            gate_open: Some(gate.is_open()),
+        })
+    }
+
+    /// Called under the store lock just before a commit.
+    pub fn check(&self) -> Result<(), HostsError> {
+        if self.gate_open == Some(false) {
+            return Err(HostsError::CatchingUp);
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(HostsError::DeadlinePassed);
+        }
+        Ok(())
+    }
+}
+
+/// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn md(pairs: &[(&'static str, &str)]) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        for (k, v) in pairs {
+            m.insert(*k, v.parse().unwrap());
+        }
+        m
+    }
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("123456789m"), None);
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout("5x"), None);
+    }
+
+    #[test]
+    fn a_closed_gate_and_a_passed_deadline_refuse_the_write() {
+        let gate = WriteGate::default();
+        let ctx = WriteCtx::from_metadata(&md(&[]), &gate).unwrap();
+        assert!(matches!(ctx.check(), Err(HostsError::CatchingUp)));
+        gate.open();
+        let ctx = WriteCtx::from_metadata(&md(&[]), &gate).unwrap();
+        assert!(ctx.check().is_ok());
+        let past = (crate::util::wall_ms() - 1).to_string();
+        let ctx = WriteCtx::from_metadata(&md(&[(DEADLINE_HEADER, &past)]), &gate).unwrap();
+        assert!(matches!(ctx.check(), Err(HostsError::DeadlinePassed)));
+        let later = (crate::util::wall_ms() + 60_000).to_string();
+        let ctx = WriteCtx::from_metadata(
+            &md(&[(DEADLINE_HEADER, &later), ("grpc-timeout", "10S")]),
+            &gate,
+        )
+        .unwrap();
+        assert!(ctx.check().is_ok());
+    }
+
+    #[test]
+    fn keys_are_bounded() {
+        let gate = WriteGate::default();
+        let ctx = WriteCtx::from_metadata(&md(&[(KEY_HEADER, "abc")]), &gate).unwrap();
+        assert_eq!(ctx.key.as_deref(), Some("abc"));
+        let long = "k".repeat(MAX_KEY_LEN + 1);
+        assert!(WriteCtx::from_metadata(&md(&[(KEY_HEADER, &long)]), &gate).is_err());
+    }
+}

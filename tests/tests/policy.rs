@@ -420,6 +420,9 @@ async fn force_https_and_hsts() -> Result<()> {
     .await
 }
 
+/// Header fields a case sends, in order.
+type Fields = &'static [(&'static str, &'static str)];
+
 const SPOOFED: &[(&str, &str)] = &[
     ("X-Forwarded-For", "203.0.113.9"),
     ("X-Real-IP", "203.0.113.9"),
@@ -473,7 +476,7 @@ async fn forwarded_headers_from_a_trusted_peer_are_kept_and_appended() -> Result
     f.node.add_host(&["fwd.pol.test"], &[a.url()]).await?;
 
     // (fields sent, X-Forwarded-For upstream, X-Real-IP upstream)
-    let cases: &[(&[(&str, &str)], &str, &str)] = &[
+    let cases: &[(Fields, &str, &str)] = &[
         (&[], "127.0.0.1", "127.0.0.1"),
         (
             &[("X-Forwarded-For", "203.0.113.9")],

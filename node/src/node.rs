@@ -377,6 +377,12 @@ pub async fn run(
     // unless this node starts drained (the drain outlives restarts).
     cluster.catch_up(config.cluster.catch_up_timeout).await;
     gate.open();
+    let watchdog = {
+        let (gate, cluster) = (gate.clone(), cluster.clone());
+        tokio::spawn(async move {
+            gate.watch(|| cluster.resync()).await;
+        })
+    };
     health.set_ready(drain_rx.borrow().is_none());
     tracing::info!(
         node_id = store.node_id(),
@@ -391,6 +397,7 @@ pub async fn run(
 
     // Serves, drains on request, and returns once SIGTERM's drain is done.
     drainer.clone().run(drain_rx, shutdown).await;
+    watchdog.abort();
     let _ = stop_tx.send(true);
     // Idle API clients (a CLI, a peer's channel) must not hold the exit.
     match tokio::time::timeout(std::time::Duration::from_secs(2), api_task).await {

@@ -4,7 +4,8 @@
 //! Both are checked under the store lock, right before the commit, so a
 //! write is either acknowledged or never happens.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use tonic::metadata::MetadataMap;
@@ -22,12 +23,32 @@ pub const KEY_HEADER: &str = "charon-idempotency-key";
 /// Keys longer than this are refused (they are stored with the record).
 const MAX_KEY_LEN: usize = 128;
 
-/// Closed until the node has caught up with the cluster after it started:
-/// a write on a stale copy could act on records the cluster has already
-/// deleted or replaced.
+/// A process that did not run for this long (SIGSTOP, a VM paused, a
+/// stall) has probably missed pushes: it catches up again before it takes
+/// writes.
+pub const PAUSE_LIMIT: Duration = Duration::from_millis(1000);
+
+/// Closed until the node has caught up with the cluster after it started,
+/// and again after the process was paused: a write on a stale copy could
+/// act on records the cluster has already deleted or replaced. A
+/// watchdog ([`WriteGate::watch`]) beats every 100 ms; a beat older than
+/// [`PAUSE_LIMIT`] also closes it, so the requests a paused node reads the
+/// moment it resumes are refused before the watchdog has even run.
 #[derive(Debug, Default)]
 pub struct WriteGate {
     open: AtomicBool,
+    /// Milliseconds since [`epoch`] of the watchdog's last beat; 0 = no
+    /// watchdog (tests of the gate alone).
+    beat_ms: AtomicU64,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn since_epoch_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64 + 1
 }
 
 impl WriteGate {
@@ -35,8 +56,40 @@ impl WriteGate {
         self.open.store(true, Ordering::SeqCst);
     }
 
+    pub fn close(&self) {
+        self.open.store(false, Ordering::SeqCst);
+    }
+
     pub fn is_open(&self) -> bool {
-        self.open.load(Ordering::SeqCst)
+        let beat = self.beat_ms.load(Ordering::SeqCst);
+        let fresh =
+            beat == 0 || since_epoch_ms().saturating_sub(beat) < PAUSE_LIMIT.as_millis() as u64;
+        fresh && self.open.load(Ordering::SeqCst)
+    }
+
+    /// Beats every 100 ms; when a beat comes more than [`PAUSE_LIMIT`]
+    /// late, closes the gate, runs `catch_up` and opens it again.
+    pub async fn watch<F, Fut>(&self, catch_up: F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let mut last = Instant::now();
+        loop {
+            self.beat_ms.store(since_epoch_ms(), Ordering::SeqCst);
+            // The watchdog's period.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let gap = last.elapsed();
+            last = Instant::now();
+            if gap > PAUSE_LIMIT && self.open.load(Ordering::SeqCst) {
+                self.close();
+                tracing::warn!(paused_ms = gap.as_millis() as u64,
+                    "this process did not run for a while (paused?): catching up with the cluster before taking writes again");
+                self.beat_ms.store(since_epoch_ms(), Ordering::SeqCst);
+                catch_up().await;
+                self.open();
+            }
+        }
     }
 }
 

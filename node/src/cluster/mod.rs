@@ -660,6 +660,36 @@ impl Cluster {
         }
     }
 
+    /// After this process was paused: its gossiped view of the peers is as
+    /// old as the pause (they may even look dead for a moment), so rather
+    /// than trust it, pull from up to two known members directly, this
+    /// region first, each bounded by the sync timeout.
+    pub async fn resync(&self) {
+        let started = Instant::now();
+        let mut members: Vec<Member> = self
+            .members()
+            .await
+            .into_iter()
+            .filter(|m| !m.is_self && self.can_reach(&m.node_id))
+            .collect();
+        members.sort_by_key(|m| (!m.live, m.region != self.config.region));
+        let mut pulled = 0;
+        for m in &members {
+            let ours = self.store.version_vector();
+            if self.pull_from(m, &ours).await {
+                pulled += 1;
+                if pulled == 2 {
+                    break;
+                }
+            }
+        }
+        tracing::info!(
+            pulled_from = pulled,
+            took_ms = started.elapsed().as_millis() as u64,
+            "resynced after a pause"
+        );
+    }
+
     /// Waits until every member live when the wait began has applied
     /// `(origin, seq)`, or the timeout passes. Returns (complete, applied,
     /// pending) member names; a member that died meanwhile without the

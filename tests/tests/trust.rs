@@ -10,7 +10,9 @@
 //! - a write whose client deadline passed while the node was paused must
 //!   not commit later over a newer acknowledged write;
 //! - a create retried with the same idempotency key must not make a second
-//!   host, on the same node or on another one.
+//!   host, on the same node or on another one;
+//! - a node that has not caught up refuses writes (UNAVAILABLE), serves
+//!   reads, says so, and charonctl waits for it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -422,5 +424,63 @@ async fn a_create_retried_with_its_key_makes_one_host_on_any_node() -> Result<()
         matches!(&stale, Err(s) if s.code() == Code::FailedPrecondition),
         "{stale:?}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_that_has_not_caught_up_refuses_writes_and_charonctl_waits_for_it() -> Result<()> {
+    // A seed that never answers: the node waits for it (4 s here).
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let node = member("lonely")
+        .arg("--seeds")
+        .arg(silent.local_addr()?.to_string())
+        .args(["--catch-up-timeout-secs", "4"])
+        .start_unready()
+        .await?;
+    let refused = node
+        .create_host(host_request(
+            &["early.test"],
+            &["http://127.0.0.1:9".into()],
+        ))
+        .await
+        .expect_err("a write before catch-up was taken");
+    let status = refused
+        .downcast_ref::<tonic::Status>()
+        .context("not a status")?;
+    ensure!(
+        status.code() == Code::Unavailable && status.message().contains("retry"),
+        "{status:?}"
+    );
+    ensure!(node.admin_get("/readyz").await? == 503);
+    let metrics = client::get(node.admin, "localhost", "/metrics")
+        .await?
+        .text();
+    ensure!(metrics.contains("charon_catching_up 1"), "{metrics}");
+    let out = node.ctl(&["cluster", "status"]).await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(text.contains("catching up"), "{text}");
+    // Reads are served meanwhile.
+    ensure!(list(&node).await?.is_empty());
+    // charonctl waits for the node by itself and says so.
+    let out = node
+        .ctl(&[
+            "host",
+            "add",
+            "early.test",
+            "--upstream",
+            "http://127.0.0.1:9",
+        ])
+        .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "charonctl failed: {stderr}");
+    ensure!(
+        stderr.contains("catching up"),
+        "no word on stderr: {stderr}"
+    );
+    eventually(Duration::from_secs(5), || async {
+        ensure!(node.admin_get("/readyz").await? == 200);
+        Ok(())
+    })
+    .await?;
     Ok(())
 }

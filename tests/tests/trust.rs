@@ -204,6 +204,45 @@ async fn the_same_domain_accepted_on_two_nodes_ends_with_one_owner_and_stays_man
         }
         ensure!(owners.len() == 1, "{d} has owners {owners:?} across nodes");
     }
+    // The losers are visible: each domain held twice marks exactly one
+    // host as conflicted, on every node, and the count is in the status,
+    // the metrics and a log line naming both hosts.
+    let mut marked = 0;
+    for n in &nodes {
+        let twice: usize = holders(n)
+            .await?
+            .values()
+            .filter(|ids| ids.len() == 2)
+            .count();
+        let hosts = list(n).await?;
+        let conflicts: Vec<_> = hosts.iter().flat_map(|h| &h.conflicts).collect();
+        ensure!(
+            conflicts.len() == twice,
+            "{} conflicts marked, {twice} domains held twice",
+            conflicts.len()
+        );
+        let status = n
+            .cluster_client()
+            .await?
+            .status(charon_proto::v1::ClusterStatusRequest {})
+            .await?
+            .into_inner();
+        ensure!(status.name_conflicts as usize == twice);
+        let metrics = client::get(n.admin, "localhost", "/metrics").await?.text();
+        ensure!(
+            metrics.contains(&format!("charon_name_conflicts {twice}\n")),
+            "{metrics}"
+        );
+        marked = twice;
+    }
+    if marked > 0 {
+        ensure!(
+            nodes
+                .iter()
+                .any(|n| n.log().contains("two hosts list the same domain")),
+            "no node logged the conflict"
+        );
+    }
     // Every name can be updated, then removed (all its hosts), then added
     // again.
     for (i, d) in domains.iter().enumerate() {

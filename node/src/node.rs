@@ -192,6 +192,12 @@ fn metrics_renderer(
     })
 }
 
+/// Closes the write gate while the node resyncs after a pause (see
+/// [`api::WriteGate::watch`]).
+async fn watch_for_pauses(gate: Arc<api::WriteGate>, cluster: Arc<Cluster>) {
+    gate.watch(|| cluster.resync()).await;
+}
+
 /// Runs a node until `shutdown` resolves, then stops accepting, lets open
 /// requests finish within the configured grace, and returns.
 pub async fn run(
@@ -377,12 +383,7 @@ pub async fn run(
     // unless this node starts drained (the drain outlives restarts).
     cluster.catch_up(config.cluster.catch_up_timeout).await;
     gate.open();
-    let watchdog = {
-        let (gate, cluster) = (gate.clone(), cluster.clone());
-        tokio::spawn(async move {
-            gate.watch(|| cluster.resync()).await;
-        })
-    };
+    let watchdog = tokio::spawn(watch_for_pauses(gate.clone(), cluster.clone()));
     health.set_ready(drain_rx.borrow().is_none());
     tracing::info!(
         node_id = store.node_id(),

@@ -61,9 +61,13 @@ impl WriteGate {
     }
 
     pub fn is_open(&self) -> bool {
+        self.is_open_at(since_epoch_ms())
+    }
+
+    /// [`WriteGate::is_open`] at `now` (ms since [`epoch`]).
+    fn is_open_at(&self, now: u64) -> bool {
         let beat = self.beat_ms.load(Ordering::SeqCst);
-        let fresh =
-            beat == 0 || since_epoch_ms().saturating_sub(beat) < PAUSE_LIMIT.as_millis() as u64;
+        let fresh = beat == 0 || now.saturating_sub(beat) < PAUSE_LIMIT.as_millis() as u64;
         fresh && self.open.load(Ordering::SeqCst)
     }
 
@@ -216,6 +220,18 @@ mod tests {
         )
         .unwrap();
         assert!(ctx.check().is_ok());
+    }
+
+    #[test]
+    fn a_stale_watchdog_beat_closes_the_gate() {
+        let gate = WriteGate::default();
+        gate.open();
+        gate.beat_ms.store(5_000, Ordering::SeqCst);
+        assert!(gate.is_open_at(5_500));
+        let paused = 5_000 + PAUSE_LIMIT.as_millis() as u64;
+        assert!(!gate.is_open_at(paused), "a paused node took a write");
+        gate.close();
+        assert!(!gate.is_open_at(5_100));
     }
 
     #[test]

@@ -53,9 +53,9 @@ pub enum HostsError {
     )]
     CatchingUp,
     #[error(
-        "the client's deadline passed before the write could be committed; nothing was written"
+        "the client's deadline passed before the write could be committed; nothing was written{0}"
     )]
-    DeadlinePassed,
+    DeadlinePassed(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -73,7 +73,7 @@ impl From<HostsError> for Status {
             e @ HostsError::Exists(_) => Status::already_exists(e.to_string()),
             e @ HostsError::VersionMismatch { .. } => Status::failed_precondition(e.to_string()),
             e @ HostsError::CatchingUp => Status::unavailable(e.to_string()),
-            e @ HostsError::DeadlinePassed => Status::deadline_exceeded(e.to_string()),
+            e @ HostsError::DeadlinePassed(_) => Status::deadline_exceeded(e.to_string()),
             HostsError::Store(e) => {
                 tracing::error!(error = %e, "store write failed");
                 Status::internal("the node could not write to its store; nothing was changed (see the node's log)")

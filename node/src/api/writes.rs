@@ -106,7 +106,15 @@ pub struct WriteCtx {
     /// [`KEY_HEADER`], validated.
     pub key: Option<String>,
     gate_open: Option<bool>,
+    /// How far [`DEADLINE_HEADER`] was already in the past when the
+    /// request arrived, in ms: far more than any pause suggests that the
+    /// client's clock is behind, which the error then says.
+    late_on_arrival_ms: u64,
 }
+
+/// A deadline already this far past on arrival is more likely a client
+/// clock that is behind than a request that waited.
+const SKEW_HINT_MS: u64 = 60_000;
 
 impl WriteCtx {
     pub fn from_metadata(md: &MetadataMap, gate: &WriteGate) -> Result<WriteCtx, tonic::Status> {
@@ -116,18 +124,13 @@ impl WriteCtx {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout)
             .map(|d| now + d);
-        let absolute = md
+        let wall = crate::util::wall_ms();
+        let absolute_ms = md
             .get(DEADLINE_HEADER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(|ms| {
-                let wall = crate::util::wall_ms();
-                if ms <= wall {
-                    now
-                } else {
-                    now + Duration::from_millis(ms - wall)
-                }
-            });
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let absolute = absolute_ms.map(|ms| now + Duration::from_millis(ms.saturating_sub(wall)));
+        let late_on_arrival_ms = absolute_ms.map_or(0, |ms| wall.saturating_sub(ms));
         let deadline = match (relative, absolute) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -147,6 +150,7 @@ impl WriteCtx {
             deadline,
             key,
             gate_open: Some(gate.is_open()),
+            late_on_arrival_ms,
         })
     }
 
@@ -156,7 +160,16 @@ impl WriteCtx {
             return Err(HostsError::CatchingUp);
         }
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
-            return Err(HostsError::DeadlinePassed);
+            let hint = if self.late_on_arrival_ms > SKEW_HINT_MS {
+                format!(
+                    " ({DEADLINE_HEADER} was already {} s past when the request arrived: is the \
+                     client's clock behind this node's?)",
+                    self.late_on_arrival_ms / 1000
+                )
+            } else {
+                String::new()
+            };
+            return Err(HostsError::DeadlinePassed(hint));
         }
         Ok(())
     }
@@ -212,7 +225,13 @@ mod tests {
         assert!(ctx.check().is_ok());
         let past = (crate::util::wall_ms() - 1).to_string();
         let ctx = WriteCtx::from_metadata(&md(&[(DEADLINE_HEADER, &past)]), &gate).unwrap();
-        assert!(matches!(ctx.check(), Err(HostsError::DeadlinePassed)));
+        assert!(matches!(ctx.check(), Err(HostsError::DeadlinePassed(h)) if h.is_empty()));
+        let skewed = (crate::util::wall_ms() - 3_600_000).to_string();
+        let ctx = WriteCtx::from_metadata(&md(&[(DEADLINE_HEADER, &skewed)]), &gate).unwrap();
+        assert!(
+            matches!(ctx.check(), Err(HostsError::DeadlinePassed(h)) if h.contains("clock")),
+            "a deadline an hour past does not mention the clock"
+        );
         let later = (crate::util::wall_ms() + 60_000).to_string();
         let ctx = WriteCtx::from_metadata(
             &md(&[(DEADLINE_HEADER, &later), ("grpc-timeout", "10S")]),

@@ -899,6 +899,7 @@ mod tests {
             hsts_include_subdomains: false,
             upstream_ca_pem: String::new(),
             upstream_insecure_skip_verify: false,
+            no_acme: false,
         }
     }
 
@@ -976,6 +977,7 @@ version:            3
             "hsts_include_subdomains",
             "upstream_ca_pem",
             "upstream_insecure_skip_verify",
+            "no_acme",
             "created_at_ms",
             "updated_at_ms",
             "version",
@@ -1063,6 +1065,7 @@ version:            3
             version: 4,
             used_by_hosts: vec!["h1".into(), "h2".into()],
             cert_pem: "-----BEGIN CERTIFICATE-----\n...".into(),
+            ..Default::default()
         }
     }
 
@@ -1154,6 +1157,11 @@ version:             4
             "version",
             "used_by_hosts",
             "cert_pem",
+            "source",
+            "status",
+            "next_attempt_ms",
+            "history",
+            "holder",
         ];
         want.sort();
         assert_eq!(keys, want);

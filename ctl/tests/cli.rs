@@ -387,6 +387,7 @@ fn c1() -> Certificate {
         version: 1,
         used_by_hosts: vec!["h1".into()],
         cert_pem: "-----BEGIN CERTIFICATE-----\nLEAF\n-----END CERTIFICATE-----\n".into(),
+        ..Default::default()
     }
 }
 

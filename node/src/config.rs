@@ -13,7 +13,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::acme::settings::{AcmeSettings, Raw as AcmeRaw};
-use crate::proxy::headers::Cidr;
+use crate::proxy::forwarded::Cidr;
 use crate::proxy::ProxyConfig;
 
 #[derive(Debug, Parser, Default)]
@@ -692,6 +692,7 @@ fn acme_settings(
         retry_min_secs: args.acme_retry_min_secs.or(file.acme_retry_min_secs),
         tick_ms: args.acme_tick_ms.or(file.acme_tick_ms),
     })
+    .map_err(|e| invalid(e.setting, e.message))
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {

@@ -50,6 +50,8 @@ pub struct ProxyHost {
     pub upstream_ca_pem: String,
     /// Explicit opt-out of upstream certificate verification.
     pub upstream_insecure_skip_verify: bool,
+    /// Opted out of automatic certificates (see [`crate::acme`]).
+    pub no_acme: bool,
 }
 
 /// A parsed upstream URL. Only scheme and authority: a path would silently

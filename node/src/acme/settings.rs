@@ -11,7 +11,19 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::config::ConfigError;
+/// A refused setting; `config` turns it into its own error (this module
+/// does not depend on `config`, which depends on it).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Invalid {
+    pub setting: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.setting, self.message)
+    }
+}
 
 pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 pub const LETSENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
@@ -71,8 +83,8 @@ pub struct Raw {
     pub tick_ms: Option<u64>,
 }
 
-fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
+fn invalid(setting: &'static str, message: impl Into<String>) -> Invalid {
+    Invalid {
         setting,
         message: message.into(),
     }
@@ -80,7 +92,7 @@ fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
 
 /// Expands the well-known names; anything else must be an https:// URL
 /// (http:// only for loopback test servers).
-fn directory_url(v: &str) -> Result<String, ConfigError> {
+fn directory_url(v: &str) -> Result<String, Invalid> {
     let url = match v.trim() {
         "letsencrypt" => LETSENCRYPT.to_string(),
         "letsencrypt-staging" => LETSENCRYPT_STAGING.to_string(),
@@ -128,7 +140,7 @@ impl AcmeSettings {
     /// `Ok(None)` when no directory is set: ACME is off, and the other
     /// `acme_*` settings must then be unset too (a forgotten directory
     /// should not look like a working setup).
-    pub fn from_raw(raw: Raw) -> Result<Option<AcmeSettings>, ConfigError> {
+    pub fn from_raw(raw: Raw) -> Result<Option<AcmeSettings>, Invalid> {
         let Some(dir) = raw.directory.filter(|d| !d.trim().is_empty()) else {
             if raw.email.is_some() || raw.eab_kid.is_some() || raw.ca_file.is_some() {
                 return Err(invalid(

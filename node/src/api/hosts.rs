@@ -161,6 +161,7 @@ pub fn host_to_pb(h: &ProxyHost) -> pb::ProxyHost {
         hsts_include_subdomains: h.hsts_include_subdomains,
         upstream_ca_pem: h.upstream_ca_pem.clone(),
         upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
+        no_acme: h.no_acme,
     }
 }
 
@@ -197,6 +198,7 @@ impl pb::hosts_server::Hosts for HostsApi {
             hsts_include_subdomains: h.hsts_include_subdomains,
             upstream_ca_pem: h.upstream_ca_pem,
             upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
+            no_acme: h.no_acme,
         };
         host.normalize_and_validate().map_err(HostsError::from)?;
         let (created, stamp) = self
@@ -288,6 +290,7 @@ impl pb::hosts_server::Hosts for HostsApi {
                 h.upstream_insecure_skip_verify = r
                     .upstream_insecure_skip_verify
                     .unwrap_or(h.upstream_insecure_skip_verify);
+                h.no_acme = r.no_acme.unwrap_or(h.no_acme);
                 h.normalize_and_validate()?;
                 check_domains_free(view, &h)?;
                 check_cert_exists(view, &h)?;

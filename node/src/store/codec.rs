@@ -5,6 +5,7 @@
 use charon_proto::store as pb;
 use prost::Message;
 
+use super::acme::{self, AcmeAccount, AcmeChallenge, AcmeOrder};
 use crate::host::{Location, ProxyHost};
 use crate::tls::cert::StoredCert;
 
@@ -18,6 +19,9 @@ pub enum Body {
     Cert(StoredCert),
     Token(ApiToken),
     Drain(DrainRecord),
+    AcmeAccount(AcmeAccount),
+    AcmeOrder(AcmeOrder),
+    AcmeChallenge(AcmeChallenge),
 }
 
 /// A replicated drain request for one node.
@@ -58,6 +62,27 @@ impl Body {
     pub fn as_token(&self) -> Option<&ApiToken> {
         match self {
             Body::Token(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    pub fn as_acme_account(&self) -> Option<&AcmeAccount> {
+        match self {
+            Body::AcmeAccount(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    pub fn as_acme_order(&self) -> Option<&AcmeOrder> {
+        match self {
+            Body::AcmeOrder(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    pub fn as_acme_challenge(&self) -> Option<&AcmeChallenge> {
+        match self {
+            Body::AcmeChallenge(c) => Some(c),
             _ => None,
         }
     }
@@ -123,6 +148,9 @@ pub fn encode(rec: &Record) -> Vec<u8> {
                 requested_at_ms: d.requested_at_ms,
                 requested_on: d.requested_on.clone(),
             }),
+            Body::AcmeAccount(a) => pb::record::Body::AcmeAccount(acme::account_to_pb(a)),
+            Body::AcmeOrder(o) => pb::record::Body::AcmeOrder(acme::order_to_pb(o)),
+            Body::AcmeChallenge(c) => pb::record::Body::AcmeChallenge(acme::challenge_to_pb(c)),
         }),
     };
     let mut out = Vec::with_capacity(1 + msg.encoded_len());
@@ -157,6 +185,9 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
                 requested_at_ms: d.requested_at_ms,
                 requested_on: d.requested_on,
             }),
+            pb::record::Body::AcmeAccount(a) => Body::AcmeAccount(acme::account_from_pb(a)),
+            pb::record::Body::AcmeOrder(o) => Body::AcmeOrder(acme::order_from_pb(o)),
+            pb::record::Body::AcmeChallenge(c) => Body::AcmeChallenge(acme::challenge_from_pb(c)),
         })
     };
     Ok(Record {
@@ -197,6 +228,7 @@ fn host_to_pb(h: &ProxyHost) -> pb::HostRecord {
         hsts_include_subdomains: h.hsts_include_subdomains,
         upstream_ca_pem: h.upstream_ca_pem.clone(),
         upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
+        no_acme: h.no_acme,
     }
 }
 
@@ -230,6 +262,7 @@ fn host_from_pb(h: pb::HostRecord) -> ProxyHost {
         hsts_include_subdomains: h.hsts_include_subdomains,
         upstream_ca_pem: h.upstream_ca_pem,
         upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
+        no_acme: h.no_acme,
     }
 }
 
@@ -253,6 +286,7 @@ fn cert_to_pb(c: &StoredCert) -> pb::CertRecord {
         created_at_ms: c.created_at_ms,
         updated_at_ms: c.updated_at_ms,
         version: c.version,
+        source: c.source.clone(),
     }
 }
 
@@ -276,6 +310,7 @@ fn cert_from_pb(c: pb::CertRecord) -> StoredCert {
         created_at_ms: c.created_at_ms,
         updated_at_ms: c.updated_at_ms,
         version: c.version,
+        source: c.source,
     }
 }
 
@@ -310,6 +345,7 @@ mod tests {
             hsts_include_subdomains: true,
             upstream_ca_pem: "pem".into(),
             upstream_insecure_skip_verify: true,
+            no_acme: true,
         };
         let cert = StoredCert {
             id: "c".into(),

@@ -8,6 +8,7 @@
 //! synchronously after each commit, so an API call that returned has already
 //! reached the proxy.
 
+pub mod acme;
 pub mod codec;
 pub mod hlc;
 
@@ -133,6 +134,10 @@ pub struct Snapshot {
     pub certs: Vec<Arc<StoredCert>>,
     pub tokens: Vec<Arc<ApiToken>>,
     pub drains: Vec<Arc<DrainRecord>>,
+    /// ACME accounts, orders and TLS-ALPN-01 challenges ([`acme`]).
+    pub acme_accounts: Vec<Arc<acme::AcmeAccount>>,
+    pub acme_orders: Vec<Arc<acme::AcmeOrder>>,
+    pub acme_challenges: Vec<Arc<acme::AcmeChallenge>>,
 }
 
 type Subscriber = Box<dyn Fn(&Snapshot) + Send + Sync>;
@@ -534,9 +539,15 @@ impl Store {
         }
         let applied = winners.len();
         let touches = |k: &str| {
-            [HOST_PREFIX, CERT_PREFIX, TOKEN_PREFIX, DRAIN_PREFIX]
-                .iter()
-                .any(|p| k.starts_with(p))
+            [
+                HOST_PREFIX,
+                CERT_PREFIX,
+                TOKEN_PREFIX,
+                DRAIN_PREFIX,
+                acme::ACME_PREFIX,
+            ]
+            .iter()
+            .any(|p| k.starts_with(p))
         };
         let touched = winners.keys().any(|k| touches(k)) || removed.iter().any(|k| touches(k));
         for k in removed {
@@ -744,6 +755,9 @@ fn snapshot(records: &BTreeMap<String, Record>) -> Snapshot {
         certs: live(records, CERT_PREFIX, Body::as_cert),
         tokens: live(records, TOKEN_PREFIX, Body::as_token),
         drains: live(records, DRAIN_PREFIX, Body::as_drain),
+        acme_accounts: live(records, acme::ACCOUNT_PREFIX, Body::as_acme_account),
+        acme_orders: live(records, acme::ORDER_PREFIX, Body::as_acme_order),
+        acme_challenges: live(records, acme::ALPN_PREFIX, Body::as_acme_challenge),
     }
 }
 

@@ -38,6 +38,8 @@ pub struct StoredCert {
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
     pub version: u64,
+    /// `acme` for a certificate the cluster ordered; empty = uploaded.
+    pub source: String,
 }
 
 /// What an upload yields once it passed every check.

@@ -153,13 +153,15 @@ fn metrics_renderer(
     proxy: Arc<Proxy>,
     cluster: Arc<Cluster>,
     drainer: Arc<Drainer>,
+    store: Arc<Store>,
 ) -> admin::MetricsFn {
     Arc::new(move || {
-        let (metrics, proxy, cluster, drainer) = (
+        let (metrics, proxy, cluster, drainer, store) = (
             metrics.clone(),
             proxy.clone(),
             cluster.clone(),
             drainer.clone(),
+            store.clone(),
         );
         Box::pin(async move {
             let mut by_host: std::collections::BTreeMap<String, u64> = Default::default();
@@ -182,7 +184,12 @@ fn metrics_renderer(
                     Phase::Drained => 2,
                 },
             };
-            metrics.render(&gauges)
+            let mut out = metrics.render(&gauges);
+            out.push_str(&crate::acme::metrics::render(
+                &store.snapshot(),
+                crate::util::wall_ms(),
+            ));
+            out
         })
     })
 }
@@ -269,7 +276,9 @@ pub async fn run(
     {
         let (proxy, tls, data_key) = (proxy.clone(), tls.clone(), data_key.clone());
         let auth = auth.clone();
+        let acme_directory = config.acme.as_ref().map(|a| a.directory.clone());
         store.subscribe(move |snap| {
+            crate::acme::publish(snap, acme_directory.as_deref(), &data_key, &tls);
             auth.publish_tokens(&snap.tokens);
             proxy.publish(&snap.hosts);
             let certs: Vec<_> = snap
@@ -330,7 +339,13 @@ pub async fn run(
             });
         });
     }
-    let render = metrics_renderer(metrics, proxy.clone(), cluster.clone(), drainer.clone());
+    let render = metrics_renderer(
+        metrics,
+        proxy.clone(),
+        cluster.clone(),
+        drainer.clone(),
+        store.clone(),
+    );
     let local_drain = {
         let (d, a) = (drainer.clone(), auth.clone());
         admin::LocalDrain {
@@ -350,7 +365,7 @@ pub async fn run(
         api::Deps {
             store: store.clone(),
             auth,
-            data_key,
+            data_key: data_key.clone(),
             cluster: cluster.clone(),
             drain_defaults: config.drain,
             access_log,
@@ -362,6 +377,18 @@ pub async fn run(
     // drained (the drain outlives restarts).
     cluster.catch_up(config.cluster.catch_up_timeout).await;
     health.set_ready(drain_rx.borrow().is_none());
+    // Automatic certificates start after the catch-up, so a node that was
+    // away sees the cluster's orders and leases before it orders anything.
+    let acme_task = config.acme.clone().map(|settings| {
+        let manager = crate::acme::manager::Manager::new(crate::acme::client::Ctx {
+            settings,
+            store: store.clone(),
+            key: data_key.clone(),
+            cluster: cluster.clone(),
+            node_name: config.cluster.node_name.clone(),
+        });
+        tokio::spawn(manager.run(stopped()))
+    });
     tracing::info!(
         node_id = store.node_id(),
         http = %bound.http,
@@ -383,6 +410,9 @@ pub async fn run(
         _ => {}
     }
     let _ = admin_task.await;
+    if let Some(t) = acme_task {
+        let _ = t.await;
+    }
     cluster.shutdown().await;
     if let Some(t) = &telemetry.tracing {
         t.shutdown();

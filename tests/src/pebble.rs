@@ -233,3 +233,86 @@ impl Drop for Pebble {
         let _ = self.challtestsrv.start_kill();
     }
 }
+
+/// A TCP relay standing between pebble's validation and the nodes: pebble
+/// is configured once with the relay's port, and the test points the relay
+/// at the node that must answer (never the one that orders), or at nothing
+/// (connections are closed at once: "challenge unreachable").
+pub struct Relay {
+    pub port: u16,
+    target: Arc<std::sync::Mutex<Option<SocketAddr>>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start() -> Result<Relay> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let target: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (t, n) = (target.clone(), connections.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let to = *t.lock().expect("relay lock");
+                let Some(to) = to else {
+                    drop(inbound);
+                    continue;
+                };
+                n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::spawn(async move {
+                    if let Ok(mut out) = TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+            }
+        });
+        Ok(Relay {
+            port,
+            target,
+            connections,
+            task,
+        })
+    }
+
+    pub fn point_at(&self, to: Option<SocketAddr>) {
+        *self.target.lock().expect("relay lock") = to;
+    }
+
+    /// Connections relayed to a node so far.
+    pub fn relayed(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The node (by id) the cluster makes responsible for a certificate: the
+/// same rendezvous hash as `charon_node::acme::duty::responsible`, so a
+/// test can point validation elsewhere before the order starts (and then
+/// checks, from the order's history, that the prediction held).
+pub fn responsible<'a>(cert_id: &str, node_ids: &[&'a str]) -> Option<&'a str> {
+    use sha2::Digest;
+    node_ids
+        .iter()
+        .max_by_key(|node| {
+            let h = sha2::Sha256::digest(format!("{cert_id}\n{node}").as_bytes());
+            u64::from_be_bytes(h[..8].try_into().expect("8 bytes"))
+        })
+        .copied()
+}
+
+/// The certificate id the cluster gives a host's DNS names (as
+/// `charon_node::acme::names::set_id`).
+pub fn cert_id(names: &[&str]) -> String {
+    use sha2::Digest;
+    let mut names: Vec<&str> = names.to_vec();
+    names.sort();
+    names.dedup();
+    let h = sha2::Sha256::digest(names.join(",").as_bytes());
+    format!("acme-{}", hex::encode(&h[..6]))
+}

@@ -189,6 +189,15 @@ impl View<'_> {
         &self.inner.snapshot.tokens
     }
 
+    pub fn acme_order(&self, id: &str) -> Option<&Arc<acme::AcmeOrder>> {
+        self.inner.snapshot.acme_orders.iter().find(|o| o.id == id)
+    }
+
+    pub fn acme_challenge(&self, domain: &str) -> Option<&Arc<acme::AcmeChallenge>> {
+        let s = &self.inner.snapshot;
+        s.acme_challenges.iter().find(|c| c.domain == domain)
+    }
+
     pub fn find_cert(&self, id: &str) -> Option<&Arc<StoredCert>> {
         self.inner.snapshot.certs.iter().find(|c| c.id == id)
     }

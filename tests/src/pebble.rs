@@ -234,13 +234,24 @@ impl Drop for Pebble {
     }
 }
 
+/// Where a [`Relay`] sends pebble's validation connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Closed at once: the challenge is unreachable.
+    Closed,
+    /// Accepted and held until the relay is pointed somewhere: the
+    /// validation waits (pebble's own timeout is longer than the tests').
+    Hold,
+    To(SocketAddr),
+}
+
 /// A TCP relay standing between pebble's validation and the nodes: pebble
 /// is configured once with the relay's port, and the test points the relay
-/// at the node that must answer (never the one that orders), or at nothing
-/// (connections are closed at once: "challenge unreachable").
+/// at the node that must answer (never the one that orders), holds the
+/// validation, or refuses it.
 pub struct Relay {
     pub port: u16,
-    target: Arc<std::sync::Mutex<Option<SocketAddr>>>,
+    route: tokio::sync::watch::Sender<Route>,
     connections: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -249,18 +260,22 @@ impl Relay {
     pub async fn start() -> Result<Relay> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
-        let target: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
+        let (route, rx) = tokio::sync::watch::channel(Route::Closed);
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (t, n) = (target.clone(), connections.clone());
+        let n = connections.clone();
         let task = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
-                let to = *t.lock().expect("relay lock");
-                let Some(to) = to else {
-                    drop(inbound);
-                    continue;
-                };
-                n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut rx = rx.clone();
+                let n = n.clone();
                 tokio::spawn(async move {
+                    let route = match rx.wait_for(|r| *r != Route::Hold).await {
+                        Ok(r) => *r,
+                        Err(_) => return,
+                    };
+                    let Route::To(to) = route else {
+                        return;
+                    };
+                    n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if let Ok(mut out) = TcpStream::connect(to).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
                     }
@@ -269,14 +284,18 @@ impl Relay {
         });
         Ok(Relay {
             port,
-            target,
+            route,
             connections,
             task,
         })
     }
 
     pub fn point_at(&self, to: Option<SocketAddr>) {
-        *self.target.lock().expect("relay lock") = to;
+        self.set(to.map_or(Route::Closed, Route::To));
+    }
+
+    pub fn set(&self, route: Route) {
+        self.route.send_replace(route);
     }
 
     /// Connections relayed to a node so far.

@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use charon_proto::v1::{Certificate, GetCertificateRequest, ListCertificatesRequest};
-use charon_tests::pebble::{self, cert_id, responsible, Pebble, PebbleOptions, Relay};
-use charon_tests::tls::{peer_fingerprint, tls_connect, wss_connect};
-use charon_tests::{eventually, TestNode, TestNodeBuilder, WsEchoBackend};
+use charon_tests::pebble::{self, cert_id, responsible, Pebble, PebbleOptions, Relay, Route};
+use charon_tests::tls::{
+    client_config, peer_fingerprint, served_fingerprint, tls_connect, wss_connect, TestCa,
+};
+use charon_tests::{eventually, host_request, TestNode, TestNodeBuilder, WsEchoBackend};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -134,8 +136,20 @@ async fn wait_issued(ca: &Ca, nodes: &[&TestNode], name: &str, not: &str) -> Res
                 Ok(fp)
             }
         })
-        .await
-        .with_context(|| format!("{name} on node {}", n.api))?;
+        .await;
+        let fp = match fp {
+            Ok(fp) => fp,
+            Err(e) => {
+                let state = cert(n, &cert_id(&[name])).await;
+                let log = ca.pebble.log();
+                let tail = &log[log.len().saturating_sub(3000)..];
+                return Err(e.context(format!(
+                    "{name} on node {}: order {state:?}\npebble log tail:\n{tail}\nnode log:\n{}",
+                    n.api,
+                    n.log()
+                )));
+            }
+        };
         fps.push(fp);
     }
     Ok(fps)
@@ -164,6 +178,17 @@ async fn host_added_on_one_node_gets_a_pebble_certificate_on_all_three() -> Resu
     let (orderer, other) = orderer_and_other(&nodes, &[name]).await?;
     ca.http.point_at(Some(nodes[other].http));
     ca.tls.point_at(Some(nodes[other].https));
+
+    // A host pinning an uploaded certificate and one opted out: untouched.
+    let test_ca = TestCa::new("Charon test CA")?;
+    let leaf = test_ca.leaf(&["pinned.acme.test"])?;
+    let uploaded = nodes[0].add_cert(&leaf.cert_pem, &leaf.key_pem).await?;
+    let mut pinned = host_request(&["pinned.acme.test"], &[backend.url()]);
+    pinned.host.as_mut().expect("host").cert_id = uploaded.id.clone();
+    nodes[0].create_host(pinned).await?;
+    let mut opted_out = host_request(&["optout.acme.test"], &[backend.url()]);
+    opted_out.host.as_mut().expect("host").no_acme = true;
+    nodes[1].create_host(opted_out).await?;
 
     let started = Instant::now();
     // Added on a node that is not the orderer: the cluster decides who orders.
@@ -210,9 +235,198 @@ async fn host_added_on_one_node_gets_a_pebble_certificate_on_all_three() -> Resu
         .await?
         .into_inner()
         .certificates;
+    let sources: Vec<(&str, &str)> = listed
+        .iter()
+        .map(|c| (c.id.as_str(), c.source.as_str()))
+        .collect();
     ensure!(
-        listed.len() == 1 && listed[0].source == "acme",
-        "{listed:?}"
+        sources.len() == 2
+            && sources.contains(&(uploaded.id.as_str(), "uploaded"))
+            && sources.contains(&(cert_id(&[name]).as_str(), "acme")),
+        "pinned and --no-acme hosts must get no ACME certificate: {listed:?}"
+    );
+    let fp = served_fingerprint(
+        nodes[2].https,
+        "pinned.acme.test",
+        &client_config(&[&test_ca.pem], &[])?,
+    )
+    .await?;
+    ensure!(fp == leaf.fingerprint, "the pinned host lost its certificate");
+    Ok(())
+}
+
+#[tokio::test]
+async fn same_name_added_on_three_nodes_at_once_is_ordered_once() -> Result<()> {
+    if !pebble_or_skip("same_name_added_on_three_nodes_at_once_is_ordered_once") {
+        return Ok(());
+    }
+    let ca = ca().await?;
+    let nodes = three(&ca, &[]).await?;
+    let backend = WsEchoBackend::start("ws-echo").await?;
+    let name = "race.acme.test";
+    let (_, other) = orderer_and_other(&nodes, &[name]).await?;
+    ca.http.point_at(Some(nodes[other].http));
+    ca.tls.point_at(Some(nodes[other].https));
+    let req = || host_request(&[name], &[backend.url()]);
+    let (a, b, c) = tokio::join!(
+        nodes[0].create_host(req()),
+        nodes[1].create_host(req()),
+        nodes[2].create_host(req()),
+    );
+    let accepted = [a.is_ok(), b.is_ok(), c.is_ok()];
+    ensure!(accepted.iter().any(|ok| *ok), "no node accepted the host");
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    wait_issued(&ca, &refs, name, "").await?;
+    ensure!(
+        ca.pebble.orders() == 1,
+        "{} orders for one name set (hosts accepted: {accepted:?})",
+        ca.pebble.orders()
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn orderer_killed_mid_order_another_node_completes_the_same_order() -> Result<()> {
+    if !pebble_or_skip("orderer_killed_mid_order_another_node_completes_the_same_order") {
+        return Ok(());
+    }
+    let ca = ca().await?;
+    let mut nodes = three(&ca, &[]).await?;
+    let backend = WsEchoBackend::start("ws-echo").await?;
+    let name = "takeover.acme.test";
+    let id = cert_id(&[name]);
+    let (orderer, other) = orderer_and_other(&nodes, &[name]).await?;
+    // Validation waits at the relay: the order is placed, not finished.
+    ca.http.set(Route::Hold);
+    ca.tls.set(Route::Hold);
+    nodes[other].add_host(&[name], &[backend.url()]).await?;
+    eventually(ISSUE, || async {
+        let c = cert(&nodes[other], &id).await?;
+        ensure!(
+            c.history.iter().any(|h| h.contains("placed order")),
+            "no order yet: {:?}",
+            c.history
+        );
+        Ok(())
+    })
+    .await?;
+    nodes[orderer].kill().await?;
+    let killed = Instant::now();
+    ca.http.point_at(Some(nodes[other].http));
+    ca.tls.point_at(Some(nodes[other].https));
+    let survivors: Vec<&TestNode> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != orderer)
+        .map(|(_, n)| n)
+        .collect();
+    wait_issued(&ca, &survivors, name, "").await?;
+    eprintln!(
+        "takeover: certificate served {:?} after the orderer was killed",
+        killed.elapsed()
+    );
+    let c = cert(survivors[0], &id).await?;
+    ensure!(
+        c.history.iter().any(|h| h.contains("took the order over")),
+        "{:?}",
+        c.history
+    );
+    ensure!(
+        c.history.iter().any(|h| h.contains("resumed order")),
+        "the pending order should be resumed: {:?}",
+        c.history
+    );
+    ensure!(ca.pebble.orders() == 1, "orders: {}", ca.pebble.orders());
+    Ok(())
+}
+
+#[tokio::test]
+async fn tls_alpn_01_only() -> Result<()> {
+    if !pebble_or_skip("tls_alpn_01_only") {
+        return Ok(());
+    }
+    let ca = ca().await?;
+    let nodes = three(&ca, &["--acme-challenges", "tls-alpn-01"]).await?;
+    let backend = WsEchoBackend::start("ws-echo").await?;
+    let name = "alpn.acme.test";
+    let (_, other) = orderer_and_other(&nodes, &[name]).await?;
+    ca.http.point_at(None);
+    ca.tls.point_at(Some(nodes[other].https));
+    nodes[0].add_host(&[name], &[backend.url()]).await?;
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    wait_issued(&ca, &refs, name, "").await?;
+    ensure!(ca.tls.relayed() >= 1 && ca.http.relayed() == 0);
+    let c = cert(&nodes[1], &cert_id(&[name])).await?;
+    ensure!(c.status == "valid", "{c:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn forced_renewal_replaces_the_certificate_without_closing_a_tunnel() -> Result<()> {
+    if !pebble_or_skip("forced_renewal_replaces_the_certificate_without_closing_a_tunnel") {
+        return Ok(());
+    }
+    let ca = ca().await?;
+    let nodes = three(&ca, &["--acme-renew-after-secs", "3"]).await?;
+    let backend = WsEchoBackend::start("ws-echo").await?;
+    let name = "renew.acme.test";
+    let (_, other) = orderer_and_other(&nodes, &[name]).await?;
+    ca.http.point_at(Some(nodes[other].http));
+    ca.tls.point_at(Some(nodes[other].https));
+    nodes[0].add_host(&[name], &[backend.url()]).await?;
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    let first = wait_issued(&ca, &refs, name, "").await?;
+    let config = ca.pebble.client_config(&["http/1.1"]).await?;
+    let mut tunnels = Vec::new();
+    for n in &nodes {
+        let (mut ws, _, fp) = wss_connect(n.https, name, &config, "/", &[]).await?;
+        ensure!(fp == first[0]);
+        ensure!(echo(&mut ws, "before").await? == "before");
+        tunnels.push(ws);
+    }
+    let renewed = wait_issued(&ca, &refs, name, &first[0]).await?;
+    ensure!(ca.pebble.orders() >= 2, "orders: {}", ca.pebble.orders());
+    for ws in &mut tunnels {
+        ensure!(echo(ws, "after renewal").await? == "after renewal");
+    }
+    let c = cert(&nodes[2], &cert_id(&[name])).await?;
+    ensure!(c.version >= 2, "renewal replaces the record in place: {c:?}");
+    ensure!(renewed.iter().all(|f| *f != first[0]));
+    Ok(())
+}
+
+#[tokio::test]
+async fn ca_failure_is_recorded_backed_off_and_recovers() -> Result<()> {
+    if !pebble_or_skip("ca_failure_is_recorded_backed_off_and_recovers") {
+        return Ok(());
+    }
+    let ca = ca().await?;
+    let nodes = three(&ca, &[]).await?;
+    let backend = WsEchoBackend::start("ws-echo").await?;
+    let name = "broken.acme.test";
+    let id = cert_id(&[name]);
+    ca.http.point_at(None);
+    ca.tls.point_at(None);
+    nodes[0].add_host(&[name], &[backend.url()]).await?;
+    let failed = eventually(ISSUE, || async {
+        let c = cert(&nodes[1], &id).await?;
+        ensure!(c.status.starts_with("failed: "), "status {:?}", c.status);
+        Ok(c)
+    })
+    .await?;
+    ensure!(failed.next_attempt_ms > 0, "no next attempt planned: {failed:?}");
+    let out = nodes[2].ctl(&["cert", "list"]).await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(text.contains("failed"), "cert list: {text}");
+    // Fixed: the next attempt (after the backoff) succeeds.
+    let (_, other) = orderer_and_other(&nodes, &[name]).await?;
+    ca.http.point_at(Some(nodes[other].http));
+    ca.tls.point_at(Some(nodes[other].https));
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    wait_issued(&ca, &refs, name, "").await?;
+    let c = cert(&nodes[0], &id).await?;
+    ensure!(c.status == "valid", "{c:?}");
+    ensure!(c.history.iter().any(|h| h.contains("failed")), "{:?}", c.history);
+    Ok(())
+}
+

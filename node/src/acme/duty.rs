@@ -54,14 +54,17 @@ fn jitter(id: &str, span: u64) -> i64 {
 }
 
 /// When the certificate should be renewed: two thirds into its lifetime
-/// (with jitter), or `renew_after` past its start when set.
+/// (with jitter), or `renew_after` past the time it was stored when set
+/// (not its notBefore, which CAs may backdate).
 pub fn renew_at(cert: &StoredCert, renew_after: Option<Duration>) -> u64 {
     let (nb, na) = (
         cert.not_before_ms,
         cert.not_after_ms.max(cert.not_before_ms),
     );
     match renew_after {
-        Some(d) => nb.saturating_add(d.as_millis() as u64),
+        Some(d) => nb
+            .max(cert.updated_at_ms)
+            .saturating_add(d.as_millis() as u64),
         None => {
             let life = na - nb;
             let at = nb + life * 2 / 3;

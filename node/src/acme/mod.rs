@@ -50,7 +50,7 @@ pub fn publish(snap: &Snapshot, directory: Option<&str>, key: &DataKey, tls: &Tl
         let opened = key
             .open(&c.key.key_id, &c.key.nonce, &c.key.sealed, &aad)
             .map_err(|e| e.to_string())
-            .and_then(|pem| crate::tls::cert::certified_key_from_pem(&c.cert_pem, &pem));
+            .and_then(|pem| alpn_certified_key(&c.cert_pem, &pem));
         match opened {
             Ok(k) => {
                 alpn.insert(c.domain.clone(), k);
@@ -61,4 +61,22 @@ pub fn publish(snap: &Snapshot, directory: Option<&str>, key: &DataKey, tls: &Tl
         }
     }
     tls.publish_acme_challenges(Arc::new(alpn));
+}
+
+/// The challenge certificate for rustls, without the check that parses it
+/// as a server certificate: webpki refuses the critical acmeIdentifier
+/// extension that TLS-ALPN-01 requires (the CA, not webpki, reads it).
+fn alpn_certified_key(
+    cert_pem: &str,
+    key_pem: &[u8],
+) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| format!("challenge key unreadable: {e}"))?;
+    let key = rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| e.to_string())?;
+    let chain = crate::tls::cert::parse_chain(cert_pem)?;
+    Ok(Arc::new(rustls::sign::CertifiedKey::new(chain, key)))
 }

@@ -51,6 +51,9 @@ pub fn wanted<'a>(hosts: impl IntoIterator<Item = &'a ProxyHost>) -> Vec<Wanted>
         })
         .collect();
     out.sort_by(|a, b| a.id.cmp(&b.id));
+    // Hosts added with the same names on several nodes at once exist side
+    // by side until one is removed: they share one certificate.
+    out.dedup_by(|a, b| a.id == b.id);
     out
 }
 
@@ -81,6 +84,7 @@ mod tests {
             pinned,
             opted_out,
             disabled,
+            host(&["a.example", "b.example"]),
         ];
         let w = wanted(&hosts);
         assert_eq!(w.len(), 1, "{w:?}");

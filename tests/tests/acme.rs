@@ -251,7 +251,10 @@ async fn host_added_on_one_node_gets_a_pebble_certificate_on_all_three() -> Resu
         &client_config(&[&test_ca.pem], &[])?,
     )
     .await?;
-    ensure!(fp == leaf.fingerprint, "the pinned host lost its certificate");
+    ensure!(
+        fp == leaf.fingerprint,
+        "the pinned host lost its certificate"
+    );
     Ok(())
 }
 
@@ -390,7 +393,10 @@ async fn forced_renewal_replaces_the_certificate_without_closing_a_tunnel() -> R
         ensure!(echo(ws, "after renewal").await? == "after renewal");
     }
     let c = cert(&nodes[2], &cert_id(&[name])).await?;
-    ensure!(c.version >= 2, "renewal replaces the record in place: {c:?}");
+    ensure!(
+        c.version >= 2,
+        "renewal replaces the record in place: {c:?}"
+    );
     ensure!(renewed.iter().all(|f| *f != first[0]));
     Ok(())
 }
@@ -414,7 +420,10 @@ async fn ca_failure_is_recorded_backed_off_and_recovers() -> Result<()> {
         Ok(c)
     })
     .await?;
-    ensure!(failed.next_attempt_ms > 0, "no next attempt planned: {failed:?}");
+    ensure!(
+        failed.next_attempt_ms > 0,
+        "no next attempt planned: {failed:?}"
+    );
     let out = nodes[2].ctl(&["cert", "list"]).await?;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(text.contains("failed"), "cert list: {text}");
@@ -426,7 +435,10 @@ async fn ca_failure_is_recorded_backed_off_and_recovers() -> Result<()> {
     wait_issued(&ca, &refs, name, "").await?;
     let c = cert(&nodes[0], &id).await?;
     ensure!(c.status == "valid", "{c:?}");
-    ensure!(c.history.iter().any(|h| h.contains("failed")), "{:?}", c.history);
+    ensure!(
+        c.history.iter().any(|h| h.contains("failed")),
+        "{:?}",
+        c.history
+    );
     Ok(())
 }
-

@@ -17,7 +17,7 @@ use charon_tests::pebble::{self, cert_id, responsible, Pebble, PebbleOptions, Re
 use charon_tests::tls::{
     client_config, peer_fingerprint, served_fingerprint, tls_connect, wss_connect, TestCa,
 };
-use charon_tests::{eventually, host_request, TestNode, TestNodeBuilder, WsEchoBackend};
+use charon_tests::{client, eventually, host_request, TestNode, TestNodeBuilder, WsEchoBackend};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -254,6 +254,70 @@ async fn host_added_on_one_node_gets_a_pebble_certificate_on_all_three() -> Resu
     ensure!(
         fp == leaf.fingerprint,
         "the pinned host lost its certificate"
+    );
+    http01_answers_bypass_force_https_and_disabled_hosts(&nodes, &backend).await
+}
+
+/// With the account in the store, every node answers any well-formed
+/// HTTP-01 token the same way, before routing: for a host that forces
+/// HTTPS (no redirect) and for a disabled one; other paths keep their
+/// redirect, and malformed tokens get no answer.
+async fn http01_answers_bypass_force_https_and_disabled_hosts(
+    nodes: &[TestNode],
+    backend: &WsEchoBackend,
+) -> Result<()> {
+    let mut forced = host_request(&["forced.acme.test"], &[backend.url()]);
+    let h = forced.host.as_mut().expect("host");
+    h.force_https = true;
+    h.no_acme = true;
+    nodes[0].create_host(forced).await?;
+    let mut off = host_request(&["off.acme.test"], &[backend.url()]);
+    off.enabled = Some(false);
+    nodes[0].create_host(off).await?;
+    let token = "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA";
+    let path = format!("/.well-known/acme-challenge/{token}");
+    let mut answers = Vec::new();
+    for n in nodes {
+        eventually(Duration::from_secs(10), || async {
+            let r = client::get(n.http, "forced.acme.test", "/").await?;
+            ensure!(
+                r.status == 308,
+                "force_https not replicated yet: {}",
+                r.status
+            );
+            Ok(())
+        })
+        .await?;
+        for host in ["forced.acme.test", "off.acme.test", "unknown.acme.test"] {
+            let r = client::get(n.http, host, &path).await?;
+            ensure!(
+                r.status == 200,
+                "{host} on {}: {} {}",
+                n.api,
+                r.status,
+                r.text()
+            );
+            answers.push(r.text());
+        }
+        let r = client::h2_get(n.http, "off.acme.test", &path).await?;
+        ensure!(r.status == 200, "h2c: {}", r.status);
+        answers.push(r.text());
+        let r = client::get(
+            n.http,
+            "off.acme.test",
+            "/.well-known/acme-challenge/bad.token",
+        )
+        .await?;
+        ensure!(r.status == 404, "malformed token answered: {}", r.status);
+    }
+    ensure!(
+        answers[0].starts_with(&format!("{token}.")) && answers[0].len() > token.len() + 20,
+        "answer {:?}",
+        answers[0]
+    );
+    ensure!(
+        answers.iter().all(|a| *a == answers[0]),
+        "nodes answer differently: {answers:?}"
     );
     Ok(())
 }

@@ -2,9 +2,9 @@
 # Prepare what Charon's tests need besides cargo:
 #   - <repo>/.venv: a Python virtualenv with the pinned packages of
 #     tests/python/requirements.txt;
-#   - haproxy (tests/tests/rolling.rs puts it in front of a cluster): installed
-#     with apt-get when missing and apt is available, without starting its
-#     system service. Where it cannot be installed the script says so and goes
+#   - haproxy (tests/tests/rolling.rs puts it in front of a cluster) and
+#     pebble (the ACME test CA of tests/tests/acme.rs): installed with apt-get
+#     when missing and apt is available, without starting a system service. Where it cannot be installed the script says so and goes
 #     on; the rolling-restart test then reports itself as SKIPPED.
 #
 # Idempotent and fast when nothing changed: a stamp file inside the venv holds
@@ -33,6 +33,8 @@ missing_packages() {
     local need=()
     command -v haproxy >/dev/null 2>&1 || [[ -x /usr/sbin/haproxy ]] || need+=(haproxy)
     command -v jq >/dev/null 2>&1 || need+=(jq)
+    # pebble (with pebble-challtestsrv): the ACME test CA of tests/tests/acme.rs.
+    command -v pebble >/dev/null 2>&1 || [[ -x /usr/bin/pebble ]] || need+=(pebble)
     if docker info >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1 &&
         ! command -v docker-compose >/dev/null 2>&1; then
         need+=(docker-compose)

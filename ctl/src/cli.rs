@@ -628,6 +628,11 @@ pub struct AddArgs {
     #[arg(long, conflicts_with = "upstream_ca")]
     pub upstream_insecure_skip_verify: bool,
 
+    /// Never order a certificate for this host automatically (ACME), even
+    /// when the nodes have an ACME directory.
+    #[arg(long)]
+    pub no_acme: bool,
+
     #[command(flatten)]
     pub wait: WaitArgs,
 }
@@ -728,6 +733,10 @@ pub struct UpdateArgs {
     /// Do not verify the certificates of https:// upstreams (insecure).
     #[arg(long, value_name = "true|false")]
     pub upstream_insecure_skip_verify: Option<bool>,
+
+    /// Opt the host out of automatic certificates (true) or back in (false).
+    #[arg(long, value_name = "true|false")]
+    pub no_acme: Option<bool>,
 
     /// Apply the change only if the host is still at this version.
     #[arg(long, value_name = "V")]
@@ -877,6 +886,7 @@ impl AddArgs {
                 hsts_include_subdomains: self.hsts_include_subdomains,
                 upstream_ca_pem,
                 upstream_insecure_skip_verify: self.upstream_insecure_skip_verify,
+                no_acme: self.no_acme,
                 ..ProxyHost::default()
             }),
             enabled: self.disabled.then_some(false),
@@ -911,6 +921,7 @@ impl UpdateArgs {
             || self.upstream_ca.is_some()
             || self.system_roots
             || self.upstream_insecure_skip_verify.is_some()
+            || self.no_acme.is_some()
     }
 
     /// Only what the user named is set: an unset field or list keeps the
@@ -962,6 +973,7 @@ impl UpdateArgs {
             hsts_include_subdomains: self.hsts_include_subdomains,
             upstream_ca_pem,
             upstream_insecure_skip_verify: self.upstream_insecure_skip_verify,
+            no_acme: self.no_acme,
         })
     }
 }

@@ -183,15 +183,42 @@ pub fn certs_table(certs: &[Certificate], now_ms: u64) -> String {
     if certs.is_empty() {
         return "no certificates\n".to_string();
     }
-    let header = ["ID", "NAME", "DOMAINS", "EXPIRES", "DAYS LEFT", "HOSTS"];
+    let header = [
+        "ID",
+        "NAME",
+        "DOMAINS",
+        "SOURCE",
+        "STATUS",
+        "EXPIRES",
+        "DAYS LEFT",
+        "NEXT ATTEMPT",
+        "HOSTS",
+    ];
     let mut rows = vec![header.map(String::from).to_vec()];
     rows.extend(certs.iter().map(|c| {
+        // An ACME order without a certificate yet has no dates.
+        let issued = !c.cert_pem.is_empty() || c.not_after_ms != 0;
         vec![
             c.id.clone(),
             c.name.clone(),
             c.domains.join(","),
-            unix_date(c.not_after_ms),
-            days_left(c.not_after_ms, now_ms).map_or("expired".to_string(), |d| d.to_string()),
+            source(c),
+            dash(&c.status),
+            if issued {
+                unix_date(c.not_after_ms)
+            } else {
+                "-".to_string()
+            },
+            match days_left(c.not_after_ms, now_ms) {
+                _ if !issued => "-".to_string(),
+                None => "expired".to_string(),
+                Some(d) => d.to_string(),
+            },
+            if c.next_attempt_ms == 0 {
+                "-".to_string()
+            } else {
+                unix_ms(c.next_attempt_ms)
+            },
             if c.used_by_hosts.is_empty() {
                 "-".to_string()
             } else {
@@ -202,8 +229,26 @@ pub fn certs_table(certs: &[Certificate], now_ms: u64) -> String {
     align(&rows)
 }
 
+/// `acme` or `uploaded` (servers before automatic HTTPS send nothing).
+fn source(c: &Certificate) -> String {
+    if c.source.is_empty() {
+        "uploaded".to_string()
+    } else {
+        c.source.clone()
+    }
+}
+
+fn dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".to_string()
+    } else {
+        s.to_string()
+    }
+}
+
 /// `cert show` in table mode: every metadata field, one `key: value` line
-/// each. The PEM chain is left to `-o json`.
+/// each, then an ACME certificate's order history. The PEM chain is left
+/// to `-o json`.
 pub fn cert_details(c: &Certificate, now_ms: u64) -> String {
     let not_before = if now_ms < c.not_before_ms {
         format!("{} (not yet valid)", unix_ms(c.not_before_ms))
@@ -221,23 +266,54 @@ pub fn cert_details(c: &Certificate, now_ms: u64) -> String {
     } else {
         c.used_by_hosts.join(", ")
     };
-    key_values(&[
-        ("id", c.id.clone()),
-        ("name", c.name.clone()),
-        ("domains", c.domains.join(", ")),
-        ("subject", c.subject.clone()),
-        ("issuer", c.issuer.clone()),
-        ("serial", c.serial.clone()),
-        ("sha256 fingerprint", c.fingerprint_sha256.clone()),
-        ("key type", c.key_type.clone()),
-        ("chain length", c.chain_length.to_string()),
-        ("not before", not_before),
-        ("not after", not_after),
-        ("used by", used_by),
-        ("created", unix_ms(c.created_at_ms)),
-        ("updated", unix_ms(c.updated_at_ms)),
-        ("version", c.version.to_string()),
-    ])
+    let mut acme = Vec::new();
+    if c.source == "acme" {
+        acme.push(("status", dash(&c.status)));
+        acme.push((
+            "next attempt",
+            if c.next_attempt_ms == 0 {
+                "-".to_string()
+            } else {
+                unix_ms(c.next_attempt_ms)
+            },
+        ));
+        acme.push(("ordering node", dash(&c.holder)));
+    }
+    let mut out = key_values(
+        &[
+            vec![
+                ("id", c.id.clone()),
+                ("name", c.name.clone()),
+                ("domains", c.domains.join(", ")),
+                ("source", source(c)),
+            ],
+            acme,
+            vec![
+                ("subject", c.subject.clone()),
+                ("issuer", c.issuer.clone()),
+                ("serial", c.serial.clone()),
+                ("sha256 fingerprint", c.fingerprint_sha256.clone()),
+                ("key type", c.key_type.clone()),
+                ("chain length", c.chain_length.to_string()),
+                ("not before", not_before),
+                ("not after", not_after),
+                ("used by", used_by),
+                ("created", unix_ms(c.created_at_ms)),
+                ("updated", unix_ms(c.updated_at_ms)),
+                ("version", c.version.to_string()),
+            ],
+        ]
+        .concat(),
+    );
+    if !c.history.is_empty() {
+        out.push_str("order history:\n");
+        for h in &c.history {
+            out.push_str("  ");
+            out.push_str(h);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// `cluster members` in table mode: one row per member, in the node's
@@ -951,6 +1027,7 @@ mod tests {
             upstream_ca_pem: String::new(),
             upstream_insecure_skip_verify: false,
             conflicts: vec![],
+            no_acme: false,
         }
     }
 
@@ -1060,6 +1137,7 @@ version:            3
             "hsts_include_subdomains",
             "upstream_ca_pem",
             "upstream_insecure_skip_verify",
+            "no_acme",
             "created_at_ms",
             "updated_at_ms",
             "version",
@@ -1148,6 +1226,7 @@ version:            3
             version: 4,
             used_by_hosts: vec!["h1".into(), "h2".into()],
             cert_pem: "-----BEGIN CERTIFICATE-----\n...".into(),
+            ..Default::default()
         }
     }
 
@@ -1161,11 +1240,21 @@ version:            3
             used_by_hosts: vec![],
             ..cert()
         };
-        let table = certs_table(&[cert(), expired], NOW);
+        let failed = Certificate {
+            id: "acme-1".into(),
+            name: "new.example".into(),
+            domains: vec!["new.example".into()],
+            source: "acme".into(),
+            status: "failed: CA: unreachable".into(),
+            next_attempt_ms: NOW + 60_000,
+            ..Certificate::default()
+        };
+        let table = certs_table(&[cert(), expired, failed], NOW);
         let want = "\
-ID     NAME  DOMAINS                    EXPIRES     DAYS LEFT  HOSTS
-c1     app   app.example,*.app.example  2024-07-20  80         h1,h2
-c-old  old   old.example                2024-05-01  expired    -
+ID      NAME         DOMAINS                    SOURCE    STATUS                   EXPIRES     DAYS LEFT  NEXT ATTEMPT          HOSTS
+c1      app          app.example,*.app.example  uploaded  -                        2024-07-20  80         -                     h1,h2
+c-old   old          old.example                uploaded  -                        2024-05-01  expired    -                     -
+acme-1  new.example  new.example                acme      failed: CA: unreachable  -           -          2024-05-01T12:01:00Z  -
 ";
         assert_eq!(table, want);
         assert_eq!(certs_table(&[], NOW), "no certificates\n");
@@ -1178,6 +1267,7 @@ c-old  old   old.example                2024-05-01  expired    -
 id:                  c1
 name:                app
 domains:             app.example, *.app.example
+source:              uploaded
 subject:             CN=app.example
 issuer:              CN=Test CA, O=Charon
 serial:              0A:1B
@@ -1193,6 +1283,29 @@ version:             4
 ";
         assert_eq!(text, want);
         assert!(!text.contains("BEGIN"));
+    }
+
+    #[test]
+    fn acme_cert_details_show_status_and_history() {
+        let c = Certificate {
+            source: "acme".into(),
+            status: "renewing".into(),
+            holder: "n2".into(),
+            history: vec!["2024-05-01T12:00:00Z n2: placed order https://ca/o/1".into()],
+            ..cert()
+        };
+        let text = cert_details(&c, NOW);
+        assert!(
+            text.contains("source:              acme\nstatus:              renewing\n"),
+            "{text}"
+        );
+        assert!(text.contains("ordering node:       n2\n"), "{text}");
+        assert!(
+            text.ends_with(
+                "order history:\n  2024-05-01T12:00:00Z n2: placed order https://ca/o/1\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
@@ -1239,6 +1352,11 @@ version:             4
             "version",
             "used_by_hosts",
             "cert_pem",
+            "source",
+            "status",
+            "next_attempt_ms",
+            "history",
+            "holder",
         ];
         want.sort();
         assert_eq!(keys, want);

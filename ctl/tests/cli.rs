@@ -387,6 +387,7 @@ fn c1() -> Certificate {
         version: 1,
         used_by_hosts: vec!["h1".into()],
         cert_pem: "-----BEGIN CERTIFICATE-----\nLEAF\n-----END CERTIFICATE-----\n".into(),
+        ..Default::default()
     }
 }
 
@@ -1312,21 +1313,50 @@ async fn cert_list_as_table_and_json() {
     let mut lines = stdout.lines();
     let header = lines.next().unwrap();
     assert!(header.starts_with("ID "), "{header}");
-    for column in ["NAME", "DOMAINS", "EXPIRES", "DAYS LEFT", "HOSTS"] {
+    for column in [
+        "NAME",
+        "DOMAINS",
+        "SOURCE",
+        "STATUS",
+        "EXPIRES",
+        "DAYS LEFT",
+        "NEXT ATTEMPT",
+        "HOSTS",
+    ] {
         assert!(
             header.contains(&format!("  {column}")),
             "{column} in {header}"
         );
     }
-    assert!(header.ends_with("DAYS LEFT  HOSTS"), "{header}");
+    assert!(header.ends_with("NEXT ATTEMPT  HOSTS"), "{header}");
     let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
-    assert_eq!(row[..4], ["c1", "a", "a.example,*.a.example", "2099-12-31"]);
-    assert!(row[4].parse::<u32>().unwrap() > 365, "{row:?}");
-    assert_eq!(row[5], "h1");
+    assert_eq!(
+        row[..6],
+        [
+            "c1",
+            "a",
+            "a.example,*.a.example",
+            "uploaded",
+            "-",
+            "2099-12-31"
+        ]
+    );
+    assert!(row[6].parse::<u32>().unwrap() > 365, "{row:?}");
+    assert_eq!(row[7..], ["-", "h1"]);
     let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
         row,
-        ["c-old", "old", "old.example", "2020-01-01", "expired", "-"]
+        [
+            "c-old",
+            "old",
+            "old.example",
+            "uploaded",
+            "-",
+            "2020-01-01",
+            "expired",
+            "-",
+            "-"
+        ]
     );
     assert_eq!(lines.next(), None);
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::acme::settings::{AcmeSettings, Raw as AcmeRaw};
 use crate::proxy::forwarded::Cidr;
 use crate::proxy::ProxyConfig;
 
@@ -144,6 +145,41 @@ pub struct Args {
     /// Deletions are remembered (as tombstones) at least this long, in s [default: 86400]
     #[arg(long, env = "CHARON_TOMBSTONE_GRACE_SECS")]
     pub tombstone_grace_secs: Option<u64>,
+    /// ACME directory for automatic certificates: an https:// URL or
+    /// letsencrypt, letsencrypt-staging, zerossl [default: off]
+    #[arg(long, env = "CHARON_ACME_DIRECTORY")]
+    pub acme_directory: Option<String>,
+    /// Contact e-mail for the ACME account [default: none]
+    #[arg(long, env = "CHARON_ACME_EMAIL")]
+    pub acme_email: Option<String>,
+    /// PEM file with extra roots trusted when talking to the ACME directory
+    /// (a test CA) [default: the system's]
+    #[arg(long, env = "CHARON_ACME_CA_FILE")]
+    pub acme_ca_file: Option<PathBuf>,
+    /// External account binding key id (ZeroSSL, some commercial CAs)
+    #[arg(long, env = "CHARON_ACME_EAB_KID")]
+    pub acme_eab_kid: Option<String>,
+    /// External account binding HMAC key, base64url as the CA gives it
+    #[arg(long, env = "CHARON_ACME_EAB_HMAC", hide_env_values = true)]
+    pub acme_eab_hmac: Option<String>,
+    /// Challenge types to use, in order of preference [default: http-01,tls-alpn-01]
+    #[arg(long, env = "CHARON_ACME_CHALLENGES", value_delimiter = ',')]
+    pub acme_challenges: Vec<String>,
+    /// Renew certificates this many seconds after issue instead of at two
+    /// thirds of their lifetime [default: 2/3 of the lifetime, with jitter]
+    #[arg(long, env = "CHARON_ACME_RENEW_AFTER_SECS")]
+    pub acme_renew_after_secs: Option<u64>,
+    /// A node's claim on an order expires this long after its last refresh:
+    /// the takeover time when the node dies [default: 45]
+    #[arg(long, env = "CHARON_ACME_LEASE_SECS")]
+    pub acme_lease_secs: Option<u64>,
+    /// First retry delay after a failed order, doubled per failure up to a
+    /// day, never shorter than the CA's Retry-After [default: 60]
+    #[arg(long, env = "CHARON_ACME_RETRY_MIN_SECS")]
+    pub acme_retry_min_secs: Option<u64>,
+    /// How often a node checks what to order or renew, in ms [default: 2000]
+    #[arg(long, env = "CHARON_ACME_TICK_MS")]
+    pub acme_tick_ms: Option<u64>,
 }
 
 /// The TOML file: the same settings as the flags.
@@ -184,6 +220,16 @@ struct FileConfig {
     anti_entropy_secs: Option<u64>,
     catch_up_timeout_secs: Option<u64>,
     tombstone_grace_secs: Option<u64>,
+    acme_directory: Option<String>,
+    acme_email: Option<String>,
+    acme_ca_file: Option<PathBuf>,
+    acme_eab_kid: Option<String>,
+    acme_eab_hmac: Option<String>,
+    acme_challenges: Option<Vec<String>>,
+    acme_renew_after_secs: Option<u64>,
+    acme_lease_secs: Option<u64>,
+    acme_retry_min_secs: Option<u64>,
+    acme_tick_ms: Option<u64>,
 }
 
 /// Defaults of a drain (SIGTERM uses them; `charonctl node drain` may
@@ -248,6 +294,8 @@ pub struct Config {
     /// that seals private keys at rest; else `<data-dir>/encryption.key`.
     pub encryption_key: Option<String>,
     pub cluster: ClusterSettings,
+    /// Automatic certificates; `None` = off.
+    pub acme: Option<AcmeSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -296,6 +344,7 @@ impl Config {
             None => FileConfig::default(),
         };
         let cluster = cluster_settings(&mut args, &mut file)?;
+        let acme = acme_settings(&mut args, &mut file)?;
         let http = args
             .http_listen
             .or(file.http_listen)
@@ -428,6 +477,7 @@ impl Config {
             log_format,
             admin_token,
             encryption_key,
+            acme,
         };
         config.check_distinct_ports()?;
         Ok(config)
@@ -629,6 +679,29 @@ fn cluster_settings(
             86_400,
         )?,
     })
+}
+
+fn acme_settings(
+    args: &mut Args,
+    file: &mut FileConfig,
+) -> Result<Option<AcmeSettings>, ConfigError> {
+    AcmeSettings::from_raw(AcmeRaw {
+        directory: args.acme_directory.take().or(file.acme_directory.take()),
+        email: args.acme_email.take().or(file.acme_email.take()),
+        ca_file: args.acme_ca_file.take().or(file.acme_ca_file.take()),
+        eab_kid: args.acme_eab_kid.take().or(file.acme_eab_kid.take()),
+        eab_hmac: args.acme_eab_hmac.take().or(file.acme_eab_hmac.take()),
+        challenges: if args.acme_challenges.is_empty() {
+            file.acme_challenges.take().unwrap_or_default()
+        } else {
+            std::mem::take(&mut args.acme_challenges)
+        },
+        renew_after_secs: args.acme_renew_after_secs.or(file.acme_renew_after_secs),
+        lease_secs: args.acme_lease_secs.or(file.acme_lease_secs),
+        retry_min_secs: args.acme_retry_min_secs.or(file.acme_retry_min_secs),
+        tick_ms: args.acme_tick_ms.or(file.acme_tick_ms),
+    })
+    .map_err(|e| invalid(e.setting, e.message))
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {

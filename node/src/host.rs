@@ -53,6 +53,8 @@ pub struct ProxyHost {
     /// The idempotency key of the create that made this host (empty if the
     /// client sent none): a retried create with it returns this host.
     pub create_key: String,
+    /// Opted out of automatic certificates (see [`crate::acme`]).
+    pub no_acme: bool,
 }
 
 /// A parsed upstream URL. Only scheme and authority: a path would silently

@@ -2,6 +2,8 @@
 //!
 //! Modules and the direction data flows in:
 //!
+//! - [`acme`]: automatic certificates: which names need one, which node
+//!   orders it (once per cluster), challenge answers, renewal.
 //! - [`config`]: flags, `CHARON_*` env and TOML file, validated before any
 //!   port is bound.
 //! - [`host`]: the proxy host type and its validation rules.
@@ -18,6 +20,7 @@
 //! - [`util`]: the wall clock, the FNV hasher, date formatting.
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod admin;
 pub mod api;
 pub mod cluster;

@@ -187,7 +187,12 @@ fn metrics_renderer(
                 name_conflicts: store.snapshot().names.conflicts.len() as u64,
                 catching_up: u64::from(!gate.is_open()),
             };
-            metrics.render(&gauges)
+            let mut out = metrics.render(&gauges);
+            out.push_str(&crate::acme::metrics::render(
+                &store.snapshot(),
+                crate::util::wall_ms(),
+            ));
+            out
         })
     })
 }
@@ -280,7 +285,9 @@ pub async fn run(
     {
         let (proxy, tls, data_key) = (proxy.clone(), tls.clone(), data_key.clone());
         let auth = auth.clone();
+        let acme_directory = config.acme.as_ref().map(|a| a.directory.clone());
         store.subscribe(move |snap| {
+            crate::acme::publish(snap, acme_directory.as_deref(), &data_key, &tls);
             auth.publish_tokens(&snap.tokens);
             // Each domain only to the host that holds it (store::names).
             proxy.publish(&snap.routed);
@@ -370,7 +377,7 @@ pub async fn run(
         api::Deps {
             store: store.clone(),
             auth,
-            data_key,
+            data_key: data_key.clone(),
             cluster: cluster.clone(),
             drain_defaults: config.drain,
             access_log,
@@ -385,6 +392,18 @@ pub async fn run(
     gate.open();
     let watchdog = tokio::spawn(watch_for_pauses(gate.clone(), cluster.clone()));
     health.set_ready(drain_rx.borrow().is_none());
+    // Automatic certificates start after the catch-up, so a node that was
+    // away sees the cluster's orders and leases before it orders anything.
+    let acme_task = config.acme.clone().map(|settings| {
+        let manager = crate::acme::manager::Manager::new(crate::acme::client::Ctx {
+            settings,
+            store: store.clone(),
+            key: data_key.clone(),
+            cluster: cluster.clone(),
+            node_name: config.cluster.node_name.clone(),
+        });
+        tokio::spawn(manager.run(stopped()))
+    });
     tracing::info!(
         node_id = store.node_id(),
         http = %bound.http,
@@ -407,6 +426,9 @@ pub async fn run(
         _ => {}
     }
     let _ = admin_task.await;
+    if let Some(t) = acme_task {
+        let _ = t.await;
+    }
     cluster.shutdown().await;
     if let Some(t) = &telemetry.tracing {
         t.shutdown();

@@ -13,6 +13,8 @@
 //! - [`wait`]: [`eventually`] — poll a condition with a deadline; tests never
 //!   sleep a fixed time to wait for something to happen.
 //! - [`procfs`]: memory of a process, read from `/proc`.
+//! - [`pebble`]: a real ACME server (pebble + its fake DNS) on loopback
+//!   ports, for the automatic-HTTPS tests.
 //! - [`tls`]: certificates made at test time (rcgen), TLS clients that trust
 //!   a test CA and report the served certificate, HTTPS/h2/`wss://` helpers.
 
@@ -21,6 +23,7 @@ pub mod client;
 pub mod haproxy;
 pub mod node;
 pub mod otlp;
+pub mod pebble;
 pub mod procfs;
 pub mod supervisor;
 pub mod tls;

@@ -8,6 +8,7 @@ use charon_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::hosts::HostsError;
+use crate::store::acme::AcmeOrder;
 use crate::store::{cert_key, Body, Store, View, Write};
 use crate::tls::cert::{parse_and_validate, StoredCert};
 use crate::tls::seal::DataKey;
@@ -34,8 +35,54 @@ impl CertsApi {
     }
 }
 
+/// The status column of `cert list`: an ACME order's state, with the
+/// failure reason; empty for uploaded certificates.
+fn order_status(o: &AcmeOrder) -> String {
+    match o.status.as_str() {
+        "failed" => format!("failed: {}", o.reason),
+        s => s.to_string(),
+    }
+}
+
+/// Adds the ACME order's state (status, next attempt, history, holder).
+fn with_order(mut c: pb::Certificate, order: Option<&AcmeOrder>, history: bool) -> pb::Certificate {
+    if let Some(o) = order {
+        c.source = "acme".into();
+        c.status = order_status(o);
+        c.next_attempt_ms = o.next_attempt_ms;
+        if o.lease_until_ms > wall_ms() {
+            c.holder = o.holder_name.clone();
+        }
+        if history {
+            c.history = o.history.clone();
+        }
+    }
+    c
+}
+
+/// An ACME order that has no certificate yet (pending or failed).
+fn order_only_to_pb(o: &AcmeOrder, history: bool) -> pb::Certificate {
+    let c = pb::Certificate {
+        id: o.id.clone(),
+        name: o.names.first().cloned().unwrap_or_default(),
+        domains: o.names.clone(),
+        updated_at_ms: o.updated_at_ms,
+        ..Default::default()
+    };
+    with_order(c, Some(o), history)
+}
+
+fn find_order<'a>(orders: &'a [Arc<AcmeOrder>], id: &str) -> Option<&'a AcmeOrder> {
+    orders.iter().find(|o| o.id == id).map(|o| &**o)
+}
+
 fn cert_to_pb(c: &StoredCert, view_hosts: &[Arc<crate::host::ProxyHost>]) -> pb::Certificate {
     pb::Certificate {
+        source: if c.source.is_empty() {
+            "uploaded".into()
+        } else {
+            c.source.clone()
+        },
         id: c.id.clone(),
         name: c.name.clone(),
         domains: c.domains.clone(),
@@ -56,6 +103,7 @@ fn cert_to_pb(c: &StoredCert, view_hosts: &[Arc<crate::host::ProxyHost>]) -> pb:
             .map(|h| h.id.clone())
             .collect(),
         cert_pem: c.cert_pem.clone(),
+        ..Default::default()
     }
 }
 
@@ -159,12 +207,18 @@ impl pb::certificates_server::Certificates for CertsApi {
     ) -> Result<Response<pb::Certificate>, Status> {
         let id = req.into_inner().id;
         let snap = self.store.snapshot();
-        let c = snap
-            .certs
-            .iter()
-            .find(|c| c.id == id)
-            .ok_or_else(|| Status::from(not_found(&id)))?;
-        Ok(Response::new(cert_to_pb(c, &snap.hosts)))
+        let order = find_order(&snap.acme_orders, &id);
+        match snap.certs.iter().find(|c| c.id == id) {
+            Some(c) => Ok(Response::new(with_order(
+                cert_to_pb(c, &snap.hosts),
+                order,
+                true,
+            ))),
+            None => match order {
+                Some(o) => Ok(Response::new(order_only_to_pb(o, true))),
+                None => Err(Status::from(not_found(&id))),
+            },
+        }
     }
 
     async fn list_certificates(
@@ -175,8 +229,17 @@ impl pb::certificates_server::Certificates for CertsApi {
         let mut certificates: Vec<pb::Certificate> = snap
             .certs
             .iter()
-            .map(|c| cert_to_pb(c, &snap.hosts))
+            .map(|c| {
+                let order = find_order(&snap.acme_orders, &c.id);
+                with_order(cert_to_pb(c, &snap.hosts), order, false)
+            })
             .collect();
+        certificates.extend(
+            snap.acme_orders
+                .iter()
+                .filter(|o| !snap.certs.iter().any(|c| c.id == o.id))
+                .map(|o| order_only_to_pb(o, false)),
+        );
         certificates.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
         Ok(Response::new(pb::ListCertificatesResponse { certificates }))
     }

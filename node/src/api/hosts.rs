@@ -257,6 +257,7 @@ pub fn host_to_pb(h: &ProxyHost, names: &Names, hosts: &[Arc<ProxyHost>]) -> pb:
         hsts_include_subdomains: h.hsts_include_subdomains,
         upstream_ca_pem: h.upstream_ca_pem.clone(),
         upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
+        no_acme: h.no_acme,
     }
 }
 
@@ -296,6 +297,7 @@ impl pb::hosts_server::Hosts for HostsApi {
             upstream_ca_pem: h.upstream_ca_pem,
             upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
             create_key: key.clone().unwrap_or_default(),
+            no_acme: h.no_acme,
         };
         host.normalize_and_validate().map_err(HostsError::from)?;
         let ((created, fresh), stamp) = self
@@ -403,6 +405,7 @@ impl pb::hosts_server::Hosts for HostsApi {
                 h.upstream_insecure_skip_verify = r
                     .upstream_insecure_skip_verify
                     .unwrap_or(h.upstream_insecure_skip_verify);
+                h.no_acme = r.no_acme.unwrap_or(h.no_acme);
                 h.normalize_and_validate()?;
                 check_domains_free(view, &h, Some(current))?;
                 check_cert_exists(view, &h)?;

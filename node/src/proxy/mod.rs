@@ -305,6 +305,9 @@ impl Proxy {
                             proxy.serve_h2(&h2, watcher, io, info).await;
                         }
                     }
+                    Err(e @ AcceptError::AcmeChallenge(_)) => {
+                        tracing::info!(client = %peer, "TLS: {e}");
+                    }
                     Err(e @ AcceptError::UnknownName(_)) => {
                         if let Some(t) = proxy.telemetry.get() {
                             t.metrics.tls_handshake(Some("unknown_name"));
@@ -526,6 +529,11 @@ impl Proxy {
                 Some(e),
             );
         };
+        let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        // ACME hook (moves into the pipeline's request-policy phase)
+        if let Some(a) = pipeline::acme_answer(target) {
+            return (answer_response(a, None), None, None);
+        }
         let route = match pipeline::route(&self.routes.load(), host) {
             Ok(r) => r,
             Err(err) => {
@@ -539,7 +547,6 @@ impl Proxy {
                 );
             }
         };
-        let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let hsts = pipeline::response_policy(Some(&route), conn);
         if let Some(a) =
             pipeline::request_policy(&route, conn, self.config.https_port, host, target)

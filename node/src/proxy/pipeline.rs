@@ -59,6 +59,18 @@ impl Answer {
     }
 }
 
+/// Before phase 1 — ACME hook: the answer to an HTTP-01 validation
+/// (`/.well-known/acme-challenge/<token>`), given before routing, so it
+/// also reaches hosts that are disabled (or not yet replicated here) and
+/// is never redirected by `force_https`. See [`crate::acme::challenge`].
+pub fn acme_answer(target: &str) -> Option<Answer> {
+    crate::acme::challenge::http01_answer(target).map(|body| Answer {
+        status: StatusCode::OK,
+        body,
+        location: None,
+    })
+}
+
 /// Phase 1: the route for a request's host (its `Host`, or the authority
 /// of its target), or the 404 error naming the host.
 pub fn route(table: &RouteTable, host: &str) -> Result<Arc<Route>, ProxyError> {
@@ -82,9 +94,7 @@ pub fn request_policy(
     host: &str,
     target: &str,
 ) -> Option<Answer> {
-    // Issue 18 (ACME): answer `/.well-known/acme-challenge/<token>` here,
-    // before the redirect below: HTTP-01 validation comes over plain HTTP,
-    // also for hosts that force HTTPS.
+    // ACME HTTP-01 answers come before routing: see `acme_answer`.
     if route.host.force_https && !conn.tls {
         return Some(redirect_to_https(host, https_port, target));
     }

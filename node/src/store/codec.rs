@@ -5,6 +5,7 @@
 use charon_proto::store as pb;
 use prost::Message;
 
+use super::acme::{self, AcmeAccount, AcmeChallenge, AcmeOrder};
 use crate::host::{Location, ProxyHost};
 use crate::tls::cert::StoredCert;
 
@@ -20,6 +21,9 @@ pub enum Body {
     Drain(DrainRecord),
     /// Who holds a domain: see [`super::names`].
     Claim(NameClaim),
+    AcmeAccount(AcmeAccount),
+    AcmeOrder(AcmeOrder),
+    AcmeChallenge(AcmeChallenge),
 }
 
 /// The holder of one domain (key `name/<domain>`).
@@ -74,6 +78,27 @@ impl Body {
     pub fn as_claim(&self) -> Option<&NameClaim> {
         match self {
             Body::Claim(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    pub fn as_acme_account(&self) -> Option<&AcmeAccount> {
+        match self {
+            Body::AcmeAccount(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    pub fn as_acme_order(&self) -> Option<&AcmeOrder> {
+        match self {
+            Body::AcmeOrder(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    pub fn as_acme_challenge(&self) -> Option<&AcmeChallenge> {
+        match self {
+            Body::AcmeChallenge(c) => Some(c),
             _ => None,
         }
     }
@@ -143,6 +168,9 @@ pub fn encode(rec: &Record) -> Vec<u8> {
                 domain: c.domain.clone(),
                 host_id: c.host_id.clone(),
             }),
+            Body::AcmeAccount(a) => pb::record::Body::AcmeAccount(acme::account_to_pb(a)),
+            Body::AcmeOrder(o) => pb::record::Body::AcmeOrder(acme::order_to_pb(o)),
+            Body::AcmeChallenge(c) => pb::record::Body::AcmeChallenge(acme::challenge_to_pb(c)),
         }),
     };
     let mut out = Vec::with_capacity(1 + msg.encoded_len());
@@ -181,6 +209,9 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
                 domain: c.domain,
                 host_id: c.host_id,
             }),
+            pb::record::Body::AcmeAccount(a) => Body::AcmeAccount(acme::account_from_pb(a)),
+            pb::record::Body::AcmeOrder(o) => Body::AcmeOrder(acme::order_from_pb(o)),
+            pb::record::Body::AcmeChallenge(c) => Body::AcmeChallenge(acme::challenge_from_pb(c)),
         })
     };
     Ok(Record {
@@ -222,6 +253,7 @@ fn host_to_pb(h: &ProxyHost) -> pb::HostRecord {
         upstream_ca_pem: h.upstream_ca_pem.clone(),
         upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
         create_key: h.create_key.clone(),
+        no_acme: h.no_acme,
     }
 }
 
@@ -256,6 +288,7 @@ fn host_from_pb(h: pb::HostRecord) -> ProxyHost {
         upstream_ca_pem: h.upstream_ca_pem,
         upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
         create_key: h.create_key,
+        no_acme: h.no_acme,
     }
 }
 
@@ -279,6 +312,7 @@ fn cert_to_pb(c: &StoredCert) -> pb::CertRecord {
         created_at_ms: c.created_at_ms,
         updated_at_ms: c.updated_at_ms,
         version: c.version,
+        source: c.source.clone(),
     }
 }
 
@@ -302,6 +336,7 @@ fn cert_from_pb(c: pb::CertRecord) -> StoredCert {
         created_at_ms: c.created_at_ms,
         updated_at_ms: c.updated_at_ms,
         version: c.version,
+        source: c.source,
     }
 }
 
@@ -337,6 +372,7 @@ mod tests {
             upstream_ca_pem: "pem".into(),
             upstream_insecure_skip_verify: true,
             create_key: "k".into(),
+            no_acme: true,
         };
         let cert = StoredCert {
             id: "c".into(),

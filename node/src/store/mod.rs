@@ -8,6 +8,7 @@
 //! synchronously after each commit, so an API call that returned has already
 //! reached the proxy.
 
+pub mod acme;
 pub mod codec;
 pub mod hlc;
 pub mod names;
@@ -140,6 +141,10 @@ pub struct Snapshot {
     pub certs: Vec<Arc<StoredCert>>,
     pub tokens: Vec<Arc<ApiToken>>,
     pub drains: Vec<Arc<DrainRecord>>,
+    /// ACME accounts, orders and TLS-ALPN-01 challenges ([`acme`]).
+    pub acme_accounts: Vec<Arc<acme::AcmeAccount>>,
+    pub acme_orders: Vec<Arc<acme::AcmeOrder>>,
+    pub acme_challenges: Vec<Arc<acme::AcmeChallenge>>,
 }
 
 type Subscriber = Box<dyn Fn(&Snapshot) + Send + Sync>;
@@ -189,6 +194,15 @@ impl View<'_> {
 
     pub fn tokens(&self) -> &[Arc<ApiToken>] {
         &self.inner.snapshot.tokens
+    }
+
+    pub fn acme_order(&self, id: &str) -> Option<&Arc<acme::AcmeOrder>> {
+        self.inner.snapshot.acme_orders.iter().find(|o| o.id == id)
+    }
+
+    pub fn acme_challenge(&self, domain: &str) -> Option<&Arc<acme::AcmeChallenge>> {
+        let s = &self.inner.snapshot;
+        s.acme_challenges.iter().find(|c| c.domain == domain)
     }
 
     pub fn find_cert(&self, id: &str) -> Option<&Arc<StoredCert>> {
@@ -564,6 +578,7 @@ impl Store {
                 TOKEN_PREFIX,
                 DRAIN_PREFIX,
                 NAME_PREFIX,
+                acme::ACME_PREFIX,
             ]
             .iter()
             .any(|p| k.starts_with(p))
@@ -827,6 +842,9 @@ fn snapshot(records: &BTreeMap<String, Record>) -> Snapshot {
         certs: live(records, CERT_PREFIX, Body::as_cert),
         tokens: live(records, TOKEN_PREFIX, Body::as_token),
         drains: live(records, DRAIN_PREFIX, Body::as_drain),
+        acme_accounts: live(records, acme::ACCOUNT_PREFIX, Body::as_acme_account),
+        acme_orders: live(records, acme::ORDER_PREFIX, Body::as_acme_order),
+        acme_challenges: live(records, acme::ALPN_PREFIX, Body::as_acme_challenge),
     }
 }
 

@@ -38,6 +38,8 @@ pub struct StoredCert {
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
     pub version: u64,
+    /// `acme` for a certificate the cluster ordered; empty = uploaded.
+    pub source: String,
 }
 
 /// What an upload yields once it passed every check.
@@ -208,6 +210,16 @@ pub fn parse_and_validate(
     })
 }
 
+/// A PEM chain and PEM private key, ready for rustls.
+pub fn certified_key_from_pem(cert_pem: &str, key_pem: &[u8]) -> Result<Arc<CertifiedKey>, String> {
+    let der = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| format!("stored key unreadable: {e}"))?;
+    let chain = parse_chain(cert_pem)?;
+    CertifiedKey::from_der(chain, der, &default_provider())
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
+}
+
 impl StoredCert {
     /// Seals `key_pem` into this record (bound to its id).
     pub fn seal_key(&mut self, key: &DataKey, key_pem: &str) {
@@ -222,12 +234,7 @@ impl StoredCert {
         let pem = key
             .open(&self.key_id, &self.key_nonce, &self.key_sealed, &self.id)
             .map_err(|e: SealError| e.to_string())?;
-        let der = PrivateKeyDer::from_pem_slice(&pem)
-            .map_err(|e| format!("stored key unreadable: {e}"))?;
-        let chain = parse_chain(&self.cert_pem)?;
-        CertifiedKey::from_der(chain, der, &default_provider())
-            .map(Arc::new)
-            .map_err(|e| e.to_string())
+        certified_key_from_pem(&self.cert_pem, &pem)
     }
 
     pub fn days_left(&self, now_ms: u64) -> i64 {

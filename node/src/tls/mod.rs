@@ -54,12 +54,23 @@ pub enum AcceptError {
     Io(#[from] std::io::Error),
     #[error("handshake failed: {0}")]
     Tls(#[from] rustls::Error),
+    /// A TLS-ALPN-01 validation handshake, answered and closed: there is
+    /// no HTTP after it.
+    #[error("answered an ACME TLS-ALPN-01 validation for {0:?}")]
+    AcmeChallenge(String),
 }
+
+/// The ALPN protocol of TLS-ALPN-01 validation (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// Name → TLS-ALPN-01 challenge certificate (published by `acme`).
+pub type AcmeChallenges = Arc<std::collections::HashMap<String, Arc<CertifiedKey>>>;
 
 /// The HTTPS listener's TLS side.
 pub struct TlsTerminator {
     base: ServerConfig,
     table: ArcSwap<CertTable>,
+    acme: ArcSwap<std::collections::HashMap<String, Arc<CertifiedKey>>>,
 }
 
 impl TlsTerminator {
@@ -71,11 +82,16 @@ impl TlsTerminator {
         Arc::new(TlsTerminator {
             base,
             table: ArcSwap::from_pointee(CertTable::default()),
+            acme: ArcSwap::from_pointee(Default::default()),
         })
     }
 
     pub fn publish(&self, table: CertTable) {
         self.table.store(Arc::new(table));
+    }
+
+    pub fn publish_acme_challenges(&self, challenges: AcmeChallenges) {
+        self.acme.store(challenges);
     }
 
     /// Reads the ClientHello, picks the certificate by SNI (or, without SNI,
@@ -130,6 +146,15 @@ impl TlsTerminator {
                 std::net::IpAddr::V6(v6) => format!("[{v6}]"),
                 v4 => v4.to_string(),
             });
+        // ACME hook (TLS-ALPN-01): a validation handshake offers only
+        // `acme-tls/1` and gets the challenge certificate, then is closed.
+        let acme_alpn = accepted
+            .client_hello()
+            .alpn()
+            .is_some_and(|mut p| p.any(|p| p == ACME_TLS_ALPN));
+        if acme_alpn {
+            return self.answer_acme(accepted, tcp, name).await;
+        }
         let Some(key) = self.table.load().resolve(&name) else {
             let _ = tcp.write_all(&UNRECOGNIZED_NAME_ALERT).await;
             let _ = tcp.shutdown().await;
@@ -140,6 +165,34 @@ impl TlsTerminator {
         Ok(StartHandshake::from_parts(accepted, tcp)
             .into_stream(Arc::new(config))
             .await?)
+    }
+}
+
+impl TlsTerminator {
+    async fn answer_acme(
+        &self,
+        accepted: rustls::server::Accepted,
+        mut tcp: TcpStream,
+        name: String,
+    ) -> Result<TlsStream<TcpStream>, AcceptError> {
+        let key = self
+            .acme
+            .load()
+            .get(name.trim_end_matches('.').to_ascii_lowercase().as_str())
+            .cloned();
+        let Some(key) = key else {
+            let _ = tcp.write_all(&UNRECOGNIZED_NAME_ALERT).await;
+            let _ = tcp.shutdown().await;
+            return Err(AcceptError::UnknownName(name));
+        };
+        let mut config = self.base.clone();
+        config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+        config.cert_resolver = Arc::new(Chosen(key));
+        let mut tls = StartHandshake::from_parts(accepted, tcp)
+            .into_stream(Arc::new(config))
+            .await?;
+        let _ = tls.shutdown().await;
+        Err(AcceptError::AcmeChallenge(name))
     }
 }
 

@@ -685,6 +685,10 @@ where
         });
         let tracing_on = telemetry.is_some_and(|t| t.tracing.is_some());
 
+        // ACME hook (moves into the pipeline's request-policy phase)
+        if let Some(a) = pipeline::acme_answer(path_q) {
+            return Err(Box::new(Refusal::answer(a, has_body, None, None, facts)));
+        }
         let route = match pipeline::route(&self.proxy.routes.load(), host_str) {
             Ok(r) => r,
             Err(err) => {

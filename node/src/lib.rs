@@ -5,9 +5,13 @@
 //! - [`config`]: flags, `CHARON_*` env and TOML file, validated before any
 //!   port is bound.
 //! - [`host`]: the proxy host type and its validation rules.
-//! - [`store`]: redb records (LWW + HLC stamps); the single `apply` path.
-//! - [`proxy`]: route table (an immutable snapshot the store publishes after
-//!   each change), upstream pools, HTTP forwarding and the WebSocket relay.
+//! - [`store`]: redb records (LWW + HLC stamps); the single `apply` path,
+//!   which hands subscribers each commit's changed records ([`store::Changes`]).
+//! - [`proxy`]: route table (persistent maps the store's changes are applied
+//!   to, swapped in whole), upstream pools, HTTP forwarding and the WebSocket
+//!   relay.
+//! - [`names`]: the persistent name → holder map under the route and SNI
+//!   tables.
 //! - [`api`]: tonic services; API → store → route table.
 //! - [`admin`]: `/healthz`, `/readyz`.
 //! - [`node`]: wiring: opens the store, binds listeners, serves, shuts down.
@@ -21,6 +25,7 @@ pub mod cluster;
 pub mod config;
 pub mod drain;
 pub mod host;
+pub mod names;
 pub mod node;
 pub mod proxy;
 pub mod store;

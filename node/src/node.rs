@@ -16,8 +16,9 @@ use crate::api::{self, auth::Auth, auth::AuthError};
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::config::{ClusterSettings, Config};
 use crate::drain::{Drainer, Phase};
+use crate::host::ProxyHost;
 use crate::proxy::Proxy;
-use crate::store::{Store, StoreError};
+use crate::store::{Changes, Store, StoreError};
 use crate::telemetry::metrics::Gauges;
 use crate::telemetry::otel::{NodeFacts, Tracing};
 use crate::telemetry::{AccessLog, Metrics, Telemetry};
@@ -147,6 +148,39 @@ async fn cluster_config(s: &ClusterSettings, api: SocketAddr) -> Result<ClusterC
     })
 }
 
+/// Applies a commit's host and certificate changes to the SNI table. Only
+/// changed certificates are opened, so each is decrypted once per
+/// version, and the cost of a write does not grow with the number stored.
+fn apply_tls_changes(table: &mut CertTable, changes: &Changes, data_key: &DataKey) {
+    for c in &changes.certs {
+        let new = c.new.as_ref().and_then(|new| {
+            let unchanged = c.old.as_ref().is_some_and(|old| {
+                old.version == new.version && old.key_sealed == new.key_sealed
+            });
+            if let Some(key) = table.key(&new.id).filter(|_| unchanged) {
+                return Some((&**new, key.clone()));
+            }
+            match new.certified_key(data_key) {
+                Ok(key) => Some((&**new, key)),
+                Err(e) => {
+                    tracing::error!(cert = %new.id, error = %e, "certificate cannot be used; its names get no TLS");
+                    None
+                }
+            }
+        });
+        table.set_cert(c.old.as_deref(), new);
+    }
+    fn names(h: &Option<Arc<ProxyHost>>) -> Option<HostNames<'_>> {
+        h.as_deref().filter(|h| h.enabled).map(|h| HostNames {
+            domains: &h.domains,
+            cert_id: &h.cert_id,
+        })
+    }
+    for c in &changes.hosts {
+        table.set_host(&c.id, names(&c.old), names(&c.new));
+    }
+}
+
 /// `/metrics`: counters from the proxy plus gauges read at scrape time.
 fn metrics_renderer(
     metrics: Arc<Metrics>,
@@ -269,25 +303,12 @@ pub async fn run(
     {
         let (proxy, tls, data_key) = (proxy.clone(), tls.clone(), data_key.clone());
         let auth = auth.clone();
-        store.subscribe(move |snap| {
-            auth.publish_tokens(&snap.tokens);
-            proxy.publish(&snap.hosts);
-            let certs: Vec<_> = snap
-                .certs
-                .iter()
-                .filter_map(|c| match c.certified_key(&data_key) {
-                    Ok(k) => Some((c.clone(), k)),
-                    Err(e) => {
-                        tracing::error!(cert = %c.id, error = %e, "certificate cannot be used; its names get no TLS");
-                        None
-                    }
-                })
-                .collect();
-            let routed = snap.hosts.iter().filter(|h| h.enabled).map(|h| HostNames {
-                domains: &h.domains,
-                cert_id: &h.cert_id,
-            });
-            tls.publish(CertTable::build(routed, &certs));
+        store.subscribe(move |_, changes| {
+            auth.apply_tokens(&changes.tokens);
+            proxy.apply_hosts(&changes.hosts);
+            if !changes.hosts.is_empty() || !changes.certs.is_empty() {
+                tls.update(|table| apply_tls_changes(table, changes, &data_key));
+            }
         });
     }
     let cluster = Cluster::start(cluster_config, store.clone(), &UdpTransport, None)
@@ -318,8 +339,11 @@ pub async fn run(
     let (drain_tx, drain_rx) = watch::channel(None);
     {
         let me = store.node_id().to_string();
-        store.subscribe(move |snap| {
-            let mine = snap.drains.iter().find(|d| d.node_id == me).cloned();
+        store.subscribe(move |snap, changes| {
+            if changes.drains.is_empty() {
+                return;
+            }
+            let mine = snap.drains.get(&me).cloned();
             drain_tx.send_if_modified(|cur| {
                 if *cur != mine {
                     *cur = mine;

@@ -8,7 +8,7 @@ use charon_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::hosts::HostsError;
-use crate::store::{cert_key, Body, Store, View, Write};
+use crate::store::{cert_key, Body, Snapshot, Store, View, Write};
 use crate::tls::cert::{parse_and_validate, StoredCert};
 use crate::tls::seal::DataKey;
 use crate::util::wall_ms;
@@ -32,7 +32,7 @@ impl CertsApi {
     }
 }
 
-fn cert_to_pb(c: &StoredCert, view_hosts: &[Arc<crate::host::ProxyHost>]) -> pb::Certificate {
+fn cert_to_pb(c: &StoredCert, snap: &Snapshot) -> pb::Certificate {
     pb::Certificate {
         id: c.id.clone(),
         name: c.name.clone(),
@@ -48,11 +48,7 @@ fn cert_to_pb(c: &StoredCert, view_hosts: &[Arc<crate::host::ProxyHost>]) -> pb:
         created_at_ms: c.created_at_ms,
         updated_at_ms: c.updated_at_ms,
         version: c.version,
-        used_by_hosts: view_hosts
-            .iter()
-            .filter(|h| h.cert_id == c.id)
-            .map(|h| h.id.clone())
-            .collect(),
+        used_by_hosts: snap.hosts_pinning(&c.id).map(|h| h.id.clone()).collect(),
         cert_pem: c.cert_pem.clone(),
     }
 }
@@ -94,7 +90,7 @@ impl pb::certificates_server::Certificates for CertsApi {
                     key: cert_key(&c.id),
                     body: Some(Body::Cert(c.clone())),
                 };
-                Ok((vec![write], (c, view.hosts().clone())))
+                Ok((vec![write], (c, view.snapshot().clone())))
             })
             .await?;
         tracing::info!(cert = %cert.id, domains = ?cert.domains, "certificate added");
@@ -136,7 +132,7 @@ impl pb::certificates_server::Certificates for CertsApi {
                     key: cert_key(&c.id),
                     body: Some(Body::Cert(c.clone())),
                 };
-                Ok((vec![write], (c, view.hosts().clone())))
+                Ok((vec![write], (c, view.snapshot().clone())))
             })
             .await?;
         tracing::info!(cert = %cert.id, version = cert.version, "certificate replaced");
@@ -157,10 +153,9 @@ impl pb::certificates_server::Certificates for CertsApi {
         let snap = self.store.snapshot();
         let c = snap
             .certs
-            .iter()
-            .find(|c| c.id == id)
+            .get(&id)
             .ok_or_else(|| Status::from(not_found(&id)))?;
-        Ok(Response::new(cert_to_pb(c, &snap.hosts)))
+        Ok(Response::new(cert_to_pb(c, &snap)))
     }
 
     async fn list_certificates(
@@ -168,11 +163,8 @@ impl pb::certificates_server::Certificates for CertsApi {
         _req: Request<pb::ListCertificatesRequest>,
     ) -> Result<Response<pb::ListCertificatesResponse>, Status> {
         let snap = self.store.snapshot();
-        let mut certificates: Vec<pb::Certificate> = snap
-            .certs
-            .iter()
-            .map(|c| cert_to_pb(c, &snap.hosts))
-            .collect();
+        let mut certificates: Vec<pb::Certificate> =
+            snap.certs.iter().map(|c| cert_to_pb(c, &snap)).collect();
         certificates.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
         Ok(Response::new(pb::ListCertificatesResponse { certificates }))
     }
@@ -185,7 +177,7 @@ impl pb::certificates_server::Certificates for CertsApi {
         let (pinned_by, stamp) = self
             .transact(move |view| {
                 let c = view.find_cert(&id).ok_or_else(|| not_found(&id))?;
-                if let Some(h) = view.hosts().iter().find(|h| h.cert_id == c.id) {
+                if let Some(h) = view.snapshot().hosts_pinning(&c.id).next() {
                     return Ok((vec![], Err((c.id.clone(), h.id.clone(), h.name.clone()))));
                 }
                 Ok((

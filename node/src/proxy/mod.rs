@@ -38,7 +38,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::store::HostSet;
+use crate::host::ProxyHost;
+use crate::store::Changed;
 use crate::tls::{AcceptError, TlsTerminator};
 use headers::{Cidr, ClientFacts};
 use relay::TunnelOptions;
@@ -292,11 +293,23 @@ impl Proxy {
         }
     }
 
-    /// Builds a new route table from the store's hosts and swaps it in.
-    /// Requests and tunnels in flight keep the table they started with.
-    pub fn publish(&self, hosts: &HostSet) {
-        let table = RouteTable::build(hosts, &self.registry);
-        tracing::debug!(names = table.len(), "route table published");
+    /// Applies the hosts a commit changed to a copy of the route table (O(1)
+    /// to make, persistent maps) and swaps it in: a write costs O(change),
+    /// whatever the number of hosts. Requests and tunnels in flight keep
+    /// the table they started with.
+    pub fn apply_hosts(&self, changes: &[Changed<ProxyHost>]) {
+        if changes.is_empty() {
+            return;
+        }
+        let mut table = RouteTable::clone(&self.routes.load());
+        for c in changes {
+            table.apply(c.old.as_deref(), c.new.as_ref(), &self.registry);
+        }
+        tracing::debug!(
+            names = table.len(),
+            changed = changes.len(),
+            "route table published"
+        );
         self.routes.store(Arc::new(table));
     }
 

@@ -4,9 +4,10 @@
 //! [`Store::apply`] → subscribers (the route table). Every change, local or
 //! replicated or replayed at start-up, goes through [`Store::apply_locked`],
 //! which merges by last-writer-wins and commits durably before returning.
-//! Nothing on the request path reads redb: subscribers get the live host set
-//! synchronously after each commit, so an API call that returned has already
-//! reached the proxy.
+//! Nothing on the request path reads redb: subscribers get what each commit
+//! changed ([`Changes`]) synchronously after it, and apply only that to their
+//! tables, so an API call that returned has already reached the proxy and a
+//! write costs the same whatever the number of records stored.
 
 pub mod codec;
 pub mod hlc;
@@ -122,20 +123,140 @@ pub struct Delta {
     pub gc_floor: VersionVector,
 }
 
-/// The live (non-tombstone) hosts.
-pub type HostSet = Vec<Arc<ProxyHost>>;
+/// The live (non-tombstone) records of one kind, by id (the key without
+/// its prefix), in id order. A persistent map: cloning is O(1) and a
+/// change copies only the path to its entry, so publishing a new
+/// [`Snapshot`] after a commit costs O(change), not O(everything stored).
+pub struct Live<T>(imbl::OrdMap<String, Arc<T>>);
 
-/// What the data plane is built from, handed to subscribers after each
-/// change.
-#[derive(Default)]
-pub struct Snapshot {
-    pub hosts: HostSet,
-    pub certs: Vec<Arc<StoredCert>>,
-    pub tokens: Vec<Arc<ApiToken>>,
-    pub drains: Vec<Arc<DrainRecord>>,
+impl<T> Clone for Live<T> {
+    fn clone(&self) -> Self {
+        Live(self.0.clone())
+    }
 }
 
-type Subscriber = Box<dyn Fn(&Snapshot) + Send + Sync>;
+impl<T> Default for Live<T> {
+    fn default() -> Self {
+        Live(imbl::OrdMap::new())
+    }
+}
+
+impl<T> Live<T> {
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<T>> + '_ {
+        self.0.values()
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Arc<T>> {
+        self.0.get(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn to_vec(&self) -> Vec<Arc<T>> {
+        self.iter().cloned().collect()
+    }
+
+    /// Sets (or, with `None`, removes) `id`; returns the value it had.
+    fn set(&mut self, id: &str, value: Option<Arc<T>>) -> Option<Arc<T>> {
+        match value {
+            Some(v) => self.0.insert(id.to_string(), v),
+            None => self.0.remove(id),
+        }
+    }
+}
+
+/// The live hosts.
+pub type HostSet = Live<ProxyHost>;
+
+/// What the data plane is built from: cheap to clone, replaced (not
+/// rebuilt) after each change.
+#[derive(Default, Clone)]
+pub struct Snapshot {
+    pub hosts: HostSet,
+    pub certs: Live<StoredCert>,
+    pub tokens: Live<ApiToken>,
+    pub drains: Live<DrainRecord>,
+    /// Domain → ids of the live hosts that list it (more than one only
+    /// while a concurrent claim is unresolved), for lookups by name
+    /// without a scan.
+    pub by_domain: Index,
+    /// Certificate id → ids of the live hosts that pin it.
+    pub by_cert: Index,
+}
+
+/// Name → ids of the records listing it, by id.
+pub type Index = imbl::OrdMap<String, Vec<String>>;
+
+impl Snapshot {
+    /// The live hosts pinning certificate `cert_id`, by id; O(log n).
+    pub fn hosts_pinning<'a>(
+        &'a self,
+        cert_id: &str,
+    ) -> impl Iterator<Item = &'a Arc<ProxyHost>> + 'a {
+        self.by_cert
+            .get(cert_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.hosts.get(id))
+    }
+}
+
+/// One live record that changed: `old`/`new` are `None` where the record
+/// was absent or a tombstone. Tombstones never reach subscribers as values.
+#[derive(Debug)]
+pub struct Changed<T> {
+    pub id: String,
+    pub old: Option<Arc<T>>,
+    pub new: Option<Arc<T>>,
+}
+
+/// What one commit changed, by kind: what subscribers apply to their
+/// derived tables instead of rebuilding them.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub hosts: Vec<Changed<ProxyHost>>,
+    pub certs: Vec<Changed<StoredCert>>,
+    pub tokens: Vec<Changed<ApiToken>>,
+    pub drains: Vec<Changed<DrainRecord>>,
+}
+
+impl Changes {
+    /// Everything in `snap`, as if added to an empty state: what a new
+    /// subscriber starts from.
+    pub fn everything(snap: &Snapshot) -> Changes {
+        fn all<T>(live: &Live<T>) -> Vec<Changed<T>> {
+            live.0
+                .iter()
+                .map(|(id, v)| Changed {
+                    id: id.clone(),
+                    old: None,
+                    new: Some(v.clone()),
+                })
+                .collect()
+        }
+        Changes {
+            hosts: all(&snap.hosts),
+            certs: all(&snap.certs),
+            tokens: all(&snap.tokens),
+            drains: all(&snap.drains),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+            && self.certs.is_empty()
+            && self.tokens.is_empty()
+            && self.drains.is_empty()
+    }
+}
+
+type Subscriber = Box<dyn Fn(&Snapshot, &Changes) + Send + Sync>;
 
 struct Inner {
     records: BTreeMap<String, Record>,
@@ -172,30 +293,48 @@ impl View<'_> {
         &self.inner.snapshot.hosts
     }
 
-    pub fn certs(&self) -> &[Arc<StoredCert>] {
+    pub fn certs(&self) -> &Live<StoredCert> {
         &self.inner.snapshot.certs
     }
 
-    pub fn drains(&self) -> &[Arc<DrainRecord>] {
+    pub fn drains(&self) -> &Live<DrainRecord> {
         &self.inner.snapshot.drains
     }
 
-    pub fn tokens(&self) -> &[Arc<ApiToken>] {
+    pub fn tokens(&self) -> &Live<ApiToken> {
         &self.inner.snapshot.tokens
     }
 
-    pub fn find_cert(&self, id: &str) -> Option<&Arc<StoredCert>> {
-        self.inner.snapshot.certs.iter().find(|c| c.id == id)
+    /// The whole state as of this view; O(1) to clone.
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.inner.snapshot
     }
 
-    /// A host by id or by one of its domains.
+    pub fn find_cert(&self, id: &str) -> Option<&Arc<StoredCert>> {
+        self.inner.snapshot.certs.get(id)
+    }
+
+    /// A host by id or by one of its domains (the first by id when two
+    /// hosts list it).
     pub fn find_host(&self, id_or_domain: &str) -> Option<&Arc<ProxyHost>> {
-        let needle = id_or_domain.trim().to_ascii_lowercase();
-        let hosts = self.hosts();
-        hosts
-            .iter()
-            .find(|h| h.id == id_or_domain)
-            .or_else(|| hosts.iter().find(|h| h.domains.contains(&needle)))
+        self.hosts().get(id_or_domain).or_else(|| {
+            let needle = id_or_domain.trim().to_ascii_lowercase();
+            self.hosts_with_domain(&needle).next()
+        })
+    }
+
+    /// The live hosts listing `domain` (normalised: lower case), by id;
+    /// O(log n), for uniqueness checks.
+    pub fn hosts_with_domain<'a>(
+        &'a self,
+        domain: &str,
+    ) -> impl Iterator<Item = &'a Arc<ProxyHost>> + 'a {
+        let snap = &self.inner.snapshot;
+        snap.by_domain
+            .get(domain)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| snap.hosts.get(id))
     }
 }
 
@@ -286,12 +425,13 @@ impl Store {
         &self.node_id
     }
 
-    /// Registers a subscriber and calls it at once with the current state.
-    /// Subscribers run under the store lock: keep them quick (build a table,
-    /// swap a pointer).
-    pub fn subscribe(&self, f: impl Fn(&Snapshot) + Send + Sync + 'static) {
+    /// Registers a subscriber and calls it at once with the current state
+    /// (everything as added), then after each commit with what it changed.
+    /// Subscribers run under the store lock: keep them quick (apply the
+    /// changes to a copy of a persistent table, swap a pointer).
+    pub fn subscribe(&self, f: impl Fn(&Snapshot, &Changes) + Send + Sync + 'static) {
         let mut inner = self.inner.lock().expect("store lock");
-        f(&inner.snapshot);
+        f(&inner.snapshot, &Changes::everything(&inner.snapshot));
         inner.subscribers.push(Box::new(f));
     }
 
@@ -533,27 +673,25 @@ impl Store {
             inner.gc_floor = floor;
         }
         let applied = winners.len();
-        let touches = |k: &str| {
-            [HOST_PREFIX, CERT_PREFIX, TOKEN_PREFIX, DRAIN_PREFIX]
-                .iter()
-                .any(|p| k.starts_with(p))
-        };
-        let touched = winners.keys().any(|k| touches(k)) || removed.iter().any(|k| touches(k));
+        let mut snap = (*inner.snapshot).clone();
+        let mut changes = Changes::default();
         for k in removed {
             if let Some(old) = inner.records.remove(&k) {
                 inner.hash ^= record_digest(&k, &old);
+                derive(&mut snap, &mut changes, &k, None);
             }
         }
         for (k, r) in winners {
             inner.hash ^= record_digest(&k, &r);
+            derive(&mut snap, &mut changes, &k, r.body.as_ref());
             if let Some(old) = inner.records.insert(k.clone(), r) {
                 inner.hash ^= record_digest(&k, &old);
             }
         }
-        if touched {
-            inner.snapshot = Arc::new(snapshot(&inner.records));
+        if !changes.is_empty() {
+            inner.snapshot = Arc::new(snap);
             for s in &inner.subscribers {
-                s(&inner.snapshot);
+                s(&inner.snapshot, &changes);
             }
         }
         self.summary.send_replace(summarise(inner));
@@ -726,25 +864,93 @@ fn decode_entry((k, v): Entry<'_>) -> Result<(String, Record), StoreError> {
     Ok((key, rec))
 }
 
-fn live<T: Clone>(
-    records: &BTreeMap<String, Record>,
-    prefix: &str,
-    get: fn(&Body) -> Option<&T>,
-) -> Vec<Arc<T>> {
-    records
-        .range(prefix.to_string()..)
-        .take_while(|(k, _)| k.starts_with(prefix))
-        .filter_map(|(_, r)| r.body.as_ref().and_then(get).map(|v| Arc::new(v.clone())))
-        .collect()
+/// Sets `live[id]` to `new` and records the change, if there is one (a
+/// tombstone replacing a tombstone or an absent record is none).
+fn track<T: Clone>(live: &mut Live<T>, out: &mut Vec<Changed<T>>, id: &str, new: Option<&T>) {
+    let new = new.map(|v| Arc::new(v.clone()));
+    let old = live.set(id, new.clone());
+    if old.is_some() || new.is_some() {
+        out.push(Changed {
+            id: id.to_string(),
+            old,
+            new,
+        });
+    }
+}
+
+/// Applies the record now at `key` (`None`: absent or a tombstone) to the
+/// derived snapshot, and to `changes` what subscribers must apply.
+fn derive(snap: &mut Snapshot, changes: &mut Changes, key: &str, body: Option<&Body>) {
+    if let Some(id) = key.strip_prefix(HOST_PREFIX) {
+        let n = changes.hosts.len();
+        track(
+            &mut snap.hosts,
+            &mut changes.hosts,
+            id,
+            body.and_then(Body::as_host),
+        );
+        if let Some(c) = changes.hosts.get(n) {
+            let domains =
+                |h: &Option<Arc<ProxyHost>>| h.iter().flat_map(|h| h.domains.clone()).collect();
+            let pin = |h: &Option<Arc<ProxyHost>>| {
+                h.iter()
+                    .filter(|h| !h.cert_id.is_empty())
+                    .map(|h| h.cert_id.clone())
+                    .collect()
+            };
+            reindex(&mut snap.by_domain, &c.id, domains(&c.old), domains(&c.new));
+            reindex(&mut snap.by_cert, &c.id, pin(&c.old), pin(&c.new));
+        }
+    } else if let Some(id) = key.strip_prefix(CERT_PREFIX) {
+        track(
+            &mut snap.certs,
+            &mut changes.certs,
+            id,
+            body.and_then(Body::as_cert),
+        );
+    } else if let Some(id) = key.strip_prefix(TOKEN_PREFIX) {
+        track(
+            &mut snap.tokens,
+            &mut changes.tokens,
+            id,
+            body.and_then(Body::as_token),
+        );
+    } else if let Some(id) = key.strip_prefix(DRAIN_PREFIX) {
+        track(
+            &mut snap.drains,
+            &mut changes.drains,
+            id,
+            body.and_then(Body::as_drain),
+        );
+    }
+}
+
+/// Moves record `id` in `index` from the names it listed (`old`) to those
+/// it lists now (`new`).
+fn reindex(index: &mut Index, id: &str, old: Vec<String>, new: Vec<String>) {
+    for name in &old {
+        if let Some(ids) = index.get_mut(name) {
+            ids.retain(|x| x != id);
+            if ids.is_empty() {
+                index.remove(name);
+            }
+        }
+    }
+    for name in new {
+        let ids = index.entry(name).or_default();
+        if let Err(i) = ids.binary_search_by(|x| x.as_str().cmp(id)) {
+            ids.insert(i, id.to_string());
+        }
+    }
 }
 
 fn snapshot(records: &BTreeMap<String, Record>) -> Snapshot {
-    Snapshot {
-        hosts: live(records, HOST_PREFIX, Body::as_host),
-        certs: live(records, CERT_PREFIX, Body::as_cert),
-        tokens: live(records, TOKEN_PREFIX, Body::as_token),
-        drains: live(records, DRAIN_PREFIX, Body::as_drain),
+    let mut snap = Snapshot::default();
+    let mut changes = Changes::default();
+    for (k, r) in records {
+        derive(&mut snap, &mut changes, k, r.body.as_ref());
     }
+    snap
 }
 
 pub fn host_key(id: &str) -> String {
@@ -830,7 +1036,7 @@ mod tests {
         assert_eq!(store.node_id(), id);
         let hosts = store.hosts();
         assert_eq!(hosts.len(), 1);
-        assert_eq!(hosts[0].id, "b");
+        assert_eq!(hosts.to_vec()[0].id, "b");
         put(&store, host("c", "c.com"));
         let c = store
             .records()
@@ -869,7 +1075,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s2 = seen.clone();
-        store.subscribe(move |snap| s2.lock().unwrap().push(snap.hosts.len()));
+        store.subscribe(move |snap, _| s2.lock().unwrap().push(snap.hosts.len()));
         let newer = Record {
             hlc: 10,
             origin: "x".into(),
@@ -884,8 +1090,67 @@ mod tests {
         };
         assert_eq!(store.apply(vec![("host/h".into(), newer)]).unwrap(), 1);
         assert_eq!(store.apply(vec![("host/h".into(), older)]).unwrap(), 0);
-        assert_eq!(store.hosts()[0].domains, ["new.com"]);
+        assert_eq!(store.hosts().to_vec()[0].domains, ["new.com"]);
         assert_eq!(*seen.lock().unwrap(), [0, 1]);
+    }
+
+    /// Subscribers get only what a commit changed (tombstones as `None`,
+    /// never as values), and the snapshot kept by change equals one built
+    /// from the records from scratch.
+    #[test]
+    fn subscribers_get_changes_and_the_snapshot_matches_a_rebuild() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for i in 0..5 {
+            put(&store, host(&format!("h{i}"), &format!("h{i}.test")));
+        }
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        store.subscribe(move |_, ch| {
+            let list = ch
+                .hosts
+                .iter()
+                .map(|c| (c.id.clone(), c.old.is_some(), c.new.is_some()))
+                .collect::<Vec<_>>();
+            s2.lock().unwrap().push(list);
+        });
+        put(&store, host("h2", "h2-new.test"));
+        store
+            .transact(|_| {
+                let rm = Write {
+                    key: host_key("h3"),
+                    body: None,
+                };
+                let again = Write {
+                    key: host_key("gone"),
+                    body: None,
+                };
+                Ok::<_, StoreError>((vec![rm, again], ()))
+            })
+            .unwrap();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen[0].len(), 5, "a new subscriber starts from everything");
+        assert_eq!(seen[1], [("h2".to_string(), true, true)]);
+        assert_eq!(
+            seen[2],
+            [("h3".to_string(), true, false)],
+            "a tombstone for an absent record is no change"
+        );
+        let snap = store.snapshot();
+        let rebuilt = snapshot(&store.inner.lock().unwrap().records);
+        let ids = |s: &Snapshot| {
+            s.hosts
+                .iter()
+                .map(|h| (h.id.clone(), h.domains.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&snap), ids(&rebuilt));
+        assert_eq!(snap.by_domain, rebuilt.by_domain);
+        assert!(snap.by_domain.get("h2.test").is_none());
+        assert_eq!(
+            snap.by_domain.get("h2-new.test").unwrap(),
+            &["h2".to_string()]
+        );
     }
 
     mod merge {
@@ -956,6 +1221,14 @@ mod tests {
                     two.apply(chunk.to_vec()).unwrap();
                 }
                 prop_assert_eq!(state(&one), state(&two));
+                // What was derived by change is what a rebuild derives.
+                for st in [&one, &two] {
+                    let snap = st.snapshot();
+                    let rebuilt = snapshot(&st.inner.lock().unwrap().records);
+                    let hosts = |s: &Snapshot| s.hosts.iter().map(|h| (**h).clone()).collect::<Vec<_>>();
+                    prop_assert_eq!(hosts(&snap), hosts(&rebuilt));
+                    prop_assert_eq!(&snap.by_domain, &rebuilt.by_domain);
+                }
                 // The winner per key is the highest (hlc, origin).
                 for (k, r) in one.records() {
                     let best = ws.iter().filter(|(wk, _)| *wk == k)

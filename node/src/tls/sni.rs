@@ -236,4 +236,60 @@ mod tests {
         assert!(t.resolve("example.com").is_none());
         assert!(t.resolve("unknown.org").is_none());
     }
+
+    /// Changes applied one by one give what a table built from the final
+    /// state gives: a replaced certificate's old names go, a deleted pin
+    /// falls back to the SAN match, the later expiry wins a shared name.
+    #[test]
+    fn changes_match_a_build() {
+        let ca = ca("CA");
+        let a1 = stored("a", &["a.example.com", "old.example.com"], &ca);
+        let a2 = stored("a", &["a.example.com"], &ca);
+        let b = stored("b", &["a.example.com", "b.example.com"], &ca);
+        let (hd, hc) = host(&["b.example.com"], "a");
+        let mut t = CertTable::default();
+        t.set_cert(None, Some((&a1.0, a1.1.clone())));
+        t.set_cert(None, Some((&b.0, b.1.clone())));
+        t.set_host(
+            "h",
+            None,
+            Some(HostNames {
+                domains: &hd,
+                cert_id: &hc,
+            }),
+        );
+        assert!(
+            Arc::ptr_eq(&t.resolve("b.example.com").unwrap(), &a1.1),
+            "the pin wins"
+        );
+        t.set_cert(Some(&a1.0), Some((&a2.0, a2.1.clone())));
+        assert!(
+            t.resolve("old.example.com").is_none(),
+            "the replaced cert's name went"
+        );
+        assert!(
+            Arc::ptr_eq(&t.resolve("b.example.com").unwrap(), &a2.1),
+            "the pin follows"
+        );
+        t.set_cert(Some(&a2.0), None);
+        assert!(
+            Arc::ptr_eq(&t.resolve("b.example.com").unwrap(), &b.1),
+            "falls back to SAN"
+        );
+        assert!(Arc::ptr_eq(&t.resolve("a.example.com").unwrap(), &b.1));
+        let built = CertTable::build(
+            [(
+                "h",
+                HostNames {
+                    domains: &hd,
+                    cert_id: &hc,
+                },
+            )],
+            std::slice::from_ref(&b),
+        );
+        for name in ["a.example.com", "b.example.com", "old.example.com"] {
+            let key = |t: &CertTable| t.resolve(name).map(|k| Arc::as_ptr(&k));
+            assert_eq!(key(&t), key(&built), "{name}");
+        }
+    }
 }

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use charon_node::host::ProxyHost;
-use charon_node::proxy::routes::RouteTable;
+use charon_node::proxy::routes::{RouteDefaults, RouteTable};
 use charon_node::proxy::upstream::UpstreamRegistry;
 use charon_node::store::{self, Body, Store, StoreError, Write};
 use charon_node::tls::cert::{parse_and_validate, StoredCert};
@@ -258,7 +258,11 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 /// hosts.
 fn lookup_cost(n: usize, lookups: usize) -> (f64, f64) {
     let hosts: Vec<Arc<ProxyHost>> = (0..n).map(|i| Arc::new(host(i))).collect();
-    let table = RouteTable::build(&hosts, &UpstreamRegistry::default());
+    let table = RouteTable::build(
+        &hosts,
+        &UpstreamRegistry::default(),
+        &RouteDefaults::default(),
+    );
     assert_eq!(table.len(), n, "every seeded host is routed");
     // A scattered order: a multiplicative step coprime with n.
     let names: Vec<String> = (0..n.min(65_536))

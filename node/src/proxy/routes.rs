@@ -6,9 +6,11 @@
 //! hold, so a change never disturbs them.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::host::{ProxyHost, UpstreamUrl};
 use crate::names::NameMap;
+use crate::proxy::relay::TunnelOptions;
 use crate::proxy::upstream::{Pool, UpstreamRegistry};
 
 /// Where one path prefix of a host goes.
@@ -30,6 +32,25 @@ pub struct Route {
     pub hsts: Option<http::HeaderValue>,
     /// Longest prefix first, so the first match is the most specific.
     pub locations: Vec<LocationRoute>,
+    /// Time allowed for an upstream's response head: the host's own, else
+    /// the node's. Worked out here once rather than on every request.
+    pub upstream_timeout: Duration,
+    /// The host's WebSocket tunnel options, likewise.
+    pub tunnel: TunnelOptions,
+}
+
+/// Node-wide values a route falls back on where its host sets none.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteDefaults {
+    pub upstream_timeout: Duration,
+}
+
+impl Default for RouteDefaults {
+    fn default() -> Self {
+        RouteDefaults {
+            upstream_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 impl Route {
@@ -42,20 +63,16 @@ impl Route {
     }
 }
 
-/// `/api` matches `/api`, `/api/x` and `/api?q`, but not `/apix`: a prefix
-/// ending without a slash is taken as a path segment, as users expect.
-fn path_has_prefix(path: &str, prefix: &str) -> bool {
-    match path.strip_prefix(prefix) {
-        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with(['/', '?']),
-        None => false,
-    }
-}
-
 impl Route {
-    /// Compiles one enabled host into a route; `None` (logged) when an
-    /// upstream does not parse. Pools come from `registry` so connection
-    /// pools and passive-health marks outlive table changes.
-    pub fn from_host(host: &Arc<ProxyHost>, registry: &UpstreamRegistry) -> Option<Route> {
+    /// Everything the request path needs of one host, computed once per
+    /// table build: parsed upstream pools, sorted locations, the HSTS
+    /// value, the upstream timeout and tunnel options. `None` (logged) for
+    /// a host whose upstreams do not parse.
+    pub fn compile(
+        host: &Arc<ProxyHost>,
+        registry: &UpstreamRegistry,
+        defaults: &RouteDefaults,
+    ) -> Option<Route> {
         let pool = |urls: &[String]| -> Option<Arc<Pool>> {
             let parsed: Result<Vec<UpstreamUrl>, _> =
                 urls.iter().map(|u| UpstreamUrl::parse(u)).collect();
@@ -72,9 +89,9 @@ impl Route {
                         .collect(),
                 ))),
                 Err(e) => {
-                    // Only validated hosts are stored, so this means a
-                    // file from a release with other rules: skip the
-                    // host rather than fail every other one.
+                    // Only validated hosts are stored, so this means a file
+                    // from a release with other rules: skip the host rather
+                    // than fail every other one.
                     tracing::error!(host = %host.id, error = %e, "skipping host with an invalid upstream");
                     None
                 }
@@ -100,6 +117,7 @@ impl Route {
             http::HeaderValue::from_str(&format!("max-age={}{sub}", host.hsts_max_age_secs))
                 .expect("ascii")
         });
+        let secs = |s: u32| (s > 0).then(|| Duration::from_secs(u64::from(s)));
         Some(Route {
             hsts,
             name: Arc::from(host.name.as_str()),
@@ -107,7 +125,24 @@ impl Route {
             host: host.clone(),
             pool: main,
             locations,
+            upstream_timeout: match host.upstream_timeout_ms {
+                0 => defaults.upstream_timeout,
+                ms => Duration::from_millis(u64::from(ms)),
+            },
+            tunnel: TunnelOptions {
+                idle_timeout: secs(host.ws_idle_timeout_secs),
+                ping_interval: secs(host.ws_ping_interval_secs),
+            },
         })
+    }
+}
+
+/// `/api` matches `/api`, `/api/x` and `/api?q`, but not `/apix`: a prefix
+/// ending without a slash is taken as a path segment, as users expect.
+fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with(['/', '?']),
+        None => false,
     }
 }
 
@@ -124,11 +159,17 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// The table for `hosts` at once (start-up, tests).
-    pub fn build(hosts: &[Arc<ProxyHost>], registry: &UpstreamRegistry) -> RouteTable {
+    /// The table for `hosts` at once (start-up, tests). Pools come from
+    /// `registry` so connection pools and passive-health marks outlive
+    /// table changes.
+    pub fn build(
+        hosts: &[Arc<ProxyHost>],
+        registry: &UpstreamRegistry,
+        defaults: &RouteDefaults,
+    ) -> RouteTable {
         let mut table = RouteTable::default();
         for host in hosts {
-            table.apply(None, Some(host), registry);
+            table.apply(None, Some(host), registry, defaults);
         }
         table
     }
@@ -140,6 +181,7 @@ impl RouteTable {
         old: Option<&ProxyHost>,
         new: Option<&Arc<ProxyHost>>,
         registry: &UpstreamRegistry,
+        defaults: &RouteDefaults,
     ) {
         if let Some(old) = old.filter(|h| h.enabled) {
             for d in &old.domains {
@@ -152,7 +194,7 @@ impl RouteTable {
         let Some(host) = new.filter(|h| h.enabled) else {
             return;
         };
-        let Some(route) = Route::from_host(host, registry) else {
+        let Some(route) = Route::compile(host, registry, defaults) else {
             return;
         };
         let route = Arc::new(route);
@@ -248,7 +290,7 @@ mod tests {
             host("wild", &["*.example.com"], &[]),
             host("deeper", &["*.b.example.com"], &[]),
         ];
-        let t = RouteTable::build(&hosts, &reg);
+        let t = RouteTable::build(&hosts, &reg, &RouteDefaults::default());
         let id = |h: &str| t.lookup(h).map(|r| r.host.id.clone());
         assert_eq!(id("a.example.com").as_deref(), Some("exact"));
         assert_eq!(id("A.Example.com:8080").as_deref(), Some("exact"));
@@ -291,7 +333,12 @@ mod tests {
                 Some(h) => stored.insert(id.to_string(), h.clone()),
                 None => stored.remove(id),
             };
-            table.apply(old.as_deref(), new.as_ref(), &reg);
+            table.apply(
+                old.as_deref(),
+                new.as_ref(),
+                &reg,
+                &RouteDefaults::default(),
+            );
             // The old rebuild: every enabled host in id order, a later
             // one overwriting an earlier one's name.
             let mut oracle = std::collections::HashMap::new();
@@ -324,7 +371,7 @@ mod tests {
         let reg = UpstreamRegistry::default();
         let mut h = (*host("x", &["x.com"], &[])).clone();
         h.enabled = false;
-        let t = RouteTable::build(&[Arc::new(h)], &reg);
+        let t = RouteTable::build(&[Arc::new(h)], &reg, &RouteDefaults::default());
         assert!(t.lookup("x.com").is_none());
     }
 
@@ -340,7 +387,7 @@ mod tests {
                 ("/static/", "http://127.0.0.1:4"),
             ],
         )];
-        let t = RouteTable::build(&hosts, &reg);
+        let t = RouteTable::build(&hosts, &reg, &RouteDefaults::default());
         let r = t.lookup("h.com").unwrap();
         let port = |p: &str| r.pool_for(p).upstreams()[0].url.port;
         assert_eq!(port("/api"), 2);

@@ -109,7 +109,7 @@ pub async fn serve(
         ClusterServer::with_interceptor(cluster::ClusterApi::new(cluster.clone()), move |req| {
             cluster_auth.check(req)
         });
-    let sync = crate::cluster::sync::server(store.clone(), cluster.auth().clone());
+    let sync = cluster.sync_server();
     let tokens_auth = auth.clone();
     let tokens = TokensServer::with_interceptor(
         tokens::TokensApi::new(store.clone(), cluster.config().node_name.clone()),

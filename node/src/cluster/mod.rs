@@ -6,9 +6,12 @@
 //! state hash, drain progress, and a membership proof (see [`auth`]); every
 //! key and how its value is written is in [`gossip`]. Records move over
 //! the sync service ([`sync`]) in three ways:
-//! - **push**: every local write goes to every live member at once (peers in
-//!   this node's region first), so a host added on one node is usually
-//!   served everywhere within milliseconds;
+//! - **push**: every local write goes at once to a few live peers of this
+//!   node's region and one of each other region, and each receiver that
+//!   learnt something from it relays it to a few peers of its own region,
+//!   so a host added on one node is usually served everywhere within
+//!   milliseconds while no node sends more than a few pushes per write,
+//!   whatever the cluster's size;
 //! - **pull**: when gossip shows a member's vector ahead of ours, we ask it
 //!   for everything newer than our vector — this heals missed pushes,
 //!   partitions and restarts, and is what a node catching up uses;
@@ -25,14 +28,17 @@ pub mod auth;
 pub mod gossip;
 pub mod sync;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use charon_proto::cluster as sync_pb;
 use chitchat::transport::Transport;
 use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
 use rand::seq::IndexedRandom;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::store::{Record, Store, VersionVector};
@@ -133,6 +139,45 @@ pub struct Cluster {
     reachable: Option<Reachable>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     refused: Mutex<HashSet<ChitchatId>>,
+    /// Live peers as of the time noted ([`Cluster::push_peers`]).
+    push_peers: Mutex<Option<(Instant, Arc<Vec<Member>>)>>,
+    /// Per peer API address, its send queue ([`Cluster::enqueue`]).
+    queues: Mutex<HashMap<String, mpsc::UnboundedSender<Outgoing>>>,
+    pushes_sent: AtomicU64,
+    relay_tx: mpsc::UnboundedSender<sync::Relayed>,
+}
+
+/// Peers of its own region a node pushes each write (or relays each new
+/// push) to. With relays, a write reaches N nodes in about log3(N) hops.
+const PUSH_FANOUT: usize = 3;
+/// A relay chain longer than this stops (each relay also stops when the
+/// push taught it nothing); pulls cover whatever it missed.
+const MAX_RELAY_HOPS: u32 = 8;
+/// Entries merged into one push at most; the rest go in the next.
+const MAX_PUSH_BATCH: usize = 1024;
+
+/// Entries waiting to be pushed to one peer, and their relay depth.
+type Outgoing = (Vec<sync_pb::Entry>, u32);
+
+/// One peer's send queue: pushes one batch at a time, merging whatever
+/// queued up meanwhile. Ends when the cluster drops the sender.
+async fn push_queue(
+    peers: Peers,
+    name: String,
+    api: String,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+) {
+    while let Some((mut entries, mut hops)) = rx.recv().await {
+        while entries.len() < MAX_PUSH_BATCH {
+            let Ok((more, h)) = rx.try_recv() else { break };
+            entries.extend(more);
+            hops = hops.min(h);
+        }
+        if let Err(e) = peers.push(&api, entries, hops).await {
+            tracing::debug!(peer = %name, api = %api, error = %e,
+                "push failed; the peer will pull");
+        }
+    }
 }
 
 fn ahead(theirs: &VersionVector, ours: &VersionVector) -> bool {
@@ -144,7 +189,7 @@ fn ahead(theirs: &VersionVector, ours: &VersionVector) -> bool {
 impl Cluster {
     /// Joins (or founds) the cluster: starts gossip on `transport` and the
     /// replication loops. The sync server is mounted by the caller with
-    /// [`Cluster::sync_server`].
+    /// [`Cluster::sync_server`] (which relays pushes on).
     pub async fn start(
         config: ClusterConfig,
         store: Arc<Store>,
@@ -198,6 +243,7 @@ impl Cluster {
         };
         let handle = spawn_chitchat(chitchat_config, initial, transport).await?;
         let peers = Peers::new(auth.clone(), node_id);
+        let (relay_tx, relay_rx) = mpsc::unbounded_channel();
         let cluster = Arc::new(Cluster {
             store,
             config,
@@ -207,10 +253,15 @@ impl Cluster {
             reachable,
             tasks: Mutex::default(),
             refused: Mutex::default(),
+            push_peers: Mutex::default(),
+            queues: Mutex::default(),
+            pushes_sent: AtomicU64::new(0),
+            relay_tx,
         });
         let tasks = vec![
             tokio::spawn(cluster.clone().publish_loop()),
             tokio::spawn(cluster.clone().push_loop()),
+            tokio::spawn(cluster.clone().relay_loop(relay_rx)),
             tokio::spawn(cluster.clone().pull_loop()),
             tokio::spawn(cluster.clone().anti_entropy_loop()),
             tokio::spawn(cluster.clone().gc_loop()),
@@ -399,8 +450,10 @@ impl Cluster {
         }
     }
 
-    /// Eager push: each local write goes to every live peer at once. A
-    /// failed push is only logged: pulls and anti-entropy repair it.
+    /// Eager push of local writes to a few peers ([`Cluster::targets`]),
+    /// which relay them on. Writes queued meanwhile go as one batch. A
+    /// failed push is only logged: relays from other peers, pulls and
+    /// anti-entropy repair it.
     async fn push_loop(self: Arc<Self>) {
         let mut rx = self.store.local_writes();
         while let Some(first) = rx.recv().await {
@@ -409,17 +462,116 @@ impl Cluster {
                 records.extend(more);
             }
             let entries = sync::encode_entries(&records);
-            for peer in self.live_peers().await {
-                let peers = self.peers.clone();
-                let entries = entries.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = peers.push(&peer.api, entries).await {
-                        tracing::debug!(peer = %peer.name, api = %peer.api, error = %e,
-                            "push failed; the peer will pull");
-                    }
-                });
+            let peers = self.push_peers().await;
+            for peer in self.targets(&peers, None, true) {
+                self.enqueue(peer, entries.clone(), 0);
             }
         }
+    }
+
+    /// Relays pushes that brought this node something new to a few peers
+    /// of its region (not back to the sender), so a write reaches every
+    /// node in a few hops while each node sends O(fan-out), not O(cluster).
+    async fn relay_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<sync::Relayed>) {
+        while let Some(r) = rx.recv().await {
+            if r.hops >= MAX_RELAY_HOPS {
+                continue;
+            }
+            let peers = self.push_peers().await;
+            for peer in self.targets(&peers, Some(&r.from_node), false) {
+                self.enqueue(peer, r.entries.clone(), r.hops + 1);
+            }
+        }
+    }
+
+    /// The live peers pushes go to: the member list, rebuilt at most once
+    /// per gossip interval rather than for every write.
+    async fn push_peers(&self) -> Arc<Vec<Member>> {
+        {
+            let cached = self.push_peers.lock().expect("push peers lock");
+            if let Some((at, peers)) = &*cached {
+                if at.elapsed() < self.config.gossip_interval {
+                    return peers.clone();
+                }
+            }
+        }
+        let peers = Arc::new(self.live_peers().await);
+        *self.push_peers.lock().expect("push peers lock") = Some((Instant::now(), peers.clone()));
+        peers
+    }
+
+    /// Whom one push goes to: up to [`PUSH_FANOUT`] random peers of this
+    /// node's region and, with `other_regions` (at the origin), one random
+    /// peer of each other region, which relays it inside its own. Never
+    /// `exclude` (the sender of a relayed push) or an unreachable peer.
+    fn targets<'a>(
+        &self,
+        peers: &'a [Member],
+        exclude: Option<&str>,
+        other_regions: bool,
+    ) -> Vec<&'a Member> {
+        let mut by_region: BTreeMap<&str, Vec<&Member>> = BTreeMap::new();
+        for m in peers {
+            if Some(m.node_id.as_str()) != exclude && self.can_reach(&m.node_id) {
+                by_region.entry(m.region.as_str()).or_default().push(m);
+            }
+        }
+        let mut rng = rand::rng();
+        let mut out = Vec::new();
+        for (region, list) in by_region {
+            if region == self.config.region {
+                out.extend(list.choose_multiple(&mut rng, PUSH_FANOUT).copied());
+            } else if other_regions {
+                out.extend(list.choose(&mut rng).copied());
+            }
+        }
+        out
+    }
+
+    /// Hands `entries` to `peer`'s send queue: one push in flight per peer,
+    /// whatever queued behind it goes as the next batch (pipelined, and
+    /// batched under load).
+    fn enqueue(&self, peer: &Member, entries: Vec<sync_pb::Entry>, hops: u32) {
+        self.pushes_sent.fetch_add(1, Ordering::Relaxed);
+        let mut queues = self.queues.lock().expect("queues lock");
+        let item = (entries, hops);
+        let item = match queues.get(&peer.api) {
+            Some(tx) => match tx.send(item) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(item)) => item,
+            },
+            None => item,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(item);
+        queues.insert(peer.api.clone(), tx);
+        tokio::spawn(push_queue(
+            self.peers.clone(),
+            peer.name.clone(),
+            peer.api.clone(),
+            rx,
+        ));
+    }
+
+    /// Pushes queued so far, counting each (batch, peer) pair once: what a
+    /// test checks to see that the fan-out is bounded.
+    pub fn pushes_sent(&self) -> u64 {
+        self.pushes_sent.load(Ordering::Relaxed)
+    }
+
+    /// The sync server for this node's gRPC listener, wired to relay
+    /// pushes that brought something new.
+    pub fn sync_server(
+        &self,
+    ) -> tonic::service::interceptor::InterceptedService<
+        charon_proto::cluster::sync_server::SyncServer<sync::SyncApi>,
+        impl tonic::service::Interceptor + Clone,
+    > {
+        sync::server_with_relay(
+            self.store.clone(),
+            self.auth.clone(),
+            Some(self.relay_tx.clone()),
+        )
     }
 
     /// Pulls from the member that is furthest ahead of us, whenever gossip

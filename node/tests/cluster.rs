@@ -380,9 +380,9 @@ async fn a_node_away_past_the_tombstone_grace_gets_a_snapshot_and_resurrects_not
 }
 
 /// A write reaches every node while no node pushes it to more than a few
-/// peers: the origin to three of its region, each node that learnt
-/// something from a push relays it to three more. Before, the origin
-/// pushed every write to every live member (seven here).
+/// peers: down a 3-ary tree rooted at the writer, each node relaying to its
+/// children. Before, the origin pushed every write to every live member
+/// (seven here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_nodes_writes_spread_by_bounded_pushes_and_relays() {
     let net = Net::default();
@@ -425,5 +425,11 @@ async fn eight_nodes_writes_spread_by_bounded_pushes_and_relays() {
     assert!(
         sent[1..].iter().sum::<u64>() > 0,
         "nobody relayed: the rest came by pull"
+    );
+    // A tree: about one push per node per write, not one per peer.
+    let total: u64 = sent.iter().sum();
+    assert!(
+        total <= WRITES * 7 + 7,
+        "{total} pushes for {WRITES} writes to 7 peers"
     );
 }

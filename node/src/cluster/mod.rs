@@ -6,12 +6,12 @@
 //! state hash, drain progress, and a membership proof (see [`auth`]); every
 //! key and how its value is written is in [`gossip`]. Records move over
 //! the sync service ([`sync`]) in three ways:
-//! - **push**: every local write goes at once to a few live peers of this
-//!   node's region and one of each other region, and each receiver that
-//!   learnt something from it relays it to a few peers of its own region,
-//!   so a host added on one node is usually served everywhere within
-//!   milliseconds while no node sends more than a few pushes per write,
-//!   whatever the cluster's size;
+//! - **push**: every local write goes down a 3-ary tree over this region's
+//!   live members rooted at the writer (and to one member of each other
+//!   region, which roots that region's tree); each receiver relays it to its
+//!   children. A host added on one node is usually served everywhere within
+//!   milliseconds, every node gets it about once, and none sends more than
+//!   a few pushes per write, whatever the cluster's size;
 //! - **pull**: when gossip shows a member's vector ahead of ours, we ask it
 //!   for everything newer than our vector — this heals missed pushes,
 //!   partitions and restarts, and is what a node catching up uses;
@@ -144,36 +144,62 @@ pub struct Cluster {
     /// Per peer API address, its send queue ([`Cluster::enqueue`]).
     queues: Mutex<HashMap<String, mpsc::UnboundedSender<Outgoing>>>,
     pushes_sent: AtomicU64,
+    /// Member proofs already verified ([`Cluster::proven`]).
+    proven: Mutex<HashSet<(ChitchatId, String)>>,
     relay_tx: mpsc::UnboundedSender<sync::Relayed>,
 }
 
-/// Peers of its own region a node pushes each write (or relays each new
-/// push) to. With relays, a write reaches N nodes in about log3(N) hops.
+/// Children per node in a region's push tree: a write reaches N nodes in
+/// about log3(N) hops, and no node sends more than this many pushes of it
+/// (plus one per other region at the origin).
 const PUSH_FANOUT: usize = 3;
-/// A relay chain longer than this stops (each relay also stops when the
-/// push taught it nothing); pulls cover whatever it missed.
+/// A relay chain longer than this stops (a relay also stops when the push
+/// taught it nothing); pulls cover whatever it missed.
 const MAX_RELAY_HOPS: u32 = 8;
+/// The pull loop looks at the members' vectors at most this often.
+const MIN_PULL_LOOK: Duration = Duration::from_millis(50);
 /// Entries merged into one push at most; the rest go in the next.
 const MAX_PUSH_BATCH: usize = 1024;
 
-/// Entries waiting to be pushed to one peer, and their relay depth.
-type Outgoing = (Vec<sync_pb::Entry>, u32);
+/// Entries waiting to be pushed to one peer, with their relay depth and
+/// the root of the tree they follow.
+struct Outgoing {
+    entries: Vec<sync_pb::Entry>,
+    hops: u32,
+    root: String,
+}
 
 /// One peer's send queue: pushes one batch at a time, merging whatever
-/// queued up meanwhile. Ends when the cluster drops the sender.
+/// queued up meanwhile for the same tree. Ends when the cluster drops the
+/// sender.
 async fn push_queue(
     peers: Peers,
     name: String,
     api: String,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) {
-    while let Some((mut entries, mut hops)) = rx.recv().await {
-        while entries.len() < MAX_PUSH_BATCH {
-            let Ok((more, h)) = rx.try_recv() else { break };
-            entries.extend(more);
-            hops = hops.min(h);
+    let mut next = None;
+    loop {
+        let mut batch = match next.take() {
+            Some(b) => b,
+            None => match rx.recv().await {
+                Some(b) => b,
+                None => return,
+            },
+        };
+        while batch.entries.len() < MAX_PUSH_BATCH {
+            let Ok(more) = rx.try_recv() else { break };
+            if more.root != batch.root {
+                next = Some(more);
+                break;
+            }
+            batch.entries.extend(more.entries);
+            batch.hops = batch.hops.min(more.hops);
         }
-        if let Err(e) = peers.push(&api, entries, hops).await {
+        if let Err(e) = peers
+            .push(&api, batch.entries, batch.hops, batch.root)
+            .await
+        {
             tracing::debug!(peer = %name, api = %api, error = %e,
                 "push failed; the peer will pull");
         }
@@ -256,6 +282,7 @@ impl Cluster {
             push_peers: Mutex::default(),
             queues: Mutex::default(),
             pushes_sent: AtomicU64::new(0),
+            proven: Mutex::default(),
             relay_tx,
         });
         let tasks = vec![
@@ -328,6 +355,29 @@ impl Cluster {
         self.set_facts(&all).await;
     }
 
+    /// Whether `proof` proves `id` holds the cluster secret; each (member,
+    /// proof) is checked once (an HMAC per member per look was most of the
+    /// cost of building the member list).
+    fn proven(&self, id: &ChitchatId, proof: &str) -> bool {
+        let key = (id.clone(), proof.to_string());
+        if self.proven.lock().expect("proven lock").contains(&key) {
+            return true;
+        }
+        let ok = self
+            .auth
+            .verify_member(&id.node_id, id.generation_id, proof);
+        if ok {
+            let mut set = self.proven.lock().expect("proven lock");
+            // Generations of restarted members pile up: start over now
+            // and then rather than keep them all.
+            if set.len() > 4096 {
+                set.clear();
+            }
+            set.insert(key);
+        }
+        ok
+    }
+
     fn can_reach(&self, node_id: &str) -> bool {
         self.reachable.as_ref().is_none_or(|f| f(node_id))
     }
@@ -348,10 +398,7 @@ impl Cluster {
             let Some(proof) = state.get(K_AUTH) else {
                 continue;
             };
-            if !self
-                .auth
-                .verify_member(&id.node_id, id.generation_id, proof)
-            {
+            if !self.proven(id, proof) {
                 if self
                     .refused
                     .lock()
@@ -450,10 +497,9 @@ impl Cluster {
         }
     }
 
-    /// Eager push of local writes to a few peers ([`Cluster::targets`]),
-    /// which relay them on. Writes queued meanwhile go as one batch. A
-    /// failed push is only logged: relays from other peers, pulls and
-    /// anti-entropy repair it.
+    /// Eager push of local writes along this node's tree
+    /// ([`Cluster::targets`]). Writes queued meanwhile go as one batch. A
+    /// failed push is only logged: pulls and anti-entropy repair it.
     async fn push_loop(self: Arc<Self>) {
         let mut rx = self.store.local_writes();
         while let Some(first) = rx.recv().await {
@@ -463,23 +509,40 @@ impl Cluster {
             }
             let entries = sync::encode_entries(&records);
             let peers = self.push_peers().await;
-            for peer in self.targets(&peers, None, true) {
-                self.enqueue(peer, entries.clone(), 0);
+            for (peer, root) in self.targets(&peers, self.node_id(), true) {
+                self.enqueue(
+                    peer,
+                    Outgoing {
+                        entries: entries.clone(),
+                        hops: 0,
+                        root,
+                    },
+                );
             }
         }
     }
 
-    /// Relays pushes that brought this node something new to a few peers
-    /// of its region (not back to the sender), so a write reaches every
-    /// node in a few hops while each node sends O(fan-out), not O(cluster).
+    /// Relays pushes that brought this node something new to its children
+    /// in the push's tree, so a write reaches every node in a few hops
+    /// while each node sends O(fan-out), not O(cluster), pushes.
     async fn relay_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<sync::Relayed>) {
         while let Some(r) = rx.recv().await {
             if r.hops >= MAX_RELAY_HOPS {
                 continue;
             }
             let peers = self.push_peers().await;
-            for peer in self.targets(&peers, Some(&r.from_node), false) {
-                self.enqueue(peer, r.entries.clone(), r.hops + 1);
+            for (peer, root) in self.targets(&peers, &r.root, false) {
+                if peer.node_id != r.from_node {
+                    let entries = r.entries.clone();
+                    self.enqueue(
+                        peer,
+                        Outgoing {
+                            entries,
+                            hops: r.hops + 1,
+                            root,
+                        },
+                    );
+                }
             }
         }
     }
@@ -500,29 +563,64 @@ impl Cluster {
         peers
     }
 
-    /// Whom one push goes to: up to [`PUSH_FANOUT`] random peers of this
-    /// node's region and, with `other_regions` (at the origin), one random
-    /// peer of each other region, which relays it inside its own. Never
-    /// `exclude` (the sender of a relayed push) or an unreachable peer.
+    /// Whom this node pushes to, with the tree root each push carries: its
+    /// children in the [`PUSH_FANOUT`]-ary tree rooted at `root` over this
+    /// region's live members (by node id, rotated to start at the root; an
+    /// unreachable child is stood in for by its own children), and, at the
+    /// origin (`other_regions`), one random member of each other region,
+    /// which roots that region's tree. Views of the membership can differ
+    /// for a moment: a node then gets a write twice, or by pull.
     fn targets<'a>(
         &self,
         peers: &'a [Member],
-        exclude: Option<&str>,
+        root: &str,
         other_regions: bool,
-    ) -> Vec<&'a Member> {
-        let mut by_region: BTreeMap<&str, Vec<&Member>> = BTreeMap::new();
-        for m in peers {
-            if Some(m.node_id.as_str()) != exclude && self.can_reach(&m.node_id) {
-                by_region.entry(m.region.as_str()).or_default().push(m);
+    ) -> Vec<(&'a Member, String)> {
+        let me = self.node_id();
+        let mut region: Vec<Option<&Member>> = peers
+            .iter()
+            .filter(|m| m.region == self.config.region)
+            .map(Some)
+            .collect();
+        region.push(None);
+        fn id<'x>(m: &Option<&'x Member>, me: &'x str) -> &'x str {
+            m.map_or(me, |m| m.node_id.as_str())
+        }
+        region.sort_by(|a, b| id(a, me).cmp(id(b, me)));
+        let n = region.len();
+        let pos = |x: &str| region.iter().position(|m| id(m, me) == x);
+        let (Some(at_root), Some(at_me)) = (pos(root), pos(me)) else {
+            // The root is not in our view: root our own tree instead.
+            return self.targets(peers, me, other_regions);
+        };
+        let rank = (at_me + n - at_root) % n;
+        let mut out = Vec::new();
+        let mut todo: Vec<usize> = (1..=PUSH_FANOUT).map(|c| rank * PUSH_FANOUT + c).collect();
+        while let Some(r) = todo.pop() {
+            if r >= n {
+                continue;
+            }
+            let Some(m) = region[(r + at_root) % n] else {
+                continue;
+            };
+            if self.can_reach(&m.node_id) {
+                out.push((m, root.to_string()));
+            } else {
+                todo.extend((1..=PUSH_FANOUT).map(|c| r * PUSH_FANOUT + c));
             }
         }
-        let mut rng = rand::rng();
-        let mut out = Vec::new();
-        for (region, list) in by_region {
-            if region == self.config.region {
-                out.extend(list.choose_multiple(&mut rng, PUSH_FANOUT).copied());
-            } else if other_regions {
-                out.extend(list.choose(&mut rng).copied());
+        if other_regions {
+            let mut others: BTreeMap<&str, Vec<&Member>> = BTreeMap::new();
+            for m in peers {
+                if m.region != self.config.region && self.can_reach(&m.node_id) {
+                    others.entry(m.region.as_str()).or_default().push(m);
+                }
+            }
+            let mut rng = rand::rng();
+            for list in others.values() {
+                if let Some(m) = list.choose(&mut rng) {
+                    out.push((*m, m.node_id.clone()));
+                }
             }
         }
         out
@@ -531,10 +629,9 @@ impl Cluster {
     /// Hands `entries` to `peer`'s send queue: one push in flight per peer,
     /// whatever queued behind it goes as the next batch (pipelined, and
     /// batched under load).
-    fn enqueue(&self, peer: &Member, entries: Vec<sync_pb::Entry>, hops: u32) {
+    fn enqueue(&self, peer: &Member, item: Outgoing) {
         self.pushes_sent.fetch_add(1, Ordering::Relaxed);
         let mut queues = self.queues.lock().expect("queues lock");
-        let item = (entries, hops);
         let item = match queues.get(&peer.api) {
             Some(tx) => match tx.send(item) {
                 Ok(()) => return,
@@ -585,11 +682,21 @@ impl Cluster {
             cc.live_nodes_watcher()
         };
         let mut seen_ahead: HashSet<String> = HashSet::new();
+        let mut last_look = Instant::now();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 r = watcher.changed() => if r.is_err() { return },
             }
+            // Every write anywhere changes some member's gossiped vector and
+            // wakes this loop on every node: look at most every
+            // MIN_PULL_LOOK, or the member list is rebuilt O(writes × nodes)
+            // times across the cluster.
+            let since = last_look.elapsed();
+            if since < MIN_PULL_LOOK {
+                tokio::time::sleep(MIN_PULL_LOOK - since).await;
+            }
+            last_look = Instant::now();
             let ours = self.store.version_vector();
             let ahead_now: Vec<Member> = self
                 .live_peers()

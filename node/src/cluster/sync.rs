@@ -58,6 +58,7 @@ fn from_pb_vv(vv: Option<pb::VersionVector>) -> VersionVector {
 pub struct Relayed {
     pub from_node: String,
     pub hops: u32,
+    pub root: String,
     pub entries: Vec<pb::Entry>,
 }
 
@@ -112,6 +113,7 @@ impl Sync for SyncApi {
                 let _ = relay.send(Relayed {
                     from_node: req.from_node,
                     hops: req.hops,
+                    root: req.root,
                     entries: req.entries,
                 });
             }
@@ -197,12 +199,14 @@ impl Peers {
         addr: &str,
         entries: Vec<pb::Entry>,
         hops: u32,
+        root: String,
     ) -> Result<u32, Status> {
         let mut client = self.client(addr)?;
         let req = self.auth.outgoing(Request::new(pb::PushRequest {
             from_node: self.node_id.clone(),
             entries,
             hops,
+            root,
         }));
         Ok(client.push(req).await?.into_inner().applied)
     }

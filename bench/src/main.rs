@@ -13,6 +13,7 @@ mod otlp_sink;
 mod propagation;
 mod run;
 mod scale;
+mod sim;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -207,6 +208,25 @@ enum Cmd {
         #[arg(long, default_value = "full")]
         mode: String,
     },
+    /// Config propagation in a simulated cluster of many nodes in this one
+    /// process (real stores and sync, in-process gossip): see
+    /// bench/README.md, "Simulated cluster".
+    Sim {
+        /// Cluster sizes.
+        #[arg(long, default_value = "50,100", value_parser = scale::parse_sizes)]
+        nodes: std::vec::Vec<usize>,
+        /// Measured writes per size, one at a time, round-robin.
+        #[arg(long, default_value_t = 200)]
+        writes: usize,
+        #[arg(long, default_value_t = 200)]
+        gossip_interval_ms: u64,
+        /// Seconds for every node to see every other live.
+        #[arg(long, default_value_t = 180)]
+        formation_timeout_secs: u64,
+        /// Also write the Markdown here (and the JSON next to it, .json).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// One node as the stored configuration grows: write latency, start
     /// time and RSS, route lookup cost (see bench/README.md, "Scale").
     Scale {
@@ -390,6 +410,23 @@ fn real_main() -> anyhow::Result<bool> {
             targets,
             workers,
         } => run::serve(bin_dir, workdir, &targets, workers)?,
+        Cmd::Sim {
+            nodes,
+            writes,
+            gossip_interval_ms,
+            formation_timeout_secs,
+            out,
+        } => {
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            return sim::run(sim::Args {
+                sizes: nodes,
+                writes,
+                gossip_interval_ms,
+                formation_timeout: Duration::from_secs(formation_timeout_secs),
+                out,
+                command: format!("charon-bench {}", args.join(" ")),
+            });
+        }
         Cmd::Scale {
             bin_dir,
             workdir,

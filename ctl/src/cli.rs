@@ -546,6 +546,10 @@ pub enum HostCommand {
         #[arg(value_name = "ID|DOMAIN")]
         host: String,
 
+        /// Delete only if the host is still at this version.
+        #[arg(long, value_name = "V")]
+        expected_version: Option<u64>,
+
         #[command(flatten)]
         wait: WaitArgs,
     },
@@ -756,6 +760,10 @@ pub enum CertCommand {
         /// The certificate's id.
         #[arg(value_name = "ID")]
         id: String,
+
+        /// Delete only if the certificate is still at this version.
+        #[arg(long, value_name = "V")]
+        expected_version: Option<u64>,
 
         #[command(flatten)]
         wait: WaitArgs,

@@ -120,24 +120,74 @@ pub fn call_timeout(wait: Option<Duration>) -> Duration {
     wait.map_or(CALL_TIMEOUT, |wait| CALL_TIMEOUT.max(wait + WAIT_SLACK))
 }
 
-/// Adds the bearer token to every request's metadata.
+/// Request metadata the node reads on writes (see the node's
+/// `api::writes`): one idempotency key per charonctl invocation, so that a
+/// retried create never makes a second host, and the call's deadline as
+/// Unix milliseconds, so that a node that read the request late (paused,
+/// overloaded) does not apply it after charonctl has given up.
+pub const KEY_HEADER: &str = "charon-idempotency-key";
+pub const DEADLINE_HEADER: &str = "charon-deadline-ms";
+
+/// Adds the bearer token, the invocation's idempotency key and the call's
+/// deadline to every request's metadata.
 #[derive(Clone)]
-pub struct BearerAuth(MetadataValue<Ascii>);
+pub struct BearerAuth {
+    token: MetadataValue<Ascii>,
+    key: MetadataValue<Ascii>,
+    call_timeout: Option<Duration>,
+}
 
 impl BearerAuth {
     pub fn new(token: &str) -> Result<Self, CtlError> {
-        format!("Bearer {token}")
+        let token = format!("Bearer {token}")
             .parse()
-            .map(BearerAuth)
-            .map_err(|_| CtlError::BadToken)
+            .map_err(|_| CtlError::BadToken)?;
+        let key = invocation_key()
+            .parse()
+            .expect("a hex key is a valid header value");
+        Ok(BearerAuth {
+            token,
+            key,
+            call_timeout: None,
+        })
     }
+
+    fn with_deadline(mut self, call_timeout: Option<Duration>) -> Self {
+        self.call_timeout = call_timeout;
+        self
+    }
+}
+
+/// A key unique to this invocation: process id, time and the randomly
+/// seeded std hasher (no extra dependency for 128 random-enough bits).
+fn invocation_key() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(nanos);
+    h.write_u32(std::process::id());
+    let random = h.finish();
+    format!("ctl-{:x}-{nanos:x}-{random:016x}", std::process::id())
 }
 
 impl Interceptor for BearerAuth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
+        let md = request.metadata_mut();
+        md.insert("authorization", self.token.clone());
+        md.insert(KEY_HEADER, self.key.clone());
+        if let Some(timeout) = self.call_timeout {
+            let deadline = std::time::SystemTime::now() + timeout;
+            let ms = deadline
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0);
+            if let Ok(v) = ms.to_string().parse() {
+                md.insert(DEADLINE_HEADER, v);
+            }
+        }
         Ok(request)
     }
 }
@@ -214,7 +264,7 @@ pub async fn connect_with(
     connect_timeout: Duration,
     call_timeout: Option<Duration>,
 ) -> Result<Api, CtlError> {
-    let auth = BearerAuth::new(token)?;
+    let auth = BearerAuth::new(token)?.with_deadline(call_timeout);
     let unreachable = || CtlError::Unreachable {
         endpoint: endpoint.to_string(),
     };

@@ -51,8 +51,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
     let method = call.method();
     let token = client::resolve_token(source)?;
     let mut api = client::connect(&cli.endpoint, &token, client::call_timeout(wait)).await?;
-    let printed = call
-        .execute(&mut api, json, now_ms())
+    let printed = execute_retrying(call, &mut api, json, &cli.endpoint)
         .await
         .map_err(|status| CtlError::from_call(status, method, &cli.endpoint))?;
     // The write's answer goes out before the wait, which may take a while.
@@ -71,6 +70,46 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
     } else {
         ExitCode::from(EXIT_NOT_REPLICATED)
     })
+}
+
+/// How long a call refused by a node that is still catching up with the
+/// cluster after a restart is retried: catching up takes well under this.
+const CATCH_UP_RETRY: Duration = Duration::from_secs(15);
+
+/// Makes the call; while the node answers that it is catching up, says so
+/// once on stderr and sends the same call again (with the same idempotency
+/// key, see [`client::BearerAuth`], so a create is never made twice).
+async fn execute_retrying(
+    call: Call,
+    api: &mut Api,
+    json: bool,
+    endpoint: &str,
+) -> Result<Printed, tonic::Status> {
+    let started = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        match call.clone().execute(api, json, now_ms()).await {
+            Err(s) if catching_up(&s) && started.elapsed() < CATCH_UP_RETRY => {
+                if !said {
+                    eprintln!(
+                        "charonctl: {endpoint} is catching up with the cluster after a start; \
+                         retrying for up to {}s",
+                        CATCH_UP_RETRY.as_secs()
+                    );
+                    said = true;
+                }
+                // Retry interval while the node catches up.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The node's answer to a write before it has caught up (see the node's
+/// `api::writes`).
+fn catching_up(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable && s.message().contains("not caught up")
 }
 
 fn print(stdout: &str, stderr: &str) -> Result<(), CtlError> {
@@ -147,7 +186,9 @@ impl From<String> for Printed {
 }
 
 /// One API call, its request ready to send. No `Debug`: a request may hold
-/// a private key.
+/// a private key. `Clone`: a call refused by a node that is catching up is
+/// sent again.
+#[derive(Clone)]
 enum Call {
     ListHosts,
     GetHost(GetHostRequest),
@@ -184,18 +225,28 @@ impl Call {
                 HostCommand::Show { host } => Call::GetHost(GetHostRequest { id_or_domain: host }),
                 HostCommand::Add(args) => Call::CreateHost(args.to_request(read)?),
                 HostCommand::Update(args) => Call::UpdateHost(args.to_request(read)?),
-                HostCommand::Rm { host, .. } => {
-                    Call::DeleteHost(DeleteHostRequest { id_or_domain: host })
-                }
+                HostCommand::Rm {
+                    host,
+                    expected_version,
+                    ..
+                } => Call::DeleteHost(DeleteHostRequest {
+                    id_or_domain: host,
+                    expected_version,
+                }),
             },
             Command::Cert(cmd) => match cmd {
                 CertCommand::List => Call::ListCertificates,
                 CertCommand::Show { id } => Call::GetCertificate(GetCertificateRequest { id }),
                 CertCommand::Add(args) => Call::AddCertificate(args.to_request(read)?),
                 CertCommand::Replace(args) => Call::ReplaceCertificate(args.to_request(read)?),
-                CertCommand::Rm { id, .. } => {
-                    Call::DeleteCertificate(DeleteCertificateRequest { id })
-                }
+                CertCommand::Rm {
+                    id,
+                    expected_version,
+                    ..
+                } => Call::DeleteCertificate(DeleteCertificateRequest {
+                    id,
+                    expected_version,
+                }),
             },
             Command::Cluster(cmd) => match cmd {
                 ClusterCommand::Members => Call::ListMembers,

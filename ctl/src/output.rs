@@ -56,14 +56,39 @@ pub fn hosts_table(hosts: &[ProxyHost]) -> String {
         vec![
             h.id.clone(),
             h.name.clone(),
-            h.domains.join(","),
+            marked_domains(h),
             h.upstreams.join(","),
             yes_no(h.enabled),
             yes_no(h.websocket),
             h.version.to_string(),
         ]
     }));
-    align(&rows)
+    let mut out = align(&rows);
+    if hosts.iter().any(|h| !h.conflicts.is_empty()) {
+        out.push_str(CONFLICT_NOTE);
+    }
+    out
+}
+
+/// Under a host table with conflicts.
+const CONFLICT_NOTE: &str = "\
+! = the domain is served by another host: both hosts were given it at once on two \
+nodes. Remove it from one of them (host update ID --domain ...) or remove one host; \
+`host show ID` names the other host.\n";
+
+/// The host's domains, each one another host holds marked with `!`.
+fn marked_domains(h: &ProxyHost) -> String {
+    h.domains
+        .iter()
+        .map(|d| {
+            if h.conflicts.iter().any(|c| &c.domain == d) {
+                format!("{d}!")
+            } else {
+                d.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// `host show` in table mode: one `key: value` line per field; each location
@@ -73,6 +98,20 @@ pub fn host_details(h: &ProxyHost) -> String {
         ("id", h.id.clone()),
         ("name", h.name.clone()),
         ("domains", h.domains.join(", ")),
+    ];
+    for (i, c) in h.conflicts.iter().enumerate() {
+        rows.push((
+            if i == 0 { "NOT SERVED" } else { "" },
+            format!(
+                "{} is served by host {} ({}): both were given it at once on two nodes; \
+                 remove it from one of them or remove one host",
+                c.domain,
+                c.holder_id,
+                or_dash(&c.holder_name)
+            ),
+        ));
+    }
+    rows.extend([
         ("upstreams", h.upstreams.join(", ")),
         ("enabled", yes_no(h.enabled)),
         ("websocket", yes_no(h.websocket)),
@@ -101,7 +140,7 @@ pub fn host_details(h: &ProxyHost) -> String {
         ),
         ("force https", yes_no(h.force_https)),
         ("hsts", hsts(h)),
-    ];
+    ]);
     if h.locations.is_empty() {
         rows.push(("locations", "none".to_string()));
     }
@@ -251,6 +290,18 @@ pub fn status_table(status: &ClusterStatusResponse) -> String {
         or_dash(&status.cluster_id),
         status.members.len(),
     );
+    if status.catching_up {
+        out.push_str(
+            "this node is catching up with the cluster since it started: it refuses writes until then\n",
+        );
+    }
+    if status.name_conflicts > 0 {
+        out.push_str(&format!(
+            "{} domain conflict{}: a domain was given to two hosts at once; `charonctl host list` marks them with !\n",
+            status.name_conflicts,
+            if status.name_conflicts == 1 { "" } else { "s" }
+        ));
+    }
     if status.members.is_empty() {
         return out;
     }
@@ -899,7 +950,40 @@ mod tests {
             hsts_include_subdomains: false,
             upstream_ca_pem: String::new(),
             upstream_insecure_skip_verify: false,
+            conflicts: vec![],
         }
+    }
+
+    #[test]
+    fn a_conflicted_domain_is_marked_and_explained() {
+        let mut h = sample();
+        h.conflicts = vec![charon_proto::v1::DomainConflict {
+            domain: "www.app.example".into(),
+            holder_id: "h9".into(),
+            holder_name: "other".into(),
+        }];
+        let table = hosts_table(std::slice::from_ref(&h));
+        assert!(table.contains("app.example,www.app.example!"), "{table}");
+        assert!(
+            table.contains("! = the domain is served by another host"),
+            "{table}"
+        );
+        assert!(!hosts_table(&[sample()]).contains("! ="));
+        let details = host_details(&h);
+        assert!(
+            details.contains("NOT SERVED")
+                && details.contains("www.app.example is served by host h9 (other)"),
+            "{details}"
+        );
+        let status = status_table(&ClusterStatusResponse {
+            converged: true,
+            cluster_id: "prod".into(),
+            catching_up: true,
+            name_conflicts: 2,
+            ..Default::default()
+        });
+        assert!(status.contains("catching up"), "{status}");
+        assert!(status.contains("2 domain conflicts"), "{status}");
     }
 
     #[test]
@@ -979,6 +1063,7 @@ version:            3
             "created_at_ms",
             "updated_at_ms",
             "version",
+            "conflicts",
         ];
         want.sort();
         assert_eq!(keys, want);
@@ -1260,6 +1345,7 @@ n3            c0ffee00  -        -     http://n3:7070            serving        
             converged: false,
             members: members(),
             cluster_id: "prod".into(),
+            ..Default::default()
         };
         let want = "\
 not converged: cluster prod, 2 of 3 members live
@@ -1274,6 +1360,7 @@ n3            dead   -                 15   -
             converged: true,
             members: members()[..1].to_vec(),
             cluster_id: "prod".into(),
+            ..Default::default()
         };
         let text = status_table(&status);
         assert!(
@@ -1332,6 +1419,7 @@ n3            dead   -                 15   -
             converged: true,
             members: members(),
             cluster_id: "prod".into(),
+            ..Default::default()
         });
         assert_eq!(status["converged"], true);
         assert_eq!(status["cluster_id"], "prod");

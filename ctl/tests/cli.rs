@@ -572,6 +572,7 @@ impl Cluster for FakeNode {
             converged: false,
             members: members(),
             cluster_id: "prod".into(),
+            ..Default::default()
         }))
     }
 

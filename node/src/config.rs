@@ -137,6 +137,10 @@ pub struct Args {
     /// State-hash comparison with a random peer every this many s [default: 10]
     #[arg(long, env = "CHARON_ANTI_ENTROPY_SECS")]
     pub anti_entropy_secs: Option<u64>,
+    /// At start, how long to wait for the seeds (and remembered peers) and
+    /// catch up before serving anyway; writes are refused meanwhile, in s [default: 10]
+    #[arg(long, env = "CHARON_CATCH_UP_TIMEOUT_SECS")]
+    pub catch_up_timeout_secs: Option<u64>,
     /// Deletions are remembered (as tombstones) at least this long, in s [default: 86400]
     #[arg(long, env = "CHARON_TOMBSTONE_GRACE_SECS")]
     pub tombstone_grace_secs: Option<u64>,
@@ -178,6 +182,7 @@ struct FileConfig {
     max_heartbeat_interval_ms: Option<u64>,
     dead_node_grace_secs: Option<u64>,
     anti_entropy_secs: Option<u64>,
+    catch_up_timeout_secs: Option<u64>,
     tombstone_grace_secs: Option<u64>,
 }
 
@@ -613,7 +618,11 @@ fn cluster_settings(
             args.anti_entropy_secs.or(file.anti_entropy_secs),
             10,
         )?,
-        catch_up_timeout: Duration::from_secs(10),
+        catch_up_timeout: secs(
+            "catch_up_timeout_secs",
+            args.catch_up_timeout_secs.or(file.catch_up_timeout_secs),
+            10,
+        )?,
         tombstone_grace: secs(
             "tombstone_grace_secs",
             args.tombstone_grace_secs.or(file.tombstone_grace_secs),

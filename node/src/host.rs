@@ -50,6 +50,9 @@ pub struct ProxyHost {
     pub upstream_ca_pem: String,
     /// Explicit opt-out of upstream certificate verification.
     pub upstream_insecure_skip_verify: bool,
+    /// The idempotency key of the create that made this host (empty if the
+    /// client sent none): a retried create with it returns this host.
+    pub create_key: String,
 }
 
 /// A parsed upstream URL. Only scheme and authority: a path would silently

@@ -6,13 +6,17 @@
 //!   port is bound.
 //! - [`host`]: the proxy host type and its validation rules.
 //! - [`store`]: redb records (LWW + HLC stamps); the single `apply` path,
-//!   which hands subscribers each commit's changed records ([`store::Changes`]).
+//!   which hands subscribers each commit's changed records ([`store::Changes`]);
+//!   [`store::names`]: which host holds each domain, the same on every node
+//!   (claim records), and the conflicts a concurrent claim leaves, kept by
+//!   change like the rest.
 //! - [`proxy`]: route table (persistent maps the store's changes are applied
 //!   to, swapped in whole), upstream pools, HTTP forwarding and the WebSocket
 //!   relay.
 //! - [`names`]: the persistent name → holder map under the route and SNI
 //!   tables.
-//! - [`api`]: tonic services; API → store → route table.
+//! - [`api`]: tonic services; API → store → route table; [`api::writes`]:
+//!   no write before catch-up, client deadlines, idempotency keys.
 //! - [`admin`]: `/healthz`, `/readyz`.
 //! - [`node`]: wiring: opens the store, binds listeners, serves, shuts down.
 //! - [`validate`]: `FieldError`, what every validation returns.

@@ -187,6 +187,8 @@ fn metrics_renderer(
     proxy: Arc<Proxy>,
     cluster: Arc<Cluster>,
     drainer: Arc<Drainer>,
+    store: Arc<Store>,
+    gate: Arc<api::WriteGate>,
 ) -> admin::MetricsFn {
     Arc::new(move || {
         let (metrics, proxy, cluster, drainer) = (
@@ -195,6 +197,7 @@ fn metrics_renderer(
             cluster.clone(),
             drainer.clone(),
         );
+        let (store, gate) = (store.clone(), gate.clone());
         Box::pin(async move {
             let mut by_host: std::collections::BTreeMap<String, u64> = Default::default();
             for t in proxy.tunnels.list() {
@@ -215,10 +218,18 @@ fn metrics_renderer(
                     Phase::Draining => 1,
                     Phase::Drained => 2,
                 },
+                name_conflicts: store.snapshot().names.conflict_count() as u64,
+                catching_up: u64::from(!gate.is_open()),
             };
             metrics.render(&gauges)
         })
     })
+}
+
+/// Closes the write gate while the node resyncs after a pause (see
+/// [`api::WriteGate::watch`]).
+async fn watch_for_pauses(gate: Arc<api::WriteGate>, cluster: Arc<Cluster>) {
+    gate.watch(|| cluster.resync()).await;
 }
 
 /// Runs a node until `shutdown` resolves, then stops accepting, lets open
@@ -305,6 +316,8 @@ pub async fn run(
         let auth = auth.clone();
         store.subscribe(move |_, changes| {
             auth.apply_tokens(&changes.tokens);
+            // Only routed hosts reach the tables: each domain goes to the
+            // one host that holds it (store::names).
             proxy.apply_hosts(&changes.hosts);
             if !changes.hosts.is_empty() || !changes.certs.is_empty() {
                 tls.update(|table| apply_tls_changes(table, changes, &data_key));
@@ -354,7 +367,15 @@ pub async fn run(
             });
         });
     }
-    let render = metrics_renderer(metrics, proxy.clone(), cluster.clone(), drainer.clone());
+    let gate = Arc::new(api::WriteGate::default());
+    let render = metrics_renderer(
+        metrics,
+        proxy.clone(),
+        cluster.clone(),
+        drainer.clone(),
+        store.clone(),
+        gate.clone(),
+    );
     let local_drain = {
         let (d, a) = (drainer.clone(), auth.clone());
         admin::LocalDrain {
@@ -379,12 +400,15 @@ pub async fn run(
             drain_defaults: config.drain,
             access_log,
             proxy: proxy.clone(),
+            gate: gate.clone(),
         },
         stopped(),
     ));
-    // Catch up with the cluster first, then ready unless this node starts
-    // drained (the drain outlives restarts).
+    // Catch up with the cluster first, then take writes, and be ready
+    // unless this node starts drained (the drain outlives restarts).
     cluster.catch_up(config.cluster.catch_up_timeout).await;
+    gate.open();
+    let watchdog = tokio::spawn(watch_for_pauses(gate.clone(), cluster.clone()));
     health.set_ready(drain_rx.borrow().is_none());
     tracing::info!(
         node_id = store.node_id(),
@@ -399,6 +423,7 @@ pub async fn run(
 
     // Serves, drains on request, and returns once SIGTERM's drain is done.
     drainer.clone().run(drain_rx, shutdown).await;
+    watchdog.abort();
     let _ = stop_tx.send(true);
     // Idle API clients (a CLI, a peer's channel) must not hold the exit.
     match tokio::time::timeout(std::time::Duration::from_secs(2), api_task).await {

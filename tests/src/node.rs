@@ -176,7 +176,17 @@ impl TestNodeBuilder {
     }
 
     /// Starts the node and waits until it is ready.
-    pub async fn start(mut self) -> Result<TestNode> {
+    pub async fn start(self) -> Result<TestNode> {
+        self.start_waiting_for("/readyz").await
+    }
+
+    /// Starts the node and waits only until it is up (`/healthz`), not
+    /// ready: for a node that is still catching up or starts drained.
+    pub async fn start_unready(self) -> Result<TestNode> {
+        self.start_waiting_for("/healthz").await
+    }
+
+    async fn start_waiting_for(mut self, check: &'static str) -> Result<TestNode> {
         if !self.args.iter().any(|a| a == "--gossip-listen") {
             self.gossip = Some(free_udp_addr()?);
         }
@@ -204,7 +214,7 @@ impl TestNodeBuilder {
             spec: self,
             _work: work,
         };
-        node.spawn_and_wait().await?;
+        node.spawn_and_wait_for(check).await?;
         Ok(node)
     }
 

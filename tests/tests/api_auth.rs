@@ -355,9 +355,24 @@ async fn host_life_cycle_through_the_api() -> Result<()> {
         .expect_err("stale update accepted");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
 
+    let err = api
+        .delete_host(DeleteHostRequest {
+            id_or_domain: "life.test".into(),
+            expected_version: Some(1),
+        })
+        .await
+        .expect_err("delete guarded by a stale version accepted");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    let current = api
+        .get_host(GetHostRequest {
+            id_or_domain: "life.test".into(),
+        })
+        .await?
+        .into_inner();
     let deleted = api
         .delete_host(DeleteHostRequest {
             id_or_domain: "life.test".into(),
+            expected_version: Some(current.version),
         })
         .await?
         .into_inner();
@@ -385,6 +400,7 @@ async fn host_life_cycle_through_the_api() -> Result<()> {
     let err = api
         .delete_host(DeleteHostRequest {
             id_or_domain: created.id.clone(),
+            expected_version: None,
         })
         .await
         .expect_err("second delete succeeded");

@@ -230,6 +230,7 @@ async fn a_restarted_node_rejoins_and_its_writes_and_deletes_replicate() -> Resu
         .await?
         .delete_host(charon_proto::v1::DeleteHostRequest {
             id_or_domain: a.id.clone(),
+            expected_version: None,
         })
         .await?;
     want.remove(&a.id);

@@ -877,8 +877,11 @@ async fn a_pinned_certificate_wins_and_cannot_be_deleted() -> Result<()> {
 
     // Deleting A is refused, naming the host, by the API and by charonctl.
     let status = status_of(
-        api.delete_certificate(DeleteCertificateRequest { id: a.id.clone() })
-            .await,
+        api.delete_certificate(DeleteCertificateRequest {
+            id: a.id.clone(),
+            expected_version: None,
+        })
+        .await,
         "delete a pinned certificate",
     )?;
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");

@@ -17,18 +17,20 @@ use crate::validate::FieldError;
 pub struct CertsApi {
     store: Arc<Store>,
     key: Arc<DataKey>,
+    gate: Arc<super::WriteGate>,
 }
 
 impl CertsApi {
-    pub fn new(store: Arc<Store>, key: Arc<DataKey>) -> Self {
-        CertsApi { store, key }
+    pub fn new(store: Arc<Store>, key: Arc<DataKey>, gate: Arc<super::WriteGate>) -> Self {
+        CertsApi { store, key, gate }
     }
 
     async fn transact<T: Send + 'static>(
         &self,
+        ctx: super::WriteCtx,
         f: impl FnOnce(&View<'_>) -> Result<(Vec<Write>, T), HostsError> + Send + 'static,
     ) -> Result<(T, Option<crate::store::Stamp>), Status> {
-        super::transact(&self.store, f).await
+        super::transact(&self.store, ctx, f).await
     }
 }
 
@@ -63,13 +65,14 @@ impl pb::certificates_server::Certificates for CertsApi {
         &self,
         req: Request<pb::AddCertificateRequest>,
     ) -> Result<Response<pb::CertificateReply>, Status> {
+        let ctx = super::write_ctx(&req, &self.gate)?;
         let r = req.into_inner();
         let now = wall_ms();
         let parsed = parse_and_validate(&r.cert_pem, &r.key_pem, now).map_err(HostsError::from)?;
         let key = self.key.clone();
         let name = r.name.trim().to_string();
         let ((cert, hosts), stamp) = self
-            .transact(move |view| {
+            .transact(ctx, move |view| {
                 let mut c = parsed.meta;
                 c.id = loop {
                     let id = format!("c-{}", hex::encode(rand::random::<[u8; 5]>()));
@@ -107,6 +110,7 @@ impl pb::certificates_server::Certificates for CertsApi {
         &self,
         req: Request<pb::ReplaceCertificateRequest>,
     ) -> Result<Response<pb::CertificateReply>, Status> {
+        let ctx = super::write_ctx(&req, &self.gate)?;
         let r = req.into_inner();
         if r.id.trim().is_empty() {
             return Err(HostsError::from(FieldError::new("id", "is required")).into());
@@ -115,7 +119,7 @@ impl pb::certificates_server::Certificates for CertsApi {
         let parsed = parse_and_validate(&r.cert_pem, &r.key_pem, now).map_err(HostsError::from)?;
         let key = self.key.clone();
         let ((cert, hosts), stamp) = self
-            .transact(move |view| {
+            .transact(ctx, move |view| {
                 let old = view.find_cert(&r.id).ok_or_else(|| not_found(&r.id))?;
                 let mut c = parsed.meta;
                 c.id = old.id.clone();
@@ -173,10 +177,20 @@ impl pb::certificates_server::Certificates for CertsApi {
         &self,
         req: Request<pb::DeleteCertificateRequest>,
     ) -> Result<Response<pb::DeleteCertificateResponse>, Status> {
-        let id = req.into_inner().id;
+        let ctx = super::write_ctx(&req, &self.gate)?;
+        let r = req.into_inner();
+        let (id, expected) = (r.id, r.expected_version);
         let (pinned_by, stamp) = self
-            .transact(move |view| {
+            .transact(ctx, move |view| {
                 let c = view.find_cert(&id).ok_or_else(|| not_found(&id))?;
+                if let Some(expected) = expected.filter(|e| *e != c.version) {
+                    return Err(HostsError::VersionMismatch {
+                        what: "certificate",
+                        id: c.id.clone(),
+                        expected,
+                        actual: c.version,
+                    });
+                }
                 if let Some(h) = view.snapshot().hosts_pinning(&c.id).next() {
                     return Ok((vec![], Err((c.id.clone(), h.id.clone(), h.name.clone()))));
                 }

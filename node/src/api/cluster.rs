@@ -10,11 +10,21 @@ use crate::cluster::{Cluster, Member};
 
 pub struct ClusterApi {
     cluster: Arc<Cluster>,
+    store: Arc<crate::store::Store>,
+    gate: Arc<super::WriteGate>,
 }
 
 impl ClusterApi {
-    pub fn new(cluster: Arc<Cluster>) -> Self {
-        ClusterApi { cluster }
+    pub fn new(
+        cluster: Arc<Cluster>,
+        store: Arc<crate::store::Store>,
+        gate: Arc<super::WriteGate>,
+    ) -> Self {
+        ClusterApi {
+            cluster,
+            store,
+            gate,
+        }
     }
 }
 
@@ -70,6 +80,8 @@ impl pb::cluster_server::Cluster for ClusterApi {
             converged: converged(&members),
             members: members.into_iter().map(member_to_pb).collect(),
             cluster_id: self.cluster.config().cluster_id.clone(),
+            catching_up: !self.gate.is_open(),
+            name_conflicts: self.store.snapshot().names.conflict_count() as u64,
         }))
     }
 

@@ -6,7 +6,8 @@ use charon_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use crate::host::{Location, ProxyHost};
-use crate::store::{host_key, Body, Store, StoreError, View, Write};
+use crate::store::names::claim_writes;
+use crate::store::{host_key, Body, Snapshot, Store, StoreError, View, Write};
 use crate::util::wall_ms;
 use crate::validate::FieldError;
 
@@ -21,6 +22,17 @@ pub enum HostsError {
         host_id: String,
         host_name: String,
     },
+    #[error(
+        "host {loser} lost domain {domain:?} to host {holder_id} ({holder_name}) when both were \
+         accepted at once on two nodes; drop the domain from one of them (charonctl host update \
+         <id> --domain ...) or remove one of the hosts"
+    )]
+    Conflicted {
+        domain: String,
+        loser: String,
+        holder_id: String,
+        holder_name: String,
+    },
     #[error("no host with id or domain {0:?}")]
     NotFound(String),
     /// Not found, for other kinds of record; the message says what.
@@ -28,12 +40,22 @@ pub enum HostsError {
     Missing(String),
     #[error("{0}")]
     Exists(String),
-    #[error("host {id} is at version {actual}, not {expected}: it was changed meanwhile; re-read it and retry")]
+    #[error("{what} {id} is at version {actual}, not {expected}: it was changed meanwhile; re-read it and retry")]
     VersionMismatch {
+        what: &'static str,
         id: String,
         expected: u64,
         actual: u64,
     },
+    #[error(
+        "this node has not caught up with the cluster since it started, so it takes no \
+         writes yet (reads are served); retry in a second, or send the write to another node"
+    )]
+    CatchingUp,
+    #[error(
+        "the client's deadline passed before the write could be committed; nothing was written{0}"
+    )]
+    DeadlinePassed(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -42,12 +64,16 @@ impl From<HostsError> for Status {
     fn from(e: HostsError) -> Status {
         match e {
             HostsError::Invalid(f) => Status::invalid_argument(f.to_string()),
-            e @ HostsError::DomainTaken { .. } => Status::already_exists(e.to_string()),
+            e @ (HostsError::DomainTaken { .. } | HostsError::Conflicted { .. }) => {
+                Status::already_exists(e.to_string())
+            }
             e @ (HostsError::NotFound(_) | HostsError::Missing(_)) => {
                 Status::not_found(e.to_string())
             }
             e @ HostsError::Exists(_) => Status::already_exists(e.to_string()),
             e @ HostsError::VersionMismatch { .. } => Status::failed_precondition(e.to_string()),
+            e @ HostsError::CatchingUp => Status::unavailable(e.to_string()),
+            e @ HostsError::DeadlinePassed(_) => Status::deadline_exceeded(e.to_string()),
             HostsError::Store(e) => {
                 tracing::error!(error = %e, "store write failed");
                 Status::internal("the node could not write to its store; nothing was changed (see the node's log)")
@@ -58,18 +84,20 @@ impl From<HostsError> for Status {
 
 pub struct HostsApi {
     store: Arc<Store>,
+    gate: Arc<super::WriteGate>,
 }
 
 impl HostsApi {
-    pub fn new(store: Arc<Store>) -> Self {
-        HostsApi { store }
+    pub fn new(store: Arc<Store>, gate: Arc<super::WriteGate>) -> Self {
+        HostsApi { store, gate }
     }
 
     async fn transact<T: Send + 'static>(
         &self,
+        ctx: super::WriteCtx,
         f: impl FnOnce(&View<'_>) -> Result<(Vec<Write>, T), HostsError> + Send + 'static,
     ) -> Result<(T, Option<crate::store::Stamp>), Status> {
-        super::transact(&self.store, f).await
+        super::transact(&self.store, ctx, f).await
     }
 }
 
@@ -80,18 +108,57 @@ fn require_field(field: &str, value: &str) -> Result<(), HostsError> {
     Ok(())
 }
 
-/// Domains must be unique across hosts; `except` is the host being updated.
-fn check_domains_free(view: &View<'_>, host: &ProxyHost) -> Result<(), HostsError> {
-    for other in view.hosts().iter().filter(|o| o.id != host.id) {
-        if let Some(d) = host.domains.iter().find(|d| other.domains.contains(d)) {
-            return Err(HostsError::DomainTaken {
+/// Domains must be unique across hosts: each of `host`'s domains must be
+/// free or held by `host` itself. `current` is the stored version of the
+/// host being updated: a domain it already lists but lost in a concurrent
+/// claim gets an error that says how to resolve the conflict.
+fn check_domains_free(
+    view: &View<'_>,
+    host: &ProxyHost,
+    current: Option<&ProxyHost>,
+) -> Result<(), HostsError> {
+    for d in &host.domains {
+        let Some(holder) = view.names().holder(d).filter(|h| *h != host.id) else {
+            continue;
+        };
+        let holder_name = view
+            .find_host(holder)
+            .map(|h| h.name.clone())
+            .unwrap_or_default();
+        if current.is_some_and(|c| c.domains.contains(d)) {
+            return Err(HostsError::Conflicted {
                 domain: d.clone(),
-                host_id: other.id.clone(),
-                host_name: other.name.clone(),
+                loser: host.id.clone(),
+                holder_id: holder.to_string(),
+                holder_name,
             });
         }
+        return Err(HostsError::DomainTaken {
+            domain: d.clone(),
+            host_id: holder.to_string(),
+            host_name: holder_name,
+        });
     }
     Ok(())
+}
+
+/// The writes of putting `new` in place of `old` (or deleting `old`):
+/// the host record (or its tombstone) and its domains' claims.
+fn host_writes(view: &View<'_>, old: Option<&ProxyHost>, new: Option<&ProxyHost>) -> Vec<Write> {
+    let mut writes = match (new, old) {
+        (Some(h), _) => vec![put(h.clone())],
+        (None, Some(h)) => vec![Write {
+            key: host_key(&h.id),
+            body: None,
+        }],
+        (None, None) => vec![],
+    };
+    writes.extend(claim_writes(
+        |d| view.names().claim(d).map(str::to_string),
+        old,
+        new,
+    ));
+    writes
 }
 
 /// A pinned certificate must exist (deleting a pinned one is refused).
@@ -106,7 +173,19 @@ fn check_cert_exists(view: &View<'_>, host: &ProxyHost) -> Result<(), HostsError
     Ok(())
 }
 
-fn new_id(view: &View<'_>) -> String {
+/// A new host id. With an idempotency key the id is derived from it, so
+/// that the same create retried on two nodes before they hear of each
+/// other writes the same record (one host, merged last-writer-wins)
+/// instead of two; unless that id was ever used (a tombstone counts).
+fn new_id(view: &View<'_>, key: Option<&str>) -> String {
+    if let Some(key) = key {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(format!("charon-create-key\0{key}").as_bytes());
+        let id = format!("h-{}", hex::encode(&digest[..5]));
+        if view.record(&host_key(&id)).is_none() {
+            return id;
+        }
+    }
     loop {
         let id = format!("h-{}", hex::encode(rand::random::<[u8; 5]>()));
         if view.find_host(&id).is_none() {
@@ -131,8 +210,25 @@ fn locations_from_pb(list: Vec<pb::Location>) -> Vec<Location> {
         .collect()
 }
 
-pub fn host_to_pb(h: &ProxyHost) -> pb::ProxyHost {
+/// `h` for the API; `snap` (when given) marks the domains it lost to
+/// another host. O(log n + its conflicts).
+pub fn host_to_pb(h: &ProxyHost, snap: Option<&Snapshot>) -> pb::ProxyHost {
+    let conflicts = snap
+        .into_iter()
+        .flat_map(|s| {
+            s.names.conflicts_of(&h.id).map(|c| pb::DomainConflict {
+                holder_name: s
+                    .hosts
+                    .get(&c.holder)
+                    .map(|o| o.name.clone())
+                    .unwrap_or_default(),
+                domain: c.domain,
+                holder_id: c.holder,
+            })
+        })
+        .collect();
     pb::ProxyHost {
+        conflicts,
         id: h.id.clone(),
         name: h.name.clone(),
         domains: h.domains.clone(),
@@ -170,6 +266,8 @@ impl pb::hosts_server::Hosts for HostsApi {
         &self,
         req: Request<pb::CreateHostRequest>,
     ) -> Result<Response<pb::ProxyHost>, Status> {
+        let ctx = super::write_ctx(&req, &self.gate)?;
+        let key = ctx.key.clone();
         let req = req.into_inner();
         let h = req
             .host
@@ -197,18 +295,31 @@ impl pb::hosts_server::Hosts for HostsApi {
             hsts_include_subdomains: h.hsts_include_subdomains,
             upstream_ca_pem: h.upstream_ca_pem,
             upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
+            create_key: key.clone().unwrap_or_default(),
         };
         host.normalize_and_validate().map_err(HostsError::from)?;
-        let (created, stamp) = self
-            .transact(move |view| {
-                host.id = new_id(view);
-                check_domains_free(view, &host)?;
+        let ((created, fresh), stamp) = self
+            .transact(ctx, move |view| {
+                // A retry of a create that already happened (here or on a
+                // node that replicated it here) returns what it made.
+                if let Some(k) = key.as_deref() {
+                    if let Some(done) = view.snapshot().host_created_with(k) {
+                        return Ok((vec![], ((**done).clone(), false)));
+                    }
+                }
+                host.id = new_id(view, key.as_deref());
+                check_domains_free(view, &host, None)?;
                 check_cert_exists(view, &host)?;
-                Ok((vec![put(host.clone())], host))
+                Ok((host_writes(view, None, Some(&host)), (host, true)))
             })
             .await?;
-        tracing::info!(host_id = %created.id, domains = ?created.domains, "host created");
-        Ok(super::stamped(host_to_pb(&created), stamp))
+        if fresh {
+            tracing::info!(host_id = %created.id, domains = ?created.domains, "host created");
+        } else {
+            tracing::info!(host_id = %created.id, "create retried with the same idempotency key: nothing written");
+        }
+        // Just written (or found by its key): it holds its domains.
+        Ok(super::stamped(host_to_pb(&created, None), stamp))
     }
 
     async fn get_host(
@@ -217,22 +328,21 @@ impl pb::hosts_server::Hosts for HostsApi {
     ) -> Result<Response<pb::ProxyHost>, Status> {
         let key = req.into_inner().id_or_domain;
         require_field("id_or_domain", &key)?;
-        let found = self.transact(move |view| {
-            let h = view
-                .find_host(&key)
-                .map(|h| (**h).clone())
-                .ok_or(HostsError::NotFound(key))?;
-            Ok((vec![], h))
-        });
-        Ok(Response::new(host_to_pb(&found.await?.0)))
+        let snap = self.store.snapshot();
+        let h = crate::store::find_host(&snap, &key).ok_or(HostsError::NotFound(key))?;
+        Ok(Response::new(host_to_pb(h, Some(&snap))))
     }
 
     async fn list_hosts(
         &self,
         _req: Request<pb::ListHostsRequest>,
     ) -> Result<Response<pb::ListHostsResponse>, Status> {
-        let mut hosts: Vec<pb::ProxyHost> =
-            self.store.hosts().iter().map(|h| host_to_pb(h)).collect();
+        let snap = self.store.snapshot();
+        let mut hosts: Vec<pb::ProxyHost> = snap
+            .hosts
+            .iter()
+            .map(|h| host_to_pb(h, Some(&snap)))
+            .collect();
         hosts.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
         Ok(Response::new(pb::ListHostsResponse { hosts }))
     }
@@ -241,16 +351,18 @@ impl pb::hosts_server::Hosts for HostsApi {
         &self,
         req: Request<pb::UpdateHostRequest>,
     ) -> Result<Response<pb::ProxyHost>, Status> {
+        let ctx = super::write_ctx(&req, &self.gate)?;
         let r = req.into_inner();
         require_field("id_or_domain", &r.id_or_domain)?;
         let (updated, stamp) = self
-            .transact(move |view| {
+            .transact(ctx, move |view| {
                 let current = view
                     .find_host(&r.id_or_domain)
                     .ok_or_else(|| HostsError::NotFound(r.id_or_domain.clone()))?;
                 if let Some(expected) = r.expected_version {
                     if expected != current.version {
                         return Err(HostsError::VersionMismatch {
+                            what: "host",
                             id: current.id.clone(),
                             expected,
                             actual: current.version,
@@ -289,7 +401,7 @@ impl pb::hosts_server::Hosts for HostsApi {
                     .upstream_insecure_skip_verify
                     .unwrap_or(h.upstream_insecure_skip_verify);
                 h.normalize_and_validate()?;
-                check_domains_free(view, &h)?;
+                check_domains_free(view, &h, Some(current))?;
                 check_cert_exists(view, &h)?;
                 if h == **current {
                     // Nothing changed: no write, no new version.
@@ -297,32 +409,36 @@ impl pb::hosts_server::Hosts for HostsApi {
                 }
                 h.version += 1;
                 h.updated_at_ms = wall_ms().max(h.updated_at_ms);
-                Ok((vec![put(h.clone())], h))
+                Ok((host_writes(view, Some(current), Some(&h)), h))
             })
             .await?;
         tracing::info!(host_id = %updated.id, version = updated.version, "host updated");
-        Ok(super::stamped(host_to_pb(&updated), stamp))
+        // The check above passed: it holds every domain it lists.
+        Ok(super::stamped(host_to_pb(&updated, None), stamp))
     }
 
     async fn delete_host(
         &self,
         req: Request<pb::DeleteHostRequest>,
     ) -> Result<Response<pb::DeleteHostResponse>, Status> {
-        let key = req.into_inner().id_or_domain;
+        let ctx = super::write_ctx(&req, &self.gate)?;
+        let r = req.into_inner();
+        let (key, expected) = (r.id_or_domain, r.expected_version);
         require_field("id_or_domain", &key)?;
         let (id, stamp) = self
-            .transact(move |view| {
+            .transact(ctx, move |view| {
                 let h = view
                     .find_host(&key)
                     .ok_or(HostsError::NotFound(key.clone()))?;
-                let id = h.id.clone();
-                Ok((
-                    vec![Write {
-                        key: host_key(&id),
-                        body: None,
-                    }],
-                    id,
-                ))
+                if let Some(expected) = expected.filter(|e| *e != h.version) {
+                    return Err(HostsError::VersionMismatch {
+                        what: "host",
+                        id: h.id.clone(),
+                        expected,
+                        actual: h.version,
+                    });
+                }
+                Ok((host_writes(view, Some(h), None), h.id.clone()))
             })
             .await?;
         tracing::info!(host_id = %id, "host deleted");

@@ -11,6 +11,7 @@ pub mod hosts;
 pub mod nodes;
 pub mod observe;
 pub mod tokens;
+pub mod writes;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -28,21 +29,38 @@ use crate::cluster::Cluster;
 use crate::store::{Stamp, Store};
 use crate::tls::seal::DataKey;
 use auth::Auth;
+pub use writes::{WriteCtx, WriteGate};
+
+/// The write context of a request (read before the handler takes its body).
+fn write_ctx<M>(req: &tonic::Request<M>, gate: &WriteGate) -> Result<WriteCtx, tonic::Status> {
+    WriteCtx::from_metadata(req.metadata(), gate)
+}
 
 /// Runs a store transaction off the async runtime (a commit waits for
 /// fsync) and turns its error into a status. Also returns where the write
-/// landed, for [`stamped`].
+/// landed, for [`stamped`]. A transaction that writes is refused under the
+/// store lock, right before its commit, when `ctx` says the node has not
+/// caught up or the client's deadline has passed (see [`writes`]).
 async fn transact<T: Send + 'static>(
     store: &Arc<Store>,
+    ctx: WriteCtx,
     f: impl FnOnce(&crate::store::View<'_>) -> Result<(Vec<crate::store::Write>, T), hosts::HostsError>
         + Send
         + 'static,
 ) -> Result<(T, Option<Stamp>), tonic::Status> {
     let store = store.clone();
-    tokio::task::spawn_blocking(move || store.transact_stamped(f))
-        .await
-        .map_err(|e| tonic::Status::internal(format!("store task failed: {e}")))?
-        .map_err(tonic::Status::from)
+    tokio::task::spawn_blocking(move || {
+        store.transact_stamped(|view| {
+            let (writes, out) = f(view)?;
+            if !writes.is_empty() {
+                ctx.check()?;
+            }
+            Ok::<_, hosts::HostsError>((writes, out))
+        })
+    })
+    .await
+    .map_err(|e| tonic::Status::internal(format!("store task failed: {e}")))?
+    .map_err(tonic::Status::from)
 }
 
 /// Response metadata naming the version of a write: `charonctl --wait`
@@ -73,6 +91,8 @@ pub struct Deps {
     pub drain_defaults: crate::config::DrainSettings,
     pub access_log: Arc<crate::telemetry::AccessLog>,
     pub proxy: Arc<crate::proxy::Proxy>,
+    /// Opened once the node has caught up after start.
+    pub gate: Arc<WriteGate>,
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.
@@ -89,6 +109,7 @@ pub async fn serve(
         drain_defaults,
         access_log,
         proxy,
+        gate,
     } = deps;
     let logs_auth = auth.clone();
     let logs = LogsServer::with_interceptor(observe::LogsApi::new(access_log), move |req| {
@@ -101,28 +122,33 @@ pub async fn serve(
     );
     let nodes_auth = auth.clone();
     let nodes = NodesServer::with_interceptor(
-        nodes::NodesApi::new(store.clone(), cluster.clone(), drain_defaults),
+        nodes::NodesApi::new(store.clone(), cluster.clone(), drain_defaults, gate.clone()),
         move |req| nodes_auth.check(req),
     );
     let cluster_auth = auth.clone();
-    let cluster_api =
-        ClusterServer::with_interceptor(cluster::ClusterApi::new(cluster.clone()), move |req| {
-            cluster_auth.check(req)
-        });
+    let cluster_api = ClusterServer::with_interceptor(
+        cluster::ClusterApi::new(cluster.clone(), store.clone(), gate.clone()),
+        move |req| cluster_auth.check(req),
+    );
     let sync = cluster.sync_server();
     let tokens_auth = auth.clone();
     let tokens = TokensServer::with_interceptor(
-        tokens::TokensApi::new(store.clone(), cluster.config().node_name.clone()),
+        tokens::TokensApi::new(
+            store.clone(),
+            cluster.config().node_name.clone(),
+            gate.clone(),
+        ),
         move |req| tokens_auth.check(req),
     );
     let hosts_auth = auth.clone();
-    let hosts = HostsServer::with_interceptor(hosts::HostsApi::new(store.clone()), move |req| {
-        hosts_auth.check(req)
-    });
-    let certs =
-        CertificatesServer::with_interceptor(certs::CertsApi::new(store, data_key), move |req| {
-            auth.check(req)
-        });
+    let hosts = HostsServer::with_interceptor(
+        hosts::HostsApi::new(store.clone(), gate.clone()),
+        move |req| hosts_auth.check(req),
+    );
+    let certs = CertificatesServer::with_interceptor(
+        certs::CertsApi::new(store, data_key, gate),
+        move |req| auth.check(req),
+    );
     tonic::transport::Server::builder()
         .add_service(hosts)
         .add_service(certs)

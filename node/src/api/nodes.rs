@@ -20,14 +20,21 @@ pub struct NodesApi {
     store: Arc<Store>,
     cluster: Arc<Cluster>,
     defaults: DrainSettings,
+    gate: Arc<super::WriteGate>,
 }
 
 impl NodesApi {
-    pub fn new(store: Arc<Store>, cluster: Arc<Cluster>, defaults: DrainSettings) -> Self {
+    pub fn new(
+        store: Arc<Store>,
+        cluster: Arc<Cluster>,
+        defaults: DrainSettings,
+        gate: Arc<super::WriteGate>,
+    ) -> Self {
         NodesApi {
             store,
             cluster,
             defaults,
+            gate,
         }
     }
 
@@ -81,6 +88,7 @@ impl pb::nodes_server::Nodes for NodesApi {
         &self,
         req: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainResponse>, Status> {
+        let ctx = super::write_ctx(&req, &self.gate)?;
         let r = req.into_inner();
         let m = self.find(&r.node).await?;
         let deadline = match r.deadline_secs {
@@ -99,7 +107,7 @@ impl pb::nodes_server::Nodes for NodesApi {
             requested_at_ms: now,
             requested_on: self.cluster.config().node_name.clone(),
         };
-        let (rec, stamp) = super::transact(&self.store, move |_| {
+        let (rec, stamp) = super::transact(&self.store, ctx, move |_| {
             Ok::<_, HostsError>((
                 vec![Write {
                     key: drain_key(&rec.node_id),
@@ -125,9 +133,10 @@ impl pb::nodes_server::Nodes for NodesApi {
         &self,
         req: Request<pb::UndrainRequest>,
     ) -> Result<Response<pb::UndrainResponse>, Status> {
+        let ctx = super::write_ctx(&req, &self.gate)?;
         let m = self.find(&req.into_inner().node).await?;
         let id = m.node_id.clone();
-        let (_, stamp) = super::transact(&self.store, move |view| {
+        let (_, stamp) = super::transact(&self.store, ctx, move |view| {
             if !view.drains().iter().any(|d| d.node_id == id) {
                 return Err(HostsError::Missing(format!(
                     "node {id} is not being drained"

@@ -13,11 +13,16 @@ use crate::validate::FieldError;
 pub struct TokensApi {
     store: Arc<Store>,
     node_name: String,
+    gate: Arc<super::WriteGate>,
 }
 
 impl TokensApi {
-    pub fn new(store: Arc<Store>, node_name: String) -> Self {
-        TokensApi { store, node_name }
+    pub fn new(store: Arc<Store>, node_name: String, gate: Arc<super::WriteGate>) -> Self {
+        TokensApi {
+            store,
+            node_name,
+            gate,
+        }
     }
 }
 
@@ -85,6 +90,7 @@ impl pb::tokens_server::Tokens for TokensApi {
         &self,
         req: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let ctx = super::write_ctx(&req, &self.gate)?;
         let name = req.into_inner().name.trim().to_string();
         check_name(&name)?;
         let secret = format!("charon_{}", hex::encode(rand::random::<[u8; 24]>()));
@@ -95,7 +101,7 @@ impl pb::tokens_server::Tokens for TokensApi {
             created_at_ms: wall_ms(),
             created_on: self.node_name.clone(),
         };
-        let (t, stamp) = super::transact(&self.store, move |view| {
+        let (t, stamp) = super::transact(&self.store, ctx, move |view| {
             if view.tokens().iter().any(|x| x.name == t.name) {
                 return Err(HostsError::Exists(format!(
                     "a token named {:?} exists; revoke it first",
@@ -135,11 +141,12 @@ impl pb::tokens_server::Tokens for TokensApi {
         &self,
         req: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        let ctx = super::write_ctx(&req, &self.gate)?;
         let key = req.into_inner().id_or_name;
         if key.trim().is_empty() {
             return Err(HostsError::from(FieldError::new("id_or_name", "is required")).into());
         }
-        let (id, stamp) = super::transact(&self.store, move |view| {
+        let (id, stamp) = super::transact(&self.store, ctx, move |view| {
             let t = view
                 .tokens()
                 .iter()

@@ -132,6 +132,8 @@ pub type Reachable = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 pub struct Cluster {
     store: Arc<Store>,
+    /// `--seeds` and the peers the store remembers from the last run.
+    seeds: Vec<String>,
     config: ClusterConfig,
     auth: ClusterAuth,
     handle: ChitchatHandle,
@@ -236,6 +238,14 @@ impl Cluster {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
         let node_id = store.node_id().to_string();
+        // The peers remembered from the last run join the given seeds: a
+        // node restarted without --seeds still finds its cluster.
+        let mut seeds = config.seeds.clone();
+        for p in store.remembered_peers().unwrap_or_default() {
+            if !seeds.contains(&p) && p != config.gossip_advertise.to_string() {
+                seeds.push(p);
+            }
+        }
         let chitchat_id = ChitchatId::new(node_id.clone(), generation, config.gossip_advertise);
         let summary = store.summary().borrow().clone();
         let initial = vec![
@@ -254,7 +264,7 @@ impl Cluster {
             cluster_id: config.cluster_id.clone(),
             gossip_interval: config.gossip_interval,
             listen_addr: config.gossip_listen,
-            seed_nodes: config.seeds.clone(),
+            seed_nodes: seeds.clone(),
             failure_detector_config: FailureDetectorConfig {
                 phi_threshold: config.phi_threshold,
                 sampling_window_size: 1000,
@@ -272,6 +282,7 @@ impl Cluster {
         let (relay_tx, relay_rx) = mpsc::unbounded_channel();
         let cluster = Arc::new(Cluster {
             store,
+            seeds,
             config,
             auth,
             handle,
@@ -292,6 +303,7 @@ impl Cluster {
             tokio::spawn(cluster.clone().pull_loop()),
             tokio::spawn(cluster.clone().anti_entropy_loop()),
             tokio::spawn(cluster.clone().gc_loop()),
+            tokio::spawn(cluster.clone().remember_loop()),
         ];
         *cluster.tasks.lock().expect("tasks lock") = tasks;
         tracing::info!(
@@ -299,7 +311,7 @@ impl Cluster {
             node = %cluster.config.node_name,
             region = %cluster.config.region,
             gossip = %cluster.config.gossip_advertise,
-            seeds = ?cluster.config.seeds,
+            seeds = ?cluster.seeds,
             "joined the cluster gossip"
         );
         Ok(cluster)
@@ -792,6 +804,45 @@ impl Cluster {
         }
     }
 
+    /// Keeps the store's list of peers (gossip addresses) in step with the
+    /// live members, for the next start's catch-up.
+    async fn remember_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.config.gossip_interval * 5);
+        let mut watcher = {
+            let cc = self.handle.chitchat();
+            let cc = cc.lock().await;
+            cc.live_nodes_watcher()
+        };
+        let mut last: Vec<String> = self.store.remembered_peers().unwrap_or_default();
+        last.sort();
+        loop {
+            // A member's facts (its proof) may arrive a round after it
+            // turns live: look again on the tick too.
+            tokio::select! {
+                _ = tick.tick() => {}
+                r = watcher.changed() => if r.is_err() { return },
+            }
+            let mut now: Vec<String> = self
+                .members()
+                .await
+                .into_iter()
+                .filter(|m| m.live && !m.is_self)
+                .map(|m| m.gossip.to_string())
+                .collect();
+            now.sort();
+            if now.is_empty() || now == last {
+                continue;
+            }
+            let store = self.store.clone();
+            let list = now.clone();
+            match tokio::task::spawn_blocking(move || store.remember_peers(&list)).await {
+                Ok(Ok(())) => last = now,
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot remember the peers"),
+                Err(e) => tracing::warn!(error = %e, "store task failed"),
+            }
+        }
+    }
+
     /// Collects tombstones every member (live or remembered dead) has
     /// applied and that are older than the grace period.
     async fn gc_loop(self: Arc<Self>) {
@@ -838,7 +889,7 @@ impl Cluster {
             let peers = self.live_peers().await;
             let ours = self.store.version_vector();
             let behind: Vec<&Member> = peers.iter().filter(|m| ahead(&m.vv, &ours)).collect();
-            let waiting_for_seeds = peers.is_empty() && !self.config.seeds.is_empty();
+            let waiting_for_seeds = peers.is_empty() && !self.seeds.is_empty();
             if behind.is_empty() && !waiting_for_seeds {
                 if !peers.is_empty() {
                     tracing::info!(
@@ -866,6 +917,36 @@ impl Cluster {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+    }
+
+    /// After this process was paused: its gossiped view of the peers is as
+    /// old as the pause (they may even look dead for a moment), so rather
+    /// than trust it, pull from up to two known members directly, this
+    /// region first, each bounded by the sync timeout.
+    pub async fn resync(&self) {
+        let started = Instant::now();
+        let mut members: Vec<Member> = self
+            .members()
+            .await
+            .into_iter()
+            .filter(|m| !m.is_self && self.can_reach(&m.node_id))
+            .collect();
+        members.sort_by_key(|m| (!m.live, m.region != self.config.region));
+        let mut pulled = 0;
+        for m in &members {
+            let ours = self.store.version_vector();
+            if self.pull_from(m, &ours).await {
+                pulled += 1;
+                if pulled == 2 {
+                    break;
+                }
+            }
+        }
+        tracing::info!(
+            pulled_from = pulled,
+            took_ms = started.elapsed().as_millis() as u64,
+            "resynced after a pause"
+        );
     }
 
     /// Waits until every member live when the wait began has applied

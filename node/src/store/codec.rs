@@ -18,6 +18,15 @@ pub enum Body {
     Cert(StoredCert),
     Token(ApiToken),
     Drain(DrainRecord),
+    /// Who holds a domain: see [`super::names`].
+    Claim(NameClaim),
+}
+
+/// The holder of one domain (key `name/<domain>`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NameClaim {
+    pub domain: String,
+    pub host_id: String,
 }
 
 /// A replicated drain request for one node.
@@ -58,6 +67,13 @@ impl Body {
     pub fn as_token(&self) -> Option<&ApiToken> {
         match self {
             Body::Token(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    pub fn as_claim(&self) -> Option<&NameClaim> {
+        match self {
+            Body::Claim(c) => Some(c),
             _ => None,
         }
     }
@@ -123,6 +139,10 @@ pub fn encode(rec: &Record) -> Vec<u8> {
                 requested_at_ms: d.requested_at_ms,
                 requested_on: d.requested_on.clone(),
             }),
+            Body::Claim(c) => pb::record::Body::Claim(pb::NameClaim {
+                domain: c.domain.clone(),
+                host_id: c.host_id.clone(),
+            }),
         }),
     };
     let mut out = Vec::with_capacity(1 + msg.encoded_len());
@@ -156,6 +176,10 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
                 spread_secs: d.spread_secs,
                 requested_at_ms: d.requested_at_ms,
                 requested_on: d.requested_on,
+            }),
+            pb::record::Body::Claim(c) => Body::Claim(NameClaim {
+                domain: c.domain,
+                host_id: c.host_id,
             }),
         })
     };
@@ -197,6 +221,7 @@ fn host_to_pb(h: &ProxyHost) -> pb::HostRecord {
         hsts_include_subdomains: h.hsts_include_subdomains,
         upstream_ca_pem: h.upstream_ca_pem.clone(),
         upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
+        create_key: h.create_key.clone(),
     }
 }
 
@@ -230,6 +255,7 @@ fn host_from_pb(h: pb::HostRecord) -> ProxyHost {
         hsts_include_subdomains: h.hsts_include_subdomains,
         upstream_ca_pem: h.upstream_ca_pem,
         upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
+        create_key: h.create_key,
     }
 }
 
@@ -310,6 +336,7 @@ mod tests {
             hsts_include_subdomains: true,
             upstream_ca_pem: "pem".into(),
             upstream_insecure_skip_verify: true,
+            create_key: "k".into(),
         };
         let cert = StoredCert {
             id: "c".into(),
@@ -318,7 +345,16 @@ mod tests {
             chain_length: 2,
             ..Default::default()
         };
-        for body in [Some(Body::Host(host)), Some(Body::Cert(cert)), None] {
+        let claim = Body::Claim(NameClaim {
+            domain: "a.com".into(),
+            host_id: "x".into(),
+        });
+        for body in [
+            Some(Body::Host(host)),
+            Some(Body::Cert(cert)),
+            Some(claim),
+            None,
+        ] {
             let rec = Record {
                 hlc: 42,
                 origin: "node-a".into(),

@@ -11,6 +11,7 @@
 
 pub mod codec;
 pub mod hlc;
+pub mod names;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,8 +21,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
-pub use codec::{ApiToken, Body, DrainRecord, Record};
+pub use codec::{ApiToken, Body, DrainRecord, NameClaim, Record};
 use hlc::Hlc;
+pub use names::{name_key, Names, NAME_PREFIX};
 
 use crate::host::ProxyHost;
 use crate::tls::cert::StoredCert;
@@ -178,16 +180,24 @@ pub type HostSet = Live<ProxyHost>;
 /// rebuilt) after each change.
 #[derive(Default, Clone)]
 pub struct Snapshot {
+    /// Every live host, as stored (conflicted domains included).
     pub hosts: HostSet,
+    /// What the proxy and the TLS table serve: each host with only the
+    /// domains it holds (see [`names`]); the same `Arc` as in `hosts` when
+    /// it holds them all, absent when it holds none. Subscribers' host
+    /// changes are changes of this set, so no table ever sees two holders
+    /// of one name.
+    pub routed: HostSet,
+    /// Who holds each domain, the claims and the conflicts.
+    pub names: Names,
     pub certs: Live<StoredCert>,
     pub tokens: Live<ApiToken>,
     pub drains: Live<DrainRecord>,
-    /// Domain → ids of the live hosts that list it (more than one only
-    /// while a concurrent claim is unresolved), for lookups by name
-    /// without a scan.
-    pub by_domain: Index,
     /// Certificate id → ids of the live hosts that pin it.
     pub by_cert: Index,
+    /// Idempotency key → id of the live host created with it, so that a
+    /// retried create finds what it made without a scan.
+    pub by_create_key: Index,
 }
 
 /// Name → ids of the records listing it, by id.
@@ -205,6 +215,14 @@ impl Snapshot {
             .flatten()
             .filter_map(|id| self.hosts.get(id))
     }
+
+    /// The live host created with idempotency key `key`; O(log n).
+    pub fn host_created_with(&self, key: &str) -> Option<&Arc<ProxyHost>> {
+        self.by_create_key
+            .get(key)
+            .and_then(|ids| ids.first())
+            .and_then(|id| self.hosts.get(id))
+    }
 }
 
 /// One live record that changed: `old`/`new` are `None` where the record
@@ -220,6 +238,10 @@ pub struct Changed<T> {
 /// derived tables instead of rebuilding them.
 #[derive(Debug, Default)]
 pub struct Changes {
+    /// Changes of the *routed* hosts ([`Snapshot::routed`]): a host that
+    /// gains or loses a domain to a concurrent claim shows up here with the
+    /// domains it serves, so a table applying these never has two holders
+    /// of one name.
     pub hosts: Vec<Changed<ProxyHost>>,
     pub certs: Vec<Changed<StoredCert>>,
     pub tokens: Vec<Changed<ApiToken>>,
@@ -241,7 +263,7 @@ impl Changes {
                 .collect()
         }
         Changes {
-            hosts: all(&snap.hosts),
+            hosts: all(&snap.routed),
             certs: all(&snap.certs),
             tokens: all(&snap.tokens),
             drains: all(&snap.drains),
@@ -314,28 +336,30 @@ impl View<'_> {
         self.inner.snapshot.certs.get(id)
     }
 
-    /// A host by id or by one of its domains (the first by id when two
-    /// hosts list it).
-    pub fn find_host(&self, id_or_domain: &str) -> Option<&Arc<ProxyHost>> {
-        self.hosts().get(id_or_domain).or_else(|| {
-            let needle = id_or_domain.trim().to_ascii_lowercase();
-            self.hosts_with_domain(&needle).next()
-        })
+    /// Who holds which domain, and the conflicts.
+    pub fn names(&self) -> &Names {
+        &self.inner.snapshot.names
     }
 
-    /// The live hosts listing `domain` (normalised: lower case), by id;
-    /// O(log n), for uniqueness checks.
-    pub fn hosts_with_domain<'a>(
-        &'a self,
-        domain: &str,
-    ) -> impl Iterator<Item = &'a Arc<ProxyHost>> + 'a {
-        let snap = &self.inner.snapshot;
-        snap.by_domain
-            .get(domain)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| snap.hosts.get(id))
+    /// A stored record (tombstones included).
+    pub fn record(&self, key: &str) -> Option<&Record> {
+        self.inner.records.get(key)
     }
+
+    /// A host by id or by one of its domains; a domain names the host that
+    /// holds it, never a host that lost it in a concurrent claim.
+    pub fn find_host(&self, id_or_domain: &str) -> Option<&Arc<ProxyHost>> {
+        find_host(&self.inner.snapshot, id_or_domain)
+    }
+}
+
+/// See [`View::find_host`]; O(log n).
+pub fn find_host<'a>(snap: &'a Snapshot, id_or_domain: &str) -> Option<&'a Arc<ProxyHost>> {
+    if let Some(h) = snap.hosts.get(id_or_domain) {
+        return Some(h);
+    }
+    let needle = id_or_domain.trim().to_ascii_lowercase();
+    snap.hosts.get(snap.names.holder(&needle)?)
 }
 
 impl Store {
@@ -602,7 +626,7 @@ impl Store {
         for (k, r) in records {
             let current = winners.get(&k).or_else(|| inner.records.get(&k));
             match current {
-                Some(old) if !r.supersedes(old) => {
+                Some(old) if !supersedes(&k, &r, old) => {
                     // The same record again is routine; a different one
                     // from another node is a concurrent edit that lost.
                     if old.origin != r.origin && old.hlc != r.hlc {
@@ -673,25 +697,33 @@ impl Store {
             inner.gc_floor = floor;
         }
         let applied = winners.len();
-        let mut snap = (*inner.snapshot).clone();
+        let before = inner.snapshot.clone();
+        let mut snap = (*before).clone();
         let mut changes = Changes::default();
+        let mut touched = names::Touched::default();
         for k in removed {
             if let Some(old) = inner.records.remove(&k) {
                 inner.hash ^= record_digest(&k, &old);
-                derive(&mut snap, &mut changes, &k, None);
+                derive(&mut snap, &mut changes, &mut touched, &k, None);
             }
         }
         for (k, r) in winners {
             inner.hash ^= record_digest(&k, &r);
-            derive(&mut snap, &mut changes, &k, r.body.as_ref());
+            derive(&mut snap, &mut changes, &mut touched, &k, r.body.as_ref());
             if let Some(old) = inner.records.insert(k.clone(), r) {
                 inner.hash ^= record_digest(&k, &old);
             }
         }
-        if !changes.is_empty() {
+        // Who holds each affected domain, the conflicts, and the routed
+        // hosts that follow: only what this commit touched.
+        let touched_any = !touched.is_empty();
+        changes.hosts = names::settle(&before, &mut snap, touched, true);
+        if touched_any || !changes.is_empty() {
             inner.snapshot = Arc::new(snap);
-            for s in &inner.subscribers {
-                s(&inner.snapshot, &changes);
+            if !changes.is_empty() {
+                for s in &inner.subscribers {
+                    s(&inner.snapshot, &changes);
+                }
             }
         }
         self.summary.send_replace(summarise(inner));
@@ -763,6 +795,38 @@ impl Store {
         Ok(n)
     }
 
+    /// Gossip addresses of the peers this node last saw (see
+    /// [`Store::remember_peers`]).
+    pub fn remembered_peers(&self) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = match txn.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(meta
+            .get("peers")?
+            .map(|v| {
+                String::from_utf8_lossy(v.value())
+                    .lines()
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Keeps the gossip addresses of the live peers, so that a node
+    /// restarted without `--seeds` still finds its cluster and catches up
+    /// before it takes writes.
+    pub fn remember_peers(&self, peers: &[String]) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::Immediate)?;
+        txn.open_table(META)?
+            .insert("peers", peers.join("\n").as_bytes())?;
+        txn.commit()?;
+        Ok(())
+    }
+
     pub fn version_vector(&self) -> VersionVector {
         self.inner.lock().expect("store lock").vv.clone()
     }
@@ -801,6 +865,21 @@ struct Change<'a> {
     covers: Option<&'a VersionVector>,
     removed: Vec<String>,
     gc_floor: Option<VersionVector>,
+}
+
+/// The merge order of two versions of the record at `key`: last writer
+/// wins on `(hlc, origin)`, except that a host, once deleted, stays
+/// deleted. Host ids are never reused, so a live version that meets the
+/// host's tombstone can only be an update made on a node that had not yet
+/// heard of the delete (a paused or lagging node): taking it would bring
+/// an acknowledged delete back. Still a total order per key (tombstones
+/// above live versions, each ordered by clock), so merging stays
+/// commutative, idempotent and order-free.
+fn supersedes(key: &str, new: &Record, old: &Record) -> bool {
+    if key.starts_with(HOST_PREFIX) && new.body.is_none() != old.body.is_none() {
+        return new.body.is_none();
+    }
+    new.supersedes(old)
 }
 
 fn merge_max(into: &mut VersionVector, from: &VersionVector) {
@@ -879,28 +958,49 @@ fn track<T: Clone>(live: &mut Live<T>, out: &mut Vec<Changed<T>>, id: &str, new:
 }
 
 /// Applies the record now at `key` (`None`: absent or a tombstone) to the
-/// derived snapshot, and to `changes` what subscribers must apply.
-fn derive(snap: &mut Snapshot, changes: &mut Changes, key: &str, body: Option<&Body>) {
+/// derived snapshot; what subscribers must apply goes to `changes`, and
+/// what the names rule must look at again to `touched` (see
+/// [`names::settle`], which turns host changes into routed-host changes).
+fn derive(
+    snap: &mut Snapshot,
+    changes: &mut Changes,
+    touched: &mut names::Touched,
+    key: &str,
+    body: Option<&Body>,
+) {
     if let Some(id) = key.strip_prefix(HOST_PREFIX) {
-        let n = changes.hosts.len();
+        let mut stored = Vec::with_capacity(1);
         track(
             &mut snap.hosts,
-            &mut changes.hosts,
+            &mut stored,
             id,
             body.and_then(Body::as_host),
         );
-        if let Some(c) = changes.hosts.get(n) {
-            let domains =
-                |h: &Option<Arc<ProxyHost>>| h.iter().flat_map(|h| h.domains.clone()).collect();
+        if let Some(c) = stored.pop() {
+            names::host_changed(&mut snap.names, touched, &c);
             let pin = |h: &Option<Arc<ProxyHost>>| {
                 h.iter()
                     .filter(|h| !h.cert_id.is_empty())
                     .map(|h| h.cert_id.clone())
                     .collect()
             };
-            reindex(&mut snap.by_domain, &c.id, domains(&c.old), domains(&c.new));
+            let create_key = |h: &Option<Arc<ProxyHost>>| {
+                h.iter()
+                    .filter(|h| !h.create_key.is_empty())
+                    .map(|h| h.create_key.clone())
+                    .collect()
+            };
             reindex(&mut snap.by_cert, &c.id, pin(&c.old), pin(&c.new));
+            reindex(
+                &mut snap.by_create_key,
+                &c.id,
+                create_key(&c.old),
+                create_key(&c.new),
+            );
         }
+    } else if let Some(domain) = key.strip_prefix(NAME_PREFIX) {
+        let claim = body.and_then(Body::as_claim);
+        names::claim_changed(&mut snap.names, touched, domain, claim);
     } else if let Some(id) = key.strip_prefix(CERT_PREFIX) {
         track(
             &mut snap.certs,
@@ -944,12 +1044,17 @@ fn reindex(index: &mut Index, id: &str, old: Vec<String>, new: Vec<String>) {
     }
 }
 
+/// The snapshot of `records` from scratch (start-up): the same derivation
+/// as a commit's, from an empty state.
 fn snapshot(records: &BTreeMap<String, Record>) -> Snapshot {
     let mut snap = Snapshot::default();
     let mut changes = Changes::default();
+    let mut touched = names::Touched::default();
     for (k, r) in records {
-        derive(&mut snap, &mut changes, k, r.body.as_ref());
+        derive(&mut snap, &mut changes, &mut touched, k, r.body.as_ref());
     }
+    let empty = Snapshot::default();
+    names::settle(&empty, &mut snap, touched, false);
     snap
 }
 
@@ -1086,7 +1191,7 @@ mod tests {
             hlc: 5,
             origin: "y".into(),
             seq: 1,
-            body: None,
+            body: Some(Body::Host(host("h", "old.com"))),
         };
         assert_eq!(store.apply(vec![("host/h".into(), newer)]).unwrap(), 1);
         assert_eq!(store.apply(vec![("host/h".into(), older)]).unwrap(), 0);
@@ -1145,12 +1250,9 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(ids(&snap), ids(&rebuilt));
-        assert_eq!(snap.by_domain, rebuilt.by_domain);
-        assert!(snap.by_domain.get("h2.test").is_none());
-        assert_eq!(
-            snap.by_domain.get("h2-new.test").unwrap(),
-            &["h2".to_string()]
-        );
+        assert_eq!(snap.names, rebuilt.names);
+        assert!(snap.names.listers("h2.test").is_empty());
+        assert_eq!(snap.names.listers("h2-new.test"), &["h2".to_string()]);
     }
 
     mod merge {
@@ -1227,12 +1329,13 @@ mod tests {
                     let rebuilt = snapshot(&st.inner.lock().unwrap().records);
                     let hosts = |s: &Snapshot| s.hosts.iter().map(|h| (**h).clone()).collect::<Vec<_>>();
                     prop_assert_eq!(hosts(&snap), hosts(&rebuilt));
-                    prop_assert_eq!(&snap.by_domain, &rebuilt.by_domain);
+                    prop_assert_eq!(&snap.names, &rebuilt.names);
                 }
                 // The winner per key is the highest (hlc, origin).
                 for (k, r) in one.records() {
                     let best = ws.iter().filter(|(wk, _)| *wk == k)
-                        .max_by(|a, b| (a.1.hlc, &a.1.origin).cmp(&(b.1.hlc, &b.1.origin)))
+                        .max_by(|a, b| (a.1.body.is_none(), a.1.hlc, &a.1.origin)
+                            .cmp(&(b.1.body.is_none(), b.1.hlc, &b.1.origin)))
                         .unwrap();
                     prop_assert_eq!(&best.1, &r);
                 }
@@ -1259,8 +1362,11 @@ mod tests {
             }
         }
 
+        /// A host once deleted stays deleted: its id is never reused, so a
+        /// later live version is an update made without knowing of the
+        /// delete.
         #[test]
-        fn a_tombstone_beats_older_writes_and_loses_to_newer_ones() {
+        fn a_host_tombstone_beats_every_live_version() {
             let dir = tempfile::tempdir().unwrap();
             let store = Store::open(dir.path()).unwrap();
             let live = |hlc, origin: &str, seq| Record {
@@ -1293,7 +1399,18 @@ mod tests {
             store
                 .apply(vec![("host/h".into(), live(30, "x", 2))])
                 .unwrap();
-            assert_eq!(store.hosts().len(), 1, "a newer write beats the tombstone");
+            assert!(
+                store.hosts().is_empty(),
+                "an update made without knowing of the delete brought the host back"
+            );
+            // The order of arrival does not matter.
+            let dir = tempfile::tempdir().unwrap();
+            let other = Store::open(dir.path()).unwrap();
+            other
+                .apply(vec![("host/h".into(), live(30, "x", 2))])
+                .unwrap();
+            other.apply(vec![("host/h".into(), dead)]).unwrap();
+            assert!(other.hosts().is_empty());
         }
 
         #[test]

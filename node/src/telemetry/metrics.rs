@@ -182,6 +182,10 @@ pub struct Gauges {
     pub config_lag: Vec<(String, u64)>,
     /// 0 serving, 1 draining, 2 drained.
     pub drain_state: u64,
+    /// Hosts listing a domain another host holds (store::names).
+    pub name_conflicts: u64,
+    /// 1 until the node has caught up with the cluster after start.
+    pub catching_up: u64,
 }
 
 impl Metrics {
@@ -382,6 +386,20 @@ impl Metrics {
             "0 serving, 1 draining, 2 drained.",
         );
         let _ = writeln!(out, "charon_drain_state {}", g.drain_state);
+        head(
+            &mut out,
+            "charon_name_conflicts",
+            "gauge",
+            "Domains listed by a host that lost them in a concurrent claim (see host list).",
+        );
+        let _ = writeln!(out, "charon_name_conflicts {}", g.name_conflicts);
+        head(
+            &mut out,
+            "charon_catching_up",
+            "gauge",
+            "1 while the node has not caught up with the cluster since it started (writes refused).",
+        );
+        let _ = writeln!(out, "charon_catching_up {}", g.catching_up);
         head(
             &mut out,
             "charon_trace_spans_dropped_total",

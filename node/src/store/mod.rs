@@ -376,6 +376,15 @@ impl Store {
         })?;
         let (node_id, mut inner) = Self::load(&db)?;
         inner.snapshot = Arc::new(snapshot(&inner.records));
+        let conflicts = inner.snapshot.names.conflict_count();
+        if conflicts > 0 {
+            // Each got its own warning when it appeared; one line now so a
+            // restart does not hide them.
+            tracing::warn!(
+                conflicts,
+                "hosts list domains other hosts hold (see charonctl host list / cluster status)"
+            );
+        }
         inner.hash = inner
             .records
             .iter()

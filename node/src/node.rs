@@ -440,3 +440,82 @@ pub async fn run(
     tracing::info!("stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{cert_key, host_key, name_key, Body, NameClaim, Record};
+    use crate::tls::cert::parse_and_validate;
+    use crate::tls::cert::test_certs::{ca, leaf};
+    use std::sync::Mutex;
+
+    /// Two hosts list one domain (accepted concurrently on two nodes), each
+    /// pinning its own certificate: TLS answers with the holder's pin, as
+    /// the claim moves and as the holder goes, and the table kept by
+    /// change equals one applied from the final state at once.
+    #[test]
+    fn sni_follows_the_holder_of_a_contested_domain() {
+        let dk = DataKey::from_bytes([7; 32]);
+        let ca = ca("CA");
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let table = Arc::new(Mutex::new(CertTable::default()));
+        let (t2, dk2) = (table.clone(), DataKey::from_bytes([7; 32]));
+        store.subscribe(move |_, ch| apply_tls_changes(&mut t2.lock().unwrap(), ch, &dk2));
+        let mut hlc = 0;
+        let mut apply = |key: String, body: Option<Body>| {
+            hlc += 1;
+            let rec = Record {
+                hlc,
+                origin: "n".into(),
+                seq: hlc,
+                body,
+            };
+            store.apply(vec![(key, rec)]).unwrap();
+        };
+        for id in ["ca", "cb"] {
+            let (c, k) = leaf(&ca, &["x.test"], None);
+            let mut s = parse_and_validate(&c, &k, crate::util::wall_ms())
+                .unwrap()
+                .meta;
+            s.id = id.into();
+            s.seal_key(&dk, &k);
+            apply(cert_key(id), Some(Body::Cert(s)));
+        }
+        let host = |id: &str, cert: &str| {
+            Body::Host(ProxyHost {
+                id: id.into(),
+                domains: vec!["x.test".into()],
+                upstreams: vec!["http://127.0.0.1:1".into()],
+                enabled: true,
+                cert_id: cert.into(),
+                ..Default::default()
+            })
+        };
+        let claim = |id: &str| {
+            Some(Body::Claim(NameClaim {
+                domain: "x.test".into(),
+                host_id: id.into(),
+            }))
+        };
+        let serves = |want: &str| {
+            let t = table.lock().unwrap();
+            let got = t.resolve("x.test").expect("x.test resolves");
+            assert!(Arc::ptr_eq(&got, t.key(want).unwrap()), "{want} expected");
+        };
+        apply(host_key("a"), Some(host("a", "ca")));
+        apply(host_key("b"), Some(host("b", "cb")));
+        serves("ca"); // no claim: the smallest id holds it
+        apply(name_key("x.test"), claim("b"));
+        serves("cb");
+        apply(name_key("x.test"), claim("a"));
+        serves("ca");
+        apply(host_key("a"), None);
+        serves("cb");
+        let mut fresh = CertTable::default();
+        apply_tls_changes(&mut fresh, &Changes::everything(&store.snapshot()), &dk);
+        let t = table.lock().unwrap();
+        let key = |t: &CertTable| t.resolve("x.test").map(|k| k.cert.clone());
+        assert_eq!(key(&t), key(&fresh));
+    }
+}

@@ -706,35 +706,7 @@ impl Store {
             inner.gc_floor = floor;
         }
         let applied = winners.len();
-        let before = inner.snapshot.clone();
-        let mut snap = (*before).clone();
-        let mut changes = Changes::default();
-        let mut touched = names::Touched::default();
-        for k in removed {
-            if let Some(old) = inner.records.remove(&k) {
-                inner.hash ^= record_digest(&k, &old);
-                derive(&mut snap, &mut changes, &mut touched, &k, None);
-            }
-        }
-        for (k, r) in winners {
-            inner.hash ^= record_digest(&k, &r);
-            derive(&mut snap, &mut changes, &mut touched, &k, r.body.as_ref());
-            if let Some(old) = inner.records.insert(k.clone(), r) {
-                inner.hash ^= record_digest(&k, &old);
-            }
-        }
-        // Who holds each affected domain, the conflicts, and the routed
-        // hosts that follow: only what this commit touched.
-        let touched_any = !touched.is_empty();
-        changes.hosts = names::settle(&before, &mut snap, touched, true);
-        if touched_any || !changes.is_empty() {
-            inner.snapshot = Arc::new(snap);
-            if !changes.is_empty() {
-                for s in &inner.subscribers {
-                    s(&inner.snapshot, &changes);
-                }
-            }
-        }
+        apply_in_memory(inner, removed, winners);
         self.summary.send_replace(summarise(inner));
         Ok(applied)
     }
@@ -864,6 +836,41 @@ impl Store {
             out.push(decode_entry(entry?)?);
         }
         Ok(out)
+    }
+}
+
+/// The in-memory side of a commit that is already on disk: the records,
+/// the state hash, the snapshot derived by change (names included), and the
+/// subscribers, who get only what changed.
+fn apply_in_memory(inner: &mut Inner, removed: Vec<String>, winners: BTreeMap<String, Record>) {
+    let before = inner.snapshot.clone();
+    let mut snap = (*before).clone();
+    let mut changes = Changes::default();
+    let mut touched = names::Touched::default();
+    for k in removed {
+        if let Some(old) = inner.records.remove(&k) {
+            inner.hash ^= record_digest(&k, &old);
+            derive(&mut snap, &mut changes, &mut touched, &k, None);
+        }
+    }
+    for (k, r) in winners {
+        inner.hash ^= record_digest(&k, &r);
+        derive(&mut snap, &mut changes, &mut touched, &k, r.body.as_ref());
+        if let Some(old) = inner.records.insert(k.clone(), r) {
+            inner.hash ^= record_digest(&k, &old);
+        }
+    }
+    // Who holds each affected domain, the conflicts, and the routed
+    // hosts that follow: only what this commit touched.
+    let touched_any = !touched.is_empty();
+    changes.hosts = names::settle(&before, &mut snap, touched, true);
+    if touched_any || !changes.is_empty() {
+        inner.snapshot = Arc::new(snap);
+        if !changes.is_empty() {
+            for s in &inner.subscribers {
+                s(&inner.snapshot, &changes);
+            }
+        }
     }
 }
 

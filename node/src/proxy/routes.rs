@@ -149,8 +149,9 @@ fn path_has_prefix(path: &str, prefix: &str) -> bool {
 /// Domain → route, for the request path. Persistent maps ([`NameMap`]):
 /// cloning the table is O(1) and [`RouteTable::apply`] touches only the
 /// changed host's names, so a write costs the same at 100 hosts as at
-/// 100,000 (issue 16). Where two hosts hold one name, the greatest id
-/// routes it, as a table rebuilt in id order would.
+/// 100,000 (issue 16). It is fed the store's routed hosts, where each
+/// name has one holder (`store::names`), so it never picks between two
+/// hosts itself.
 #[derive(Clone, Default)]
 pub struct RouteTable {
     exact: NameMap<Arc<Route>>,

@@ -1,7 +1,8 @@
 //! Which certificate answers a TLS server name.
 //!
-//! The host that would route the name decides first: if it pins a
-//! certificate, that one is served. Otherwise the best stored certificate
+//! The host that would route the name decides first (the table is fed the
+//! store's routed hosts, so that is the one host holding the name
+//! cluster-wide): if it pins a certificate, that one is served. Otherwise the best stored certificate
 //! for the name: an exact SAN match, then a wildcard SAN (`*.example.com`
 //! covers one label, as clients check it), the one valid longest first.
 

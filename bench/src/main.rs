@@ -12,6 +12,8 @@ mod load;
 mod otlp_sink;
 mod propagation;
 mod run;
+mod scale;
+mod sim;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -206,6 +208,55 @@ enum Cmd {
         #[arg(long, default_value = "full")]
         mode: String,
     },
+    /// Config propagation in a simulated cluster of many nodes in this one
+    /// process (real stores and sync, in-process gossip): see
+    /// bench/README.md, "Simulated cluster".
+    Sim {
+        /// Cluster sizes.
+        #[arg(long, default_value = "50,100", value_parser = scale::parse_sizes)]
+        nodes: std::vec::Vec<usize>,
+        /// Measured writes per size, one at a time, round-robin.
+        #[arg(long, default_value_t = 200)]
+        writes: usize,
+        #[arg(long, default_value_t = 200)]
+        gossip_interval_ms: u64,
+        /// Seconds for every node to see every other live.
+        #[arg(long, default_value_t = 180)]
+        formation_timeout_secs: u64,
+        /// Also write the Markdown here (and the JSON next to it, .json).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// One node as the stored configuration grows: write latency, start
+    /// time and RSS, route lookup cost (see bench/README.md, "Scale").
+    Scale {
+        /// Directory holding charon-node.
+        #[arg(long)]
+        bin_dir: PathBuf,
+        /// Scratch directory (one sub-directory per size, removed after).
+        #[arg(long)]
+        workdir: PathBuf,
+        /// Host counts, e.g. 100,1k,10k,100k.
+        #[arg(long, default_value = "100,1k,10k,100k", value_parser = scale::parse_sizes)]
+        sizes: std::vec::Vec<usize>,
+        /// Certificates stored per host (0.1: 10,000 with 100,000 hosts).
+        #[arg(long, default_value_t = 0.1)]
+        cert_ratio: f64,
+        /// Measured sequential CreateHost calls per size.
+        #[arg(long, default_value_t = 200)]
+        writes: usize,
+        #[arg(long, default_value_t = 10)]
+        warmup_writes: usize,
+        /// Route-table lookups timed per size (hits, then as many misses).
+        #[arg(long, default_value_t = 2_000_000)]
+        lookups: usize,
+        /// Also write the Markdown here (and the JSON next to it, .json).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The command line to print in the Markdown.
+        #[arg(long)]
+        command: Option<String>,
+    },
     /// Config propagation in a cluster of real charon-node processes:
     /// write → served on every other node, and a killed node's catch-up.
     /// Prints a JSON result, then a Markdown table.
@@ -359,6 +410,50 @@ fn real_main() -> anyhow::Result<bool> {
             targets,
             workers,
         } => run::serve(bin_dir, workdir, &targets, workers)?,
+        Cmd::Sim {
+            nodes,
+            writes,
+            gossip_interval_ms,
+            formation_timeout_secs,
+            out,
+        } => {
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            return sim::run(sim::Args {
+                sizes: nodes,
+                writes,
+                gossip_interval_ms,
+                formation_timeout: Duration::from_secs(formation_timeout_secs),
+                out,
+                command: format!("charon-bench {}", args.join(" ")),
+            });
+        }
+        Cmd::Scale {
+            bin_dir,
+            workdir,
+            sizes,
+            cert_ratio,
+            writes,
+            warmup_writes,
+            lookups,
+            out,
+            command,
+        } => {
+            let command = command.unwrap_or_else(|| {
+                let args: Vec<String> = std::env::args().skip(1).collect();
+                format!("charon-bench {}", args.join(" "))
+            });
+            return scale::run(scale::Args {
+                bin_dir,
+                workdir,
+                sizes,
+                cert_ratio,
+                writes,
+                warmup_writes,
+                lookups,
+                out,
+                command,
+            });
+        }
         Cmd::Propagation {
             bin_dir,
             workdir,

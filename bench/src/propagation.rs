@@ -399,7 +399,7 @@ struct Served {
 // gRPC
 
 #[derive(Clone)]
-struct Bearer(MetadataValue<Ascii>);
+pub(crate) struct Bearer(pub(crate) MetadataValue<Ascii>);
 
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
@@ -408,10 +408,13 @@ impl tonic::service::Interceptor for Bearer {
     }
 }
 
-type HostsApi = HostsClient<InterceptedService<Channel, Bearer>>;
+pub(crate) type HostsApi = HostsClient<InterceptedService<Channel, Bearer>>;
 type ClusterApi = ClusterClient<InterceptedService<Channel, Bearer>>;
 
-async fn connect(api: SocketAddr, token: &Bearer) -> anyhow::Result<(HostsApi, ClusterApi)> {
+pub(crate) async fn connect(
+    api: SocketAddr,
+    token: &Bearer,
+) -> anyhow::Result<(HostsApi, ClusterApi)> {
     let channel = Endpoint::from_shared(format!("http://{api}"))?
         .connect_timeout(Duration::from_secs(2))
         .timeout(CALL_TIMEOUT)
@@ -429,7 +432,7 @@ fn live_count(status: &ClusterStatusResponse) -> usize {
     status.members.iter().filter(|m| m.live).count()
 }
 
-fn host_request(domain: &str, upstream: &str) -> CreateHostRequest {
+pub(crate) fn host_request(domain: &str, upstream: &str) -> CreateHostRequest {
     CreateHostRequest {
         host: Some(ProxyHost {
             domains: vec![domain.to_string()],
@@ -444,46 +447,46 @@ fn host_request(domain: &str, upstream: &str) -> CreateHostRequest {
 // Nodes
 
 /// What every node shares.
-struct Shared {
-    bin: PathBuf,
-    token: String,
-    secret: String,
-    gossip_interval_ms: u64,
+pub(crate) struct Shared {
+    pub(crate) bin: PathBuf,
+    pub(crate) token: String,
+    pub(crate) secret: String,
+    pub(crate) gossip_interval_ms: u64,
     /// Node 1's gossip address: everyone else's seed.
-    seed: SocketAddr,
+    pub(crate) seed: SocketAddr,
 }
 
 /// The listeners a node reported in `listen.json`.
 #[derive(Debug, Clone, Copy)]
-struct Listen {
-    http: SocketAddr,
-    https: SocketAddr,
-    api: SocketAddr,
-    admin: SocketAddr,
+pub(crate) struct Listen {
+    pub(crate) http: SocketAddr,
+    pub(crate) https: SocketAddr,
+    pub(crate) api: SocketAddr,
+    pub(crate) admin: SocketAddr,
 }
 
-struct Node {
+pub(crate) struct Node {
     /// 1-based.
     index: usize,
     name: String,
-    data_dir: PathBuf,
-    log_path: PathBuf,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) log_path: PathBuf,
     gossip: SocketAddr,
     listen: Option<Listen>,
-    child: Option<Child>,
+    pub(crate) child: Option<Child>,
     /// Log length before the current start (for reading only this start).
     log_offset: u64,
 }
 
 /// A UDP port free right now on 127.0.0.1 (the gossip listener takes its
 /// port from the command line, so that a restart keeps it).
-fn free_udp() -> anyhow::Result<SocketAddr> {
+pub(crate) fn free_udp() -> anyhow::Result<SocketAddr> {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").context("probing for a free UDP port")?;
     Ok(s.local_addr()?)
 }
 
 impl Node {
-    fn new(index: usize, workdir: &Path) -> anyhow::Result<Node> {
+    pub(crate) fn new(index: usize, workdir: &Path) -> anyhow::Result<Node> {
         let dir = workdir.join(format!("node-{index}"));
         // A fresh store on every run.
         let _ = fs::remove_dir_all(&dir);
@@ -500,13 +503,13 @@ impl Node {
         })
     }
 
-    fn listen(&self) -> Listen {
+    pub(crate) fn listen(&self) -> Listen {
         self.listen.expect("the node has started")
     }
 
     /// Spawns the process. The first start lets the node pick its TCP
     /// ports; a restart passes the same ones again.
-    fn spawn(&mut self, shared: &Shared) -> anyhow::Result<()> {
+    pub(crate) fn spawn(&mut self, shared: &Shared) -> anyhow::Result<()> {
         // A listen.json from the previous start would be read as this one's.
         match fs::remove_file(self.data_dir.join("listen.json")) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -603,7 +606,7 @@ impl Node {
     }
 
     /// Waits for `listen.json` and `/readyz` 200.
-    async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+    pub(crate) async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         let listen = loop {
             self.check_alive()?;
@@ -629,7 +632,7 @@ impl Node {
         }
     }
 
-    async fn kill(&mut self) -> anyhow::Result<()> {
+    pub(crate) async fn kill(&mut self) -> anyhow::Result<()> {
         if let Some(mut child) = self.child.take() {
             child.kill().await?;
         }
@@ -665,7 +668,7 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
         .split_whitespace()
@@ -675,12 +678,12 @@ fn loadavg() -> String {
 }
 
 /// Milliseconds, to the microsecond.
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_micros() as f64 / 1000.0
 }
 
 /// A token nobody else has: time and pid, as hex.
-fn token(prefix: &str) -> String {
+pub(crate) fn token(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())

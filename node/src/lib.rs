@@ -7,11 +7,16 @@
 //! - [`config`]: flags, `CHARON_*` env and TOML file, validated before any
 //!   port is bound.
 //! - [`host`]: the proxy host type and its validation rules.
-//! - [`store`]: redb records (LWW + HLC stamps); the single `apply` path;
+//! - [`store`]: redb records (LWW + HLC stamps); the single `apply` path,
+//!   which hands subscribers each commit's changed records ([`store::Changes`]);
 //!   [`store::names`]: which host holds each domain, the same on every node
-//!   (claim records), and the conflicts a concurrent claim leaves.
-//! - [`proxy`]: route table (an immutable snapshot the store publishes after
-//!   each change), upstream pools, HTTP forwarding and the WebSocket relay.
+//!   (claim records), and the conflicts a concurrent claim leaves, kept by
+//!   change like the rest.
+//! - [`proxy`]: route table (persistent maps the store's changes are applied
+//!   to, swapped in whole), upstream pools, HTTP forwarding and the WebSocket
+//!   relay.
+//! - [`names`]: the persistent name → holder map under the route and SNI
+//!   tables.
 //! - [`api`]: tonic services; API → store → route table; [`api::writes`]:
 //!   no write before catch-up, client deadlines, idempotency keys.
 //! - [`admin`]: `/healthz`, `/readyz`.
@@ -27,6 +32,7 @@ pub mod cluster;
 pub mod config;
 pub mod drain;
 pub mod host;
+pub mod names;
 pub mod node;
 pub mod proxy;
 pub mod store;

@@ -16,8 +16,9 @@ use crate::api::{self, auth::Auth, auth::AuthError};
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::config::{ClusterSettings, Config};
 use crate::drain::{Drainer, Phase};
+use crate::host::ProxyHost;
 use crate::proxy::Proxy;
-use crate::store::{Store, StoreError};
+use crate::store::{Changes, Store, StoreError};
 use crate::telemetry::metrics::Gauges;
 use crate::telemetry::otel::{NodeFacts, Tracing};
 use crate::telemetry::{AccessLog, Metrics, Telemetry};
@@ -147,6 +148,39 @@ async fn cluster_config(s: &ClusterSettings, api: SocketAddr) -> Result<ClusterC
     })
 }
 
+/// Applies a commit's host and certificate changes to the SNI table. Only
+/// changed certificates are opened, so each is decrypted once per
+/// version, and the cost of a write does not grow with the number stored.
+fn apply_tls_changes(table: &mut CertTable, changes: &Changes, data_key: &DataKey) {
+    for c in &changes.certs {
+        let new = c.new.as_ref().and_then(|new| {
+            let unchanged = c.old.as_ref().is_some_and(|old| {
+                old.version == new.version && old.key_sealed == new.key_sealed
+            });
+            if let Some(key) = table.key(&new.id).filter(|_| unchanged) {
+                return Some((&**new, key.clone()));
+            }
+            match new.certified_key(data_key) {
+                Ok(key) => Some((&**new, key)),
+                Err(e) => {
+                    tracing::error!(cert = %new.id, error = %e, "certificate cannot be used; its names get no TLS");
+                    None
+                }
+            }
+        });
+        table.set_cert(c.old.as_deref(), new);
+    }
+    fn names(h: &Option<Arc<ProxyHost>>) -> Option<HostNames<'_>> {
+        h.as_deref().filter(|h| h.enabled).map(|h| HostNames {
+            domains: &h.domains,
+            cert_id: &h.cert_id,
+        })
+    }
+    for c in &changes.hosts {
+        table.set_host(&c.id, names(&c.old), names(&c.new));
+    }
+}
+
 /// `/metrics`: counters from the proxy plus gauges read at scrape time.
 fn metrics_renderer(
     metrics: Arc<Metrics>,
@@ -184,7 +218,7 @@ fn metrics_renderer(
                     Phase::Draining => 1,
                     Phase::Drained => 2,
                 },
-                name_conflicts: store.snapshot().names.conflicts.len() as u64,
+                name_conflicts: store.snapshot().names.conflict_count() as u64,
                 catching_up: u64::from(!gate.is_open()),
             };
             let mut out = metrics.render(&gauges);
@@ -286,27 +320,17 @@ pub async fn run(
         let (proxy, tls, data_key) = (proxy.clone(), tls.clone(), data_key.clone());
         let auth = auth.clone();
         let acme_directory = config.acme.as_ref().map(|a| a.directory.clone());
-        store.subscribe(move |snap| {
-            crate::acme::publish(snap, acme_directory.as_deref(), &data_key, &tls);
-            auth.publish_tokens(&snap.tokens);
-            // Each domain only to the host that holds it (store::names).
-            proxy.publish(&snap.routed);
-            let certs: Vec<_> = snap
-                .certs
-                .iter()
-                .filter_map(|c| match c.certified_key(&data_key) {
-                    Ok(k) => Some((c.clone(), k)),
-                    Err(e) => {
-                        tracing::error!(cert = %c.id, error = %e, "certificate cannot be used; its names get no TLS");
-                        None
-                    }
-                })
-                .collect();
-            let routed = snap.routed.iter().filter(|h| h.enabled).map(|h| HostNames {
-                domains: &h.domains,
-                cert_id: &h.cert_id,
-            });
-            tls.publish(CertTable::build(routed, &certs));
+        store.subscribe(move |snap, changes| {
+            if changes.acme {
+                crate::acme::publish(snap, acme_directory.as_deref(), &data_key, &tls);
+            }
+            auth.apply_tokens(&changes.tokens);
+            // Only routed hosts reach the tables: each domain goes to the
+            // one host that holds it (store::names).
+            proxy.apply_hosts(&changes.hosts);
+            if !changes.hosts.is_empty() || !changes.certs.is_empty() {
+                tls.update(|table| apply_tls_changes(table, changes, &data_key));
+            }
         });
     }
     let cluster = Cluster::start(cluster_config, store.clone(), &UdpTransport, None)
@@ -337,8 +361,11 @@ pub async fn run(
     let (drain_tx, drain_rx) = watch::channel(None);
     {
         let me = store.node_id().to_string();
-        store.subscribe(move |snap| {
-            let mine = snap.drains.iter().find(|d| d.node_id == me).cloned();
+        store.subscribe(move |snap, changes| {
+            if changes.drains.is_empty() {
+                return;
+            }
+            let mine = snap.drains.get(&me).cloned();
             drain_tx.send_if_modified(|cur| {
                 if *cur != mine {
                     *cur = mine;
@@ -436,4 +463,83 @@ pub async fn run(
     let _ = std::fs::remove_file(dir.join(LISTEN_FILE));
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{cert_key, host_key, name_key, Body, NameClaim, Record};
+    use crate::tls::cert::parse_and_validate;
+    use crate::tls::cert::test_certs::{ca, leaf};
+    use std::sync::Mutex;
+
+    /// Two hosts list one domain (accepted concurrently on two nodes), each
+    /// pinning its own certificate: TLS answers with the holder's pin, as
+    /// the claim moves and as the holder goes, and the table kept by
+    /// change equals one applied from the final state at once.
+    #[test]
+    fn sni_follows_the_holder_of_a_contested_domain() {
+        let dk = DataKey::from_bytes([7; 32]);
+        let ca = ca("CA");
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let table = Arc::new(Mutex::new(CertTable::default()));
+        let (t2, dk2) = (table.clone(), DataKey::from_bytes([7; 32]));
+        store.subscribe(move |_, ch| apply_tls_changes(&mut t2.lock().unwrap(), ch, &dk2));
+        let mut hlc = 0;
+        let mut apply = |key: String, body: Option<Body>| {
+            hlc += 1;
+            let rec = Record {
+                hlc,
+                origin: "n".into(),
+                seq: hlc,
+                body,
+            };
+            store.apply(vec![(key, rec)]).unwrap();
+        };
+        for id in ["ca", "cb"] {
+            let (c, k) = leaf(&ca, &["x.test"], None);
+            let mut s = parse_and_validate(&c, &k, crate::util::wall_ms())
+                .unwrap()
+                .meta;
+            s.id = id.into();
+            s.seal_key(&dk, &k);
+            apply(cert_key(id), Some(Body::Cert(s)));
+        }
+        let host = |id: &str, cert: &str| {
+            Body::Host(ProxyHost {
+                id: id.into(),
+                domains: vec!["x.test".into()],
+                upstreams: vec!["http://127.0.0.1:1".into()],
+                enabled: true,
+                cert_id: cert.into(),
+                ..Default::default()
+            })
+        };
+        let claim = |id: &str| {
+            Some(Body::Claim(NameClaim {
+                domain: "x.test".into(),
+                host_id: id.into(),
+            }))
+        };
+        let serves = |want: &str| {
+            let t = table.lock().unwrap();
+            let got = t.resolve("x.test").expect("x.test resolves");
+            assert!(Arc::ptr_eq(&got, t.key(want).unwrap()), "{want} expected");
+        };
+        apply(host_key("a"), Some(host("a", "ca")));
+        apply(host_key("b"), Some(host("b", "cb")));
+        serves("ca"); // no claim: the smallest id holds it
+        apply(name_key("x.test"), claim("b"));
+        serves("cb");
+        apply(name_key("x.test"), claim("a"));
+        serves("ca");
+        apply(host_key("a"), None);
+        serves("cb");
+        let mut fresh = CertTable::default();
+        apply_tls_changes(&mut fresh, &Changes::everything(&store.snapshot()), &dk);
+        let t = table.lock().unwrap();
+        let key = |t: &CertTable| t.resolve("x.test").map(|k| k.cert.clone());
+        assert_eq!(key(&t), key(&fresh));
+    }
 }

@@ -72,7 +72,7 @@ impl Net {
         let cluster = Cluster::start(config, store.clone(), &self.transport, Some(reachable))
             .await
             .unwrap();
-        let sync = charon_node::cluster::sync::server(store.clone(), cluster.auth().clone());
+        let sync = cluster.sync_server();
         let server = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(sync)
@@ -377,4 +377,59 @@ async fn a_node_away_past_the_tombstone_grace_gets_a_snapshot_and_resurrects_not
     }
     let live: Vec<_> = [&a, &b, &c].iter().map(|n| n.store.hosts().len()).collect();
     assert_eq!(live, [0, 0, 0]);
+}
+
+/// A write reaches every node while no node pushes it to more than a few
+/// peers: down a 3-ary tree rooted at the writer, each node relaying to its
+/// children. Before, the origin pushed every write to every live member
+/// (seven here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_nodes_writes_spread_by_bounded_pushes_and_relays() {
+    let net = Net::default();
+    let mut nodes = vec![net.start("n1", 5001, &[], fast).await];
+    for i in 2..=8u16 {
+        let n = net
+            .start(&format!("n{i}"), 5000 + i, &[&nodes[0]], fast)
+            .await;
+        nodes.push(n);
+    }
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_all_live(&refs).await;
+    let before: Vec<u64> = nodes.iter().map(|n| n.cluster.pushes_sent()).collect();
+    const WRITES: u64 = 20;
+    for i in 0..WRITES {
+        let h = host(
+            &format!("h{i}"),
+            &format!("h{i}.test"),
+            "http://127.0.0.1:1",
+        );
+        put(&nodes[0], h);
+    }
+    converged(&refs, Duration::from_secs(10)).await;
+    for n in &refs {
+        assert_eq!(n.store.hosts().len(), WRITES as usize, "{}", n.name);
+    }
+    let sent: Vec<u64> = nodes
+        .iter()
+        .zip(&before)
+        .map(|(n, b)| n.cluster.pushes_sent() - b)
+        .collect();
+    assert!(
+        sent[0] <= WRITES * 3,
+        "the origin pushed {} times for {WRITES} writes",
+        sent[0]
+    );
+    for (n, s) in nodes.iter().zip(&sent).skip(1) {
+        assert!(*s <= WRITES * 3, "{} relayed {s} pushes", n.name);
+    }
+    assert!(
+        sent[1..].iter().sum::<u64>() > 0,
+        "nobody relayed: the rest came by pull"
+    );
+    // A tree: about one push per node per write, not one per peer.
+    let total: u64 = sent.iter().sum();
+    assert!(
+        total <= WRITES * 7 + 7,
+        "{total} pushes for {WRITES} writes to 7 peers"
+    );
 }

@@ -359,8 +359,7 @@ pub async fn run_order(ctx: &Ctx, account: &Account, w: &Wanted) -> Result<Store
         .store
         .snapshot()
         .acme_orders
-        .iter()
-        .find(|o| o.id == w.id)
+        .get(&w.id)
         .map(|o| (**o).clone())
         .unwrap_or_default();
     let mut order = resume_or_place(ctx, account, w, &rec).await?;
@@ -378,8 +377,7 @@ pub async fn run_order(ctx: &Ctx, account: &Account, w: &Wanted) -> Result<Store
         .store
         .snapshot()
         .acme_orders
-        .iter()
-        .find(|o| o.id == w.id)
+        .get(&w.id)
         .map(|o| (**o).clone())
         .unwrap_or_default();
     let key_pem = order_key_pem(ctx, w, &rec)?;

@@ -95,7 +95,7 @@ impl Manager {
             if self.tasks.lock().expect("tasks lock").contains_key(&w.id) {
                 continue;
             }
-            let order = snap.acme_orders.iter().find(|o| o.id == w.id).map(|o| &**o);
+            let order = snap.acme_orders.get(&w.id).map(|o| &**o);
             let cert = snap.certs.iter().find(|c| c.id == w.id).map(|c| &**c);
             if duty::due_at(order, cert, self.ctx.settings.renew_after) > now
                 || duty::responsible(&w.id, &refs) != Some(me.as_str())
@@ -210,10 +210,8 @@ impl Manager {
                 .await;
         }
         let snap = self.ctx.store.snapshot();
-        Ok(snap
-            .acme_orders
-            .iter()
-            .any(|o| o.id == w.id && o.holder == me))
+        let held = snap.acme_orders.get(&w.id).is_some_and(|o| o.holder == me);
+        Ok(held)
     }
 
     async fn attempt(self: Arc<Self>, w: Wanted, renewing: bool) {

@@ -4,7 +4,7 @@
 //! start and written to `<data-dir>/admin.token` (mode 0600). Only its
 //! SHA-256 is kept in memory for comparison. Tokens created through the API
 //! are replicated store records holding only their SHA-256; the store
-//! publishes their set here ([`Auth::publish_tokens`]), so a token made on
+//! applies their changes here ([`Auth::apply_tokens`]), so a token made on
 //! one node works on all of them.
 
 use std::fs;
@@ -12,21 +12,22 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Status};
 
-use crate::store::ApiToken;
+use crate::store::{ApiToken, Changed};
 
 pub const TOKEN_FILE: &str = "admin.token";
 
 #[derive(Clone)]
 pub struct Auth {
     admin_hash: [u8; 32],
-    tokens: Arc<ArcSwap<HashSet<[u8; 32]>>>,
+    /// Digest → how many live replicated tokens have it. Persistent, so a
+    /// token change costs O(1) whatever the number of tokens.
+    tokens: Arc<ArcSwap<imbl::HashMap<[u8; 32], u32>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,13 +59,27 @@ impl Auth {
         self.admin_hash
     }
 
-    /// Replaces the set of replicated tokens accepted besides the admin
-    /// token.
-    pub fn publish_tokens(&self, tokens: &[Arc<ApiToken>]) {
-        let set = tokens
-            .iter()
-            .filter_map(|t| hex::decode(&t.sha256_hex).ok()?.try_into().ok())
-            .collect();
+    /// Applies the replicated tokens a commit changed (accepted besides the
+    /// admin token).
+    pub fn apply_tokens(&self, changes: &[Changed<ApiToken>]) {
+        if changes.is_empty() {
+            return;
+        }
+        let digest =
+            |t: &ApiToken| -> Option<[u8; 32]> { hex::decode(&t.sha256_hex).ok()?.try_into().ok() };
+        let mut set = imbl::HashMap::clone(&self.tokens.load());
+        for c in changes {
+            if let Some(h) = c.old.as_deref().and_then(digest) {
+                match set.get(&h).copied() {
+                    Some(n) if n > 1 => set.insert(h, n - 1),
+                    _ => set.remove(&h),
+                };
+            }
+            if let Some(h) = c.new.as_deref().and_then(digest) {
+                let n = set.get(&h).copied().unwrap_or(0);
+                set.insert(h, n + 1);
+            }
+        }
         self.tokens.store(Arc::new(set));
     }
 
@@ -128,7 +143,7 @@ impl Auth {
         // Comparing digests: equal-length inputs, and a timing difference
         // reveals nothing about the token itself.
         let h = hash(token);
-        h == self.admin_hash || self.tokens.load().contains(&h)
+        h == self.admin_hash || self.tokens.load().contains_key(&h)
     }
 }
 

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::hosts::HostsError;
 use crate::store::acme::AcmeOrder;
-use crate::store::{cert_key, Body, Store, View, Write};
+use crate::store::{cert_key, Body, Snapshot, Store, View, Write};
 use crate::tls::cert::{parse_and_validate, StoredCert};
 use crate::tls::seal::DataKey;
 use crate::util::wall_ms;
@@ -72,11 +72,11 @@ fn order_only_to_pb(o: &AcmeOrder, history: bool) -> pb::Certificate {
     with_order(c, Some(o), history)
 }
 
-fn find_order<'a>(orders: &'a [Arc<AcmeOrder>], id: &str) -> Option<&'a AcmeOrder> {
-    orders.iter().find(|o| o.id == id).map(|o| &**o)
+fn find_order<'a>(snap: &'a Snapshot, id: &str) -> Option<&'a AcmeOrder> {
+    snap.acme_orders.get(id).map(|o| &**o)
 }
 
-fn cert_to_pb(c: &StoredCert, view_hosts: &[Arc<crate::host::ProxyHost>]) -> pb::Certificate {
+fn cert_to_pb(c: &StoredCert, snap: &Snapshot) -> pb::Certificate {
     pb::Certificate {
         source: if c.source.is_empty() {
             "uploaded".into()
@@ -97,11 +97,7 @@ fn cert_to_pb(c: &StoredCert, view_hosts: &[Arc<crate::host::ProxyHost>]) -> pb:
         created_at_ms: c.created_at_ms,
         updated_at_ms: c.updated_at_ms,
         version: c.version,
-        used_by_hosts: view_hosts
-            .iter()
-            .filter(|h| h.cert_id == c.id)
-            .map(|h| h.id.clone())
-            .collect(),
+        used_by_hosts: snap.hosts_pinning(&c.id).map(|h| h.id.clone()).collect(),
         cert_pem: c.cert_pem.clone(),
         ..Default::default()
     }
@@ -145,7 +141,7 @@ impl pb::certificates_server::Certificates for CertsApi {
                     key: cert_key(&c.id),
                     body: Some(Body::Cert(c.clone())),
                 };
-                Ok((vec![write], (c, view.hosts().clone())))
+                Ok((vec![write], (c, view.snapshot().clone())))
             })
             .await?;
         tracing::info!(cert = %cert.id, domains = ?cert.domains, "certificate added");
@@ -188,7 +184,7 @@ impl pb::certificates_server::Certificates for CertsApi {
                     key: cert_key(&c.id),
                     body: Some(Body::Cert(c.clone())),
                 };
-                Ok((vec![write], (c, view.hosts().clone())))
+                Ok((vec![write], (c, view.snapshot().clone())))
             })
             .await?;
         tracing::info!(cert = %cert.id, version = cert.version, "certificate replaced");
@@ -207,13 +203,9 @@ impl pb::certificates_server::Certificates for CertsApi {
     ) -> Result<Response<pb::Certificate>, Status> {
         let id = req.into_inner().id;
         let snap = self.store.snapshot();
-        let order = find_order(&snap.acme_orders, &id);
-        match snap.certs.iter().find(|c| c.id == id) {
-            Some(c) => Ok(Response::new(with_order(
-                cert_to_pb(c, &snap.hosts),
-                order,
-                true,
-            ))),
+        let order = find_order(&snap, &id);
+        match snap.certs.get(&id) {
+            Some(c) => Ok(Response::new(with_order(cert_to_pb(c, &snap), order, true))),
             None => match order {
                 Some(o) => Ok(Response::new(order_only_to_pb(o, true))),
                 None => Err(Status::from(not_found(&id))),
@@ -230,14 +222,14 @@ impl pb::certificates_server::Certificates for CertsApi {
             .certs
             .iter()
             .map(|c| {
-                let order = find_order(&snap.acme_orders, &c.id);
-                with_order(cert_to_pb(c, &snap.hosts), order, false)
+                let order = find_order(&snap, &c.id);
+                with_order(cert_to_pb(c, &snap), order, false)
             })
             .collect();
         certificates.extend(
             snap.acme_orders
                 .iter()
-                .filter(|o| !snap.certs.iter().any(|c| c.id == o.id))
+                .filter(|o| snap.certs.get(&o.id).is_none())
                 .map(|o| order_only_to_pb(o, false)),
         );
         certificates.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
@@ -262,7 +254,7 @@ impl pb::certificates_server::Certificates for CertsApi {
                         actual: c.version,
                     });
                 }
-                if let Some(h) = view.hosts().iter().find(|h| h.cert_id == c.id) {
+                if let Some(h) = view.snapshot().hosts_pinning(&c.id).next() {
                     return Ok((vec![], Err((c.id.clone(), h.id.clone(), h.name.clone()))));
                 }
                 Ok((

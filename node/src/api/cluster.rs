@@ -81,7 +81,7 @@ impl pb::cluster_server::Cluster for ClusterApi {
             members: members.into_iter().map(member_to_pb).collect(),
             cluster_id: self.cluster.config().cluster_id.clone(),
             catching_up: !self.gate.is_open(),
-            name_conflicts: self.store.snapshot().names.conflicts.len() as u64,
+            name_conflicts: self.store.snapshot().names.conflict_count() as u64,
         }))
     }
 

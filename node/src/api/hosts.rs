@@ -6,8 +6,8 @@ use charon_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use crate::host::{Location, ProxyHost};
-use crate::store::names::{claim_writes, Names};
-use crate::store::{host_key, name_key, Body, Store, StoreError, View, Write};
+use crate::store::names::claim_writes;
+use crate::store::{host_key, Body, Snapshot, Store, StoreError, View, Write};
 use crate::util::wall_ms;
 use crate::validate::FieldError;
 
@@ -142,14 +142,6 @@ fn check_domains_free(
     Ok(())
 }
 
-/// The host the stored claim of `domain` names, if it is live.
-fn claim_of(view: &View<'_>, domain: &str) -> Option<String> {
-    view.record(&name_key(domain))
-        .and_then(|r| r.body.as_ref())
-        .and_then(Body::as_claim)
-        .map(|c| c.host_id.clone())
-}
-
 /// The writes of putting `new` in place of `old` (or deleting `old`):
 /// the host record (or its tombstone) and its domains' claims.
 fn host_writes(view: &View<'_>, old: Option<&ProxyHost>, new: Option<&ProxyHost>) -> Vec<Write> {
@@ -161,7 +153,11 @@ fn host_writes(view: &View<'_>, old: Option<&ProxyHost>, new: Option<&ProxyHost>
         }],
         (None, None) => vec![],
     };
-    writes.extend(claim_writes(|d| claim_of(view, d), old, new));
+    writes.extend(claim_writes(
+        |d| view.names().claim(d).map(str::to_string),
+        old,
+        new,
+    ));
     writes
 }
 
@@ -214,17 +210,21 @@ fn locations_from_pb(list: Vec<pb::Location>) -> Vec<Location> {
         .collect()
 }
 
-pub fn host_to_pb(h: &ProxyHost, names: &Names, hosts: &[Arc<ProxyHost>]) -> pb::ProxyHost {
-    let conflicts = names
-        .conflicts_of(&h.id)
-        .map(|c| pb::DomainConflict {
-            domain: c.domain.clone(),
-            holder_id: c.holder.clone(),
-            holder_name: hosts
-                .iter()
-                .find(|o| o.id == c.holder)
-                .map(|o| o.name.clone())
-                .unwrap_or_default(),
+/// `h` for the API; `snap` (when given) marks the domains it lost to
+/// another host. O(log n + its conflicts).
+pub fn host_to_pb(h: &ProxyHost, snap: Option<&Snapshot>) -> pb::ProxyHost {
+    let conflicts = snap
+        .into_iter()
+        .flat_map(|s| {
+            s.names.conflicts_of(&h.id).map(|c| pb::DomainConflict {
+                holder_name: s
+                    .hosts
+                    .get(&c.holder)
+                    .map(|o| o.name.clone())
+                    .unwrap_or_default(),
+                domain: c.domain,
+                holder_id: c.holder,
+            })
         })
         .collect();
     pb::ProxyHost {
@@ -305,7 +305,7 @@ impl pb::hosts_server::Hosts for HostsApi {
                 // A retry of a create that already happened (here or on a
                 // node that replicated it here) returns what it made.
                 if let Some(k) = key.as_deref() {
-                    if let Some(done) = view.hosts().iter().find(|h| h.create_key == k) {
+                    if let Some(done) = view.snapshot().host_created_with(k) {
                         return Ok((vec![], ((**done).clone(), false)));
                     }
                 }
@@ -321,10 +321,7 @@ impl pb::hosts_server::Hosts for HostsApi {
             tracing::info!(host_id = %created.id, "create retried with the same idempotency key: nothing written");
         }
         // Just written (or found by its key): it holds its domains.
-        Ok(super::stamped(
-            host_to_pb(&created, &Names::default(), &[]),
-            stamp,
-        ))
+        Ok(super::stamped(host_to_pb(&created, None), stamp))
     }
 
     async fn get_host(
@@ -335,7 +332,7 @@ impl pb::hosts_server::Hosts for HostsApi {
         require_field("id_or_domain", &key)?;
         let snap = self.store.snapshot();
         let h = crate::store::find_host(&snap, &key).ok_or(HostsError::NotFound(key))?;
-        Ok(Response::new(host_to_pb(h, &snap.names, &snap.hosts)))
+        Ok(Response::new(host_to_pb(h, Some(&snap))))
     }
 
     async fn list_hosts(
@@ -346,7 +343,7 @@ impl pb::hosts_server::Hosts for HostsApi {
         let mut hosts: Vec<pb::ProxyHost> = snap
             .hosts
             .iter()
-            .map(|h| host_to_pb(h, &snap.names, &snap.hosts))
+            .map(|h| host_to_pb(h, Some(&snap)))
             .collect();
         hosts.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
         Ok(Response::new(pb::ListHostsResponse { hosts }))
@@ -420,10 +417,7 @@ impl pb::hosts_server::Hosts for HostsApi {
             .await?;
         tracing::info!(host_id = %updated.id, version = updated.version, "host updated");
         // The check above passed: it holds every domain it lists.
-        Ok(super::stamped(
-            host_to_pb(&updated, &Names::default(), &[]),
-            stamp,
-        ))
+        Ok(super::stamped(host_to_pb(&updated, None), stamp))
     }
 
     async fn delete_host(

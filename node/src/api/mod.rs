@@ -130,7 +130,7 @@ pub async fn serve(
         cluster::ClusterApi::new(cluster.clone(), store.clone(), gate.clone()),
         move |req| cluster_auth.check(req),
     );
-    let sync = crate::cluster::sync::server(store.clone(), cluster.auth().clone());
+    let sync = cluster.sync_server();
     let tokens_auth = auth.clone();
     let tokens = TokensServer::with_interceptor(
         tokens::TokensApi::new(

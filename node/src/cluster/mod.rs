@@ -6,9 +6,12 @@
 //! state hash, drain progress, and a membership proof (see [`auth`]); every
 //! key and how its value is written is in [`gossip`]. Records move over
 //! the sync service ([`sync`]) in three ways:
-//! - **push**: every local write goes to every live member at once (peers in
-//!   this node's region first), so a host added on one node is usually
-//!   served everywhere within milliseconds;
+//! - **push**: every local write goes down a 3-ary tree over this region's
+//!   live members rooted at the writer (and to one member of each other
+//!   region, which roots that region's tree); each receiver relays it to its
+//!   children. A host added on one node is usually served everywhere within
+//!   milliseconds, every node gets it about once, and none sends more than
+//!   a few pushes per write, whatever the cluster's size;
 //! - **pull**: when gossip shows a member's vector ahead of ours, we ask it
 //!   for everything newer than our vector — this heals missed pushes,
 //!   partitions and restarts, and is what a node catching up uses;
@@ -25,14 +28,17 @@ pub mod auth;
 pub mod gossip;
 pub mod sync;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use charon_proto::cluster as sync_pb;
 use chitchat::transport::Transport;
 use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
 use rand::seq::IndexedRandom;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::store::{Record, Store, VersionVector};
@@ -135,6 +141,71 @@ pub struct Cluster {
     reachable: Option<Reachable>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     refused: Mutex<HashSet<ChitchatId>>,
+    /// Live peers as of the time noted ([`Cluster::push_peers`]).
+    push_peers: Mutex<Option<(Instant, Arc<Vec<Member>>)>>,
+    /// Per peer API address, its send queue ([`Cluster::enqueue`]).
+    queues: Mutex<HashMap<String, mpsc::UnboundedSender<Outgoing>>>,
+    pushes_sent: AtomicU64,
+    /// Member proofs already verified ([`Cluster::proven`]).
+    proven: Mutex<HashSet<(ChitchatId, String)>>,
+    relay_tx: mpsc::UnboundedSender<sync::Relayed>,
+}
+
+/// Children per node in a region's push tree: a write reaches N nodes in
+/// about log3(N) hops, and no node sends more than this many pushes of it
+/// (plus one per other region at the origin).
+const PUSH_FANOUT: usize = 3;
+/// A relay chain longer than this stops (a relay also stops when the push
+/// taught it nothing); pulls cover whatever it missed.
+const MAX_RELAY_HOPS: u32 = 8;
+/// The pull loop looks at the members' vectors at most this often.
+const MIN_PULL_LOOK: Duration = Duration::from_millis(50);
+/// Entries merged into one push at most; the rest go in the next.
+const MAX_PUSH_BATCH: usize = 1024;
+
+/// Entries waiting to be pushed to one peer, with their relay depth and
+/// the root of the tree they follow.
+struct Outgoing {
+    entries: Vec<sync_pb::Entry>,
+    hops: u32,
+    root: String,
+}
+
+/// One peer's send queue: pushes one batch at a time, merging whatever
+/// queued up meanwhile for the same tree. Ends when the cluster drops the
+/// sender.
+async fn push_queue(
+    peers: Peers,
+    name: String,
+    api: String,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+) {
+    let mut next = None;
+    loop {
+        let mut batch = match next.take() {
+            Some(b) => b,
+            None => match rx.recv().await {
+                Some(b) => b,
+                None => return,
+            },
+        };
+        while batch.entries.len() < MAX_PUSH_BATCH {
+            let Ok(more) = rx.try_recv() else { break };
+            if more.root != batch.root {
+                next = Some(more);
+                break;
+            }
+            batch.entries.extend(more.entries);
+            batch.hops = batch.hops.min(more.hops);
+        }
+        if let Err(e) = peers
+            .push(&api, batch.entries, batch.hops, batch.root)
+            .await
+        {
+            tracing::debug!(peer = %name, api = %api, error = %e,
+                "push failed; the peer will pull");
+        }
+    }
 }
 
 fn ahead(theirs: &VersionVector, ours: &VersionVector) -> bool {
@@ -146,7 +217,7 @@ fn ahead(theirs: &VersionVector, ours: &VersionVector) -> bool {
 impl Cluster {
     /// Joins (or founds) the cluster: starts gossip on `transport` and the
     /// replication loops. The sync server is mounted by the caller with
-    /// [`Cluster::sync_server`].
+    /// [`Cluster::sync_server`] (which relays pushes on).
     pub async fn start(
         config: ClusterConfig,
         store: Arc<Store>,
@@ -208,6 +279,7 @@ impl Cluster {
         };
         let handle = spawn_chitchat(chitchat_config, initial, transport).await?;
         let peers = Peers::new(auth.clone(), node_id);
+        let (relay_tx, relay_rx) = mpsc::unbounded_channel();
         let cluster = Arc::new(Cluster {
             store,
             seeds,
@@ -218,10 +290,16 @@ impl Cluster {
             reachable,
             tasks: Mutex::default(),
             refused: Mutex::default(),
+            push_peers: Mutex::default(),
+            queues: Mutex::default(),
+            pushes_sent: AtomicU64::new(0),
+            proven: Mutex::default(),
+            relay_tx,
         });
         let tasks = vec![
             tokio::spawn(cluster.clone().publish_loop()),
             tokio::spawn(cluster.clone().push_loop()),
+            tokio::spawn(cluster.clone().relay_loop(relay_rx)),
             tokio::spawn(cluster.clone().pull_loop()),
             tokio::spawn(cluster.clone().anti_entropy_loop()),
             tokio::spawn(cluster.clone().gc_loop()),
@@ -289,6 +367,29 @@ impl Cluster {
         self.set_facts(&all).await;
     }
 
+    /// Whether `proof` proves `id` holds the cluster secret; each (member,
+    /// proof) is checked once (an HMAC per member per look was most of the
+    /// cost of building the member list).
+    fn proven(&self, id: &ChitchatId, proof: &str) -> bool {
+        let key = (id.clone(), proof.to_string());
+        if self.proven.lock().expect("proven lock").contains(&key) {
+            return true;
+        }
+        let ok = self
+            .auth
+            .verify_member(&id.node_id, id.generation_id, proof);
+        if ok {
+            let mut set = self.proven.lock().expect("proven lock");
+            // Generations of restarted members pile up: start over now
+            // and then rather than keep them all.
+            if set.len() > 4096 {
+                set.clear();
+            }
+            set.insert(key);
+        }
+        ok
+    }
+
     fn can_reach(&self, node_id: &str) -> bool {
         self.reachable.as_ref().is_none_or(|f| f(node_id))
     }
@@ -309,10 +410,7 @@ impl Cluster {
             let Some(proof) = state.get(K_AUTH) else {
                 continue;
             };
-            if !self
-                .auth
-                .verify_member(&id.node_id, id.generation_id, proof)
-            {
+            if !self.proven(id, proof) {
                 if self
                     .refused
                     .lock()
@@ -411,7 +509,8 @@ impl Cluster {
         }
     }
 
-    /// Eager push: each local write goes to every live peer at once. A
+    /// Eager push of local writes along this node's tree
+    /// ([`Cluster::targets`]). Writes queued meanwhile go as one batch. A
     /// failed push is only logged: pulls and anti-entropy repair it.
     async fn push_loop(self: Arc<Self>) {
         let mut rx = self.store.local_writes();
@@ -421,17 +520,167 @@ impl Cluster {
                 records.extend(more);
             }
             let entries = sync::encode_entries(&records);
-            for peer in self.live_peers().await {
-                let peers = self.peers.clone();
-                let entries = entries.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = peers.push(&peer.api, entries).await {
-                        tracing::debug!(peer = %peer.name, api = %peer.api, error = %e,
-                            "push failed; the peer will pull");
-                    }
-                });
+            let peers = self.push_peers().await;
+            for (peer, root) in self.targets(&peers, self.node_id(), true) {
+                self.enqueue(
+                    peer,
+                    Outgoing {
+                        entries: entries.clone(),
+                        hops: 0,
+                        root,
+                    },
+                );
             }
         }
+    }
+
+    /// Relays pushes that brought this node something new to its children
+    /// in the push's tree, so a write reaches every node in a few hops
+    /// while each node sends O(fan-out), not O(cluster), pushes.
+    async fn relay_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<sync::Relayed>) {
+        while let Some(r) = rx.recv().await {
+            if r.hops >= MAX_RELAY_HOPS {
+                continue;
+            }
+            let peers = self.push_peers().await;
+            for (peer, root) in self.targets(&peers, &r.root, false) {
+                if peer.node_id != r.from_node {
+                    let entries = r.entries.clone();
+                    self.enqueue(
+                        peer,
+                        Outgoing {
+                            entries,
+                            hops: r.hops + 1,
+                            root,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// The live peers pushes go to: the member list, rebuilt at most once
+    /// per gossip interval rather than for every write.
+    async fn push_peers(&self) -> Arc<Vec<Member>> {
+        {
+            let cached = self.push_peers.lock().expect("push peers lock");
+            if let Some((at, peers)) = &*cached {
+                if at.elapsed() < self.config.gossip_interval {
+                    return peers.clone();
+                }
+            }
+        }
+        let peers = Arc::new(self.live_peers().await);
+        *self.push_peers.lock().expect("push peers lock") = Some((Instant::now(), peers.clone()));
+        peers
+    }
+
+    /// Whom this node pushes to, with the tree root each push carries: its
+    /// children in the [`PUSH_FANOUT`]-ary tree rooted at `root` over this
+    /// region's live members (by node id, rotated to start at the root; an
+    /// unreachable child is stood in for by its own children), and, at the
+    /// origin (`other_regions`), one random member of each other region,
+    /// which roots that region's tree. Views of the membership can differ
+    /// for a moment: a node then gets a write twice, or by pull.
+    fn targets<'a>(
+        &self,
+        peers: &'a [Member],
+        root: &str,
+        other_regions: bool,
+    ) -> Vec<(&'a Member, String)> {
+        let me = self.node_id();
+        let mut region: Vec<Option<&Member>> = peers
+            .iter()
+            .filter(|m| m.region == self.config.region)
+            .map(Some)
+            .collect();
+        region.push(None);
+        fn id<'x>(m: &Option<&'x Member>, me: &'x str) -> &'x str {
+            m.map_or(me, |m| m.node_id.as_str())
+        }
+        region.sort_by(|a, b| id(a, me).cmp(id(b, me)));
+        let n = region.len();
+        let pos = |x: &str| region.iter().position(|m| id(m, me) == x);
+        let (Some(at_root), Some(at_me)) = (pos(root), pos(me)) else {
+            // The root is not in our view: root our own tree instead.
+            return self.targets(peers, me, other_regions);
+        };
+        let rank = (at_me + n - at_root) % n;
+        let mut out = Vec::new();
+        let mut todo: Vec<usize> = (1..=PUSH_FANOUT).map(|c| rank * PUSH_FANOUT + c).collect();
+        while let Some(r) = todo.pop() {
+            if r >= n {
+                continue;
+            }
+            let Some(m) = region[(r + at_root) % n] else {
+                continue;
+            };
+            if self.can_reach(&m.node_id) {
+                out.push((m, root.to_string()));
+            } else {
+                todo.extend((1..=PUSH_FANOUT).map(|c| r * PUSH_FANOUT + c));
+            }
+        }
+        if other_regions {
+            let mut others: BTreeMap<&str, Vec<&Member>> = BTreeMap::new();
+            for m in peers {
+                if m.region != self.config.region && self.can_reach(&m.node_id) {
+                    others.entry(m.region.as_str()).or_default().push(m);
+                }
+            }
+            let mut rng = rand::rng();
+            for list in others.values() {
+                if let Some(m) = list.choose(&mut rng) {
+                    out.push((*m, m.node_id.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Hands `entries` to `peer`'s send queue: one push in flight per peer,
+    /// whatever queued behind it goes as the next batch (pipelined, and
+    /// batched under load).
+    fn enqueue(&self, peer: &Member, item: Outgoing) {
+        self.pushes_sent.fetch_add(1, Ordering::Relaxed);
+        let mut queues = self.queues.lock().expect("queues lock");
+        let item = match queues.get(&peer.api) {
+            Some(tx) => match tx.send(item) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(item)) => item,
+            },
+            None => item,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(item);
+        queues.insert(peer.api.clone(), tx);
+        tokio::spawn(push_queue(
+            self.peers.clone(),
+            peer.name.clone(),
+            peer.api.clone(),
+            rx,
+        ));
+    }
+
+    /// Pushes queued so far, counting each (batch, peer) pair once: what a
+    /// test checks to see that the fan-out is bounded.
+    pub fn pushes_sent(&self) -> u64 {
+        self.pushes_sent.load(Ordering::Relaxed)
+    }
+
+    /// The sync server for this node's gRPC listener, wired to relay
+    /// pushes that brought something new.
+    pub fn sync_server(
+        &self,
+    ) -> tonic::service::interceptor::InterceptedService<
+        charon_proto::cluster::sync_server::SyncServer<sync::SyncApi>,
+        impl tonic::service::Interceptor + Clone,
+    > {
+        sync::server_with_relay(
+            self.store.clone(),
+            self.auth.clone(),
+            Some(self.relay_tx.clone()),
+        )
     }
 
     /// Pulls from the member that is furthest ahead of us, whenever gossip
@@ -445,11 +694,21 @@ impl Cluster {
             cc.live_nodes_watcher()
         };
         let mut seen_ahead: HashSet<String> = HashSet::new();
+        let mut last_look = Instant::now();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 r = watcher.changed() => if r.is_err() { return },
             }
+            // Every write anywhere changes some member's gossiped vector and
+            // wakes this loop on every node: look at most every
+            // MIN_PULL_LOOK, or the member list is rebuilt O(writes × nodes)
+            // times across the cluster.
+            let since = last_look.elapsed();
+            if since < MIN_PULL_LOOK {
+                tokio::time::sleep(MIN_PULL_LOOK - since).await;
+            }
+            last_look = Instant::now();
             let ours = self.store.version_vector();
             let ahead_now: Vec<Member> = self
                 .live_peers()

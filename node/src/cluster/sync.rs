@@ -10,6 +10,7 @@ use charon_proto::cluster as pb;
 use charon_proto::cluster::sync_client::SyncClient;
 use charon_proto::cluster::sync_server::{Sync, SyncServer};
 use futures_util::Stream;
+use tokio::sync::mpsc;
 use tonic::codegen::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
@@ -31,9 +32,9 @@ pub fn encode_entries(records: &[(String, Record)]) -> Vec<pb::Entry> {
         .collect()
 }
 
-fn decode_entries(entries: Vec<pb::Entry>) -> Result<Vec<(String, Record)>, Status> {
+fn decode_entries(entries: &[pb::Entry]) -> Result<Vec<(String, Record)>, Status> {
     entries
-        .into_iter()
+        .iter()
         .map(|e| {
             codec::decode(&e.record)
                 .map(|r| (e.key.clone(), r))
@@ -52,16 +53,36 @@ fn from_pb_vv(vv: Option<pb::VersionVector>) -> VersionVector {
     vv.map(|v| v.seqs.into_iter().collect()).unwrap_or_default()
 }
 
+/// A push that brought records new to this node: the cluster relays it on
+/// ([`super::Cluster::sync_server`]).
+pub struct Relayed {
+    pub from_node: String,
+    pub hops: u32,
+    pub root: String,
+    pub entries: Vec<pb::Entry>,
+}
+
 /// The server side, mounted on the node's gRPC listener.
 pub struct SyncApi {
     store: Arc<Store>,
+    relay: Option<mpsc::UnboundedSender<Relayed>>,
 }
 
+/// A sync server that relays nothing (tests of the merge alone).
 pub fn server(
     store: Arc<Store>,
     auth: ClusterAuth,
 ) -> InterceptedService<SyncServer<SyncApi>, impl tonic::service::Interceptor + Clone> {
-    SyncServer::with_interceptor(SyncApi { store }, move |req| auth.check(req))
+    server_with_relay(store, auth, None)
+}
+
+/// A sync server handing pushes that brought something new to `relay`.
+pub fn server_with_relay(
+    store: Arc<Store>,
+    auth: ClusterAuth,
+    relay: Option<mpsc::UnboundedSender<Relayed>>,
+) -> InterceptedService<SyncServer<SyncApi>, impl tonic::service::Interceptor + Clone> {
+    SyncServer::with_interceptor(SyncApi { store, relay }, move |req| auth.check(req))
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
@@ -79,13 +100,23 @@ impl Sync for SyncApi {
         req: Request<pb::PushRequest>,
     ) -> Result<Response<pb::PushResponse>, Status> {
         let req = req.into_inner();
-        let records = decode_entries(req.entries)?;
+        let records = decode_entries(&req.entries)?;
         let store = self.store.clone();
         let applied = blocking(move || store.apply(records))
             .await?
             .map_err(|e| Status::internal(e.to_string()))?;
         if applied > 0 {
-            tracing::debug!(from = %req.from_node, applied, "applied pushed records");
+            tracing::debug!(from = %req.from_node, applied, hops = req.hops, "applied pushed records");
+            // Only a push that taught us something goes on: the same
+            // records arriving again stop here, so relays end.
+            if let Some(relay) = &self.relay {
+                let _ = relay.send(Relayed {
+                    from_node: req.from_node,
+                    hops: req.hops,
+                    root: req.root,
+                    entries: req.entries,
+                });
+            }
         }
         Ok(Response::new(pb::PushResponse {
             applied: applied as u32,
@@ -163,11 +194,19 @@ impl Peers {
         Ok(SyncClient::new(ch))
     }
 
-    pub async fn push(&self, addr: &str, entries: Vec<pb::Entry>) -> Result<u32, Status> {
+    pub async fn push(
+        &self,
+        addr: &str,
+        entries: Vec<pb::Entry>,
+        hops: u32,
+        root: String,
+    ) -> Result<u32, Status> {
         let mut client = self.client(addr)?;
         let req = self.auth.outgoing(Request::new(pb::PushRequest {
             from_node: self.node_id.clone(),
             entries,
+            hops,
+            root,
         }));
         Ok(client.push(req).await?.into_inner().applied)
     }
@@ -183,7 +222,7 @@ impl Peers {
         let mut stream = client.pull(req).await?.into_inner();
         let mut delta = Delta::default();
         while let Some(chunk) = stream.message().await? {
-            delta.records.extend(decode_entries(chunk.entries)?);
+            delta.records.extend(decode_entries(&chunk.entries)?);
             if chunk.last {
                 delta.covers = from_pb_vv(chunk.covers);
                 delta.gc_floor = from_pb_vv(chunk.gc_floor);

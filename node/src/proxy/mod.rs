@@ -41,7 +41,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::store::HostSet;
+use crate::host::ProxyHost;
+use crate::store::Changed;
 use crate::tls::{AcceptError, TlsTerminator};
 use error::ProxyError;
 use forwarded::{Cidr, ClientFacts};
@@ -220,14 +221,26 @@ impl Proxy {
         }
     }
 
-    /// Builds a new route table from the store's hosts and swaps it in.
-    /// Requests and tunnels in flight keep the table they started with.
-    pub fn publish(&self, hosts: &HostSet) {
+    /// Applies the hosts a commit changed to a copy of the route table (O(1)
+    /// to make, persistent maps) and swaps it in: a write costs O(change),
+    /// whatever the number of hosts. Requests and tunnels in flight keep
+    /// the table they started with.
+    pub fn apply_hosts(&self, changes: &[Changed<ProxyHost>]) {
+        if changes.is_empty() {
+            return;
+        }
         let defaults = routes::RouteDefaults {
             upstream_timeout: self.config.upstream_timeout,
         };
-        let table = RouteTable::build(hosts, &self.registry, &defaults);
-        tracing::debug!(names = table.len(), "route table published");
+        let mut table = RouteTable::clone(&self.routes.load());
+        for c in changes {
+            table.apply(c.old.as_deref(), c.new.as_ref(), &self.registry, &defaults);
+        }
+        tracing::debug!(
+            names = table.len(),
+            changed = changes.len(),
+            "route table published"
+        );
         self.routes.store(Arc::new(table));
     }
 

@@ -1,17 +1,17 @@
-//! The route table: an immutable snapshot built from the store's hosts.
+//! The route table: an immutable value derived from the store's hosts.
 //!
-//! The proxy holds it behind an `ArcSwap`; each change in the store builds a
-//! new table and swaps the pointer. Requests in flight and open tunnels keep
-//! the `Arc`s they already hold, so a change never disturbs them.
+//! The proxy holds it behind an `ArcSwap`; each change in the store applies
+//! the changed hosts to a copy (O(1) to make, persistent maps) and swaps the
+//! pointer. Requests in flight and open tunnels keep the `Arc`s they already
+//! hold, so a change never disturbs them.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::host::{ProxyHost, UpstreamUrl};
+use crate::names::NameMap;
 use crate::proxy::relay::TunnelOptions;
 use crate::proxy::upstream::{Pool, UpstreamRegistry};
-use crate::util::Fnv;
 
 /// Where one path prefix of a host goes.
 pub struct LocationRoute {
@@ -146,9 +146,13 @@ fn path_has_prefix(path: &str, prefix: &str) -> bool {
     }
 }
 
-type NameMap<V> = HashMap<String, V, std::hash::BuildHasherDefault<Fnv>>;
-
-#[derive(Default)]
+/// Domain → route, for the request path. Persistent maps ([`NameMap`]):
+/// cloning the table is O(1) and [`RouteTable::apply`] touches only the
+/// changed host's names, so a write costs the same at 100 hosts as at
+/// 100,000 (issue 16). It is fed the store's routed hosts, where each
+/// name has one holder (`store::names`), so it never picks between two
+/// hosts itself.
+#[derive(Clone, Default)]
 pub struct RouteTable {
     exact: NameMap<Arc<Route>>,
     /// `*.example.com` is stored under `example.com`.
@@ -156,27 +160,51 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Builds the table from the enabled hosts. Pools come from `registry`
-    /// so connection pools and passive-health marks outlive table swaps.
+    /// The table for `hosts` at once (start-up, tests). Pools come from
+    /// `registry` so connection pools and passive-health marks outlive
+    /// table changes.
     pub fn build(
         hosts: &[Arc<ProxyHost>],
         registry: &UpstreamRegistry,
         defaults: &RouteDefaults,
     ) -> RouteTable {
         let mut table = RouteTable::default();
-        for host in hosts.iter().filter(|h| h.enabled) {
-            let Some(route) = Route::compile(host, registry, defaults) else {
-                continue;
-            };
-            let route = Arc::new(route);
-            for d in &host.domains {
-                match d.strip_prefix("*.") {
-                    Some(suffix) => table.wildcard.insert(suffix.to_string(), route.clone()),
-                    None => table.exact.insert(d.clone(), route.clone()),
-                };
-            }
+        for host in hosts {
+            table.apply(None, Some(host), registry, defaults);
         }
         table
+    }
+
+    /// One host changed from `old` to `new` (`None`: absent or deleted).
+    /// Disabled hosts route nothing.
+    pub fn apply(
+        &mut self,
+        old: Option<&ProxyHost>,
+        new: Option<&Arc<ProxyHost>>,
+        registry: &UpstreamRegistry,
+        defaults: &RouteDefaults,
+    ) {
+        if let Some(old) = old.filter(|h| h.enabled) {
+            for d in &old.domains {
+                match d.strip_prefix("*.") {
+                    Some(suffix) => self.wildcard.remove(suffix, &old.id),
+                    None => self.exact.remove(d, &old.id),
+                }
+            }
+        }
+        let Some(host) = new.filter(|h| h.enabled) else {
+            return;
+        };
+        let Some(route) = Route::compile(host, registry, defaults) else {
+            return;
+        };
+        let route = Arc::new(route);
+        for d in &host.domains {
+            match d.strip_prefix("*.") {
+                Some(suffix) => self.wildcard.insert(suffix, &route.id, route.clone()),
+                None => self.exact.insert(d, &route.id, route.clone()),
+            };
+        }
     }
 
     /// Finds the route for a Host header value (port and trailing dot
@@ -274,6 +302,138 @@ mod tests {
         assert_eq!(id("127.0.0.1:8080").as_deref(), Some("exact"));
         assert_eq!(id("[::1]:8080").as_deref(), Some("exact"));
         assert_eq!(id("other.org"), None);
+    }
+
+    /// A table kept by change answers as a table built from the hosts now
+    /// stored: renames, disabling, deletes, a name moving between hosts.
+    #[test]
+    fn applied_changes_match_a_rebuild() {
+        let reg = UpstreamRegistry::default();
+        let mut table = RouteTable::default();
+        let mut stored: std::collections::BTreeMap<String, Arc<ProxyHost>> = Default::default();
+        type Step<'a> = (&'a str, Option<(&'a [&'a str], bool)>);
+        let steps: Vec<Step> = vec![
+            ("a", Some((&["a.com", "*.w.com"], true))),
+            ("b", Some((&["b.com"], true))),
+            ("c", Some((&["c.com"], false))),
+            ("a", Some((&["a2.com", "*.w.com"], true))),
+            ("b", None),
+            ("c", Some((&["c.com", "b.com"], true))),
+            ("a", Some((&["a2.com"], true))),
+            ("d", Some((&["*.w.com"], true))),
+            ("d", Some((&["*.w.com"], false))),
+            ("a", None),
+        ];
+        for (changed, change) in steps {
+            let id = changed;
+            let new = change.map(|(domains, enabled)| {
+                let mut h = (*host(id, domains, &[])).clone();
+                h.enabled = enabled;
+                Arc::new(h)
+            });
+            let old = match &new {
+                Some(h) => stored.insert(id.to_string(), h.clone()),
+                None => stored.remove(id),
+            };
+            table.apply(
+                old.as_deref(),
+                new.as_ref(),
+                &reg,
+                &RouteDefaults::default(),
+            );
+            let hosts: Vec<_> = stored.values().cloned().collect();
+            let built = RouteTable::build(&hosts, &reg, &RouteDefaults::default());
+            for name in ["a.com", "a2.com", "b.com", "c.com", "x.w.com", "none.org"] {
+                let id = |t: &RouteTable| t.lookup(name).map(|r| r.host.id.clone());
+                assert_eq!(id(&table), id(&built), "{name} after a change to {changed}");
+            }
+            assert_eq!(table.len(), built.len());
+        }
+    }
+
+    /// Fed by a store, whatever the claims and concurrent writes: the
+    /// changes applied one by one give the table built from the routed
+    /// hosts at the end, and every name routes to its one holder.
+    mod from_the_store {
+        use super::*;
+        use crate::store::{host_key, name_key, Body, NameClaim, Record, Store};
+        use proptest::prelude::*;
+        use std::sync::Mutex;
+
+        const DOMAINS: [&str; 4] = ["a.test", "b.test", "*.w.test", "d.test"];
+
+        /// (origin, host index, domain mask, enabled, claim domain index,
+        /// claim host index, delete)
+        type Raw = (usize, usize, u8, bool, usize, usize, bool);
+
+        fn records(raw: Vec<Raw>) -> Vec<(String, Record)> {
+            let mut seq = [0u64; 3];
+            let mut out = Vec::new();
+            for (i, (o, h, mask, enabled, cd, ch, dead)) in raw.into_iter().enumerate() {
+                let mut stamp = |body| {
+                    seq[o] += 1;
+                    Record {
+                        hlc: i as u64 + 1,
+                        origin: format!("n{o}"),
+                        seq: seq[o],
+                        body,
+                    }
+                };
+                let id = format!("h{h}");
+                let mut hst = (*host(&id, &[], &[])).clone();
+                hst.domains = (0..4)
+                    .filter(|b| mask & (1 << b) != 0)
+                    .map(|b| DOMAINS[b].to_string())
+                    .collect();
+                hst.enabled = enabled;
+                let body = (!dead && !hst.domains.is_empty()).then_some(Body::Host(hst));
+                out.push((host_key(&id), stamp(body)));
+                let claim = Body::Claim(NameClaim {
+                    domain: DOMAINS[cd].to_string(),
+                    host_id: format!("h{ch}"),
+                });
+                out.push((name_key(DOMAINS[cd]), stamp(Some(claim))));
+            }
+            out
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+            #[test]
+            fn changes_give_the_table_of_the_routed_hosts(
+                raw in prop::collection::vec((0..3usize, 0..4usize, 0..16u8, any::<bool>(), 0..4usize, 0..4usize, any::<bool>()), 1..30),
+                cut in 1..5usize,
+            ) {
+                let dir = tempfile::tempdir().unwrap();
+                let store = Store::open(dir.path()).unwrap();
+                let table = Arc::new(Mutex::new(RouteTable::default()));
+                let t2 = table.clone();
+                store.subscribe(move |_, ch| {
+                    let reg = UpstreamRegistry::default();
+                    let mut t = t2.lock().unwrap();
+                    for c in &ch.hosts {
+                        t.apply(c.old.as_deref(), c.new.as_ref(), &reg, &RouteDefaults::default());
+                    }
+                });
+                for chunk in records(raw).chunks(cut) {
+                    store.apply(chunk.to_vec()).unwrap();
+                    let snap = store.snapshot();
+                    let reg = UpstreamRegistry::default();
+                    let built = RouteTable::build(&snap.routed.to_vec(), &reg, &RouteDefaults::default());
+                    let table = table.lock().unwrap();
+                    for d in DOMAINS {
+                        let name = d.replace('*', "x");
+                        let id = |t: &RouteTable| t.lookup(&name).map(|r| r.host.id.clone());
+                        prop_assert_eq!(id(&table), id(&built), "{}", d);
+                        let holder = snap.names.holder(d)
+                            .filter(|h| snap.hosts.get(h).is_some_and(|h| h.enabled));
+                        let routed = id(&table);
+                        prop_assert_eq!(routed.as_deref(), holder, "{} routes to its holder", d);
+                    }
+                    prop_assert_eq!(table.len(), built.len());
+                }
+            }
+        }
     }
 
     #[test]

@@ -4,9 +4,10 @@
 //! [`Store::apply`] → subscribers (the route table). Every change, local or
 //! replicated or replayed at start-up, goes through [`Store::apply_locked`],
 //! which merges by last-writer-wins and commits durably before returning.
-//! Nothing on the request path reads redb: subscribers get the live host set
-//! synchronously after each commit, so an API call that returned has already
-//! reached the proxy.
+//! Nothing on the request path reads redb: subscribers get what each commit
+//! changed ([`Changes`]) synchronously after it, and apply only that to their
+//! tables, so an API call that returned has already reached the proxy and a
+//! write costs the same whatever the number of records stored.
 
 pub mod acme;
 pub mod codec;
@@ -125,29 +126,169 @@ pub struct Delta {
     pub gc_floor: VersionVector,
 }
 
-/// The live (non-tombstone) hosts.
-pub type HostSet = Vec<Arc<ProxyHost>>;
+/// The live (non-tombstone) records of one kind, by id (the key without
+/// its prefix), in id order. A persistent map: cloning is O(1) and a
+/// change copies only the path to its entry, so publishing a new
+/// [`Snapshot`] after a commit costs O(change), not O(everything stored).
+pub struct Live<T>(imbl::OrdMap<String, Arc<T>>);
 
-/// What the data plane is built from, handed to subscribers after each
-/// change.
-#[derive(Default)]
+impl<T> Clone for Live<T> {
+    fn clone(&self) -> Self {
+        Live(self.0.clone())
+    }
+}
+
+impl<T> Default for Live<T> {
+    fn default() -> Self {
+        Live(imbl::OrdMap::new())
+    }
+}
+
+impl<T> Live<T> {
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<T>> + '_ {
+        self.0.values()
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Arc<T>> {
+        self.0.get(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn to_vec(&self) -> Vec<Arc<T>> {
+        self.iter().cloned().collect()
+    }
+
+    /// Sets (or, with `None`, removes) `id`; returns the value it had.
+    fn set(&mut self, id: &str, value: Option<Arc<T>>) -> Option<Arc<T>> {
+        match value {
+            Some(v) => self.0.insert(id.to_string(), v),
+            None => self.0.remove(id),
+        }
+    }
+}
+
+/// The live hosts.
+pub type HostSet = Live<ProxyHost>;
+
+/// What the data plane is built from: cheap to clone, replaced (not
+/// rebuilt) after each change.
+#[derive(Default, Clone)]
 pub struct Snapshot {
     /// Every live host, as stored (conflicted domains included).
     pub hosts: HostSet,
     /// What the proxy and the TLS table serve: each host with only the
-    /// domains it holds (see [`names`]).
+    /// domains it holds (see [`names`]); the same `Arc` as in `hosts` when
+    /// it holds them all, absent when it holds none. Subscribers' host
+    /// changes are changes of this set, so no table ever sees two holders
+    /// of one name.
     pub routed: HostSet,
-    pub names: Arc<Names>,
-    pub certs: Vec<Arc<StoredCert>>,
-    pub tokens: Vec<Arc<ApiToken>>,
-    pub drains: Vec<Arc<DrainRecord>>,
-    /// ACME accounts, orders and TLS-ALPN-01 challenges ([`acme`]).
-    pub acme_accounts: Vec<Arc<acme::AcmeAccount>>,
-    pub acme_orders: Vec<Arc<acme::AcmeOrder>>,
-    pub acme_challenges: Vec<Arc<acme::AcmeChallenge>>,
+    /// Who holds each domain, the claims and the conflicts.
+    pub names: Names,
+    pub certs: Live<StoredCert>,
+    pub tokens: Live<ApiToken>,
+    pub drains: Live<DrainRecord>,
+    /// Certificate id → ids of the live hosts that pin it.
+    pub by_cert: Index,
+    /// Idempotency key → id of the live host created with it, so that a
+    /// retried create finds what it made without a scan.
+    pub by_create_key: Index,
+    /// ACME accounts (by hash of the directory URL), orders (by certificate
+    /// id) and TLS-ALPN-01 challenges (by domain); see [`acme`].
+    pub acme_accounts: Live<acme::AcmeAccount>,
+    pub acme_orders: Live<acme::AcmeOrder>,
+    pub acme_challenges: Live<acme::AcmeChallenge>,
 }
 
-type Subscriber = Box<dyn Fn(&Snapshot) + Send + Sync>;
+/// Name → ids of the records listing it, by id.
+pub type Index = imbl::OrdMap<String, Vec<String>>;
+
+impl Snapshot {
+    /// The live hosts pinning certificate `cert_id`, by id; O(log n).
+    pub fn hosts_pinning<'a>(
+        &'a self,
+        cert_id: &str,
+    ) -> impl Iterator<Item = &'a Arc<ProxyHost>> + 'a {
+        self.by_cert
+            .get(cert_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.hosts.get(id))
+    }
+
+    /// The live host created with idempotency key `key`; O(log n).
+    pub fn host_created_with(&self, key: &str) -> Option<&Arc<ProxyHost>> {
+        self.by_create_key
+            .get(key)
+            .and_then(|ids| ids.first())
+            .and_then(|id| self.hosts.get(id))
+    }
+}
+
+/// One live record that changed: `old`/`new` are `None` where the record
+/// was absent or a tombstone. Tombstones never reach subscribers as values.
+#[derive(Debug)]
+pub struct Changed<T> {
+    pub id: String,
+    pub old: Option<Arc<T>>,
+    pub new: Option<Arc<T>>,
+}
+
+/// What one commit changed, by kind: what subscribers apply to their
+/// derived tables instead of rebuilding them.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Changes of the *routed* hosts ([`Snapshot::routed`]): a host that
+    /// gains or loses a domain to a concurrent claim shows up here with the
+    /// domains it serves, so a table applying these never has two holders
+    /// of one name.
+    pub hosts: Vec<Changed<ProxyHost>>,
+    pub certs: Vec<Changed<StoredCert>>,
+    pub tokens: Vec<Changed<ApiToken>>,
+    pub drains: Vec<Changed<DrainRecord>>,
+    /// An ACME account, order or challenge changed.
+    pub acme: bool,
+}
+
+impl Changes {
+    /// Everything in `snap`, as if added to an empty state: what a new
+    /// subscriber starts from.
+    pub fn everything(snap: &Snapshot) -> Changes {
+        fn all<T>(live: &Live<T>) -> Vec<Changed<T>> {
+            live.0
+                .iter()
+                .map(|(id, v)| Changed {
+                    id: id.clone(),
+                    old: None,
+                    new: Some(v.clone()),
+                })
+                .collect()
+        }
+        Changes {
+            hosts: all(&snap.routed),
+            certs: all(&snap.certs),
+            tokens: all(&snap.tokens),
+            drains: all(&snap.drains),
+            acme: true,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+            && self.certs.is_empty()
+            && self.tokens.is_empty()
+            && self.drains.is_empty()
+            && !self.acme
+    }
+}
+
+type Subscriber = Box<dyn Fn(&Snapshot, &Changes) + Send + Sync>;
 
 struct Inner {
     records: BTreeMap<String, Record>,
@@ -184,29 +325,33 @@ impl View<'_> {
         &self.inner.snapshot.hosts
     }
 
-    pub fn certs(&self) -> &[Arc<StoredCert>] {
+    pub fn certs(&self) -> &Live<StoredCert> {
         &self.inner.snapshot.certs
     }
 
-    pub fn drains(&self) -> &[Arc<DrainRecord>] {
+    pub fn drains(&self) -> &Live<DrainRecord> {
         &self.inner.snapshot.drains
     }
 
-    pub fn tokens(&self) -> &[Arc<ApiToken>] {
+    pub fn tokens(&self) -> &Live<ApiToken> {
         &self.inner.snapshot.tokens
     }
 
     pub fn acme_order(&self, id: &str) -> Option<&Arc<acme::AcmeOrder>> {
-        self.inner.snapshot.acme_orders.iter().find(|o| o.id == id)
+        self.inner.snapshot.acme_orders.get(id)
     }
 
     pub fn acme_challenge(&self, domain: &str) -> Option<&Arc<acme::AcmeChallenge>> {
-        let s = &self.inner.snapshot;
-        s.acme_challenges.iter().find(|c| c.domain == domain)
+        self.inner.snapshot.acme_challenges.get(domain)
+    }
+
+    /// The whole state as of this view; O(1) to clone.
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.inner.snapshot
     }
 
     pub fn find_cert(&self, id: &str) -> Option<&Arc<StoredCert>> {
-        self.inner.snapshot.certs.iter().find(|c| c.id == id)
+        self.inner.snapshot.certs.get(id)
     }
 
     /// Who holds which domain, and the conflicts.
@@ -226,15 +371,13 @@ impl View<'_> {
     }
 }
 
-/// See [`View::find_host`].
+/// See [`View::find_host`]; O(log n).
 pub fn find_host<'a>(snap: &'a Snapshot, id_or_domain: &str) -> Option<&'a Arc<ProxyHost>> {
-    let needle = id_or_domain.trim().to_ascii_lowercase();
-    let hosts = &snap.hosts;
-    if let Some(h) = hosts.iter().find(|h| h.id == id_or_domain) {
+    if let Some(h) = snap.hosts.get(id_or_domain) {
         return Some(h);
     }
-    let holder = snap.names.holder(&needle)?;
-    hosts.iter().find(|h| h.id == holder)
+    let needle = id_or_domain.trim().to_ascii_lowercase();
+    snap.hosts.get(snap.names.holder(&needle)?)
 }
 
 impl Store {
@@ -251,6 +394,15 @@ impl Store {
         })?;
         let (node_id, mut inner) = Self::load(&db)?;
         inner.snapshot = Arc::new(snapshot(&inner.records));
+        let conflicts = inner.snapshot.names.conflict_count();
+        if conflicts > 0 {
+            // Each got its own warning when it appeared; one line now so a
+            // restart does not hide them.
+            tracing::warn!(
+                conflicts,
+                "hosts list domains other hosts hold (see charonctl host list / cluster status)"
+            );
+        }
         inner.hash = inner
             .records
             .iter()
@@ -324,12 +476,13 @@ impl Store {
         &self.node_id
     }
 
-    /// Registers a subscriber and calls it at once with the current state.
-    /// Subscribers run under the store lock: keep them quick (build a table,
-    /// swap a pointer).
-    pub fn subscribe(&self, f: impl Fn(&Snapshot) + Send + Sync + 'static) {
+    /// Registers a subscriber and calls it at once with the current state
+    /// (everything as added), then after each commit with what it changed.
+    /// Subscribers run under the store lock: keep them quick (apply the
+    /// changes to a copy of a persistent table, swap a pointer).
+    pub fn subscribe(&self, f: impl Fn(&Snapshot, &Changes) + Send + Sync + 'static) {
         let mut inner = self.inner.lock().expect("store lock");
-        f(&inner.snapshot);
+        f(&inner.snapshot, &Changes::everything(&inner.snapshot));
         inner.subscribers.push(Box::new(f));
     }
 
@@ -571,38 +724,7 @@ impl Store {
             inner.gc_floor = floor;
         }
         let applied = winners.len();
-        let touches = |k: &str| {
-            [
-                HOST_PREFIX,
-                CERT_PREFIX,
-                TOKEN_PREFIX,
-                DRAIN_PREFIX,
-                NAME_PREFIX,
-                acme::ACME_PREFIX,
-            ]
-            .iter()
-            .any(|p| k.starts_with(p))
-        };
-        let touched = winners.keys().any(|k| touches(k)) || removed.iter().any(|k| touches(k));
-        for k in removed {
-            if let Some(old) = inner.records.remove(&k) {
-                inner.hash ^= record_digest(&k, &old);
-            }
-        }
-        for (k, r) in winners {
-            inner.hash ^= record_digest(&k, &r);
-            if let Some(old) = inner.records.insert(k.clone(), r) {
-                inner.hash ^= record_digest(&k, &old);
-            }
-        }
-        if touched {
-            let before = inner.snapshot.names.clone();
-            inner.snapshot = Arc::new(snapshot(&inner.records));
-            names::log_new_conflicts(&inner.snapshot, &before);
-            for s in &inner.subscribers {
-                s(&inner.snapshot);
-            }
-        }
+        apply_in_memory(inner, removed, winners);
         self.summary.send_replace(summarise(inner));
         Ok(applied)
     }
@@ -735,6 +857,41 @@ impl Store {
     }
 }
 
+/// The in-memory side of a commit that is already on disk: the records,
+/// the state hash, the snapshot derived by change (names included), and the
+/// subscribers, who get only what changed.
+fn apply_in_memory(inner: &mut Inner, removed: Vec<String>, winners: BTreeMap<String, Record>) {
+    let before = inner.snapshot.clone();
+    let mut snap = (*before).clone();
+    let mut changes = Changes::default();
+    let mut touched = names::Touched::default();
+    for k in removed {
+        if let Some(old) = inner.records.remove(&k) {
+            inner.hash ^= record_digest(&k, &old);
+            derive(&mut snap, &mut changes, &mut touched, &k, None);
+        }
+    }
+    for (k, r) in winners {
+        inner.hash ^= record_digest(&k, &r);
+        derive(&mut snap, &mut changes, &mut touched, &k, r.body.as_ref());
+        if let Some(old) = inner.records.insert(k.clone(), r) {
+            inner.hash ^= record_digest(&k, &old);
+        }
+    }
+    // Who holds each affected domain, the conflicts, and the routed
+    // hosts that follow: only what this commit touched.
+    let touched_any = !touched.is_empty();
+    changes.hosts = names::settle(&before, &mut snap, touched, true);
+    if touched_any || !changes.is_empty() {
+        inner.snapshot = Arc::new(snap);
+        if !changes.is_empty() {
+            for s in &inner.subscribers {
+                s(&inner.snapshot, &changes);
+            }
+        }
+    }
+}
+
 /// One change for [`Store::commit`].
 struct Change<'a> {
     records: Vec<(String, Record)>,
@@ -820,32 +977,157 @@ fn decode_entry((k, v): Entry<'_>) -> Result<(String, Record), StoreError> {
     Ok((key, rec))
 }
 
-fn live<T: Clone>(
-    records: &BTreeMap<String, Record>,
-    prefix: &str,
-    get: fn(&Body) -> Option<&T>,
-) -> Vec<Arc<T>> {
-    records
-        .range(prefix.to_string()..)
-        .take_while(|(k, _)| k.starts_with(prefix))
-        .filter_map(|(_, r)| r.body.as_ref().and_then(get).map(|v| Arc::new(v.clone())))
-        .collect()
+/// Sets `live[id]` to `new` and records the change, if there is one (a
+/// tombstone replacing a tombstone or an absent record is none).
+fn track<T: Clone>(live: &mut Live<T>, out: &mut Vec<Changed<T>>, id: &str, new: Option<&T>) {
+    let new = new.map(|v| Arc::new(v.clone()));
+    let old = live.set(id, new.clone());
+    if old.is_some() || new.is_some() {
+        out.push(Changed {
+            id: id.to_string(),
+            old,
+            new,
+        });
+    }
 }
 
-fn snapshot(records: &BTreeMap<String, Record>) -> Snapshot {
-    let hosts = live(records, HOST_PREFIX, Body::as_host);
-    let names = Names::from_records(records, &hosts);
-    Snapshot {
-        routed: names.routed(&hosts),
-        names: Arc::new(names),
-        hosts,
-        certs: live(records, CERT_PREFIX, Body::as_cert),
-        tokens: live(records, TOKEN_PREFIX, Body::as_token),
-        drains: live(records, DRAIN_PREFIX, Body::as_drain),
-        acme_accounts: live(records, acme::ACCOUNT_PREFIX, Body::as_acme_account),
-        acme_orders: live(records, acme::ORDER_PREFIX, Body::as_acme_order),
-        acme_challenges: live(records, acme::ALPN_PREFIX, Body::as_acme_challenge),
+/// Applies the record now at `key` (`None`: absent or a tombstone) to the
+/// derived snapshot; what subscribers must apply goes to `changes`, and
+/// what the names rule must look at again to `touched` (see
+/// [`names::settle`], which turns host changes into routed-host changes).
+fn derive(
+    snap: &mut Snapshot,
+    changes: &mut Changes,
+    touched: &mut names::Touched,
+    key: &str,
+    body: Option<&Body>,
+) {
+    if let Some(id) = key.strip_prefix(HOST_PREFIX) {
+        let mut stored = Vec::with_capacity(1);
+        track(
+            &mut snap.hosts,
+            &mut stored,
+            id,
+            body.and_then(Body::as_host),
+        );
+        if let Some(c) = stored.pop() {
+            names::host_changed(&mut snap.names, touched, &c);
+            let pin = |h: &Option<Arc<ProxyHost>>| {
+                h.iter()
+                    .filter(|h| !h.cert_id.is_empty())
+                    .map(|h| h.cert_id.clone())
+                    .collect()
+            };
+            let create_key = |h: &Option<Arc<ProxyHost>>| {
+                h.iter()
+                    .filter(|h| !h.create_key.is_empty())
+                    .map(|h| h.create_key.clone())
+                    .collect()
+            };
+            reindex(&mut snap.by_cert, &c.id, pin(&c.old), pin(&c.new));
+            reindex(
+                &mut snap.by_create_key,
+                &c.id,
+                create_key(&c.old),
+                create_key(&c.new),
+            );
+        }
+    } else if let Some(domain) = key.strip_prefix(NAME_PREFIX) {
+        let claim = body.and_then(Body::as_claim);
+        names::claim_changed(&mut snap.names, touched, domain, claim);
+    } else if let Some(id) = key.strip_prefix(CERT_PREFIX) {
+        track(
+            &mut snap.certs,
+            &mut changes.certs,
+            id,
+            body.and_then(Body::as_cert),
+        );
+    } else if let Some(id) = key.strip_prefix(TOKEN_PREFIX) {
+        track(
+            &mut snap.tokens,
+            &mut changes.tokens,
+            id,
+            body.and_then(Body::as_token),
+        );
+    } else if let Some(id) = key.strip_prefix(DRAIN_PREFIX) {
+        track(
+            &mut snap.drains,
+            &mut changes.drains,
+            id,
+            body.and_then(Body::as_drain),
+        );
+    } else if key.starts_with(acme::ACME_PREFIX) {
+        derive_acme(snap, changes, key, body);
     }
+}
+
+/// The ACME records: few (one account per directory, one order per
+/// certificate, challenges only while validating), so subscribers are only
+/// told that something ACME changed and re-read the snapshot's maps.
+fn derive_acme(snap: &mut Snapshot, changes: &mut Changes, key: &str, body: Option<&Body>) {
+    let before = changes.acme;
+    let mut changed = |n: usize| changes.acme = before || n > 0;
+    if let Some(id) = key.strip_prefix(acme::ACCOUNT_PREFIX) {
+        let mut out = Vec::new();
+        track(
+            &mut snap.acme_accounts,
+            &mut out,
+            id,
+            body.and_then(Body::as_acme_account),
+        );
+        changed(out.len());
+    } else if let Some(id) = key.strip_prefix(acme::ORDER_PREFIX) {
+        let mut out = Vec::new();
+        track(
+            &mut snap.acme_orders,
+            &mut out,
+            id,
+            body.and_then(Body::as_acme_order),
+        );
+        changed(out.len());
+    } else if let Some(id) = key.strip_prefix(acme::ALPN_PREFIX) {
+        let mut out = Vec::new();
+        track(
+            &mut snap.acme_challenges,
+            &mut out,
+            id,
+            body.and_then(Body::as_acme_challenge),
+        );
+        changed(out.len());
+    }
+}
+
+/// Moves record `id` in `index` from the names it listed (`old`) to those
+/// it lists now (`new`).
+fn reindex(index: &mut Index, id: &str, old: Vec<String>, new: Vec<String>) {
+    for name in &old {
+        if let Some(ids) = index.get_mut(name) {
+            ids.retain(|x| x != id);
+            if ids.is_empty() {
+                index.remove(name);
+            }
+        }
+    }
+    for name in new {
+        let ids = index.entry(name).or_default();
+        if let Err(i) = ids.binary_search_by(|x| x.as_str().cmp(id)) {
+            ids.insert(i, id.to_string());
+        }
+    }
+}
+
+/// The snapshot of `records` from scratch (start-up): the same derivation
+/// as a commit's, from an empty state.
+fn snapshot(records: &BTreeMap<String, Record>) -> Snapshot {
+    let mut snap = Snapshot::default();
+    let mut changes = Changes::default();
+    let mut touched = names::Touched::default();
+    for (k, r) in records {
+        derive(&mut snap, &mut changes, &mut touched, k, r.body.as_ref());
+    }
+    let empty = Snapshot::default();
+    names::settle(&empty, &mut snap, touched, false);
+    snap
 }
 
 pub fn host_key(id: &str) -> String {
@@ -931,7 +1213,7 @@ mod tests {
         assert_eq!(store.node_id(), id);
         let hosts = store.hosts();
         assert_eq!(hosts.len(), 1);
-        assert_eq!(hosts[0].id, "b");
+        assert_eq!(hosts.to_vec()[0].id, "b");
         put(&store, host("c", "c.com"));
         let c = store
             .records()
@@ -970,7 +1252,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s2 = seen.clone();
-        store.subscribe(move |snap| s2.lock().unwrap().push(snap.hosts.len()));
+        store.subscribe(move |snap, _| s2.lock().unwrap().push(snap.hosts.len()));
         let newer = Record {
             hlc: 10,
             origin: "x".into(),
@@ -985,8 +1267,64 @@ mod tests {
         };
         assert_eq!(store.apply(vec![("host/h".into(), newer)]).unwrap(), 1);
         assert_eq!(store.apply(vec![("host/h".into(), older)]).unwrap(), 0);
-        assert_eq!(store.hosts()[0].domains, ["new.com"]);
+        assert_eq!(store.hosts().to_vec()[0].domains, ["new.com"]);
         assert_eq!(*seen.lock().unwrap(), [0, 1]);
+    }
+
+    /// Subscribers get only what a commit changed (tombstones as `None`,
+    /// never as values), and the snapshot kept by change equals one built
+    /// from the records from scratch.
+    #[test]
+    fn subscribers_get_changes_and_the_snapshot_matches_a_rebuild() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for i in 0..5 {
+            put(&store, host(&format!("h{i}"), &format!("h{i}.test")));
+        }
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        store.subscribe(move |_, ch| {
+            let list = ch
+                .hosts
+                .iter()
+                .map(|c| (c.id.clone(), c.old.is_some(), c.new.is_some()))
+                .collect::<Vec<_>>();
+            s2.lock().unwrap().push(list);
+        });
+        put(&store, host("h2", "h2-new.test"));
+        store
+            .transact(|_| {
+                let rm = Write {
+                    key: host_key("h3"),
+                    body: None,
+                };
+                let again = Write {
+                    key: host_key("gone"),
+                    body: None,
+                };
+                Ok::<_, StoreError>((vec![rm, again], ()))
+            })
+            .unwrap();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen[0].len(), 5, "a new subscriber starts from everything");
+        assert_eq!(seen[1], [("h2".to_string(), true, true)]);
+        assert_eq!(
+            seen[2],
+            [("h3".to_string(), true, false)],
+            "a tombstone for an absent record is no change"
+        );
+        let snap = store.snapshot();
+        let rebuilt = snapshot(&store.inner.lock().unwrap().records);
+        let ids = |s: &Snapshot| {
+            s.hosts
+                .iter()
+                .map(|h| (h.id.clone(), h.domains.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&snap), ids(&rebuilt));
+        assert_eq!(snap.names, rebuilt.names);
+        assert!(snap.names.listers("h2.test").is_empty());
+        assert_eq!(snap.names.listers("h2-new.test"), &["h2".to_string()]);
     }
 
     mod merge {
@@ -1057,6 +1395,14 @@ mod tests {
                     two.apply(chunk.to_vec()).unwrap();
                 }
                 prop_assert_eq!(state(&one), state(&two));
+                // What was derived by change is what a rebuild derives.
+                for st in [&one, &two] {
+                    let snap = st.snapshot();
+                    let rebuilt = snapshot(&st.inner.lock().unwrap().records);
+                    let hosts = |s: &Snapshot| s.hosts.iter().map(|h| (**h).clone()).collect::<Vec<_>>();
+                    prop_assert_eq!(hosts(&snap), hosts(&rebuilt));
+                    prop_assert_eq!(&snap.names, &rebuilt.names);
+                }
                 // The winner per key is the highest (hlc, origin).
                 for (k, r) in one.records() {
                     let best = ws.iter().filter(|(wk, _)| *wk == k)

@@ -16,12 +16,21 @@
 //!   lost a concurrent claim. It is shown (`host list`, `cluster status`,
 //!   a metric, a log line), not routed for that domain, and an ordinary
 //!   update that drops the domain, or removing either host, resolves it.
+//!
+//! This is the one rule for "who serves this domain": the API's lookups by
+//! name, the uniqueness check, the route and SNI tables (through
+//! [`Snapshot::routed`]) and the conflict counts all read it from here.
+//!
+//! [`Names`] is kept by change, like the rest of the [`Snapshot`]: a commit
+//! re-derives only the domains whose listers or claim it changed, and the
+//! routed form of only the hosts that changed or list such a domain, so a
+//! write costs O(what it touched), whatever the number of hosts stored.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use super::codec::{Body, NameClaim, Record};
-use super::{HostSet, Write};
+use super::codec::{Body, NameClaim};
+use super::{Changed, Index, Snapshot, Write};
 use crate::host::ProxyHost;
 
 pub const NAME_PREFIX: &str = "name/";
@@ -31,7 +40,7 @@ pub fn name_key(domain: &str) -> String {
 }
 
 /// A host that lists a domain another host holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Conflict {
     pub domain: String,
     /// The host that lost: it lists the domain but does not serve it.
@@ -40,98 +49,225 @@ pub struct Conflict {
     pub holder: String,
 }
 
-/// The holder of every domain and the conflicts, derived from the records.
+/// Who holds each domain, and the conflicts: persistent maps, cloned in
+/// O(1) with the snapshot and changed per commit only where the commit
+/// touched them (see [`settle`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Names {
-    /// domain → id of the host that serves it.
-    pub holders: BTreeMap<String, String>,
-    /// Sorted by (domain, loser).
-    pub conflicts: Vec<Conflict>,
+    /// Domain → ids of the live hosts listing it, sorted (more than one
+    /// only while a concurrent claim is unresolved).
+    listers: Index,
+    /// Domain → the host its live claim record names (which may no longer
+    /// list it, or be gone).
+    claims: imbl::OrdMap<String, String>,
+    /// (loser, domain) → holder, by loser so that a host's conflicts are
+    /// one range away and their count is the map's size.
+    conflicts: imbl::OrdMap<(String, String), String>,
 }
 
 impl Names {
-    /// Derives holders from the live hosts and the claim records
-    /// (`claims`: domain → live claim's host id).
-    pub fn derive<'a>(
-        hosts: impl IntoIterator<Item = &'a ProxyHost>,
-        claims: &BTreeMap<String, String>,
-    ) -> Names {
-        let mut listed: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-        for h in hosts {
-            for d in &h.domains {
-                listed.entry(d.as_str()).or_default().push(h.id.as_str());
-            }
-        }
-        let mut names = Names::default();
-        for (domain, mut ids) in listed {
-            ids.sort_unstable();
-            ids.dedup();
-            let holder = claims
-                .get(domain)
-                .map(String::as_str)
-                .filter(|c| ids.contains(c))
-                .unwrap_or(ids[0]);
-            for loser in ids.iter().filter(|id| **id != holder) {
-                names.conflicts.push(Conflict {
-                    domain: domain.to_string(),
-                    loser: loser.to_string(),
-                    holder: holder.to_string(),
-                });
-            }
-            names.holders.insert(domain.to_string(), holder.to_string());
-        }
-        names
-    }
-
-    /// [`Names::derive`] over a store's records.
-    pub fn from_records(records: &BTreeMap<String, Record>, hosts: &HostSet) -> Names {
-        let claims = records
-            .range(NAME_PREFIX.to_string()..)
-            .take_while(|(k, _)| k.starts_with(NAME_PREFIX))
-            .filter_map(|(_, r)| match &r.body {
-                Some(Body::Claim(c)) => Some((c.domain.clone(), c.host_id.clone())),
-                _ => None,
-            })
-            .collect();
-        Names::derive(hosts.iter().map(|h| &**h), &claims)
-    }
-
+    /// The host that serves `domain` (normalised: lower case): the one its
+    /// claim names if that host lists it, else the lister with the smallest
+    /// id. O(log n + hosts listing it).
     pub fn holder(&self, domain: &str) -> Option<&str> {
-        self.holders.get(domain).map(String::as_str)
+        let ids = self.listers.get(domain)?;
+        let claimed = self
+            .claims
+            .get(domain)
+            .filter(|c| ids.binary_search(c).is_ok());
+        Some(claimed.unwrap_or(&ids[0]).as_str())
     }
 
-    /// The conflicts of one host (domains it lists but does not hold).
-    pub fn conflicts_of<'a>(&'a self, host_id: &'a str) -> impl Iterator<Item = &'a Conflict> {
-        self.conflicts.iter().filter(move |c| c.loser == host_id)
+    /// The live hosts listing `domain`, by id.
+    pub fn listers(&self, domain: &str) -> &[String] {
+        self.listers.get(domain).map(Vec::as_slice).unwrap_or(&[])
     }
 
-    /// The hosts as the proxy routes them: each with only the domains it
-    /// holds; a host that holds none is left out.
-    pub fn routed(&self, hosts: &HostSet) -> HostSet {
-        hosts
+    /// The host the live claim of `domain` names, if there is one.
+    pub fn claim(&self, domain: &str) -> Option<&str> {
+        self.claims.get(domain).map(String::as_str)
+    }
+
+    /// Every listed domain with its holder, by domain.
+    pub fn holders(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.listers
+            .keys()
+            .filter_map(|d| Some((d.as_str(), self.holder(d)?)))
+    }
+
+    /// The conflicts of one host (domains it lists but does not hold), by
+    /// domain; O(log n + its conflicts).
+    pub fn conflicts_of<'a>(&'a self, host_id: &'a str) -> impl Iterator<Item = Conflict> + 'a {
+        self.conflicts
+            .range((host_id.to_string(), String::new())..)
+            .take_while(move |((loser, _), _)| loser == host_id)
+            .map(conflict)
+    }
+
+    /// How many (host, domain) pairs are conflicted; O(1).
+    pub fn conflict_count(&self) -> usize {
+        self.conflicts.len()
+    }
+
+    /// Every conflict, by (loser, domain).
+    pub fn conflicts(&self) -> impl Iterator<Item = Conflict> + '_ {
+        self.conflicts.iter().map(conflict)
+    }
+
+    /// The conflicts `domain` has now: every lister but the holder.
+    fn losers(&self, domain: &str) -> Vec<Conflict> {
+        let Some(holder) = self.holder(domain) else {
+            return Vec::new();
+        };
+        self.listers(domain)
             .iter()
-            .filter_map(|h| {
-                let held = |d: &String| self.holder(d) == Some(h.id.as_str());
-                if h.domains.iter().all(held) {
-                    return Some(h.clone());
-                }
-                let domains: Vec<String> = h.domains.iter().filter(|d| held(d)).cloned().collect();
-                (!domains.is_empty()).then(|| {
-                    Arc::new(ProxyHost {
-                        domains,
-                        ..(**h).clone()
-                    })
-                })
+            .filter(|id| *id != holder)
+            .map(|loser| Conflict {
+                domain: domain.to_string(),
+                loser: loser.clone(),
+                holder: holder.to_string(),
             })
             .collect()
     }
 
-    /// Conflicts in `self` that `before` did not have.
-    pub fn new_conflicts<'a>(&'a self, before: &'a Names) -> impl Iterator<Item = &'a Conflict> {
-        self.conflicts
-            .iter()
-            .filter(move |c| !before.conflicts.contains(c))
+    /// Brings `domain`'s conflicts in line with its listers and claim now;
+    /// `before` is the state before the commit. Returns the conflicts that
+    /// are new (or have a new holder), for the log.
+    fn settle_domain(&mut self, before: &Names, domain: &str) -> Vec<Conflict> {
+        let now = self.losers(domain);
+        for gone in before.losers(domain) {
+            if !now.iter().any(|c| c.loser == gone.loser) {
+                self.conflicts.remove(&(gone.loser, gone.domain));
+            }
+        }
+        let mut fresh = Vec::new();
+        for c in now {
+            let key = (c.loser.clone(), c.domain.clone());
+            if before.conflicts.get(&key) != Some(&c.holder) {
+                self.conflicts.insert(key, c.holder.clone());
+                fresh.push(c);
+            }
+        }
+        fresh
     }
+}
+
+fn conflict(((loser, domain), holder): (&(String, String), &String)) -> Conflict {
+    Conflict {
+        domain: domain.clone(),
+        loser: loser.clone(),
+        holder: holder.clone(),
+    }
+}
+
+/// What a commit touched, gathered while its records are applied: the
+/// hosts whose record changed, and the domains whose listers or claim
+/// changed.
+#[derive(Default)]
+pub(super) struct Touched {
+    hosts: BTreeSet<String>,
+    domains: BTreeSet<String>,
+}
+
+impl Touched {
+    pub(super) fn is_empty(&self) -> bool {
+        self.hosts.is_empty() && self.domains.is_empty()
+    }
+}
+
+/// A host record changed: its domains' listers follow, and the domains it
+/// gained or dropped are touched (an update that keeps its domains touches
+/// no domain, only the host).
+pub(super) fn host_changed(names: &mut Names, touched: &mut Touched, c: &Changed<ProxyHost>) {
+    let domains = |h: &Option<Arc<ProxyHost>>| -> BTreeSet<String> {
+        h.iter().flat_map(|h| h.domains.iter().cloned()).collect()
+    };
+    let (old, new) = (domains(&c.old), domains(&c.new));
+    let dropped: Vec<String> = old.difference(&new).cloned().collect();
+    let added: Vec<String> = new.difference(&old).cloned().collect();
+    touched.hosts.insert(c.id.clone());
+    touched
+        .domains
+        .extend(dropped.iter().chain(&added).cloned());
+    super::reindex(&mut names.listers, &c.id, dropped, added);
+}
+
+/// The claim record of `domain` is now `host` (`None`: a tombstone).
+pub(super) fn claim_changed(
+    names: &mut Names,
+    touched: &mut Touched,
+    domain: &str,
+    host: Option<&NameClaim>,
+) {
+    let host = host.map(|c| c.host_id.clone());
+    let was = match &host {
+        Some(h) => names.claims.insert(domain.to_string(), h.clone()),
+        None => names.claims.remove(domain),
+    };
+    if was != host {
+        touched.domains.insert(domain.to_string());
+    }
+}
+
+/// After a commit's records are in `snap` (hosts, listers, claims):
+/// re-derives the conflicts of the touched domains and the routed form of
+/// every host that changed or lists a touched domain, and returns how the
+/// routed hosts changed, for subscribers. `before` is the snapshot the
+/// commit started from. With `log`, each new conflict gets a warning.
+pub(super) fn settle(
+    before: &Snapshot,
+    snap: &mut Snapshot,
+    touched: Touched,
+    log: bool,
+) -> Vec<Changed<ProxyHost>> {
+    let Touched { mut hosts, domains } = touched;
+    let mut fresh = Vec::new();
+    for d in &domains {
+        fresh.extend(snap.names.settle_domain(&before.names, d));
+        hosts.extend(snap.names.listers(d).iter().cloned());
+    }
+    if log {
+        for c in &fresh {
+            log_conflict(snap, c);
+        }
+    }
+    let mut out = Vec::new();
+    for id in hosts {
+        let new = routed_of(snap, &id);
+        let old = before.routed.get(&id).cloned();
+        match (&old, &new) {
+            (None, None) => continue,
+            (Some(a), Some(b)) if Arc::ptr_eq(a, b) => continue,
+            // Rewritten as it was: keep sharing the stored `Arc`, but the
+            // tables have nothing to do.
+            (Some(a), Some(b)) if a == b => {
+                snap.routed.set(&id, new);
+                continue;
+            }
+            _ => {}
+        }
+        snap.routed.set(&id, new.clone());
+        out.push(Changed { id, old, new });
+    }
+    out
+}
+
+/// Host `id` as the proxy routes it: with only the domains it holds (the
+/// stored `Arc` itself when it holds them all); `None` when it holds none
+/// or is gone.
+fn routed_of(snap: &Snapshot, id: &str) -> Option<Arc<ProxyHost>> {
+    let h = snap.hosts.get(id)?;
+    let held = |d: &String| snap.names.holder(d) == Some(id);
+    if h.domains.iter().all(held) {
+        return Some(h.clone());
+    }
+    let domains: Vec<String> = h.domains.iter().filter(|d| held(d)).cloned().collect();
+    (!domains.is_empty()).then(|| {
+        Arc::new(ProxyHost {
+            domains,
+            ..(**h).clone()
+        })
+    })
 }
 
 /// The claim writes that go with writing `new` over `old` (either may be
@@ -170,31 +306,135 @@ pub fn claim_writes(
     out
 }
 
-/// One warning per conflict that appeared with this change, naming both
-/// hosts: the operator has something to fix.
-pub(super) fn log_new_conflicts(snap: &super::Snapshot, before: &Names) {
+/// One warning per conflict that appeared, naming both hosts: the
+/// operator has something to fix.
+fn log_conflict(snap: &Snapshot, c: &Conflict) {
     let name_of = |id: &str| {
         snap.hosts
-            .iter()
-            .find(|h| h.id == id)
+            .get(id)
             .map(|h| h.name.clone())
             .unwrap_or_default()
     };
-    for c in snap.names.new_conflicts(before) {
-        tracing::warn!(domain = %c.domain, holder = %c.holder, holder_name = %name_of(&c.holder),
-            loser = %c.loser, loser_name = %name_of(&c.loser),
-            "two hosts list the same domain (accepted concurrently on two nodes); the holder serves it. \
-             Fix: remove the domain from one host (charonctl host update <id> --domain ...) or remove one host");
-    }
+    tracing::warn!(domain = %c.domain, holder = %c.holder, holder_name = %name_of(&c.holder),
+        loser = %c.loser, loser_name = %name_of(&c.loser),
+        "two hosts list the same domain (accepted concurrently on two nodes); the holder serves it. \
+         Fix: remove the domain from one host (charonctl host update <id> --domain ...) or remove one host");
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{host_key, Store, StoreError, View};
+    use crate::store::{host_key, Record, Store, StoreError, View};
     use proptest::prelude::*;
+    use std::collections::BTreeMap;
 
     const DOMAINS: [&str; 4] = ["a.test", "b.test", "c.test", "d.test"];
+
+    /// What the names rule gives, by domain and by host.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct Derived {
+        holders: BTreeMap<String, String>,
+        conflicts: Vec<Conflict>,
+        /// (host id, the domains it is routed for); hosts that lost every
+        /// domain they list left out.
+        routed: Vec<(String, Vec<String>)>,
+    }
+
+    /// The rule stated plainly, over all the records at once (issue 16's
+    /// first version recomputed this on every commit): the oracle the
+    /// store's by-change derivation must agree with.
+    fn from_scratch(records: &[(String, Record)]) -> Derived {
+        let mut hosts = BTreeMap::new();
+        let mut claims = BTreeMap::new();
+        for (_, r) in records {
+            match &r.body {
+                Some(Body::Host(h)) => {
+                    hosts.insert(h.id.clone(), h.clone());
+                }
+                Some(Body::Claim(c)) => {
+                    claims.insert(c.domain.clone(), c.host_id.clone());
+                }
+                _ => {}
+            }
+        }
+        let mut listed: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for h in hosts.values() {
+            for d in &h.domains {
+                listed.entry(d.as_str()).or_default().push(h.id.as_str());
+            }
+        }
+        let mut out = Derived {
+            holders: BTreeMap::new(),
+            conflicts: Vec::new(),
+            routed: Vec::new(),
+        };
+        for (domain, mut ids) in listed {
+            ids.sort_unstable();
+            ids.dedup();
+            let holder = claims
+                .get(domain)
+                .map(String::as_str)
+                .filter(|c| ids.contains(c))
+                .unwrap_or(ids[0]);
+            for loser in ids.iter().filter(|id| **id != holder) {
+                out.conflicts.push(Conflict {
+                    domain: domain.to_string(),
+                    loser: loser.to_string(),
+                    holder: holder.to_string(),
+                });
+            }
+            out.holders.insert(domain.to_string(), holder.to_string());
+        }
+        out.conflicts
+            .sort_by(|a, b| (&a.loser, &a.domain).cmp(&(&b.loser, &b.domain)));
+        for h in hosts.values() {
+            let held: Vec<String> = h
+                .domains
+                .iter()
+                .filter(|d| out.holders.get(*d) == Some(&h.id))
+                .cloned()
+                .collect();
+            if !held.is_empty() || h.domains.is_empty() {
+                out.routed.push((h.id.clone(), held));
+            }
+        }
+        out
+    }
+
+    /// What the store derived by change.
+    fn observed(snap: &Snapshot) -> Derived {
+        Derived {
+            holders: snap
+                .names
+                .holders()
+                .map(|(d, h)| (d.to_string(), h.to_string()))
+                .collect(),
+            conflicts: snap.names.conflicts().collect(),
+            routed: snap
+                .routed
+                .iter()
+                .map(|h| (h.id.clone(), h.domains.clone()))
+                .collect(),
+        }
+    }
+
+    /// The store's derived names agree with the oracle and with a snapshot
+    /// derived from its records at once; a host holding all its domains is
+    /// routed as the very `Arc` stored.
+    fn check_by_change(store: &Store) -> Result<(), TestCaseError> {
+        let snap = store.snapshot();
+        let records = store.records();
+        prop_assert_eq!(observed(&snap), from_scratch(&records));
+        let rebuilt = crate::store::snapshot(&records.into_iter().collect());
+        prop_assert_eq!(&snap.names, &rebuilt.names);
+        for h in snap.routed.iter() {
+            let stored = snap.hosts.get(&h.id).expect("routed hosts are stored");
+            if stored.domains == h.domains {
+                prop_assert!(Arc::ptr_eq(stored, h), "{} copied though unfiltered", h.id);
+            }
+        }
+        Ok(())
+    }
 
     /// One step of the simulation; indexes are taken modulo what exists.
     #[derive(Debug, Clone)]
@@ -225,10 +465,7 @@ mod tests {
     }
 
     fn claim_in(view: &View<'_>, d: &str) -> Option<String> {
-        view.record(&name_key(d))
-            .and_then(|r| r.body.as_ref())
-            .and_then(Body::as_claim)
-            .map(|c| c.host_id.clone())
+        view.names().claim(d).map(str::to_string)
     }
 
     /// What the API does: a domain held by another host refuses the write;
@@ -268,7 +505,15 @@ mod tests {
             .unwrap();
     }
 
-    fn run(stores: &[Store], ops: &[Op]) {
+    /// The `k`-th host `store` knows (modulo how many), if any.
+    fn nth_host(store: &Store, k: usize) -> Option<ProxyHost> {
+        let hosts = store.hosts().to_vec();
+        hosts.get(k % hosts.len().max(1)).map(|h| (**h).clone())
+    }
+
+    /// Runs `ops`; after each, every store's by-change names are checked
+    /// against the oracle.
+    fn run(stores: &[Store], ops: &[Op]) -> Result<(), TestCaseError> {
         for (i, op) in ops.iter().enumerate() {
             match *op {
                 Op::Create(n, mask) => {
@@ -280,24 +525,26 @@ mod tests {
                     write_host(&stores[n], None, Some(h));
                 }
                 Op::Update(n, k, mask) => {
-                    let hosts = stores[n].hosts();
-                    if let Some(h) = hosts.get(k % hosts.len().max(1)) {
-                        let mut new = (**h).clone();
+                    if let Some(h) = nth_host(&stores[n], k) {
+                        let mut new = h.clone();
                         new.domains = domains(mask);
                         new.version += 1;
-                        write_host(&stores[n], Some((**h).clone()), Some(new));
+                        write_host(&stores[n], Some(h), Some(new));
                     }
                 }
                 Op::Delete(n, k) => {
-                    let hosts = stores[n].hosts();
-                    if let Some(h) = hosts.get(k % hosts.len().max(1)) {
-                        write_host(&stores[n], Some((**h).clone()), None);
+                    if let Some(h) = nth_host(&stores[n], k) {
+                        write_host(&stores[n], Some(h), None);
                     }
                 }
                 Op::Sync(a, b) if a != b => sync(&stores[a], &stores[b]),
                 Op::Sync(..) => {}
             }
+            for s in stores {
+                check_by_change(s)?;
+            }
         }
+        Ok(())
     }
 
     fn converge(stores: &[Store]) {
@@ -311,23 +558,23 @@ mod tests {
     }
 
     fn names_of(store: &Store) -> Names {
-        (*store.snapshot().names).clone()
+        store.snapshot().names.clone()
     }
 
     /// Every domain a live host lists has one holder that lists it, and
     /// the routed hosts share no domain.
     fn check_single_holder(store: &Store) -> Result<(), TestCaseError> {
         let snap = store.snapshot();
-        for h in &snap.hosts {
+        for h in snap.hosts.iter() {
             for d in &h.domains {
                 let holder = snap.names.holder(d);
                 prop_assert!(holder.is_some(), "{d} has no holder");
-                let holder_host = snap.hosts.iter().find(|o| Some(o.id.as_str()) == holder);
+                let holder_host = holder.and_then(|id| snap.hosts.get(id));
                 prop_assert!(holder_host.is_some_and(|o| o.domains.contains(d)));
             }
         }
         let mut seen = std::collections::BTreeSet::new();
-        for h in &snap.routed {
+        for h in snap.routed.iter() {
             for d in &h.domains {
                 prop_assert!(seen.insert(d.clone()), "{d} routed to two hosts");
             }
@@ -341,7 +588,8 @@ mod tests {
         /// Any interleaving of writes on three partitioned nodes, healed:
         /// every node derives the same single holder per domain; the same
         /// records replayed in any order, with duplicates, give it too; and
-        /// removing the losers leaves no conflict.
+        /// removing the losers leaves no conflict. At every step the names
+        /// kept by change are what the rule gives from scratch.
         #[test]
         fn one_holder_per_domain_everywhere_after_any_history(
             ops in prop::collection::vec(op(), 1..40),
@@ -349,12 +597,13 @@ mod tests {
         ) {
             let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
             let stores: Vec<Store> = dirs.iter().map(|d| Store::open(d.path()).unwrap()).collect();
-            run(&stores, &ops);
+            run(&stores, &ops)?;
             converge(&stores);
             let names = names_of(&stores[0]);
             for s in &stores {
                 prop_assert_eq!(&names_of(s), &names);
                 check_single_holder(s)?;
+                check_by_change(s)?;
             }
             // Replay: every record, shuffled, some twice, in small batches.
             let mut all = stores[0].records();
@@ -368,49 +617,119 @@ mod tests {
             let replay = Store::open(dir.path()).unwrap();
             for chunk in all.chunks(3) {
                 replay.apply(chunk.to_vec()).unwrap();
+                check_by_change(&replay)?;
             }
             prop_assert_eq!(&names_of(&replay), &names);
             // Resolve: delete every loser on node 0, converge.
-            for c in &names.conflicts {
-                let loser = stores[0].hosts().into_iter().find(|h| h.id == c.loser);
-                if let Some(h) = loser {
-                    write_host(&stores[0], Some((*h).clone()), None);
+            for c in names.conflicts() {
+                if let Some(h) = stores[0].hosts().get(&c.loser) {
+                    write_host(&stores[0], Some((**h).clone()), None);
                 }
             }
             converge(&stores);
             for s in &stores {
-                prop_assert!(names_of(s).conflicts.is_empty(), "{:?}", names_of(s).conflicts);
+                prop_assert_eq!(names_of(s).conflict_count(), 0, "{:?}", names_of(s).conflicts().collect::<Vec<_>>());
                 check_single_holder(s)?;
+                check_by_change(s)?;
+            }
+        }
+
+        /// Records no API would write together (claims naming any host,
+        /// hosts and tombstones from three origins, in any batches): the
+        /// names kept by change still equal the rule applied from scratch
+        /// after every batch.
+        #[test]
+        fn names_by_change_equal_names_from_scratch(
+            raw in prop::collection::vec((0..3usize, 0..5usize, 0..16u8, 0..4usize, 0..6usize, 0..3u8), 1..40),
+            cut in 1..6usize,
+        ) {
+            let mut seq = [0u64; 3];
+            let mut recs = Vec::new();
+            for (i, (o, h, mask, d, claimant, kind)) in raw.into_iter().enumerate() {
+                seq[o] += 1;
+                let (key, body) = match kind {
+                    0 => (host_key(&format!("h{h}")), None),
+                    1 => {
+                        let id = format!("h{h}");
+                        let host = ProxyHost { id: id.clone(), domains: domains(mask), ..Default::default() };
+                        (host_key(&id), Some(Body::Host(host)))
+                    }
+                    _ => {
+                        let claim = (claimant < 5).then(|| Body::Claim(NameClaim {
+                            domain: DOMAINS[d].to_string(),
+                            host_id: format!("h{claimant}"),
+                        }));
+                        (name_key(DOMAINS[d]), claim)
+                    }
+                };
+                recs.push((key, Record { hlc: i as u64 + 1, origin: format!("n{o}"), seq: seq[o], body }));
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path()).unwrap();
+            for chunk in recs.chunks(cut) {
+                store.apply(chunk.to_vec()).unwrap();
+                check_by_change(&store)?;
+                check_single_holder(&store)?;
             }
         }
     }
 
     #[test]
     fn the_newer_claim_wins_and_the_loser_is_marked_not_routed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
         let h = |id: &str| ProxyHost {
             id: id.into(),
             domains: vec!["x.test".into(), format!("{id}.only")],
             ..Default::default()
         };
-        let (a, b) = (h("a"), h("b"));
-        let claims = BTreeMap::from([("x.test".to_string(), "b".to_string())]);
-        let names = Names::derive([&a, &b], &claims);
-        assert_eq!(names.holder("x.test"), Some("b"));
-        assert_eq!(
-            names.conflicts,
-            [Conflict {
-                domain: "x.test".into(),
-                loser: "a".into(),
-                holder: "b".into(),
-            }]
-        );
-        let routed = names.routed(&vec![Arc::new(a), Arc::new(b)]);
-        assert_eq!(routed[0].domains, ["a.only"]);
-        assert_eq!(routed[1].domains, ["x.test", "b.only"]);
+        let rec = |hlc, body| Record {
+            hlc,
+            origin: "n".into(),
+            seq: hlc,
+            body: Some(body),
+        };
+        store
+            .apply(vec![
+                (host_key("a"), rec(1, Body::Host(h("a")))),
+                (host_key("b"), rec(2, Body::Host(h("b")))),
+                (
+                    name_key("x.test"),
+                    rec(
+                        3,
+                        Body::Claim(NameClaim {
+                            domain: "x.test".into(),
+                            host_id: "b".into(),
+                        }),
+                    ),
+                ),
+            ])
+            .unwrap();
+        let snap = store.snapshot();
+        assert_eq!(snap.names.holder("x.test"), Some("b"));
+        let want = Conflict {
+            domain: "x.test".into(),
+            loser: "a".into(),
+            holder: "b".into(),
+        };
+        assert_eq!(snap.names.conflicts_of("a").collect::<Vec<_>>(), [want]);
+        assert_eq!(snap.names.conflicts_of("b").count(), 0);
+        assert_eq!(snap.names.conflict_count(), 1);
+        assert_eq!(snap.routed.get("a").unwrap().domains, ["a.only"]);
+        assert_eq!(snap.routed.get("b").unwrap().domains, ["x.test", "b.only"]);
         // The claim's host gone: the remaining host holds it, no conflict.
-        let a = h("a");
-        let names = Names::derive([&a], &claims);
-        assert_eq!(names.holder("x.test"), Some("a"));
-        assert!(names.conflicts.is_empty());
+        store
+            .apply(vec![(
+                host_key("b"),
+                Record {
+                    body: None,
+                    ..rec(4, Body::Host(h("b")))
+                },
+            )])
+            .unwrap();
+        let snap = store.snapshot();
+        assert_eq!(snap.names.holder("x.test"), Some("a"));
+        assert_eq!(snap.names.conflict_count(), 0);
+        assert_eq!(snap.routed.get("a").unwrap().domains, ["x.test", "a.only"]);
     }
 }

@@ -94,6 +94,14 @@ impl TlsTerminator {
         self.acme.store(challenges);
     }
 
+    /// Applies `f` to a copy of the table (O(1) to make) and swaps it in.
+    /// One writer at a time: the store calls this under its lock.
+    pub fn update(&self, f: impl FnOnce(&mut CertTable)) {
+        let mut table = CertTable::clone(&self.table.load());
+        f(&mut table);
+        self.table.store(Arc::new(table));
+    }
+
     /// Reads the ClientHello, picks the certificate by SNI (or, without SNI,
     /// by the address the client connected to), and completes the handshake;
     /// a name without a certificate is refused with `unrecognized_name`.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::host::{ProxyHost, UpstreamUrl};
-use crate::proxy::relay::TunnelOptions;
+use crate::proxy::tunnel::relay::TunnelOptions;
 use crate::proxy::upstream::{Pool, UpstreamRegistry};
 use crate::util::Fnv;
 

@@ -21,7 +21,7 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::ops::Range;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -30,19 +30,20 @@ use http::StatusCode;
 use opentelemetry::KeyValue;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::futures::OwnedNotified;
-use tokio::sync::Notify;
 use tokio::time::Sleep;
 
 use super::error::{self, ProxyError};
 use super::forwarded;
+use super::observe::{ReqFacts, Served};
 use super::pipeline;
 use super::routes::Route;
+use super::shutdown::{stop_requested, Shutdown};
 use super::upstream::{Pool, RawConn, UpstreamIo, UpstreamState};
 use super::wire::{
     arm, copy_body, read_into, read_ready, read_ready_into, within, write_parts, BodyBuf, Buf,
     Coding, CopyError, Framing, Prefixed, Read,
 };
-use super::{ConnInfo, Proxy, Served};
+use super::{ConnInfo, Proxy};
 use crate::telemetry::otel;
 
 /// Longest request or response head accepted.
@@ -59,67 +60,6 @@ const INLINE_BODY: usize = 16 * 1024;
 /// given to stop sending (see `Client::linger`).
 const LINGER: Duration = Duration::from_secs(5);
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// Ends a listener's HTTP/1 connections gracefully: idle ones close at
-/// once, busy ones after their response (which then says
-/// `Connection: close`).
-pub struct Shutdown {
-    on: AtomicBool,
-    notify: Arc<Notify>,
-    live: AtomicUsize,
-    all_done: Notify,
-}
-
-impl Shutdown {
-    pub fn new() -> Arc<Shutdown> {
-        Arc::new(Shutdown {
-            on: AtomicBool::new(false),
-            notify: Arc::new(Notify::new()),
-            live: AtomicUsize::new(0),
-            all_done: Notify::new(),
-        })
-    }
-
-    pub fn begin(&self) {
-        self.on.store(true, Ordering::SeqCst);
-        self.notify.notify_waiters();
-        if self.live.load(Ordering::SeqCst) == 0 {
-            self.all_done.notify_waiters();
-        }
-    }
-
-    fn is_on(&self) -> bool {
-        self.on.load(Ordering::Relaxed)
-    }
-
-    /// Resolves once every connection has ended.
-    pub async fn wait(&self) {
-        loop {
-            let done = self.all_done.notified();
-            tokio::pin!(done);
-            done.as_mut().enable();
-            if self.live.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            done.await;
-        }
-    }
-
-    fn enter(self: &Arc<Self>) -> LiveGuard {
-        self.live.fetch_add(1, Ordering::SeqCst);
-        LiveGuard(self.clone())
-    }
-}
-
-struct LiveGuard(Arc<Shutdown>);
-
-impl Drop for LiveGuard {
-    fn drop(&mut self) {
-        if self.0.live.fetch_sub(1, Ordering::SeqCst) == 1 && self.0.is_on() {
-            self.0.all_done.notify_waiters();
-        }
-    }
-}
 
 /// How a client connection's HTTP/1 service ended.
 pub enum Ended<S> {
@@ -167,8 +107,14 @@ where
             let client = Prefixed::new(c.buf.take(), c.io);
             let RawConn { io, mut buf } = conn;
             let up = Prefixed::new(buf.take(), io);
-            c.proxy
-                .spawn_tunnel(&route, &upstream, &c.info, client, up, span);
+            c.proxy.spawn_tunnel(
+                &route.host,
+                route.tunnel,
+                &upstream,
+                &c.info,
+                (client, up),
+                span,
+            );
             Ended::Closed
         }
     }
@@ -237,16 +183,6 @@ struct Req {
     pool: Arc<Pool>,
     /// For the access log and traces, when telemetry is on.
     facts: Option<ReqFacts>,
-}
-
-#[derive(Default)]
-pub(super) struct ReqFacts {
-    pub(super) method: String,
-    pub(super) path: String,
-    pub(super) authority: String,
-    pub(super) proto: &'static str,
-    pub(super) traceparent: Option<http::HeaderValue>,
-    pub(super) tracestate: Option<http::HeaderValue>,
 }
 
 /// A request refused before it reached an upstream.
@@ -521,7 +457,7 @@ where
             hsts,
         );
         let sent = self.io.write_all(&self.out).await.is_ok() && self.io.flush().await.is_ok();
-        self.proxy.record_h1(Served {
+        self.proxy.record(Served {
             started,
             conn: &self.info,
             facts: r.facts.as_ref(),
@@ -1108,20 +1044,7 @@ where
         if let Some(v) = &f.tracestate {
             carrier.insert("tracestate", v.clone());
         }
-        let conn = &self.info;
-        tr.server_span(
-            &carrier,
-            f.method.clone(),
-            vec![
-                KeyValue::new("http.request.method", f.method.clone()),
-                KeyValue::new("url.path", f.path.clone()),
-                KeyValue::new("url.scheme", if conn.tls { "https" } else { "http" }),
-                KeyValue::new("server.address", f.authority.clone()),
-                KeyValue::new("client.address", conn.peer.ip().to_string()),
-                KeyValue::new("client.port", i64::from(conn.peer.port())),
-                KeyValue::new("network.protocol.version", "1.1"),
-            ],
-        )
+        Proxy::server_span(tr, &carrier, f, &self.info, "1.1")
     }
 
     /// Reads the upstream's response head and works out its framing.
@@ -1287,7 +1210,7 @@ where
             if let Some(cx) = &server_cx {
                 proxy.end_server_span(cx, 101, Some(&req.route), Some(&upstream.url_text), None);
             }
-            proxy.record_h1(Served {
+            proxy.record(Served {
                 started,
                 conn: &self.info,
                 facts: req.facts.as_ref(),
@@ -1480,7 +1403,7 @@ where
                 error.as_ref(),
             );
         }
-        proxy.record_h1(Served {
+        proxy.record(Served {
             started,
             conn: &self.info,
             facts: req.facts.as_ref(),
@@ -1831,25 +1754,6 @@ fn head_end(b: &[u8]) -> Option<usize> {
 fn strip_scheme(target: &str) -> Option<&str> {
     let (scheme, rest) = target.split_once("://")?;
     (scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https")).then_some(rest)
-}
-
-/// The listener is shutting down: checked on each wake-up of an idle
-/// connection; the first check registers the task with the shutdown's
-/// `Notify`, so that it is woken when the shutdown begins.
-fn stop_requested(
-    shutdown: &Arc<Shutdown>,
-    stop: &mut Option<Pin<Box<OwnedNotified>>>,
-    cx: &mut Context<'_>,
-) -> bool {
-    if shutdown.is_on() {
-        return true;
-    }
-    if stop.is_none() {
-        let mut n = Box::pin(shutdown.notify.clone().notified_owned());
-        let _ = n.as_mut().poll(cx);
-        *stop = Some(n);
-    }
-    shutdown.is_on()
 }
 
 /// A response made by the proxy itself (errors, redirects).

@@ -37,7 +37,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::frames::{close_frame, control_frame, FrameTracker, OP_PING};
-use super::tunnels::{DirStats, TunnelInfo};
+use super::registry::{DirStats, TunnelInfo};
 
 const BUF_SIZE: usize = 16 * 1024;
 /// Buffers kept per worker thread between uses.
@@ -618,7 +618,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::tunnels::TunnelRegistry;
+    use crate::proxy::tunnel::registry::TunnelRegistry;
     use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
 
     async fn read_all<R: AsyncRead + Unpin>(r: &mut R) -> Vec<u8> {
@@ -627,14 +627,20 @@ mod tests {
         v
     }
 
-    fn registry_info() -> (Arc<TunnelRegistry>, crate::proxy::tunnels::Registration) {
+    fn registry_info() -> (
+        Arc<TunnelRegistry>,
+        crate::proxy::tunnel::registry::Registration,
+    ) {
         let reg = Arc::new(TunnelRegistry::default());
         let r = reg.register("h", "h", "http://u".into(), "127.0.0.1:1".parse().unwrap());
         (reg, r)
     }
 
     /// Keeps a test tunnel's registry entry alive.
-    type Entry = (Arc<TunnelRegistry>, crate::proxy::tunnels::Registration);
+    type Entry = (
+        Arc<TunnelRegistry>,
+        crate::proxy::tunnel::registry::Registration,
+    );
 
     /// A relay between two in-memory pipes, in a task of its own: its
     /// registry entry (keep it), its info, the test's ends of the client's

@@ -6,8 +6,10 @@
 //!   port is bound.
 //! - [`host`]: the proxy host type and its validation rules.
 //! - [`store`]: redb records (LWW + HLC stamps); the single `apply` path.
-//! - [`proxy`]: route table (an immutable snapshot the store publishes after
-//!   each change), upstream pools, HTTP forwarding and the WebSocket relay.
+//! - [`proxy`]: the reverse proxy: listeners, the HTTP/1 and h2 front ends,
+//!   one pipeline of request phases both call, the route table (an
+//!   immutable snapshot the store publishes after each change), upstream
+//!   pools and WebSocket tunnels (its `LIFECYCLE.md` walks a request).
 //! - [`api`]: tonic services; API → store → route table.
 //! - [`admin`]: `/healthz`, `/readyz`.
 //! - [`node`]: wiring: opens the store, binds listeners, serves, shuts down.

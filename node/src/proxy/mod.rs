@@ -1,21 +1,25 @@
-//! The HTTP/WebSocket reverse proxy.
+//! The HTTP/WebSocket reverse proxy. `LIFECYCLE.md` beside this file
+//! follows one request and one WebSocket through it, function by function.
 //!
-//! Request path: Host/`:authority` → [`routes::RouteTable`] (an `Arc`
-//! snapshot, never redb) → location → [`upstream::Pool`] → forwarded over a
-//! pooled HTTP/1.1 connection.
-//!
-//! HTTP/1.x clients are served by [`h1`], the proxy's own HTTP/1 path
-//! (WebSocket upgrades included: after the upstream's 101 both connections
-//! are handed to [`relay::relay`]). h2 clients (ALPN `h2`, or the h2
-//! preface in clear text) are served by hyper, and forwarded through
-//! hyper's HTTP/1.1 client.
+//! - [`listener`]: accept loops, TLS and ALPN dispatch to a front end.
+//! - Front ends (protocol only): [`h1`], Charon's own HTTP/1.x path over
+//!   [`wire`] (buffers, chunked framing, body copying), and [`h2`], hyper's
+//!   h2 server with hyper's HTTP/1.1 client upstream.
+//! - [`pipeline`]: the phases both front ends call, in order: route,
+//!   request policy, rewrite ([`forwarded`]), upstream attempts, response
+//!   policy, record ([`observe`]). Error pages: [`error`].
+//! - [`routes`]: the route table (an `Arc` snapshot, never redb) and each
+//!   route's precomputed values. [`upstream`]: health, pools, attempt
+//!   order, connecting, idle connections.
+//! - [`tunnel`]: WebSocket tunnels after a 101 (relay, frames, registry).
+//! - [`shutdown`]: every way a connection is ended by the proxy.
 
 pub mod error;
 pub mod forwarded;
 pub mod h1;
-mod h2;
-mod listener;
-mod observe;
+pub mod h2;
+pub mod listener;
+pub mod observe;
 pub mod pipeline;
 pub mod routes;
 pub mod shutdown;

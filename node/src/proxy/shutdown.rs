@@ -14,10 +14,10 @@
 //!    module): a WebSocket tunnel gets a Close frame (1001) both ways and
 //!    ends when the peers finish the handshake (`tunnel::relay`).
 //! 4. **Cut** ([`Proxy::cut_all`]): the last step of a drain: every
-//!    connection task ([`Cuttable`]) and every tunnel ends now, without a
+//!    connection task (`Cuttable`) and every tunnel ends now, without a
 //!    goodbye, counted in [`Proxy::cut_count`].
 //!
-//! Accounting: [`ConnGuard`] counts open HTTP connections for
+//! Accounting: `ConnGuard` counts open HTTP connections for
 //! [`Proxy::http_connections`]; a connection that becomes a tunnel is
 //! counted by the tunnel registry instead.
 

@@ -1,7 +1,7 @@
 //! Upstreams: passive health, the pools of a host or location and the
 //! order their upstreams are tried in (this file); opening connections
-//! ([`connect`]); keeping idle ones, in paired verbs `take_*`/`release*`
-//! ([`idle`]); an h2 request's body on its way up ([`body`]).
+//! (`connect`); keeping idle ones, in paired verbs `take_*`/`release*`
+//! (`idle`); an h2 request's body on its way up (`body`).
 //!
 //! The proxy owns its pool rather than using hyper-util's legacy client so
 //! that it can connect *before* it touches the request body: when an
@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
-
 
 mod body;
 mod connect;

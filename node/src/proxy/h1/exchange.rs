@@ -5,6 +5,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -13,12 +14,12 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::answers::{field, Refusal};
 use super::request::{Method, Req};
-use super::response::HeadError;
+use super::response::{HeadError, RespHead};
 use super::{Client, Step, INLINE_BODY};
 use crate::proxy::error::ProxyError;
 use crate::proxy::observe::ReqFacts;
 use crate::proxy::pipeline;
-use crate::proxy::upstream::UpstreamIo;
+use crate::proxy::upstream::{RawConn, UpstreamIo, UpstreamState};
 use crate::proxy::wire::{copy_body, Coding, CopyError, Framing};
 use crate::proxy::Proxy;
 use crate::telemetry::otel;
@@ -72,12 +73,11 @@ impl<S> Client<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    /// Sends the request to an upstream (trying the pool's others when one
-    /// cannot be reached) and the response back.
+    /// Phase 4 for HTTP/1: sends the request to an upstream (the pool's
+    /// next when `pipeline::attempt_failed` says so), then hands the
+    /// response to `respond`, or answers the failure.
     pub(super) async fn exchange(&mut self, req: Req, started: Instant) -> Step {
         let proxy = self.proxy.clone();
-        let h = &req.route.host;
-        let resp_timeout = req.route.upstream_timeout;
         let tracing = proxy.telemetry.get().and_then(|t| t.tracing.as_ref());
         let server_cx = match (tracing, &req.facts) {
             (Some(tr), Some(f)) => Some(self.server_span(tr, f)),
@@ -100,7 +100,7 @@ where
         'upstreams: for upstream in req.pool.attempt_order() {
             let mut pooled = true;
             loop {
-                let (mut conn, reused) = match pooled.then(|| upstream.take_raw()).flatten() {
+                let (conn, reused) = match pooled.then(|| upstream.take_raw()).flatten() {
                     Some(c) => (c, true),
                     None => match proxy.connector.connect_raw(upstream).await {
                         Ok(c) => (c, false),
@@ -109,11 +109,8 @@ where
                                 upstream: upstream.url.to_string(),
                                 source: e,
                             };
-                            let next = pipeline::attempt_failed(
-                                upstream,
-                                &e,
-                                proxy.config.failure_cooldown,
-                            );
+                            let cooldown = proxy.config.failure_cooldown;
+                            let next = pipeline::attempt_failed(upstream, &e, cooldown);
                             last_err = Some(e);
                             if next {
                                 continue 'upstreams;
@@ -123,252 +120,280 @@ where
                     },
                 };
                 pooled = false;
-                let client_cx = match (tracing, &server_cx) {
-                    (Some(tr), Some(parent)) => {
-                        let mut inject = http::HeaderMap::new();
-                        let cx = tr.child_span(
-                            parent,
-                            format!(
-                                "{} upstream",
-                                req.facts.as_ref().map_or("", |f| f.method.as_str())
-                            ),
-                            opentelemetry::trace::SpanKind::Client,
-                            vec![
-                                KeyValue::new(
-                                    "http.request.method",
-                                    req.facts
-                                        .as_ref()
-                                        .map(|f| f.method.clone())
-                                        .unwrap_or_default(),
-                                ),
-                                KeyValue::new(
-                                    "server.address",
-                                    upstream.url.authority().to_string(),
-                                ),
-                                KeyValue::new(
-                                    "url.full",
-                                    format!(
-                                        "{}{}",
-                                        upstream.url,
-                                        String::from_utf8_lossy(
-                                            &self.line[self
-                                                .line
-                                                .iter()
-                                                .position(|&b| b == b' ')
-                                                .map_or(0, |p| p + 1)
-                                                ..self.line.len().saturating_sub(11)]
-                                        )
-                                    ),
-                                ),
-                            ],
-                            Some(&mut inject),
-                        );
-                        Some((cx, inject))
-                    }
+                let span = match (tracing, &server_cx) {
+                    (Some(tr), Some(parent)) => Some(self.client_span(tr, parent, &req, upstream)),
                     _ => None,
                 };
-                // Head, and the body when it is here whole and small.
-                self.out.clear();
-                self.out.extend_from_slice(&self.line);
-                match (h.preserve_host, &upstream.host_header) {
-                    (false, Some(v)) => field(&mut self.out, b"Host", v.as_bytes()),
-                    _ => field(&mut self.out, b"Host", &self.host),
-                }
-                self.out.extend_from_slice(&self.fields);
-                if let Some((_, inject)) = &client_cx {
-                    for (k, v) in inject {
-                        field(&mut self.out, k.as_str().as_bytes(), v.as_bytes());
-                    }
-                }
-                self.out.extend_from_slice(b"\r\n");
-                if let Some(n) = buffered_body {
-                    self.out.extend_from_slice(&self.buf.bytes()[..n]);
-                }
-                let sent = async {
-                    conn.io.write_all(&self.out).await?;
-                    conn.io.flush().await
-                }
-                .await;
-                let end_span = |cx: &Option<(opentelemetry::Context, http::HeaderMap)>,
-                                status: Option<u16>,
-                                err: Option<String>| {
-                    if let Some((cx, _)) = cx {
-                        let attrs = status
-                            .map(|s| vec![KeyValue::new("http.response.status_code", i64::from(s))])
-                            .unwrap_or_default();
-                        otel::end(cx, attrs, err);
-                    }
+                let sent = Sent {
+                    reused,
+                    buffered_body,
                 };
-                if let Err(e) = sent {
-                    if reused && buffered_body.is_some() {
-                        end_span(&client_cx, None, Some(e.to_string()));
-                        continue; // a stale pooled connection: a new one
-                    }
-                    end_span(&client_cx, None, Some(e.to_string()));
-                    last_err = Some(ProxyError::UpstreamIo {
-                        upstream: upstream.url.to_string(),
-                        source: e,
-                    });
-                    break 'upstreams;
+                let attempt = self
+                    .attempt(&req, upstream, conn, sent, &mut body_read, span.as_ref())
+                    .await;
+                if let Some((cx, _)) = &span {
+                    let (status, err) = match &attempt {
+                        Attempt::Answered(_, head) => (Some(head.status), None),
+                        Attempt::Stale(why) | Attempt::ClientGone(why) => (None, Some(why.clone())),
+                        Attempt::Failed(_, why) => (None, Some(why.clone())),
+                    };
+                    let attrs = status
+                        .map(|s| vec![KeyValue::new("http.response.status_code", i64::from(s))])
+                        .unwrap_or_default();
+                    otel::end(cx, attrs, err);
                 }
-                // The rest of the body, streamed.
-                match buffered_body {
-                    // Consumed once a response has come: until then it may
-                    // have to be sent again on a new connection.
-                    Some(_) => {}
-                    None => {
-                        if req.expect_continue {
-                            let _ = self.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
-                            let _ = self.io.flush().await;
-                        }
-                        let mut sink = Heard {
-                            io: &mut conn.io,
-                            answered: false,
-                        };
-                        let r = copy_body(
-                            &mut self.io,
-                            &mut self.buf,
-                            &mut sink,
-                            req.framing,
-                            Coding::AsIs,
-                            &mut self.timer,
-                            proxy.config.header_read_timeout,
-                        )
-                        .await;
-                        if sink.answered {
-                            // The upstream answered before the body's end:
-                            // the answer is read below, the rest of the body
-                            // is not sent, and neither connection is reused.
-                            tracing::debug!(host = %h.name, upstream = %upstream.url, "upstream answered before the request body's end");
-                        } else if let Err(e) = r {
-                            let (msg, err) = match e {
-                                CopyError::Sink(e) => (
-                                    e.to_string(),
-                                    Some(ProxyError::UpstreamIo {
-                                        upstream: upstream.url.to_string(),
-                                        source: e,
-                                    }),
-                                ),
-                                CopyError::Source(e) => (format!("client: {e}"), None),
-                                CopyError::SourceTimedOut => ("client stalled".to_string(), None),
-                                CopyError::SinkTimedOut => (
-                                    "upstream stopped reading the body".to_string(),
-                                    Some(ProxyError::Timeout {
-                                        upstream: upstream.url.to_string(),
-                                        timeout: proxy.config.header_read_timeout,
-                                    }),
-                                ),
-                                CopyError::Invalid(w) => {
-                                    (w.to_string(), Some(ProxyError::BadRequest(w)))
-                                }
-                            };
-                            end_span(&client_cx, None, Some(msg));
-                            match err {
-                                Some(err) => last_err = Some(err),
-                                // The client went away or stalled mid-body:
-                                // nobody to answer.
-                                None => return Step::Close,
-                            }
-                            break 'upstreams;
-                        } else {
-                            body_read = true;
-                        }
-                    }
-                }
-                // The response head, after any 1xx.
-                match self
-                    .read_response_head(
-                        &mut conn,
-                        resp_timeout,
-                        req.method == Method::Head,
-                        req.minor == 1,
-                    )
-                    .await
-                {
-                    Ok(mut head) => {
-                        if let (false, Some(n)) = (body_read, buffered_body) {
-                            self.buf.consume(n);
-                            body_read = true;
-                        }
-                        if !body_read {
-                            // An early answer: the upstream still expects the
-                            // rest of the body, the client is still sending it.
-                            head.reusable = false;
-                            head.linger = true;
-                        }
-                        end_span(&client_cx, Some(head.status), None);
+                match attempt {
+                    Attempt::Answered(conn, head) => {
                         upstream.mark_up();
                         outcome = Some((upstream.clone(), conn, head));
                         break 'upstreams;
                     }
-                    Err(HeadError::Closed) if reused && buffered_body.is_some() => {
-                        end_span(&client_cx, None, Some("closed".into()));
-                        continue;
-                    }
-                    Err(HeadError::ClientGone) => {
-                        end_span(&client_cx, None, Some("client went away".into()));
-                        return Step::Close;
-                    }
-                    Err(e) => {
-                        end_span(&client_cx, None, Some(e.to_string()));
-                        let e = match e {
-                            HeadError::TimedOut => ProxyError::Timeout {
-                                upstream: upstream.url.to_string(),
-                                timeout: resp_timeout,
-                            },
-                            HeadError::Io(e) => ProxyError::UpstreamIo {
-                                upstream: upstream.url.to_string(),
-                                source: e,
-                            },
-                            HeadError::Closed => ProxyError::UpstreamIo {
-                                upstream: upstream.url.to_string(),
-                                source: std::io::Error::new(
-                                    std::io::ErrorKind::UnexpectedEof,
-                                    "connection closed before a response",
-                                ),
-                            },
-                            HeadError::Invalid(w) => ProxyError::UpstreamBad {
-                                upstream: upstream.url.to_string(),
-                                why: w,
-                            },
-                            HeadError::ClientGone => unreachable!("handled above"),
-                        };
-                        pipeline::attempt_failed(upstream, &e, proxy.config.failure_cooldown);
+                    Attempt::Stale(_) => continue,
+                    Attempt::ClientGone(_) => return Step::Close,
+                    Attempt::Failed(e, _) => {
                         last_err = Some(e);
                         break 'upstreams;
                     }
                 }
             }
         }
-        let Some((upstream, conn, head)) = outcome else {
-            let e = last_err.expect("a pool has at least one upstream");
-            tracing::warn!(host = %h.name, host_id = %h.id, client = %self.info.peer, status = e.status().as_u16(), "{e}");
-            if let (false, Some(n)) = (body_read, buffered_body) {
-                self.buf.consume(n);
-                body_read = true;
+        match outcome {
+            Some((upstream, conn, head)) => {
+                self.respond(req, started, upstream, conn, head, server_cx)
+                    .await
             }
-            let close = !body_read;
-            let status = e.status();
-            let r = Refusal::upstream(e, &req.route, close || !req.keep_alive, req.facts);
-            let close = r.close;
-            if let Some(cx) = &server_cx {
-                self.proxy.end_server_span(
-                    cx,
-                    status.as_u16(),
-                    Some(&req.route),
-                    None,
-                    r.error.as_ref(),
-                );
+            None => {
+                if let (false, Some(n)) = (body_read, buffered_body) {
+                    self.buf.consume(n);
+                    body_read = true;
+                }
+                let e = last_err.expect("a pool has at least one upstream");
+                self.answer_failure(req, e, body_read, server_cx, started)
+                    .await
             }
-            let sent = self.refuse(r, started).await;
-            return if close || !sent {
-                Step::Close
-            } else {
-                Step::KeepAlive
+        }
+    }
+
+    /// One attempt on one upstream connection: the head (with a small body
+    /// already here) in one write, the rest of the body streamed, the
+    /// response head read.
+    async fn attempt(
+        &mut self,
+        req: &Req,
+        upstream: &Arc<UpstreamState>,
+        mut conn: RawConn,
+        sent: Sent,
+        body_read: &mut bool,
+        span: Option<&(opentelemetry::Context, http::HeaderMap)>,
+    ) -> Attempt {
+        let url = || upstream.url.to_string();
+        self.write_request_head(req, upstream, span.map(|s| &s.1), sent.buffered_body);
+        let wrote = async {
+            conn.io.write_all(&self.out).await?;
+            conn.io.flush().await
+        }
+        .await;
+        if let Err(e) = wrote {
+            if sent.reused && sent.buffered_body.is_some() {
+                return Attempt::Stale(e.to_string()); // a stale pooled connection
+            }
+            let why = e.to_string();
+            let e = ProxyError::UpstreamIo {
+                upstream: url(),
+                source: e,
             };
+            return Attempt::Failed(e, why);
+        }
+        // The rest of the body, streamed. A body sent whole with the head
+        // is consumed once a response has come: until then it may have to
+        // be sent again on a new connection.
+        if sent.buffered_body.is_none() {
+            match self.send_body(req, upstream, &mut conn).await {
+                Ok(true) => *body_read = true,
+                Ok(false) => {}
+                Err((Some(e), why)) => return Attempt::Failed(e, why),
+                // The client went away or stalled mid-body: nobody to answer.
+                Err((None, why)) => return Attempt::ClientGone(why),
+            }
+        }
+        // The response head, after any 1xx.
+        let timeout = req.route.upstream_timeout;
+        let head_only = req.method == Method::Head;
+        let got = self
+            .read_response_head(&mut conn, timeout, head_only, req.minor == 1)
+            .await;
+        match got {
+            Ok(mut head) => {
+                if let (false, Some(n)) = (*body_read, sent.buffered_body) {
+                    self.buf.consume(n);
+                    *body_read = true;
+                }
+                if !*body_read {
+                    // An early answer: the upstream still expects the rest
+                    // of the body, the client is still sending it.
+                    head.reusable = false;
+                    head.linger = true;
+                }
+                Attempt::Answered(conn, head)
+            }
+            Err(HeadError::Closed) if sent.reused && sent.buffered_body.is_some() => {
+                Attempt::Stale("closed".into())
+            }
+            Err(HeadError::ClientGone) => Attempt::ClientGone("client went away".into()),
+            Err(e) => {
+                let why = e.to_string();
+                let e = head_error(e, url(), timeout);
+                let cooldown = self.proxy.config.failure_cooldown;
+                pipeline::attempt_failed(upstream, &e, cooldown);
+                Attempt::Failed(e, why)
+            }
+        }
+    }
+
+    /// The upstream request head into `out`: the request line and fields
+    /// made by `parse`, `Host` for this upstream, the client span's trace
+    /// context, and the body when it is here whole and small.
+    fn write_request_head(
+        &mut self,
+        req: &Req,
+        upstream: &UpstreamState,
+        inject: Option<&http::HeaderMap>,
+        buffered_body: Option<usize>,
+    ) {
+        self.out.clear();
+        self.out.extend_from_slice(&self.line);
+        match (req.route.host.preserve_host, &upstream.host_header) {
+            (false, Some(v)) => field(&mut self.out, b"Host", v.as_bytes()),
+            _ => field(&mut self.out, b"Host", &self.host),
+        }
+        self.out.extend_from_slice(&self.fields);
+        for (k, v) in inject.into_iter().flatten() {
+            field(&mut self.out, k.as_str().as_bytes(), v.as_bytes());
+        }
+        self.out.extend_from_slice(b"\r\n");
+        if let Some(n) = buffered_body {
+            self.out.extend_from_slice(&self.buf.bytes()[..n]);
+        }
+    }
+
+    /// Streams the request body to the upstream (after `100 Continue` when
+    /// the client waits for it). `Ok(true)`: all sent; `Ok(false)`: the
+    /// upstream answered before the body's end (the answer is read next,
+    /// the rest of the body is not sent, and neither connection is
+    /// reused); `Err`: the error for the client (none when the client is
+    /// the one that failed) and what to say on the span.
+    async fn send_body(
+        &mut self,
+        req: &Req,
+        upstream: &UpstreamState,
+        conn: &mut RawConn,
+    ) -> Result<bool, (Option<ProxyError>, String)> {
+        if req.expect_continue {
+            let _ = self.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+            let _ = self.io.flush().await;
+        }
+        let mut sink = Heard {
+            io: &mut conn.io,
+            answered: false,
         };
-        self.respond(req, started, upstream, conn, head, server_cx)
-            .await
+        let body_timeout = self.proxy.config.header_read_timeout;
+        let r = copy_body(
+            &mut self.io,
+            &mut self.buf,
+            &mut sink,
+            req.framing,
+            Coding::AsIs,
+            &mut self.timer,
+            body_timeout,
+        )
+        .await;
+        if sink.answered {
+            tracing::debug!(host = %req.route.name, upstream = %upstream.url, "upstream answered before the request body's end");
+            return Ok(false);
+        }
+        let url = || upstream.url.to_string();
+        r.map(|_| true).map_err(|e| match e {
+            CopyError::Sink(e) => {
+                let why = e.to_string();
+                let e = ProxyError::UpstreamIo {
+                    upstream: url(),
+                    source: e,
+                };
+                (Some(e), why)
+            }
+            CopyError::Source(e) => (None, format!("client: {e}")),
+            CopyError::SourceTimedOut => (None, "client stalled".to_string()),
+            CopyError::SinkTimedOut => {
+                let e = ProxyError::Timeout {
+                    upstream: url(),
+                    timeout: body_timeout,
+                };
+                (Some(e), "upstream stopped reading the body".to_string())
+            }
+            CopyError::Invalid(w) => (Some(ProxyError::BadRequest(w)), w.to_string()),
+        })
+    }
+
+    /// The error page for a request no upstream answered properly (phases
+    /// 5 and 6 of a failure).
+    async fn answer_failure(
+        &mut self,
+        req: Req,
+        e: ProxyError,
+        body_read: bool,
+        server_cx: Option<opentelemetry::Context>,
+        started: Instant,
+    ) -> Step {
+        let h = &req.route.host;
+        tracing::warn!(host = %h.name, host_id = %h.id, client = %self.info.peer, status = e.status().as_u16(), "{e}");
+        let status = e.status();
+        let close = !body_read || !req.keep_alive;
+        let r = Refusal::upstream(e, &req.route, close, req.facts);
+        let close = r.close;
+        if let Some(cx) = &server_cx {
+            let route = Some(&req.route);
+            let status = status.as_u16();
+            self.proxy
+                .end_server_span(cx, status, route, None, r.error.as_ref());
+        }
+        let sent = self.refuse(r, started).await;
+        if close || !sent {
+            Step::Close
+        } else {
+            Step::KeepAlive
+        }
+    }
+
+    /// The client span of one attempt, and the trace context to send
+    /// upstream with it.
+    fn client_span(
+        &self,
+        tr: &otel::Tracing,
+        parent: &opentelemetry::Context,
+        req: &Req,
+        upstream: &UpstreamState,
+    ) -> (opentelemetry::Context, http::HeaderMap) {
+        let method = req.facts.as_ref().map_or("", |f| f.method.as_str());
+        // The request line's target: between the method and " HTTP/1.1\r\n".
+        let start = self
+            .line
+            .iter()
+            .position(|&b| b == b' ')
+            .map_or(0, |p| p + 1);
+        let target = String::from_utf8_lossy(&self.line[start..self.line.len().saturating_sub(11)]);
+        let mut inject = http::HeaderMap::new();
+        let cx = tr.child_span(
+            parent,
+            format!("{method} upstream"),
+            opentelemetry::trace::SpanKind::Client,
+            vec![
+                KeyValue::new("http.request.method", method.to_string()),
+                KeyValue::new("server.address", upstream.url.authority().to_string()),
+                KeyValue::new("url.full", format!("{}{target}", upstream.url)),
+            ],
+            Some(&mut inject),
+        );
+        (cx, inject)
     }
 
     pub(super) fn server_span(&self, tr: &otel::Tracing, f: &ReqFacts) -> opentelemetry::Context {
@@ -380,5 +405,42 @@ where
             carrier.insert("tracestate", v.clone());
         }
         Proxy::server_span(tr, &carrier, f, &self.info, "1.1")
+    }
+}
+
+/// How a pooled connection was used for an attempt.
+#[derive(Clone, Copy)]
+struct Sent {
+    /// It came from the pool (so it may turn out closed).
+    reused: bool,
+    /// The body's length when it is here whole and goes with the head.
+    buffered_body: Option<usize>,
+}
+
+/// How one attempt on one upstream connection ended; the strings are what
+/// the attempt's span says.
+enum Attempt {
+    Answered(RawConn, RespHead),
+    /// A pooled connection turned out closed with the request still whole:
+    /// the same upstream is tried on a new connection.
+    Stale(String),
+    /// Nobody to answer: the client went away or stalled mid-body.
+    ClientGone(String),
+    Failed(ProxyError, String),
+}
+
+/// The error a failed response-head read means for the client.
+fn head_error(e: HeadError, upstream: String, timeout: std::time::Duration) -> ProxyError {
+    match e {
+        HeadError::TimedOut => ProxyError::Timeout { upstream, timeout },
+        HeadError::Io(source) => ProxyError::UpstreamIo { upstream, source },
+        HeadError::Closed | HeadError::ClientGone => ProxyError::UpstreamIo {
+            upstream,
+            source: io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed before a response",
+            ),
+        },
+        HeadError::Invalid(why) => ProxyError::UpstreamBad { upstream, why },
     }
 }

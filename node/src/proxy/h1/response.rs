@@ -335,73 +335,11 @@ where
         server_cx: Option<opentelemetry::Context>,
     ) -> Step {
         let proxy = self.proxy.clone();
-        // A 101 to a WebSocket upgrade: the head goes back exactly as sent,
-        // then the connections become a tunnel.
         if head.status == 101 {
-            if !req.websocket {
-                let e = ProxyError::UpstreamBad {
-                    upstream: upstream.url.to_string(),
-                    why: "101 Switching Protocols to a request that asked for no upgrade",
-                };
-                let r = Refusal::upstream(e, &req.route, true, req.facts);
-                self.refuse(r, started).await;
-                return Step::Close;
-            }
-            let raw = conn.buf.bytes()[..head.len].to_vec();
-            conn.buf.consume(head.len);
-            if self.io.write_all(&raw).await.is_err() || self.io.flush().await.is_err() {
-                return Step::Close;
-            }
-            let span = match (
-                proxy.telemetry.get().and_then(|t| t.tracing.as_ref()),
-                &server_cx,
-            ) {
-                (Some(tr), Some(parent)) => {
-                    let cx = tr.child_span(
-                        parent,
-                        format!("WebSocket {}", req.route.host.name),
-                        opentelemetry::trace::SpanKind::Internal,
-                        vec![
-                            KeyValue::new("charon.host", req.route.host.name.clone()),
-                            KeyValue::new("charon.upstream", upstream.url.to_string()),
-                            KeyValue::new("client.address", self.info.peer.ip().to_string()),
-                            KeyValue::new(
-                                "websocket.subprotocol",
-                                head.subprotocol.clone().unwrap_or_default(),
-                            ),
-                            KeyValue::new(
-                                "websocket.extensions",
-                                head.extensions.clone().unwrap_or_default(),
-                            ),
-                        ],
-                        None,
-                    );
-                    otel::add_event(&cx, "upgrade", vec![]);
-                    Some(cx)
-                }
-                _ => None,
-            };
-            if let Some(cx) = &server_cx {
-                proxy.end_server_span(cx, 101, Some(&req.route), Some(&upstream.url_text), None);
-            }
-            proxy.record(Served {
-                started,
-                conn: &self.info,
-                facts: req.facts.as_ref(),
-                status: 101,
-                route: Some(&req.route),
-                upstream: Some(&upstream.url_text),
-                error: None,
-                trace: server_cx.as_ref(),
-            });
-            return Step::Tunnel(Box::new(Tunnel {
-                route: req.route,
-                upstream,
-                conn,
-                span,
-            }));
+            return self
+                .upgrade(req, started, upstream, conn, head, server_cx)
+                .await;
         }
-
         let client_minor = req.minor;
         let linger = head.linger;
         let (framing, coding, chunked_out) = match head.framing {
@@ -418,57 +356,19 @@ where
 
         // The head, rewritten from the upstream's.
         self.out.clear();
-        {
-            let raw = conn.buf.bytes();
-            let out = &mut self.out;
-            out.extend_from_slice(if client_minor == 0 {
-                b"HTTP/1.0 "
-            } else {
-                b"HTTP/1.1 "
-            });
-            push_u64(out, u64::from(head.status));
-            out.push(b' ');
-            match &raw[head.reason.clone()] {
-                r if !r.is_empty() => out.extend_from_slice(r),
-                _ => out.extend_from_slice(
-                    StatusCode::from_u16(head.status)
-                        .ok()
-                        .and_then(|s| s.canonical_reason())
-                        .unwrap_or("")
-                        .as_bytes(),
-                ),
-            }
-            out.extend_from_slice(b"\r\n");
-            let mut wrote_length = false;
-            for (kind, name, value) in self.resp_fields.iter() {
-                let name = &raw[name.clone()];
-                let keep = match kind {
-                    H::Connection | H::Upgrade | H::HopByHop | H::TransferEncoding => false,
-                    H::ContentLength => {
-                        let k = !wrote_length && head.te.is_none();
-                        wrote_length = true;
-                        k
-                    }
-                    H::Sts => hsts.is_none(),
-                    _ => !head.named.iter().any(|t| t.eq_ignore_ascii_case(name)),
-                };
-                if keep {
-                    field(out, name, &raw[value.clone()]);
-                }
-            }
-            if chunked_out {
-                field(out, b"Transfer-Encoding", b"chunked");
-            }
-            if close {
-                field(out, b"Connection", b"close");
-            } else if client_minor == 0 {
-                field(out, b"Connection", b"keep-alive");
-            }
-            if let Some(v) = &hsts {
-                field(out, b"Strict-Transport-Security", v.as_bytes());
-            }
-            out.extend_from_slice(b"\r\n");
-        }
+        let how = HeadOut {
+            minor: client_minor,
+            close,
+            chunked: chunked_out,
+        };
+        write_response_head(
+            &mut self.out,
+            conn.buf.bytes(),
+            &head,
+            &self.resp_fields,
+            how,
+            hsts.as_ref(),
+        );
         conn.buf.consume(head.len);
         // What of the body is already here goes out with the head, in one
         // write (all of a small body; the first part of a large one).
@@ -517,9 +417,8 @@ where
         let mut client_gone = false;
         let mut upstream_ok = head.reusable;
         // A client that stopped reading is given up on after the response's
-        // inactivity timeout, here as while the body streams.
-        // A client that stops reading the body is given as long as a
-        // silent upstream is.
+        // inactivity timeout (the route's upstream timeout), here as while
+        // the body streams.
         let idle = req.route.upstream_timeout;
         let parts = match &behind {
             Some(b) => [&self.out[..], b.bytes(), &conn.buf.bytes()[..tail]],
@@ -601,6 +500,82 @@ where
         }
     }
 
+    /// A 101 to a WebSocket upgrade: the head goes back exactly as sent,
+    /// the request is recorded, then the connections become a tunnel.
+    async fn upgrade(
+        &mut self,
+        req: Req,
+        started: Instant,
+        upstream: Arc<UpstreamState>,
+        mut conn: RawConn,
+        head: RespHead,
+        server_cx: Option<opentelemetry::Context>,
+    ) -> Step {
+        let proxy = self.proxy.clone();
+        if !req.websocket {
+            let e = ProxyError::UpstreamBad {
+                upstream: upstream.url.to_string(),
+                why: "101 Switching Protocols to a request that asked for no upgrade",
+            };
+            let r = Refusal::upstream(e, &req.route, true, req.facts);
+            self.refuse(r, started).await;
+            return Step::Close;
+        }
+        let raw = conn.buf.bytes()[..head.len].to_vec();
+        conn.buf.consume(head.len);
+        if self.io.write_all(&raw).await.is_err() || self.io.flush().await.is_err() {
+            return Step::Close;
+        }
+        let span = match (
+            proxy.telemetry.get().and_then(|t| t.tracing.as_ref()),
+            &server_cx,
+        ) {
+            (Some(tr), Some(parent)) => {
+                let cx = tr.child_span(
+                    parent,
+                    format!("WebSocket {}", req.route.host.name),
+                    opentelemetry::trace::SpanKind::Internal,
+                    vec![
+                        KeyValue::new("charon.host", req.route.host.name.clone()),
+                        KeyValue::new("charon.upstream", upstream.url.to_string()),
+                        KeyValue::new("client.address", self.info.peer.ip().to_string()),
+                        KeyValue::new(
+                            "websocket.subprotocol",
+                            head.subprotocol.clone().unwrap_or_default(),
+                        ),
+                        KeyValue::new(
+                            "websocket.extensions",
+                            head.extensions.clone().unwrap_or_default(),
+                        ),
+                    ],
+                    None,
+                );
+                otel::add_event(&cx, "upgrade", vec![]);
+                Some(cx)
+            }
+            _ => None,
+        };
+        if let Some(cx) = &server_cx {
+            proxy.end_server_span(cx, 101, Some(&req.route), Some(&upstream.url_text), None);
+        }
+        proxy.record(Served {
+            started,
+            conn: &self.info,
+            facts: req.facts.as_ref(),
+            status: 101,
+            route: Some(&req.route),
+            upstream: Some(&upstream.url_text),
+            error: None,
+            trace: server_cx.as_ref(),
+        });
+        Step::Tunnel(Box::new(Tunnel {
+            route: req.route,
+            upstream,
+            conn,
+            span,
+        }))
+    }
+
     /// After an answer that came before the request body's end, with the
     /// write side already shut: reads and drops what the client still
     /// sends, until it closes or for `LINGER` at most. Closing a socket
@@ -618,4 +593,77 @@ where
             }
         }
     }
+}
+
+/// How a response head goes to the client.
+#[derive(Clone, Copy)]
+pub(super) struct HeadOut {
+    /// The client's HTTP minor version.
+    pub(super) minor: u8,
+    /// `Connection: close` is said.
+    pub(super) close: bool,
+    /// The body goes chunked.
+    pub(super) chunked: bool,
+}
+
+/// Writes the response head for the client from the upstream's (`raw` is
+/// the upstream connection's buffer, which the head's ranges index):
+/// hop-by-hop fields and those `Connection` names out, the framing and
+/// connection fields re-stated, `hsts` (the pipeline's response policy)
+/// in place of the upstream's own.
+pub(super) fn write_response_head(
+    out: &mut Vec<u8>,
+    raw: &[u8],
+    head: &RespHead,
+    fields: &[(H, Range<usize>, Range<usize>)],
+    how: HeadOut,
+    hsts: Option<&http::HeaderValue>,
+) {
+    out.extend_from_slice(if how.minor == 0 {
+        b"HTTP/1.0 "
+    } else {
+        b"HTTP/1.1 "
+    });
+    push_u64(out, u64::from(head.status));
+    out.push(b' ');
+    match &raw[head.reason.clone()] {
+        r if !r.is_empty() => out.extend_from_slice(r),
+        _ => out.extend_from_slice(
+            StatusCode::from_u16(head.status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("")
+                .as_bytes(),
+        ),
+    }
+    out.extend_from_slice(b"\r\n");
+    let mut wrote_length = false;
+    for (kind, name, value) in fields {
+        let name = &raw[name.clone()];
+        let keep = match kind {
+            H::Connection | H::Upgrade | H::HopByHop | H::TransferEncoding => false,
+            H::ContentLength => {
+                let k = !wrote_length && head.te.is_none();
+                wrote_length = true;
+                k
+            }
+            H::Sts => hsts.is_none(),
+            _ => !head.named.iter().any(|t| t.eq_ignore_ascii_case(name)),
+        };
+        if keep {
+            field(out, name, &raw[value.clone()]);
+        }
+    }
+    if how.chunked {
+        field(out, b"Transfer-Encoding", b"chunked");
+    }
+    if how.close {
+        field(out, b"Connection", b"close");
+    } else if how.minor == 0 {
+        field(out, b"Connection", b"keep-alive");
+    }
+    if let Some(v) = hsts {
+        field(out, b"Strict-Transport-Security", v.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
 }

@@ -331,7 +331,7 @@ where
         started: Instant,
         upstream: Arc<UpstreamState>,
         mut conn: RawConn,
-        head: RespHead,
+        mut head: RespHead,
         server_cx: Option<opentelemetry::Context>,
     ) -> Step {
         let proxy = self.proxy.clone();
@@ -372,46 +372,8 @@ where
         conn.buf.consume(head.len);
         // What of the body is already here goes out with the head, in one
         // write (all of a small body; the first part of a large one).
-        let mut body_done = false;
-        let mut framing = framing;
-        // Body bytes that came right behind the head but past the head's read
-        // buffer: they join the head's write too (a vectored one).
-        let mut behind: Option<Behind> = None;
-        let mut tail = 0;
-        if let Framing::Length(l) = framing {
-            let n = (l as usize).min(conn.buf.len()).min(INLINE_BODY);
-            self.out.extend_from_slice(&conn.buf.bytes()[..n]);
-            conn.buf.consume(n);
-            let mut rest = l - n as u64;
-            behind = head.behind.or_else(|| {
-                if rest == 0 || !conn.buf.is_empty() {
-                    return None;
-                }
-                let mut buf = BodyBuf::take();
-                let end = read_ready(&mut conn.io, buf.bytes_mut())?;
-                Some(Behind { buf, at: 0, end })
-            });
-            if let Some(b) = &mut behind {
-                let take = ((b.end - b.at) as u64).min(rest) as usize;
-                // Past the body: kept, so the connection is not reused.
-                conn.buf.extend(&b.buf.bytes()[b.at + take..b.end]);
-                b.end = b.at + take;
-                rest -= take as u64;
-            }
-            // A body longer than the body buffer: what more is ready now
-            // joins the same write, from the connection's buffer.
-            if rest > 0 && behind.is_some() && conn.buf.is_empty() {
-                if let Some(got) = read_ready_into(&mut conn.io, &mut conn.buf) {
-                    tail = (got as u64).min(rest) as usize;
-                    rest -= tail as u64;
-                }
-            }
-            framing = Framing::Length(rest);
-            body_done = rest == 0;
-        }
-        if matches!(framing, Framing::Empty) {
-            body_done = true;
-        }
+        let (framing, body_done, behind, tail) =
+            inline_body(&mut self.out, &mut conn, head.behind.take(), framing);
         let status = head.status;
         let mut error = None;
         let mut client_gone = false;
@@ -442,28 +404,12 @@ where
                 idle,
             )
             .await;
-            match r {
-                Ok(_) => {}
-                Err(CopyError::Sink(_)) => {
-                    client_gone = true;
-                    upstream_ok = false;
-                }
-                Err(CopyError::SinkTimedOut) => {
-                    tracing::info!(host = %req.route.host.name, client = %self.info.peer, "client stopped reading the response; closing");
-                    client_gone = true;
-                    upstream_ok = false;
-                }
-                Err(e) => {
-                    // The head has gone out: the client learns of it by
-                    // the connection closing before the body's end.
-                    tracing::warn!(host = %req.route.host.name, upstream = %upstream.url, client = %self.info.peer, "upstream response body failed: {e:?}");
-                    upstream_ok = false;
-                    client_gone = true;
-                    error = Some(ProxyError::UpstreamBad {
-                        upstream: upstream.url.to_string(),
-                        why: "response body ended early or was malformed",
-                    });
-                }
+            if let Err(e) = r {
+                // The head has gone out: the client learns of a failure by
+                // the connection closing before the body's end.
+                client_gone = true;
+                upstream_ok = false;
+                error = self.body_failed(e, &req, &upstream);
             }
         }
         if upstream_ok && conn.buf.is_empty() {
@@ -497,6 +443,26 @@ where
             Step::Close
         } else {
             Step::KeepAlive
+        }
+    }
+
+    /// Logs why a response body could not be passed on whole; the error
+    /// to record when it was the upstream's fault.
+    fn body_failed(&self, e: CopyError, req: &Req, upstream: &UpstreamState) -> Option<ProxyError> {
+        let host = &req.route.name;
+        match e {
+            CopyError::Sink(_) => None,
+            CopyError::SinkTimedOut => {
+                tracing::info!(host = %host, client = %self.info.peer, "client stopped reading the response; closing");
+                None
+            }
+            e => {
+                tracing::warn!(host = %host, upstream = %upstream.url, client = %self.info.peer, "upstream response body failed: {e:?}");
+                Some(ProxyError::UpstreamBad {
+                    upstream: upstream.url.to_string(),
+                    why: "response body ended early or was malformed",
+                })
+            }
         }
     }
 
@@ -666,4 +632,51 @@ pub(super) fn write_response_head(
         field(out, b"Strict-Transport-Security", v.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Takes what of a response body is already here into `out`, behind the
+/// head, so that it leaves in the head's write: all of a small body, the
+/// first part of a large one. Body bytes that came right behind the head
+/// but past the head's read buffer (`behind`, or read now if ready) join
+/// that write too, as a vectored one, with `tail` more bytes from the
+/// connection's buffer. Returns the framing of what is still to come,
+/// whether the body is all here, the bytes behind and `tail`.
+fn inline_body(
+    out: &mut Vec<u8>,
+    conn: &mut RawConn,
+    behind: Option<Behind>,
+    framing: Framing,
+) -> (Framing, bool, Option<Behind>, usize) {
+    let Framing::Length(l) = framing else {
+        return (framing, framing == Framing::Empty, None, 0);
+    };
+    let mut tail = 0;
+    let n = (l as usize).min(conn.buf.len()).min(INLINE_BODY);
+    out.extend_from_slice(&conn.buf.bytes()[..n]);
+    conn.buf.consume(n);
+    let mut rest = l - n as u64;
+    let mut behind = behind.or_else(|| {
+        if rest == 0 || !conn.buf.is_empty() {
+            return None;
+        }
+        let mut buf = BodyBuf::take();
+        let end = read_ready(&mut conn.io, buf.bytes_mut())?;
+        Some(Behind { buf, at: 0, end })
+    });
+    if let Some(b) = &mut behind {
+        let take = ((b.end - b.at) as u64).min(rest) as usize;
+        // Past the body: kept, so the connection is not reused.
+        conn.buf.extend(&b.buf.bytes()[b.at + take..b.end]);
+        b.end = b.at + take;
+        rest -= take as u64;
+    }
+    // A body longer than the body buffer: what more is ready now joins the
+    // same write, from the connection's buffer.
+    if rest > 0 && behind.is_some() && conn.buf.is_empty() {
+        if let Some(got) = read_ready_into(&mut conn.io, &mut conn.buf) {
+            tail = (got as u64).min(rest) as usize;
+            rest -= tail as u64;
+        }
+    }
+    (Framing::Length(rest), rest == 0, behind, tail)
 }

@@ -196,31 +196,8 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let h = &route.host;
         let pool = route.pool_for(req.uri().path());
-        // h2 targets come with scheme and authority: the upstream gets the
-        // origin form (path and query).
-        let uri = req.uri();
-        if uri.scheme().is_some() || uri.authority().is_some() || uri.path_and_query().is_none() {
-            let mut parts = std::mem::take(req.uri_mut()).into_parts();
-            parts.scheme = None;
-            parts.authority = None;
-            if parts.path_and_query.is_none() {
-                parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-            }
-            *req.uri_mut() = Uri::from_parts(parts)
-                .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
-        }
         let client_version = req.version();
-        *req.version_mut() = Version::HTTP_11;
-        let headers = req.headers_mut();
-        forwarded::remove_hop_by_hop(headers);
-        headers.remove(http::header::EXPECT);
-        join_cookies(headers);
-        if h.preserve_host {
-            headers.insert(HOST, host_value.clone());
-        }
-        if h.forwarded_headers {
-            forwarded::set_forwarded(headers, &conn.facts, host_value);
-        }
+        rewrite_request(&mut req, route, host_value, conn)?;
         let timeout = route.upstream_timeout;
 
         let tracing = self.telemetry.get().and_then(|t| t.tracing.as_ref());
@@ -254,19 +231,7 @@ impl Proxy {
             };
             let sent = self.send(upstream, req, timeout).await;
             if let Some(cx) = &client_span {
-                match &sent {
-                    Ok((resp, _)) => otel::end(
-                        cx,
-                        vec![KeyValue::new(
-                            "http.response.status_code",
-                            i64::from(resp.status().as_u16()),
-                        )],
-                        None,
-                    ),
-                    Err(SendError::Connect(_, e)) => otel::end(cx, vec![], Some(e.to_string())),
-                    Err(SendError::Timeout) => otel::end(cx, vec![], Some("timeout".into())),
-                    Err(SendError::Failed(e)) => otel::end(cx, vec![], Some(e.to_string())),
-                }
+                end_client_span(cx, &sent);
             }
             match sent {
                 Ok((mut resp, sender)) => {
@@ -362,6 +327,62 @@ enum SendError {
     Connect(Box<Request<UploadBody>>, ConnectError),
     Timeout,
     Failed(hyper::Error),
+}
+
+/// Phase 3 for h2: the request as it goes upstream over HTTP/1.1: the
+/// origin-form target (h2 targets come with scheme and authority),
+/// hop-by-hop fields out (`Expect` too: hyper answers it), cookies in one
+/// field, `Host` when the host keeps the client's, the forwarded headers.
+fn rewrite_request(
+    req: &mut Request<Incoming>,
+    route: &Route,
+    host_value: &HeaderValue,
+    conn: &ConnInfo,
+) -> Result<(), ProxyError> {
+    let uri = req.uri();
+    if uri.scheme().is_some() || uri.authority().is_some() || uri.path_and_query().is_none() {
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        parts.scheme = None;
+        parts.authority = None;
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        *req.uri_mut() =
+            Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+    }
+    *req.version_mut() = Version::HTTP_11;
+    let h = &route.host;
+    let headers = req.headers_mut();
+    forwarded::remove_hop_by_hop(headers);
+    headers.remove(http::header::EXPECT);
+    join_cookies(headers);
+    if h.preserve_host {
+        headers.insert(HOST, host_value.clone());
+    }
+    if h.forwarded_headers {
+        forwarded::set_forwarded(headers, &conn.facts, host_value);
+    }
+    Ok(())
+}
+
+/// Ends an attempt's client span with its outcome.
+fn end_client_span(
+    cx: &opentelemetry::Context,
+    sent: &Result<(Response<Incoming>, upstream::Sender), SendError>,
+) {
+    match sent {
+        Ok((resp, _)) => otel::end(
+            cx,
+            vec![KeyValue::new(
+                "http.response.status_code",
+                i64::from(resp.status().as_u16()),
+            )],
+            None,
+        ),
+        Err(SendError::Connect(_, e)) => otel::end(cx, vec![], Some(e.to_string())),
+        Err(SendError::Timeout) => otel::end(cx, vec![], Some("timeout".into())),
+        Err(SendError::Failed(e)) => otel::end(cx, vec![], Some(e.to_string())),
+    }
 }
 
 /// An answer of the proxy's own, as an h2 (hyper) response.

@@ -66,31 +66,6 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// True for a WebSocket opening handshake (RFC 6455 §4.1): `Upgrade:
-/// websocket` and an `upgrade` token in `Connection`.
-pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
-    let upgrade = headers.get_all(UPGRADE).iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
-        })
-    });
-    upgrade && connection_upgrade_token(headers).is_some()
-}
-
-/// The `upgrade` token of `Connection` exactly as the client spelled it, so
-/// a backend that compares case-sensitively sees what the client sent.
-pub fn connection_upgrade_token(headers: &HeaderMap) -> Option<HeaderValue> {
-    headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .find(|t| t.eq_ignore_ascii_case("upgrade"))
-        .and_then(|t| HeaderValue::from_str(t).ok())
-}
-
 /// An address range in CIDR notation, for `--trusted-proxy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
@@ -425,21 +400,6 @@ mod tests {
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-keep"));
-    }
-
-    #[test]
-    fn detects_upgrades_and_keeps_token_spelling() {
-        let h = map(&[
-            ("connection", "keep-alive, Upgrade"),
-            ("upgrade", "WebSocket"),
-        ]);
-        assert!(is_websocket_upgrade(&h));
-        assert_eq!(connection_upgrade_token(&h).unwrap(), "Upgrade");
-        assert!(!is_websocket_upgrade(&map(&[("upgrade", "websocket")])));
-        assert!(!is_websocket_upgrade(&map(&[
-            ("connection", "upgrade"),
-            ("upgrade", "h2c")
-        ])));
     }
 
     #[test]

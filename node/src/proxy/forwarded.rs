@@ -208,6 +208,15 @@ impl Field {
     }
 }
 
+/// A forwarded field as a request may carry it: one the proxy sets, or
+/// the standard `Forwarded` (RFC 7239), which it passes on from trusted
+/// peers only and never sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Incoming {
+    Forwarded(Field),
+    Standard,
+}
+
 /// A value for a [`Field`]: one of the connection's [`ClientFacts`] (a
 /// reference-count increment to put in a `HeaderMap`) or bytes of the
 /// request.
@@ -243,6 +252,33 @@ pub struct Arrived<'a> {
 }
 
 impl<'a> Arrived<'a> {
+    /// One forwarded field of the request, as a front end reads them one
+    /// by one (h1): noted, and whether it goes upstream as it came. Only a
+    /// trusted peer's are kept (its `X-Forwarded-For` and `X-Real-IP`
+    /// are rewritten rather than kept); a client's are dropped and
+    /// replaced.
+    pub fn see(&mut self, field: Incoming, value: &'a [u8], trusted: bool) -> bool {
+        match field {
+            Incoming::Forwarded(Field::For) => {
+                if trusted {
+                    self.xff(value);
+                }
+                return false;
+            }
+            Incoming::Forwarded(Field::RealIp) => {
+                if trusted {
+                    self.xri(value);
+                }
+                return false;
+            }
+            Incoming::Forwarded(Field::Proto) => self.proto = true,
+            Incoming::Forwarded(Field::Host) => self.host = true,
+            Incoming::Forwarded(Field::Port) => self.port = true,
+            Incoming::Standard => {}
+        }
+        trusted
+    }
+
     /// One `X-Forwarded-For` field.
     pub fn xff(&mut self, value: &[u8]) {
         let v = value.trim_ascii();

@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::answers::{field, push_u64, Refusal};
 use super::{Client, MAX_HEADERS};
 use crate::proxy::error::{self, ProxyError};
-use crate::proxy::forwarded;
+use crate::proxy::forwarded::{self, Field, Incoming};
 use crate::proxy::observe::ReqFacts;
 use crate::proxy::pipeline;
 use crate::proxy::routes::Route;
@@ -414,31 +414,12 @@ fn write_upstream_head(
             | H::Expect
             | H::HopByHop => false,
             H::TraceParent | H::TraceState => !tracing_on,
-            H::Xff if fwd => {
-                if trusted {
-                    arrived.xff(hd.value);
-                }
-                false
-            }
-            H::Xri if fwd => {
-                if trusted {
-                    arrived.xri(hd.value);
-                }
-                false
-            }
-            H::Xfp if fwd => {
-                arrived.proto = true;
-                trusted
-            }
-            H::Xfh if fwd => {
-                arrived.host = true;
-                trusted
-            }
-            H::Xfport if fwd => {
-                arrived.port = true;
-                trusted
-            }
-            H::Forwarded if fwd => trusted,
+            H::Xff if fwd => arrived.see(Incoming::Forwarded(Field::For), hd.value, trusted),
+            H::Xri if fwd => arrived.see(Incoming::Forwarded(Field::RealIp), hd.value, trusted),
+            H::Xfp if fwd => arrived.see(Incoming::Forwarded(Field::Proto), hd.value, trusted),
+            H::Xfh if fwd => arrived.see(Incoming::Forwarded(Field::Host), hd.value, trusted),
+            H::Xfport if fwd => arrived.see(Incoming::Forwarded(Field::Port), hd.value, trusted),
+            H::Forwarded if fwd => arrived.see(Incoming::Standard, hd.value, trusted),
             _ => !head
                 .named
                 .iter()

@@ -2,9 +2,10 @@
 //! follows one request and one WebSocket through it, function by function.
 //!
 //! - [`listener`]: accept loops, TLS and ALPN dispatch to a front end.
-//! - Front ends (protocol only): [`h1`], Charon's own HTTP/1.x path over
-//!   [`wire`] (buffers, chunked framing, body copying), and [`h2`], hyper's
-//!   h2 server with hyper's HTTP/1.1 client upstream.
+//! - Front ends (protocol only): [`h1`], Charon's own HTTP/1.x path, and
+//!   [`h2`], hyper's h2 server with hyper's HTTP/1.1 client upstream.
+//! - [`wire`]: the bytes on the wire (head parsing, framing, the chunked
+//!   coding, field lines, what is refused), a layer that knows no policy.
 //! - [`pipeline`]: the phases both front ends call, in order: route,
 //!   request policy, rewrite ([`forwarded`]), upstream attempts, response
 //!   policy, record ([`observe`]). Error pages: [`error`].

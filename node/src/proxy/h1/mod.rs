@@ -12,10 +12,9 @@
 //! one read and one write per side for a small exchange, and no
 //! allocation on the way once the connection's buffers exist.
 //!
-//! What is checked and refused with 400 (RFC 9112): malformed heads, a
-//! missing or repeated Host, Content-Length with Transfer-Encoding, a
-//! transfer coding that does not end in chunked, invalid or disagreeing
-//! Content-Lengths; heads over 64 KiB or 128 fields get 431.
+//! What is checked and refused lives in `proxy::wire` (request and
+//! response heads, framing, the chunked coding), a layer over bytes that
+//! this front end calls; heads over 64 KiB get 431 here.
 
 use std::ops::Range;
 use std::pin::Pin;
@@ -40,13 +39,13 @@ use super::observe::ReqFacts;
 use super::routes::Route;
 use super::shutdown::{stop_requested, Shutdown};
 use super::upstream::{RawConn, UpstreamState};
-use super::wire::{arm, read_into, Buf, Prefixed, Read};
+use super::wire::{read_into, Buf, Prefixed, Read};
 use super::{ConnInfo, Proxy};
 
 /// Longest request or response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in one head.
-const MAX_HEADERS: usize = 128;
+const MAX_HEADERS: usize = super::wire::request::MAX_HEADERS;
 /// A client connection's read buffer to start with (and to shrink back to
 /// while idle).
 const CLIENT_BUF: usize = 4 * 1024;
@@ -165,7 +164,10 @@ where
 {
     async fn run(&mut self) -> Next {
         loop {
-            // 1. A whole request head.
+            // 1. A whole request head, by one deadline for all of it (and
+            // the idle wait before it): re-armed per read, a client
+            // dripping a byte at a time held the connection forever.
+            let deadline = tokio::time::Instant::now() + self.proxy.config.header_read_timeout;
             let head_len = loop {
                 if self.first && !self.buf.is_empty() {
                     let b = self.buf.bytes();
@@ -200,7 +202,7 @@ where
                     }
                     self.buf.shrink_if_empty(CLIENT_BUF);
                 }
-                arm(&mut self.timer, self.proxy.config.header_read_timeout);
+                self.timer.as_mut().reset(deadline);
                 let shutdown = &self.shutdown;
                 let stop = &mut self.stop;
                 let mut check = |cx: &mut Context<'_>| stop_requested(shutdown, stop, cx);

@@ -3,6 +3,7 @@
 //! pipeline's first two phases, and written as the upstream's request
 //! line and fields (phase 3, the rewrite) into the connection's buffers.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::StatusCode;
@@ -16,13 +17,14 @@ use crate::proxy::observe::ReqFacts;
 use crate::proxy::pipeline;
 use crate::proxy::routes::Route;
 use crate::proxy::upstream::Pool;
+use crate::proxy::wire;
+use crate::proxy::wire::fields::{has_token, tokens};
 use crate::proxy::wire::Framing;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Method {
     Get,
     Head,
-    Connect,
     Other,
 }
 
@@ -90,29 +92,10 @@ pub(super) fn classify(name: &str) -> H {
     }
 }
 
-pub(super) fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
-    v.split(|&b| b == b',').map(|t| t.trim_ascii())
-}
-
-pub(super) fn has_token(v: &[u8], t: &str) -> bool {
-    tokens(v).any(|x| x.eq_ignore_ascii_case(t.as_bytes()))
-}
-
-/// Content-Length: digits only, at most 18 of them.
-pub(super) fn parse_length(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(v).ok()?.parse().ok()
-}
-
-/// The fields requests and responses share: framing and `Connection`.
+/// What requests and responses say in `Connection` (framing is decided
+/// by `wire::fields::Framer`).
 #[derive(Default)]
 pub(super) struct MessageFields<'a> {
-    pub(super) length: Option<u64>,
-    /// A Content-Length that is not a number, or two that disagree.
-    pub(super) bad_length: bool,
-    pub(super) te: Option<&'a [u8]>,
     pub(super) close: bool,
     pub(super) keep: bool,
     pub(super) upgrade: bool,
@@ -122,26 +105,19 @@ pub(super) struct MessageFields<'a> {
 
 impl<'a> MessageFields<'a> {
     pub(super) fn see(&mut self, kind: H, value: &'a [u8]) {
-        match kind {
-            H::ContentLength => match parse_length(value) {
-                Some(v) if self.length.is_none_or(|l| l == v) => self.length = Some(v),
-                _ => self.bad_length = true,
-            },
-            H::TransferEncoding => self.te = Some(value),
-            H::Connection => {
-                for t in tokens(value) {
-                    if t.eq_ignore_ascii_case(b"close") {
-                        self.close = true;
-                    } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                        self.keep = true;
-                    } else if t.eq_ignore_ascii_case(b"upgrade") {
-                        self.upgrade = true;
-                    } else if !t.is_empty() {
-                        self.named.push(t);
-                    }
-                }
+        if kind != H::Connection {
+            return;
+        }
+        for t in tokens(value) {
+            if t.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep = true;
+            } else if t.eq_ignore_ascii_case(b"upgrade") {
+                self.upgrade = true;
+            } else if !t.is_empty() {
+                self.named.push(t);
             }
-            _ => {}
         }
     }
 }
@@ -168,11 +144,6 @@ pub(super) fn head_end(b: &[u8]) -> Option<usize> {
     None
 }
 
-pub(super) fn strip_scheme(target: &str) -> Option<&str> {
-    let (scheme, rest) = target.split_once("://")?;
-    (scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https")).then_some(rest)
-}
-
 /// A request head parsed and checked against RFC 9112, borrowing the read
 /// buffer: what the later phases need of it. Made by [`parse_head`], a
 /// function of the head's bytes alone.
@@ -181,7 +152,7 @@ pub(super) struct Head<'b, 'h> {
     pub(super) method: Method,
     pub(super) minor: u8,
     /// Path and query as they go upstream (origin form).
-    pub(super) path_q: &'h str,
+    pub(super) path_q: Cow<'h, str>,
     /// The request's host: the target's authority, else the one `Host`.
     pub(super) host: &'h [u8],
     pub(super) framing: Framing,
@@ -212,11 +183,6 @@ impl Head<'_, '_> {
     }
 }
 
-/// A 400 refusal that ends the connection.
-fn bad(why: &'static str) -> Box<Refusal> {
-    refused(StatusCode::BAD_REQUEST, why)
-}
-
 fn refused(status: StatusCode, why: &'static str) -> Box<Refusal> {
     Box::new(Refusal {
         status,
@@ -229,50 +195,35 @@ fn refused(status: StatusCode, why: &'static str) -> Box<Refusal> {
     })
 }
 
-/// Parses and checks one request head (`buf` is the head, up to its empty
-/// line). Refusals close the connection: after an unreadable head nothing
-/// says where the next request starts.
+/// Parses one request head (`buf` is the head, up to its empty line) with
+/// `wire::request::parse`, which decides target, host and framing or the
+/// refusal, and classes its fields once for the later phases. Refusals
+/// close the connection: after an unreadable head nothing says where the
+/// next request starts.
 pub(super) fn parse_head<'b, 'h>(
     buf: &'h [u8],
     headers: &'b mut [httparse::Header<'h>; MAX_HEADERS],
 ) -> Result<Head<'b, 'h>, Box<Refusal>> {
-    let mut p = httparse::Request::new(headers);
-    match p.parse(buf) {
-        Ok(httparse::Status::Complete(_)) => {}
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(refused(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "too many header fields",
-            ))
-        }
-        _ => return Err(bad("malformed request")),
-    }
-    let (Some(method_s), Some(target), Some(minor)) = (p.method, p.path, p.version) else {
-        return Err(bad("malformed request"));
-    };
-    let method = match method_s {
+    let parsed = wire::request::parse(buf, headers).map_err(|e| {
+        let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
+        refused(status, e.why)
+    })?;
+    let method = match parsed.method {
         "GET" => Method::Get,
         "HEAD" => Method::Head,
-        "CONNECT" => Method::Connect,
         _ => Method::Other,
     };
-    let fields: &'b [httparse::Header<'h>] = p.headers;
+    let minor = parsed.minor;
     let mut kinds = [H::Other; MAX_HEADERS];
-    let mut host: Option<&[u8]> = None;
-    let mut hosts = 0;
     let mut m = MessageFields::default();
     let mut upgrade_value: Option<&[u8]> = None;
     let mut expect_continue = false;
     let (mut traceparent, mut tracestate) = (None, None);
-    for (i, h) in fields.iter().enumerate() {
+    for (i, h) in parsed.fields.iter().enumerate() {
         let k = classify(h.name);
         kinds[i] = k;
         match k {
-            H::Host => {
-                hosts += 1;
-                host = Some(h.value);
-            }
-            H::ContentLength | H::TransferEncoding | H::Connection => m.see(k, h.value),
+            H::Connection => m.see(k, h.value),
             H::Upgrade if has_token(h.value, "websocket") => upgrade_value = Some(h.value),
             H::Expect => expect_continue = h.value.eq_ignore_ascii_case(b"100-continue"),
             H::TraceParent => traceparent = Some(h.value),
@@ -280,27 +231,14 @@ pub(super) fn parse_head<'b, 'h>(
             _ => {}
         }
     }
-    let (authority, path_q) = split_target(target, method)?;
-    let host: &[u8] = match authority {
-        Some(a) if !a.is_empty() => a.as_bytes(),
-        Some(_) => return Err(bad("invalid request target")),
-        None => match (hosts, host) {
-            (0, _) | (_, None) => return Err(bad("missing Host header")),
-            (1, Some(h)) => h,
-            _ => return Err(bad("more than one Host header")),
-        },
-    };
-    if host.is_empty() || !host.iter().all(|b| b.is_ascii_graphic()) {
-        return Err(bad("invalid Host header"));
-    }
-    let framing = request_framing(&m, minor).map_err(bad)?;
+    let framing = parsed.framing;
     let has_body = !matches!(framing, Framing::Empty | Framing::Length(0));
     Ok(Head {
-        method_s,
+        method_s: parsed.method,
         method,
         minor,
-        path_q,
-        host,
+        path_q: parsed.path,
+        host: parsed.host,
         framing,
         keep_alive: if minor == 0 {
             m.keep && !m.close
@@ -311,47 +249,9 @@ pub(super) fn parse_head<'b, 'h>(
         websocket: upgrade_value.filter(|_| m.upgrade),
         traceparent,
         tracestate,
-        fields,
+        fields: parsed.fields,
         kinds,
         named: m.named,
-    })
-}
-
-/// The target: origin-form, absolute-form (whose authority wins over
-/// Host, RFC 9112 §3.2.2), or `*`. Gives the authority, if any, and the
-/// path and query.
-fn split_target(target: &str, method: Method) -> Result<(Option<&str>, &str), Box<Refusal>> {
-    if target.starts_with('/') || target == "*" {
-        Ok((None, target))
-    } else if let Some(rest) = strip_scheme(target) {
-        let end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let path = &rest[end..];
-        Ok((Some(&rest[..end]), if path.is_empty() { "/" } else { path }))
-    } else if method == Method::Connect {
-        Err(refused(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "CONNECT is not supported by a reverse proxy",
-        ))
-    } else {
-        Err(bad("invalid request target"))
-    }
-}
-
-/// Framing (RFC 9112 §6.1-6.3): the smuggling cases are refused.
-fn request_framing(m: &MessageFields<'_>, minor: u8) -> Result<Framing, &'static str> {
-    Ok(match (m.te, m.length) {
-        (Some(_), Some(_)) | (Some(_), None) if m.bad_length || m.length.is_some() => {
-            return Err("both Transfer-Encoding and Content-Length")
-        }
-        (Some(_), _) if minor == 0 => return Err("Transfer-Encoding in an HTTP/1.0 request"),
-        (Some(t), _) => match tokens(t).last() {
-            Some(last) if last.eq_ignore_ascii_case(b"chunked") => Framing::Chunked,
-            _ => return Err("unsupported Transfer-Encoding"),
-        },
-        (None, _) if m.bad_length => return Err("invalid Content-Length"),
-        (None, Some(0)) => Framing::Length(0),
-        (None, None) => Framing::Empty,
-        (None, Some(l)) => Framing::Length(l),
     })
 }
 
@@ -480,7 +380,7 @@ where
         };
         let https_port = self.proxy.config.https_port;
         if let Some(a) =
-            pipeline::request_policy(&route, &self.info, https_port, host_str, head.path_q)
+            pipeline::request_policy(&route, &self.info, https_port, host_str, &head.path_q)
         {
             return Err(Box::new(Refusal::answer(
                 a,
@@ -526,60 +426,84 @@ where
 mod tests {
     use super::*;
 
-    /// What `parse_head` makes of one head: `Ok((host, path, framing,
-    /// keep-alive))` or `Err(status, reason)`.
-    type Fine = (String, String, Framing, bool);
-
-    fn parsed(raw: &str) -> Result<Fine, (u16, String)> {
+    /// What `parse_head` adds to `wire::request::parse` (whose own table
+    /// holds every wire rule): keep-alive, `Expect`, the WebSocket upgrade,
+    /// and a refusal's status carried into the answer. `Ok((keep-alive,
+    /// expect-continue, websocket))` or `Err((status, reason))`.
+    fn parsed(raw: &str) -> Result<(bool, bool, bool), (u16, String)> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         match parse_head(raw.as_bytes(), &mut headers) {
-            Ok(h) => Ok((
-                h.host_str().to_string(),
-                h.path_q.to_string(),
-                h.framing,
-                h.keep_alive,
-            )),
+            Ok(h) => Ok((h.keep_alive, h.expect_continue, h.websocket.is_some())),
             Err(r) => Err((r.status.as_u16(), r.message)),
         }
     }
 
-    /// The request-head rules, one case each.
     #[test]
-    fn request_head_rules() {
-        use Framing::*;
-        let ok = |host: &str, path: &str, framing, keep| {
-            Ok((host.to_string(), path.to_string(), framing, keep))
-        };
-        let cases: &[(&str, &str, Result<Fine, &str>)] = &[
-            ("origin form", "GET /a?b HTTP/1.1\r\nHost: x\r\n\r\n", ok("x", "/a?b", Empty, true)),
-            ("absolute form wins over Host", "GET http://y:8/p HTTP/1.1\r\nHost: x\r\n\r\n", ok("y:8", "/p", Empty, true)),
-            ("absolute form without path", "GET https://y HTTP/1.1\r\nHost: y\r\n\r\n", ok("y", "/", Empty, true)),
-            ("HTTP/1.0 closes by default", "GET / HTTP/1.0\r\nHost: x\r\n\r\n", ok("x", "/", Empty, false)),
-            ("HTTP/1.0 keep-alive", "GET / HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n", ok("x", "/", Empty, true)),
-            ("Connection: close", "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", ok("x", "/", Empty, false)),
-            ("length", "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n", ok("x", "/", Length(5), true)),
-            ("length 0", "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", ok("x", "/", Length(0), true)),
-            ("equal lengths", "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n", ok("x", "/", Length(5), true)),
-            ("chunked", "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", ok("x", "/", Chunked, true)),
-            ("no Host", "GET / HTTP/1.1\r\n\r\n", Err("missing Host header")),
-            ("two Hosts", "GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", Err("more than one Host header")),
-            ("empty authority", "GET http:///p HTTP/1.1\r\nHost: x\r\n\r\n", Err("invalid request target")),
-            ("odd target", "GET p HTTP/1.1\r\nHost: x\r\n\r\n", Err("invalid request target")),
-            ("CONNECT", "CONNECT x:443 HTTP/1.1\r\nHost: x\r\n\r\n", Err("CONNECT is not supported")),
-            ("TE and CL", "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n", Err("both Transfer-Encoding and Content-Length")),
-            ("TE in 1.0", "POST / HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", Err("Transfer-Encoding in an HTTP/1.0")),
-            ("TE not ending chunked", "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", Err("unsupported Transfer-Encoding")),
-            ("bad length", "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1x\r\n\r\n", Err("invalid Content-Length")),
-            ("lengths disagree", "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", Err("invalid Content-Length")),
-            ("not a field line", "GET / HTTP/1.1\r\nHost: x\r\nno colon\r\n\r\n", Err("malformed request")),
+    fn head_rules_of_the_h1_front_end() {
+        let cases: &[(&str, &str, Result<(bool, bool, bool), (u16, &str)>)] = &[
+            (
+                "1.1 keeps alive",
+                "GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+                Ok((true, false, false)),
+            ),
+            (
+                "1.0 closes by default",
+                "GET / HTTP/1.0\r\nHost: x\r\n\r\n",
+                Ok((false, false, false)),
+            ),
+            (
+                "1.0 keep-alive",
+                "GET / HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
+                Ok((true, false, false)),
+            ),
+            (
+                "Connection: close",
+                "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                Ok((false, false, false)),
+            ),
+            (
+                "Expect with a body",
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+                Ok((true, true, false)),
+            ),
+            (
+                "Expect without a body",
+                "POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
+                Ok((true, false, false)),
+            ),
+            (
+                "WebSocket upgrade",
+                "GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+                Ok((true, false, true)),
+            ),
+            (
+                "Upgrade without Connection",
+                "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
+                Ok((true, false, false)),
+            ),
+            (
+                "400 carried",
+                "GET / HTTP/1.1\r\n\r\n",
+                Err((400, "missing Host header")),
+            ),
+            (
+                "405 carried",
+                "CONNECT x:443 HTTP/1.1\r\nHost: x\r\n\r\n",
+                Err((405, "CONNECT is not supported")),
+            ),
+            (
+                "501 carried",
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                Err((501, "unsupported transfer coding")),
+            ),
         ];
         for (what, raw, want) in cases {
             match (parsed(raw), want) {
                 (Ok(got), Ok(w)) => assert_eq!(&got, w, "{what}"),
-                (Err((status, msg)), Err(w)) => {
+                (Err((status, msg)), Err((ws, wm))) => {
                     assert!(
-                        msg.contains(w) && (status == 400 || status == 405),
-                        "{what}: {status} {msg:?}, want {w:?}"
+                        status == *ws && msg.contains(wm),
+                        "{what}: {status} {msg:?}"
                     )
                 }
                 (got, want) => panic!("{what}: got {got:?}, want {want:?}"),
@@ -599,16 +523,6 @@ mod tests {
         assert_eq!(classify("x-forwarded-proto"), H::Xfp);
         assert_eq!(classify("TE"), H::HopByHop);
         assert_eq!(classify("x-custom"), H::Other);
-    }
-
-    #[test]
-    fn lengths() {
-        assert_eq!(parse_length(b"0"), Some(0));
-        assert_eq!(parse_length(b"12345"), Some(12345));
-        assert_eq!(parse_length(b"+5"), None);
-        assert_eq!(parse_length(b"1 2"), None);
-        assert_eq!(parse_length(b""), None);
-        assert_eq!(parse_length(b"9999999999999999999"), None);
     }
 
     #[test]

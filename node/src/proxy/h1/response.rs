@@ -17,12 +17,13 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Sleep;
 
 use super::answers::{field, push_u64, Refusal};
-use super::request::{classify, head_end, tokens, MessageFields, Req, H};
+use super::request::{classify, head_end, MessageFields, Req, H};
 use super::{Client, Step, Tunnel, INLINE_BODY, LINGER, MAX_HEAD, MAX_HEADERS};
 use crate::proxy::error::ProxyError;
 use crate::proxy::observe::Served;
 use crate::proxy::pipeline;
 use crate::proxy::upstream::{RawConn, UpstreamState};
+use crate::proxy::wire;
 use crate::proxy::wire::{
     arm, copy_body, read_into, read_ready, read_ready_into, within, write_parts, BodyBuf, Coding,
     CopyError, Framing, Read,
@@ -72,27 +73,24 @@ impl RespHead {
     /// `base`, the head's first byte) in `fields`, so that the head is
     /// parsed once even though it is rewritten later.
     pub(super) fn from_parsed(
-        p: &httparse::Response<'_, '_>,
-        len: usize,
-        head_request: bool,
+        p: &wire::response::ResponseHead<'_, '_>,
         base: usize,
         fields: &mut Vec<(H, Range<usize>, Range<usize>)>,
-    ) -> Result<RespHead, HeadError> {
+    ) -> RespHead {
         let range = |s: &[u8]| {
             let at = s.as_ptr() as usize - base;
             at..at + s.len()
         };
         fields.clear();
-        let status = p.code.unwrap_or(0);
-        let minor = p.version.unwrap_or(1);
+        let status = p.status;
         let mut m = MessageFields::default();
         let mut subprotocol = None;
         let mut extensions = None;
-        for h in p.headers.iter() {
+        for h in p.fields {
             let kind = classify(h.name);
             fields.push((kind, range(h.name.as_bytes()), range(h.value)));
             match kind {
-                H::ContentLength | H::TransferEncoding | H::Connection => m.see(kind, h.value),
+                H::Connection => m.see(kind, h.value),
                 H::Other if status == 101 => {
                     if h.name.eq_ignore_ascii_case("sec-websocket-protocol") {
                         subprotocol = Some(String::from_utf8_lossy(h.value).into_owned());
@@ -103,37 +101,25 @@ impl RespHead {
                 _ => {}
             }
         }
-        let no_body = head_request || status == 204 || status == 304 || status == 101;
-        let framing = if no_body {
-            Framing::Empty
-        } else if let Some(t) = m.te {
-            match tokens(t).last() {
-                Some(last) if last.eq_ignore_ascii_case(b"chunked") => Framing::Chunked,
-                _ => Framing::Close,
-            }
-        } else if m.bad_length {
-            return Err(HeadError::Invalid("invalid Content-Length from upstream"));
-        } else {
-            match m.length {
-                Some(l) => Framing::Length(l),
-                None => Framing::Close,
-            }
-        };
+        let framing = p.framing;
         let reusable =
-            framing != Framing::Close && !m.close && (minor == 1 || m.keep) && status != 101;
-        Ok(RespHead {
-            len,
+            framing != Framing::Close && !m.close && (p.minor == 1 || m.keep) && status != 101;
+        RespHead {
+            len: p.len,
             status,
-            reason: p.reason.map_or(0..0, |r| range(r.as_bytes())),
+            reason: match p.reason {
+                "" => 0..0,
+                r => range(r.as_bytes()),
+            },
             framing,
-            te: m.te.map(|_| ()),
+            te: p.te.then_some(()),
             reusable,
             named: m.named.iter().map(|t| t.to_vec()).collect(),
             subprotocol,
             extensions,
             behind: None,
             linger: false,
-        })
+        }
     }
 }
 
@@ -224,8 +210,9 @@ where
     /// Reads the upstream's response head and works out its framing.
     /// Interim (1xx) responses other than 101 come before it: 100 Continue
     /// is dropped (the proxy answers `Expect` itself), the others (103
-    /// Early Hints) are passed on as they came when `forward_interim` (an
-    /// HTTP/1.1 client; HTTP/1.0 has no 1xx) and dropped otherwise.
+    /// Early Hints) are passed on, rewritten (`wire::response::write_interim`),
+    /// when `forward_interim` (an HTTP/1.1 client; HTTP/1.0 has no 1xx) and
+    /// dropped otherwise.
     pub(super) async fn read_response_head(
         &mut self,
         conn: &mut RawConn,
@@ -238,30 +225,29 @@ where
         loop {
             if !conn.buf.is_empty() {
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                let mut p = httparse::Response::new(&mut headers);
-                let parsed = match p.parse(conn.buf.bytes()) {
-                    Ok(httparse::Status::Complete(len)) => {
-                        let status = p.code.unwrap_or(0);
-                        if (100..200).contains(&status) && status != 101 {
-                            Some((len, Err(status)))
-                        } else {
-                            let base = conn.buf.bytes().as_ptr() as usize;
-                            let head = RespHead::from_parsed(
-                                &p,
-                                len,
-                                head_request,
-                                base,
-                                &mut self.resp_fields,
-                            )?;
-                            Some((len, Ok(head)))
+                let parsed =
+                    match wire::response::parse(conn.buf.bytes(), &mut headers, head_request) {
+                        Ok(Some(r)) if r.is_interim() => {
+                            // Rewritten (never passed on raw), or dropped.
+                            if forward_interim && r.status != 100 {
+                                let mut interim = Vec::with_capacity(r.len);
+                                wire::response::write_interim(&mut interim, &r);
+                                Some((r.len, Err(interim)))
+                            } else {
+                                Some((r.len, Err(Vec::new())))
+                            }
                         }
-                    }
-                    Ok(httparse::Status::Partial) if conn.buf.len() >= MAX_HEAD => {
-                        return Err(HeadError::Invalid("response head too large"))
-                    }
-                    Ok(httparse::Status::Partial) => None,
-                    Err(_) => return Err(HeadError::Invalid("malformed response head")),
-                };
+                        Ok(Some(r)) => {
+                            let base = conn.buf.bytes().as_ptr() as usize;
+                            let head = RespHead::from_parsed(&r, base, &mut self.resp_fields);
+                            Some((r.len, Ok(head)))
+                        }
+                        Ok(None) if conn.buf.len() >= MAX_HEAD => {
+                            return Err(HeadError::Invalid("response head too large"))
+                        }
+                        Ok(None) => None,
+                        Err(why) => return Err(HeadError::Invalid(why)),
+                    };
                 // Body bytes read past the head stay in their body buffer only
                 // for a final response of known length, whose head is all the
                 // connection's buffer holds; otherwise they join that buffer
@@ -277,10 +263,9 @@ where
                 }
                 match parsed {
                     // A 1xx: passed on or dropped; what follows is parsed next.
-                    Some((len, Err(status))) => {
-                        if forward_interim && status != 100 {
-                            let interim = &conn.buf.bytes()[..len];
-                            let sent = self.io.write_all(interim).await;
+                    Some((len, Err(interim))) => {
+                        if !interim.is_empty() {
+                            let sent = self.io.write_all(&interim).await;
                             if sent.is_err() || self.io.flush().await.is_err() {
                                 return Err(HeadError::ClientGone);
                             }
@@ -353,6 +338,22 @@ where
             || framing == Framing::Close
             || coding == Coding::Dechunk;
         let hsts = pipeline::response_policy(Some(&req.route), &self.info).cloned();
+        // A chunked body whose first bytes are already malformed: a 502
+        // while nothing has gone out (later, the response is cut).
+        if head.framing == Framing::Chunked {
+            if let Err(why) = wire::chunked::check(&conn.buf.bytes()[head.len..]) {
+                let e = ProxyError::UpstreamBad {
+                    upstream: upstream.url.to_string(),
+                    why,
+                };
+                if let Some(cx) = &server_cx {
+                    proxy.end_server_span(cx, 502, Some(&req.route), None, Some(&e));
+                }
+                let r = Refusal::upstream(e, &req.route, true, req.facts);
+                self.refuse(r, started).await;
+                return Step::Close;
+            }
+        }
 
         // The head, rewritten from the upstream's.
         self.out.clear();
@@ -466,8 +467,8 @@ where
         }
     }
 
-    /// A 101 to a WebSocket upgrade: the head goes back exactly as sent,
-    /// the request is recorded, then the connections become a tunnel.
+    /// A 101 to a WebSocket upgrade: the head goes back rewritten, the
+    /// request is recorded, then the connections become a tunnel.
     async fn upgrade(
         &mut self,
         req: Req,
@@ -487,9 +488,24 @@ where
             self.refuse(r, started).await;
             return Step::Close;
         }
-        let raw = conn.buf.bytes()[..head.len].to_vec();
+        // Rewritten like every head (CRLF, `name: value`), its fields all
+        // kept: they are the handshake's.
+        let mut out = Vec::with_capacity(head.len + 32);
+        {
+            let raw = conn.buf.bytes();
+            out.extend_from_slice(b"HTTP/1.1 101 ");
+            out.extend_from_slice(match &raw[head.reason.clone()] {
+                r if !r.is_empty() => r,
+                _ => b"Switching Protocols",
+            });
+            out.extend_from_slice(b"\r\n");
+            for (_, name, value) in self.resp_fields.iter() {
+                field(&mut out, &raw[name.clone()], &raw[value.clone()]);
+            }
+            out.extend_from_slice(b"\r\n");
+        }
         conn.buf.consume(head.len);
-        if self.io.write_all(&raw).await.is_err() || self.io.flush().await.is_err() {
+        if self.io.write_all(&out).await.is_err() || self.io.flush().await.is_err() {
             return Step::Close;
         }
         let span = match (

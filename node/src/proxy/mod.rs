@@ -9,6 +9,9 @@
 //! are handed to [`relay::relay`]). h2 clients (ALPN `h2`, or the h2
 //! preface in clear text) are served by hyper, and forwarded through
 //! hyper's HTTP/1.1 client.
+//!
+//! The bytes on the wire (head parsing, framing, the chunked coding, field
+//! lines, what is refused) are [`wire`]'s, a layer that knows no policy.
 
 pub mod frames;
 pub mod h1;
@@ -17,6 +20,7 @@ pub mod relay;
 pub mod routes;
 pub mod tunnels;
 pub mod upstream;
+pub mod wire;
 
 use std::convert::Infallible;
 use std::future::Future;

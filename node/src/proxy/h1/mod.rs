@@ -12,12 +12,11 @@
 //! one read and one write per side for a small exchange, and no
 //! allocation on the way once the connection's buffers exist.
 //!
-//! What is checked and refused with 400 (RFC 9112): malformed heads, a
-//! missing or repeated Host, Content-Length with Transfer-Encoding, a
-//! transfer coding that does not end in chunked, invalid or disagreeing
-//! Content-Lengths; heads over 64 KiB or 128 fields get 431.
+//! What is checked and refused lives in `proxy::wire` (request and
+//! response heads, framing, the chunked coding), a layer over bytes that
+//! this file calls; heads over 64 KiB get 431 here.
 
-pub mod wire;
+pub use super::wire;
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -39,6 +38,7 @@ use super::routes::{self, Route};
 use super::upstream::{Pool, RawConn, UpstreamIo, UpstreamState};
 use super::{ConnInfo, Proxy, ProxyError, Served};
 use crate::telemetry::otel;
+use wire::fields::{has_token, tokens};
 use wire::{
     arm, copy_body, read_into, read_ready, read_ready_into, within, write_parts, BodyBuf, Buf,
     Coding, CopyError, Framing, Prefixed, Read,
@@ -47,7 +47,7 @@ use wire::{
 /// Longest request or response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in one head.
-const MAX_HEADERS: usize = 128;
+const MAX_HEADERS: usize = wire::request::MAX_HEADERS;
 /// A client connection's read buffer to start with (and to shrink back to
 /// while idle).
 const CLIENT_BUF: usize = 4 * 1024;
@@ -219,7 +219,6 @@ struct Tunnel {
 enum Method {
     Get,
     Head,
-    Connect,
     Other,
 }
 
@@ -335,22 +334,6 @@ fn classify(name: &str) -> H {
     }
 }
 
-fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
-    v.split(|&b| b == b',').map(|t| t.trim_ascii())
-}
-
-fn has_token(v: &[u8], t: &str) -> bool {
-    tokens(v).any(|x| x.eq_ignore_ascii_case(t.as_bytes()))
-}
-
-/// Content-Length: digits only, at most 18 of them.
-fn parse_length(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(v).ok()?.parse().ok()
-}
-
 /// Appends `name: value\r\n`.
 fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
@@ -380,7 +363,10 @@ where
 {
     async fn run(&mut self) -> Next {
         loop {
-            // 1. A whole request head.
+            // 1. A whole request head, by one deadline for all of it (and
+            // the idle wait before it): re-armed per read, a client
+            // dripping a byte at a time held the connection forever.
+            let deadline = tokio::time::Instant::now() + self.proxy.config.header_read_timeout;
             let head_len = loop {
                 if self.first && !self.buf.is_empty() {
                     let b = self.buf.bytes();
@@ -415,7 +401,7 @@ where
                     }
                     self.buf.shrink_if_empty(CLIENT_BUF);
                 }
-                arm(&mut self.timer, self.proxy.config.header_read_timeout);
+                self.timer.as_mut().reset(deadline);
                 let shutdown = &self.shutdown;
                 let stop = &mut self.stop;
                 let mut check = |cx: &mut Context<'_>| stop_requested(shutdown, stop, cx);
@@ -534,57 +520,45 @@ where
     /// writes its upstream request line and fields into `line`/`fields`.
     fn parse(&mut self, head_len: usize) -> Result<Req, Box<Refusal>> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut p = httparse::Request::new(&mut headers);
-        let bad = |why: &'static str, close: bool| {
+        let head = &self.buf.bytes()[..head_len];
+        let parsed = wire::request::parse(head, &mut headers).map_err(|e| {
+            let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
             Box::new(Refusal {
-                status: StatusCode::BAD_REQUEST,
-                message: format!("400 Bad Request: {why}\n"),
-                close,
+                status,
+                message: format!(
+                    "{} {}: {}\n",
+                    status.as_u16(),
+                    status.canonical_reason().unwrap_or(""),
+                    e.why
+                ),
+                close: true,
                 route: None,
                 location: None,
-                error: Some(ProxyError::BadRequest(why)),
+                error: Some(ProxyError::BadRequest(e.why)),
                 facts: None,
             })
-        };
-        let head = &self.buf.bytes()[..head_len];
-        match p.parse(head) {
-            Ok(httparse::Status::Complete(_)) => {}
-            Err(httparse::Error::TooManyHeaders) => {
-                let mut r = bad("too many header fields", true);
-                r.status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
-                r.message = "431 Request Header Fields Too Large: too many header fields\n".into();
-                return Err(r);
-            }
-            _ => return Err(bad("malformed request", true)),
-        }
-        let (Some(method_s), Some(target), Some(minor)) = (p.method, p.path, p.version) else {
-            return Err(bad("malformed request", true));
-        };
+        })?;
+        let (method_s, minor, framing, host) =
+            (parsed.method, parsed.minor, parsed.framing, parsed.host);
+        let path_q: &str = &parsed.path;
         let method = match method_s {
             "GET" => Method::Get,
             "HEAD" => Method::Head,
-            "CONNECT" => Method::Connect,
             _ => Method::Other,
         };
-        let n = p.headers.len();
+        let n = parsed.fields.len();
         let mut kinds = [H::Other; MAX_HEADERS];
-        let mut host: Option<&[u8]> = None;
-        let mut hosts = 0;
         let mut m = MessageFields::default();
         let mut upgrade_ws = false;
         let mut upgrade_value: Option<&[u8]> = None;
         let mut expect_continue = false;
         let mut traceparent = None;
         let mut tracestate = None;
-        for (i, h) in p.headers.iter().enumerate() {
+        for (i, h) in parsed.fields.iter().enumerate() {
             let k = classify(h.name);
             kinds[i] = k;
             match k {
-                H::Host => {
-                    hosts += 1;
-                    host = Some(h.value);
-                }
-                H::ContentLength | H::TransferEncoding | H::Connection => m.see(k, h.value),
+                H::Connection => m.see(k, h.value),
                 H::Upgrade if has_token(h.value, "websocket") => {
                     upgrade_ws = true;
                     upgrade_value = Some(h.value);
@@ -595,61 +569,8 @@ where
                 _ => {}
             }
         }
-
-        // The target: origin-form, absolute-form (whose authority wins over
-        // Host, RFC 9112 §3.2.2), or `*`.
-        let (authority, path_q): (Option<&str>, &str) = if target.starts_with('/') || target == "*"
-        {
-            (None, target)
-        } else if let Some(rest) = strip_scheme(target) {
-            let end = rest.find(['/', '?']).unwrap_or(rest.len());
-            let path = &rest[end..];
-            (Some(&rest[..end]), if path.is_empty() { "/" } else { path })
-        } else if method == Method::Connect {
-            let mut r = bad("CONNECT is not supported by a reverse proxy", true);
-            r.status = StatusCode::METHOD_NOT_ALLOWED;
-            r.message =
-                "405 Method Not Allowed: CONNECT is not supported by a reverse proxy\n".into();
-            return Err(r);
-        } else {
-            return Err(bad("invalid request target", true));
-        };
-        let host: &[u8] = match authority {
-            Some(a) if !a.is_empty() => a.as_bytes(),
-            Some(_) => return Err(bad("invalid request target", true)),
-            None => match (hosts, host) {
-                (0, _) | (_, None) => return Err(bad("missing Host header", true)),
-                (1, Some(h)) => h,
-                _ => return Err(bad("more than one Host header", true)),
-            },
-        };
-        if host.is_empty() || !host.iter().all(|b| b.is_ascii_graphic()) {
-            return Err(bad("invalid Host header", true));
-        }
         let host_str = std::str::from_utf8(host).expect("checked ASCII");
 
-        // Framing (RFC 9112 §6.1-6.3): the smuggling cases are refused.
-        let framing = match (m.te, m.length) {
-            (Some(_), Some(_)) | (Some(_), None) if m.bad_length || m.length.is_some() => {
-                return Err(bad("both Transfer-Encoding and Content-Length", true))
-            }
-            (Some(_), _) if minor == 0 => {
-                return Err(bad("Transfer-Encoding in an HTTP/1.0 request", true))
-            }
-            (Some(t), _) => match tokens(t).last() {
-                Some(last) if last.eq_ignore_ascii_case(b"chunked") => Framing::Chunked,
-                _ => return Err(bad("unsupported Transfer-Encoding", true)),
-            },
-            (None, _) if m.bad_length => return Err(bad("invalid Content-Length", true)),
-            (None, Some(0)) | (None, None) => {
-                if m.length == Some(0) {
-                    Framing::Length(0)
-                } else {
-                    Framing::Empty
-                }
-            }
-            (None, Some(l)) => Framing::Length(l),
-        };
         let has_body = !matches!(framing, Framing::Empty | Framing::Length(0));
         let keep_alive = if minor == 0 {
             m.keep && !m.close
@@ -727,7 +648,7 @@ where
         let (mut has_xfp, mut has_xfh, mut has_xfport) = (false, false, false);
         let f = &mut self.fields;
         f.clear();
-        for (i, hd) in p.headers.iter().enumerate().take(n) {
+        for (i, hd) in parsed.fields.iter().enumerate().take(n) {
             let keep = match kinds[i] {
                 H::Host
                 | H::ContentLength
@@ -1157,8 +1078,9 @@ where
     /// Reads the upstream's response head and works out its framing.
     /// Interim (1xx) responses other than 101 come before it: 100 Continue
     /// is dropped (the proxy answers `Expect` itself), the others (103
-    /// Early Hints) are passed on as they came when `forward_interim` (an
-    /// HTTP/1.1 client; HTTP/1.0 has no 1xx) and dropped otherwise.
+    /// Early Hints) are passed on, rewritten (`wire::response::write_interim`),
+    /// when `forward_interim` (an HTTP/1.1 client; HTTP/1.0 has no 1xx) and
+    /// dropped otherwise.
     async fn read_response_head(
         &mut self,
         conn: &mut RawConn,
@@ -1171,30 +1093,29 @@ where
         loop {
             if !conn.buf.is_empty() {
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                let mut p = httparse::Response::new(&mut headers);
-                let parsed = match p.parse(conn.buf.bytes()) {
-                    Ok(httparse::Status::Complete(len)) => {
-                        let status = p.code.unwrap_or(0);
-                        if (100..200).contains(&status) && status != 101 {
-                            Some((len, Err(status)))
-                        } else {
-                            let base = conn.buf.bytes().as_ptr() as usize;
-                            let head = RespHead::from_parsed(
-                                &p,
-                                len,
-                                head_request,
-                                base,
-                                &mut self.resp_fields,
-                            )?;
-                            Some((len, Ok(head)))
+                let parsed =
+                    match wire::response::parse(conn.buf.bytes(), &mut headers, head_request) {
+                        Ok(Some(r)) if r.is_interim() => {
+                            // Rewritten (never passed on raw), or dropped.
+                            if forward_interim && r.status != 100 {
+                                let mut interim = Vec::with_capacity(r.len);
+                                wire::response::write_interim(&mut interim, &r);
+                                Some((r.len, Err(interim)))
+                            } else {
+                                Some((r.len, Err(Vec::new())))
+                            }
                         }
-                    }
-                    Ok(httparse::Status::Partial) if conn.buf.len() >= MAX_HEAD => {
-                        return Err(HeadError::Invalid("response head too large"))
-                    }
-                    Ok(httparse::Status::Partial) => None,
-                    Err(_) => return Err(HeadError::Invalid("malformed response head")),
-                };
+                        Ok(Some(r)) => {
+                            let base = conn.buf.bytes().as_ptr() as usize;
+                            let head = RespHead::from_parsed(&r, base, &mut self.resp_fields);
+                            Some((r.len, Ok(head)))
+                        }
+                        Ok(None) if conn.buf.len() >= MAX_HEAD => {
+                            return Err(HeadError::Invalid("response head too large"))
+                        }
+                        Ok(None) => None,
+                        Err(why) => return Err(HeadError::Invalid(why)),
+                    };
                 // Body bytes read past the head stay in their body buffer only
                 // for a final response of known length, whose head is all the
                 // connection's buffer holds; otherwise they join that buffer
@@ -1210,10 +1131,9 @@ where
                 }
                 match parsed {
                     // A 1xx: passed on or dropped; what follows is parsed next.
-                    Some((len, Err(status))) => {
-                        if forward_interim && status != 100 {
-                            let interim = &conn.buf.bytes()[..len];
-                            let sent = self.io.write_all(interim).await;
+                    Some((len, Err(interim))) => {
+                        if !interim.is_empty() {
+                            let sent = self.io.write_all(&interim).await;
                             if sent.is_err() || self.io.flush().await.is_err() {
                                 return Err(HeadError::ClientGone);
                             }
@@ -1352,6 +1272,22 @@ where
         } else {
             None
         };
+        // A chunked body whose first bytes are already malformed: a 502
+        // while nothing has gone out (later, the response is cut).
+        if head.framing == Framing::Chunked {
+            if let Err(why) = wire::chunked::check(&conn.buf.bytes()[head.len..]) {
+                let e = ProxyError::UpstreamBad {
+                    upstream: upstream.url.to_string(),
+                    why,
+                };
+                if let Some(cx) = &server_cx {
+                    proxy.end_server_span(cx, 502, Some(&req.route), None, Some(&e));
+                }
+                let r = Refusal::upstream(e, &req.route, true, req.facts);
+                self.refuse(r, started).await;
+                return Step::Close;
+            }
+        }
 
         // The head, rewritten from the upstream's.
         self.out.clear();
@@ -1585,13 +1521,10 @@ enum HeadError {
     ClientGone,
 }
 
-/// The fields requests and responses share: framing and `Connection`.
+/// What requests and responses say in `Connection` (framing is decided
+/// by `wire::fields::Framer`).
 #[derive(Default)]
 struct MessageFields<'a> {
-    length: Option<u64>,
-    /// A Content-Length that is not a number, or two that disagree.
-    bad_length: bool,
-    te: Option<&'a [u8]>,
     close: bool,
     keep: bool,
     upgrade: bool,
@@ -1601,26 +1534,19 @@ struct MessageFields<'a> {
 
 impl<'a> MessageFields<'a> {
     fn see(&mut self, kind: H, value: &'a [u8]) {
-        match kind {
-            H::ContentLength => match parse_length(value) {
-                Some(v) if self.length.is_none_or(|l| l == v) => self.length = Some(v),
-                _ => self.bad_length = true,
-            },
-            H::TransferEncoding => self.te = Some(value),
-            H::Connection => {
-                for t in tokens(value) {
-                    if t.eq_ignore_ascii_case(b"close") {
-                        self.close = true;
-                    } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                        self.keep = true;
-                    } else if t.eq_ignore_ascii_case(b"upgrade") {
-                        self.upgrade = true;
-                    } else if !t.is_empty() {
-                        self.named.push(t);
-                    }
-                }
+        if kind != H::Connection {
+            return;
+        }
+        for t in tokens(value) {
+            if t.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep = true;
+            } else if t.eq_ignore_ascii_case(b"upgrade") {
+                self.upgrade = true;
+            } else if !t.is_empty() {
+                self.named.push(t);
             }
-            _ => {}
         }
     }
 }
@@ -1653,27 +1579,24 @@ impl RespHead {
     /// `base`, the head's first byte) in `fields`, so that the head is
     /// parsed once even though it is rewritten later.
     fn from_parsed(
-        p: &httparse::Response<'_, '_>,
-        len: usize,
-        head_request: bool,
+        p: &wire::response::ResponseHead<'_, '_>,
         base: usize,
         fields: &mut Vec<(H, Range<usize>, Range<usize>)>,
-    ) -> Result<RespHead, HeadError> {
+    ) -> RespHead {
         let range = |s: &[u8]| {
             let at = s.as_ptr() as usize - base;
             at..at + s.len()
         };
         fields.clear();
-        let status = p.code.unwrap_or(0);
-        let minor = p.version.unwrap_or(1);
+        let status = p.status;
         let mut m = MessageFields::default();
         let mut subprotocol = None;
         let mut extensions = None;
-        for h in p.headers.iter() {
+        for h in p.fields {
             let kind = classify(h.name);
             fields.push((kind, range(h.name.as_bytes()), range(h.value)));
             match kind {
-                H::ContentLength | H::TransferEncoding | H::Connection => m.see(kind, h.value),
+                H::Connection => m.see(kind, h.value),
                 H::Other if status == 101 => {
                     if h.name.eq_ignore_ascii_case("sec-websocket-protocol") {
                         subprotocol = Some(String::from_utf8_lossy(h.value).into_owned());
@@ -1684,37 +1607,25 @@ impl RespHead {
                 _ => {}
             }
         }
-        let no_body = head_request || status == 204 || status == 304 || status == 101;
-        let framing = if no_body {
-            Framing::Empty
-        } else if let Some(t) = m.te {
-            match tokens(t).last() {
-                Some(last) if last.eq_ignore_ascii_case(b"chunked") => Framing::Chunked,
-                _ => Framing::Close,
-            }
-        } else if m.bad_length {
-            return Err(HeadError::Invalid("invalid Content-Length from upstream"));
-        } else {
-            match m.length {
-                Some(l) => Framing::Length(l),
-                None => Framing::Close,
-            }
-        };
+        let framing = p.framing;
         let reusable =
-            framing != Framing::Close && !m.close && (minor == 1 || m.keep) && status != 101;
-        Ok(RespHead {
-            len,
+            framing != Framing::Close && !m.close && (p.minor == 1 || m.keep) && status != 101;
+        RespHead {
+            len: p.len,
             status,
-            reason: p.reason.map_or(0..0, |r| range(r.as_bytes())),
+            reason: match p.reason {
+                "" => 0..0,
+                r => range(r.as_bytes()),
+            },
             framing,
-            te: m.te.map(|_| ()),
+            te: p.te.then_some(()),
             reusable,
             named: m.named.iter().map(|t| t.to_vec()).collect(),
             subprotocol,
             extensions,
             behind: None,
             linger: false,
-        })
+        }
     }
 }
 
@@ -1862,11 +1773,6 @@ fn head_end(b: &[u8]) -> Option<usize> {
     None
 }
 
-fn strip_scheme(target: &str) -> Option<&str> {
-    let (scheme, rest) = target.split_once("://")?;
-    (scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https")).then_some(rest)
-}
-
 /// The listener is shutting down: checked on each wake-up of an idle
 /// connection; the first check registers the task with the shutdown's
 /// `Notify`, so that it is woken when the shutdown begins.
@@ -1935,16 +1841,6 @@ mod tests {
         assert_eq!(classify("x-forwarded-proto"), H::Xfp);
         assert_eq!(classify("TE"), H::HopByHop);
         assert_eq!(classify("x-custom"), H::Other);
-    }
-
-    #[test]
-    fn lengths() {
-        assert_eq!(parse_length(b"0"), Some(0));
-        assert_eq!(parse_length(b"12345"), Some(12345));
-        assert_eq!(parse_length(b"+5"), None);
-        assert_eq!(parse_length(b"1 2"), None);
-        assert_eq!(parse_length(b""), None);
-        assert_eq!(parse_length(b"9999999999999999999"), None);
     }
 
     #[test]

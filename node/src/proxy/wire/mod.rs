@@ -1,10 +1,21 @@
-//! HTTP/1.x on the wire: a read buffer, message framing, the chunked
-//! coding, and the small I/O helpers the proxy's HTTP/1 path is made of.
+//! HTTP/1.x on the wire, as a layer over bytes that knows nothing of
+//! routes or policy: a read buffer, message framing, the chunked coding,
+//! field-line rules, head parsing, and the small I/O helpers the proxy's
+//! HTTP/1 path is made of.
 //!
-//! Bodies are passed through as bytes: a chunked body goes on chunked, its
-//! chunk boundaries and trailers as they came; [`Chunked`] only reads along
-//! to find where the body ends (and decodes for HTTP/1.0 clients, who
+//! - [`fields`]: field-line rules and the framing decision (TE/CL).
+//! - [`chunked`]: the chunked coding, read strictly, written normalised.
+//! - [`request`]: a request head's target, host and framing, or its refusal.
+//! - [`response`]: a response head's framing; interim heads rewritten.
+//!
+//! Length-delimited bodies pass through as bytes; a chunked body is
+//! re-framed by [`chunked::Chunked`] (or decoded for HTTP/1.0 clients, who
 //! cannot take the chunked coding).
+
+pub mod chunked;
+pub mod fields;
+pub mod request;
+pub mod response;
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
@@ -15,14 +26,14 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use chunked::{Chunked, Emit};
+
 /// Grows a buffer by at least this much when it is full.
 const READ_CHUNK: usize = 8 * 1024;
 /// Size of the buffers bodies are streamed through.
 pub const BODY_BUF: usize = 64 * 1024;
 /// Body buffers kept per worker thread between uses.
 const BODY_BUFS_PER_THREAD: usize = 32;
-/// Longest trailer section accepted after a chunked body.
-const MAX_TRAILERS: usize = 16 * 1024;
 
 /// A read buffer: bytes `start..end` of `data` are unread. Plain indices
 /// over one zero-initialised `Vec`, so reads need no `unsafe` and the
@@ -168,137 +179,6 @@ pub enum Framing {
     Close,
 }
 
-/// Where [`Chunked`] is in the chunked coding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum St {
-    Size,
-    Ext,
-    SizeLf,
-    Data,
-    DataCr,
-    DataLf,
-    TrailerStart,
-    Trailer,
-    TrailerLf,
-    LastLf,
-    Done,
-}
-
-/// Reads along a chunked body to find its end (RFC 9112 §7.1).
-#[derive(Debug)]
-pub struct Chunked {
-    st: St,
-    size: u64,
-    digits: u8,
-    trailer_bytes: usize,
-}
-
-impl Default for Chunked {
-    fn default() -> Self {
-        Chunked {
-            st: St::Size,
-            size: 0,
-            digits: 0,
-            trailer_bytes: 0,
-        }
-    }
-}
-
-impl Chunked {
-    pub fn is_done(&self) -> bool {
-        self.st == St::Done
-    }
-
-    /// Scans `input`; returns how many of its bytes belong to the body (all
-    /// of them unless the body ends inside). `data` is given each run of
-    /// chunk data, for decoding.
-    pub fn scan(
-        &mut self,
-        input: &[u8],
-        mut data: impl FnMut(&[u8]),
-    ) -> Result<usize, &'static str> {
-        let mut i = 0;
-        while i < input.len() && self.st != St::Done {
-            if self.st == St::Data {
-                let n = (self.size.min((input.len() - i) as u64)) as usize;
-                data(&input[i..i + n]);
-                i += n;
-                self.size -= n as u64;
-                if self.size == 0 {
-                    self.st = St::DataCr;
-                }
-                continue;
-            }
-            let b = input[i];
-            i += 1;
-            self.st = match self.st {
-                St::Size => match b {
-                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                        if self.digits == 15 {
-                            return Err("chunk size too large");
-                        }
-                        let d = (b as char).to_digit(16).unwrap_or(0) as u64;
-                        self.size = self.size * 16 + d;
-                        self.digits += 1;
-                        St::Size
-                    }
-                    _ if self.digits == 0 => return Err("invalid chunk size"),
-                    b';' | b' ' | b'\t' => St::Ext,
-                    b'\r' => St::SizeLf,
-                    _ => return Err("invalid chunk size"),
-                },
-                St::Ext => match b {
-                    b'\r' => St::SizeLf,
-                    b'\t' | b' '..=b'~' | 0x80..=0xff => St::Ext,
-                    _ => return Err("invalid chunk extension"),
-                },
-                St::SizeLf => match b {
-                    b'\n' if self.size == 0 => St::TrailerStart,
-                    b'\n' => St::Data,
-                    _ => return Err("invalid chunk line"),
-                },
-                St::DataCr => match b {
-                    b'\r' => St::DataLf,
-                    _ => return Err("chunk longer than its size"),
-                },
-                St::DataLf => match b {
-                    b'\n' => {
-                        self.digits = 0;
-                        St::Size
-                    }
-                    _ => return Err("invalid chunk end"),
-                },
-                St::TrailerStart => match b {
-                    b'\r' => St::LastLf,
-                    _ => self.trailer_byte()?,
-                },
-                St::Trailer => match b {
-                    b'\r' => St::TrailerLf,
-                    _ => self.trailer_byte()?,
-                },
-                St::TrailerLf => match b {
-                    b'\n' => St::TrailerStart,
-                    _ => return Err("invalid trailer line"),
-                },
-                St::LastLf => match b {
-                    b'\n' => St::Done,
-                    _ => return Err("invalid end of chunked body"),
-                },
-                St::Data | St::Done => unreachable!("handled above"),
-            };
-        }
-        Ok(i)
-    }
-
-    fn trailer_byte(&mut self) -> Result<St, &'static str> {
-        self.trailer_bytes += 1;
-        if self.trailer_bytes > MAX_TRAILERS {
-            return Err("trailers too large");
-        }
-        Ok(St::Trailer)
-    }
-}
-
 thread_local! {
     static BODY_BUFS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
 }
@@ -356,7 +236,8 @@ pub enum CopyError {
 /// How a body is written out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Coding {
-    /// Byte for byte, framing included.
+    /// In its own framing: a length-delimited body byte for byte, a
+    /// chunked one chunked again with normalised framing.
     AsIs,
     /// Chunked in, plain data out (for HTTP/1.0 clients).
     Dechunk,
@@ -379,7 +260,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut chunked = Chunked::default();
+    let mut chunked = (Chunked::default(), Vec::new());
     let mut remaining = match framing {
         Framing::Empty | Framing::Length(0) => return Ok(0),
         Framing::Length(n) => n,
@@ -449,7 +330,7 @@ async fn pass<W: AsyncWrite + Unpin>(
     framing: Framing,
     coding: Coding,
     remaining: &mut u64,
-    chunked: &mut Chunked,
+    (chunked, framed): &mut (Chunked, Vec<u8>),
     dst: &mut W,
     written: &mut u64,
     (timer, idle): (&mut Pin<Box<Sleep>>, std::time::Duration),
@@ -468,29 +349,19 @@ async fn pass<W: AsyncWrite + Unpin>(
             *written += data.len() as u64;
             Ok((data.len(), false))
         }
-        Framing::Chunked => match coding {
-            Coding::AsIs => {
-                let n = chunked.scan(data, |_| {}).map_err(CopyError::Invalid)?;
-                write_all(dst, &data[..n], timer, idle).await?;
-                *written += n as u64;
-                Ok((n, chunked.is_done()))
-            }
-            Coding::Dechunk => {
-                let mut runs: Vec<(usize, usize)> = Vec::new();
-                let base = data.as_ptr() as usize;
-                let n = chunked
-                    .scan(data, |run| {
-                        let at = run.as_ptr() as usize - base;
-                        runs.push((at, at + run.len()));
-                    })
-                    .map_err(CopyError::Invalid)?;
-                for (a, b) in runs {
-                    write_all(dst, &data[a..b], timer, idle).await?;
-                    *written += (b - a) as u64;
-                }
-                Ok((n, chunked.is_done()))
-            }
-        },
+        Framing::Chunked => {
+            let emit = match coding {
+                Coding::AsIs => Emit::Normalised,
+                Coding::Dechunk => Emit::Decoded,
+            };
+            framed.clear();
+            let n = chunked
+                .scan(data, framed, emit)
+                .map_err(CopyError::Invalid)?;
+            write_all(dst, framed, timer, idle).await?;
+            *written += framed.len() as u64;
+            Ok((n, chunked.is_done()))
+        }
     }
 }
 
@@ -790,50 +661,6 @@ mod tests {
         write_parts(&mut t, [b"", b"only", b""]).await.unwrap();
         assert_eq!(t.out, b"only");
         assert_eq!(t.calls, ["write"]);
-    }
-
-    fn scan_all(input: &[u8]) -> Result<(usize, Vec<u8>, bool), &'static str> {
-        let mut c = Chunked::default();
-        let mut out = Vec::new();
-        let n = c.scan(input, |d| out.extend_from_slice(d))?;
-        Ok((n, out, c.is_done()))
-    }
-
-    #[test]
-    fn chunked_finds_the_end_and_decodes() {
-        let body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\nNEXT";
-        let (n, data, done) = scan_all(body).unwrap();
-        assert!(done);
-        assert_eq!(&body[n..], b"NEXT");
-        assert_eq!(data, b"hello world");
-        let with_trailer = b"3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n";
-        let (n, data, done) = scan_all(with_trailer).unwrap();
-        assert!(done);
-        assert_eq!(n, with_trailer.len());
-        assert_eq!(data, b"abc");
-    }
-
-    #[test]
-    fn chunked_works_byte_by_byte() {
-        let body = b"A\r\n0123456789\r\n0\r\n\r\n";
-        let mut c = Chunked::default();
-        let mut out = Vec::new();
-        for b in body.iter() {
-            assert!(!c.is_done());
-            let n = c.scan(std::slice::from_ref(b), |d| out.extend_from_slice(d));
-            assert_eq!(n, Ok(1));
-        }
-        assert!(c.is_done());
-        assert_eq!(out, b"0123456789");
-    }
-
-    #[test]
-    fn chunked_refuses_garbage() {
-        assert!(scan_all(b"x\r\n").is_err());
-        assert!(scan_all(b"\r\n").is_err());
-        assert!(scan_all(b"3\r\nabcd\r\n").is_err());
-        assert!(scan_all(b"ffffffffffffffff\r\n").is_err());
-        assert!(scan_all(b"3\nabc").is_err());
     }
 
     #[test]

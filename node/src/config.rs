@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::proxy::headers::Cidr;
+use crate::proxy::forwarded::Cidr;
 use crate::proxy::ProxyConfig;
 
 #[derive(Debug, Parser, Default)]

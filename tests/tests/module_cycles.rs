@@ -17,16 +17,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-/// Cycles that exist today inside `node/src/proxy`, left for the proxy
-/// rewrite of issue 17 (one request pipeline), which removes them. A cycle
-/// found at `level` passes only if its modules are a subset of one entry
-/// here, so none can grow; the lead removes the list when that work lands.
-const ALLOWED: &[(&str, &[&str])] = &[(
-    // issue 17 (proxy pipeline): `upstream` reads `h1::wire::Buf`, and `h1`
-    // reads `routes` and `upstream`; the rewrite moves the buffers to `wire/`.
-    "node/src/proxy",
-    &["h1", "routes", "upstream"],
-)];
+/// Cycles allowed to remain, as (level, members): none. A cycle found at
+/// `level` would pass only if its modules were a subset of one entry.
+const ALLOWED: &[(&str, &[&str])] = &[];
 
 #[test]
 fn node_modules_have_no_import_cycles() {

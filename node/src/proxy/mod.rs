@@ -13,9 +13,11 @@
 //! The bytes on the wire (head parsing, framing, the chunked coding, field
 //! lines, what is refused) are [`wire`]'s, a layer that knows no policy.
 
+pub mod error;
+pub mod forwarded;
 pub mod frames;
 pub mod h1;
-pub mod headers;
+pub mod pipeline;
 pub mod relay;
 pub mod routes;
 pub mod tunnels;
@@ -36,7 +38,7 @@ use crate::telemetry::otel;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{HeaderValue, COOKIE, HOST};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -44,8 +46,8 @@ use tokio::net::TcpListener;
 
 use crate::store::HostSet;
 use crate::tls::{AcceptError, TlsTerminator};
-use headers::{Cidr, ClientFacts};
-use relay::TunnelOptions;
+use error::ProxyError;
+use forwarded::{Cidr, ClientFacts};
 use routes::{Route, RouteTable};
 use tunnels::TunnelRegistry;
 use upstream::{ConnectError, Connector, UploadBody, UpstreamRegistry, UpstreamState};
@@ -82,36 +84,6 @@ impl Default for ProxyConfig {
     }
 }
 
-/// Why a request could not be proxied; each maps to the status a client
-/// sees. Knowing whose fault it is (client, upstream) is what picks
-/// 400/404 versus 502/504.
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    #[error("bad request: {0}")]
-    BadRequest(&'static str),
-    #[error("no proxy host for {0:?}")]
-    UnknownHost(String),
-    #[error("upstream {upstream} unreachable: {source}")]
-    Unreachable {
-        upstream: String,
-        source: ConnectError,
-    },
-    #[error("upstream {upstream} did not answer within {timeout:?}")]
-    Timeout { upstream: String, timeout: Duration },
-    #[error("upstream {upstream} failed: {source}")]
-    Upstream {
-        upstream: String,
-        source: hyper::Error,
-    },
-    #[error("upstream {upstream} failed: {source}")]
-    UpstreamIo {
-        upstream: String,
-        source: std::io::Error,
-    },
-    #[error("upstream {upstream} sent an invalid response: {why}")]
-    UpstreamBad { upstream: String, why: &'static str },
-}
-
 /// The request's trace context (its server span), from `handle` to the
 /// upstream call and the tunnel.
 #[derive(Clone)]
@@ -121,51 +93,6 @@ struct TraceCx(opentelemetry::Context);
 /// access log.
 #[derive(Clone)]
 struct UpstreamUsed(Arc<str>);
-
-impl ProxyError {
-    /// The metric label of an upstream failure (`None` for client errors).
-    pub fn upstream_kind(&self) -> Option<&'static str> {
-        match self {
-            ProxyError::Unreachable { .. } => Some("refused"),
-            ProxyError::Timeout { .. } => Some("timeout"),
-            ProxyError::Upstream { .. }
-            | ProxyError::UpstreamIo { .. }
-            | ProxyError::UpstreamBad { .. } => Some("error"),
-            _ => None,
-        }
-    }
-
-    pub fn status(&self) -> StatusCode {
-        match self {
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ProxyError::UnknownHost(_) => StatusCode::NOT_FOUND,
-            ProxyError::Unreachable {
-                source: ConnectError::Timeout(_),
-                ..
-            }
-            | ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Unreachable { .. }
-            | ProxyError::Upstream { .. }
-            | ProxyError::UpstreamIo { .. }
-            | ProxyError::UpstreamBad { .. } => StatusCode::BAD_GATEWAY,
-        }
-    }
-
-    fn response(&self) -> Response<ProxyBody> {
-        let body = format!(
-            "{} {}: {self}\n",
-            self.status().as_u16(),
-            self.status().canonical_reason().unwrap_or("")
-        );
-        let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
-        *resp.status_mut() = self.status();
-        resp.headers_mut().insert(
-            "content-type",
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        resp
-    }
-}
 
 /// One request's outcome, for its metrics and access-log line.
 struct Served<'a> {
@@ -299,7 +226,10 @@ impl Proxy {
     /// Builds a new route table from the store's hosts and swaps it in.
     /// Requests and tunnels in flight keep the table they started with.
     pub fn publish(&self, hosts: &HostSet) {
-        let table = RouteTable::build(hosts, &self.registry);
+        let defaults = routes::RouteDefaults {
+            upstream_timeout: self.config.upstream_timeout,
+        };
+        let table = RouteTable::build(hosts, &self.registry, &defaults);
         tracing::debug!(names = table.len(), "route table published");
         self.routes.store(Arc::new(table));
     }
@@ -584,37 +514,49 @@ impl Proxy {
             Err(why) => {
                 tracing::info!(client = %conn.peer, "bad request: {why}");
                 let e = ProxyError::BadRequest(why);
-                return (e.response(), None, Some(e));
+                return (
+                    answer_response(pipeline::Answer::error(&e), None),
+                    None,
+                    Some(e),
+                );
             }
         };
         let Ok(host) = host_value.to_str() else {
             let e = ProxyError::BadRequest("invalid Host header");
-            return (e.response(), None, Some(e));
-        };
-        let table = self.routes.load();
-        let Some(route) = table.lookup(host).cloned() else {
-            let err = ProxyError::UnknownHost(routes::strip_port(host).to_string());
-            // Debug only: scanners would flood the log (the access log and
-            // the 4xx metrics still count them).
-            tracing::debug!(host = %host, client = %conn.peer, "{err}");
-            return (err.response(), None, Some(err));
-        };
-        drop(table);
-        if route.host.force_https && !conn.tls {
             return (
-                redirect_to_https(&req, host, self.config.https_port),
-                Some(route),
+                answer_response(pipeline::Answer::error(&e), None),
                 None,
+                Some(e),
             );
+        };
+        let route = match pipeline::route(&self.routes.load(), host) {
+            Ok(r) => r,
+            Err(err) => {
+                // Debug only: scanners would flood the log (the access log
+                // and the 4xx metrics still count them).
+                tracing::debug!(host = %host, client = %conn.peer, "{err}");
+                return (
+                    answer_response(pipeline::Answer::error(&err), None),
+                    None,
+                    Some(err),
+                );
+            }
+        };
+        let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let hsts = pipeline::response_policy(Some(&route), conn);
+        if let Some(a) =
+            pipeline::request_policy(&route, conn, self.config.https_port, host, target)
+        {
+            return (answer_response(a, hsts), Some(route), None);
         }
-        let (mut resp, error) = match self.forward(req, &route, &host_value, host, conn).await {
+        let (mut resp, error) = match self.forward(req, &route, &host_value, conn).await {
             Ok(resp) => (resp, None),
             Err(e) => {
                 tracing::warn!(host = %host, host_id = %route.host.id, client = %conn.peer, status = e.status().as_u16(), "{e}");
-                (e.response(), Some(e))
+                (answer_response(pipeline::Answer::error(&e), None), Some(e))
             }
         };
-        if let (true, Some(v)) = (conn.tls, &route.hsts) {
+        if let Some(v) = pipeline::response_policy(Some(&route), conn) {
             resp.headers_mut()
                 .insert(http::header::STRICT_TRANSPORT_SECURITY, v.clone());
         }
@@ -627,7 +569,6 @@ impl Proxy {
         mut req: Request<Incoming>,
         route: &Arc<Route>,
         host_value: &HeaderValue,
-        host: &str,
         conn: &ConnInfo,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let h = &route.host;
@@ -648,20 +589,16 @@ impl Proxy {
         let client_version = req.version();
         *req.version_mut() = Version::HTTP_11;
         let headers = req.headers_mut();
-        headers::remove_hop_by_hop(headers);
+        forwarded::remove_hop_by_hop(headers);
         headers.remove(http::header::EXPECT);
         join_cookies(headers);
         if h.preserve_host {
             headers.insert(HOST, host_value.clone());
         }
         if h.forwarded_headers {
-            headers::set_forwarded(headers, &conn.facts, Some(host_value));
+            forwarded::set_forwarded(headers, &conn.facts, host_value);
         }
-        let timeout = if h.upstream_timeout_ms > 0 {
-            Duration::from_millis(u64::from(h.upstream_timeout_ms))
-        } else {
-            self.config.upstream_timeout
-        };
+        let timeout = route.upstream_timeout;
 
         let tracing = self.telemetry.get().and_then(|t| t.tracing.as_ref());
         let trace_parent = req.extensions().get::<TraceCx>().map(|c| c.0.clone());
@@ -717,30 +654,35 @@ impl Proxy {
                     }
                     *resp.version_mut() = client_version;
                     upstream.release(sender);
-                    headers::remove_hop_by_hop(resp.headers_mut());
+                    forwarded::remove_hop_by_hop(resp.headers_mut());
                     return Ok(resp.map(Either::Left));
                 }
                 Err(SendError::Connect(r, e)) => {
-                    tracing::warn!(host = %host, upstream = %upstream.url, error = %e, "upstream unreachable; trying the next one");
-                    upstream.mark_down(self.config.failure_cooldown);
                     req = *r;
-                    last_err = Some(ProxyError::Unreachable {
+                    let e = ProxyError::Unreachable {
                         upstream: upstream.url.to_string(),
                         source: e,
-                    });
+                    };
+                    if !pipeline::attempt_failed(upstream, &e, self.config.failure_cooldown) {
+                        return Err(e);
+                    }
+                    last_err = Some(e);
                 }
                 Err(SendError::Timeout) => {
-                    upstream.mark_down(self.config.failure_cooldown);
-                    return Err(ProxyError::Timeout {
+                    let e = ProxyError::Timeout {
                         upstream: upstream.url.to_string(),
                         timeout,
-                    });
+                    };
+                    pipeline::attempt_failed(upstream, &e, self.config.failure_cooldown);
+                    return Err(e);
                 }
                 Err(SendError::Failed(e)) => {
-                    return Err(ProxyError::Upstream {
+                    let e = ProxyError::Upstream {
                         upstream: upstream.url.to_string(),
                         source: e,
-                    });
+                    };
+                    pipeline::attempt_failed(upstream, &e, self.config.failure_cooldown);
+                    return Err(e);
                 }
             }
         }
@@ -810,11 +752,7 @@ impl Proxy {
         let reg = self
             .tunnels
             .register(&h.id, &h.name, upstream.url.to_string(), conn.peer);
-        let secs = |s: u32| (s > 0).then(|| Duration::from_secs(u64::from(s)));
-        let opts = TunnelOptions {
-            idle_timeout: secs(h.ws_idle_timeout_secs),
-            ping_interval: secs(h.ws_ping_interval_secs),
-        };
+        let opts = route.tunnel;
         let telemetry = self.telemetry.get().cloned();
         let tls = conn.tls;
         let info = reg.info.clone();
@@ -1006,27 +944,20 @@ enum SendError {
     Failed(hyper::Error),
 }
 
-/// `force_https`: 308 (method and body kept) to the same host, path and
-/// query on the HTTPS listener.
-fn redirect_to_https(req: &Request<Incoming>, host: &str, https_port: u16) -> Response<ProxyBody> {
-    let name = routes::strip_port(host);
-    let port = if https_port == 443 {
-        String::new()
-    } else {
-        format!(":{https_port}")
-    };
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let location = format!("https://{name}{port}{path}");
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(format!(
-        "redirecting to {location}\n"
-    )))));
-    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
-    if let Ok(v) = HeaderValue::from_str(&location) {
-        resp.headers_mut().insert(http::header::LOCATION, v);
+/// An answer of the proxy's own, as an h2 (hyper) response.
+fn answer_response(a: pipeline::Answer, hsts: Option<&HeaderValue>) -> Response<ProxyBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(a.body))));
+    *resp.status_mut() = a.status;
+    let headers = resp.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Some(l) = a.location.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        headers.insert(http::header::LOCATION, l);
+    }
+    if let Some(v) = hsts {
+        headers.insert(http::header::STRICT_TRANSPORT_SECURITY, v.clone());
     }
     resp
 }

@@ -6,8 +6,10 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::host::{ProxyHost, UpstreamUrl};
+use crate::proxy::relay::TunnelOptions;
 use crate::proxy::upstream::{Pool, UpstreamRegistry};
 use crate::util::Fnv;
 
@@ -30,6 +32,25 @@ pub struct Route {
     pub hsts: Option<http::HeaderValue>,
     /// Longest prefix first, so the first match is the most specific.
     pub locations: Vec<LocationRoute>,
+    /// Time allowed for an upstream's response head: the host's own, else
+    /// the node's. Worked out here once rather than on every request.
+    pub upstream_timeout: Duration,
+    /// The host's WebSocket tunnel options, likewise.
+    pub tunnel: TunnelOptions,
+}
+
+/// Node-wide values a route falls back on where its host sets none.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteDefaults {
+    pub upstream_timeout: Duration,
+}
+
+impl Default for RouteDefaults {
+    fn default() -> Self {
+        RouteDefaults {
+            upstream_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 impl Route {
@@ -39,6 +60,80 @@ impl Route {
             .find(|l| path_has_prefix(path, &l.prefix))
             .map(|l| &l.pool)
             .unwrap_or(&self.pool)
+    }
+}
+
+impl Route {
+    /// Everything the request path needs of one host, computed once per
+    /// table build: parsed upstream pools, sorted locations, the HSTS
+    /// value, the upstream timeout and tunnel options. `None` (logged) for
+    /// a host whose upstreams do not parse.
+    pub fn compile(
+        host: &Arc<ProxyHost>,
+        registry: &UpstreamRegistry,
+        defaults: &RouteDefaults,
+    ) -> Option<Route> {
+        let pool = |urls: &[String]| -> Option<Arc<Pool>> {
+            let parsed: Result<Vec<UpstreamUrl>, _> =
+                urls.iter().map(|u| UpstreamUrl::parse(u)).collect();
+            match parsed {
+                Ok(list) => Some(Arc::new(Pool::new(
+                    list.iter()
+                        .map(|u| {
+                            registry.get(
+                                u,
+                                &host.upstream_ca_pem,
+                                host.upstream_insecure_skip_verify,
+                            )
+                        })
+                        .collect(),
+                ))),
+                Err(e) => {
+                    // Only validated hosts are stored, so this means a file
+                    // from a release with other rules: skip the host rather
+                    // than fail every other one.
+                    tracing::error!(host = %host.id, error = %e, "skipping host with an invalid upstream");
+                    None
+                }
+            }
+        };
+        let main = pool(&host.upstreams)?;
+        let mut locations = Vec::new();
+        for loc in &host.locations {
+            if let Some(p) = pool(&loc.upstreams) {
+                locations.push(LocationRoute {
+                    prefix: loc.path_prefix.clone(),
+                    pool: p,
+                });
+            }
+        }
+        locations.sort_by_key(|l| std::cmp::Reverse(l.prefix.len()));
+        let hsts = (host.hsts_max_age_secs > 0).then(|| {
+            let sub = if host.hsts_include_subdomains {
+                "; includeSubDomains"
+            } else {
+                ""
+            };
+            http::HeaderValue::from_str(&format!("max-age={}{sub}", host.hsts_max_age_secs))
+                .expect("ascii")
+        });
+        let secs = |s: u32| (s > 0).then(|| Duration::from_secs(u64::from(s)));
+        Some(Route {
+            hsts,
+            name: Arc::from(host.name.as_str()),
+            id: Arc::from(host.id.as_str()),
+            host: host.clone(),
+            pool: main,
+            locations,
+            upstream_timeout: match host.upstream_timeout_ms {
+                0 => defaults.upstream_timeout,
+                ms => Duration::from_millis(u64::from(ms)),
+            },
+            tunnel: TunnelOptions {
+                idle_timeout: secs(host.ws_idle_timeout_secs),
+                ping_interval: secs(host.ws_ping_interval_secs),
+            },
+        })
     }
 }
 
@@ -63,63 +158,17 @@ pub struct RouteTable {
 impl RouteTable {
     /// Builds the table from the enabled hosts. Pools come from `registry`
     /// so connection pools and passive-health marks outlive table swaps.
-    pub fn build(hosts: &[Arc<ProxyHost>], registry: &UpstreamRegistry) -> RouteTable {
+    pub fn build(
+        hosts: &[Arc<ProxyHost>],
+        registry: &UpstreamRegistry,
+        defaults: &RouteDefaults,
+    ) -> RouteTable {
         let mut table = RouteTable::default();
         for host in hosts.iter().filter(|h| h.enabled) {
-            let pool = |urls: &[String]| -> Option<Arc<Pool>> {
-                let parsed: Result<Vec<UpstreamUrl>, _> =
-                    urls.iter().map(|u| UpstreamUrl::parse(u)).collect();
-                match parsed {
-                    Ok(list) => Some(Arc::new(Pool::new(
-                        list.iter()
-                            .map(|u| {
-                                registry.get(
-                                    u,
-                                    &host.upstream_ca_pem,
-                                    host.upstream_insecure_skip_verify,
-                                )
-                            })
-                            .collect(),
-                    ))),
-                    Err(e) => {
-                        // Only validated hosts are stored, so this means a
-                        // file from a release with other rules: skip the
-                        // host rather than fail every other one.
-                        tracing::error!(host = %host.id, error = %e, "skipping host with an invalid upstream");
-                        None
-                    }
-                }
-            };
-            let Some(main) = pool(&host.upstreams) else {
+            let Some(route) = Route::compile(host, registry, defaults) else {
                 continue;
             };
-            let mut locations = Vec::new();
-            for loc in &host.locations {
-                if let Some(p) = pool(&loc.upstreams) {
-                    locations.push(LocationRoute {
-                        prefix: loc.path_prefix.clone(),
-                        pool: p,
-                    });
-                }
-            }
-            locations.sort_by_key(|l| std::cmp::Reverse(l.prefix.len()));
-            let hsts = (host.hsts_max_age_secs > 0).then(|| {
-                let sub = if host.hsts_include_subdomains {
-                    "; includeSubDomains"
-                } else {
-                    ""
-                };
-                http::HeaderValue::from_str(&format!("max-age={}{sub}", host.hsts_max_age_secs))
-                    .expect("ascii")
-            });
-            let route = Arc::new(Route {
-                hsts,
-                name: Arc::from(host.name.as_str()),
-                id: Arc::from(host.id.as_str()),
-                host: host.clone(),
-                pool: main,
-                locations,
-            });
+            let route = Arc::new(route);
             for d in &host.domains {
                 match d.strip_prefix("*.") {
                     Some(suffix) => table.wildcard.insert(suffix.to_string(), route.clone()),
@@ -214,7 +263,7 @@ mod tests {
             host("wild", &["*.example.com"], &[]),
             host("deeper", &["*.b.example.com"], &[]),
         ];
-        let t = RouteTable::build(&hosts, &reg);
+        let t = RouteTable::build(&hosts, &reg, &RouteDefaults::default());
         let id = |h: &str| t.lookup(h).map(|r| r.host.id.clone());
         assert_eq!(id("a.example.com").as_deref(), Some("exact"));
         assert_eq!(id("A.Example.com:8080").as_deref(), Some("exact"));
@@ -232,7 +281,7 @@ mod tests {
         let reg = UpstreamRegistry::default();
         let mut h = (*host("x", &["x.com"], &[])).clone();
         h.enabled = false;
-        let t = RouteTable::build(&[Arc::new(h)], &reg);
+        let t = RouteTable::build(&[Arc::new(h)], &reg, &RouteDefaults::default());
         assert!(t.lookup("x.com").is_none());
     }
 
@@ -248,7 +297,7 @@ mod tests {
                 ("/static/", "http://127.0.0.1:4"),
             ],
         )];
-        let t = RouteTable::build(&hosts, &reg);
+        let t = RouteTable::build(&hosts, &reg, &RouteDefaults::default());
         let r = t.lookup("h.com").unwrap();
         let port = |p: &str| r.pool_for(p).upstreams()[0].url.port;
         assert_eq!(port("/api"), 2);

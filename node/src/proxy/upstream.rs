@@ -161,7 +161,7 @@ pub struct UpstreamState {
 /// it and not yet used (normally nothing between two responses).
 pub struct RawConn {
     pub io: UpstreamIo,
-    pub buf: crate::proxy::h1::wire::Buf,
+    pub buf: crate::proxy::wire::Buf,
 }
 
 impl RawConn {
@@ -559,7 +559,7 @@ impl Connector {
         match tokio::time::timeout(self.connect_timeout, self.open(upstream)).await {
             Ok(r) => r.map(|io| RawConn {
                 io,
-                buf: crate::proxy::h1::wire::Buf::with_capacity(RAW_BUF),
+                buf: crate::proxy::wire::Buf::with_capacity(RAW_BUF),
             }),
             Err(_) => Err(ConnectError::Timeout(self.connect_timeout)),
         }

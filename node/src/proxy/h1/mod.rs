@@ -16,8 +16,6 @@
 //! response heads, framing, the chunked coding), a layer over bytes that
 //! this file calls; heads over 64 KiB get 431 here.
 
-pub use super::wire;
-
 use std::future::{poll_fn, Future};
 use std::io;
 use std::ops::Range;
@@ -34,15 +32,19 @@ use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
 use tokio::time::Sleep;
 
-use super::routes::{self, Route};
+use super::error::{self, ProxyError};
+use super::forwarded;
+use super::pipeline;
+use super::routes::Route;
 use super::upstream::{Pool, RawConn, UpstreamIo, UpstreamState};
-use super::{ConnInfo, Proxy, ProxyError, Served};
-use crate::telemetry::otel;
-use wire::fields::{has_token, tokens};
-use wire::{
+use super::wire;
+use super::wire::fields::{has_token, tokens};
+use super::wire::{
     arm, copy_body, read_into, read_ready, read_ready_into, within, write_parts, BodyBuf, Buf,
     Coding, CopyError, Framing, Prefixed, Read,
 };
+use super::{ConnInfo, Proxy, Served};
+use crate::telemetry::otel;
 
 /// Longest request or response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
@@ -261,6 +263,26 @@ struct Refusal {
 }
 
 impl Refusal {
+    /// A refusal that is an answer of the pipeline's (an error page, a
+    /// redirect).
+    fn answer(
+        a: pipeline::Answer,
+        close: bool,
+        route: Option<Arc<Route>>,
+        error: Option<ProxyError>,
+        facts: Option<ReqFacts>,
+    ) -> Refusal {
+        Refusal {
+            status: a.status,
+            message: a.body,
+            close,
+            route,
+            location: a.location,
+            error,
+            facts,
+        }
+    }
+
     /// The error page for a request no upstream answered properly.
     fn upstream(
         e: ProxyError,
@@ -271,11 +293,7 @@ impl Refusal {
         let status = e.status();
         Refusal {
             status,
-            message: format!(
-                "{} {}: {e}\n",
-                status.as_u16(),
-                status.canonical_reason().unwrap_or("")
-            ),
+            message: error::page(status, &e),
             close,
             route: Some(route.clone()),
             location: None,
@@ -465,11 +483,7 @@ where
             &mut self.out,
             1,
             status,
-            &format!(
-                "{} {}: {why}\n",
-                status.as_u16(),
-                status.canonical_reason().unwrap_or("")
-            ),
+            &error::page(status, &why),
             true,
             None,
             None,
@@ -483,10 +497,7 @@ where
     async fn refuse(&mut self, r: Refusal, started: Instant) -> bool {
         self.out.clear();
         let close = r.close || self.closing();
-        let hsts = match (&r.route, self.info.tls) {
-            (Some(route), true) => route.hsts.clone(),
-            _ => None,
-        };
+        let hsts = pipeline::response_policy(r.route.as_deref(), &self.info);
         simple_response(
             &mut self.out,
             1,
@@ -494,7 +505,7 @@ where
             &r.message,
             close,
             r.location.as_deref(),
-            hsts.as_ref(),
+            hsts,
         );
         let sent = self.io.write_all(&self.out).await.is_ok() && self.io.flush().await.is_ok();
         self.proxy.record_h1(Served {
@@ -525,12 +536,7 @@ where
             let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
             Box::new(Refusal {
                 status,
-                message: format!(
-                    "{} {}: {}\n",
-                    status.as_u16(),
-                    status.canonical_reason().unwrap_or(""),
-                    e.why
-                ),
+                message: error::page(status, &e.why),
                 close: true,
                 route: None,
                 location: None,
@@ -597,36 +603,30 @@ where
         });
         let tracing_on = telemetry.is_some_and(|t| t.tracing.is_some());
 
-        let table = self.proxy.routes.load();
-        let Some(route) = table.lookup(host_str).cloned() else {
-            let err = ProxyError::UnknownHost(routes::strip_port(host_str).to_string());
-            tracing::debug!(host = %host_str, client = %self.info.peer, "{err}");
-            return Err(Box::new(Refusal {
-                status: StatusCode::NOT_FOUND,
-                message: format!("404 Not Found: {err}\n"),
-                close: has_body,
-                route: None,
-                location: None,
-                error: Some(err),
-                facts,
-            }));
+        let route = match pipeline::route(&self.proxy.routes.load(), host_str) {
+            Ok(r) => r,
+            Err(err) => {
+                tracing::debug!(host = %host_str, client = %self.info.peer, "{err}");
+                let a = pipeline::Answer::error(&err);
+                return Err(Box::new(Refusal::answer(
+                    a,
+                    has_body,
+                    None,
+                    Some(err),
+                    facts,
+                )));
+            }
         };
-        drop(table);
-        if route.host.force_https && !self.info.tls {
-            let port = match self.proxy.config.https_port {
-                443 => String::new(),
-                p => format!(":{p}"),
-            };
-            let location = format!("https://{}{port}{path_q}", routes::strip_port(host_str));
-            return Err(Box::new(Refusal {
-                status: StatusCode::PERMANENT_REDIRECT,
-                message: format!("redirecting to {location}\n"),
-                close: has_body,
-                route: Some(route),
-                location: Some(location),
-                error: None,
+        let https_port = self.proxy.config.https_port;
+        if let Some(a) = pipeline::request_policy(&route, &self.info, https_port, host_str, path_q)
+        {
+            return Err(Box::new(Refusal::answer(
+                a,
+                has_body,
+                Some(route),
+                None,
                 facts,
-            }));
+            )));
         }
         let h = &route.host;
         let websocket =
@@ -643,9 +643,7 @@ where
         self.host.extend_from_slice(host);
         let fwd = h.forwarded_headers;
         let trusted = self.info.facts.trusted;
-        let mut xff_prev: Vec<u8> = Vec::new();
-        let mut xri: Option<&[u8]> = None;
-        let (mut has_xfp, mut has_xfh, mut has_xfport) = (false, false, false);
+        let mut arrived = forwarded::Arrived::default();
         let f = &mut self.fields;
         f.clear();
         for (i, hd) in parsed.fields.iter().enumerate().take(n) {
@@ -659,30 +657,27 @@ where
                 | H::HopByHop => false,
                 H::TraceParent | H::TraceState => !tracing_on,
                 H::Xff if fwd => {
-                    if trusted && !hd.value.trim_ascii().is_empty() {
-                        if !xff_prev.is_empty() {
-                            xff_prev.extend_from_slice(b", ");
-                        }
-                        xff_prev.extend_from_slice(hd.value.trim_ascii());
+                    if trusted {
+                        arrived.xff(hd.value);
                     }
                     false
                 }
                 H::Xri if fwd => {
-                    if trusted && xri.is_none() && std::str::from_utf8(hd.value).is_ok() {
-                        xri = Some(hd.value);
+                    if trusted {
+                        arrived.xri(hd.value);
                     }
                     false
                 }
                 H::Xfp if fwd => {
-                    has_xfp = true;
+                    arrived.proto = true;
                     trusted
                 }
                 H::Xfh if fwd => {
-                    has_xfh = true;
+                    arrived.host = true;
                     trusted
                 }
                 H::Xfport if fwd => {
-                    has_xfport = true;
+                    arrived.port = true;
                     trusted
                 }
                 H::Forwarded if fwd => trusted,
@@ -695,38 +690,8 @@ where
                 field(f, hd.name.as_bytes(), hd.value);
             }
         }
-        if fwd && !trusted {
-            f.extend_from_slice(&self.info.facts.h1_lines);
-            field(f, b"X-Forwarded-Host", host);
-        } else if fwd {
-            // A trusted peer (a proxy in front): its values are kept and
-            // its X-Forwarded-For chain is extended.
-            let facts = &self.info.facts;
-            let peer = facts.peer_ip.as_bytes();
-            if !xff_prev.is_empty() {
-                let first = xff_prev
-                    .split(|&b| b == b',')
-                    .next()
-                    .unwrap_or_default()
-                    .trim_ascii()
-                    .to_vec();
-                xff_prev.extend_from_slice(b", ");
-                xff_prev.extend_from_slice(peer);
-                field(f, b"X-Forwarded-For", &xff_prev);
-                field(f, b"X-Real-IP", xri.unwrap_or(&first));
-            } else {
-                field(f, b"X-Forwarded-For", peer);
-                field(f, b"X-Real-IP", xri.unwrap_or(peer));
-            }
-            if !has_xfp {
-                field(f, b"X-Forwarded-Proto", facts.proto.as_bytes());
-            }
-            if !has_xfh {
-                field(f, b"X-Forwarded-Host", host);
-            }
-            if !has_xfport {
-                field(f, b"X-Forwarded-Port", facts.local_port.as_bytes());
-            }
+        if fwd {
+            forwarded::write_h1(f, &self.info.facts, arrived, host);
         }
         if websocket {
             field(f, b"Upgrade", upgrade_value.unwrap_or(b"websocket"));
@@ -759,11 +724,7 @@ where
     async fn exchange(&mut self, req: Req, started: Instant) -> Step {
         let proxy = self.proxy.clone();
         let h = &req.route.host;
-        let resp_timeout = if h.upstream_timeout_ms > 0 {
-            Duration::from_millis(u64::from(h.upstream_timeout_ms))
-        } else {
-            proxy.config.upstream_timeout
-        };
+        let resp_timeout = req.route.upstream_timeout;
         let tracing = proxy.telemetry.get().and_then(|t| t.tracing.as_ref());
         let server_cx = match (tracing, &req.facts) {
             (Some(tr), Some(f)) => Some(self.server_span(tr, f)),
@@ -791,13 +752,20 @@ where
                     None => match proxy.connector.connect_raw(upstream).await {
                         Ok(c) => (c, false),
                         Err(e) => {
-                            tracing::warn!(host = %h.name, upstream = %upstream.url, error = %e, "upstream unreachable; trying the next one");
-                            upstream.mark_down(proxy.config.failure_cooldown);
-                            last_err = Some(ProxyError::Unreachable {
+                            let e = ProxyError::Unreachable {
                                 upstream: upstream.url.to_string(),
                                 source: e,
-                            });
-                            continue 'upstreams;
+                            };
+                            let next = pipeline::attempt_failed(
+                                upstream,
+                                &e,
+                                proxy.config.failure_cooldown,
+                            );
+                            last_err = Some(e);
+                            if next {
+                                continue 'upstreams;
+                            }
+                            break 'upstreams;
                         }
                     },
                 };
@@ -990,14 +958,11 @@ where
                     }
                     Err(e) => {
                         end_span(&client_cx, None, Some(e.to_string()));
-                        last_err = Some(match e {
-                            HeadError::TimedOut => {
-                                upstream.mark_down(proxy.config.failure_cooldown);
-                                ProxyError::Timeout {
-                                    upstream: upstream.url.to_string(),
-                                    timeout: resp_timeout,
-                                }
-                            }
+                        let e = match e {
+                            HeadError::TimedOut => ProxyError::Timeout {
+                                upstream: upstream.url.to_string(),
+                                timeout: resp_timeout,
+                            },
                             HeadError::Io(e) => ProxyError::UpstreamIo {
                                 upstream: upstream.url.to_string(),
                                 source: e,
@@ -1014,7 +979,9 @@ where
                                 why: w,
                             },
                             HeadError::ClientGone => unreachable!("handled above"),
-                        });
+                        };
+                        pipeline::attempt_failed(upstream, &e, proxy.config.failure_cooldown);
+                        last_err = Some(e);
                         break 'upstreams;
                     }
                 }
@@ -1267,11 +1234,7 @@ where
             || self.closing()
             || framing == Framing::Close
             || coding == Coding::Dechunk;
-        let hsts = if self.info.tls {
-            req.route.hsts.clone()
-        } else {
-            None
-        };
+        let hsts = pipeline::response_policy(Some(&req.route), &self.info).cloned();
         // A chunked body whose first bytes are already malformed: a 502
         // while nothing has gone out (later, the response is cut).
         if head.framing == Framing::Chunked {

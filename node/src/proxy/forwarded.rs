@@ -1,5 +1,7 @@
-//! Header rules on the way to and from an upstream: hop-by-hop removal and
-//! the forwarded headers.
+//! Header rules on the way to and from an upstream, for both front ends:
+//! hop-by-hop removal and the forwarded headers (one rule,
+//! [`forwarded_fields`], with a writer for HTTP/1 bytes, [`write_h1`], and
+//! one for a `HeaderMap`, [`set_forwarded`]).
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -175,6 +177,8 @@ pub struct ClientFacts {
     /// For an untrusted peer, the HTTP/1 lines of every forwarded header
     /// but `X-Forwarded-Host` (which depends on the request): the same for
     /// all of the connection's requests, so they are copied in one piece.
+    /// They are what [`forwarded_fields`] gives for such a peer (a unit
+    /// test holds them to it).
     pub h1_lines: bytes::Bytes,
 }
 
@@ -196,58 +200,205 @@ impl ClientFacts {
     }
 }
 
-/// Sets `X-Forwarded-For/-Proto/-Host/-Port` and `X-Real-IP` (`host` is the
-/// request's host). Values that came with the request are kept (and
-/// `X-Forwarded-For` appended to) only when the peer is a trusted proxy;
-/// otherwise a client could forge them.
-pub fn set_forwarded(headers: &mut HeaderMap, facts: &ClientFacts, host: Option<&HeaderValue>) {
+/// A forwarded header the proxy sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Field {
+    For,
+    RealIp,
+    Proto,
+    Port,
+    Host,
+}
+
+impl Field {
+    pub fn name(self) -> &'static HeaderName {
+        match self {
+            Field::For => &XFF,
+            Field::RealIp => &XRI,
+            Field::Proto => &XFP,
+            Field::Port => &XFPORT,
+            Field::Host => &XFH,
+        }
+    }
+
+    /// The name as written on an HTTP/1 connection.
+    pub fn h1(self) -> &'static [u8] {
+        match self {
+            Field::For => b"X-Forwarded-For",
+            Field::RealIp => b"X-Real-IP",
+            Field::Proto => b"X-Forwarded-Proto",
+            Field::Port => b"X-Forwarded-Port",
+            Field::Host => b"X-Forwarded-Host",
+        }
+    }
+}
+
+/// A value for a [`Field`]: one of the connection's [`ClientFacts`] (a
+/// reference-count increment to put in a `HeaderMap`) or bytes of the
+/// request.
+#[derive(Clone, Copy)]
+pub enum Value<'a> {
+    Fact(&'a HeaderValue),
+    Bytes(&'a [u8]),
+}
+
+impl Value<'_> {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Value::Fact(v) => v.as_bytes(),
+            Value::Bytes(b) => b,
+        }
+    }
+}
+
+/// The forwarded fields a request arrived with, as far as the rules need
+/// them. Each front end fills it while it reads the request's fields (h1
+/// from the parsed head, h2 from the `HeaderMap`), so both apply the same
+/// rules to the same facts.
+#[derive(Default)]
+pub struct Arrived<'a> {
+    /// Every `X-Forwarded-For` field's list, joined with `, ` in the order
+    /// received: two fields are one list (RFC 9110 §5.3). Empty (and not
+    /// allocated) when none came.
+    xff: Vec<u8>,
+    xri: Option<&'a [u8]>,
+    pub proto: bool,
+    pub host: bool,
+    pub port: bool,
+}
+
+impl<'a> Arrived<'a> {
+    /// One `X-Forwarded-For` field.
+    pub fn xff(&mut self, value: &[u8]) {
+        let v = value.trim_ascii();
+        if v.is_empty() {
+            return;
+        }
+        if !self.xff.is_empty() {
+            self.xff.extend_from_slice(b", ");
+        }
+        self.xff.extend_from_slice(v);
+    }
+
+    /// One `X-Real-IP` field; the first readable one counts.
+    pub fn xri(&mut self, value: &'a [u8]) {
+        if self.xri.is_none() && std::str::from_utf8(value).is_ok() {
+            self.xri = Some(value);
+        }
+    }
+
+    /// What a `HeaderMap` holds (the h2 front end). `xri` is the map's
+    /// `X-Real-IP`, cloned by the caller so the map stays free to change.
+    pub fn from_map(headers: &HeaderMap, xri: Option<&'a HeaderValue>) -> Arrived<'a> {
+        let mut a = Arrived::default();
+        for v in headers.get_all(&XFF) {
+            a.xff(v.as_bytes());
+        }
+        if let Some(v) = xri {
+            a.xri(v.as_bytes());
+        }
+        a.proto = headers.contains_key(&XFP);
+        a.host = headers.contains_key(&XFH);
+        a.port = headers.contains_key(&XFPORT);
+        a
+    }
+}
+
+/// The forwarded-header rule, for both front ends: gives each field the
+/// upstream gets, in order. `host` is the request's host. Values that came
+/// with the request are kept (and `X-Forwarded-For` appended to) only when
+/// the peer is a trusted proxy; otherwise a client could forge them, and
+/// the front end drops every one it received (`Forwarded` included).
+pub fn forwarded_fields(
+    facts: &ClientFacts,
+    arrived: Arrived<'_>,
+    host: Value<'_>,
+    mut put: impl FnMut(Field, Value<'_>),
+) {
+    let peer = Value::Fact(&facts.peer_ip);
+    if !facts.trusted {
+        put(Field::For, peer);
+        put(Field::RealIp, peer);
+        put(Field::Proto, Value::Fact(&facts.proto));
+        put(Field::Port, Value::Fact(&facts.local_port));
+        put(Field::Host, host);
+        return;
+    }
+    let mut xff = arrived.xff;
+    if xff.is_empty() {
+        put(Field::For, peer);
+        put(Field::RealIp, arrived.xri.map_or(peer, Value::Bytes));
+    } else {
+        // Behind trusted proxies the first address is the client's.
+        let first_len = xff.iter().position(|&b| b == b',').unwrap_or(xff.len());
+        xff.extend_from_slice(b", ");
+        xff.extend_from_slice(facts.peer_ip.as_bytes());
+        put(Field::For, Value::Bytes(&xff));
+        let first = xff[..first_len].trim_ascii();
+        put(
+            Field::RealIp,
+            arrived.xri.map_or(Value::Bytes(first), Value::Bytes),
+        );
+    }
+    if !arrived.proto {
+        put(Field::Proto, Value::Fact(&facts.proto));
+    }
+    if !arrived.port {
+        put(Field::Port, Value::Fact(&facts.local_port));
+    }
+    if !arrived.host {
+        put(Field::Host, host);
+    }
+}
+
+/// Appends the forwarded fields as HTTP/1 lines (the h1 front end). For an
+/// untrusted peer the connection's pre-formatted lines are copied whole.
+pub fn write_h1(out: &mut Vec<u8>, facts: &ClientFacts, arrived: Arrived<'_>, host: &[u8]) {
+    if !facts.trusted {
+        // What `forwarded_fields` gives, in its order, formatted once per
+        // connection.
+        out.extend_from_slice(&facts.h1_lines);
+        out.extend_from_slice(b"X-Forwarded-Host: ");
+        out.extend_from_slice(host);
+        out.extend_from_slice(b"\r\n");
+        return;
+    }
+    forwarded_fields(facts, arrived, Value::Bytes(host), |f, v| {
+        out.extend_from_slice(f.h1());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.bytes());
+        out.extend_from_slice(b"\r\n");
+    });
+}
+
+/// Sets the forwarded headers in a `HeaderMap` (the h2 front end); the
+/// same rule as [`write_h1`].
+pub fn set_forwarded(headers: &mut HeaderMap, facts: &ClientFacts, host: &HeaderValue) {
     // Room for the five at once, rather than growing the map step by step.
     headers.reserve(5);
     if !facts.trusted {
-        // `insert` replaces every value a client may have sent, so only the
-        // headers that are not set here need removing.
         headers.remove(FORWARDED);
-        headers.insert(&XFF, facts.peer_ip.clone());
-        headers.insert(&XRI, facts.peer_ip.clone());
-        headers.insert(&XFP, facts.proto.clone());
-        match host {
-            Some(h) => headers.insert(&XFH, h.clone()),
-            None => headers.remove(&XFH),
+    }
+    let xri = if facts.trusted {
+        headers.get(&XRI).cloned()
+    } else {
+        None
+    };
+    let arrived = if facts.trusted {
+        Arrived::from_map(headers, xri.as_ref())
+    } else {
+        Arrived::default()
+    };
+    // `insert` replaces every field of the name a client may have sent.
+    forwarded_fields(facts, arrived, Value::Fact(host), |f, v| {
+        let value = match v {
+            Value::Fact(v) => Some(v.clone()),
+            Value::Bytes(b) => HeaderValue::from_bytes(b).ok(),
         };
-        headers.insert(&XFPORT, facts.local_port.clone());
-        return;
-    }
-    let xff = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => {
-            let peer = facts.peer_ip.to_str().unwrap_or_default();
-            HeaderValue::from_str(&format!("{prev}, {peer}")).ok()
+        if let Some(value) = value {
+            headers.insert(f.name(), value);
         }
-        _ => Some(facts.peer_ip.clone()),
-    };
-    let real_ip = match headers.get(&XRI) {
-        Some(v) if v.to_str().is_ok() => Some(v.clone()),
-        // Behind trusted proxies the first address is the client's.
-        _ => xff
-            .as_ref()
-            .and_then(|x| x.to_str().ok())
-            .and_then(|x| x.split(',').next())
-            .and_then(|first| HeaderValue::from_str(first.trim()).ok()),
-    };
-    if let Some(v) = xff {
-        headers.insert(&XFF, v);
-    }
-    headers.insert(&XRI, real_ip.unwrap_or_else(|| facts.peer_ip.clone()));
-    if !headers.contains_key(&XFP) {
-        headers.insert(&XFP, facts.proto.clone());
-    }
-    if !headers.contains_key(&XFH) {
-        if let Some(h) = host {
-            headers.insert(&XFH, h.clone());
-        }
-    }
-    if !headers.contains_key(&XFPORT) {
-        headers.insert(&XFPORT, facts.local_port.clone());
-    }
+    });
 }
 
 #[cfg(test)]
@@ -321,7 +472,7 @@ mod tests {
             ("x-real-ip", "1.2.3.4"),
             ("x-forwarded-proto", "https"),
         ]);
-        set_forwarded(&mut h, &facts(false), Some(&host()));
+        set_forwarded(&mut h, &facts(false), &host());
         assert_eq!(h["x-forwarded-for"], "192.0.2.7");
         assert_eq!(h["x-real-ip"], "192.0.2.7");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -335,9 +486,56 @@ mod tests {
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-proto", "https"),
         ]);
-        set_forwarded(&mut h, &facts(true), Some(&host()));
+        set_forwarded(&mut h, &facts(true), &host());
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 192.0.2.7");
         assert_eq!(h["x-real-ip"], "1.2.3.4");
         assert_eq!(h["x-forwarded-proto"], "https");
+    }
+
+    /// The h1 writer and the rule agree, for both kinds of peer.
+    #[test]
+    fn h1_lines_are_the_rule() {
+        for trusted in [false, true] {
+            let f = facts(trusted);
+            let mut fast = Vec::new();
+            write_h1(&mut fast, &f, Arrived::default(), b"app.com");
+            let mut slow = Vec::new();
+            forwarded_fields(&f, Arrived::default(), Value::Bytes(b"app.com"), |k, v| {
+                slow.extend_from_slice(k.h1());
+                slow.extend_from_slice(b": ");
+                slow.extend_from_slice(v.bytes());
+                slow.extend_from_slice(b"\r\n");
+            });
+            assert_eq!(
+                String::from_utf8_lossy(&fast),
+                String::from_utf8_lossy(&slow)
+            );
+        }
+    }
+
+    /// Two `X-Forwarded-For` fields are one list, in a map as on the wire.
+    #[test]
+    fn two_xff_fields_are_one_list() {
+        let mut h = map(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-for", " 5.6.7.8 "),
+        ]);
+        set_forwarded(&mut h, &facts(true), &host());
+        let all: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(all, ["1.2.3.4, 5.6.7.8, 192.0.2.7"]);
+        assert_eq!(h["x-real-ip"], "1.2.3.4");
+        let mut a = Arrived::default();
+        a.xff(b"1.2.3.4");
+        a.xff(b"");
+        a.xff(b"5.6.7.8");
+        let mut out = Vec::new();
+        write_h1(&mut out, &facts(true), a, b"app.com");
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.starts_with(
+                "X-Forwarded-For: 1.2.3.4, 5.6.7.8, 192.0.2.7\r\nX-Real-IP: 1.2.3.4\r\n"
+            ),
+            "{out}"
+        );
     }
 }

@@ -1,0 +1,79 @@
+//! Why a request could not be proxied, the status each reason maps to,
+//! and the one error-page format every front end answers with.
+
+use std::time::Duration;
+
+use http::StatusCode;
+
+use super::upstream::ConnectError;
+
+/// Why a request could not be proxied; each maps to the status a client
+/// sees. Knowing whose fault it is (client, upstream) is what picks
+/// 400/404 versus 502/504.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("no proxy host for {0:?}")]
+    UnknownHost(String),
+    #[error("upstream {upstream} unreachable: {source}")]
+    Unreachable {
+        upstream: String,
+        source: ConnectError,
+    },
+    #[error("upstream {upstream} did not answer within {timeout:?}")]
+    Timeout { upstream: String, timeout: Duration },
+    #[error("upstream {upstream} failed: {source}")]
+    Upstream {
+        upstream: String,
+        source: hyper::Error,
+    },
+    #[error("upstream {upstream} failed: {source}")]
+    UpstreamIo {
+        upstream: String,
+        source: std::io::Error,
+    },
+    #[error("upstream {upstream} sent an invalid response: {why}")]
+    UpstreamBad { upstream: String, why: &'static str },
+}
+
+impl ProxyError {
+    /// The metric label of an upstream failure (`None` for client errors).
+    pub fn upstream_kind(&self) -> Option<&'static str> {
+        match self {
+            ProxyError::Unreachable { .. } => Some("refused"),
+            ProxyError::Timeout { .. } => Some("timeout"),
+            ProxyError::Upstream { .. }
+            | ProxyError::UpstreamIo { .. }
+            | ProxyError::UpstreamBad { .. } => Some("error"),
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UnknownHost(_) => StatusCode::NOT_FOUND,
+            ProxyError::Unreachable {
+                source: ConnectError::Timeout(_),
+                ..
+            }
+            | ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Unreachable { .. }
+            | ProxyError::Upstream { .. }
+            | ProxyError::UpstreamIo { .. }
+            | ProxyError::UpstreamBad { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// The body of every error page the proxy writes itself:
+/// `"{code} {reason}: {what went wrong}\n"`, in plain text, so a person
+/// reading it with curl and a script matching the first word both know.
+pub fn page(status: StatusCode, detail: &dyn std::fmt::Display) -> String {
+    format!(
+        "{} {}: {detail}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    )
+}

@@ -1,0 +1,138 @@
+//! The phases of every proxied request, in the order both front ends call
+//! them. [`super::h1`] (HTTP/1.x, Charon's own) and [`super::h2`] (h2,
+//! hyper's) own the protocol: parsing, framing, serialising, connection
+//! reuse. Every decision about *what* happens to a request is made here or
+//! in the module a phase names, so a rule is written once and holds for
+//! both protocols (`tests/tests/policy.rs` runs each rule over both).
+//!
+//! 1. **route** — [`route`]: the request's host to its [`Route`] (exact
+//!    name, then the most specific wildcard), then [`Route::pool_for`]: the
+//!    path to its location's upstream pool.
+//! 2. **request policy** — [`request_policy`]: answers the proxy gives
+//!    itself instead of forwarding: the `force_https` redirect today; the
+//!    place for ACME HTTP-01 answers, access rules and limits.
+//! 3. **request rewrite** — [`super::forwarded`]: hop-by-hop fields
+//!    removed, forwarded headers set (one rule, two writers).
+//! 4. **upstream choice and attempts** — `Pool::attempt_order` gives the
+//!    order, [`attempt_failed`] decides after each failure whether the next
+//!    upstream is tried, and with what passive-health mark; the timeout is
+//!    [`Route::upstream_timeout`].
+//! 5. **response policy** — [`response_policy`]: what a response gets on
+//!    the way out (HSTS), error pages included.
+//! 6. **record** — [`super::observe`]: metrics, access-log line and the
+//!    request's spans, once per request whatever its outcome.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, StatusCode};
+
+use super::error::{page, ProxyError};
+use super::routes::{self, Route, RouteTable};
+use super::upstream::UpstreamState;
+use super::ConnInfo;
+
+/// A reply the proxy makes itself rather than an upstream: a redirect or
+/// an error page. Each front end writes it in its own protocol; what it
+/// says is decided once, here.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    /// Plain text (`text/plain; charset=utf-8`).
+    pub body: String,
+    pub location: Option<String>,
+}
+
+impl Answer {
+    /// The error page a client gets for `e`.
+    pub fn error(e: &ProxyError) -> Answer {
+        Answer::page(e.status(), e)
+    }
+
+    /// An error page in the one format of [`super::error::page`].
+    pub fn page(status: StatusCode, detail: &dyn std::fmt::Display) -> Answer {
+        Answer {
+            status,
+            body: page(status, detail),
+            location: None,
+        }
+    }
+}
+
+/// Phase 1: the route for a request's host (its `Host`, or the authority
+/// of its target), or the 404 error naming the host.
+pub fn route(table: &RouteTable, host: &str) -> Result<Arc<Route>, ProxyError> {
+    match table.lookup(host) {
+        Some(r) => Ok(r.clone()),
+        None => {
+            let name = routes::strip_port(host);
+            Err(ProxyError::UnknownHost(
+                name.strip_suffix('.').unwrap_or(name).to_string(),
+            ))
+        }
+    }
+}
+
+/// Phase 2: whether the proxy answers this request itself. `host` is the
+/// request's host as sent, `target` its path and query.
+pub fn request_policy(
+    route: &Route,
+    conn: &ConnInfo,
+    https_port: u16,
+    host: &str,
+    target: &str,
+) -> Option<Answer> {
+    // Issue 18 (ACME): answer `/.well-known/acme-challenge/<token>` here,
+    // before the redirect below: HTTP-01 validation comes over plain HTTP,
+    // also for hosts that force HTTPS.
+    if route.host.force_https && !conn.tls {
+        return Some(redirect_to_https(host, https_port, target));
+    }
+    None
+}
+
+/// `force_https`: 308 (method and body kept) to the same host, path and
+/// query on the HTTPS listener; port 443 is left out of the URL.
+fn redirect_to_https(host: &str, https_port: u16, target: &str) -> Answer {
+    let name = routes::strip_port(host);
+    let location = match https_port {
+        443 => format!("https://{name}{target}"),
+        p => format!("https://{name}:{p}{target}"),
+    };
+    Answer {
+        status: StatusCode::PERMANENT_REDIRECT,
+        body: format!("redirecting to {location}\n"),
+        location: Some(location),
+    }
+}
+
+/// Phase 4: after an attempt on `upstream` failed with `e`, marks the
+/// upstream down if the failure says it is, and says whether the next
+/// upstream of the pool is tried. Only a refused or timed-out connect is
+/// retried elsewhere: then the request has not left the proxy. After a
+/// response timeout the request may have been acted on, so it is not sent
+/// twice.
+pub fn attempt_failed(upstream: &UpstreamState, e: &ProxyError, cooldown: Duration) -> bool {
+    match e {
+        ProxyError::Unreachable { .. } => {
+            tracing::warn!(upstream = %upstream.url, error = %e, "upstream unreachable; trying the next one");
+            upstream.mark_down(cooldown);
+            true
+        }
+        ProxyError::Timeout { .. } => {
+            upstream.mark_down(cooldown);
+            false
+        }
+        _ => false,
+    }
+}
+
+/// Phase 5: the `Strict-Transport-Security` value a response to this
+/// request carries (responses over TLS, for hosts that set it), error
+/// pages and redirects included.
+pub fn response_policy<'r>(route: Option<&'r Route>, conn: &ConnInfo) -> Option<&'r HeaderValue> {
+    match route {
+        Some(r) if conn.tls => r.hsts.as_ref(),
+        _ => None,
+    }
+}

@@ -332,6 +332,21 @@ async fn responses_reach_the_client_normalised_or_not_at_all() -> Result<()> {
     if got != "HTTP/1.0 200 OK\r\nConnection: close\r\n\r\nhello" {
         failures.push(format!("HTTP/1.0 client: got {got:?}"));
     }
+    // A 101 is rewritten too (its fields all kept).
+    w.backend.answer_with(
+        b"HTTP/1.1 101 \nUpgrade:  websocket\nConnection: Upgrade\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\n\n",
+    );
+    let upgrade = format!(
+        "GET /ws HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    let got = text(&exchange(w.node.http, upgrade.as_bytes()).await?);
+    let expect =
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+    if got != expect {
+        failures.push(format!("101: got {got:?}"));
+    }
     if !failures.is_empty() {
         bail!(
             "{} of the cases failed:\n{}",

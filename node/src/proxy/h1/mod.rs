@@ -1155,8 +1155,8 @@ where
         server_cx: Option<opentelemetry::Context>,
     ) -> Step {
         let proxy = self.proxy.clone();
-        // A 101 to a WebSocket upgrade: the head goes back exactly as sent,
-        // then the connections become a tunnel.
+        // A 101 to a WebSocket upgrade: the head goes back rewritten, then
+        // the connections become a tunnel.
         if head.status == 101 {
             if !req.websocket {
                 let e = ProxyError::UpstreamBad {
@@ -1167,9 +1167,24 @@ where
                 self.refuse(r, started).await;
                 return Step::Close;
             }
-            let raw = conn.buf.bytes()[..head.len].to_vec();
+            // Rewritten like every head (CRLF, `name: value`), its fields
+            // all kept: they are the handshake's.
+            let mut out = Vec::with_capacity(head.len + 32);
+            {
+                let raw = conn.buf.bytes();
+                out.extend_from_slice(b"HTTP/1.1 101 ");
+                out.extend_from_slice(match &raw[head.reason.clone()] {
+                    r if !r.is_empty() => r,
+                    _ => b"Switching Protocols",
+                });
+                out.extend_from_slice(b"\r\n");
+                for (_, name, value) in self.resp_fields.iter() {
+                    field(&mut out, &raw[name.clone()], &raw[value.clone()]);
+                }
+                out.extend_from_slice(b"\r\n");
+            }
             conn.buf.consume(head.len);
-            if self.io.write_all(&raw).await.is_err() || self.io.flush().await.is_err() {
+            if self.io.write_all(&out).await.is_err() || self.io.flush().await.is_err() {
                 return Step::Close;
             }
             let span = match (

@@ -430,7 +430,15 @@ mod tests {
     /// holds every wire rule): keep-alive, `Expect`, the WebSocket upgrade,
     /// and a refusal's status carried into the answer. `Ok((keep-alive,
     /// expect-continue, websocket))` or `Err((status, reason))`.
-    fn parsed(raw: &str) -> Result<(bool, bool, bool), (u16, String)> {
+    type Flags = (bool, bool, bool);
+    /// One row: what it checks, the head, and what `parsed` should give.
+    type Case = (
+        &'static str,
+        &'static str,
+        Result<Flags, (u16, &'static str)>,
+    );
+
+    fn parsed(raw: &str) -> Result<Flags, (u16, String)> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         match parse_head(raw.as_bytes(), &mut headers) {
             Ok(h) => Ok((h.keep_alive, h.expect_continue, h.websocket.is_some())),
@@ -440,7 +448,7 @@ mod tests {
 
     #[test]
     fn head_rules_of_the_h1_front_end() {
-        let cases: &[(&str, &str, Result<(bool, bool, bool), (u16, &str)>)] = &[
+        let cases: &[Case] = &[
             (
                 "1.1 keeps alive",
                 "GET / HTTP/1.1\r\nHost: x\r\n\r\n",

@@ -319,7 +319,6 @@ where
         mut head: RespHead,
         server_cx: Option<opentelemetry::Context>,
     ) -> Step {
-        let proxy = self.proxy.clone();
         if head.status == 101 {
             return self
                 .upgrade(req, started, upstream, conn, head, server_cx)
@@ -342,16 +341,9 @@ where
         // while nothing has gone out (later, the response is cut).
         if head.framing == Framing::Chunked {
             if let Err(why) = wire::chunked::check(&conn.buf.bytes()[head.len..]) {
-                let e = ProxyError::UpstreamBad {
-                    upstream: upstream.url.to_string(),
-                    why,
-                };
-                if let Some(cx) = &server_cx {
-                    proxy.end_server_span(cx, 502, Some(&req.route), None, Some(&e));
-                }
-                let r = Refusal::upstream(e, &req.route, true, req.facts);
-                self.refuse(r, started).await;
-                return Step::Close;
+                return self
+                    .refuse_bad_body(why, req, started, &upstream, server_cx.as_ref())
+                    .await;
             }
         }
 
@@ -416,25 +408,12 @@ where
         if upstream_ok && conn.buf.is_empty() {
             upstream.release_raw(conn);
         }
-        if let Some(cx) = &server_cx {
-            proxy.end_server_span(
-                cx,
-                status,
-                Some(&req.route),
-                Some(&upstream.url_text),
-                error.as_ref(),
-            );
-        }
-        proxy.record(Served {
-            started,
-            conn: &self.info,
-            facts: req.facts.as_ref(),
+        let answered = Answered {
             status,
-            route: Some(&req.route),
-            upstream: Some(&upstream.url_text),
+            upstream: &upstream,
             error: error.as_ref(),
-            trace: server_cx.as_ref(),
-        });
+        };
+        self.record_answer(&req, started, answered, server_cx.as_ref());
         self.spare_facts = req.facts;
         if close || client_gone {
             let _ = self.io.shutdown().await;
@@ -445,6 +424,57 @@ where
         } else {
             Step::KeepAlive
         }
+    }
+
+    /// The record phase for a request the upstream answered: the server
+    /// span ends, and metrics and the access log take the exchange.
+    fn record_answer(
+        &self,
+        req: &Req,
+        started: Instant,
+        answered: Answered<'_>,
+        server_cx: Option<&opentelemetry::Context>,
+    ) {
+        let upstream = Some(&answered.upstream.url_text);
+        if let Some(cx) = server_cx {
+            let route = Some(&req.route);
+            let error = answered.error;
+            self.proxy
+                .end_server_span(cx, answered.status, route, upstream, error);
+        }
+        self.proxy.record(Served {
+            started,
+            conn: &self.info,
+            facts: req.facts.as_ref(),
+            status: answered.status,
+            route: Some(&req.route),
+            upstream,
+            error: answered.error,
+            trace: server_cx,
+        });
+    }
+
+    /// Answers 502 for an upstream response whose body is malformed before
+    /// anything of it has gone to the client, and closes.
+    async fn refuse_bad_body(
+        &mut self,
+        why: &'static str,
+        req: Req,
+        started: Instant,
+        upstream: &UpstreamState,
+        server_cx: Option<&opentelemetry::Context>,
+    ) -> Step {
+        let e = ProxyError::UpstreamBad {
+            upstream: upstream.url.to_string(),
+            why,
+        };
+        if let Some(cx) = server_cx {
+            self.proxy
+                .end_server_span(cx, 502, Some(&req.route), None, Some(&e));
+        }
+        let r = Refusal::upstream(e, &req.route, true, req.facts);
+        self.refuse(r, started).await;
+        Step::Close
     }
 
     /// Logs why a response body could not be passed on whole; the error
@@ -488,22 +518,8 @@ where
             self.refuse(r, started).await;
             return Step::Close;
         }
-        // Rewritten like every head (CRLF, `name: value`), its fields all
-        // kept: they are the handshake's.
         let mut out = Vec::with_capacity(head.len + 32);
-        {
-            let raw = conn.buf.bytes();
-            out.extend_from_slice(b"HTTP/1.1 101 ");
-            out.extend_from_slice(match &raw[head.reason.clone()] {
-                r if !r.is_empty() => r,
-                _ => b"Switching Protocols",
-            });
-            out.extend_from_slice(b"\r\n");
-            for (_, name, value) in self.resp_fields.iter() {
-                field(&mut out, &raw[name.clone()], &raw[value.clone()]);
-            }
-            out.extend_from_slice(b"\r\n");
-        }
+        write_switching_head(&mut out, conn.buf.bytes(), &head, &self.resp_fields);
         conn.buf.consume(head.len);
         if self.io.write_all(&out).await.is_err() || self.io.flush().await.is_err() {
             return Step::Close;
@@ -537,19 +553,12 @@ where
             }
             _ => None,
         };
-        if let Some(cx) = &server_cx {
-            proxy.end_server_span(cx, 101, Some(&req.route), Some(&upstream.url_text), None);
-        }
-        proxy.record(Served {
-            started,
-            conn: &self.info,
-            facts: req.facts.as_ref(),
+        let answered = Answered {
             status: 101,
-            route: Some(&req.route),
-            upstream: Some(&upstream.url_text),
+            upstream: &upstream,
             error: None,
-            trace: server_cx.as_ref(),
-        });
+        };
+        self.record_answer(&req, started, answered, server_cx.as_ref());
         Step::Tunnel(Box::new(Tunnel {
             route: req.route,
             upstream,
@@ -577,6 +586,13 @@ where
     }
 }
 
+/// What the upstream answered, for [`Client::record_answer`].
+struct Answered<'a> {
+    status: u16,
+    upstream: &'a UpstreamState,
+    error: Option<&'a ProxyError>,
+}
+
 /// How a response head goes to the client.
 #[derive(Clone, Copy)]
 pub(super) struct HeadOut {
@@ -586,6 +602,26 @@ pub(super) struct HeadOut {
     pub(super) close: bool,
     /// The body goes chunked.
     pub(super) chunked: bool,
+}
+
+/// A 101's head, rewritten like every head (CRLF, `name: value`) rather
+/// than passed on raw, its fields all kept: they are the handshake's.
+fn write_switching_head(
+    out: &mut Vec<u8>,
+    raw: &[u8],
+    head: &RespHead,
+    fields: &[(H, Range<usize>, Range<usize>)],
+) {
+    out.extend_from_slice(b"HTTP/1.1 101 ");
+    out.extend_from_slice(match &raw[head.reason.clone()] {
+        r if !r.is_empty() => r,
+        _ => b"Switching Protocols",
+    });
+    out.extend_from_slice(b"\r\n");
+    for (_, name, value) in fields {
+        field(out, &raw[name.clone()], &raw[value.clone()]);
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Writes the response head for the client from the upstream's (`raw` is

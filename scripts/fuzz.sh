@@ -7,9 +7,12 @@
 # each asserts properties (agreement fed whole or in pieces, normalised
 # output a fixed point, rewritten heads parse back the same), not only "no
 # panic". Needs a nightly toolchain and cargo-fuzz; both are installed here
-# when missing. The committed seeds (node/fuzz/corpus/<target>) are read,
-# never written: new inputs go to target/fuzz/corpus/<target>, crashes to
-# node/fuzz/artifacts/<target> (the script then fails and names them).
+# when missing. The committed corpus (node/fuzz/corpus/<target>) is read,
+# not written while fuzzing: new inputs go to target/fuzz/corpus/<target>,
+# crashes to node/fuzz/artifacts/<target> (the script then fails and names
+# them). With FUZZ_MERGE=1, after a clean run, the inputs that reach code
+# the committed corpus does not are merged into it (libFuzzer -merge=1,
+# so it grows only by new coverage), to be committed.
 set -euo pipefail
 
 secs=${1:-60}
@@ -53,5 +56,13 @@ done
 if [ ${#failed[@]} -gt 0 ]; then
     echo "crashes found in: ${failed[*]} (see node/fuzz/artifacts/)" >&2
     exit 1
+fi
+if [ "${FUZZ_MERGE:-0}" = 1 ]; then
+    for t in "${targets[@]}"; do
+        before=$(ls "fuzz/corpus/$t" | wc -l)
+        cargo +nightly fuzz run "${flags[@]}" "$t" "fuzz/corpus/$t" "$target_dir/corpus/$t" -- \
+            -merge=1 -max_len=8192 >/dev/null 2>&1
+        echo "== $t: corpus $before -> $(ls "fuzz/corpus/$t" | wc -l) inputs"
+    done
 fi
 echo "all targets ran ${secs}s clean"

@@ -53,6 +53,11 @@ pub struct Args {
     /// Time an upstream has to send response headers, in ms [default: 60000]
     #[arg(long, env = "CHARON_UPSTREAM_TIMEOUT_MS")]
     pub upstream_timeout_ms: Option<u64>,
+    /// Time a client has for a whole request head, in ms, counted from
+    /// the connection's start or its previous response (a total deadline,
+    /// not per read: a slow drip is cut with 408) [default: 30000]
+    #[arg(long, env = "CHARON_HEADER_READ_TIMEOUT_MS")]
+    pub header_read_timeout_ms: Option<u64>,
     /// Time to connect to an upstream, in ms [default: 5000]
     #[arg(long, env = "CHARON_CONNECT_TIMEOUT_MS")]
     pub connect_timeout_ms: Option<u64>,
@@ -193,6 +198,7 @@ struct FileConfig {
     admin_listen: Option<String>,
     trusted_proxies: Option<Vec<String>>,
     upstream_timeout_ms: Option<u64>,
+    header_read_timeout_ms: Option<u64>,
     connect_timeout_ms: Option<u64>,
     failure_cooldown_secs: Option<u64>,
     shutdown_grace_secs: Option<u64>,
@@ -391,7 +397,10 @@ impl Config {
                 .or(file.failure_cooldown_secs)
                 .map(Duration::from_secs)
                 .unwrap_or(defaults.failure_cooldown),
-            header_read_timeout: defaults.header_read_timeout,
+            header_read_timeout: match args.header_read_timeout_ms.or(file.header_read_timeout_ms) {
+                Some(v) => millis("header_read_timeout_ms", v)?,
+                None => defaults.header_read_timeout,
+            },
             https_port: defaults.https_port,
         };
         let log_format = match args.log_format.or(file.log_format).as_deref() {

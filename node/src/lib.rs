@@ -12,9 +12,10 @@
 //!   [`store::names`]: which host holds each domain, the same on every node
 //!   (claim records), and the conflicts a concurrent claim leaves, kept by
 //!   change like the rest.
-//! - [`proxy`]: route table (persistent maps the store's changes are applied
-//!   to, swapped in whole), upstream pools, HTTP forwarding and the WebSocket
-//!   relay.
+//! - [`proxy`]: the reverse proxy: listeners, the HTTP/1 and h2 front ends,
+//!   one pipeline of request phases both call, the route table (persistent
+//!   maps the store's changes are applied to, swapped in whole), upstream
+//!   pools and WebSocket tunnels (its `LIFECYCLE.md` walks a request).
 //! - [`names`]: the persistent name → holder map under the route and SNI
 //!   tables.
 //! - [`api`]: tonic services; API → store → route table; [`api::writes`]:

@@ -57,7 +57,7 @@ fn main() -> ExitCode {
     // tunnels got about 0.8× the median's round trips, and p99 latency was
     // 2–3× nginx's. Now every tunnel that is ready runs once before any runs
     // again, as in an epoll loop; each does bounded work per poll (see
-    // `proxy::relay`).
+    // `proxy::tunnel::relay`).
     let mut builder = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {

@@ -66,31 +66,6 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// True for a WebSocket opening handshake (RFC 6455 §4.1): `Upgrade:
-/// websocket` and an `upgrade` token in `Connection`.
-pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
-    let upgrade = headers.get_all(UPGRADE).iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
-        })
-    });
-    upgrade && connection_upgrade_token(headers).is_some()
-}
-
-/// The `upgrade` token of `Connection` exactly as the client spelled it, so
-/// a backend that compares case-sensitively sees what the client sent.
-pub fn connection_upgrade_token(headers: &HeaderMap) -> Option<HeaderValue> {
-    headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .find(|t| t.eq_ignore_ascii_case("upgrade"))
-        .and_then(|t| HeaderValue::from_str(t).ok())
-}
-
 /// An address range in CIDR notation, for `--trusted-proxy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
@@ -233,6 +208,15 @@ impl Field {
     }
 }
 
+/// A forwarded field as a request may carry it: one the proxy sets, or
+/// the standard `Forwarded` (RFC 7239), which it passes on from trusted
+/// peers only and never sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Incoming {
+    Forwarded(Field),
+    Standard,
+}
+
 /// A value for a [`Field`]: one of the connection's [`ClientFacts`] (a
 /// reference-count increment to put in a `HeaderMap`) or bytes of the
 /// request.
@@ -268,6 +252,33 @@ pub struct Arrived<'a> {
 }
 
 impl<'a> Arrived<'a> {
+    /// One forwarded field of the request, as a front end reads them one
+    /// by one (h1): noted, and whether it goes upstream as it came. Only a
+    /// trusted peer's are kept (its `X-Forwarded-For` and `X-Real-IP`
+    /// are rewritten rather than kept); a client's are dropped and
+    /// replaced.
+    pub fn see(&mut self, field: Incoming, value: &'a [u8], trusted: bool) -> bool {
+        match field {
+            Incoming::Forwarded(Field::For) => {
+                if trusted {
+                    self.xff(value);
+                }
+                return false;
+            }
+            Incoming::Forwarded(Field::RealIp) => {
+                if trusted {
+                    self.xri(value);
+                }
+                return false;
+            }
+            Incoming::Forwarded(Field::Proto) => self.proto = true,
+            Incoming::Forwarded(Field::Host) => self.host = true,
+            Incoming::Forwarded(Field::Port) => self.port = true,
+            Incoming::Standard => {}
+        }
+        trusted
+    }
+
     /// One `X-Forwarded-For` field.
     pub fn xff(&mut self, value: &[u8]) {
         let v = value.trim_ascii();
@@ -425,21 +436,6 @@ mod tests {
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-keep"));
-    }
-
-    #[test]
-    fn detects_upgrades_and_keeps_token_spelling() {
-        let h = map(&[
-            ("connection", "keep-alive, Upgrade"),
-            ("upgrade", "WebSocket"),
-        ]);
-        assert!(is_websocket_upgrade(&h));
-        assert_eq!(connection_upgrade_token(&h).unwrap(), "Upgrade");
-        assert!(!is_websocket_upgrade(&map(&[("upgrade", "websocket")])));
-        assert!(!is_websocket_upgrade(&map(&[
-            ("connection", "upgrade"),
-            ("upgrade", "h2c")
-        ])));
     }
 
     #[test]

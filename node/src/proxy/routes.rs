@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::host::{ProxyHost, UpstreamUrl};
 use crate::names::NameMap;
-use crate::proxy::relay::TunnelOptions;
+use crate::proxy::tunnel::relay::TunnelOptions;
 use crate::proxy::upstream::{Pool, UpstreamRegistry};
 
 /// Where one path prefix of a host goes.

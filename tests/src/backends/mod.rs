@@ -7,6 +7,8 @@
 //! - [`RawUpgradeBackend`]: captures the exact bytes of each request head and
 //!   answers a correct 101, to check header-name spelling.
 //! - [`SilentBackend`]: accepts and never answers (timeouts).
+//! - [`RecordingBackend`]: logs the exact bytes of each connection and
+//!   answers with fixed bytes (the wire tests).
 //! - [`PythonWsBackend`]: `tests/python/ws_backend.py` (Python websockets,
 //!   permessage-deflate).
 //! - [`HttpsEchoBackend`]: an HTTPS echo server with a test certificate, for
@@ -19,6 +21,7 @@ pub mod http_echo;
 pub mod https_echo;
 pub mod python;
 pub mod raw_upgrade;
+pub mod recording;
 pub mod ws_echo;
 
 use std::future::Future;
@@ -31,6 +34,7 @@ pub use http_echo::EchoBackend;
 pub use https_echo::HttpsEchoBackend;
 pub use python::PythonWsBackend;
 pub use raw_upgrade::{RawUpgradeBackend, SilentBackend};
+pub use recording::RecordingBackend;
 pub use ws_echo::WsEchoBackend;
 
 /// Binds `127.0.0.1:0`.

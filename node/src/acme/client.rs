@@ -37,8 +37,9 @@ pub struct Ctx {
 #[derive(Debug, Clone)]
 pub struct Failure {
     pub reason: String,
-    /// Short label for metrics: `ca`, `challenge`, `replication`, `store`,
-    /// `network`, `certificate`.
+    /// Short label for metrics: `ca` (an error the CA answered),
+    /// `validation` (the CA could not validate a name), `challenge` (none
+    /// could be offered), `replication`, `store`, `network`, `certificate`.
     pub kind: &'static str,
     pub retry_after: Option<Duration>,
 }
@@ -244,7 +245,7 @@ async fn prepare_challenges(ctx: &Ctx, order: &mut Order) -> Result<(), Failure>
             AuthorizationStatus::Valid => continue,
             other => {
                 return Err(Failure::new(
-                    "challenge",
+                    "validation",
                     format!("authorization {other:?}"),
                 ))
             }
@@ -370,7 +371,7 @@ pub async fn run_order(ctx: &Ctx, account: &Account, w: &Wanted) -> Result<Store
         prepare_challenges(ctx, &mut order).await?;
         let status = order.poll_ready(&polls).await?;
         if status == OrderStatus::Invalid {
-            return Err(Failure::new("challenge", challenge_error(&mut order).await));
+            return Err(Failure::new("validation", challenge_error(&mut order).await));
         }
     }
     let rec = ctx

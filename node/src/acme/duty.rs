@@ -89,12 +89,30 @@ pub fn due_at(
     base.max(not_before)
 }
 
+/// Consecutive failed validations after which the next attempt waits an
+/// hour: Let's Encrypt refuses a name after 5 failed validations per
+/// account per hour, and a refused name only lengthens the wait.
+pub const VALIDATION_FAILURES_PER_HOUR: u32 = 4;
+
 /// The backoff after `failures` consecutive failures: `min` doubled per
-/// failure, at most a day, at least what the CA asked for.
-pub fn backoff(min: Duration, failures: u32, retry_after: Option<Duration>) -> Duration {
+/// failure, at most a day, at least what the CA asked for, and at least an
+/// hour once [`VALIDATION_FAILURES_PER_HOUR`] failures in a row were
+/// failed validations (`validation`: this one was).
+pub fn backoff(
+    min: Duration,
+    failures: u32,
+    retry_after: Option<Duration>,
+    validation: bool,
+) -> Duration {
     let exp = min.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let limit = if validation && failures >= VALIDATION_FAILURES_PER_HOUR {
+        Duration::from_secs(3600)
+    } else {
+        Duration::ZERO
+    };
     exp.min(Duration::from_secs(86_400))
         .max(retry_after.unwrap_or_default())
+        .max(limit)
 }
 
 #[cfg(test)]
@@ -165,10 +183,15 @@ mod tests {
     #[test]
     fn backoff_doubles_caps_and_honours_retry_after() {
         let m = Duration::from_secs(60);
-        assert_eq!(backoff(m, 1, None), m);
-        assert_eq!(backoff(m, 3, None), m * 4);
-        assert_eq!(backoff(m, 40, None), Duration::from_secs(86_400));
-        let ra = Some(Duration::from_secs(3600));
-        assert_eq!(backoff(m, 1, ra), Duration::from_secs(3600));
+        assert_eq!(backoff(m, 1, None, false), m);
+        assert_eq!(backoff(m, 3, None, false), m * 4);
+        assert_eq!(backoff(m, 40, None, false), Duration::from_secs(86_400));
+        let hour = Duration::from_secs(3600);
+        assert_eq!(backoff(m, 1, Some(hour), false), hour);
+        // Failed validations: quick retries first, then at most 4 an hour.
+        let s = Duration::from_secs(1);
+        assert_eq!(backoff(s, 3, None, true), s * 4);
+        assert_eq!(backoff(s, 4, None, true), hour);
+        assert_eq!(backoff(s, 4, None, false), s * 8);
     }
 }

@@ -267,13 +267,19 @@ impl Manager {
         let mut next = 0;
         let r = update_order(&self.ctx.store, &w.id, |o: &mut AcmeOrder| {
             o.failures += 1;
-            let wait = duty::backoff(self.ctx.settings.retry_min, o.failures, f.retry_after);
+            let validation = f.kind == "validation";
+            let wait = duty::backoff(
+                self.ctx.settings.retry_min,
+                o.failures,
+                f.retry_after,
+                validation,
+            );
             next = wall_ms() + wait.as_millis() as u64;
             o.status = "failed".into();
             o.reason = f.reason.clone();
             o.next_attempt_ms = next;
             o.lease_until_ms = 0;
-            if matches!(f.kind, "ca" | "challenge") {
+            if matches!(f.kind, "ca" | "challenge" | "validation") {
                 // The CA's order is spent: the next attempt places a new one.
                 o.order_url.clear();
             }

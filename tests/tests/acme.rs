@@ -155,6 +155,33 @@ async fn wait_issued(ca: &Ca, nodes: &[&TestNode], name: &str, not: &str) -> Res
     Ok(fps)
 }
 
+/// Order attempts the nodes ran for everything so far, summed over their
+/// `charon_acme_orders_total` (a killed node counts nothing).
+async fn orders_run(nodes: &[&TestNode]) -> Result<u64> {
+    let mut total = 0;
+    for n in nodes {
+        let resp = client::get(n.admin, "localhost", "/metrics").await?;
+        let text = resp.text();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("charon_acme_orders_total "))
+            .context("no charon_acme_orders_total in /metrics")?;
+        total += line.rsplit(' ').next().unwrap_or("0").parse::<u64>()?;
+    }
+    Ok(total)
+}
+
+/// The figure the note asks for: orders per name set, as pebble
+/// counted them and as the nodes' counters did.
+async fn print_orders(what: &str, ca: &Ca, nodes: &[&TestNode]) -> Result<()> {
+    eprintln!(
+        "orders per name ({what}): pebble received {}, nodes ran {} order attempts",
+        ca.pebble.orders(),
+        orders_run(nodes).await?
+    );
+    Ok(())
+}
+
 async fn echo(ws: &mut charon_tests::tls::WssClient, text: &str) -> Result<String> {
     ws.send(Message::text(text)).await?;
     loop {
@@ -198,6 +225,7 @@ async fn host_added_on_one_node_gets_a_pebble_certificate_on_all_three() -> Resu
     let fps = wait_issued(&ca, &refs, name, "").await?;
     let took = started.elapsed();
     eprintln!("issuance on pebble: {took:?} from host add to served on all three nodes");
+    print_orders("host added on one node", &ca, &refs).await?;
     ensure!(
         fps.iter().all(|f| *f == fps[0]),
         "nodes serve different certificates: {fps:?}"
@@ -344,6 +372,7 @@ async fn same_name_added_on_three_nodes_at_once_is_ordered_once() -> Result<()> 
     ensure!(accepted.iter().any(|ok| *ok), "no node accepted the host");
     let refs: Vec<&TestNode> = nodes.iter().collect();
     wait_issued(&ca, &refs, name, "").await?;
+    print_orders("same name added on three nodes at once", &ca, &refs).await?;
     ensure!(
         ca.pebble.orders() == 1,
         "{} orders for one name set (hosts accepted: {accepted:?})",
@@ -389,9 +418,10 @@ async fn orderer_killed_mid_order_another_node_completes_the_same_order() -> Res
         .collect();
     wait_issued(&ca, &survivors, name, "").await?;
     eprintln!(
-        "takeover: certificate served {:?} after the orderer was killed",
+        "takeover: certificate served {:?} after the orderer was killed (lease 4 s here, 45 s by default)",
         killed.elapsed()
     );
+    print_orders("orderer killed mid-order", &ca, &survivors).await?;
     let c = cert(survivors[0], &id).await?;
     ensure!(
         c.history.iter().any(|h| h.contains("took the order over")),

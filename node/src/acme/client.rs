@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use instant_acme::{
-    Account, AccountCredentials, AuthorizationStatus, ChallengeStatus, ChallengeType,
-    ExternalAccountKey, Identifier, NewAccount, NewOrder, Order, OrderStatus, RetryPolicy,
+    Account, AccountCredentials, AuthorizationStatus, CertificateIdentifier, ChallengeStatus,
+    ChallengeType, ExternalAccountKey, Identifier, NewAccount, NewOrder, Order, OrderStatus,
+    RetryPolicy,
 };
 
 use super::challenge::alpn_certificate;
@@ -188,6 +189,70 @@ pub fn note(o: &mut AcmeOrder, node: &str, what: &str) {
     o.history.drain(..excess);
 }
 
+/// The RFC 9773 identifier of a stored certificate (its leaf's authority
+/// key identifier and serial), for renewal information and `replaces`.
+pub fn ari_id(cert_pem: &str) -> Result<CertificateIdentifier<'static>, String> {
+    use rustls_pki_types::Der;
+    let chain = crate::tls::cert::parse_chain(cert_pem)?;
+    let leaf = chain.first().ok_or("empty chain")?;
+    let (_, x509) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| format!("certificate unreadable: {e}"))?;
+    let aki = x509
+        .iter_extensions()
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(a) => {
+                a.key_identifier.as_ref().map(|k| k.0)
+            }
+            _ => None,
+        })
+        .ok_or("the certificate has no authority key identifier")?;
+    let serial = x509.tbs_certificate.raw_serial();
+    Ok(CertificateIdentifier::new(Der::from_slice(aki), Der::from_slice(serial)).into_owned())
+}
+
+/// What the CA's renewal information says: (renew at, ask again at), or
+/// `None` when the CA offers no ARI.
+pub async fn renewal_info(
+    account: &Account,
+    id: &str,
+    cert_pem: &str,
+) -> Result<Option<(u64, u64)>, Failure> {
+    let cid = ari_id(cert_pem).map_err(|e| Failure::new("certificate", e))?;
+    let (info, retry) = match account.renewal_info(&cid).await {
+        Ok(r) => r,
+        Err(instant_acme::Error::Unsupported(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let ms = |t: time::OffsetDateTime| (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+    let w = &info.suggested_window;
+    let at = super::duty::in_window(id, ms(w.start), ms(w.end));
+    // Retry-After as the CA says, within sane bounds (RFC 9773 §4.3.2).
+    let again = retry.clamp(Duration::from_secs(60), Duration::from_secs(86_400));
+    Ok(Some((at, wall_ms() + again.as_millis() as u64)))
+}
+
+/// Places a new order, as the replacement of `replaces` when given (a
+/// renewal the CA exempts from rate limits, RFC 9773 §5); a CA that
+/// refuses the replacement (e.g. already replaced) gets a plain order.
+async fn place(
+    account: &Account,
+    ids: &[Identifier],
+    replaces: Option<&CertificateIdentifier<'static>>,
+) -> Result<Order, Failure> {
+    if let Some(r) = replaces {
+        match account
+            .new_order(&NewOrder::new(ids).replaces(r.clone()))
+            .await
+        {
+            Ok(o) => return Ok(o),
+            Err(e) => {
+                tracing::info!(error = %e, "the CA refused the order as a replacement; placing a plain one")
+            }
+        }
+    }
+    Ok(account.new_order(&NewOrder::new(ids)).await?)
+}
+
 /// Resumes the order in the record when the CA still has it usable, else
 /// places a new one and records its URL at once.
 async fn resume_or_place(
@@ -195,6 +260,7 @@ async fn resume_or_place(
     account: &Account,
     w: &Wanted,
     rec: &AcmeOrder,
+    replaces: Option<&CertificateIdentifier<'static>>,
 ) -> Result<Order, Failure> {
     if !rec.order_url.is_empty() && rec.directory == ctx.settings.directory {
         let resumed = account.order(rec.order_url.clone()).await.map(|mut o| {
@@ -219,7 +285,7 @@ async fn resume_or_place(
         }
     }
     let ids: Vec<Identifier> = w.names.iter().map(|n| Identifier::Dns(n.clone())).collect();
-    let order = account.new_order(&NewOrder::new(&ids)).await?;
+    let order = place(account, &ids, replaces).await?;
     let url = order.url().to_string();
     let directory = ctx.settings.directory.clone();
     update_order(&ctx.store, &w.id, |o| {
@@ -355,7 +421,13 @@ fn order_key_pem(ctx: &Ctx, w: &Wanted, rec: &AcmeOrder) -> Result<String, Failu
 }
 
 /// One attempt, start to finish: returns the certificate as stored.
-pub async fn run_order(ctx: &Ctx, account: &Account, w: &Wanted) -> Result<StoredCert, Failure> {
+/// `replaces`: the certificate this one renews, when the CA offers ARI.
+pub async fn run_order(
+    ctx: &Ctx,
+    account: &Account,
+    w: &Wanted,
+    replaces: Option<&CertificateIdentifier<'static>>,
+) -> Result<StoredCert, Failure> {
     let rec = ctx
         .store
         .snapshot()
@@ -363,7 +435,7 @@ pub async fn run_order(ctx: &Ctx, account: &Account, w: &Wanted) -> Result<Store
         .get(&w.id)
         .map(|o| (**o).clone())
         .unwrap_or_default();
-    let mut order = resume_or_place(ctx, account, w, &rec).await?;
+    let mut order = resume_or_place(ctx, account, w, &rec, replaces).await?;
     let polls = RetryPolicy::new()
         .initial_delay(Duration::from_millis(250))
         .timeout(Duration::from_secs(60));
@@ -371,7 +443,10 @@ pub async fn run_order(ctx: &Ctx, account: &Account, w: &Wanted) -> Result<Store
         prepare_challenges(ctx, &mut order).await?;
         let status = order.poll_ready(&polls).await?;
         if status == OrderStatus::Invalid {
-            return Err(Failure::new("validation", challenge_error(&mut order).await));
+            return Err(Failure::new(
+                "validation",
+                challenge_error(&mut order).await,
+            ));
         }
     }
     let rec = ctx
@@ -435,6 +510,9 @@ fn store_certificate(
         o.failures = 0;
         o.next_attempt_ms = 0;
         o.lease_until_ms = 0;
+        // The old certificate's renewal window is not the new one's.
+        o.ari_renew_at_ms = 0;
+        o.ari_check_at_ms = 0;
         o.updated_at_ms = now;
         note(
             &mut o,

@@ -73,15 +73,31 @@ pub fn renew_at(cert: &StoredCert, renew_after: Option<Duration>) -> u64 {
     }
 }
 
+/// A moment in the CA's suggested renewal window `[start, end)` (RFC
+/// 9773 §4.2 asks for a random one, so a CA's clients spread out), derived
+/// from the id so every node computes the same.
+pub fn in_window(id: &str, start_ms: u64, end_ms: u64) -> u64 {
+    let width = end_ms.saturating_sub(start_ms);
+    if width == 0 {
+        return start_ms;
+    }
+    let h = Sha256::digest(format!("ari\n{id}").as_bytes());
+    start_ms + u64::from_be_bytes(h[..8].try_into().expect("8 bytes")) % width
+}
+
 /// When this certificate needs work next: now if it has none yet (or its
 /// current one is not from ACME, e.g. a record left by a deleted host),
-/// else at its renewal time; never before the backoff's next attempt.
+/// else at its renewal time — the CA's renewal window when it gave one
+/// (ARI), unless `renew_after` overrides both; never before the backoff's
+/// next attempt.
 pub fn due_at(
     order: Option<&AcmeOrder>,
     cert: Option<&StoredCert>,
     renew_after: Option<Duration>,
 ) -> u64 {
+    let ari = order.map_or(0, |o| o.ari_renew_at_ms);
     let base = match cert {
+        Some(c) if c.source == "acme" && ari > 0 && renew_after.is_none() => ari,
         Some(c) if c.source == "acme" => renew_at(c, renew_after),
         _ => 0,
     };
@@ -178,6 +194,19 @@ mod tests {
         };
         assert_eq!(due_at(Some(&o), Some(&c), None), 70 * day);
         assert_eq!(due_at(None, None, None), 0);
+        // The CA's renewal window (ARI) wins over two thirds.
+        let w = in_window("acme-1", 50 * day, 52 * day);
+        assert!((50 * day..52 * day).contains(&w), "{w}");
+        assert_eq!(w, in_window("acme-1", 50 * day, 52 * day));
+        let o = AcmeOrder {
+            ari_renew_at_ms: w,
+            ..AcmeOrder::default()
+        };
+        assert_eq!(due_at(Some(&o), Some(&c), None), w);
+        assert_eq!(
+            due_at(Some(&o), Some(&c), Some(Duration::from_secs(10))),
+            10_000
+        );
     }
 
     #[test]

@@ -64,14 +64,32 @@ impl From<instant_acme::Error> for Failure {
                 Failure {
                     reason: format!("CA: {p}"),
                     kind: "ca",
-                    // instant-acme keeps Retry-After to itself on errors:
-                    // an hour is Let's Encrypt's shortest rate-limit window.
-                    retry_after: rate_limited.then(|| Duration::from_secs(3600)),
+                    // instant-acme keeps the Retry-After header to itself
+                    // on errors; Let's Encrypt repeats it in the detail,
+                    // else an hour (its shortest rate-limit window).
+                    retry_after: rate_limited.then(|| {
+                        p.detail
+                            .as_deref()
+                            .and_then(|d| retry_after_in_detail(d, wall_ms()))
+                            .unwrap_or(Duration::from_secs(3600))
+                    }),
                 }
             }
             _ => Failure::new("network", format!("talking to the CA: {e}")),
         }
     }
+}
+
+/// The wait a rate-limit error's detail names, as Let's Encrypt writes it:
+/// "…, retry after 2026-12-05 01:23:45 UTC: see https://…".
+fn retry_after_in_detail(detail: &str, now_ms: u64) -> Option<Duration> {
+    let at = detail.split("retry after ").nth(1)?.get(..19)?;
+    let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
+    let at = time::PrimitiveDateTime::parse(at, &format)
+        .ok()?
+        .assume_utc();
+    let at_ms = u64::try_from(at.unix_timestamp()).ok()? * 1000;
+    Some(Duration::from_millis(at_ms.saturating_sub(now_ms)))
 }
 
 impl From<StoreError> for Failure {
@@ -544,4 +562,22 @@ fn store_certificate(
         Ok::<_, StoreError>((writes, c))
     })?;
     Ok(cert)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_detail_gives_the_wait() {
+        let d = "too many certificates (5) already issued for this exact set of identifiers \
+                 in the last 168h0m0s, retry after 2026-12-05 01:00:00 UTC: see https://letsencrypt.org/docs/rate-limits/";
+        // 2026-12-05T00:00:00Z
+        let now = 1_796_428_800_000;
+        assert_eq!(
+            retry_after_in_detail(d, now),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(retry_after_in_detail("rate limited", now), None);
+    }
 }

@@ -325,7 +325,7 @@ impl Manager {
         };
         metrics::ORDERS.inc();
         let started = Instant::now();
-        tracing::info!(cert = %w.id, names = ?w.names, node = %self.ctx.node_name, renewing, "ordering a certificate");
+        tracing::info!(cert = %w.id, host = %w.host_id, names = ?w.names, node = %self.ctx.node_name, renewing, "ordering a certificate");
         let replaces = self.replaces(&w.id, renewing);
         let result = tokio::select! {
             r = client::run_order(&self.ctx, &account, &w, replaces.as_ref()) => r,
@@ -334,7 +334,7 @@ impl Manager {
         match result {
             Ok(cert) => {
                 metrics::ISSUED.inc();
-                tracing::info!(cert = %w.id, names = ?w.names, node = %self.ctx.node_name,
+                tracing::info!(cert = %w.id, host = %w.host_id, names = ?w.names, node = %self.ctx.node_name,
                     took_ms = started.elapsed().as_millis() as u64, serial = %cert.serial,
                     "certificate issued");
             }
@@ -389,8 +389,8 @@ impl Manager {
         if let Err(e) = r {
             tracing::warn!(cert = %w.id, error = %e, "cannot record the ACME failure");
         }
-        tracing::warn!(cert = %w.id, names = ?w.names, node = %self.ctx.node_name,
-            error = %f.reason, retry_in_ms = next.saturating_sub(wall_ms()),
+        tracing::warn!(cert = %w.id, host = %w.host_id, names = ?w.names, node = %self.ctx.node_name,
+            error = %f.reason, kind = f.kind, retry_in_ms = next.saturating_sub(wall_ms()),
             "certificate order failed");
     }
 }

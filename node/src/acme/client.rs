@@ -580,4 +580,20 @@ mod tests {
         );
         assert_eq!(retry_after_in_detail("rate limited", now), None);
     }
+
+    #[test]
+    fn ari_id_is_the_leafs_authority_key_id_and_serial() {
+        let ca = crate::tls::cert::test_certs::ca("ARI CA");
+        let mut p = rcgen::CertificateParams::new(vec!["a.example".to_string()]).unwrap();
+        p.use_authority_key_identifier_extension = true;
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&[1, 2, 3]));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &ca.issuer).unwrap();
+        let id = ari_id(&cert.pem()).unwrap();
+        assert_eq!(id.serial, "AQID");
+        // SHA-1 of the CA key, base64url (RFC 9773 §4.1): 20 bytes, 27 chars.
+        assert_eq!(id.authority_key_identifier.len(), 27, "{id}");
+        let (plain, _) = crate::tls::cert::test_certs::leaf(&ca, &["b.example"], None);
+        assert!(ari_id(&plain).is_err(), "no AKI: no identifier");
+    }
 }

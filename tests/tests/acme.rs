@@ -6,6 +6,10 @@
 //! rendezvous hash, and checked afterwards against the order's history),
 //! so every passing case also proves that any node answers any challenge.
 //!
+//! Cases: issuance on all three nodes, one order for a name added on three
+//! nodes at once, takeover after a SIGKILL, handover on drain, TLS-ALPN-01
+//! only, forced renewal under an open tunnel, a CA failure and recovery.
+//!
 //! Short settings keep the file near a minute: leases of 4 s
 //! (`CHARON_ACME_TEST_LEASE_SECS=45` measures takeover with the default), a 300 ms
 //! tick, retries after 1 s.
@@ -443,6 +447,66 @@ async fn orderer_killed_mid_order_another_node_completes_the_same_order() -> Res
     ensure!(
         c.history.iter().any(|h| h.contains("resumed order")),
         "the pending order should be resumed: {:?}",
+        c.history
+    );
+    ensure!(ca.pebble.orders() == 1, "orders: {}", ca.pebble.orders());
+    Ok(())
+}
+
+#[tokio::test]
+async fn orderer_drained_mid_order_hands_the_order_over_at_once() -> Result<()> {
+    if !pebble_or_skip("orderer_drained_mid_order_hands_the_order_over_at_once") {
+        return Ok(());
+    }
+    let ca = ca().await?;
+    let nodes = three(&ca, &[]).await?;
+    let backend = WsEchoBackend::start("ws-echo").await?;
+    let name = "drain.acme.test";
+    let id = cert_id(&[name]);
+    let (orderer, other) = orderer_and_other(&nodes, &[name]).await?;
+    ca.http.set(Route::Hold);
+    ca.tls.set(Route::Hold);
+    nodes[other].add_host(&[name], &[backend.url()]).await?;
+    eventually(ISSUE, || async {
+        let c = cert(&nodes[other], &id).await?;
+        ensure!(
+            c.history.iter().any(|h| h.contains("placed order")),
+            "no order yet: {:?}",
+            c.history
+        );
+        Ok(())
+    })
+    .await?;
+    let drained_name = ids(&nodes).await?[orderer].1.clone();
+    let out = nodes[other]
+        .ctl(&["node", "drain", &drained_name, "--deadline", "30s"])
+        .await?;
+    ensure!(
+        out.status.success(),
+        "node drain: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let drained = Instant::now();
+    // The drained node closes its listeners: validation goes elsewhere.
+    ca.http.point_at(Some(nodes[other].http));
+    ca.tls.point_at(Some(nodes[other].https));
+    let serving: Vec<&TestNode> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != orderer)
+        .map(|(_, n)| n)
+        .collect();
+    wait_issued(&ca, &serving, name, "").await?;
+    eprintln!(
+        "drain handover: certificate served {:?} after the orderer was drained",
+        drained.elapsed()
+    );
+    let c = cert(serving[0], &id).await?;
+    ensure!(
+        c.history
+            .iter()
+            .any(|h| h.contains(&format!("{drained_name}: draining: handed the order over"))),
+        "{:?}",
         c.history
     );
     ensure!(ca.pebble.orders() == 1, "orders: {}", ca.pebble.orders());

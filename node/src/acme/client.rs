@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use instant_acme::{
-    Account, AccountCredentials, AuthorizationStatus, ChallengeStatus, ChallengeType,
-    ExternalAccountKey, Identifier, NewAccount, NewOrder, Order, OrderStatus, RetryPolicy,
+    Account, AccountCredentials, AuthorizationStatus, CertificateIdentifier, ChallengeStatus,
+    ChallengeType, ExternalAccountKey, Identifier, NewAccount, NewOrder, Order, OrderStatus,
+    RetryPolicy,
 };
 
 use super::challenge::alpn_certificate;
@@ -37,8 +38,9 @@ pub struct Ctx {
 #[derive(Debug, Clone)]
 pub struct Failure {
     pub reason: String,
-    /// Short label for metrics: `ca`, `challenge`, `replication`, `store`,
-    /// `network`, `certificate`.
+    /// Short label for metrics: `ca` (an error the CA answered),
+    /// `validation` (the CA could not validate a name), `challenge` (none
+    /// could be offered), `replication`, `store`, `network`, `certificate`.
     pub kind: &'static str,
     pub retry_after: Option<Duration>,
 }
@@ -62,14 +64,32 @@ impl From<instant_acme::Error> for Failure {
                 Failure {
                     reason: format!("CA: {p}"),
                     kind: "ca",
-                    // instant-acme keeps Retry-After to itself on errors:
-                    // an hour is Let's Encrypt's shortest rate-limit window.
-                    retry_after: rate_limited.then(|| Duration::from_secs(3600)),
+                    // instant-acme keeps the Retry-After header to itself
+                    // on errors; Let's Encrypt repeats it in the detail,
+                    // else an hour (its shortest rate-limit window).
+                    retry_after: rate_limited.then(|| {
+                        p.detail
+                            .as_deref()
+                            .and_then(|d| retry_after_in_detail(d, wall_ms()))
+                            .unwrap_or(Duration::from_secs(3600))
+                    }),
                 }
             }
             _ => Failure::new("network", format!("talking to the CA: {e}")),
         }
     }
+}
+
+/// The wait a rate-limit error's detail names, as Let's Encrypt writes it:
+/// "…, retry after 2026-12-05 01:23:45 UTC: see https://…".
+fn retry_after_in_detail(detail: &str, now_ms: u64) -> Option<Duration> {
+    let at = detail.split("retry after ").nth(1)?.get(..19)?;
+    let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
+    let at = time::PrimitiveDateTime::parse(at, &format)
+        .ok()?
+        .assume_utc();
+    let at_ms = u64::try_from(at.unix_timestamp()).ok()? * 1000;
+    Some(Duration::from_millis(at_ms.saturating_sub(now_ms)))
 }
 
 impl From<StoreError> for Failure {
@@ -187,6 +207,70 @@ pub fn note(o: &mut AcmeOrder, node: &str, what: &str) {
     o.history.drain(..excess);
 }
 
+/// The RFC 9773 identifier of a stored certificate (its leaf's authority
+/// key identifier and serial), for renewal information and `replaces`.
+pub fn ari_id(cert_pem: &str) -> Result<CertificateIdentifier<'static>, String> {
+    use rustls_pki_types::Der;
+    let chain = crate::tls::cert::parse_chain(cert_pem)?;
+    let leaf = chain.first().ok_or("empty chain")?;
+    let (_, x509) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| format!("certificate unreadable: {e}"))?;
+    let aki = x509
+        .iter_extensions()
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(a) => {
+                a.key_identifier.as_ref().map(|k| k.0)
+            }
+            _ => None,
+        })
+        .ok_or("the certificate has no authority key identifier")?;
+    let serial = x509.tbs_certificate.raw_serial();
+    Ok(CertificateIdentifier::new(Der::from_slice(aki), Der::from_slice(serial)).into_owned())
+}
+
+/// What the CA's renewal information says: (renew at, ask again at), or
+/// `None` when the CA offers no ARI.
+pub async fn renewal_info(
+    account: &Account,
+    id: &str,
+    cert_pem: &str,
+) -> Result<Option<(u64, u64)>, Failure> {
+    let cid = ari_id(cert_pem).map_err(|e| Failure::new("certificate", e))?;
+    let (info, retry) = match account.renewal_info(&cid).await {
+        Ok(r) => r,
+        Err(instant_acme::Error::Unsupported(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let ms = |t: time::OffsetDateTime| (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+    let w = &info.suggested_window;
+    let at = super::duty::in_window(id, ms(w.start), ms(w.end));
+    // Retry-After as the CA says, within sane bounds (RFC 9773 §4.3.2).
+    let again = retry.clamp(Duration::from_secs(60), Duration::from_secs(86_400));
+    Ok(Some((at, wall_ms() + again.as_millis() as u64)))
+}
+
+/// Places a new order, as the replacement of `replaces` when given (a
+/// renewal the CA exempts from rate limits, RFC 9773 §5); a CA that
+/// refuses the replacement (e.g. already replaced) gets a plain order.
+async fn place(
+    account: &Account,
+    ids: &[Identifier],
+    replaces: Option<&CertificateIdentifier<'static>>,
+) -> Result<Order, Failure> {
+    if let Some(r) = replaces {
+        match account
+            .new_order(&NewOrder::new(ids).replaces(r.clone()))
+            .await
+        {
+            Ok(o) => return Ok(o),
+            Err(e) => {
+                tracing::info!(error = %e, "the CA refused the order as a replacement; placing a plain one")
+            }
+        }
+    }
+    Ok(account.new_order(&NewOrder::new(ids)).await?)
+}
+
 /// Resumes the order in the record when the CA still has it usable, else
 /// places a new one and records its URL at once.
 async fn resume_or_place(
@@ -194,6 +278,7 @@ async fn resume_or_place(
     account: &Account,
     w: &Wanted,
     rec: &AcmeOrder,
+    replaces: Option<&CertificateIdentifier<'static>>,
 ) -> Result<Order, Failure> {
     if !rec.order_url.is_empty() && rec.directory == ctx.settings.directory {
         let resumed = account.order(rec.order_url.clone()).await.map(|mut o| {
@@ -218,7 +303,7 @@ async fn resume_or_place(
         }
     }
     let ids: Vec<Identifier> = w.names.iter().map(|n| Identifier::Dns(n.clone())).collect();
-    let order = account.new_order(&NewOrder::new(&ids)).await?;
+    let order = place(account, &ids, replaces).await?;
     let url = order.url().to_string();
     let directory = ctx.settings.directory.clone();
     update_order(&ctx.store, &w.id, |o| {
@@ -244,7 +329,7 @@ async fn prepare_challenges(ctx: &Ctx, order: &mut Order) -> Result<(), Failure>
             AuthorizationStatus::Valid => continue,
             other => {
                 return Err(Failure::new(
-                    "challenge",
+                    "validation",
                     format!("authorization {other:?}"),
                 ))
             }
@@ -354,7 +439,13 @@ fn order_key_pem(ctx: &Ctx, w: &Wanted, rec: &AcmeOrder) -> Result<String, Failu
 }
 
 /// One attempt, start to finish: returns the certificate as stored.
-pub async fn run_order(ctx: &Ctx, account: &Account, w: &Wanted) -> Result<StoredCert, Failure> {
+/// `replaces`: the certificate this one renews, when the CA offers ARI.
+pub async fn run_order(
+    ctx: &Ctx,
+    account: &Account,
+    w: &Wanted,
+    replaces: Option<&CertificateIdentifier<'static>>,
+) -> Result<StoredCert, Failure> {
     let rec = ctx
         .store
         .snapshot()
@@ -362,7 +453,7 @@ pub async fn run_order(ctx: &Ctx, account: &Account, w: &Wanted) -> Result<Store
         .get(&w.id)
         .map(|o| (**o).clone())
         .unwrap_or_default();
-    let mut order = resume_or_place(ctx, account, w, &rec).await?;
+    let mut order = resume_or_place(ctx, account, w, &rec, replaces).await?;
     let polls = RetryPolicy::new()
         .initial_delay(Duration::from_millis(250))
         .timeout(Duration::from_secs(60));
@@ -370,7 +461,10 @@ pub async fn run_order(ctx: &Ctx, account: &Account, w: &Wanted) -> Result<Store
         prepare_challenges(ctx, &mut order).await?;
         let status = order.poll_ready(&polls).await?;
         if status == OrderStatus::Invalid {
-            return Err(Failure::new("challenge", challenge_error(&mut order).await));
+            return Err(Failure::new(
+                "validation",
+                challenge_error(&mut order).await,
+            ));
         }
     }
     let rec = ctx
@@ -434,6 +528,9 @@ fn store_certificate(
         o.failures = 0;
         o.next_attempt_ms = 0;
         o.lease_until_ms = 0;
+        // The old certificate's renewal window is not the new one's.
+        o.ari_renew_at_ms = 0;
+        o.ari_check_at_ms = 0;
         o.updated_at_ms = now;
         note(
             &mut o,
@@ -465,4 +562,38 @@ fn store_certificate(
         Ok::<_, StoreError>((writes, c))
     })?;
     Ok(cert)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_detail_gives_the_wait() {
+        let d = "too many certificates (5) already issued for this exact set of identifiers \
+                 in the last 168h0m0s, retry after 2026-12-05 01:00:00 UTC: see https://letsencrypt.org/docs/rate-limits/";
+        // 2026-12-05T00:00:00Z
+        let now = 1_796_428_800_000;
+        assert_eq!(
+            retry_after_in_detail(d, now),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(retry_after_in_detail("rate limited", now), None);
+    }
+
+    #[test]
+    fn ari_id_is_the_leafs_authority_key_id_and_serial() {
+        let ca = crate::tls::cert::test_certs::ca("ARI CA");
+        let mut p = rcgen::CertificateParams::new(vec!["a.example".to_string()]).unwrap();
+        p.use_authority_key_identifier_extension = true;
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&[1, 2, 3]));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &ca.issuer).unwrap();
+        let id = ari_id(&cert.pem()).unwrap();
+        assert_eq!(id.serial, "AQID");
+        // SHA-1 of the CA key, base64url (RFC 9773 §4.1): 20 bytes, 27 chars.
+        assert_eq!(id.authority_key_identifier.len(), 27, "{id}");
+        let (plain, _) = crate::tls::cert::test_certs::leaf(&ca, &["b.example"], None);
+        assert!(ari_id(&plain).is_err(), "no AKI: no identifier");
+    }
 }

@@ -73,15 +73,31 @@ pub fn renew_at(cert: &StoredCert, renew_after: Option<Duration>) -> u64 {
     }
 }
 
+/// A moment in the CA's suggested renewal window `[start, end)` (RFC
+/// 9773 §4.2 asks for a random one, so a CA's clients spread out), derived
+/// from the id so every node computes the same.
+pub fn in_window(id: &str, start_ms: u64, end_ms: u64) -> u64 {
+    let width = end_ms.saturating_sub(start_ms);
+    if width == 0 {
+        return start_ms;
+    }
+    let h = Sha256::digest(format!("ari\n{id}").as_bytes());
+    start_ms + u64::from_be_bytes(h[..8].try_into().expect("8 bytes")) % width
+}
+
 /// When this certificate needs work next: now if it has none yet (or its
 /// current one is not from ACME, e.g. a record left by a deleted host),
-/// else at its renewal time; never before the backoff's next attempt.
+/// else at its renewal time — the CA's renewal window when it gave one
+/// (ARI), unless `renew_after` overrides both; never before the backoff's
+/// next attempt.
 pub fn due_at(
     order: Option<&AcmeOrder>,
     cert: Option<&StoredCert>,
     renew_after: Option<Duration>,
 ) -> u64 {
+    let ari = order.map_or(0, |o| o.ari_renew_at_ms);
     let base = match cert {
+        Some(c) if c.source == "acme" && ari > 0 && renew_after.is_none() => ari,
         Some(c) if c.source == "acme" => renew_at(c, renew_after),
         _ => 0,
     };
@@ -89,12 +105,30 @@ pub fn due_at(
     base.max(not_before)
 }
 
+/// Consecutive failed validations after which the next attempt waits an
+/// hour: Let's Encrypt refuses a name after 5 failed validations per
+/// account per hour, and a refused name only lengthens the wait.
+pub const VALIDATION_FAILURES_PER_HOUR: u32 = 4;
+
 /// The backoff after `failures` consecutive failures: `min` doubled per
-/// failure, at most a day, at least what the CA asked for.
-pub fn backoff(min: Duration, failures: u32, retry_after: Option<Duration>) -> Duration {
+/// failure, at most a day, at least what the CA asked for, and at least an
+/// hour once [`VALIDATION_FAILURES_PER_HOUR`] failures in a row were
+/// failed validations (`validation`: this one was).
+pub fn backoff(
+    min: Duration,
+    failures: u32,
+    retry_after: Option<Duration>,
+    validation: bool,
+) -> Duration {
     let exp = min.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let limit = if validation && failures >= VALIDATION_FAILURES_PER_HOUR {
+        Duration::from_secs(3600)
+    } else {
+        Duration::ZERO
+    };
     exp.min(Duration::from_secs(86_400))
         .max(retry_after.unwrap_or_default())
+        .max(limit)
 }
 
 #[cfg(test)]
@@ -160,15 +194,33 @@ mod tests {
         };
         assert_eq!(due_at(Some(&o), Some(&c), None), 70 * day);
         assert_eq!(due_at(None, None, None), 0);
+        // The CA's renewal window (ARI) wins over two thirds.
+        let w = in_window("acme-1", 50 * day, 52 * day);
+        assert!((50 * day..52 * day).contains(&w), "{w}");
+        assert_eq!(w, in_window("acme-1", 50 * day, 52 * day));
+        let o = AcmeOrder {
+            ari_renew_at_ms: w,
+            ..AcmeOrder::default()
+        };
+        assert_eq!(due_at(Some(&o), Some(&c), None), w);
+        assert_eq!(
+            due_at(Some(&o), Some(&c), Some(Duration::from_secs(10))),
+            10_000
+        );
     }
 
     #[test]
     fn backoff_doubles_caps_and_honours_retry_after() {
         let m = Duration::from_secs(60);
-        assert_eq!(backoff(m, 1, None), m);
-        assert_eq!(backoff(m, 3, None), m * 4);
-        assert_eq!(backoff(m, 40, None), Duration::from_secs(86_400));
-        let ra = Some(Duration::from_secs(3600));
-        assert_eq!(backoff(m, 1, ra), Duration::from_secs(3600));
+        assert_eq!(backoff(m, 1, None, false), m);
+        assert_eq!(backoff(m, 3, None, false), m * 4);
+        assert_eq!(backoff(m, 40, None, false), Duration::from_secs(86_400));
+        let hour = Duration::from_secs(3600);
+        assert_eq!(backoff(m, 1, Some(hour), false), hour);
+        // Failed validations: quick retries first, then at most 4 an hour.
+        let s = Duration::from_secs(1);
+        assert_eq!(backoff(s, 3, None, true), s * 4);
+        assert_eq!(backoff(s, 4, None, true), hour);
+        assert_eq!(backoff(s, 4, None, false), s * 8);
     }
 }

@@ -7,10 +7,11 @@
 //! backoff; a draining node gives its orders up so another node continues.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use instant_acme::Account;
+use instant_acme::{Account, CertificateIdentifier};
 use tokio::task::JoinHandle;
 
 use super::client::{self, note, update_order, Ctx, Failure};
@@ -20,13 +21,23 @@ use super::names::{self, Wanted};
 use crate::cluster::gossip::{STATUS_DRAINED, STATUS_DRAINING};
 use crate::store::acme::AcmeOrder;
 use crate::store::StoreError;
+use crate::tls::cert::StoredCert;
 use crate::util::wall_ms;
+
+/// Whether the CA offers renewal information (RFC 9773), learnt from the
+/// first answer: [`ARI_UNKNOWN`], [`ARI_YES`] or [`ARI_NO`].
+const ARI_UNKNOWN: u8 = 0;
+const ARI_YES: u8 = 1;
+const ARI_NO: u8 = 2;
 
 pub struct Manager {
     ctx: Arc<Ctx>,
     /// The account, once loaded: (account URL, client).
     account: tokio::sync::Mutex<Option<(String, Account)>>,
+    /// One task per certificate id: its order, or a renewal-information
+    /// check.
     tasks: Mutex<HashMap<String, JoinHandle<()>>>,
+    ari: AtomicU8,
 }
 
 impl Manager {
@@ -35,6 +46,7 @@ impl Manager {
             ctx: Arc::new(ctx),
             account: tokio::sync::Mutex::new(None),
             tasks: Mutex::new(HashMap::new()),
+            ari: AtomicU8::new(ARI_UNKNOWN),
         })
     }
 
@@ -97,10 +109,16 @@ impl Manager {
             }
             let order = snap.acme_orders.get(&w.id).map(|o| &**o);
             let cert = snap.certs.iter().find(|c| c.id == w.id).map(|c| &**c);
-            if duty::due_at(order, cert, self.ctx.settings.renew_after) > now
-                || duty::responsible(&w.id, &refs) != Some(me.as_str())
-                || !duty::may_take(order, &me, now)
-            {
+            if duty::responsible(&w.id, &refs) != Some(me.as_str()) {
+                continue;
+            }
+            if duty::due_at(order, cert, self.ctx.settings.renew_after) > now {
+                if let Some(c) = cert.filter(|c| c.source == "acme") {
+                    self.maybe_check_ari(&w.id, order, c, now);
+                }
+                continue;
+            }
+            if !duty::may_take(order, &me, now) {
                 continue;
             }
             let renewing = cert.is_some_and(|c| c.source == "acme");
@@ -109,6 +127,84 @@ impl Manager {
             let task = tokio::spawn(async move { m.attempt(w, renewing).await });
             self.tasks.lock().expect("tasks lock").insert(id, task);
         }
+    }
+
+    /// Asks the CA when to renew (ARI) when the last answer said to ask
+    /// again by now; never when the CA has no ARI or `renew_after` is set.
+    fn maybe_check_ari(
+        self: &Arc<Self>,
+        id: &str,
+        order: Option<&AcmeOrder>,
+        cert: &StoredCert,
+        now: u64,
+    ) {
+        if self.ari.load(Ordering::Relaxed) == ARI_NO
+            || self.ctx.settings.renew_after.is_some()
+            || order.is_some_and(|o| o.ari_check_at_ms > now)
+        {
+            return;
+        }
+        let (m, id2, pem) = (self.clone(), id.to_string(), cert.cert_pem.clone());
+        let task = tokio::spawn(async move { m.check_ari(id2, pem).await });
+        self.tasks
+            .lock()
+            .expect("tasks lock")
+            .insert(id.to_string(), task);
+    }
+
+    /// Records the CA's renewal window for the certificate (so every node
+    /// knows when it is due), and when to ask again.
+    async fn check_ari(self: Arc<Self>, id: String, cert_pem: String) {
+        let account = match self.account.lock().await.as_ref() {
+            Some((_, a)) => a.clone(),
+            None => return,
+        };
+        let node = &self.ctx.node_name;
+        let update = match client::renewal_info(&account, &id, &cert_pem).await {
+            Ok(None) => {
+                if self.ari.swap(ARI_NO, Ordering::Relaxed) != ARI_NO {
+                    tracing::info!(directory = %self.ctx.settings.directory,
+                        "the CA offers no renewal information (ARI): renewing at two thirds of the lifetime");
+                }
+                return;
+            }
+            Ok(Some((at, again))) => {
+                self.ari.store(ARI_YES, Ordering::Relaxed);
+                update_order(&self.ctx.store, &id, |o| {
+                    if o.ari_renew_at_ms != at {
+                        let when = crate::util::rfc3339_secs(at);
+                        note(
+                            o,
+                            node,
+                            &format!("CA renewal window (ARI): renew at {when}"),
+                        );
+                    }
+                    o.ari_renew_at_ms = at;
+                    o.ari_check_at_ms = again;
+                })
+            }
+            Err(f) => {
+                tracing::warn!(cert = %id, node = %node, error = %f.reason,
+                    "cannot fetch renewal information (ARI); asking again in an hour");
+                update_order(&self.ctx.store, &id, |o| {
+                    o.ari_check_at_ms = wall_ms() + 3_600_000;
+                })
+            }
+        };
+        if let Err(e) = update {
+            tracing::warn!(cert = %id, error = %e, "cannot record the renewal window");
+        }
+    }
+
+    /// The identifier of the certificate a renewal replaces, when the CA
+    /// offers ARI (it then exempts the order from rate limits).
+    fn replaces(&self, id: &str, renewing: bool) -> Option<CertificateIdentifier<'static>> {
+        if !renewing || self.ari.load(Ordering::Relaxed) != ARI_YES {
+            return None;
+        }
+        let snap = self.ctx.store.snapshot();
+        let cert = snap.certs.iter().find(|c| c.id == id)?;
+        client::ari_id(&cert.cert_pem).ok()
     }
 
     /// Loads the cluster's account, or registers it when this node is the
@@ -229,15 +325,16 @@ impl Manager {
         };
         metrics::ORDERS.inc();
         let started = Instant::now();
-        tracing::info!(cert = %w.id, names = ?w.names, node = %self.ctx.node_name, renewing, "ordering a certificate");
+        tracing::info!(cert = %w.id, host = %w.host_id, names = ?w.names, node = %self.ctx.node_name, renewing, "ordering a certificate");
+        let replaces = self.replaces(&w.id, renewing);
         let result = tokio::select! {
-            r = client::run_order(&self.ctx, &account, &w) => r,
+            r = client::run_order(&self.ctx, &account, &w, replaces.as_ref()) => r,
             _ = self.keep_lease(&w.id) => unreachable!("keep_lease never returns"),
         };
         match result {
             Ok(cert) => {
                 metrics::ISSUED.inc();
-                tracing::info!(cert = %w.id, names = ?w.names, node = %self.ctx.node_name,
+                tracing::info!(cert = %w.id, host = %w.host_id, names = ?w.names, node = %self.ctx.node_name,
                     took_ms = started.elapsed().as_millis() as u64, serial = %cert.serial,
                     "certificate issued");
             }
@@ -267,13 +364,19 @@ impl Manager {
         let mut next = 0;
         let r = update_order(&self.ctx.store, &w.id, |o: &mut AcmeOrder| {
             o.failures += 1;
-            let wait = duty::backoff(self.ctx.settings.retry_min, o.failures, f.retry_after);
+            let validation = f.kind == "validation";
+            let wait = duty::backoff(
+                self.ctx.settings.retry_min,
+                o.failures,
+                f.retry_after,
+                validation,
+            );
             next = wall_ms() + wait.as_millis() as u64;
             o.status = "failed".into();
             o.reason = f.reason.clone();
             o.next_attempt_ms = next;
             o.lease_until_ms = 0;
-            if matches!(f.kind, "ca" | "challenge") {
+            if matches!(f.kind, "ca" | "challenge" | "validation") {
                 // The CA's order is spent: the next attempt places a new one.
                 o.order_url.clear();
             }
@@ -286,8 +389,8 @@ impl Manager {
         if let Err(e) = r {
             tracing::warn!(cert = %w.id, error = %e, "cannot record the ACME failure");
         }
-        tracing::warn!(cert = %w.id, names = ?w.names, node = %self.ctx.node_name,
-            error = %f.reason, retry_in_ms = next.saturating_sub(wall_ms()),
+        tracing::warn!(cert = %w.id, host = %w.host_id, names = ?w.names, node = %self.ctx.node_name,
+            error = %f.reason, kind = f.kind, retry_in_ms = next.saturating_sub(wall_ms()),
             "certificate order failed");
     }
 }

@@ -6,7 +6,8 @@
 //!   that neither pins a certificate nor opts out; DNS names only: no IP
 //!   literals, no wildcards, as DNS-01 is out of scope).
 //! - [`duty`]: which node orders (rendezvous hashing + a replicated lease)
-//!   and when (two thirds into the lifetime, with jitter; backoff).
+//!   and when (two thirds into the lifetime, with jitter, or in the CA's
+//!   renewal window where it offers ARI, RFC 9773; backoff).
 //! - [`client`]: the protocol (instant-acme): account, order, challenges,
 //!   finalisation; the result is an ordinary certificate record, hot-loaded
 //!   by SNI on every node.

@@ -34,22 +34,34 @@ pub fn orderable(domain: &str) -> bool {
         && domain.contains('.')
 }
 
-pub fn wanted<'a>(hosts: impl IntoIterator<Item = &'a ProxyHost>) -> Vec<Wanted> {
-    let mut out: Vec<Wanted> = hosts
+/// The certificate a host should get automatically, if any.
+fn wanted_for(h: &ProxyHost) -> Option<Wanted> {
+    if !h.enabled || h.no_acme || !h.cert_id.is_empty() {
+        return None;
+    }
+    let mut names: Vec<String> = h.domains.iter().filter(|d| orderable(d)).cloned().collect();
+    names.sort();
+    names.dedup();
+    (!names.is_empty()).then(|| Wanted {
+        id: set_id(&names),
+        names,
+        host_id: h.id.clone(),
+    })
+}
+
+/// The hosts an ACME certificate is for (the `HOSTS` column of `cert
+/// list`: such a certificate is served by name, not pinned).
+pub fn hosts_of<'a>(
+    hosts: impl IntoIterator<Item = &'a ProxyHost>,
+    cert_id: &'a str,
+) -> impl Iterator<Item = &'a ProxyHost> {
+    hosts
         .into_iter()
-        .filter(|h| h.enabled && !h.no_acme && h.cert_id.is_empty())
-        .filter_map(|h| {
-            let mut names: Vec<String> =
-                h.domains.iter().filter(|d| orderable(d)).cloned().collect();
-            names.sort();
-            names.dedup();
-            (!names.is_empty()).then(|| Wanted {
-                id: set_id(&names),
-                names,
-                host_id: h.id.clone(),
-            })
-        })
-        .collect();
+        .filter(move |h| wanted_for(h).is_some_and(|w| w.id == cert_id))
+}
+
+pub fn wanted<'a>(hosts: impl IntoIterator<Item = &'a ProxyHost>) -> Vec<Wanted> {
+    let mut out: Vec<Wanted> = hosts.into_iter().filter_map(wanted_for).collect();
     out.sort_by(|a, b| a.id.cmp(&b.id));
     // Hosts added with the same names on several nodes at once exist side
     // by side until one is removed: they share one certificate.
@@ -91,5 +103,7 @@ mod tests {
         assert_eq!(w[0].names, vec!["a.example", "b.example"]);
         assert_eq!(w[0].id, set_id(&w[0].names));
         assert!(w[0].id.starts_with("acme-"));
+        let of: Vec<&str> = hosts_of(&hosts, &w[0].id).map(|h| h.id.as_str()).collect();
+        assert_eq!(of, vec!["b.example", "a.example"]);
     }
 }

@@ -61,12 +61,13 @@ fn with_order(mut c: pb::Certificate, order: Option<&AcmeOrder>, history: bool) 
 }
 
 /// An ACME order that has no certificate yet (pending or failed).
-fn order_only_to_pb(o: &AcmeOrder, history: bool) -> pb::Certificate {
+fn order_only_to_pb(o: &AcmeOrder, snap: &Snapshot, history: bool) -> pb::Certificate {
     let c = pb::Certificate {
         id: o.id.clone(),
         name: o.names.first().cloned().unwrap_or_default(),
         domains: o.names.clone(),
         updated_at_ms: o.updated_at_ms,
+        used_by_hosts: used_by(snap, &o.id, "acme"),
         ..Default::default()
     };
     with_order(c, Some(o), history)
@@ -97,9 +98,22 @@ fn cert_to_pb(c: &StoredCert, snap: &Snapshot) -> pb::Certificate {
         created_at_ms: c.created_at_ms,
         updated_at_ms: c.updated_at_ms,
         version: c.version,
-        used_by_hosts: snap.hosts_pinning(&c.id).map(|h| h.id.clone()).collect(),
+        used_by_hosts: used_by(snap, &c.id, &c.source),
         cert_pem: c.cert_pem.clone(),
         ..Default::default()
+    }
+}
+
+/// The hosts that pin an uploaded certificate, or that an ACME one was
+/// ordered for.
+fn used_by(snap: &Snapshot, id: &str, source: &str) -> Vec<String> {
+    if source == "acme" {
+        let hosts = snap.hosts.iter().map(|h| &**h);
+        crate::acme::names::hosts_of(hosts, id)
+            .map(|h| h.id.clone())
+            .collect()
+    } else {
+        snap.hosts_pinning(id).map(|h| h.id.clone()).collect()
     }
 }
 
@@ -207,7 +221,7 @@ impl pb::certificates_server::Certificates for CertsApi {
         match snap.certs.get(&id) {
             Some(c) => Ok(Response::new(with_order(cert_to_pb(c, &snap), order, true))),
             None => match order {
-                Some(o) => Ok(Response::new(order_only_to_pb(o, true))),
+                Some(o) => Ok(Response::new(order_only_to_pb(o, &snap, true))),
                 None => Err(Status::from(not_found(&id))),
             },
         }
@@ -230,7 +244,7 @@ impl pb::certificates_server::Certificates for CertsApi {
             snap.acme_orders
                 .iter()
                 .filter(|o| snap.certs.get(&o.id).is_none())
-                .map(|o| order_only_to_pb(o, false)),
+                .map(|o| order_only_to_pb(o, &snap, false)),
         );
         certificates.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
         Ok(Response::new(pb::ListCertificatesResponse { certificates }))

@@ -61,6 +61,11 @@ pub struct AcmeOrder {
     /// New orders placed for these names so far.
     pub orders: u64,
     pub directory: String,
+    /// When the CA's renewal information (RFC 9773) says to renew; 0 =
+    /// none (the CA offers no ARI, or was not asked yet).
+    pub ari_renew_at_ms: u64,
+    /// When to ask the CA for renewal information again.
+    pub ari_check_at_ms: u64,
 }
 
 /// A TLS-ALPN-01 challenge certificate for one name.
@@ -133,6 +138,8 @@ pub(super) fn order_to_pb(o: &AcmeOrder) -> pb::AcmeOrderRecord {
         updated_at_ms: o.updated_at_ms,
         orders: o.orders,
         directory: o.directory.clone(),
+        ari_renew_at_ms: o.ari_renew_at_ms,
+        ari_check_at_ms: o.ari_check_at_ms,
     }
 }
 
@@ -157,6 +164,8 @@ pub(super) fn order_from_pb(o: pb::AcmeOrderRecord) -> AcmeOrder {
         updated_at_ms: o.updated_at_ms,
         orders: o.orders,
         directory: o.directory,
+        ari_renew_at_ms: o.ari_renew_at_ms,
+        ari_check_at_ms: o.ari_check_at_ms,
     }
 }
 

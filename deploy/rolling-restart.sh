@@ -217,17 +217,24 @@ for node in "${nodes[@]}"; do
     node_start=$now
     node_deadline=$((now + timeout_ms))
 
-    # 1. Checks.
-    pick_endpoint
-    record=$(member_of)
-    [[ -n $record ]] || fail "$node is not a member of the cluster (as $ep sees it);" \
-        "members: $(jq -r '[.[].name] | join(", ")' <<<"$members")"
-    generation=$(jq -r '.generation' <<<"$record")
-    node_id=$(jq -r '.node_id' <<<"$record")
-    busy=$(jq -r --arg id "$node_id" \
-        '.[] | select(.node_id != $id and .live and .status != "serving") | "\(.name) (\(.status))"' \
-        <<<"$members")
-    [[ -z $busy ]] || fail "refusing to drain $node while other nodes are out of service: ${busy//$'\n'/, }"
+    # 1. Checks. The node restarted last is back in service by the word of
+    # the endpoint that undrained it; the endpoint picked here may hear of
+    # it a gossip round later, so a node out of service is waited for (up
+    # to --timeout) before this one is refused.
+    while :; do
+        pick_endpoint
+        record=$(member_of)
+        [[ -n $record ]] || fail "$node is not a member of the cluster (as $ep sees it);" \
+            "members: $(jq -r '[.[].name] | join(", ")' <<<"$members")"
+        generation=$(jq -r '.generation' <<<"$record")
+        node_id=$(jq -r '.node_id' <<<"$record")
+        busy=$(jq -r --arg id "$node_id" \
+            '.[] | select(.node_id != $id and .live and .status != "serving") | "\(.name) (\(.status))"' \
+            <<<"$members")
+        [[ -n $busy ]] || break
+        time_left || fail "refusing to drain $node while other nodes are out of service: ${busy//$'\n'/, }"
+        pause
+    done
     dead=$(jq -r --arg id "$node_id" '.[] | select(.node_id != $id and (.live | not)) | .name' <<<"$members")
     [[ -z $dead ]] || log "warning: not live as $ep sees it: ${dead//$'\n'/, } (going on with $node)"
     log "$node: draining (deadline $deadline, spread $spread) via $ep"

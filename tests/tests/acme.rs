@@ -197,6 +197,31 @@ async fn print_orders(what: &str, ca: &Ca, nodes: &[&TestNode]) -> Result<()> {
     Ok(())
 }
 
+/// Holds the CA's validation at the relay, adds a host for `name` on
+/// `node`, and waits until the order is placed but cannot finish: the
+/// moment to take the ordering node away.
+async fn add_and_hold_validation(
+    ca: &Ca,
+    node: &TestNode,
+    name: &str,
+    id: &str,
+    backend: &WsEchoBackend,
+) -> Result<()> {
+    ca.http.set(Route::Hold);
+    ca.tls.set(Route::Hold);
+    node.add_host(&[name], &[backend.url()]).await?;
+    eventually(ISSUE, || async {
+        let c = cert(node, id).await?;
+        ensure!(
+            c.history.iter().any(|h| h.contains("placed order")),
+            "no order yet: {:?}",
+            c.history
+        );
+        Ok(())
+    })
+    .await
+}
+
 async fn echo(ws: &mut charon_tests::tls::WssClient, text: &str) -> Result<String> {
     ws.send(Message::text(text)).await?;
     loop {
@@ -408,19 +433,7 @@ async fn orderer_killed_mid_order_another_node_completes_the_same_order() -> Res
     let id = cert_id(&[name]);
     let (orderer, other) = orderer_and_other(&nodes, &[name]).await?;
     // Validation waits at the relay: the order is placed, not finished.
-    ca.http.set(Route::Hold);
-    ca.tls.set(Route::Hold);
-    nodes[other].add_host(&[name], &[backend.url()]).await?;
-    eventually(ISSUE, || async {
-        let c = cert(&nodes[other], &id).await?;
-        ensure!(
-            c.history.iter().any(|h| h.contains("placed order")),
-            "no order yet: {:?}",
-            c.history
-        );
-        Ok(())
-    })
-    .await?;
+    add_and_hold_validation(&ca, &nodes[other], name, &id, &backend).await?;
     nodes[orderer].kill().await?;
     let killed = Instant::now();
     ca.http.point_at(Some(nodes[other].http));
@@ -464,19 +477,7 @@ async fn orderer_drained_mid_order_hands_the_order_over_at_once() -> Result<()> 
     let name = "drain.acme.test";
     let id = cert_id(&[name]);
     let (orderer, other) = orderer_and_other(&nodes, &[name]).await?;
-    ca.http.set(Route::Hold);
-    ca.tls.set(Route::Hold);
-    nodes[other].add_host(&[name], &[backend.url()]).await?;
-    eventually(ISSUE, || async {
-        let c = cert(&nodes[other], &id).await?;
-        ensure!(
-            c.history.iter().any(|h| h.contains("placed order")),
-            "no order yet: {:?}",
-            c.history
-        );
-        Ok(())
-    })
-    .await?;
+    add_and_hold_validation(&ca, &nodes[other], name, &id, &backend).await?;
     let drained_name = ids(&nodes).await?[orderer].1.clone();
     let out = nodes[other]
         .ctl(&["node", "drain", &drained_name, "--deadline", "30s"])

@@ -28,12 +28,12 @@ use crate::telemetry::otel;
 /// The request's trace context (its server span), from `handle` to the
 /// upstream call and the tunnel.
 #[derive(Clone)]
-struct TraceCx(opentelemetry::Context);
+pub(super) struct TraceCx(pub(super) opentelemetry::Context);
 
 /// Which upstream answered, carried on the response from `forward` to the
 /// access log.
 #[derive(Clone)]
-struct UpstreamUsed(Arc<str>);
+pub(super) struct UpstreamUsed(pub(super) Arc<str>);
 
 /// What each request's service call needs: one `Arc` clone per request.
 struct Connection {
@@ -176,7 +176,18 @@ impl Proxy {
         {
             return (answer_response(a, hsts), Some(route), None);
         }
-        let (mut resp, error) = match self.forward(req, &route, &host_value, conn).await {
+        // RFC 8441: an extended CONNECT (`:protocol`) is a WebSocket, or
+        // something this proxy does not tunnel.
+        let websocket = super::h2_websocket::extended_connect(&req)
+            .map(|p| p.eq_ignore_ascii_case("websocket"));
+        let forwarded = match websocket {
+            None => self.forward(req, &route, &host_value, conn).await,
+            Some(true) => self.forward_websocket(req, &route, &host_value, conn).await,
+            Some(false) => Err(ProxyError::NotImplemented(
+                "extended CONNECT for a protocol other than websocket",
+            )),
+        };
+        let (mut resp, error) = match forwarded {
             Ok(resp) => (resp, None),
             Err(e) => {
                 tracing::warn!(host = %host, host_id = %route.host.id, client = %conn.peer, status = e.status().as_u16(), "{e}");
@@ -337,7 +348,7 @@ enum SendError {
 /// origin-form target (h2 targets come with scheme and authority),
 /// hop-by-hop fields out (`Expect` too: hyper answers it), cookies in one
 /// field, `Host` when the host keeps the client's, the forwarded headers.
-fn rewrite_request(
+pub(super) fn rewrite_request(
     req: &mut Request<Incoming>,
     route: &Route,
     host_value: &HeaderValue,
@@ -390,7 +401,10 @@ fn end_client_span(
 }
 
 /// An answer of the proxy's own, as an h2 (hyper) response.
-fn answer_response(a: pipeline::Answer, hsts: Option<&HeaderValue>) -> Response<ProxyBody> {
+pub(super) fn answer_response(
+    a: pipeline::Answer,
+    hsts: Option<&HeaderValue>,
+) -> Response<ProxyBody> {
     let mut resp = Response::new(Either::Right(Full::new(Bytes::from(a.body))));
     *resp.status_mut() = a.status;
     let headers = resp.headers_mut();

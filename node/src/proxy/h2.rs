@@ -28,12 +28,12 @@ use crate::telemetry::otel;
 /// The request's trace context (its server span), from `handle` to the
 /// upstream call and the tunnel.
 #[derive(Clone)]
-pub(super) struct TraceCx(pub(super) opentelemetry::Context);
+struct TraceCx(opentelemetry::Context);
 
 /// Which upstream answered, carried on the response from `forward` to the
 /// access log.
 #[derive(Clone)]
-pub(super) struct UpstreamUsed(pub(super) Arc<str>);
+struct UpstreamUsed(Arc<str>);
 
 /// What each request's service call needs: one `Arc` clone per request.
 struct Connection {
@@ -182,7 +182,7 @@ impl Proxy {
             .map(|p| p.eq_ignore_ascii_case("websocket"));
         let forwarded = match websocket {
             None => self.forward(req, &route, &host_value, conn).await,
-            Some(true) => self.forward_websocket(req, &route, &host_value, conn).await,
+            Some(true) => self.websocket(req, &route, &host_value, conn).await,
             Some(false) => Err(ProxyError::NotImplemented(
                 "extended CONNECT for a protocol other than websocket",
             )),
@@ -292,6 +292,35 @@ impl Proxy {
         Err(last_err.expect("a pool has at least one upstream"))
     }
 
+    /// An RFC 8441 WebSocket: phase 3 as for any h2 request, then the
+    /// upgrade and tunnel of [`super::h2_websocket`].
+    async fn websocket(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+        route: &Arc<Route>,
+        host_value: &HeaderValue,
+        conn: &ConnInfo,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        if !route.host.websocket {
+            return Err(ProxyError::NotImplemented(
+                "WebSockets are turned off for this host",
+            ));
+        }
+        // Taken before the request is consumed: resolves to the stream once
+        // the 200 has been sent.
+        let client_stream = hyper::upgrade::on(&mut req);
+        let trace_parent = req.extensions().get::<TraceCx>().map(|c| c.0.clone());
+        rewrite_request(&mut req, route, host_value, conn)?;
+        let (parts, _) = req.into_parts();
+        let (mut resp, used) = self
+            .forward_websocket(parts, client_stream, route, host_value, conn, trace_parent)
+            .await?;
+        if self.telemetry.get().is_some() {
+            resp.extensions_mut().insert(UpstreamUsed(used));
+        }
+        Ok(resp)
+    }
+
     /// Sends on a pooled connection (or a new one). A pooled connection that
     /// turns out closed hands the request back untouched and is replaced by
     /// a new connection; a connect failure also hands it back, so the caller
@@ -348,7 +377,7 @@ enum SendError {
 /// origin-form target (h2 targets come with scheme and authority),
 /// hop-by-hop fields out (`Expect` too: hyper answers it), cookies in one
 /// field, `Host` when the host keeps the client's, the forwarded headers.
-pub(super) fn rewrite_request(
+fn rewrite_request(
     req: &mut Request<Incoming>,
     route: &Route,
     host_value: &HeaderValue,
@@ -401,10 +430,7 @@ fn end_client_span(
 }
 
 /// An answer of the proxy's own, as an h2 (hyper) response.
-pub(super) fn answer_response(
-    a: pipeline::Answer,
-    hsts: Option<&HeaderValue>,
-) -> Response<ProxyBody> {
+fn answer_response(a: pipeline::Answer, hsts: Option<&HeaderValue>) -> Response<ProxyBody> {
     let mut resp = Response::new(Either::Right(Full::new(Bytes::from(a.body))));
     *resp.status_mut() = a.status;
     let headers = resp.headers_mut();

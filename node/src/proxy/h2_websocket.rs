@@ -2,8 +2,8 @@
 //! extended CONNECT stream (`:method = CONNECT`, `:protocol = websocket`,
 //! offered only when the node advertises `SETTINGS_ENABLE_CONNECT_PROTOCOL`,
 //! `--h2-websockets`). The request has gone through the same phases as any
-//! other ([`super::h2`]'s `handle_inner`: route, request policy, then this
-//! file for rewrite and attempts, then response policy and record); here it
+//! other ([`super::h2`]'s `handle_inner`: route, request policy, rewrite,
+//! then this file for the attempts, then response policy and record); here it
 //! becomes an HTTP/1.1 upgrade to the upstream — upstreams speak WebSocket
 //! over HTTP/1.1, and the architecture never sends an upgrade upstream over
 //! h2 — with a key the proxy makes and an accept it checks
@@ -30,7 +30,6 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 
 use super::error::ProxyError;
-use super::h2::{rewrite_request, TraceCx, UpstreamUsed};
 use super::pipeline;
 use super::routes::Route;
 use super::tunnel::handshake;
@@ -85,25 +84,20 @@ impl Proxy {
     /// each upstream of the pool in attempt order (a refused connect tries
     /// the next one, as every request does), then the 200 that opens the
     /// tunnel, or the upstream's refusal.
+    /// `parts` is the request as phase 3 ([`super::h2`]'s
+    /// `rewrite_request`) left it; `client_stream` resolves to the h2
+    /// stream once the 200 is out; `trace_parent` is the request's server
+    /// span. Returns the answer and the upstream that gave it.
     pub(super) async fn forward_websocket(
         self: &Arc<Self>,
-        mut req: Request<Incoming>,
+        parts: http::request::Parts,
+        client_stream: hyper::upgrade::OnUpgrade,
         route: &Arc<Route>,
         host_value: &HeaderValue,
         conn: &ConnInfo,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        if !route.host.websocket {
-            return Err(ProxyError::NotImplemented(
-                "WebSockets are turned off for this host",
-            ));
-        }
-        // Taken before the request is consumed: resolves to the stream once
-        // the 200 has been sent.
-        let client_stream = hyper::upgrade::on(&mut req);
-        let pool = route.pool_for(req.uri().path()).clone();
-        rewrite_request(&mut req, route, host_value, conn)?;
-        let trace_parent = req.extensions().get::<TraceCx>().map(|c| c.0.clone());
-        let (parts, _) = req.into_parts();
+        trace_parent: Option<opentelemetry::Context>,
+    ) -> Result<(Response<ProxyBody>, Arc<str>), ProxyError> {
+        let pool = route.pool_for(parts.uri.path());
         let path_q = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let key = handshake::new_key();
         let mut last_err = None;
@@ -133,7 +127,7 @@ impl Proxy {
             match opened {
                 Ok((raw, answer)) => {
                     upstream.mark_up();
-                    let mut resp = match answer.status {
+                    let resp = match answer.status {
                         101 => {
                             check_switch(&answer, &key, upstream)?;
                             let resp = switched_response(&answer);
@@ -159,11 +153,7 @@ impl Proxy {
                         }
                         _ => refusal_response(raw, answer, route.upstream_timeout).await,
                     };
-                    if self.telemetry.get().is_some() {
-                        resp.extensions_mut()
-                            .insert(UpstreamUsed(upstream.url_text.clone()));
-                    }
-                    return Ok(resp);
+                    return Ok((resp, upstream.url_text.clone()));
                 }
                 Err(e) => {
                     if !pipeline::attempt_failed(upstream, &e, self.config.failure_cooldown) {

@@ -10,6 +10,7 @@
 //! - [`client`]: small clients that set the `Host` header themselves: HTTP/1.1,
 //!   h2 with prior knowledge, raw bytes on a socket, WebSocket (tungstenite and
 //!   a frame-by-frame raw client).
+//! - [`chromium`]: headless Chromium driven over the DevTools protocol.
 //! - [`h2ws`]: a WebSocket client over h2 (RFC 8441 extended CONNECT, the
 //!   `h2` crate) with tungstenite's client role on the stream.
 //! - [`wait`]: [`eventually`] — poll a condition with a deadline; tests never
@@ -21,6 +22,7 @@
 //!   a test CA and report the served certificate, HTTPS/h2/`wss://` helpers.
 
 pub mod backends;
+pub mod chromium;
 pub mod client;
 pub mod h2ws;
 pub mod haproxy;

@@ -578,3 +578,176 @@ async fn the_setting_off_advertises_nothing_and_refuses_connect() -> Result<()> 
     assert!(conn.extended_connect_enabled());
     Ok(())
 }
+
+// ---------------------------------------------------------------- Chromium
+
+/// `charon_tls_handshakes_total` from the node's admin listener.
+async fn tls_handshakes(node: &TestNode) -> Result<u64> {
+    let resp = client::get(node.admin, "localhost", "/metrics").await?;
+    let text = resp.text();
+    text.lines()
+        .find_map(|l| l.strip_prefix("charon_tls_handshakes_total "))
+        .context("no charon_tls_handshakes_total in /metrics")?
+        .trim()
+        .parse()
+        .context("charon_tls_handshakes_total")
+}
+
+/// Opens `window.s`: two sockets to the Python backend (subprotocol
+/// `chat`, Chromium's own permessage-deflate offer) and one to the
+/// tungstenite echo; each with a promise of its close event.
+const OPEN_SOCKETS: &str = r#"(async () => {
+  const base = `wss://${location.host}`;
+  const open = (path, protos) => new Promise((resolve, reject) => {
+    const ws = new WebSocket(base + path, protos);
+    ws.binaryType = "arraybuffer";
+    ws.closed = new Promise(r => ws.addEventListener("close",
+      e => r({code: e.code, reason: e.reason, clean: e.wasClean})));
+    ws.onopen = () => resolve(ws);
+    ws.onerror = () => reject(new Error("WebSocket to " + path + " failed"));
+  });
+  window.s = await Promise.all([open("/py/a", ["chat"]), open("/py/b", ["chat"]), open("/echo/c", [])]);
+  return window.s.map(ws => ({protocol: ws.protocol, extensions: ws.extensions}));
+})()"#;
+
+/// Echoes on every socket (1 MiB binary and text through deflate), then
+/// closes one from the browser (4000) and has the echo backend close
+/// another (4001).
+const ECHO_AND_CLOSE: &str = r#"(async () => {
+  const next = ws => new Promise(r => ws.addEventListener("message", e => r(e.data), {once: true}));
+  const [a, b, c] = window.s;
+  const out = {};
+  let p = next(a); a.send("hello from chromium"); out.text = await p;
+  const big = new Uint8Array(1 << 20);
+  for (let i = 0; i < big.length; i++) big[i] = (i * 7) % 251;
+  p = next(b); b.send(big);
+  const back = new Uint8Array(await p);
+  out.binary_ok = back.length === big.length && back.every((v, i) => v === big[i]);
+  const long = "charon ".repeat(150000);
+  p = next(b); b.send(long); out.long_text_ok = (await p) === long;
+  p = next(c); c.send("plain echo"); out.echo = await p;
+  a.close(4000, "browser done"); out.client_close = await a.closed;
+  c.send("close:4001"); out.server_close = await c.closed;
+  return out;
+})()"#;
+
+/// Chromium loads a page over h2 from the node and opens its `wss://`
+/// sockets on the page's own TLS connection (RFC 8441): no TLS handshake
+/// after the page's, every tunnel from the same client address.
+#[tokio::test]
+async fn chromium_opens_websockets_over_the_pages_h2_connection() -> Result<()> {
+    // The Python backend runs scripts/setup-test-env.sh, which also
+    // installs chromium where apt-get can.
+    let py = PythonWsBackend::start().await?;
+    let Some(chromium) = charon_tests::chromium::find_chromium() else {
+        eprintln!(
+            "SKIPPED: chromium not installed (scripts/setup-test-env.sh installs Debian's \
+             chromium with apt-get where it can; or set CHROMIUM_BIN): the browser test \
+             of WebSockets over h2 was not run"
+        );
+        return Ok(());
+    };
+    let front = Front::start(TestNode::builder().args([
+        "--drain-delay-secs",
+        "0",
+        "--drain-deadline-secs",
+        "1",
+        "--drain-spread-secs",
+        "0",
+        "--shutdown-grace-secs",
+        "2",
+    ]))
+    .await?;
+    let page_backend = charon_tests::EchoBackend::start("page").await?;
+    let echo = WsEchoBackend::start("echo").await?;
+    let mut req = charon_tests::host_request(&["app.h2.test"], &[page_backend.url()]);
+    if let Some(h) = req.host.as_mut() {
+        for (prefix, url) in [("/py", py.url()), ("/echo", echo.url())] {
+            h.locations.push(charon_proto::v1::Location {
+                path_prefix: prefix.into(),
+                upstreams: vec![url],
+            });
+        }
+    }
+    front.node.create_host(req).await?;
+    front.node.wait_routed("app.h2.test").await?;
+
+    let before = tls_handshakes(&front.node).await?;
+    let browser = charon_tests::chromium::Chromium::start(&chromium).await?;
+    let url = format!("https://app.h2.test:{}/page", front.node.https.port());
+    let page = browser.open(&url).await?;
+    let loaded = eventually(WAIT, || async {
+        let v = page
+            .eval("[document.readyState, location.href, performance.getEntriesByType('navigation')[0]?.nextHopProtocol]")
+            .await?;
+        ensure!(v[0] == "complete" && v[1] == url.as_str(), "page: {v}");
+        Ok(v)
+    })
+    .await?;
+    assert_eq!(loaded[2], "h2", "the page did not come over h2: {loaded}");
+    // Chromium may open more than one connection while loading (a
+    // speculative one, a credential-less one for the favicon): the sockets
+    // are counted from here.
+    let page_handshakes = tls_handshakes(&front.node).await? - before;
+    ensure!(
+        page_handshakes >= 1,
+        "the page came without a TLS handshake?"
+    );
+    let before = before + page_handshakes;
+
+    let opened = page.eval(OPEN_SOCKETS).await?;
+    for i in 0..2 {
+        assert_eq!(opened[i]["protocol"], "chat", "{opened}");
+        ensure!(
+            opened[i]["extensions"]
+                .as_str()
+                .is_some_and(|e| e.contains("permessage-deflate")),
+            "deflate not agreed: {opened}"
+        );
+    }
+    // Every socket is a tunnel from the page's one connection.
+    let out = front.node.ctl(&["-o", "json", "tunnels"]).await?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let clients: Vec<&str> = list
+        .as_array()
+        .context("not an array")?
+        .iter()
+        .filter_map(|t| t["client"].as_str())
+        .collect();
+    ensure!(
+        clients.len() == 3 && clients.iter().all(|c| *c == clients[0]),
+        "tunnels' clients: {list}"
+    );
+
+    let r = page.eval(ECHO_AND_CLOSE).await?;
+    assert_eq!(r["text"], "hello from chromium", "{r}");
+    assert_eq!(r["binary_ok"], true, "1 MiB binary echo differs: {r}");
+    assert_eq!(r["long_text_ok"], true, "long text echo differs: {r}");
+    assert_eq!(r["echo"], "plain echo", "{r}");
+    assert_eq!(r["client_close"]["code"], 4000, "{r}");
+    assert_eq!(r["server_close"]["code"], 4001, "{r}");
+    eventually(WAIT, || async {
+        ensure!(echo.close_codes() == [4001], "{:?}", echo.close_codes());
+        Ok(())
+    })
+    .await?;
+    assert_eq!(
+        tls_handshakes(&front.node).await? - before,
+        0,
+        "the sockets should use the page's TLS connection, not their own"
+    );
+
+    // A drain: the remaining socket gets 1001 inside its stream.
+    let mut node = front.node;
+    node.signal("TERM")?;
+    let closed = page.eval("window.s[1].closed").await?;
+    assert_eq!(closed["code"], 1001, "{closed}");
+    let status = node.wait_exit(Duration::from_secs(15)).await?;
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    Ok(())
+}

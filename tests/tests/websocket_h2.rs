@@ -354,12 +354,42 @@ async fn close_codes_travel_both_ways() -> Result<()> {
         }))
         .await?;
         while let Some(Ok(_)) = ws.next().await {}
+        // Gone, as a browser's socket is after its close: the stream ends.
+        drop(ws);
         expected.push(code);
         eventually(WAIT, || async {
             ensure!(
                 backend.close_codes() == expected,
                 "{:?}",
                 backend.close_codes()
+            );
+            Ok(())
+        })
+        .await?;
+        // Telemetry as for an HTTP/1.1 tunnel: the CONNECT's access-log
+        // line (200 over HTTP/2) and the tunnel's line when it closed.
+        let tls = matches!(via, Via::Tls);
+        eventually(WAIT, || async {
+            let lines: Vec<serde_json::Value> = front
+                .node
+                .log()
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            ensure!(
+                lines.iter().any(|v| v["kind"] == "tunnel"
+                    && v["host"] == "close.h2.test"
+                    && v["close_code"] == code
+                    && v["tls"] == tls
+                    && v["frames_to_upstream"].as_u64() >= Some(2)),
+                "{via:?}: no tunnel line with close code {code}"
+            );
+            ensure!(
+                lines.iter().any(|v| v["method"] == "CONNECT"
+                    && v["status"] == 200
+                    && v["proto"] == "HTTP/2.0"
+                    && v["tls"] == tls),
+                "{via:?}: no access-log line for the CONNECT"
             );
             Ok(())
         })
@@ -376,6 +406,8 @@ async fn close_codes_travel_both_ways() -> Result<()> {
         // The client's answering Close goes back (tungstenite sends it as
         // the stream is read on); the backend logs it too.
         while let Some(Ok(_)) = ws.next().await {}
+        // Gone, as a browser's socket is after its close: the stream ends.
+        drop(ws);
         expected.push(code);
         eventually(WAIT, || async {
             ensure!(

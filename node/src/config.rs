@@ -822,4 +822,23 @@ mod tests {
         let e = parse(&["--config", p]).unwrap_err().to_string();
         assert!(e.contains("htp_listen"), "{e}");
     }
+
+    #[test]
+    fn h2_websockets_default_on_and_can_be_turned_off() {
+        assert!(parse(&[]).unwrap().proxy.h2_websockets);
+        assert!(
+            !parse(&["--h2-websockets", "false"])
+                .unwrap()
+                .proxy
+                .h2_websockets
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "h2_websockets = false\n").unwrap();
+        let p = path.to_str().unwrap();
+        assert!(!parse(&["--config", p]).unwrap().proxy.h2_websockets);
+        // The flag wins over the file.
+        let c = parse(&["--config", p, "--h2-websockets", "true"]).unwrap();
+        assert!(c.proxy.h2_websockets);
+    }
 }

@@ -167,11 +167,23 @@ impl H2Conn {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<(http::response::Parts, Option<H2Stream>, Bytes)> {
+        self.open_protocol(authority, path, "websocket", headers)
+            .await
+    }
+
+    /// An extended CONNECT with `:protocol = protocol`.
+    pub async fn open_protocol(
+        &mut self,
+        authority: &str,
+        path: &str,
+        protocol: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(http::response::Parts, Option<H2Stream>, Bytes)> {
         let mut b = http::Request::builder()
             .method(http::Method::CONNECT)
             .uri(format!("{}://{authority}{path}", self.scheme))
             .header("sec-websocket-version", "13")
-            .extension(h2::ext::Protocol::from("websocket"));
+            .extension(h2::ext::Protocol::from(protocol));
         for (n, v) in headers {
             b = b.header(*n, *v);
         }

@@ -497,6 +497,12 @@ async fn refusals_failover_and_hosts_without_websockets() -> Result<()> {
             );
             assert!(opened.is_none());
         }
+        // Extended CONNECT for anything but a WebSocket: 501.
+        let (parts, opened, _) = conn
+            .open_protocol("failover.h2.test", "/", "connect-udp", &[])
+            .await?;
+        assert_eq!(parts.status, 501, "{via:?}");
+        assert!(opened.is_none());
         // The first upstream refuses the connection: the next one is tried.
         let (parts, ws_opened, _) = conn.open("failover.h2.test", "/", &[]).await?;
         assert_eq!(parts.status, 200, "{via:?}");

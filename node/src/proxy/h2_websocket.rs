@@ -84,6 +84,7 @@ impl Proxy {
     /// each upstream of the pool in attempt order (a refused connect tries
     /// the next one, as every request does), then the 200 that opens the
     /// tunnel, or the upstream's refusal.
+    ///
     /// `parts` is the request as phase 3 ([`super::h2`]'s
     /// `rewrite_request`) left it; `client_stream` resolves to the h2
     /// stream once the 200 is out; `trace_parent` is the request's server

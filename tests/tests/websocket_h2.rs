@@ -851,3 +851,80 @@ async fn a_thousand_tunnels_over_ten_h2_connections() -> Result<()> {
     })
     .await
 }
+
+/// Traces as for an HTTP/1.1 WebSocket: the CONNECT's server span
+/// continues the client's trace, the upgrade's client span is its child
+/// and its context reaches the upstream, and the tunnel's span (a child of
+/// the server span) ends with the close code, frames and its events.
+#[tokio::test]
+async fn h2_tunnels_are_traced_like_http1_ones() -> Result<()> {
+    let collector = charon_tests::otlp::OtlpCollector::start().await?;
+    let node = TestNode::builder()
+        .args(["--otlp-endpoint", &collector.endpoint()])
+        .start()
+        .await?;
+    let backend = WsEchoBackend::start("traced").await?;
+    node.add_host(&["tr.h2.test"], &[backend.url()]).await?;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = "00f067aa0ba902b7";
+    let tcp = tokio::net::TcpStream::connect(node.http).await?;
+    let mut conn = H2Conn::handshake(tcp, "http", "tr.h2.test").await?;
+    let traceparent = format!("00-{trace}-{parent}-01");
+    let (_, mut ws) = conn
+        .websocket("tr.h2.test", "/t", &[("traceparent", &traceparent)])
+        .await?;
+    let seen: serde_json::Value = serde_json::from_str(&ask(&mut ws, "headers?").await?)?;
+    let upstream_parent = seen["traceparent"]
+        .as_str()
+        .and_then(|t| t.split('-').nth(2))
+        .context("no traceparent at the upstream")?
+        .to_string();
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "done".into(),
+    }))
+    .await?;
+    while let Some(Ok(_)) = ws.next().await {}
+    drop(ws);
+
+    let spans = eventually(Duration::from_secs(20), || async {
+        let spans = collector.spans();
+        ensure!(
+            spans.iter().any(|s| s.span.name == "WebSocket tr.h2.test"),
+            "{} spans so far, no tunnel span",
+            spans.len()
+        );
+        Ok(spans)
+    })
+    .await?;
+    let server = spans
+        .iter()
+        .find(|s| s.trace_id() == trace && s.parent_id() == parent)
+        .context("no server span continuing the client's trace")?;
+    ensure!(server.attr("http.request.method").as_deref() == Some("CONNECT"));
+    ensure!(server.attr("http.response.status_code").as_deref() == Some("200"));
+    let upstream = spans
+        .iter()
+        .find(|s| s.span_id() == upstream_parent)
+        .context("the upstream's parent span was not exported")?;
+    ensure!(upstream.parent_id() == server.span_id() && upstream.trace_id() == trace);
+    ensure!(upstream.attr("http.response.status_code").as_deref() == Some("101"));
+    let tunnel = spans
+        .iter()
+        .find(|s| s.span.name == "WebSocket tr.h2.test")
+        .context("no tunnel span")?;
+    ensure!(tunnel.parent_id() == server.span_id(), "{tunnel:?}");
+    ensure!(
+        tunnel.attr("websocket.close.code").as_deref() == Some("1000"),
+        "{tunnel:?}"
+    );
+    ensure!(tunnel
+        .attr("websocket.frames_to_upstream")
+        .is_some_and(|f| f != "0"));
+    let events: Vec<&str> = tunnel.span.events.iter().map(|e| e.name.as_str()).collect();
+    ensure!(
+        events == ["upgrade", "first byte", "close"],
+        "tunnel events {events:?}"
+    );
+    Ok(())
+}

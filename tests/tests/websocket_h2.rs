@@ -562,9 +562,20 @@ async fn drain_keeps_tunnels_until_the_deadline_then_sends_1001() -> Result<()> 
             Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 1001, "{via:?}"),
             other => bail!("{via:?}: expected Close 1001, got {other:?}"),
         }
-        // The stream ends after the closing handshake.
+        // The closing handshake completes (tungstenite sends its answering
+        // Close as it reads on), then the node ends the stream cleanly
+        // (END_STREAM: a read gives EOF, not a reset).
         let end = tokio::time::timeout(WAIT, async { while let Some(Ok(_)) = ws.next().await {} });
-        end.await.context("the stream did not end")?;
+        end.await
+            .context("the closing handshake did not complete")?;
+        let mut rest = Vec::new();
+        let eof = tokio::time::timeout(WAIT, ws.get_mut().read_to_end(&mut rest)).await;
+        let eof = eof.context("the stream did not end")?;
+        ensure!(
+            eof.is_ok() && rest.is_empty(),
+            "{via:?}: the stream ended with {eof:?} after {} more bytes",
+            rest.len()
+        );
         eventually(WAIT, || async {
             ensure!(
                 backend.close_codes() == [1001],

@@ -141,6 +141,7 @@ pub fn host_details(h: &ProxyHost) -> String {
         ("force https", yes_no(h.force_https)),
         ("hsts", hsts(h)),
     ]);
+    rows.extend(crate::balance::details(h.balancing.as_ref()));
     if h.locations.is_empty() {
         rows.push(("locations", "none".to_string()));
     }
@@ -947,7 +948,9 @@ fn or_zero(value: u32, unit: &str, zero: &str) -> String {
 }
 
 fn location(loc: &Location) -> String {
-    format!("{} -> {}", loc.path_prefix, loc.upstreams.join(", "))
+    let mut line = format!("{} -> {}", loc.path_prefix, loc.upstreams.join(", "));
+    line.push_str(&crate::balance::location_suffix(loc.balancing.as_ref()));
+    line
 }
 
 /// The UTC date (`YYYY-MM-DD`) of Unix milliseconds.
@@ -1008,10 +1011,12 @@ mod tests {
                 Location {
                     path_prefix: "/api".into(),
                     upstreams: vec!["http://10.0.0.6:1".into(), "http://10.0.0.7:1".into()],
+                    balancing: None,
                 },
                 Location {
                     path_prefix: "/ws".into(),
                     upstreams: vec!["http://10.0.0.8:1".into()],
+                    balancing: None,
                 },
             ],
             ws_idle_timeout_secs: 0,

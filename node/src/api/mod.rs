@@ -5,6 +5,7 @@
 //! here and turned into statuses a client can act on.
 
 pub mod auth;
+pub mod balance;
 pub mod certs;
 pub mod cluster;
 pub mod hosts;

@@ -564,6 +564,7 @@ where
             upstream,
             conn,
             span,
+            lease: None,
         }))
     }
 

@@ -13,7 +13,7 @@ use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::upstream::UpstreamState;
+use super::upstream::{Lease, UpstreamState};
 use super::{ConnInfo, Proxy};
 use crate::host::ProxyHost;
 use record::TunnelLog;
@@ -31,6 +31,7 @@ impl Proxy {
         conn: &ConnInfo,
         (client, up): (C, U),
         span: Option<opentelemetry::Context>,
+        lease: Option<Lease>,
     ) where
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -58,6 +59,7 @@ impl Proxy {
             proxy: self.clone(),
             _log: log,
             _reg: reg,
+            _lease: lease,
         });
     }
 }
@@ -72,6 +74,8 @@ struct TunnelTask<C, U> {
     proxy: Arc<Proxy>,
     _log: Option<TunnelLog>,
     _reg: registry::Registration,
+    /// The tunnel counted against its upstream (least-conn, caps).
+    _lease: Option<Lease>,
 }
 
 impl<C, U> Future for TunnelTask<C, U>

@@ -9,14 +9,16 @@
 //! whole and can go to the next upstream.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+pub mod balance;
 mod body;
 mod connect;
 mod idle;
 
+pub use balance::{Balancer, Lease, Load};
 pub use body::{UploadBody, Uploaded};
 pub use connect::{ConnectError, Connector, RawConn, Sender, UpstreamIo};
 
@@ -41,6 +43,9 @@ pub struct UpstreamState {
     idle: Mutex<Vec<(Sender, Instant)>>,
     /// Plain connections for the HTTP/1 path (`proxy::h1`), newest last.
     raw_idle: Mutex<Vec<(RawConn, Instant)>>,
+    /// Open tunnels and in-flight requests on this node (least-conn,
+    /// bounded load, caps, `host show`).
+    pub load: Load,
 }
 
 fn epoch() -> Instant {
@@ -62,6 +67,7 @@ impl UpstreamState {
             down_until_ms: AtomicU64::new(0),
             idle: Mutex::new(Vec::new()),
             raw_idle: Mutex::new(Vec::new()),
+            load: Load::default(),
         }
     }
 
@@ -82,17 +88,23 @@ impl UpstreamState {
     }
 }
 
-/// The upstreams of one host or location, tried round-robin.
+/// The upstreams of one host or location and their balancer.
 pub struct Pool {
     upstreams: Vec<Arc<UpstreamState>>,
-    next: AtomicUsize,
+    pub balancer: Balancer,
 }
 
 impl Pool {
+    /// A round-robin pool without weights, caps or checks.
     pub fn new(upstreams: Vec<Arc<UpstreamState>>) -> Self {
+        Pool::with_balancing(upstreams, &crate::host::Balancing::default())
+    }
+
+    /// A pool balanced as `b` says (computed once, at route-table build).
+    pub fn with_balancing(upstreams: Vec<Arc<UpstreamState>>, b: &crate::host::Balancing) -> Self {
         Pool {
+            balancer: Balancer::new(b, &upstreams),
             upstreams,
-            next: AtomicUsize::new(0),
         }
     }
 
@@ -100,17 +112,18 @@ impl Pool {
         &self.upstreams
     }
 
-    /// The order to try upstreams in for one request: round-robin start,
-    /// healthy ones first, then those cooling down — when every upstream is
-    /// marked down, trying one beats failing without trying.
+    /// The order to try upstreams in for one request: the balancer's
+    /// first choice (`key`: the request's affinity key, for hash
+    /// policies), then the rest in rotation, healthy ones first, then
+    /// those cooling down — when every upstream is marked down, trying one
+    /// beats failing without trying.
     ///
     /// An iterator rather than a `Vec`: it runs on every request, and the
     /// first upstream nearly always answers. Health is read once, when the
     /// iterator is made, so an upstream marked down during the request is
     /// neither skipped nor tried twice.
-    pub fn attempt_order(&self) -> AttemptOrder<'_> {
+    pub fn attempt_order(&self, key: Option<u64>) -> AttemptOrder<'_> {
         let n = self.upstreams.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n.max(1);
         let now = now_ms();
         let mut down = DownSet::new(n);
         for (i, u) in self.upstreams.iter().enumerate() {
@@ -118,12 +131,26 @@ impl Pool {
                 down.insert(i);
             }
         }
+        let start = self
+            .balancer
+            .first(&self.upstreams, key, |i| !down.contains(i));
         AttemptOrder {
             upstreams: &self.upstreams,
             start,
             step: 0,
             down,
         }
+    }
+
+    /// Whether some upstream has room under the cap (always, uncapped).
+    pub fn has_room(&self) -> bool {
+        let cap = self.balancer.cap;
+        cap == 0 || self.upstreams.iter().any(|u| u.load.active() < cap)
+    }
+
+    /// A lease on `upstream` for one attempt, unless it is at the cap.
+    pub fn lease(&self, upstream: &Arc<UpstreamState>) -> Option<Lease> {
+        Lease::take(upstream, self.balancer.cap)
     }
 }
 
@@ -166,6 +193,18 @@ pub struct AttemptOrder<'a> {
     /// 0..n: first pass; n..2n: second pass.
     step: usize,
     down: DownSet,
+}
+
+impl AttemptOrder<'static> {
+    /// No upstream at all (the request is answered without one).
+    pub fn none() -> Self {
+        AttemptOrder {
+            upstreams: &[],
+            start: 0,
+            step: 0,
+            down: DownSet::Small(0),
+        }
+    }
 }
 
 impl<'a> Iterator for AttemptOrder<'a> {
@@ -234,12 +273,12 @@ mod tests {
             reg.get(&url(3), "", false),
         ]);
         let firsts: Vec<u16> = (0..3)
-            .map(|_| pool.attempt_order().next().unwrap().url.port)
+            .map(|_| pool.attempt_order(None).next().unwrap().url.port)
             .collect();
         assert_eq!(firsts, [1, 2, 3]);
         pool.upstreams()[1].mark_down(Duration::from_secs(60));
         for _ in 0..3 {
-            let order: Vec<u16> = pool.attempt_order().map(|u| u.url.port).collect();
+            let order: Vec<u16> = pool.attempt_order(None).map(|u| u.url.port).collect();
             assert_eq!(order.len(), 3);
             assert_eq!(*order.last().unwrap(), 2, "{order:?}");
         }

@@ -347,22 +347,41 @@ pub fn location_suffix(b: Option<&Balancing>) -> String {
     out
 }
 
-/// The per-upstream table of `host show`: one row per (node, upstream).
+/// The per-upstream table of `host show`: one row per upstream, as the
+/// node that answered sees it.
 pub fn status_table(rows: &[UpstreamStatus]) -> String {
-    let mut out = String::from("\nNODE\tLOCATION\tUPSTREAM\tSTATE\tWEIGHT\tTUNNELS\tIN-FLIGHT\n");
+    let mut table = vec![[
+        "NODE",
+        "LOCATION",
+        "UPSTREAM",
+        "STATE",
+        "WEIGHT",
+        "TUNNELS",
+        "IN-FLIGHT",
+    ]
+    .map(String::from)
+    .to_vec()];
     for r in rows {
-        let loc = if r.location.is_empty() { "-" } else { &r.location };
         let node = if r.node_name.is_empty() {
             &r.node_id
         } else {
             &r.node_name
         };
-        out.push_str(&format!(
-            "{node}\t{loc}\t{}\t{}\t{}\t{}\t{}\n",
-            r.url, r.state, r.weight, r.open_tunnels, r.in_flight
-        ));
+        table.push(vec![
+            node.clone(),
+            if r.location.is_empty() {
+                "-".into()
+            } else {
+                r.location.clone()
+            },
+            r.url.clone(),
+            r.state.clone(),
+            r.weight.to_string(),
+            r.open_tunnels.to_string(),
+            r.in_flight.to_string(),
+        ]);
     }
-    out
+    format!("\n{}", crate::output::align(&table))
 }
 
 #[cfg(test)]
@@ -375,7 +394,11 @@ mod tests {
         assert_eq!(urls, ["http://a:1", "http://b:2"]);
         assert_eq!(w.get("http://a:1"), Some(&3));
         assert_eq!(w.len(), 1);
-        for bad in ["http://a@weight=0", "http://a@weight=101", "http://a@weight=x"] {
+        for bad in [
+            "http://a@weight=0",
+            "http://a@weight=101",
+            "http://a@weight=x",
+        ] {
             assert!(parse_upstream(bad).is_err(), "{bad}");
         }
     }
@@ -393,9 +416,12 @@ mod tests {
         let (_, b) = parse_location_rest("http://a:1").unwrap();
         assert!(b.is_none());
         assert!(parse_location_rest("http://a:1;speed=3").is_err());
-        let (_, b) = parse_location_rest("http://a:1;health-path=/h;health-status=200-299")
-            .unwrap();
+        let (_, b) =
+            parse_location_rest("http://a:1;health-path=/h;health-status=200-299").unwrap();
         let h = b.unwrap().health.unwrap();
-        assert_eq!((h.path.as_str(), h.status_min, h.status_max), ("/h", 200, 299));
+        assert_eq!(
+            (h.path.as_str(), h.status_min, h.status_max),
+            ("/h", 200, 299)
+        );
     }
 }

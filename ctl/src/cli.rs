@@ -636,7 +636,7 @@ pub struct AddArgs {
     pub no_acme: bool,
 
     #[command(flatten)]
-    pub balance: crate::balance::BalanceArgs,
+    pub balance: Box<crate::balance::BalanceArgs>,
 
     #[command(flatten)]
     pub wait: WaitArgs,
@@ -749,7 +749,7 @@ pub struct UpdateArgs {
     pub expected_version: Option<u64>,
 
     #[command(flatten)]
-    pub balance: crate::balance::BalanceUpdateArgs,
+    pub balance: Box<crate::balance::BalanceUpdateArgs>,
 
     #[command(flatten)]
     pub wait: WaitArgs,

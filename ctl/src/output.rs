@@ -907,7 +907,7 @@ fn key_values(rows: &[(&str, String)]) -> String {
 }
 
 /// Pads every column but the last to its widest cell, two spaces apart.
-fn align(rows: &[Vec<String>]) -> String {
+pub(crate) fn align(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| {
@@ -1033,6 +1033,7 @@ mod tests {
             upstream_insecure_skip_verify: false,
             conflicts: vec![],
             no_acme: false,
+            balancing: None,
         }
     }
 
@@ -1109,6 +1110,7 @@ upstream tls:       system roots
 cert:               auto (best match)
 force https:        no
 hsts:               off
+balancing:          round-robin
 locations:          /api -> http://10.0.0.6:1, http://10.0.0.7:1
                     /ws -> http://10.0.0.8:1
 created:            2024-05-01T12:00:00Z
@@ -1147,6 +1149,7 @@ version:            3
             "updated_at_ms",
             "version",
             "conflicts",
+            "balancing",
         ];
         want.sort();
         assert_eq!(keys, want);

@@ -99,3 +99,87 @@ pub fn apply_update(
     }
     Ok(())
 }
+
+/// `charon.v1.Balance`: a host's upstreams as this node sees them.
+pub struct BalanceApi {
+    store: std::sync::Arc<crate::store::Store>,
+    proxy: std::sync::Arc<crate::proxy::Proxy>,
+    node_id: String,
+    node_name: String,
+}
+
+impl BalanceApi {
+    pub fn new(
+        store: std::sync::Arc<crate::store::Store>,
+        proxy: std::sync::Arc<crate::proxy::Proxy>,
+        node_id: String,
+        node_name: String,
+    ) -> Self {
+        BalanceApi {
+            store,
+            proxy,
+            node_id,
+            node_name,
+        }
+    }
+
+    fn row(
+        &self,
+        h: &crate::host::ProxyHost,
+        loc: &str,
+        url: &str,
+        b: &Balancing,
+    ) -> Option<pb::UpstreamStatus> {
+        let parsed = crate::host::UpstreamUrl::parse(url).ok()?;
+        let s =
+            self.proxy
+                .upstream_state(&parsed, &h.upstream_ca_pem, h.upstream_insecure_skip_verify);
+        let state = if s.is_down() {
+            "cooling-down"
+        } else {
+            "unchecked"
+        };
+        Some(pb::UpstreamStatus {
+            url: url.to_string(),
+            location: loc.to_string(),
+            state: state.to_string(),
+            open_tunnels: u64::from(s.load.tunnels()),
+            in_flight: u64::from(s.load.in_flight()),
+            weight: b.weight(url),
+            node_id: self.node_id.clone(),
+            node_name: self.node_name.clone(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::balance_server::Balance for BalanceApi {
+    async fn upstream_status(
+        &self,
+        req: tonic::Request<pb::UpstreamStatusRequest>,
+    ) -> Result<tonic::Response<pb::UpstreamStatusResponse>, tonic::Status> {
+        let key = req.into_inner().id_or_domain;
+        if key.trim().is_empty() {
+            return Err(tonic::Status::invalid_argument("id_or_domain: is required"));
+        }
+        let snap = self.store.snapshot();
+        let h = crate::store::find_host(&snap, &key).ok_or_else(|| {
+            tonic::Status::not_found(format!("no host with id or domain {key:?}"))
+        })?;
+        let mut upstreams: Vec<pb::UpstreamStatus> = h
+            .upstreams
+            .iter()
+            .filter_map(|u| self.row(h, "", u, &h.balancing))
+            .collect();
+        for loc in &h.locations {
+            upstreams.extend(
+                loc.upstreams
+                    .iter()
+                    .filter_map(|u| self.row(h, &loc.path_prefix, u, &loc.balancing)),
+            );
+        }
+        Ok(tonic::Response::new(pb::UpstreamStatusResponse {
+            upstreams,
+        }))
+    }
+}

@@ -205,7 +205,8 @@ impl Balancing {
         upstreams: &[String],
         canonical: impl Fn(&str) -> Option<String>,
     ) -> Result<(), FieldError> {
-        let policy = Policy::parse(&self.lb).map_err(|e| FieldError::new(format!("{field}.lb"), e))?;
+        let policy =
+            Policy::parse(&self.lb).map_err(|e| FieldError::new(format!("{field}.lb"), e))?;
         self.lb = match policy {
             Policy::RoundRobin => String::new(),
             ref p => p.to_string(),
@@ -221,9 +222,14 @@ impl Balancing {
             let wf = format!("{field}.weights[{url:?}]");
             let key = canonical(&url)
                 .filter(|c| upstreams.contains(c))
-                .ok_or_else(|| FieldError::new(&wf, "names no upstream of this host or location"))?;
+                .ok_or_else(|| {
+                    FieldError::new(&wf, "names no upstream of this host or location")
+                })?;
             if !(1..=MAX_WEIGHT).contains(&w) {
-                return Err(FieldError::new(&wf, format!("must be between 1 and {MAX_WEIGHT}")));
+                return Err(FieldError::new(
+                    &wf,
+                    format!("must be between 1 and {MAX_WEIGHT}"),
+                ));
             }
             if w != 1 {
                 weights.insert(key, w);
@@ -239,7 +245,24 @@ impl Balancing {
             ));
         }
         self.health
-            .normalize_and_validate(&format!("{field}.health"))
+            .normalize_and_validate(&format!("{field}.health"))?;
+        // Stored and replicated already, but not acted on by this build:
+        // refused rather than silently ignored.
+        if self.health.enabled() {
+            return Err(FieldError::new(
+                format!("{field}.health"),
+                "active health checks are not implemented in this build yet \
+                 (passive marking after failed connects is on for every host)",
+            ));
+        }
+        if self.set_cookie {
+            return Err(FieldError::new(
+                format!("{field}.set_cookie"),
+                "setting the sticky cookie is not implemented in this build yet; \
+                 hash:cookie=NAME keys on a cookie the application sets",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -248,7 +271,9 @@ mod tests {
     use super::*;
 
     fn canon(s: &str) -> Option<String> {
-        crate::host::UpstreamUrl::parse(s).ok().map(|u| u.to_string())
+        crate::host::UpstreamUrl::parse(s)
+            .ok()
+            .map(|u| u.to_string())
     }
 
     #[test]
@@ -280,6 +305,14 @@ mod tests {
         let cases: Vec<Case> = vec![
             (|b| b.lb = "fastest".into(), "balancing.lb"),
             (|b| b.set_cookie = true, "balancing.set_cookie"),
+            (
+                |b| {
+                    b.lb = "hash:cookie=sid".into();
+                    b.set_cookie = true;
+                },
+                "balancing.set_cookie",
+            ),
+            (|b| b.health.path = "/healthz".into(), "balancing.health"),
             (
                 |b| {
                     b.weights.insert("http://c:3".into(), 2);
@@ -321,7 +354,9 @@ mod tests {
         for (mutate, field) in cases {
             let mut b = Balancing::default();
             mutate(&mut b);
-            let err = b.normalize_and_validate("balancing", &ups, canon).unwrap_err();
+            let err = b
+                .normalize_and_validate("balancing", &ups, canon)
+                .unwrap_err();
             assert_eq!(err.field, field, "{err}");
         }
     }
@@ -331,21 +366,26 @@ mod tests {
         let ups = vec!["http://a:1".to_string(), "http://b:2".to_string()];
         let mut b = Balancing {
             lb: " round-robin ".into(),
-            weights: [("http://A:1/".to_string(), 3), ("http://b:2".to_string(), 1)].into(),
-            health: HealthCheck {
-                path: "/healthz".into(),
-                ..Default::default()
-            },
+            weights: [
+                ("http://A:1/".to_string(), 3),
+                ("http://b:2".to_string(), 1),
+            ]
+            .into(),
             ..Default::default()
         };
         b.normalize_and_validate("balancing", &ups, canon).unwrap();
         assert_eq!(b.lb, "");
         assert_eq!(b.weights, [("http://a:1".to_string(), 3)].into());
         assert_eq!(b.weight("http://b:2"), 1);
+        let mut h = HealthCheck {
+            path: "/healthz".into(),
+            ..Default::default()
+        };
+        h.normalize_and_validate("balancing.health").unwrap();
         assert_eq!(
-            (b.health.interval_ms, b.health.timeout_ms, b.health.rise, b.health.fall),
+            (h.interval_ms, h.timeout_ms, h.rise, h.fall),
             (2000, 1000, 2, 3)
         );
-        assert_eq!((b.health.status_min, b.health.status_max), (200, 399));
+        assert_eq!((h.status_min, h.status_max), (200, 399));
     }
 }

@@ -143,6 +143,17 @@ impl Proxy {
         self.http_conns.load(Ordering::Relaxed)
     }
 
+    /// The shared state (load, passive health) of one upstream address, as
+    /// the route table's pools hold it; for `charon.v1.Balance`.
+    pub fn upstream_state(
+        &self,
+        url: &crate::host::UpstreamUrl,
+        ca_pem: &str,
+        insecure: bool,
+    ) -> Arc<upstream::UpstreamState> {
+        self.registry.get(url, ca_pem, insecure)
+    }
+
     /// Applies the hosts a commit changed to a copy of the route table (O(1)
     /// to make, persistent maps) and swaps it in: a write costs O(change),
     /// whatever the number of hosts. Requests and tunnels in flight keep

@@ -107,11 +107,10 @@ where
             c.proxy.spawn_tunnel(
                 &route.host,
                 route.tunnel,
-                &upstream,
+                (&upstream, lease),
                 &c.info,
                 (client, up),
                 span,
-                lease,
             );
             Ended::Closed
         }

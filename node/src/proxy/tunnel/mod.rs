@@ -22,16 +22,16 @@ use relay::TunnelOptions;
 impl Proxy {
     /// Starts the relay of an upgraded connection pair in its own task
     /// (the client connection's task has ended), registered for drains and
-    /// `charonctl tunnels`.
+    /// `charonctl tunnels`. `lease` counts the tunnel against its upstream
+    /// (least-conn, caps) for as long as it is open.
     pub(super) fn spawn_tunnel<C, U>(
         self: &Arc<Self>,
         host: &ProxyHost,
         opts: TunnelOptions,
-        upstream: &Arc<UpstreamState>,
+        (upstream, lease): (&Arc<UpstreamState>, Option<Lease>),
         conn: &ConnInfo,
         (client, up): (C, U),
         span: Option<opentelemetry::Context>,
-        lease: Option<Lease>,
     ) where
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,

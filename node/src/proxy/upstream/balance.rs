@@ -173,7 +173,10 @@ impl Balancer {
         } else {
             smooth_schedule(&weights)
         };
-        let seeds = upstreams.iter().map(|u| hash(u.url_text.as_bytes())).collect();
+        let seeds = upstreams
+            .iter()
+            .map(|u| hash(u.url_text.as_bytes()))
+            .collect();
         let policy = b.policy();
         let (key_field, cookie, header) = match &policy {
             Policy::Hash(HashKey::Cookie(n)) => (Some("cookie"), Some(n.as_str().into()), None),
@@ -263,7 +266,9 @@ impl Balancer {
         let any = (0..ups.len()).any(&eligible);
         let ok = |i: usize| !any || eligible(i);
         match (&self.policy, key) {
-            (Policy::LeastConn, _) => self.least(ups, ok, self.next.fetch_add(1, Ordering::Relaxed)),
+            (Policy::LeastConn, _) => {
+                self.least(ups, ok, self.next.fetch_add(1, Ordering::Relaxed))
+            }
             (Policy::RandomTwo, _) => self.random_two(ups, ok),
             (Policy::Hash(_), Some(k)) => self.rendezvous(ups, k, ok),
             _ => {
@@ -306,7 +311,10 @@ impl Balancer {
         let b = (a + 1 + ((r >> 32) % (n as u64 - 1)) as usize) % n;
         match (ok(a), ok(b)) {
             (true, true) => {
-                let (la, lb) = (u64::from(ups[a].load.active()), u64::from(ups[b].load.active()));
+                let (la, lb) = (
+                    u64::from(ups[a].load.active()),
+                    u64::from(ups[b].load.active()),
+                );
                 let (wa, wb) = (u64::from(self.weight(a)), u64::from(self.weight(b)));
                 if la * wb <= lb * wa {
                     a
@@ -322,7 +330,12 @@ impl Balancer {
 
     /// Weighted rendezvous: the highest score among eligible upstreams
     /// under the load bound (if every one is over it, the highest score).
-    fn rendezvous(&self, ups: &[Arc<UpstreamState>], key: u64, ok: impl Fn(usize) -> bool) -> usize {
+    fn rendezvous(
+        &self,
+        ups: &[Arc<UpstreamState>],
+        key: u64,
+        ok: impl Fn(usize) -> bool,
+    ) -> usize {
         let (mut total, mut wsum) = (0u64, 0u64);
         for (i, u) in ups.iter().enumerate() {
             if ok(i) {
@@ -337,7 +350,8 @@ impl Balancer {
                 continue;
             }
             let w = self.weight(i);
-            let bound = (LOAD_BOUND * (total + 1) as f64 * f64::from(w) / wsum.max(1) as f64).ceil();
+            let bound =
+                (LOAD_BOUND * (total + 1) as f64 * f64::from(w) / wsum.max(1) as f64).ceil();
             let under = f64::from(u.load.active() + 1) <= bound;
             let h = mix(key ^ self.seeds[i]);
             let score = if uniform {
@@ -468,7 +482,10 @@ mod tests {
         // Same key, same choice, on another balancer (another node).
         for k in 0..50 {
             let k = key(&format!("client-{k}"));
-            assert_eq!(bal.first(&u, Some(k), |_| true), other.first(&u, Some(k), |_| true));
+            assert_eq!(
+                bal.first(&u, Some(k), |_| true),
+                other.first(&u, Some(k), |_| true)
+            );
         }
         // Keys spread.
         let mut counts = [0; 5];
@@ -512,7 +529,10 @@ mod tests {
         assert_eq!(bal.field(), Some("x-user"));
         assert!(bal.key(ip, "/", std::iter::empty()).is_none());
         let bal = balancer("hash:path", &u);
-        assert_eq!(bal.key(ip, "/a?x", std::iter::empty()), bal.key(ip, "/a", std::iter::empty()));
+        assert_eq!(
+            bal.key(ip, "/a?x", std::iter::empty()),
+            bal.key(ip, "/a", std::iter::empty())
+        );
     }
 
     #[test]

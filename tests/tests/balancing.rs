@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
-use charon_proto::v1::{Balancing, UpstreamStatusRequest};
+use charon_proto::v1::{Balancing, HealthCheck, UpstreamStatusRequest};
+use charon_tests::backends::RecordingBackend;
 use charon_tests::client::{self, WsClient};
 use charon_tests::{
     eventually, host_request, EchoBackend, TestNode, TestNodeBuilder, WsEchoBackend,
@@ -132,20 +133,34 @@ fn counts<'a>(names: impl Iterator<Item = &'a String>) -> HashMap<String, usize>
     m
 }
 
-/// This node's tunnels per upstream URL, from `charon.v1.Balance`.
-async fn tunnels_per_upstream(node: &TestNode, host: &str) -> Result<HashMap<String, u64>> {
+/// This node's view of a host's upstreams, from `charon.v1.Balance`.
+async fn upstream_status(
+    node: &TestNode,
+    host: &str,
+) -> Result<Vec<charon_proto::v1::UpstreamStatus>> {
     let mut api = charon_proto::v1::balance_client::BalanceClient::with_interceptor(
         node.grpc_channel().await?,
         node.bearer()?,
     );
-    let rows = api
+    Ok(api
         .upstream_status(UpstreamStatusRequest {
             id_or_domain: host.into(),
         })
         .await?
         .into_inner()
-        .upstreams;
+        .upstreams)
+}
+
+/// This node's tunnels per upstream URL.
+async fn tunnels_per_upstream(node: &TestNode, host: &str) -> Result<HashMap<String, u64>> {
+    let rows = upstream_status(node, host).await?;
     Ok(rows.into_iter().map(|r| (r.url, r.open_tunnels)).collect())
+}
+
+/// This node's health state per upstream URL.
+async fn states(node: &TestNode, host: &str) -> Result<HashMap<String, String>> {
+    let rows = upstream_status(node, host).await?;
+    Ok(rows.into_iter().map(|r| (r.url, r.state)).collect())
 }
 
 /// 300 long-lived tunnels over 3 backends with least-conn; one backend's
@@ -428,5 +443,171 @@ async fn charonctl_sets_and_shows_balancing() -> Result<()> {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     ensure!(v["balancing"]["weights"][a.url()] == 3, "weights kept: {v}");
     ensure!(v["balancing"]["lb"] == "", "{v}");
+    let out = node
+        .ctl(&[
+            "host",
+            "update",
+            "ctl.test",
+            "--health-path",
+            "/healthz",
+            "--health-interval",
+            "500ms",
+            "--health-status",
+            "200-299",
+        ])
+        .await?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(Duration::from_secs(5), || async {
+        let out = node.ctl(&["host", "show", "ctl.test"]).await?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        ensure!(
+            text.contains(
+                "GET /healthz every 500 ms (timeout 500 ms, rise 2, fall 3, status 200-299)"
+            ),
+            "{text}"
+        );
+        ensure!(
+            text.matches(" healthy ").count() == 2,
+            "both upstreams checked healthy:\n{text}"
+        );
+        Ok(())
+    })
+    .await?;
+    let out = node
+        .ctl(&["host", "update", "ctl.test", "--no-health-check"])
+        .await?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = node
+        .ctl(&["-o", "json", "host", "show", "ctl.test"])
+        .await?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(v["balancing"]["health"].is_null(), "checks off: {v}");
+    Ok(())
+}
+
+/// A backend's fixed answer: `status` with its name as the body.
+fn answer(status: &str, name: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
+        name.len()
+    )
+    .into_bytes()
+}
+
+/// Active checks every 200 ms, fall 3, rise 2: a backend answering 503 is
+/// out within fall × interval (plus a check's slack), no request fails
+/// meanwhile since two others are up; back within rise × interval once
+/// it answers 200; with every backend failing, requests still try one
+/// (the backend's own 503 comes back, not a proxy error).
+#[tokio::test]
+async fn health_checks_take_a_backend_out_and_back() -> Result<()> {
+    let node = TestNode::start().await?;
+    let mut b = Vec::new();
+    for name in ["k0", "k1", "k2"] {
+        b.push(RecordingBackend::start_answering(&answer("200 OK", name)).await?);
+    }
+    let urls: Vec<String> = b.iter().map(RecordingBackend::url).collect();
+    let balancing = Balancing {
+        health: Some(HealthCheck {
+            path: "/healthz".into(),
+            interval_ms: 200,
+            timeout_ms: 150,
+            rise: 2,
+            fall: 3,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    add_balanced(&node, "health.test", &urls, balancing).await?;
+    let state_of = |want: &'static str, url: String| {
+        let node = &node;
+        move || {
+            let url = url.clone();
+            async move {
+                let s = states(node, "health.test").await?;
+                ensure!(
+                    s.get(&url).map(String::as_str) == Some(want),
+                    "{url} not {want}: {s:?}"
+                );
+                Ok(())
+            }
+        }
+    };
+    eventually(Duration::from_secs(5), state_of("healthy", urls[0].clone())).await?;
+    // Out: 3 failed checks 200 ms apart; the first may come up to one
+    // interval after the change, and a loaded machine gets 500 ms more.
+    b[0].answer_with(&answer("503 Service Unavailable", "k0"));
+    let t0 = Instant::now();
+    eventually(
+        Duration::from_secs(5),
+        state_of("unhealthy", urls[0].clone()),
+    )
+    .await?;
+    let out_after = t0.elapsed();
+    ensure!(
+        out_after <= Duration::from_millis(3 * 200 + 200 + 500),
+        "out after {out_after:?}"
+    );
+    for _ in 0..60 {
+        let r = client::get(node.http, "health.test", "/").await?;
+        ensure!(
+            r.status == 200 && r.text() != "k0",
+            "{} {}",
+            r.status,
+            r.text()
+        );
+    }
+    b[0].answer_with(&answer("200 OK", "k0"));
+    let t1 = Instant::now();
+    eventually(Duration::from_secs(5), state_of("healthy", urls[0].clone())).await?;
+    let back_after = t1.elapsed();
+    ensure!(
+        back_after <= Duration::from_millis(2 * 200 + 200 + 500),
+        "back after {back_after:?}"
+    );
+    let mut names = Vec::new();
+    for _ in 0..30 {
+        names.push(client::get(node.http, "health.test", "/").await?.text());
+    }
+    ensure!(
+        names.iter().any(|n| n == "k0"),
+        "k0 gets no requests again: {names:?}"
+    );
+    // Every backend failing: try anyway.
+    for (x, name) in b.iter().zip(["k0", "k1", "k2"]) {
+        x.answer_with(&answer("503 Service Unavailable", name));
+    }
+    for url in &urls {
+        eventually(Duration::from_secs(5), state_of("unhealthy", url.clone())).await?;
+    }
+    let r = client::get(node.http, "health.test", "/").await?;
+    ensure!(
+        r.status == 503 && r.text().starts_with('k'),
+        "all unhealthy: {} {:?} (want a backend's own answer)",
+        r.status,
+        r.text()
+    );
+    ensure!(
+        node.log().contains("upstream unhealthy"),
+        "state change not logged"
+    );
+    let metrics = client::get(node.admin, "localhost", "/metrics")
+        .await?
+        .text();
+    ensure!(
+        metrics.contains(&format!(
+            "charon_upstream_healthy{{upstream=\"{}\",path=\"/healthz\"}} 0",
+            urls[0]
+        )),
+        "metrics lack the health gauge"
+    );
     Ok(())
 }

@@ -134,10 +134,11 @@ impl BalanceApi {
         let s =
             self.proxy
                 .upstream_state(&parsed, &h.upstream_ca_pem, h.upstream_insecure_skip_verify);
-        let state = if s.is_down() {
-            "cooling-down"
-        } else {
-            "unchecked"
+        let state = match self.proxy.upstream_health(&s, &b.health) {
+            Some(false) => "unhealthy",
+            _ if s.is_down() => "cooling-down",
+            Some(true) => "healthy",
+            None => "unchecked",
         };
         Some(pb::UpstreamStatus {
             url: url.to_string(),

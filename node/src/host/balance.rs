@@ -111,7 +111,8 @@ impl HealthCheck {
         !self.path.is_empty()
     }
 
-    /// Fills the documented defaults (2 s, 1 s, rise 2, fall 3, 200-399)
+    /// Fills the documented defaults (2 s, 1 s or the interval if
+    /// shorter, rise 2, fall 3, 200-399)
     /// and checks the rest; `field` is where the settings sit.
     fn normalize_and_validate(&mut self, field: &str) -> Result<(), FieldError> {
         if !self.enabled() {
@@ -131,7 +132,9 @@ impl HealthCheck {
             }
         };
         default(&mut self.interval_ms, 2000);
-        default(&mut self.timeout_ms, 1000);
+        // 1 s, or the interval if that is shorter: a check ends before
+        // the next begins.
+        default(&mut self.timeout_ms, self.interval_ms.min(1000));
         default(&mut self.rise, 2);
         default(&mut self.fall, 3);
         if self.status_min == 0 && self.status_max == 0 {
@@ -248,13 +251,6 @@ impl Balancing {
             .normalize_and_validate(&format!("{field}.health"))?;
         // Stored and replicated already, but not acted on by this build:
         // refused rather than silently ignored.
-        if self.health.enabled() {
-            return Err(FieldError::new(
-                format!("{field}.health"),
-                "active health checks are not implemented in this build yet \
-                 (passive marking after failed connects is on for every host)",
-            ));
-        }
         if self.set_cookie {
             return Err(FieldError::new(
                 format!("{field}.set_cookie"),

@@ -88,6 +88,7 @@ impl Route {
                         })
                         .collect(),
                     balancing,
+                    Some(registry),
                 ))),
                 Err(e) => {
                     // Only validated hosts are stored, so this means a file

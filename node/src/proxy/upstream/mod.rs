@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 pub mod balance;
 mod body;
 mod connect;
+pub mod health;
 mod idle;
 
 pub use balance::{Balancer, Lease, Load};
@@ -92,20 +93,41 @@ impl UpstreamState {
 pub struct Pool {
     upstreams: Vec<Arc<UpstreamState>>,
     pub balancer: Balancer,
+    /// Active checks, one per upstream in order; empty when the pool has
+    /// none (then no lookups per request).
+    checks: Box<[Option<Arc<health::Checker>>]>,
 }
 
 impl Pool {
     /// A round-robin pool without weights, caps or checks.
     pub fn new(upstreams: Vec<Arc<UpstreamState>>) -> Self {
-        Pool::with_balancing(upstreams, &crate::host::Balancing::default())
+        Pool::with_balancing(upstreams, &crate::host::Balancing::default(), None)
     }
 
-    /// A pool balanced as `b` says (computed once, at route-table build).
-    pub fn with_balancing(upstreams: Vec<Arc<UpstreamState>>, b: &crate::host::Balancing) -> Self {
+    /// A pool balanced as `b` says (computed once, at route-table build);
+    /// with `registry`, its active health checks are started (or shared).
+    pub fn with_balancing(
+        upstreams: Vec<Arc<UpstreamState>>,
+        b: &crate::host::Balancing,
+        registry: Option<&UpstreamRegistry>,
+    ) -> Self {
+        let checks: Box<[Option<Arc<health::Checker>>]> = match registry {
+            Some(r) if b.health.enabled() => upstreams
+                .iter()
+                .map(|u| r.checks.get(u, &b.health))
+                .collect(),
+            _ => Box::default(),
+        };
         Pool {
             balancer: Balancer::new(b, &upstreams),
             upstreams,
+            checks,
         }
+    }
+
+    /// Whether upstream `i` failed its active checks.
+    fn unhealthy(&self, i: usize) -> bool {
+        !self.checks.is_empty() && self.checks[i].as_ref().is_some_and(|c| !c.is_healthy())
     }
 
     pub fn upstreams(&self) -> &[Arc<UpstreamState>] {
@@ -127,7 +149,7 @@ impl Pool {
         let now = now_ms();
         let mut down = DownSet::new(n);
         for (i, u) in self.upstreams.iter().enumerate() {
-            if u.down_until_ms.load(Ordering::Relaxed) > now {
+            if u.down_until_ms.load(Ordering::Relaxed) > now || self.unhealthy(i) {
                 down.insert(i);
             }
         }
@@ -230,9 +252,17 @@ impl<'a> Iterator for AttemptOrder<'a> {
 pub struct UpstreamRegistry {
     map: Mutex<HashMap<(UpstreamUrl, TlsProfile), Weak<UpstreamState>>>,
     tls: ClientConfigs,
+    /// Active health checks, shared like the states.
+    pub checks: health::Checkers,
 }
 
 impl UpstreamRegistry {
+    /// Every upstream some route (or tunnel) still holds (metrics).
+    pub fn live(&self) -> Vec<Arc<UpstreamState>> {
+        let map = self.map.lock().expect("registry lock");
+        map.values().filter_map(Weak::upgrade).collect()
+    }
+
     pub fn get(&self, url: &UpstreamUrl, ca_pem: &str, insecure: bool) -> Arc<UpstreamState> {
         let profile = if url.tls {
             ClientConfigs::profile(ca_pem, insecure)

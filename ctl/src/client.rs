@@ -53,6 +53,7 @@ pub type Tokens = TokensClient<Authed>;
 pub type Nodes = NodesClient<Authed>;
 pub type Logs = LogsClient<Authed>;
 pub type Tunnels = TunnelsClient<Authed>;
+pub type Balance = charon_proto::v1::balance_client::BalanceClient<Authed>;
 
 /// The API's services, sharing one connection; a clone shares it too.
 #[derive(Clone)]
@@ -64,6 +65,7 @@ pub struct Api {
     pub nodes: Nodes,
     pub logs: Logs,
     pub tunnels: Tunnels,
+    pub balance: Balance,
 }
 
 /// The version of a write, as `Cluster.WaitForWrite` takes it.
@@ -282,7 +284,8 @@ pub async fn connect_with(
         tokens: TokensClient::with_interceptor(channel.clone(), auth.clone()),
         nodes: NodesClient::with_interceptor(channel.clone(), auth.clone()),
         logs: LogsClient::with_interceptor(channel.clone(), auth.clone()),
-        tunnels: TunnelsClient::with_interceptor(channel, auth),
+        tunnels: TunnelsClient::with_interceptor(channel.clone(), auth.clone()),
+        balance: charon_proto::v1::balance_client::BalanceClient::with_interceptor(channel, auth),
     })
 }
 

@@ -14,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+mod balance;
 mod cli;
 mod client;
 mod commands;

@@ -141,6 +141,7 @@ pub fn host_details(h: &ProxyHost) -> String {
         ("force https", yes_no(h.force_https)),
         ("hsts", hsts(h)),
     ]);
+    rows.extend(crate::balance::details(h.balancing.as_ref()));
     if h.locations.is_empty() {
         rows.push(("locations", "none".to_string()));
     }
@@ -906,7 +907,7 @@ fn key_values(rows: &[(&str, String)]) -> String {
 }
 
 /// Pads every column but the last to its widest cell, two spaces apart.
-fn align(rows: &[Vec<String>]) -> String {
+pub(crate) fn align(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| {
@@ -947,7 +948,9 @@ fn or_zero(value: u32, unit: &str, zero: &str) -> String {
 }
 
 fn location(loc: &Location) -> String {
-    format!("{} -> {}", loc.path_prefix, loc.upstreams.join(", "))
+    let mut line = format!("{} -> {}", loc.path_prefix, loc.upstreams.join(", "));
+    line.push_str(&crate::balance::location_suffix(loc.balancing.as_ref()));
+    line
 }
 
 /// The UTC date (`YYYY-MM-DD`) of Unix milliseconds.
@@ -1008,10 +1011,12 @@ mod tests {
                 Location {
                     path_prefix: "/api".into(),
                     upstreams: vec!["http://10.0.0.6:1".into(), "http://10.0.0.7:1".into()],
+                    balancing: None,
                 },
                 Location {
                     path_prefix: "/ws".into(),
                     upstreams: vec!["http://10.0.0.8:1".into()],
+                    balancing: None,
                 },
             ],
             ws_idle_timeout_secs: 0,
@@ -1028,6 +1033,7 @@ mod tests {
             upstream_insecure_skip_verify: false,
             conflicts: vec![],
             no_acme: false,
+            balancing: None,
         }
     }
 
@@ -1104,6 +1110,7 @@ upstream tls:       system roots
 cert:               auto (best match)
 force https:        no
 hsts:               off
+balancing:          round-robin
 locations:          /api -> http://10.0.0.6:1, http://10.0.0.7:1
                     /ws -> http://10.0.0.8:1
 created:            2024-05-01T12:00:00Z
@@ -1142,6 +1149,7 @@ version:            3
             "updated_at_ms",
             "version",
             "conflicts",
+            "balancing",
         ];
         want.sort();
         assert_eq!(keys, want);

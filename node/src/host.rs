@@ -9,11 +9,16 @@ use std::net::IpAddr;
 
 use crate::validate::FieldError;
 
+pub mod balance;
+pub use balance::Balancing;
+
 /// A location sends requests under `path_prefix` to its own upstreams.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Location {
     pub path_prefix: String,
     pub upstreams: Vec<String>,
+    /// The location's own balancing (issue 19).
+    pub balancing: Balancing,
 }
 
 /// One proxy host: the domains it answers for and where traffic goes.
@@ -55,6 +60,8 @@ pub struct ProxyHost {
     pub create_key: String,
     /// Opted out of automatic certificates (see [`crate::acme`]).
     pub no_acme: bool,
+    /// How requests and tunnels are spread over `upstreams` (issue 19).
+    pub balancing: Balancing,
 }
 
 /// A parsed upstream URL. Only scheme and authority: a path would silently
@@ -228,6 +235,8 @@ impl ProxyHost {
         }
         validate_upstreams("upstreams", &self.upstreams)?;
         self.upstreams = canonical_upstreams(&self.upstreams);
+        self.balancing
+            .normalize_and_validate("balancing", &self.upstreams, canonical_upstream)?;
         let mut prefixes = HashSet::new();
         for (i, loc) in self.locations.iter_mut().enumerate() {
             let field = format!("locations[{i}]");
@@ -251,6 +260,11 @@ impl ProxyHost {
             }
             validate_upstreams(&format!("{field}.upstreams"), &loc.upstreams)?;
             loc.upstreams = canonical_upstreams(&loc.upstreams);
+            loc.balancing.normalize_and_validate(
+                &format!("{field}.balancing"),
+                &loc.upstreams,
+                canonical_upstream,
+            )?;
         }
         self.cert_id = self.cert_id.trim().to_string();
         if !self.upstream_ca_pem.trim().is_empty() {
@@ -274,6 +288,10 @@ impl ProxyHost {
         }
         Ok(())
     }
+}
+
+fn canonical_upstream(u: &str) -> Option<String> {
+    UpstreamUrl::parse(u).ok().map(|p| p.to_string())
 }
 
 fn canonical_upstreams(list: &[String]) -> Vec<String> {
@@ -308,6 +326,7 @@ mod tests {
             locations: vec![Location {
                 path_prefix: "/api".into(),
                 upstreams: vec!["http://[::1]:81/".into()],
+                balancing: Balancing::default(),
             }],
             ws_idle_timeout_secs: 0,
             ws_ping_interval_secs: 0,

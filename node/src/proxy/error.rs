@@ -40,6 +40,13 @@ pub enum ProxyError {
     },
     #[error("upstream {upstream} sent an invalid response: {why}")]
     UpstreamBad { upstream: String, why: &'static str },
+    /// Every upstream had its cap of open tunnels + in-flight requests for
+    /// the whole queue timeout (issue 19).
+    #[error(
+        "every upstream of this host already has {cap} open connections (its cap); \
+         waited {waited:?} for one to free up. Try again shortly"
+    )]
+    AtCapacity { cap: u32, waited: Duration },
 }
 
 impl ProxyError {
@@ -51,6 +58,7 @@ impl ProxyError {
             ProxyError::Upstream { .. }
             | ProxyError::UpstreamIo { .. }
             | ProxyError::UpstreamBad { .. } => Some("error"),
+            ProxyError::AtCapacity { .. } => Some("capacity"),
             _ => None,
         }
     }
@@ -69,6 +77,7 @@ impl ProxyError {
             | ProxyError::Upstream { .. }
             | ProxyError::UpstreamIo { .. }
             | ProxyError::UpstreamBad { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::AtCapacity { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }

@@ -211,6 +211,12 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let h = &route.host;
         let pool = route.pool_for(req.uri().path());
+        let affinity = pipeline::affinity(pool, conn, req.uri().path(), |name| {
+            req.headers()
+                .get_all(name)
+                .into_iter()
+                .map(|v| v.as_bytes())
+        });
         let client_version = req.version();
         rewrite_request(&mut req, route, host_value, conn)?;
         let timeout = route.upstream_timeout;
@@ -221,7 +227,17 @@ impl Proxy {
 
         let mut req = req.map(UploadBody::new);
         let mut last_err = None;
-        for upstream in pool.attempt_order() {
+        // In flight until the response head is here: hyper streams the
+        // body on after this returns (an h2 WebSocket takes the other
+        // path, `forward_websocket`, whose lease lasts as long as its tunnel).
+        for upstream in pipeline::choose(pool, affinity).await? {
+            let _lease = match pipeline::lease(pool, upstream) {
+                Ok(l) => l,
+                Err(e) => {
+                    last_err = Some(e);
+                    continue;
+                }
+            };
             if !h.preserve_host {
                 if let Some(v) = &upstream.host_header {
                     req.headers_mut().insert(HOST, v.clone());

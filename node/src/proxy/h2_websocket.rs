@@ -33,7 +33,7 @@ use super::error::ProxyError;
 use super::pipeline;
 use super::routes::Route;
 use super::tunnel::handshake;
-use super::upstream::{RawConn, UpstreamState};
+use super::upstream::{Lease, RawConn, UpstreamState};
 use super::wire::{self, Framing, Prefixed, Read};
 use super::{ConnInfo, Proxy, ProxyBody};
 
@@ -99,10 +99,22 @@ impl Proxy {
         trace_parent: Option<opentelemetry::Context>,
     ) -> Result<(Response<ProxyBody>, Arc<str>), ProxyError> {
         let pool = route.pool_for(parts.uri.path());
+        let affinity = pipeline::affinity(pool, conn, parts.uri.path(), |name| {
+            parts.headers.get_all(name).into_iter().map(|v| v.as_bytes())
+        });
         let path_q = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let key = handshake::new_key();
         let mut last_err = None;
-        for upstream in pool.attempt_order() {
+        for upstream in pipeline::choose(pool, affinity).await? {
+            // Counts against the upstream while the upgrade is in flight,
+            // then for the tunnel's life (least-conn, caps).
+            let lease = match pipeline::lease(pool, upstream) {
+                Ok(l) => l,
+                Err(e) => {
+                    last_err = Some(e);
+                    continue;
+                }
+            };
             let host = match (&upstream.host_header, route.host.preserve_host) {
                 (Some(h), false) => h,
                 _ => host_value,
@@ -137,6 +149,7 @@ impl Proxy {
                                 route: route.clone(),
                                 upstream: upstream.clone(),
                                 conn: conn.clone(),
+                                lease: lease.into_tunnel(),
                             };
                             self.start_tunnel(
                                 client_stream,
@@ -257,7 +270,7 @@ impl Proxy {
                     proxy.spawn_tunnel(
                         &t.route.host,
                         t.route.tunnel,
-                        &t.upstream,
+                        (&t.upstream, Some(t.lease)),
                         &t.conn,
                         (TokioIo::new(stream), up),
                         span,
@@ -280,6 +293,7 @@ struct Switched {
     route: Arc<Route>,
     upstream: Arc<UpstreamState>,
     conn: ConnInfo,
+    lease: Lease,
 }
 
 /// The HTTP/1.1 upgrade request for an h2 WebSocket: the client's fields

@@ -150,6 +150,35 @@ impl Proxy {
         self.http_conns.load(Ordering::Relaxed)
     }
 
+    /// The shared state (load, passive health) of one upstream address, as
+    /// the route table's pools hold it; for `charon.v1.Balance`.
+    pub fn upstream_state(
+        &self,
+        url: &crate::host::UpstreamUrl,
+        ca_pem: &str,
+        insecure: bool,
+    ) -> Arc<upstream::UpstreamState> {
+        self.registry.get(url, ca_pem, insecure)
+    }
+
+    /// The active-check verdict on an upstream under `settings`, if a
+    /// route runs those checks (`None`: not checked here).
+    pub fn upstream_health(
+        &self,
+        upstream: &Arc<upstream::UpstreamState>,
+        settings: &crate::host::balance::HealthCheck,
+    ) -> Option<bool> {
+        self.registry
+            .checks
+            .find(upstream, settings)
+            .map(|c| c.is_healthy())
+    }
+
+    /// Per-upstream metrics (load, health), rendered at scrape time.
+    pub fn upstream_metrics(&self) -> String {
+        upstream::health::render_metrics(&self.registry)
+    }
+
     /// Applies the hosts a commit changed to a copy of the route table (O(1)
     /// to make, persistent maps) and swaps it in: a write costs O(change),
     /// whatever the number of hosts. Requests and tunnels in flight keep

@@ -238,6 +238,7 @@ fn host_to_pb(h: &ProxyHost) -> pb::HostRecord {
             .map(|l| pb::LocationRecord {
                 path_prefix: l.path_prefix.clone(),
                 upstreams: l.upstreams.clone(),
+                balancing: super::balance::to_pb(&l.balancing),
             })
             .collect(),
         ws_idle_timeout_secs: h.ws_idle_timeout_secs,
@@ -254,6 +255,7 @@ fn host_to_pb(h: &ProxyHost) -> pb::HostRecord {
         upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
         create_key: h.create_key.clone(),
         no_acme: h.no_acme,
+        balancing: super::balance::to_pb(&h.balancing),
     }
 }
 
@@ -273,6 +275,7 @@ fn host_from_pb(h: pb::HostRecord) -> ProxyHost {
             .map(|l| Location {
                 path_prefix: l.path_prefix,
                 upstreams: l.upstreams,
+                balancing: super::balance::from_pb(l.balancing),
             })
             .collect(),
         ws_idle_timeout_secs: h.ws_idle_timeout_secs,
@@ -289,6 +292,7 @@ fn host_from_pb(h: pb::HostRecord) -> ProxyHost {
         upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
         create_key: h.create_key,
         no_acme: h.no_acme,
+        balancing: super::balance::from_pb(h.balancing),
     }
 }
 
@@ -358,6 +362,11 @@ mod tests {
             locations: vec![Location {
                 path_prefix: "/a".into(),
                 upstreams: vec!["http://b:1".into()],
+                balancing: crate::host::Balancing {
+                    lb: "least-conn".into(),
+                    max_conns: 3,
+                    ..Default::default()
+                },
             }],
             ws_idle_timeout_secs: 5,
             ws_ping_interval_secs: 6,
@@ -373,6 +382,21 @@ mod tests {
             upstream_insecure_skip_verify: true,
             create_key: "k".into(),
             no_acme: true,
+            balancing: crate::host::Balancing {
+                lb: "hash:cookie=sid".into(),
+                set_cookie: true,
+                weights: [("http://1.2.3.4:80".to_string(), 3)].into(),
+                health: crate::host::balance::HealthCheck {
+                    path: "/healthz".into(),
+                    interval_ms: 2000,
+                    timeout_ms: 1000,
+                    rise: 2,
+                    fall: 3,
+                    status_min: 200,
+                    status_max: 399,
+                },
+                ..Default::default()
+            },
         };
         let cert = StoredCert {
             id: "c".into(),

@@ -541,6 +541,7 @@ where
             upstream,
             conn,
             span,
+            lease: None,
         }))
     }
 

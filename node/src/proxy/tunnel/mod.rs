@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use opentelemetry::KeyValue;
 
-use super::upstream::UpstreamState;
+use super::upstream::{Lease, UpstreamState};
 use super::{ConnInfo, Proxy};
 use crate::host::ProxyHost;
 use crate::telemetry::otel;
@@ -62,12 +62,13 @@ impl Proxy {
 
     /// Starts the relay of an upgraded connection pair in its own task
     /// (the client connection's task has ended), registered for drains and
-    /// `charonctl tunnels`.
+    /// `charonctl tunnels`. `lease` counts the tunnel against its upstream
+    /// (least-conn, caps) for as long as it is open.
     pub(super) fn spawn_tunnel<C, U>(
         self: &Arc<Self>,
         host: &ProxyHost,
         opts: TunnelOptions,
-        upstream: &Arc<UpstreamState>,
+        (upstream, lease): (&Arc<UpstreamState>, Option<Lease>),
         conn: &ConnInfo,
         (client, up): (C, U),
         span: Option<opentelemetry::Context>,
@@ -98,6 +99,7 @@ impl Proxy {
             proxy: self.clone(),
             _log: log,
             _reg: reg,
+            _lease: lease,
         });
     }
 }
@@ -112,6 +114,8 @@ struct TunnelTask<C, U> {
     proxy: Arc<Proxy>,
     _log: Option<TunnelLog>,
     _reg: registry::Registration,
+    /// The tunnel counted against its upstream (least-conn, caps).
+    _lease: Option<Lease>,
 }
 
 impl<C, U> Future for TunnelTask<C, U>

@@ -715,6 +715,7 @@ async fn chromium_opens_websockets_over_the_pages_h2_connection() -> Result<()> 
             h.locations.push(charon_proto::v1::Location {
                 path_prefix: prefix.into(),
                 upstreams: vec![url],
+                ..Default::default()
             });
         }
     }

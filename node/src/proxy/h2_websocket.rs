@@ -100,7 +100,11 @@ impl Proxy {
     ) -> Result<(Response<ProxyBody>, Arc<str>), ProxyError> {
         let pool = route.pool_for(parts.uri.path());
         let affinity = pipeline::affinity(pool, conn, parts.uri.path(), |name| {
-            parts.headers.get_all(name).into_iter().map(|v| v.as_bytes())
+            parts
+                .headers
+                .get_all(name)
+                .into_iter()
+                .map(|v| v.as_bytes())
         });
         let path_q = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let key = handshake::new_key();

@@ -735,14 +735,15 @@ async fn chromium_opens_websockets_over_the_pages_h2_connection() -> Result<()> 
     })
     .await?;
     assert_eq!(loaded[2], "h2", "the page did not come over h2: {loaded}");
-    // Chromium may open more than one connection while loading (a
-    // speculative one, a credential-less one for the favicon): the sockets
+    // Chromium opens a second, speculative connection while it loads the
+    // page (2 handshakes here; no request ever comes on it): the sockets
     // are counted from here.
     let page_handshakes = tls_handshakes(&front.node).await? - before;
     ensure!(
         page_handshakes >= 1,
         "the page came without a TLS handshake?"
     );
+    println!("TLS handshakes while Chromium loaded the page: {page_handshakes}");
     let before = before + page_handshakes;
 
     let opened = page.eval(OPEN_SOCKETS).await?;
@@ -772,6 +773,21 @@ async fn chromium_opens_websockets_over_the_pages_h2_connection() -> Result<()> 
     ensure!(
         clients.len() == 3 && clients.iter().all(|c| *c == clients[0]),
         "tunnels' clients: {list}"
+    );
+    // ...and that connection is the one the page itself came over (the
+    // access-log line of `GET /page` names its client address and port).
+    let page_clients: Vec<String> = front
+        .node
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["method"] == "GET" && v["path"] == "/page")
+        .filter_map(|v| v["client"].as_str().map(str::to_string))
+        .collect();
+    ensure!(
+        page_clients == [clients[0]],
+        "the page came from {page_clients:?}, the sockets from {}",
+        clients[0]
     );
 
     let r = page.eval(ECHO_AND_CLOSE).await?;

@@ -445,6 +445,20 @@ async fn upgrade_head_is_spelled_canonically_with_a_valid_key() -> Result<()> {
         }
         ensure!(head.contains("\r\nSec-WebSocket-Key: "), "{head}");
     }
+
+    // A host that does not keep the client's Host: the upstream's own.
+    let mut req = charon_tests::host_request(&["own.h2.test"], &[raw.url()]);
+    req.preserve_host = Some(false);
+    front.node.create_host(req).await?;
+    front.node.wait_routed("own.h2.test").await?;
+    let (_c, parts, _ws) = front.websocket(Via::Tls, "own.h2.test", &[]).await?;
+    assert_eq!(parts.status, 200);
+    let heads = raw.upgrade_heads();
+    let head = heads.last().context("no upgrade head")?;
+    ensure!(
+        head.starts_with(&format!("GET /socket HTTP/1.1\r\nHost: {}\r\n", raw.addr)),
+        "{head}"
+    );
     Ok(())
 }
 

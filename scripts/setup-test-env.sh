@@ -99,6 +99,15 @@ install_haproxy() {
             DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q \
                 --no-install-recommends "${pkgs[@]}"
     } >&2 || status=$?
+    if ((status != 0 && ${#pkgs[@]} > 1)); then
+        # One package missing from this machine's lists (chromium, say)
+        # must not keep the others out: one at a time, each best effort.
+        status=0
+        for p in "${pkgs[@]}"; do
+            DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q \
+                --no-install-recommends "$p" >&2 || status=$?
+        done
+    fi
     if ((made_policy)); then $sudo rm -f "$policy"; fi
     exec 8>&-
     if ((status != 0)); then

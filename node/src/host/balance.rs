@@ -308,7 +308,6 @@ mod tests {
                 },
                 "balancing.set_cookie",
             ),
-            (|b| b.health.path = "/healthz".into(), "balancing.health"),
             (
                 |b| {
                     b.weights.insert("http://c:3".into(), 2);
@@ -352,7 +351,7 @@ mod tests {
             mutate(&mut b);
             let err = b
                 .normalize_and_validate("balancing", &ups, canon)
-                .unwrap_err();
+                .expect_err(field);
             assert_eq!(err.field, field, "{err}");
         }
     }

@@ -15,10 +15,16 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use charon_proto::v1::{Balancing, BalancingUpdate, HealthCheck, UpstreamStatus};
-use clap::Args;
+use std::process::ExitCode;
+
+use charon_proto::v1::{
+    Balancing, BalancingUpdate, DrainUpstreamRequest, HealthCheck, UndrainUpstreamRequest,
+    UpstreamDrainResponse, UpstreamStatus,
+};
+use clap::{Args, Subcommand};
 
 use crate::cli::parse_duration;
+use crate::error::{CtlError, EXIT_NOT_DRAINED};
 
 const BALANCE: &str = "Balancing (issue 19)";
 
@@ -121,6 +127,7 @@ impl BalanceArgs {
                 .map(|d| d.as_millis() as u32)
                 .unwrap_or(0),
             health: self.health.to_pb(),
+            drains: HashMap::new(),
         };
         (b != Balancing::default()).then_some(b)
     }
@@ -308,6 +315,18 @@ pub fn details(b: Option<&Balancing>) -> Vec<(&'static str, String)> {
             format!("{} per upstream, queue {queue} ms", b.max_conns),
         ));
     }
+    let mut drains: Vec<String> = b
+        .drains
+        .iter()
+        .map(|(u, d)| {
+            let at = crate::output::unix_ms(d.deadline_ms);
+            format!("{u} (tunnels closed from {at}, over {}s)", d.spread_secs)
+        })
+        .collect();
+    drains.sort();
+    for (i, d) in drains.into_iter().enumerate() {
+        rows.push((if i == 0 { "draining" } else { "" }, d));
+    }
     if let Some(h) = b.health.as_ref().filter(|h| !h.path.is_empty()) {
         rows.push((
             "health check",
@@ -382,6 +401,148 @@ pub fn status_table(rows: &[UpstreamStatus]) -> String {
         ]);
     }
     format!("\n{}", crate::output::align(&table))
+}
+
+/// `host upstream ...`.
+#[derive(Debug, Subcommand)]
+pub enum UpstreamCommand {
+    /// Stop sending new requests and tunnels to URL from every node; its
+    /// open tunnels get Close 1001 from the deadline on, spread over the
+    /// window. With --wait, follows the tunnels left on every node and
+    /// exits 0 when none are (4 if --wait-timeout passes first).
+    Drain(UpstreamDrainArgs),
+    /// Send work to a drained upstream again (closing stops if the
+    /// deadline has not passed).
+    Undrain {
+        /// The host's id or one of its domains.
+        #[arg(value_name = "ID|DOMAIN")]
+        host: String,
+        /// The upstream URL, as the host lists it.
+        #[arg(value_name = "URL")]
+        url: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct UpstreamDrainArgs {
+    /// The host's id or one of its domains.
+    #[arg(value_name = "ID|DOMAIN")]
+    pub host: String,
+    /// The upstream URL, as the host (or one of its locations) lists it.
+    #[arg(value_name = "URL")]
+    pub url: String,
+    /// When open tunnels start getting Close 1001 (whole seconds).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub deadline: Duration,
+    /// Closes are spread over this window after the deadline.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub spread: Duration,
+    /// Follow the drain until no node has a tunnel or request on URL.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait follows (default: deadline + spread + 1m).
+    #[arg(long, value_parser = parse_duration, requires = "wait")]
+    pub wait_timeout: Option<Duration>,
+}
+
+/// Runs `host upstream drain|undrain`.
+pub async fn upstream(
+    cmd: UpstreamCommand,
+    endpoint: &str,
+    token: &str,
+    json: bool,
+) -> Result<ExitCode, CtlError> {
+    let mut api = crate::client::connect(endpoint, token, crate::client::CALL_TIMEOUT).await?;
+    let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
+    let (reply, wait) = match cmd {
+        UpstreamCommand::Drain(a) => {
+            let req = DrainUpstreamRequest {
+                id_or_domain: a.host.clone(),
+                url: a.url.clone(),
+                deadline_secs: secs(a.deadline),
+                spread_secs: secs(a.spread),
+            };
+            let method = "Balance.DrainUpstream";
+            let reply = api.balance.drain_upstream(req).await;
+            let reply = reply.map_err(|s| CtlError::from_call(s, method, endpoint))?;
+            let limit = a
+                .wait_timeout
+                .unwrap_or(a.deadline + a.spread + Duration::from_secs(60));
+            (reply.into_inner(), a.wait.then_some((a.host, limit)))
+        }
+        UpstreamCommand::Undrain { host, url } => {
+            let req = UndrainUpstreamRequest {
+                id_or_domain: host,
+                url,
+            };
+            let method = "Balance.UndrainUpstream";
+            let reply = api.balance.undrain_upstream(req).await;
+            let reply = reply.map_err(|s| CtlError::from_call(s, method, endpoint))?;
+            (reply.into_inner(), None)
+        }
+    };
+    println!("{}", drain_reply(&reply, json));
+    match wait {
+        Some((host, limit)) => follow(endpoint, token, &host, &reply.url, limit).await,
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+fn drain_reply(r: &UpstreamDrainResponse, json: bool) -> String {
+    if json {
+        return crate::output::to_json(r).trim_end().to_string();
+    }
+    if r.deadline_ms == 0 {
+        return format!(
+            "undrained {} of host {} (version {})",
+            r.url, r.host_id, r.version
+        );
+    }
+    let left = r.deadline_ms.saturating_sub(crate::output::now_ms()) / 1000;
+    format!(
+        "draining {} of host {} (version {}): no new work from any node; open tunnels get \
+         Close 1001 in {left}s, spread over {}s",
+        r.url, r.host_id, r.version, r.spread_secs
+    )
+}
+
+/// Polls every member until none has a tunnel or request on `url`.
+async fn follow(
+    endpoint: &str,
+    token: &str,
+    host: &str,
+    url: &str,
+    limit: Duration,
+) -> Result<ExitCode, CtlError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut last = String::new();
+    loop {
+        let rows = crate::observe::upstream_status_everywhere(endpoint, token, host).await?;
+        let mine: Vec<&UpstreamStatus> = rows.iter().filter(|r| r.url == url).collect();
+        let left: u64 = mine.iter().map(|r| r.open_tunnels + r.in_flight).sum();
+        let nodes = mine
+            .iter()
+            .filter(|r| r.open_tunnels + r.in_flight > 0)
+            .count();
+        if left == 0 {
+            eprintln!(
+                "{url}: no tunnels or requests left on any of {} node(s)",
+                mine.len()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        let line = format!("{url}: {left} tunnel(s)/request(s) left on {nodes} node(s)");
+        if line != last {
+            eprintln!("{line}");
+            last = line;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            eprintln!("--wait-timeout passed with {left} left; the drain goes on");
+            return Ok(ExitCode::from(EXIT_NOT_DRAINED));
+        }
+        // Poll interval of a bounded wait (the nodes report, they do not push).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 #[cfg(test)]

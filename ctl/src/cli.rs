@@ -540,6 +540,11 @@ pub enum HostCommand {
     },
     /// Change a proxy host; flags that are not given keep their value.
     Update(UpdateArgs),
+    /// Drain one upstream of a host for a backend rollout (every node
+    /// stops sending it new work; its tunnels get 1001 by the deadline),
+    /// or undrain it.
+    #[command(subcommand)]
+    Upstream(crate::balance::UpstreamCommand),
     /// Delete a proxy host.
     #[command(alias = "delete")]
     Rm {

@@ -611,3 +611,157 @@ async fn health_checks_take_a_backend_out_and_back() -> Result<()> {
     );
     Ok(())
 }
+
+/// What one tunnel saw when the proxy closed it.
+struct Closed {
+    code: Option<u16>,
+    at: Instant,
+}
+
+/// Reads `ws` until it ends (answering a Close as tungstenite does) and
+/// reports the close code the proxy sent and when.
+fn watch_close(mut ws: WsClient) -> tokio::task::JoinHandle<Closed> {
+    tokio::spawn(async move {
+        let mut code = None;
+        let mut at = Instant::now();
+        while let Some(Ok(m)) = ws.next().await {
+            if let Message::Close(frame) = m {
+                code = frame.map(|f| u16::from(f.code));
+                at = Instant::now();
+            }
+        }
+        Closed { code, at }
+    })
+}
+
+/// Upstream drain on a 2-node cluster through charonctl: both nodes stop
+/// choosing the upstream at once (new tunnels avoid it), every tunnel on
+/// it gets 1001 by deadline + spread on both nodes (both ends: the
+/// backend records 1001 too), none on the other upstream is touched;
+/// `--wait` exits 0 once no node has a tunnel on it; undrain brings it
+/// back.
+#[tokio::test]
+async fn upstream_drain_closes_its_tunnels_on_every_node() -> Result<()> {
+    let n1 = member("d1").start().await?;
+    let n2 = member("d2").seeds(&[&n1]).start().await?;
+    let b = [
+        WsEchoBackend::start("d0").await?,
+        WsEchoBackend::start("d1").await?,
+    ];
+    let urls: Vec<String> = b.iter().map(|x| x.url()).collect();
+    add_balanced(&n1, "drain.test", &urls, Balancing::default()).await?;
+    n2.wait_routed("drain.test").await?;
+    let (mut on_d0, mut on_d1) = (Vec::new(), Vec::new());
+    for n in [&n1, &n2] {
+        for _ in 0..10 {
+            let (ws, name) = tunnel(n, "drain.test", &[]).await?;
+            if name == "d0" {
+                on_d0.push(watch_close(ws));
+            } else {
+                on_d1.push(ws);
+            }
+        }
+    }
+    ensure!(
+        on_d0.len() == 10 && on_d1.len() == 10,
+        "round-robin split: {} / {}",
+        on_d0.len(),
+        on_d1.len()
+    );
+    let t0 = Instant::now();
+    let drain = [
+        "host",
+        "upstream",
+        "drain",
+        "drain.test",
+        &urls[0],
+        "--deadline",
+        "3s",
+        "--spread",
+        "1s",
+        "--wait",
+        "--wait-timeout",
+        "20s",
+    ];
+    // charonctl follows the drain while new tunnels are opened meanwhile.
+    let meanwhile = async {
+        for n in [&n1, &n2] {
+            eventually(Duration::from_secs(3), || async {
+                let s = states(n, "drain.test").await?;
+                ensure!(
+                    s.get(&urls[0]).map(String::as_str) == Some("draining"),
+                    "{s:?}"
+                );
+                Ok(())
+            })
+            .await?;
+        }
+        for n in [&n1, &n2] {
+            for _ in 0..4 {
+                let (ws, name) = tunnel(n, "drain.test", &[]).await?;
+                ensure!(name == "d1", "a new tunnel went to the draining upstream");
+                on_d1.push(ws);
+            }
+        }
+        ensure!(
+            t0.elapsed() < Duration::from_secs(3),
+            "too slow to test before the deadline"
+        );
+        Ok::<_, anyhow::Error>(())
+    };
+    let (out, meanwhile) = tokio::join!(n1.ctl(&drain), meanwhile);
+    meanwhile?;
+    let out = out?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "drain --wait: {err}");
+    ensure!(err.contains("no tunnels or requests left"), "{err}");
+    for w in on_d0 {
+        let c = w.await?;
+        ensure!(c.code == Some(1001), "a d0 tunnel closed with {:?}", c.code);
+        let by = c.at.duration_since(t0);
+        ensure!(
+            by <= Duration::from_millis(3000 + 1000 + 1500),
+            "closed after {by:?}"
+        );
+        ensure!(
+            by >= Duration::from_millis(2500),
+            "closed before the deadline: {by:?}"
+        );
+    }
+    eventually(Duration::from_secs(5), || async {
+        let codes = b[0].close_codes();
+        ensure!(
+            codes.len() == 10 && codes.iter().all(|c| *c == 1001),
+            "d0 saw {codes:?}"
+        );
+        Ok(())
+    })
+    .await?;
+    ensure!(
+        b[1].close_codes().is_empty(),
+        "d1 tunnels were closed: {:?}",
+        b[1].close_codes()
+    );
+    for ws in on_d1.iter_mut() {
+        ws.send(Message::text("whoami?")).await?;
+        let m = tokio::time::timeout(client::IO_TIMEOUT, ws.next()).await?;
+        ensure!(
+            matches!(m, Some(Ok(Message::Text(_)))),
+            "a d1 tunnel is gone: {m:?}"
+        );
+    }
+    let out = n2
+        .ctl(&["host", "upstream", "undrain", "drain.test", &urls[0]])
+        .await?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(Duration::from_secs(5), || async {
+        let (_ws, name) = tunnel(&n1, "drain.test", &[]).await?;
+        ensure!(name == "d0", "d0 gets no tunnels after undrain");
+        Ok(())
+    })
+    .await
+}

@@ -144,7 +144,11 @@ fn check_domains_free(
 
 /// The writes of putting `new` in place of `old` (or deleting `old`):
 /// the host record (or its tombstone) and its domains' claims.
-fn host_writes(view: &View<'_>, old: Option<&ProxyHost>, new: Option<&ProxyHost>) -> Vec<Write> {
+pub(super) fn host_writes(
+    view: &View<'_>,
+    old: Option<&ProxyHost>,
+    new: Option<&ProxyHost>,
+) -> Vec<Write> {
     let mut writes = match (new, old) {
         (Some(h), _) => vec![put(h.clone())],
         (None, Some(h)) => vec![Write {

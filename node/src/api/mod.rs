@@ -151,8 +151,11 @@ pub async fn serve(
         balance::BalanceApi::new(
             store.clone(),
             proxy.clone(),
-            cluster.node_id().to_string(),
-            cluster.config().node_name.clone(),
+            gate.clone(),
+            (
+                cluster.node_id().to_string(),
+                cluster.config().node_name.clone(),
+            ),
         ),
         move |req| balance_auth.check(req),
     );

@@ -170,6 +170,15 @@ impl HealthCheck {
     }
 }
 
+/// A drained upstream: no new work from any node; its open tunnels get
+/// Close 1001 from `deadline_ms` on, spread over `spread_secs`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UpstreamDrain {
+    pub deadline_ms: u64,
+    pub spread_secs: u32,
+    pub requested_at_ms: u64,
+}
+
 /// The balancing settings of a host or a location.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Balancing {
@@ -184,9 +193,19 @@ pub struct Balancing {
     /// 0 = [`DEFAULT_QUEUE_TIMEOUT_MS`].
     pub queue_timeout_ms: u32,
     pub health: HealthCheck,
+    /// Upstreams being drained, by canonical URL (the host's balancing
+    /// only; it names the host's and its locations' upstreams).
+    pub drains: BTreeMap<String, UpstreamDrain>,
 }
 
 impl Balancing {
+    /// Keeps only the drains of upstreams still listed (`all`: the host's
+    /// and its locations' canonical URLs): removing a drained upstream
+    /// ends its drain.
+    pub fn prune_drains(&mut self, all: &[&String]) {
+        self.drains.retain(|url, _| all.contains(&url));
+    }
+
     /// The parsed policy ([`Balancing::normalize_and_validate`] ran on
     /// everything stored, so it parses).
     pub fn policy(&self) -> Policy {

@@ -114,6 +114,8 @@ pub struct Proxy {
     /// The host label of requests no host matched (made once, not per
     /// request).
     no_host: Arc<str>,
+    /// Closing of drained upstreams' tunnels (issue 19).
+    upstream_drains: upstream::drain::UpstreamDrains,
 }
 
 impl Proxy {
@@ -131,6 +133,7 @@ impl Proxy {
             draining: AtomicBool::new(false),
             telemetry: std::sync::OnceLock::new(),
             no_host: Arc::from(""),
+            upstream_drains: Default::default(),
         })
     }
 
@@ -186,6 +189,8 @@ impl Proxy {
         let mut table = RouteTable::clone(&self.routes.load());
         for c in changes {
             table.apply(c.old.as_deref(), c.new.as_ref(), &self.registry, &defaults);
+            self.upstream_drains
+                .apply(&self.tunnels, c.old.as_deref(), c.new.as_deref());
         }
         tracing::debug!(
             names = table.len(),

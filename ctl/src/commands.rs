@@ -45,7 +45,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
         }
         Command::Host(HostCommand::Upstream(cmd)) => {
             let token = client::resolve_token(source)?;
-            return crate::balance::upstream(cmd, &cli.endpoint, &token, json).await;
+            return crate::balance_cmd::upstream(cmd, &cli.endpoint, &token, json).await;
         }
         command => command,
     };
@@ -338,7 +338,7 @@ impl Call {
                         id_or_domain: host.id.clone(),
                     };
                     if let Ok(r) = api.balance.upstream_status(req).await {
-                        out.push_str(&crate::balance::status_table(&r.into_inner().upstreams));
+                        out.push_str(&crate::balance_cmd::status_table(&r.into_inner().upstreams));
                     }
                 }
                 out.into()

@@ -968,7 +968,7 @@ fn unix_ms_precise(ms: u64) -> String {
 }
 
 /// Unix milliseconds as UTC RFC 3339: `2026-11-24T10:00:00Z`.
-pub(crate) fn unix_ms(ms: u64) -> String {
+fn unix_ms(ms: u64) -> String {
     utc(
         ms,
         format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z"),

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod balance;
+pub mod balance_pb;
 pub mod certs;
 pub mod cluster;
 pub mod hosts;

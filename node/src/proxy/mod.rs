@@ -11,7 +11,8 @@
 //!   policy, record ([`observe`]). Error pages: [`error`].
 //! - [`routes`]: the route table (an `Arc` snapshot, never redb) and each
 //!   route's precomputed values. [`upstream`]: health, pools, attempt
-//!   order, connecting, idle connections.
+//!   order (the balancer), connecting, idle connections;
+//!   [`upstream_drain`]: closing a drained upstream's tunnels.
 //! - [`tunnel`]: WebSocket tunnels after a 101 (relay, frames, registry).
 //! - [`shutdown`]: every way a connection is ended by the proxy.
 
@@ -26,6 +27,7 @@ pub mod routes;
 pub mod shutdown;
 pub mod tunnel;
 pub mod upstream;
+pub mod upstream_drain;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -115,7 +117,7 @@ pub struct Proxy {
     /// request).
     no_host: Arc<str>,
     /// Closing of drained upstreams' tunnels (issue 19).
-    upstream_drains: upstream::drain::UpstreamDrains,
+    upstream_drains: upstream_drain::UpstreamDrains,
 }
 
 impl Proxy {

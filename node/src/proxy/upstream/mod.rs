@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 pub mod balance;
 mod body;
 mod connect;
-pub mod drain;
 pub mod health;
 mod idle;
 

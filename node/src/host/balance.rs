@@ -268,15 +268,6 @@ impl Balancing {
         }
         self.health
             .normalize_and_validate(&format!("{field}.health"))?;
-        // Stored and replicated already, but not acted on by this build:
-        // refused rather than silently ignored.
-        if self.set_cookie {
-            return Err(FieldError::new(
-                format!("{field}.set_cookie"),
-                "setting the sticky cookie is not implemented in this build yet; \
-                 hash:cookie=NAME keys on a cookie the application sets",
-            ));
-        }
         Ok(())
     }
 }
@@ -320,13 +311,6 @@ mod tests {
         let cases: Vec<Case> = vec![
             (|b| b.lb = "fastest".into(), "balancing.lb"),
             (|b| b.set_cookie = true, "balancing.set_cookie"),
-            (
-                |b| {
-                    b.lb = "hash:cookie=sid".into();
-                    b.set_cookie = true;
-                },
-                "balancing.set_cookie",
-            ),
             (
                 |b| {
                     b.weights.insert("http://c:3".into(), 2);

@@ -58,6 +58,12 @@ pub struct Args {
     /// not per read: a slow drip is cut with 408) [default: 30000]
     #[arg(long, env = "CHARON_HEADER_READ_TIMEOUT_MS")]
     pub header_read_timeout_ms: Option<u64>,
+    /// WebSockets over HTTP/2 (RFC 8441): advertise extended CONNECT to h2
+    /// clients (TLS and h2c) and tunnel `:protocol = websocket` streams;
+    /// `false` leaves browsers on one HTTP/1.1 connection per socket
+    /// [default: true]
+    #[arg(long, env = "CHARON_H2_WEBSOCKETS")]
+    pub h2_websockets: Option<bool>,
     /// Time to connect to an upstream, in ms [default: 5000]
     #[arg(long, env = "CHARON_CONNECT_TIMEOUT_MS")]
     pub connect_timeout_ms: Option<u64>,
@@ -199,6 +205,7 @@ struct FileConfig {
     trusted_proxies: Option<Vec<String>>,
     upstream_timeout_ms: Option<u64>,
     header_read_timeout_ms: Option<u64>,
+    h2_websockets: Option<bool>,
     connect_timeout_ms: Option<u64>,
     failure_cooldown_secs: Option<u64>,
     shutdown_grace_secs: Option<u64>,
@@ -402,6 +409,10 @@ impl Config {
                 None => defaults.header_read_timeout,
             },
             https_port: defaults.https_port,
+            h2_websockets: args
+                .h2_websockets
+                .or(file.h2_websockets)
+                .unwrap_or(defaults.h2_websockets),
         };
         let log_format = match args.log_format.or(file.log_format).as_deref() {
             None | Some("text") => LogFormat::Text,

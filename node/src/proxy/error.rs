@@ -16,6 +16,11 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("no proxy host for {0:?}")]
     UnknownHost(String),
+    /// A request the proxy understood but does not serve (an RFC 8441
+    /// extended CONNECT for a protocol other than WebSocket, or to a host
+    /// that turned WebSockets off).
+    #[error("not implemented: {0}")]
+    NotImplemented(&'static str),
     #[error("upstream {upstream} unreachable: {source}")]
     Unreachable {
         upstream: String,
@@ -62,6 +67,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::UnknownHost(_) => StatusCode::NOT_FOUND,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::Unreachable {
                 source: ConnectError::Timeout(_),
                 ..

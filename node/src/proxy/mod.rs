@@ -3,7 +3,9 @@
 //!
 //! - [`listener`]: accept loops, TLS and ALPN dispatch to a front end.
 //! - Front ends (protocol only): [`h1`], Charon's own HTTP/1.x path, and
-//!   [`h2`], hyper's h2 server with hyper's HTTP/1.1 client upstream.
+//!   [`h2`], hyper's h2 server with hyper's HTTP/1.1 client upstream;
+//!   [`h2_websocket`]: WebSockets over h2 (RFC 8441 extended CONNECT),
+//!   upgraded to the upstream over HTTP/1.1 and relayed as a tunnel.
 //! - [`wire`]: the bytes on the wire (head parsing, framing, the chunked
 //!   coding, field lines, what is refused), a layer that knows no policy.
 //! - [`pipeline`]: the phases both front ends call, in order: route,
@@ -20,6 +22,7 @@ pub mod error;
 pub mod forwarded;
 pub mod h1;
 pub mod h2;
+pub mod h2_websocket;
 pub mod listener;
 pub mod observe;
 pub mod pipeline;
@@ -64,6 +67,9 @@ pub struct ProxyConfig {
     /// Port that `force_https` redirects to (the HTTPS listener's); 443 is
     /// left out of the URL.
     pub https_port: u16,
+    /// RFC 8441: h2 connections advertise `SETTINGS_ENABLE_CONNECT_PROTOCOL`
+    /// and carry WebSockets as extended CONNECT streams ([`h2_websocket`]).
+    pub h2_websockets: bool,
 }
 
 impl Default for ProxyConfig {
@@ -75,6 +81,7 @@ impl Default for ProxyConfig {
             failure_cooldown: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(30),
             https_port: 443,
+            h2_websockets: true,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! copies.
 
 pub mod frames;
+pub mod handshake;
 mod record;
 pub mod registry;
 pub mod relay;
@@ -13,13 +14,52 @@ use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use opentelemetry::KeyValue;
+
 use super::upstream::{Lease, UpstreamState};
 use super::{ConnInfo, Proxy};
 use crate::host::ProxyHost;
+use crate::telemetry::otel;
 use record::TunnelLog;
 use relay::TunnelOptions;
 
 impl Proxy {
+    /// The span of a tunnel's whole life, a child of the request that
+    /// opened it (`parent`, its server span), when tracing is on: the same
+    /// for a tunnel opened over HTTP/1.1 or h2.
+    pub(super) fn tunnel_span(
+        &self,
+        parent: Option<&opentelemetry::Context>,
+        host_name: &str,
+        upstream: &UpstreamState,
+        conn: &ConnInfo,
+        subprotocol: Option<&str>,
+        extensions: Option<&str>,
+    ) -> Option<opentelemetry::Context> {
+        let tr = self.telemetry.get()?.tracing.as_ref()?;
+        let cx = tr.child_span(
+            parent?,
+            format!("WebSocket {host_name}"),
+            opentelemetry::trace::SpanKind::Internal,
+            vec![
+                KeyValue::new("charon.host", host_name.to_string()),
+                KeyValue::new("charon.upstream", upstream.url.to_string()),
+                KeyValue::new("client.address", conn.peer.ip().to_string()),
+                KeyValue::new(
+                    "websocket.subprotocol",
+                    subprotocol.unwrap_or_default().to_string(),
+                ),
+                KeyValue::new(
+                    "websocket.extensions",
+                    extensions.unwrap_or_default().to_string(),
+                ),
+            ],
+            None,
+        );
+        otel::add_event(&cx, "upgrade", vec![]);
+        Some(cx)
+    }
+
     /// Starts the relay of an upgraded connection pair in its own task
     /// (the client connection's task has ended), registered for drains and
     /// `charonctl tunnels`. `lease` counts the tunnel against its upstream

@@ -547,6 +547,51 @@ mod tests {
         );
     }
 
+    /// Tunnel spread (max / mean open per upstream) with churn where one
+    /// backend's clients leave 4× as often (say its app reconnects them):
+    /// round-robin keeps feeding every upstream equally, so the others
+    /// pile up; least-conn refills the emptier one. Deterministic (an LCG),
+    /// the same numbers each run; `--nocapture` prints them.
+    #[test]
+    fn least_conn_spreads_tunnels_evenly_under_churn() {
+        fn spread(lb: &str) -> f64 {
+            let u = ups(3);
+            let bal = balancer(lb, &u);
+            let mut rng: u64 = 0x2545_f491_4f6c_dd1d;
+            let mut next = move || {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (rng >> 33) as u32
+            };
+            let mut open: Vec<(usize, Lease)> = Vec::new();
+            let mut worst = 0f64;
+            for step in 0..6000 {
+                let i = bal.first(&u, None, |_| true);
+                open.push((i, Lease::take(&u[i], 0).unwrap().into_tunnel()));
+                // One close per open on average once 300 are open.
+                if open.len() > 300 {
+                    let k = next() as usize % open.len();
+                    let leaves = open[k].0 == 0 || next() % 4 == 0;
+                    if leaves {
+                        open.swap_remove(k);
+                    }
+                }
+                if step > 1000 {
+                    let loads: Vec<f64> = u.iter().map(|x| f64::from(x.load.tunnels())).collect();
+                    let mean = loads.iter().sum::<f64>() / 3.0;
+                    let max = loads.iter().cloned().fold(0.0, f64::max);
+                    worst = worst.max(max / mean);
+                }
+            }
+            worst
+        }
+        let (rr, lc) = (spread("round-robin"), spread("least-conn"));
+        println!("tunnel spread (worst max/mean): round-robin {rr:.2}, least-conn {lc:.2}");
+        assert!(lc < 1.05, "least-conn {lc}");
+        assert!(rr > lc + 0.2, "round-robin {rr} vs least-conn {lc}");
+    }
+
     #[test]
     fn caps_refuse_past_the_limit() {
         let u = ups(1);

@@ -10,15 +10,16 @@
 //! - `--health-path /healthz --health-interval 2s --health-timeout 1s
 //!   --health-rise 2 --health-fall 3 --health-status 200-399`;
 //! - in `--location PATH=URL[@weight=N],...;lb=POLICY;max-conns=N;...`
-//!   the same settings for one location, as `;key=value` after the URLs.
+//!   the same settings for one location, as `;key=value` after the URLs;
+//! - `host upstream drain|undrain` (run by `balance_cmd`).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use charon_proto::v1::{Balancing, BalancingUpdate, HealthCheck, UpstreamStatus};
-use clap::Args;
+use charon_proto::v1::{Balancing, BalancingUpdate, HealthCheck};
+use clap::{Args, Subcommand};
 
-use crate::cli::parse_duration;
+use crate::duration::parse_duration;
 
 const BALANCE: &str = "Balancing (issue 19)";
 
@@ -121,6 +122,7 @@ impl BalanceArgs {
                 .map(|d| d.as_millis() as u32)
                 .unwrap_or(0),
             health: self.health.to_pb(),
+            drains: HashMap::new(),
         };
         (b != Balancing::default()).then_some(b)
     }
@@ -308,6 +310,18 @@ pub fn details(b: Option<&Balancing>) -> Vec<(&'static str, String)> {
             format!("{} per upstream, queue {queue} ms", b.max_conns),
         ));
     }
+    let mut drains: Vec<String> = b
+        .drains
+        .iter()
+        .map(|(u, d)| {
+            let at = utc_secs(d.deadline_ms);
+            format!("{u} (tunnels closed from {at}, over {}s)", d.spread_secs)
+        })
+        .collect();
+    drains.sort();
+    for (i, d) in drains.into_iter().enumerate() {
+        rows.push((if i == 0 { "draining" } else { "" }, d));
+    }
     if let Some(h) = b.health.as_ref().filter(|h| !h.path.is_empty()) {
         rows.push((
             "health check",
@@ -347,41 +361,56 @@ pub fn location_suffix(b: Option<&Balancing>) -> String {
     out
 }
 
-/// The per-upstream table of `host show`: one row per upstream, as the
-/// node that answered sees it.
-pub fn status_table(rows: &[UpstreamStatus]) -> String {
-    let mut table = vec![[
-        "NODE",
-        "LOCATION",
-        "UPSTREAM",
-        "STATE",
-        "WEIGHT",
-        "TUNNELS",
-        "IN-FLIGHT",
-    ]
-    .map(String::from)
-    .to_vec()];
-    for r in rows {
-        let node = if r.node_name.is_empty() {
-            &r.node_id
-        } else {
-            &r.node_name
-        };
-        table.push(vec![
-            node.clone(),
-            if r.location.is_empty() {
-                "-".into()
-            } else {
-                r.location.clone()
-            },
-            r.url.clone(),
-            r.state.clone(),
-            r.weight.to_string(),
-            r.open_tunnels.to_string(),
-            r.in_flight.to_string(),
-        ]);
-    }
-    format!("\n{}", crate::output::align(&table))
+/// Unix milliseconds as `2026-11-24T10:00:00Z` (what `output` prints;
+/// written here so that `output` can call this module).
+fn utc_secs(ms: u64) -> String {
+    let fmt = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+    time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64)
+        .ok()
+        .and_then(|t| t.format(fmt).ok())
+        .unwrap_or_else(|| "-".into())
+}
+
+/// `host upstream ...`.
+#[derive(Debug, Subcommand)]
+pub enum UpstreamCommand {
+    /// Stop sending new requests and tunnels to URL from every node; its
+    /// open tunnels get Close 1001 from the deadline on, spread over the
+    /// window. With --wait, follows the tunnels left on every node and
+    /// exits 0 when none are (4 if --wait-timeout passes first).
+    Drain(UpstreamDrainArgs),
+    /// Send work to a drained upstream again (closing stops if the
+    /// deadline has not passed).
+    Undrain {
+        /// The host's id or one of its domains.
+        #[arg(value_name = "ID|DOMAIN")]
+        host: String,
+        /// The upstream URL, as the host lists it.
+        #[arg(value_name = "URL")]
+        url: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct UpstreamDrainArgs {
+    /// The host's id or one of its domains.
+    #[arg(value_name = "ID|DOMAIN")]
+    pub host: String,
+    /// The upstream URL, as the host (or one of its locations) lists it.
+    #[arg(value_name = "URL")]
+    pub url: String,
+    /// When open tunnels start getting Close 1001 (whole seconds).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub deadline: Duration,
+    /// Closes are spread over this window after the deadline.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub spread: Duration,
+    /// Follow the drain until no node has a tunnel or request on URL.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait follows (default: deadline + spread + 1m).
+    #[arg(long, value_parser = parse_duration, requires = "wait")]
+    pub wait_timeout: Option<Duration>,
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use clap::builder::{OsStringValueParser, TypedValueParser};
 use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
+pub use crate::duration::parse_duration;
 use crate::error::CtlError;
 
 const GLOBAL: &str = "Global options";
@@ -540,6 +541,11 @@ pub enum HostCommand {
     },
     /// Change a proxy host; flags that are not given keep their value.
     Update(UpdateArgs),
+    /// Drain one upstream of a host for a backend rollout (every node
+    /// stops sending it new work; its tunnels get 1001 by the deadline),
+    /// or undrain it.
+    #[command(subcommand)]
+    Upstream(crate::balance::UpstreamCommand),
     /// Delete a proxy host.
     #[command(alias = "delete")]
     Rm {
@@ -1036,46 +1042,6 @@ pub fn parse_endpoint(value: &str) -> Result<String, String> {
         return Err("the URL has no host; expected e.g. http://127.0.0.1:7070".into());
     }
     Ok(url)
-}
-
-/// Parses a duration written like `500ms`, `10s`, `2m`, `1h` or `1m30s`:
-/// whole numbers, each followed by its unit (ms, s, m, h).
-pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    const SHAPE: &str = "expected a number and a unit (ms, s, m, h), e.g. 500ms, 10s, 2m or 1m30s";
-    let value = value.trim();
-    if value.is_empty() {
-        return Err(format!("the duration is empty; {SHAPE}"));
-    }
-    let too_long = || format!("{value} is too long");
-    let mut rest = value;
-    let mut total = Duration::ZERO;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(format!("{value:?} is not a duration; {SHAPE}"));
-        }
-        let number: u64 = rest[..digits].parse().map_err(|_| too_long())?;
-        rest = &rest[digits..];
-        let letters = rest
-            .find(|c: char| !c.is_ascii_alphabetic())
-            .unwrap_or(rest.len());
-        let unit_ms: u64 = match &rest[..letters] {
-            "ms" => 1,
-            "s" => 1_000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            "" => return Err(format!("{value:?} lacks a unit; {SHAPE}")),
-            unit => return Err(format!("unknown unit {unit:?} in {value:?}; {SHAPE}")),
-        };
-        rest = &rest[letters..];
-        let ms = number.checked_mul(unit_ms).ok_or_else(too_long)?;
-        total = total
-            .checked_add(Duration::from_millis(ms))
-            .ok_or_else(too_long)?;
-    }
-    Ok(total)
 }
 
 /// Parses `logs --since`: a duration above zero.

@@ -43,6 +43,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
             let token = client::resolve_token(source)?;
             return observe::tunnels(args, &cli.endpoint, &token, json).await;
         }
+        Command::Host(HostCommand::Upstream(cmd)) => {
+            let token = client::resolve_token(source)?;
+            return crate::balance_cmd::upstream(cmd, &cli.endpoint, &token, json).await;
+        }
         command => command,
     };
     let wait = command.wait();
@@ -222,6 +226,10 @@ impl Call {
         Ok(match command {
             Command::Host(cmd) => match cmd {
                 HostCommand::List => Call::ListHosts,
+                // Run before any call is prepared (see `run`).
+                HostCommand::Upstream(_) => {
+                    unreachable!("host upstream is run by balance::upstream")
+                }
                 HostCommand::Show { host } => Call::GetHost(GetHostRequest { id_or_domain: host }),
                 HostCommand::Add(args) => Call::CreateHost(args.to_request(read)?),
                 HostCommand::Update(args) => Call::UpdateHost(args.to_request(read)?),
@@ -330,7 +338,7 @@ impl Call {
                         id_or_domain: host.id.clone(),
                     };
                     if let Ok(r) = api.balance.upstream_status(req).await {
-                        out.push_str(&crate::balance::status_table(&r.into_inner().upstreams));
+                        out.push_str(&crate::balance_cmd::status_table(&r.into_inner().upstreams));
                     }
                 }
                 out.into()

@@ -1,6 +1,9 @@
 //! `charonctl`: the command-line client of a Charon cluster.
 //!
 //! - [`cli`]: clap types, flag parsing, arguments → API requests
+//! - [`balance`]: balancing flags (issue 19); [`balance_cmd`]: `host
+//!   upstream drain|undrain` and the per-upstream table of `host show`
+//! - [`duration`]: durations as flags write them
 //! - [`client`]: token lookup, connection, bearer-token interceptor
 //! - [`commands`]: one API call per command, rendered on stdout
 //! - [`drain`]: `node drain --wait`, following a drain with live progress
@@ -15,10 +18,12 @@
 #![forbid(unsafe_code)]
 
 mod balance;
+mod balance_cmd;
 mod cli;
 mod client;
 mod commands;
 mod drain;
+mod duration;
 mod error;
 mod observe;
 mod output;

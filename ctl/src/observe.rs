@@ -479,6 +479,35 @@ pub async fn tunnels(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `host upstream drain --wait`: a host's upstreams as every live member
+/// sees them (warnings for members that did not answer go to stderr).
+pub async fn upstream_status_everywhere(
+    endpoint: &str,
+    token: &str,
+    host: &str,
+) -> Result<Vec<charon_proto::v1::UpstreamStatus>, CtlError> {
+    let plan = plan(&Scope::AllNodes, endpoint, token).await?;
+    let token = token.to_string();
+    let answers = ask_all(&plan.targets, |target| {
+        let token = token.clone();
+        let answering = plan.answering.clone();
+        let request = charon_proto::v1::UpstreamStatusRequest {
+            id_or_domain: host.to_string(),
+        };
+        async move {
+            let mut api = target.connect(&token, answering.as_ref()).await?;
+            let call = api.balance.upstream_status(request);
+            let reply = within(&target.endpoint, "Balance.UpstreamStatus", call).await?;
+            Ok(reply.upstreams)
+        }
+    })
+    .await;
+    Ok(report(gather(&plan.targets, answers))?
+        .into_iter()
+        .flatten()
+        .collect())
+}
+
 fn write_stderr(text: &str) -> Result<(), CtlError> {
     let mut err = std::io::stderr().lock();
     err.write_all(text.as_bytes())?;

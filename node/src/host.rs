@@ -265,7 +265,19 @@ impl ProxyHost {
                 &loc.upstreams,
                 canonical_upstream,
             )?;
+            if !loc.balancing.drains.is_empty() {
+                return Err(FieldError::new(
+                    format!("{field}.balancing.drains"),
+                    "upstream drains are kept on the host (they name location upstreams too)",
+                ));
+            }
         }
+        let all: Vec<&String> = self
+            .upstreams
+            .iter()
+            .chain(self.locations.iter().flat_map(|l| &l.upstreams))
+            .collect();
+        self.balancing.prune_drains(&all);
         self.cert_id = self.cert_id.trim().to_string();
         if !self.upstream_ca_pem.trim().is_empty() {
             crate::tls::upstream::validate_ca_pem(&self.upstream_ca_pem)

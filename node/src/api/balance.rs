@@ -1,126 +1,114 @@
-//! Balancing settings between the API's messages and the domain type
-//! (issue 19), and the `charon.v1.Balance` service: per-upstream state of
-//! a host on this node.
+//! `charon.v1.Balance` (issue 19): a host's upstreams as this node sees
+//! them (load, health, drain), and upstream drains, written on the host's
+//! record so they replicate like every host field.
 
 use charon_proto::v1 as pb;
 
-use crate::host::balance::{Balancing, HealthCheck};
+use crate::host::balance::{Balancing, UpstreamDrain};
 use crate::validate::FieldError;
-
-pub fn to_pb(b: &Balancing) -> Option<pb::Balancing> {
-    if *b == Balancing::default() {
-        return None;
-    }
-    Some(pb::Balancing {
-        lb: b.lb.clone(),
-        set_cookie: b.set_cookie,
-        weights: b.weights.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-        max_conns: b.max_conns,
-        queue_timeout_ms: b.queue_timeout_ms,
-        health: b.health.enabled().then(|| health_to_pb(&b.health)),
-    })
-}
-
-fn health_to_pb(h: &HealthCheck) -> pb::HealthCheck {
-    pb::HealthCheck {
-        path: h.path.clone(),
-        interval_ms: h.interval_ms,
-        timeout_ms: h.timeout_ms,
-        rise: h.rise,
-        fall: h.fall,
-        status_min: h.status_min,
-        status_max: h.status_max,
-    }
-}
-
-fn health_from_pb(h: pb::HealthCheck) -> HealthCheck {
-    HealthCheck {
-        path: h.path,
-        interval_ms: h.interval_ms,
-        timeout_ms: h.timeout_ms,
-        rise: h.rise,
-        fall: h.fall,
-        status_min: h.status_min,
-        status_max: h.status_max,
-    }
-}
-
-pub fn from_pb(b: Option<pb::Balancing>) -> Balancing {
-    let Some(b) = b else {
-        return Balancing::default();
-    };
-    Balancing {
-        lb: b.lb,
-        set_cookie: b.set_cookie,
-        weights: b.weights.into_iter().collect(),
-        max_conns: b.max_conns,
-        queue_timeout_ms: b.queue_timeout_ms,
-        health: b.health.map(health_from_pb).unwrap_or_default(),
-    }
-}
-
-/// Applies an update's balancing changes to `b`. `upstreams_replaced`:
-/// the same update sets new upstreams, so its weights replace the old
-/// ones (weights name upstreams; alone they would be ambiguous).
-pub fn apply_update(
-    b: &mut Balancing,
-    u: Option<pb::BalancingUpdate>,
-    upstreams_replaced: bool,
-) -> Result<(), FieldError> {
-    if upstreams_replaced {
-        b.weights.clear();
-    }
-    let Some(u) = u else {
-        return Ok(());
-    };
-    if !u.weights.is_empty() {
-        if !upstreams_replaced {
-            return Err(FieldError::new(
-                "balancing.weights",
-                "weights are set together with the upstreams they name (give upstreams too)",
-            ));
-        }
-        b.weights = u.weights.into_iter().collect();
-    }
-    if let Some(lb) = u.lb {
-        b.lb = lb;
-    }
-    if let Some(v) = u.set_cookie {
-        b.set_cookie = v;
-    }
-    if let Some(v) = u.max_conns {
-        b.max_conns = v;
-    }
-    if let Some(v) = u.queue_timeout_ms {
-        b.queue_timeout_ms = v;
-    }
-    if let Some(h) = u.health {
-        b.health = health_from_pb(h);
-    }
-    Ok(())
-}
 
 /// `charon.v1.Balance`: a host's upstreams as this node sees them.
 pub struct BalanceApi {
     store: std::sync::Arc<crate::store::Store>,
     proxy: std::sync::Arc<crate::proxy::Proxy>,
+    gate: std::sync::Arc<super::WriteGate>,
     node_id: String,
     node_name: String,
 }
+
+/// What an upstream drain (or undrain) changes: the URL and, for a
+/// drain, its deadline and spread.
+type DrainChange = (String, Option<(u32, u32)>);
 
 impl BalanceApi {
     pub fn new(
         store: std::sync::Arc<crate::store::Store>,
         proxy: std::sync::Arc<crate::proxy::Proxy>,
-        node_id: String,
-        node_name: String,
+        gate: std::sync::Arc<super::WriteGate>,
+        (node_id, node_name): (String, String),
     ) -> Self {
         BalanceApi {
             store,
             proxy,
+            gate,
             node_id,
             node_name,
         }
+    }
+
+    /// Writes a drain (or removes one) on the host's record, so it
+    /// replicates like every host field and survives restarts.
+    async fn change_drain<M>(
+        &self,
+        req: tonic::Request<M>,
+        key: String,
+        (url, drain): DrainChange,
+    ) -> Result<tonic::Response<pb::UpstreamDrainResponse>, tonic::Status> {
+        let ctx = super::write_ctx(&req, &self.gate)?;
+        if key.trim().is_empty() {
+            return Err(tonic::Status::invalid_argument("id_or_domain: is required"));
+        }
+        let canonical = crate::host::UpstreamUrl::parse(&url)
+            .map_err(|e| tonic::Status::invalid_argument(format!("url: {e}")))?
+            .to_string();
+        let (resp, stamp) = super::transact(&self.store, ctx, move |view| {
+            let current = view
+                .find_host(&key)
+                .ok_or_else(|| super::hosts::HostsError::NotFound(key.clone()))?;
+            let listed = current
+                .upstreams
+                .iter()
+                .chain(current.locations.iter().flat_map(|l| &l.upstreams))
+                .any(|u| *u == canonical);
+            if !listed {
+                return Err(FieldError::new(
+                    "url",
+                    format!("{canonical} is not an upstream of host {}", current.id),
+                )
+                .into());
+            }
+            let mut h = (**current).clone();
+            let now = crate::util::wall_ms();
+            match drain {
+                Some((deadline, spread)) => {
+                    let d = UpstreamDrain {
+                        deadline_ms: now + u64::from(deadline) * 1000,
+                        spread_secs: spread,
+                        requested_at_ms: now,
+                    };
+                    h.balancing.drains.insert(canonical.clone(), d);
+                }
+                None => {
+                    h.balancing.drains.remove(&canonical);
+                }
+            }
+            let d = h
+                .balancing
+                .drains
+                .get(&canonical)
+                .cloned()
+                .unwrap_or_default();
+            let mut resp = pb::UpstreamDrainResponse {
+                host_id: h.id.clone(),
+                version: h.version,
+                url: canonical.clone(),
+                deadline_ms: d.deadline_ms,
+                spread_secs: d.spread_secs,
+            };
+            if h == **current {
+                return Ok((vec![], resp));
+            }
+            h.version += 1;
+            h.updated_at_ms = now.max(h.updated_at_ms);
+            resp.version = h.version;
+            Ok((
+                super::hosts::host_writes(view, Some(current), Some(&h)),
+                resp,
+            ))
+        })
+        .await?;
+        tracing::info!(host_id = %resp.host_id, upstream = %resp.url, deadline_ms = resp.deadline_ms, "upstream drain changed");
+        Ok(super::stamped(resp, stamp))
     }
 
     fn row(
@@ -135,6 +123,7 @@ impl BalanceApi {
             self.proxy
                 .upstream_state(&parsed, &h.upstream_ca_pem, h.upstream_insecure_skip_verify);
         let state = match self.proxy.upstream_health(&s, &b.health) {
+            _ if h.balancing.drains.contains_key(url) => "draining",
             Some(false) => "unhealthy",
             _ if s.is_down() => "cooling-down",
             Some(true) => "healthy",
@@ -182,5 +171,30 @@ impl pb::balance_server::Balance for BalanceApi {
         Ok(tonic::Response::new(pb::UpstreamStatusResponse {
             upstreams,
         }))
+    }
+
+    async fn drain_upstream(
+        &self,
+        req: tonic::Request<pb::DrainUpstreamRequest>,
+    ) -> Result<tonic::Response<pb::UpstreamDrainResponse>, tonic::Status> {
+        let r = req.get_ref().clone();
+        let deadline = match r.deadline_secs {
+            0 => 300,
+            s => s,
+        };
+        let spread = match r.spread_secs {
+            0 => 30,
+            s => s,
+        };
+        self.change_drain(req, r.id_or_domain, (r.url, Some((deadline, spread))))
+            .await
+    }
+
+    async fn undrain_upstream(
+        &self,
+        req: tonic::Request<pb::UndrainUpstreamRequest>,
+    ) -> Result<tonic::Response<pb::UpstreamDrainResponse>, tonic::Status> {
+        let r = req.get_ref().clone();
+        self.change_drain(req, r.id_or_domain, (r.url, None)).await
     }
 }

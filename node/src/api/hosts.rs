@@ -144,7 +144,11 @@ fn check_domains_free(
 
 /// The writes of putting `new` in place of `old` (or deleting `old`):
 /// the host record (or its tombstone) and its domains' claims.
-fn host_writes(view: &View<'_>, old: Option<&ProxyHost>, new: Option<&ProxyHost>) -> Vec<Write> {
+pub(super) fn host_writes(
+    view: &View<'_>,
+    old: Option<&ProxyHost>,
+    new: Option<&ProxyHost>,
+) -> Vec<Write> {
     let mut writes = match (new, old) {
         (Some(h), _) => vec![put(h.clone())],
         (None, Some(h)) => vec![Write {
@@ -206,7 +210,7 @@ fn locations_from_pb(list: Vec<pb::Location>) -> Vec<Location> {
         .map(|l| Location {
             path_prefix: l.path_prefix,
             upstreams: l.upstreams,
-            balancing: super::balance::from_pb(l.balancing),
+            balancing: super::balance_pb::from_pb(l.balancing),
         })
         .collect()
 }
@@ -244,7 +248,7 @@ pub fn host_to_pb(h: &ProxyHost, snap: Option<&Snapshot>) -> pb::ProxyHost {
             .map(|l| pb::Location {
                 path_prefix: l.path_prefix.clone(),
                 upstreams: l.upstreams.clone(),
-                balancing: super::balance::to_pb(&l.balancing),
+                balancing: super::balance_pb::to_pb(&l.balancing),
             })
             .collect(),
         ws_idle_timeout_secs: h.ws_idle_timeout_secs,
@@ -260,7 +264,7 @@ pub fn host_to_pb(h: &ProxyHost, snap: Option<&Snapshot>) -> pb::ProxyHost {
         upstream_ca_pem: h.upstream_ca_pem.clone(),
         upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
         no_acme: h.no_acme,
-        balancing: super::balance::to_pb(&h.balancing),
+        balancing: super::balance_pb::to_pb(&h.balancing),
     }
 }
 
@@ -301,7 +305,7 @@ impl pb::hosts_server::Hosts for HostsApi {
             upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
             create_key: key.clone().unwrap_or_default(),
             no_acme: h.no_acme,
-            balancing: super::balance::from_pb(h.balancing),
+            balancing: super::balance_pb::from_pb(h.balancing),
         };
         host.normalize_and_validate().map_err(HostsError::from)?;
         let ((created, fresh), stamp) = self
@@ -386,7 +390,7 @@ impl pb::hosts_server::Hosts for HostsApi {
                 if let Some(v) = r.upstreams {
                     h.upstreams = v.values;
                 }
-                super::balance::apply_update(&mut h.balancing, r.balancing, upstreams_replaced)?;
+                super::balance_pb::apply_update(&mut h.balancing, r.balancing, upstreams_replaced)?;
                 if let Some(v) = r.locations {
                     h.locations = locations_from_pb(v.values);
                 }

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod balance;
+pub mod balance_pb;
 pub mod certs;
 pub mod cluster;
 pub mod hosts;
@@ -151,8 +152,11 @@ pub async fn serve(
         balance::BalanceApi::new(
             store.clone(),
             proxy.clone(),
-            cluster.node_id().to_string(),
-            cluster.config().node_name.clone(),
+            gate.clone(),
+            (
+                cluster.node_id().to_string(),
+                cluster.config().node_name.clone(),
+            ),
         ),
         move |req| balance_auth.check(req),
     );

@@ -170,6 +170,15 @@ impl HealthCheck {
     }
 }
 
+/// A drained upstream: no new work from any node; its open tunnels get
+/// Close 1001 from `deadline_ms` on, spread over `spread_secs`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UpstreamDrain {
+    pub deadline_ms: u64,
+    pub spread_secs: u32,
+    pub requested_at_ms: u64,
+}
+
 /// The balancing settings of a host or a location.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Balancing {
@@ -184,9 +193,19 @@ pub struct Balancing {
     /// 0 = [`DEFAULT_QUEUE_TIMEOUT_MS`].
     pub queue_timeout_ms: u32,
     pub health: HealthCheck,
+    /// Upstreams being drained, by canonical URL (the host's balancing
+    /// only; it names the host's and its locations' upstreams).
+    pub drains: BTreeMap<String, UpstreamDrain>,
 }
 
 impl Balancing {
+    /// Keeps only the drains of upstreams still listed (`all`: the host's
+    /// and its locations' canonical URLs): removing a drained upstream
+    /// ends its drain.
+    pub fn prune_drains(&mut self, all: &[&String]) {
+        self.drains.retain(|url, _| all.contains(&url));
+    }
+
     /// The parsed policy ([`Balancing::normalize_and_validate`] ran on
     /// everything stored, so it parses).
     pub fn policy(&self) -> Policy {
@@ -249,15 +268,6 @@ impl Balancing {
         }
         self.health
             .normalize_and_validate(&format!("{field}.health"))?;
-        // Stored and replicated already, but not acted on by this build:
-        // refused rather than silently ignored.
-        if self.set_cookie {
-            return Err(FieldError::new(
-                format!("{field}.set_cookie"),
-                "setting the sticky cookie is not implemented in this build yet; \
-                 hash:cookie=NAME keys on a cookie the application sets",
-            ));
-        }
         Ok(())
     }
 }
@@ -303,14 +313,6 @@ mod tests {
             (|b| b.set_cookie = true, "balancing.set_cookie"),
             (
                 |b| {
-                    b.lb = "hash:cookie=sid".into();
-                    b.set_cookie = true;
-                },
-                "balancing.set_cookie",
-            ),
-            (|b| b.health.path = "/healthz".into(), "balancing.health"),
-            (
-                |b| {
                     b.weights.insert("http://c:3".into(), 2);
                 },
                 "balancing.weights[\"http://c:3\"]",
@@ -352,7 +354,7 @@ mod tests {
             mutate(&mut b);
             let err = b
                 .normalize_and_validate("balancing", &ups, canon)
-                .unwrap_err();
+                .expect_err(field);
             assert_eq!(err.field, field, "{err}");
         }
     }

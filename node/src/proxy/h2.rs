@@ -230,7 +230,7 @@ impl Proxy {
         // In flight until the response head is here: hyper streams the
         // body on after this returns (an h2 WebSocket takes the other
         // path, `forward_websocket`, whose lease lasts as long as its tunnel).
-        for upstream in pipeline::choose(pool, affinity).await? {
+        for upstream in pipeline::choose(pool, affinity.key).await? {
             let _lease = match pipeline::lease(pool, upstream) {
                 Ok(l) => l,
                 Err(e) => {
@@ -274,6 +274,12 @@ impl Proxy {
                     *resp.version_mut() = client_version;
                     upstream.release(sender);
                     forwarded::remove_hop_by_hop(resp.headers_mut());
+                    // Phase 5: the sticky cookie the balancer chose the
+                    // upstream by, for a client that had none.
+                    if let Some(cookie) = &affinity.set_cookie {
+                        resp.headers_mut()
+                            .append(http::header::SET_COOKIE, cookie.clone());
+                    }
                     return Ok(resp.map(Either::Left));
                 }
                 Err(SendError::Connect(r, e)) => {

@@ -109,7 +109,7 @@ impl Proxy {
         let path_q = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let key = handshake::new_key();
         let mut last_err = None;
-        for upstream in pipeline::choose(pool, affinity).await? {
+        for upstream in pipeline::choose(pool, affinity.key).await? {
             // Counts against the upstream while the upgrade is in flight,
             // then for the tunnel's life (least-conn, caps).
             let lease = match pipeline::lease(pool, upstream) {
@@ -147,7 +147,12 @@ impl Proxy {
                     let resp = match answer.status {
                         101 => {
                             check_switch(&answer, &key, upstream)?;
-                            let resp = switched_response(&answer);
+                            let mut resp = switched_response(&answer);
+                            // Phase 5: the sticky cookie of cookie mode.
+                            if let Some(cookie) = &affinity.set_cookie {
+                                resp.headers_mut()
+                                    .append(http::header::SET_COOKIE, cookie.clone());
+                            }
                             let tunnel = Switched {
                                 raw,
                                 route: route.clone(),

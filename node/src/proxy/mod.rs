@@ -13,7 +13,8 @@
 //!   policy, record ([`observe`]). Error pages: [`error`].
 //! - [`routes`]: the route table (an `Arc` snapshot, never redb) and each
 //!   route's precomputed values. [`upstream`]: health, pools, attempt
-//!   order, connecting, idle connections.
+//!   order (the balancer), connecting, idle connections;
+//!   [`upstream_drain`]: closing a drained upstream's tunnels.
 //! - [`tunnel`]: WebSocket tunnels after a 101 (relay, frames, registry).
 //! - [`shutdown`]: every way a connection is ended by the proxy.
 
@@ -29,6 +30,7 @@ pub mod routes;
 pub mod shutdown;
 pub mod tunnel;
 pub mod upstream;
+pub mod upstream_drain;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -121,6 +123,8 @@ pub struct Proxy {
     /// The host label of requests no host matched (made once, not per
     /// request).
     no_host: Arc<str>,
+    /// Closing of drained upstreams' tunnels (issue 19).
+    upstream_drains: upstream_drain::UpstreamDrains,
 }
 
 impl Proxy {
@@ -138,6 +142,7 @@ impl Proxy {
             draining: AtomicBool::new(false),
             telemetry: std::sync::OnceLock::new(),
             no_host: Arc::from(""),
+            upstream_drains: Default::default(),
         })
     }
 
@@ -193,6 +198,8 @@ impl Proxy {
         let mut table = RouteTable::clone(&self.routes.load());
         for c in changes {
             table.apply(c.old.as_deref(), c.new.as_ref(), &self.registry, &defaults);
+            self.upstream_drains
+                .apply(&self.tunnels, c.old.as_deref(), c.new.as_deref());
         }
         tracing::debug!(
             names = table.len(),

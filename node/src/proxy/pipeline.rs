@@ -14,7 +14,7 @@
 //! 3. **request rewrite** — [`super::forwarded`]: hop-by-hop fields
 //!    removed, forwarded headers set (one rule, two writers).
 //! 4. **upstream choice and attempts** — [`affinity`] reads the key a
-//!    hash policy needs, [`choose`] waits for room under a connection cap
+//!    hash policy needs (or makes one, with a sticky cookie for phase 5), [`choose`] waits for room under a connection cap
 //!    and gives the order (`Pool::attempt_order`: the pool's balancer,
 //!    `upstream/balance.rs`, picks the first), [`lease`] counts each
 //!    attempt against its upstream, [`attempt_failed`] decides after each
@@ -119,8 +119,18 @@ fn redirect_to_https(host: &str, https_port: u16, target: &str) -> Answer {
     }
 }
 
-/// Phase 4: the affinity key of a request for its pool's hash policy
-/// (`None` for other policies, or when the request lacks the property).
+/// What phase 4 knows of a request's affinity (hash policies): the key,
+/// and, when the proxy chose the key itself (`hash:cookie=NAME` with the
+/// cookie mode, for a client without the cookie), the `Set-Cookie` that
+/// phase 5 adds to the response so the client sticks from then on.
+#[derive(Debug, Default)]
+pub struct Affinity {
+    pub key: Option<u64>,
+    pub set_cookie: Option<HeaderValue>,
+}
+
+/// Phase 4: the affinity of a request for its pool's hash policy (none
+/// for other policies, or when the request lacks the property).
 /// `field(name)` gives the request's values of header `name` (lower case);
 /// it is called only when the policy reads a header or cookie.
 pub fn affinity<'p, 'v, I>(
@@ -128,18 +138,32 @@ pub fn affinity<'p, 'v, I>(
     conn: &ConnInfo,
     path: &str,
     field: impl FnOnce(&'p str) -> I,
-) -> Option<u64>
+) -> Affinity
 where
     I: Iterator<Item = &'v [u8]>,
 {
     let b = &pool.balancer;
     if !matches!(b.policy, crate::host::balance::Policy::Hash(_)) {
-        return None;
+        return Affinity::default();
     }
     let ip = conn.peer.ip();
-    match b.field() {
+    let key = match b.field() {
         Some(name) => b.key(ip, path, field(name)),
         None => b.key(ip, path, std::iter::empty()),
+    };
+    match (key, b.sticky_cookie()) {
+        (None, Some(name)) => {
+            let token = hex::encode(rand::random::<[u8; 12]>());
+            let cookie = format!("{name}={token}; Path=/; HttpOnly; SameSite=Lax");
+            Affinity {
+                key: Some(balance::hash(token.as_bytes())),
+                set_cookie: HeaderValue::from_str(&cookie).ok(),
+            }
+        }
+        (key, _) => Affinity {
+            key,
+            set_cookie: None,
+        },
     }
 }
 

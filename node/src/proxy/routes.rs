@@ -89,6 +89,7 @@ impl Route {
                         .collect(),
                     balancing,
                     Some(registry),
+                    Some(&host.balancing.drains),
                 ))),
                 Err(e) => {
                     // Only validated hosts are stored, so this means a file

@@ -3,7 +3,7 @@
 
 use charon_proto::store as pb;
 
-use crate::host::balance::{Balancing, HealthCheck};
+use crate::host::balance::{Balancing, HealthCheck, UpstreamDrain};
 
 pub(super) fn to_pb(b: &Balancing) -> Option<pb::BalancingRecord> {
     if *b == Balancing::default() {
@@ -26,6 +26,18 @@ pub(super) fn to_pb(b: &Balancing) -> Option<pb::BalancingRecord> {
             status_min: h.status_min,
             status_max: h.status_max,
         }),
+        drains: b
+            .drains
+            .iter()
+            .map(|(url, d)| {
+                let r = pb::UpstreamDrainRecord {
+                    deadline_ms: d.deadline_ms,
+                    spread_secs: d.spread_secs,
+                    requested_at_ms: d.requested_at_ms,
+                };
+                (url.clone(), r)
+            })
+            .collect(),
     })
 }
 
@@ -52,5 +64,17 @@ pub(super) fn from_pb(b: Option<pb::BalancingRecord>) -> Balancing {
         max_conns: b.max_conns,
         queue_timeout_ms: b.queue_timeout_ms,
         health,
+        drains: b
+            .drains
+            .into_iter()
+            .map(|(url, d)| {
+                let d = UpstreamDrain {
+                    deadline_ms: d.deadline_ms,
+                    spread_secs: d.spread_secs,
+                    requested_at_ms: d.requested_at_ms,
+                };
+                (url, d)
+            })
+            .collect(),
     }
 }

@@ -98,7 +98,7 @@ where
         let mut last_err: Option<ProxyError> = None;
         let mut outcome = None;
         let pool = req.pool.clone();
-        let order = match pipeline::choose(&pool, req.affinity).await {
+        let order = match pipeline::choose(&pool, req.affinity.key).await {
             Ok(order) => order,
             Err(e) => {
                 last_err = Some(e);

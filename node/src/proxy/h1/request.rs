@@ -39,8 +39,9 @@ pub(super) struct Req {
     pub(super) websocket: bool,
     pub(super) route: Arc<Route>,
     pub(super) pool: Arc<Pool>,
-    /// The key a hash policy chooses the upstream by (phase 4).
-    pub(super) affinity: Option<u64>,
+    /// The key a hash policy chooses the upstream by (phase 4), and the
+    /// sticky cookie for the response (phase 5).
+    pub(super) affinity: pipeline::Affinity,
     /// For the access log and traces, when telemetry is on.
     pub(super) facts: Option<ReqFacts>,
 }

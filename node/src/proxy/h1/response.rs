@@ -360,6 +360,9 @@ where
             how,
             hsts.as_ref(),
         );
+        if let Some(cookie) = &req.affinity.set_cookie {
+            add_field(&mut self.out, b"Set-Cookie", cookie.as_bytes());
+        }
         conn.buf.consume(head.len);
         // What of the body is already here goes out with the head, in one
         // write (all of a small body; the first part of a large one).
@@ -518,6 +521,9 @@ where
         }
         let mut out = Vec::with_capacity(head.len + 32);
         write_switching_head(&mut out, conn.buf.bytes(), &head, &self.resp_fields);
+        if let Some(cookie) = &req.affinity.set_cookie {
+            add_field(&mut out, b"Set-Cookie", cookie.as_bytes());
+        }
         conn.buf.consume(head.len);
         if self.io.write_all(&out).await.is_err() || self.io.flush().await.is_err() {
             return Step::Close;
@@ -584,6 +590,15 @@ pub(super) struct HeadOut {
 
 /// A 101's head, rewritten like every head (CRLF, `name: value`) rather
 /// than passed on raw, its fields all kept: they are the handshake's.
+/// Adds one field to a head already written whole into `out` (it ends
+/// with the blank line): the sticky cookie of phase 5.
+fn add_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    debug_assert!(out.ends_with(b"\r\n\r\n"));
+    out.truncate(out.len() - 2);
+    field(out, name, value);
+    out.extend_from_slice(b"\r\n");
+}
+
 fn write_switching_head(
     out: &mut Vec<u8>,
     raw: &[u8],

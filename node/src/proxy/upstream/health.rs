@@ -202,6 +202,7 @@ async fn probe(
 /// The status of an HTTP/1.x status line.
 fn status_of(head: &[u8]) -> Option<u16> {
     let line = head.split(|b| *b == b'\n').next()?;
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
     let mut parts = line.split(|b| *b == b' ');
     let version = parts.next()?;
     if !version.starts_with(b"HTTP/1.") {

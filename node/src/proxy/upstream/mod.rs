@@ -96,21 +96,32 @@ pub struct Pool {
     /// Active checks, one per upstream in order; empty when the pool has
     /// none (then no lookups per request).
     checks: Box<[Option<Arc<health::Checker>>]>,
+    /// Upstreams being drained (upstream drain), in order; empty when none.
+    draining: Box<[bool]>,
 }
 
 impl Pool {
     /// A round-robin pool without weights, caps or checks.
     pub fn new(upstreams: Vec<Arc<UpstreamState>>) -> Self {
-        Pool::with_balancing(upstreams, &crate::host::Balancing::default(), None)
+        Pool::with_balancing(upstreams, &crate::host::Balancing::default(), None, None)
     }
 
     /// A pool balanced as `b` says (computed once, at route-table build);
-    /// with `registry`, its active health checks are started (or shared).
+    /// with `registry`, its active health checks are started (or shared);
+    /// `drains` (the host's) name upstreams that get no new work.
     pub fn with_balancing(
         upstreams: Vec<Arc<UpstreamState>>,
         b: &crate::host::Balancing,
         registry: Option<&UpstreamRegistry>,
+        drains: Option<&std::collections::BTreeMap<String, crate::host::balance::UpstreamDrain>>,
     ) -> Self {
+        let draining: Box<[bool]> = match drains {
+            Some(d) if upstreams.iter().any(|u| d.contains_key(&*u.url_text)) => upstreams
+                .iter()
+                .map(|u| d.contains_key(&*u.url_text))
+                .collect(),
+            _ => Box::default(),
+        };
         let checks: Box<[Option<Arc<health::Checker>>]> = match registry {
             Some(r) if b.health.enabled() => upstreams
                 .iter()
@@ -122,12 +133,15 @@ impl Pool {
             balancer: Balancer::new(b, &upstreams),
             upstreams,
             checks,
+            draining,
         }
     }
 
-    /// Whether upstream `i` failed its active checks.
+    /// Whether upstream `i` failed its active checks or is being drained:
+    /// it gets work only when no other upstream can take it.
     fn unhealthy(&self, i: usize) -> bool {
-        !self.checks.is_empty() && self.checks[i].as_ref().is_some_and(|c| !c.is_healthy())
+        (!self.checks.is_empty() && self.checks[i].as_ref().is_some_and(|c| !c.is_healthy()))
+            || (!self.draining.is_empty() && self.draining[i])
     }
 
     pub fn upstreams(&self) -> &[Arc<UpstreamState>] {

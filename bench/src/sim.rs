@@ -119,7 +119,9 @@ async fn start_node(
     let server = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
             .add_service(sync)
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            )
             .await;
     });
     Ok(SimNode {

@@ -159,7 +159,7 @@ pub async fn serve(
         .add_service(tunnels_api)
         .add_service(sync)
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         )
         .await

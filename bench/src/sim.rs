@@ -119,7 +119,9 @@ async fn start_node(
     let server = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
             .add_service(sync)
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            )
             .await;
     });
     Ok(SimNode {
@@ -144,6 +146,69 @@ fn host(id: &str) -> ProxyHost {
         version: 1,
         ..Default::default()
     }
+}
+
+/// What a node that lacks a write sees, and how the others see it: the
+/// first thing to read when the simulation fails.
+async fn lacking_node_view(nodes: &[SimNode], i: usize, id: &str, origin: usize) -> String {
+    let origin_id = nodes[origin].cluster.node_id().to_string();
+    let want = nodes[origin]
+        .store
+        .version_vector()
+        .get(&origin_id)
+        .copied()
+        .unwrap_or(0);
+    let have = nodes[i]
+        .store
+        .version_vector()
+        .get(&origin_id)
+        .copied()
+        .unwrap_or(0);
+    let view = nodes[i].cluster.members().await;
+    let gossip_has = view
+        .iter()
+        .filter(|m| m.vv.get(&origin_id).copied().unwrap_or(0) >= want)
+        .count();
+    let live_has = view
+        .iter()
+        .filter(|m| m.live && m.vv.get(&origin_id).copied().unwrap_or(0) >= want)
+        .count();
+    let snap = nodes[i].store.snapshot();
+    let stored = snap.hosts.get(id).is_some();
+    let routed = snap.routed.get(id).is_some();
+    let origin_vv: Vec<String> = nodes[i]
+        .store
+        .version_vector()
+        .iter()
+        .map(|(o, s)| format!("{}={s}", &o[..8.min(o.len())]))
+        .collect();
+    let me = nodes[i].cluster.node_id().to_string();
+    let members = nodes[i].cluster.members().await;
+    let live = members.iter().filter(|m| m.live).count();
+    let ahead = members
+        .iter()
+        .filter(|m| m.live && m.lag < members.iter().find(|x| x.is_self).map_or(0, |x| x.lag))
+        .count();
+    let mut seen_live_by = 0;
+    for (j, other) in nodes.iter().enumerate() {
+        if j != i
+            && other
+                .cluster
+                .members()
+                .await
+                .iter()
+                .any(|m| m.node_id == me && m.live)
+        {
+            seen_live_by += 1;
+        }
+    }
+    format!(
+        "sim-{i}: stored {stored} routed {routed}; origin seq {want}, here {have}; {gossip_has} members gossip having it ({live_has} live); sees {live} of {} members live, {ahead} of them ahead of it; seen live by {seen_live_by} of {} others; pulled {} records; vv {}",
+        members.len(),
+        nodes.len() - 1,
+        nodes[i].cluster.pulled_records(),
+        origin_vv.join(",")
+    )
 }
 
 /// Runs one simulated cluster of `n` nodes and `writes` writes.
@@ -210,8 +275,24 @@ pub async fn simulate(
                 break times;
             }
             if Instant::now() > deadline {
-                let missing = times.iter().filter(|t| t.is_none()).count();
-                bail!("write {w}: {missing} of {n} nodes still lack it after 10 s");
+                let missing: Vec<usize> = (0..n).filter(|&i| times[i].is_none()).collect();
+                for &i in &missing {
+                    eprintln!("{}", lacking_node_view(&nodes, i, &id, w % n).await);
+                    // Would a pull asked for now bring it? (Tells a pull
+                    // loop that did not try from pulls that fail.)
+                    let t = Instant::now();
+                    nodes[i].cluster.resync().await;
+                    let got = nodes[i].store.snapshot().hosts.get(&id).is_some();
+                    eprintln!(
+                        "sim-{i}: a resync took {:?} and brought it: {got}",
+                        t.elapsed()
+                    );
+                }
+                bail!(
+                    "write {w} (origin sim-{}): {} of {n} nodes still lack it after 10 s",
+                    w % n,
+                    missing.len()
+                );
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         };

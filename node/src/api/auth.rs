@@ -191,4 +191,55 @@ mod tests {
         assert!(auth.check(req(Some("Bearer from-env-0123456789"))).is_ok());
         assert!(!dir.path().join(TOKEN_FILE).exists());
     }
+
+    /// Tokens kept by change accept exactly what the stored tokens say,
+    /// step by step: two records with one secret (one removed keeps the
+    /// other working), a rotated secret, deletes.
+    #[test]
+    fn tokens_by_change_match_the_stored_tokens() {
+        let auth = Auth::with_hash(hash("admin-token-0123456789"));
+        let token = |id: &str, secret: &str| {
+            Arc::new(ApiToken {
+                id: id.into(),
+                name: id.into(),
+                sha256_hex: hex::encode(hash(secret)),
+                created_at_ms: 0,
+                created_on: "n1".into(),
+            })
+        };
+        let mut stored: std::collections::BTreeMap<String, Arc<ApiToken>> = Default::default();
+        let steps: Vec<(&str, Option<&str>)> = vec![
+            ("t1", Some("s1")),
+            ("t2", Some("s1")),
+            ("t3", Some("s3")),
+            ("t1", None),
+            ("t3", Some("s3b")),
+            ("t2", Some("s2")),
+            ("t2", None),
+            ("t1", Some("s1")),
+        ];
+        for (id, secret) in steps {
+            let new = secret.map(|s| token(id, s));
+            let old = match &new {
+                Some(t) => stored.insert(id.into(), t.clone()),
+                None => stored.remove(id),
+            };
+            auth.apply_tokens(&[Changed {
+                id: id.into(),
+                old,
+                new,
+            }]);
+            for secret in ["s1", "s2", "s3", "s3b", "none"] {
+                let expected = stored
+                    .values()
+                    .any(|t| t.sha256_hex == hex::encode(hash(secret)));
+                assert_eq!(
+                    auth.accepts(secret),
+                    expected,
+                    "{secret} after a change to {id}"
+                );
+            }
+            assert!(auth.accepts("admin-token-0123456789"));
+        }
+    }
 }

@@ -175,7 +175,7 @@ pub async fn serve(
         .add_service(balance)
         .add_service(sync)
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         )
         .await

@@ -45,8 +45,8 @@ use crate::store::{Record, Store, VersionVector};
 use auth::ClusterAuth;
 pub use gossip::DrainFacts;
 use gossip::{
-    decode_vv, encode_vv, hash_hex, K_API, K_AUTH, K_HASH, K_NAME, K_REGION, K_STATUS, K_VERSION,
-    K_VV, K_ZONE, STATUS_SERVING,
+    hash_hex, read_vv, seq_key, vv_changes, K_API, K_AUTH, K_HASH, K_NAME, K_REGION, K_STATUS,
+    K_VERSION, K_ZONE, STATUS_SERVING,
 };
 use sync::Peers;
 
@@ -250,17 +250,17 @@ impl Cluster {
         }
         let chitchat_id = ChitchatId::new(node_id.clone(), generation, config.gossip_advertise);
         let summary = store.summary().borrow().clone();
-        let initial = vec![
+        let mut initial = vec![
             (K_API.to_string(), config.api_advertise.clone()),
             (K_NAME.to_string(), config.node_name.clone()),
             (K_REGION.to_string(), config.region.clone()),
             (K_ZONE.to_string(), config.zone.clone()),
             (K_STATUS.to_string(), STATUS_SERVING.to_string()),
             (K_VERSION.to_string(), env!("CARGO_PKG_VERSION").to_string()),
-            (K_VV.to_string(), encode_vv(&summary.vv)),
             (K_HASH.to_string(), hash_hex(summary.hash)),
             (K_AUTH.to_string(), auth.member_proof(&node_id, generation)),
         ];
+        initial.extend(summary.vv.iter().map(|(o, s)| (seq_key(o), s.to_string())));
         let chitchat_config = ChitchatConfig {
             chitchat_id,
             cluster_id: config.cluster_id.clone(),
@@ -442,7 +442,7 @@ impl Cluster {
                 is_self: *id == self_id,
                 generation: id.generation_id,
                 version: get(K_VERSION),
-                vv: decode_vv(state.get(K_VV).unwrap_or("")),
+                vv: read_vv(state),
                 hash: get(K_HASH),
                 lag: 0,
                 drain: DrainFacts::decode(|k| state.get(k).map(str::to_string)),
@@ -495,17 +495,27 @@ impl Cluster {
     }
 
     /// Keeps this node's gossiped vector and hash in step with the store.
+    /// Only the origins whose sequence moved are set: chitchat gossips
+    /// changed keys, so a write costs each node one small key.
     async fn publish_loop(self: Arc<Self>) {
         let mut rx = self.store.summary();
+        // What Cluster::start published.
+        let mut published = rx.borrow().vv.clone();
         loop {
             let s = rx.borrow_and_update().clone();
             {
                 let cc = self.handle.chitchat();
                 let mut cc = cc.lock().await;
                 let me = cc.self_node_state();
-                me.set(K_VV, encode_vv(&s.vv));
+                for (key, seq) in vv_changes(&published, &s.vv) {
+                    match seq {
+                        Some(seq) => me.set(key, seq),
+                        None => me.delete(&key),
+                    }
+                }
                 me.set(K_HASH, hash_hex(s.hash));
             }
+            published = s.vv;
             if rx.changed().await.is_err() {
                 return;
             }

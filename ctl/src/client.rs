@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use charon_proto::v1::access_lists_client::AccessListsClient;
 use charon_proto::v1::certificates_client::CertificatesClient;
 use charon_proto::v1::cluster_client::ClusterClient;
 use charon_proto::v1::hosts_client::HostsClient;
@@ -53,6 +54,7 @@ pub type Tokens = TokensClient<Authed>;
 pub type Nodes = NodesClient<Authed>;
 pub type Logs = LogsClient<Authed>;
 pub type Tunnels = TunnelsClient<Authed>;
+pub type AccessLists = AccessListsClient<Authed>;
 
 /// The API's services, sharing one connection; a clone shares it too.
 #[derive(Clone)]
@@ -64,6 +66,7 @@ pub struct Api {
     pub nodes: Nodes,
     pub logs: Logs,
     pub tunnels: Tunnels,
+    pub access: AccessLists,
 }
 
 /// The version of a write, as `Cluster.WaitForWrite` takes it.
@@ -282,6 +285,7 @@ pub async fn connect_with(
         tokens: TokensClient::with_interceptor(channel.clone(), auth.clone()),
         nodes: NodesClient::with_interceptor(channel.clone(), auth.clone()),
         logs: LogsClient::with_interceptor(channel.clone(), auth.clone()),
+        access: AccessListsClient::with_interceptor(channel.clone(), auth.clone()),
         tunnels: TunnelsClient::with_interceptor(channel, auth),
     })
 }

@@ -213,6 +213,7 @@ enum Call {
     },
     Undrain(UndrainRequest),
     DrainStatus(DrainStatusRequest),
+    Acl(crate::access::AclCall),
 }
 
 impl Call {
@@ -267,6 +268,9 @@ impl Call {
                 NodeCommand::Undrain { node } => Call::Undrain(UndrainRequest { node }),
                 NodeCommand::Status { node } => Call::DrainStatus(DrainStatusRequest { node }),
             },
+            Command::Acl(cmd) => {
+                Call::Acl(crate::access::AclCall::prepare(cmd).map_err(CtlError::Refused)?)
+            }
             Command::Logs(_) | Command::Tunnels(_) => {
                 unreachable!("run() hands logs and tunnels to crate::observe")
             }
@@ -294,6 +298,7 @@ impl Call {
             Call::Drain { .. } => "Nodes.Drain",
             Call::Undrain(_) => "Nodes.Undrain",
             Call::DrainStatus(_) => "Nodes.DrainStatus",
+            Call::Acl(c) => c.method(),
         }
     }
 
@@ -453,6 +458,10 @@ impl Call {
                 } else {
                     output::undrained(&reply)
                 };
+                Printed::with_metadata(stdout, metadata)
+            }
+            Call::Acl(call) => {
+                let (stdout, metadata) = call.execute(&mut api.access, json).await?;
                 Printed::with_metadata(stdout, metadata)
             }
             Call::DrainStatus(request) => {

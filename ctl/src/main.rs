@@ -1,5 +1,6 @@
 //! `charonctl`: the command-line client of a Charon cluster.
 //!
+//! - [`access`]: `acl`, access lists
 //! - [`cli`]: clap types, flag parsing, arguments → API requests
 //! - [`client`]: token lookup, connection, bearer-token interceptor
 //! - [`commands`]: one API call per command, rendered on stdout
@@ -14,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+mod access;
 mod cli;
 mod client;
 mod commands;

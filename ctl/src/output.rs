@@ -140,6 +140,7 @@ pub fn host_details(h: &ProxyHost) -> String {
         ),
         ("force https", yes_no(h.force_https)),
         ("hsts", hsts(h)),
+        ("access list", or_dash(&h.acl)),
     ]);
     if h.locations.is_empty() {
         rows.push(("locations", "none".to_string()));
@@ -891,7 +892,7 @@ fn days_left(not_after_ms: u64, now_ms: u64) -> Option<u64> {
 
 /// One `key: value` line per row, the values aligned; an empty key continues
 /// the row above.
-fn key_values(rows: &[(&str, String)]) -> String {
+pub(crate) fn key_values(rows: &[(&str, String)]) -> String {
     let width = rows.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
     rows.iter()
         .map(|(key, value)| {
@@ -906,7 +907,7 @@ fn key_values(rows: &[(&str, String)]) -> String {
 }
 
 /// Pads every column but the last to its widest cell, two spaces apart.
-fn align(rows: &[Vec<String>]) -> String {
+pub(crate) fn align(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| {
@@ -947,7 +948,12 @@ fn or_zero(value: u32, unit: &str, zero: &str) -> String {
 }
 
 fn location(loc: &Location) -> String {
-    format!("{} -> {}", loc.path_prefix, loc.upstreams.join(", "))
+    let acl = if loc.acl.is_empty() {
+        String::new()
+    } else {
+        format!(" (access list {})", loc.acl)
+    };
+    format!("{} -> {}{acl}", loc.path_prefix, loc.upstreams.join(", "))
 }
 
 /// The UTC date (`YYYY-MM-DD`) of Unix milliseconds.
@@ -1008,10 +1014,12 @@ mod tests {
                 Location {
                     path_prefix: "/api".into(),
                     upstreams: vec!["http://10.0.0.6:1".into(), "http://10.0.0.7:1".into()],
+                    ..Default::default()
                 },
                 Location {
                     path_prefix: "/ws".into(),
                     upstreams: vec!["http://10.0.0.8:1".into()],
+                    ..Default::default()
                 },
             ],
             ws_idle_timeout_secs: 0,
@@ -1028,6 +1036,7 @@ mod tests {
             upstream_insecure_skip_verify: false,
             conflicts: vec![],
             no_acme: false,
+            acl: String::new(),
         }
     }
 

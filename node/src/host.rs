@@ -14,6 +14,9 @@ use crate::validate::FieldError;
 pub struct Location {
     pub path_prefix: String,
     pub upstreams: Vec<String>,
+    /// Access list (name) for this prefix instead of the host's; "" = the
+    /// host's.
+    pub acl: String,
 }
 
 /// One proxy host: the domains it answers for and where traffic goes.
@@ -55,6 +58,9 @@ pub struct ProxyHost {
     pub create_key: String,
     /// Opted out of automatic certificates (see [`crate::acme`]).
     pub no_acme: bool,
+    /// Access list (name, see [`crate::access`]) for every request; "" =
+    /// none.
+    pub acl: String,
 }
 
 /// A parsed upstream URL. Only scheme and authority: a path would silently
@@ -250,9 +256,17 @@ impl ProxyHost {
                 ));
             }
             validate_upstreams(&format!("{field}.upstreams"), &loc.upstreams)?;
+            loc.acl = loc.acl.trim().to_string();
+            if !loc.acl.is_empty() {
+                crate::access::check_name(&format!("{field}.acl"), &loc.acl)?;
+            }
             loc.upstreams = canonical_upstreams(&loc.upstreams);
         }
         self.cert_id = self.cert_id.trim().to_string();
+        self.acl = self.acl.trim().to_string();
+        if !self.acl.is_empty() {
+            crate::access::check_name("acl", &self.acl)?;
+        }
         if !self.upstream_ca_pem.trim().is_empty() {
             crate::tls::upstream::validate_ca_pem(&self.upstream_ca_pem)
                 .map_err(|e| FieldError::new("upstream_ca_pem", e))?;
@@ -308,6 +322,7 @@ mod tests {
             locations: vec![Location {
                 path_prefix: "/api".into(),
                 upstreams: vec!["http://[::1]:81/".into()],
+                acl: String::new(),
             }],
             ws_idle_timeout_secs: 0,
             ws_ping_interval_secs: 0,

@@ -2,6 +2,8 @@
 //!
 //! Modules and the direction data flows in:
 //!
+//! - [`access`]: access lists (address rules, basic-auth users), the
+//!   records and their compiled form the proxy's request policy uses.
 //! - [`acme`]: automatic certificates: which names need one, which node
 //!   orders it (once per cluster), challenge answers, renewal.
 //! - [`config`]: flags, `CHARON_*` env and TOML file, validated before any
@@ -26,6 +28,7 @@
 //! - [`util`]: the wall clock, the FNV hasher, date formatting.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod acme;
 pub mod admin;
 pub mod api;

@@ -325,6 +325,7 @@ pub async fn run(
                 crate::acme::publish(snap, acme_directory.as_deref(), &data_key, &tls);
             }
             auth.apply_tokens(&changes.tokens);
+            proxy.apply_acls(&changes.acls);
             // Only routed hosts reach the tables: each domain goes to the
             // one host that holds it (store::names).
             proxy.apply_hosts(&changes.hosts);

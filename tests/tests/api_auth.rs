@@ -137,6 +137,7 @@ fn invalid_creates() -> Vec<(&'static str, CreateHostRequest, &'static [&'static
                 h.locations = vec![Location {
                     path_prefix: "api".into(),
                     upstreams: vec![upstream(9)],
+                    ..Default::default()
                 }]
             }),
             &["location", "path_prefix"],
@@ -147,6 +148,7 @@ fn invalid_creates() -> Vec<(&'static str, CreateHostRequest, &'static [&'static
                 h.locations = vec![Location {
                     path_prefix: "/api".into(),
                     upstreams: vec!["nope".into()],
+                    ..Default::default()
                 }]
             }),
             &["location", "upstream"],

@@ -150,10 +150,12 @@ async fn longest_location_prefix_wins() -> Result<()> {
         Location {
             path_prefix: "/api".into(),
             upstreams: vec![api.url()],
+            ..Default::default()
         },
         Location {
             path_prefix: "/api/v2".into(),
             upstreams: vec![v2.url()],
+            ..Default::default()
         },
     ];
     node.create_host(req).await?;
@@ -853,6 +855,7 @@ async fn location_prefix_is_a_path_segment() -> Result<()> {
     req.host.as_mut().unwrap().locations = vec![Location {
         path_prefix: "/api".into(),
         upstreams: vec![api.url()],
+        ..Default::default()
     }];
     node.create_host(req).await?;
     node.wait_routed("seg.test").await?;

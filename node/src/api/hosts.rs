@@ -40,6 +40,9 @@ pub enum HostsError {
     Missing(String),
     #[error("{0}")]
     Exists(String),
+    /// A record others still refer to.
+    #[error("{0}")]
+    InUse(String),
     #[error("{what} {id} is at version {actual}, not {expected}: it was changed meanwhile; re-read it and retry")]
     VersionMismatch {
         what: &'static str,
@@ -71,6 +74,7 @@ impl From<HostsError> for Status {
                 Status::not_found(e.to_string())
             }
             e @ HostsError::Exists(_) => Status::already_exists(e.to_string()),
+            e @ HostsError::InUse(_) => Status::failed_precondition(e.to_string()),
             e @ HostsError::VersionMismatch { .. } => Status::failed_precondition(e.to_string()),
             e @ HostsError::CatchingUp => Status::unavailable(e.to_string()),
             e @ HostsError::DeadlinePassed(_) => Status::deadline_exceeded(e.to_string()),
@@ -173,6 +177,28 @@ fn check_cert_exists(view: &View<'_>, host: &ProxyHost) -> Result<(), HostsError
     Ok(())
 }
 
+/// Every access list the host names must exist: a typo would otherwise
+/// lock every client out (an unknown list refuses all requests).
+fn check_acls_exist(view: &View<'_>, host: &ProxyHost) -> Result<(), HostsError> {
+    let acls = &view.snapshot().acls;
+    let named = std::iter::once(("acl".to_string(), &host.acl)).chain(
+        host.locations
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (format!("locations[{i}].acl"), &l.acl)),
+    );
+    for (field, name) in named {
+        if !name.is_empty() && acls.get(name).is_none() {
+            return Err(FieldError::new(
+                field,
+                format!("no access list named {name:?} (charonctl acl list)"),
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
 /// A new host id. With an idempotency key the id is derived from it, so
 /// that the same create retried on two nodes before they hear of each
 /// other writes the same record (one host, merged last-writer-wins)
@@ -206,6 +232,7 @@ fn locations_from_pb(list: Vec<pb::Location>) -> Vec<Location> {
         .map(|l| Location {
             path_prefix: l.path_prefix,
             upstreams: l.upstreams,
+            acl: l.acl,
         })
         .collect()
 }
@@ -243,6 +270,7 @@ pub fn host_to_pb(h: &ProxyHost, snap: Option<&Snapshot>) -> pb::ProxyHost {
             .map(|l| pb::Location {
                 path_prefix: l.path_prefix.clone(),
                 upstreams: l.upstreams.clone(),
+                acl: l.acl.clone(),
             })
             .collect(),
         ws_idle_timeout_secs: h.ws_idle_timeout_secs,
@@ -258,6 +286,7 @@ pub fn host_to_pb(h: &ProxyHost, snap: Option<&Snapshot>) -> pb::ProxyHost {
         upstream_ca_pem: h.upstream_ca_pem.clone(),
         upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
         no_acme: h.no_acme,
+        acl: h.acl.clone(),
     }
 }
 
@@ -298,6 +327,7 @@ impl pb::hosts_server::Hosts for HostsApi {
             upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
             create_key: key.clone().unwrap_or_default(),
             no_acme: h.no_acme,
+            acl: h.acl,
         };
         host.normalize_and_validate().map_err(HostsError::from)?;
         let ((created, fresh), stamp) = self
@@ -312,6 +342,7 @@ impl pb::hosts_server::Hosts for HostsApi {
                 host.id = new_id(view, key.as_deref());
                 check_domains_free(view, &host, None)?;
                 check_cert_exists(view, &host)?;
+                check_acls_exist(view, &host)?;
                 Ok((host_writes(view, None, Some(&host)), (host, true)))
             })
             .await?;
@@ -403,9 +434,11 @@ impl pb::hosts_server::Hosts for HostsApi {
                     .upstream_insecure_skip_verify
                     .unwrap_or(h.upstream_insecure_skip_verify);
                 h.no_acme = r.no_acme.unwrap_or(h.no_acme);
+                h.acl = r.acl.unwrap_or(h.acl);
                 h.normalize_and_validate()?;
                 check_domains_free(view, &h, Some(current))?;
                 check_cert_exists(view, &h)?;
+                check_acls_exist(view, &h)?;
                 if h == **current {
                     // Nothing changed: no write, no new version.
                     return Ok((vec![], h));

@@ -105,6 +105,40 @@ impl std::fmt::Display for Cidr {
 }
 
 impl Cidr {
+    /// The range with its host bits cleared (`10.1.2.3/8` → `10.0.0.0/8`),
+    /// the form access lists store.
+    pub fn network(&self) -> Cidr {
+        let (start, _) = self.range();
+        let addr = match self.addr {
+            IpAddr::V4(_) => IpAddr::V4((start as u32).into()),
+            IpAddr::V6(_) => IpAddr::V6(start.into()),
+        };
+        Cidr {
+            addr,
+            prefix: self.prefix,
+        }
+    }
+
+    pub fn is_v4(&self) -> bool {
+        self.addr.is_ipv4()
+    }
+
+    /// First and last address, as numbers of the range's own family (an
+    /// IPv4 range's are below 2^32): what access lists sort and search.
+    pub fn range(&self) -> (u128, u128) {
+        let (bits, value) = match self.addr {
+            IpAddr::V4(v4) => (32, u128::from(u32::from(v4))),
+            IpAddr::V6(v6) => (128, u128::from(v6)),
+        };
+        let host_bits = bits - u32::from(self.prefix);
+        let host_mask = if host_bits == 128 {
+            u128::MAX
+        } else {
+            (1u128 << host_bits) - 1
+        };
+        (value & !host_mask, value | host_mask)
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
@@ -126,6 +160,57 @@ impl Cidr {
             _ => false,
         }
     }
+}
+
+/// The client's address for access rules and limits: the peer's, unless
+/// the peer is a trusted proxy; then `X-Forwarded-For` is read from the
+/// right (the hop nearest to us) and the first address that is not itself
+/// a trusted proxy is the client. Everything left of it may have been
+/// written by the client and is never believed, so a client cannot pass
+/// itself off as another address, even through a trusted proxy. An
+/// unreadable entry stops the walk at the last address known good.
+/// `xff` gives the fields' values in the order received.
+pub fn client_ip<'a>(
+    peer: IpAddr,
+    trusted: &[Cidr],
+    xff: impl DoubleEndedIterator<Item = &'a [u8]>,
+) -> IpAddr {
+    let peer = peer.to_canonical();
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let mut client = peer;
+    for field in xff.rev() {
+        for entry in field.rsplit(|&b| b == b',') {
+            let entry = entry.trim_ascii();
+            if entry.is_empty() {
+                continue;
+            }
+            let Some(ip) = parse_xff_entry(entry) else {
+                return client;
+            };
+            client = ip;
+            if !is_trusted(ip) {
+                return ip;
+            }
+        }
+    }
+    client
+}
+
+/// One `X-Forwarded-For` entry: an address, maybe with a port
+/// (`1.2.3.4:5678`, `[::1]:80`), as some proxies write them.
+fn parse_xff_entry(entry: &[u8]) -> Option<IpAddr> {
+    let s = std::str::from_utf8(entry).ok()?;
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(ip.to_canonical());
+    }
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Some(sa.ip().to_canonical());
+    }
+    let inner = s.strip_prefix('[').and_then(|r| r.strip_suffix(']'))?;
+    inner.parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
 }
 
 static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -533,5 +618,40 @@ mod tests {
             ),
             "{out}"
         );
+    }
+
+    #[test]
+    fn client_address_through_trusted_proxies() {
+        let trusted: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap(), "::1".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // (peer, X-Forwarded-For fields, client)
+        let cases: &[(&str, &[&str], &str)] = &[
+            ("203.0.113.9", &["1.2.3.4"], "203.0.113.9"),
+            ("10.0.0.1", &[], "10.0.0.1"),
+            ("10.0.0.1", &["1.2.3.4"], "1.2.3.4"),
+            ("10.0.0.1", &["6.6.6.6, 1.2.3.4"], "1.2.3.4"),
+            ("10.0.0.1", &["6.6.6.6", "1.2.3.4, 10.9.9.9"], "1.2.3.4"),
+            ("10.0.0.1", &["10.2.2.2, 10.3.3.3"], "10.2.2.2"),
+            ("10.0.0.1", &["1.2.3.4, junk"], "10.0.0.1"),
+            ("10.0.0.1", &["[2001:db8::1]:443"], "2001:db8::1"),
+            ("10.0.0.1", &["1.2.3.4:5678"], "1.2.3.4"),
+            ("::ffff:10.0.0.1", &["1.2.3.4"], "1.2.3.4"),
+            ("::1", &["::ffff:1.2.3.4"], "1.2.3.4"),
+        ];
+        for (peer, xff, want) in cases {
+            let got = client_ip(ip(peer), &trusted, xff.iter().map(|s| s.as_bytes()));
+            assert_eq!(got, ip(want), "{peer} {xff:?}");
+        }
+    }
+
+    #[test]
+    fn cidr_ranges_and_networks() {
+        let c: Cidr = "10.1.2.3/8".parse().unwrap();
+        assert_eq!(c.network().to_string(), "10.0.0.0/8");
+        assert_eq!(c.range(), (0x0a00_0000, 0x0aff_ffff));
+        let all: Cidr = "::/0".parse().unwrap();
+        assert_eq!(all.range(), (0, u128::MAX));
+        let one: Cidr = "2001:db8::1".parse().unwrap();
+        assert_eq!(one.range().0, one.range().1);
     }
 }

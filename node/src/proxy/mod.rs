@@ -7,14 +7,16 @@
 //! - [`wire`]: the bytes on the wire (head parsing, framing, the chunked
 //!   coding, field lines, what is refused), a layer that knows no policy.
 //! - [`pipeline`]: the phases both front ends call, in order: route,
-//!   request policy, rewrite ([`forwarded`]), upstream attempts, response
-//!   policy, record ([`observe`]). Error pages: [`error`].
+//!   request policy ([`access`]: access lists), rewrite ([`forwarded`]),
+//!   upstream attempts, response policy, record ([`observe`]). Error
+//!   pages: [`error`].
 //! - [`routes`]: the route table (an `Arc` snapshot, never redb) and each
 //!   route's precomputed values. [`upstream`]: health, pools, attempt
 //!   order, connecting, idle connections.
 //! - [`tunnel`]: WebSocket tunnels after a 101 (relay, frames, registry).
 //! - [`shutdown`]: every way a connection is ended by the proxy.
 
+pub mod access;
 pub mod error;
 pub mod forwarded;
 pub mod h1;
@@ -114,6 +116,11 @@ pub struct Proxy {
     /// The host label of requests no host matched (made once, not per
     /// request).
     no_host: Arc<str>,
+    /// Compiled access lists by name; routes hold their slots.
+    acls: access::AclRegistry,
+    /// Refusals by access lists are logged at most once a minute per host
+    /// and client.
+    refusal_log: access::LogLimiter,
 }
 
 impl Proxy {
@@ -131,6 +138,8 @@ impl Proxy {
             draining: AtomicBool::new(false),
             telemetry: std::sync::OnceLock::new(),
             no_host: Arc::from(""),
+            acls: access::AclRegistry::default(),
+            refusal_log: access::LogLimiter::new(Duration::from_secs(60)),
         })
     }
 
@@ -153,6 +162,7 @@ impl Proxy {
         }
         let defaults = routes::RouteDefaults {
             upstream_timeout: self.config.upstream_timeout,
+            acls: self.acls.clone(),
         };
         let mut table = RouteTable::clone(&self.routes.load());
         for c in changes {
@@ -164,5 +174,24 @@ impl Proxy {
             "route table published"
         );
         self.routes.store(Arc::new(table));
+    }
+
+    /// Compiles the access lists a commit changed; routes naming them see
+    /// the new version at once (they hold the lists' slots).
+    pub fn apply_acls(&self, changes: &[Changed<crate::access::AccessList>]) {
+        self.acls.apply(changes);
+    }
+
+    /// A request an access list refused: counted per host, list and rule,
+    /// and logged (at most once a minute per host and client).
+    fn count_refusal(&self, route: &routes::Route, client: std::net::IpAddr, r: &access::Refusal) {
+        if let Some(t) = self.telemetry.get() {
+            t.metrics.access_refusal(&route.name, &r.acl, &r.rule);
+        }
+        if let Some(skipped) = self.refusal_log.due(&route.name, client) {
+            tracing::info!(host = %route.name, host_id = %route.id, %client, acl = %r.acl,
+                rule = %r.rule, status = r.answer.status.as_u16(), more_since_last_line = skipped,
+                "request refused by access list");
+        }
     }
 }

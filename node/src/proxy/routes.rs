@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::host::{ProxyHost, UpstreamUrl};
 use crate::names::NameMap;
+use crate::proxy::access::{AclRegistry, AclSlot};
 use crate::proxy::tunnel::relay::TunnelOptions;
 use crate::proxy::upstream::{Pool, UpstreamRegistry};
 
@@ -17,6 +18,8 @@ use crate::proxy::upstream::{Pool, UpstreamRegistry};
 pub struct LocationRoute {
     pub prefix: String,
     pub pool: Arc<Pool>,
+    /// The location's own access list, if it names one.
+    pub acl: Option<Arc<AclSlot>>,
 }
 
 /// A host ready for the request path: parsed upstreams, sorted locations.
@@ -37,18 +40,27 @@ pub struct Route {
     pub upstream_timeout: Duration,
     /// The host's WebSocket tunnel options, likewise.
     pub tunnel: TunnelOptions,
+    /// The host's access list (requests under a location naming its own
+    /// answer to that one instead).
+    pub acl: Option<Arc<AclSlot>>,
+    /// Whether the host or any location names a list: a host without one
+    /// pays this test and nothing else.
+    pub any_acl: bool,
 }
 
 /// Node-wide values a route falls back on where its host sets none.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct RouteDefaults {
     pub upstream_timeout: Duration,
+    /// Where routes find the compiled access lists they name.
+    pub acls: AclRegistry,
 }
 
 impl Default for RouteDefaults {
     fn default() -> Self {
         RouteDefaults {
             upstream_timeout: Duration::from_secs(60),
+            acls: AclRegistry::default(),
         }
     }
 }
@@ -60,6 +72,16 @@ impl Route {
             .find(|l| path_has_prefix(path, &l.prefix))
             .map(|l| &l.pool)
             .unwrap_or(&self.pool)
+    }
+
+    /// The access list a request for `path` answers to: its location's
+    /// own, else the host's.
+    pub fn acl_for(&self, path: &str) -> Option<&Arc<AclSlot>> {
+        self.locations
+            .iter()
+            .find(|l| path_has_prefix(path, &l.prefix))
+            .and_then(|l| l.acl.as_ref())
+            .or(self.acl.as_ref())
     }
 }
 
@@ -98,12 +120,14 @@ impl Route {
             }
         };
         let main = pool(&host.upstreams)?;
+        let slot = |name: &str| (!name.is_empty()).then(|| defaults.acls.slot(name));
         let mut locations = Vec::new();
         for loc in &host.locations {
             if let Some(p) = pool(&loc.upstreams) {
                 locations.push(LocationRoute {
                     prefix: loc.path_prefix.clone(),
                     pool: p,
+                    acl: slot(&loc.acl),
                 });
             }
         }
@@ -133,6 +157,8 @@ impl Route {
                 idle_timeout: secs(host.ws_idle_timeout_secs),
                 ping_interval: secs(host.ws_ping_interval_secs),
             },
+            any_acl: !host.acl.is_empty() || host.locations.iter().any(|l| !l.acl.is_empty()),
+            acl: slot(&host.acl),
         })
     }
 }
@@ -276,6 +302,7 @@ mod tests {
                 .map(|(p, u)| Location {
                     path_prefix: p.to_string(),
                     upstreams: vec![u.to_string()],
+                    acl: String::new(),
                 })
                 .collect(),
             version: 1,

@@ -6,6 +6,7 @@ use charon_proto::store as pb;
 use prost::Message;
 
 use super::acme::{self, AcmeAccount, AcmeChallenge, AcmeOrder};
+use crate::access::AccessList;
 use crate::host::{Location, ProxyHost};
 use crate::tls::cert::StoredCert;
 
@@ -24,6 +25,8 @@ pub enum Body {
     AcmeAccount(AcmeAccount),
     AcmeOrder(AcmeOrder),
     AcmeChallenge(AcmeChallenge),
+    /// An access list (key `acl/<name>`): see [`crate::access`].
+    Acl(AccessList),
 }
 
 /// The holder of one domain (key `name/<domain>`).
@@ -103,6 +106,13 @@ impl Body {
         }
     }
 
+    pub fn as_acl(&self) -> Option<&AccessList> {
+        match self {
+            Body::Acl(a) => Some(a),
+            _ => None,
+        }
+    }
+
     pub fn as_cert(&self) -> Option<&StoredCert> {
         match self {
             Body::Cert(c) => Some(c),
@@ -171,6 +181,7 @@ pub fn encode(rec: &Record) -> Vec<u8> {
             Body::AcmeAccount(a) => pb::record::Body::AcmeAccount(acme::account_to_pb(a)),
             Body::AcmeOrder(o) => pb::record::Body::AcmeOrder(acme::order_to_pb(o)),
             Body::AcmeChallenge(c) => pb::record::Body::AcmeChallenge(acme::challenge_to_pb(c)),
+            Body::Acl(a) => pb::record::Body::Acl(crate::access::to_pb(a)),
         }),
     };
     let mut out = Vec::with_capacity(1 + msg.encoded_len());
@@ -212,6 +223,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
             pb::record::Body::AcmeAccount(a) => Body::AcmeAccount(acme::account_from_pb(a)),
             pb::record::Body::AcmeOrder(o) => Body::AcmeOrder(acme::order_from_pb(o)),
             pb::record::Body::AcmeChallenge(c) => Body::AcmeChallenge(acme::challenge_from_pb(c)),
+            pb::record::Body::Acl(a) => Body::Acl(crate::access::from_pb(a)),
         })
     };
     Ok(Record {
@@ -238,6 +250,7 @@ fn host_to_pb(h: &ProxyHost) -> pb::HostRecord {
             .map(|l| pb::LocationRecord {
                 path_prefix: l.path_prefix.clone(),
                 upstreams: l.upstreams.clone(),
+                acl: l.acl.clone(),
             })
             .collect(),
         ws_idle_timeout_secs: h.ws_idle_timeout_secs,
@@ -254,6 +267,7 @@ fn host_to_pb(h: &ProxyHost) -> pb::HostRecord {
         upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
         create_key: h.create_key.clone(),
         no_acme: h.no_acme,
+        acl: h.acl.clone(),
     }
 }
 
@@ -273,6 +287,7 @@ fn host_from_pb(h: pb::HostRecord) -> ProxyHost {
             .map(|l| Location {
                 path_prefix: l.path_prefix,
                 upstreams: l.upstreams,
+                acl: l.acl,
             })
             .collect(),
         ws_idle_timeout_secs: h.ws_idle_timeout_secs,
@@ -289,6 +304,7 @@ fn host_from_pb(h: pb::HostRecord) -> ProxyHost {
         upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
         create_key: h.create_key,
         no_acme: h.no_acme,
+        acl: h.acl,
     }
 }
 
@@ -358,6 +374,7 @@ mod tests {
             locations: vec![Location {
                 path_prefix: "/a".into(),
                 upstreams: vec!["http://b:1".into()],
+                acl: "loc".into(),
             }],
             ws_idle_timeout_secs: 5,
             ws_ping_interval_secs: 6,
@@ -373,6 +390,7 @@ mod tests {
             upstream_insecure_skip_verify: true,
             create_key: "k".into(),
             no_acme: true,
+            acl: "office".into(),
         };
         let cert = StoredCert {
             id: "c".into(),

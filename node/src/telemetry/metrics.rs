@@ -139,6 +139,8 @@ pub struct Metrics {
     tunnel_bytes: Family<&'static str>,
     tls_handshakes: AtomicU64,
     tls_failures: Family<&'static str>,
+    /// Requests refused by access lists: (host, list, rule).
+    access_refusals: Family<(Arc<str>, Arc<str>, Arc<str>)>,
     /// Spans the exporter had to drop (queue full or collector failing).
     pub spans_dropped: AtomicU64,
     /// Access-log lines dropped because the writer fell behind.
@@ -156,6 +158,7 @@ impl Default for Metrics {
             tunnel_bytes: Family::new(),
             tls_handshakes: AtomicU64::new(0),
             tls_failures: Family::new(),
+            access_refusals: Family::new(),
             spans_dropped: AtomicU64::new(0),
             access_log_dropped: AtomicU64::new(0),
         }
@@ -226,6 +229,13 @@ impl Metrics {
         self.tunnel_bytes.add(&"to_client", to_client);
     }
 
+    /// A request an access list refused; `rule` is the deciding rule
+    /// (`#3 deny 0.0.0.0/0`, `default deny`, `basic auth`).
+    pub fn access_refusal(&self, host: &Arc<str>, acl: &Arc<str>, rule: &Arc<str>) {
+        self.access_refusals
+            .add(&(host.clone(), acl.clone(), rule.clone()), 1);
+    }
+
     pub fn tls_handshake(&self, failure: Option<&'static str>) {
         match failure {
             None => {
@@ -286,6 +296,21 @@ impl Metrics {
                 out,
                 "charon_upstream_errors_total{{host=\"{}\",kind=\"{kind}\"}} {n}",
                 escape(&host)
+            );
+        }
+        head(
+            &mut out,
+            "charon_access_refusals_total",
+            "counter",
+            "Requests refused by an access list (403 or 401), by proxy host, list and deciding rule.",
+        );
+        for ((host, acl, rule), n) in self.access_refusals.sorted() {
+            let _ = writeln!(
+                out,
+                "charon_access_refusals_total{{host=\"{}\",acl=\"{}\",rule=\"{}\"}} {n}",
+                escape(&host),
+                escape(&acl),
+                escape(&rule)
             );
         }
         head(

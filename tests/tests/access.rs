@@ -1,0 +1,712 @@
+//! Access lists (issue 20), through `charonctl` and real clients, each
+//! case over every front end: HTTP/1.1 and h2 with prior knowledge in
+//! clear text, HTTP/1.1 and h2 over TLS, and WebSocket upgrades (plain and
+//! over TLS).
+//!
+//! Clients connect from chosen loopback addresses (127.0.0.2, .3, ...:
+//! all of 127.0.0.0/8 is local on Linux), so rules on the client's
+//! address are tested with real peers, and `--trusted-proxy 127.0.0.9`
+//! makes one of them a trusted proxy whose `X-Forwarded-For` counts.
+//!
+//! Rules: allow/deny order (first match wins, then the default); a
+//! location's own list instead of the host's; the client address through
+//! a trusted proxy, and a spoofed `X-Forwarded-For` from an untrusted peer
+//! (or left of the proxy's entry) that does not get past a deny; basic
+//! auth right, wrong and missing (401 with `WWW-Authenticate`); refusals
+//! counted per host and rule; validation naming the field; hashes never
+//! shown; lists and attachments replicated and kept across a restart.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use bytes::{Bytes, BytesMut};
+use charon_tests::client::{self, ws_upgrade_head, HttpResponse, IO_TIMEOUT};
+use charon_tests::tls::{client_config, wait_served, TestCa};
+use charon_tests::wait::eventually;
+use charon_tests::{EchoBackend, TestNode, TestNodeBuilder, WsEchoBackend};
+use http::{Method, Request};
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::ClientConfig;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Proto {
+    H1,
+    H2c,
+    H1Tls,
+    H2Tls,
+    /// A WebSocket upgrade over HTTP/1.1 in clear text.
+    Ws,
+    /// The same over TLS (`wss://`).
+    Wss,
+}
+
+const HTTP: [Proto; 4] = [Proto::H1, Proto::H2c, Proto::H1Tls, Proto::H2Tls];
+const ALL: [Proto; 6] = [
+    Proto::H1,
+    Proto::H2c,
+    Proto::H1Tls,
+    Proto::H2Tls,
+    Proto::Ws,
+    Proto::Wss,
+];
+
+impl Proto {
+    fn tls(self) -> bool {
+        matches!(self, Proto::H1Tls | Proto::H2Tls | Proto::Wss)
+    }
+}
+
+const SNI: &str = "sni.access.test";
+/// The trusted proxy of [`Front::start`]'s node.
+const PROXY: &str = "127.0.0.9";
+
+struct Front {
+    node: TestNode,
+    h1_tls: Arc<ClientConfig>,
+    h2_tls: Arc<ClientConfig>,
+}
+
+/// One request of a case.
+struct Case<'a> {
+    from: &'a str,
+    host: &'a str,
+    path: &'a str,
+    headers: &'a [(&'a str, &'a str)],
+    /// The status every front end must give (101 for an allowed upgrade
+    /// to a WebSocket location, 200 for an allowed request elsewhere).
+    want: u16,
+}
+
+/// What a response said, whatever the protocol.
+struct Answer {
+    status: u16,
+    body: String,
+    www_authenticate: Option<String>,
+}
+
+async fn connect_from(from: &str, addr: SocketAddr) -> Result<TcpStream> {
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(from.parse()?, 0))
+        .with_context(|| format!("binding a client socket to {from}"))?;
+    let tcp = tokio::time::timeout(IO_TIMEOUT, sock.connect(addr))
+        .await
+        .context("connect timed out")??;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+impl Front {
+    async fn start(builder: TestNodeBuilder) -> Result<Front> {
+        let node = builder.start().await?;
+        let ca = TestCa::new("Charon Access CA")?;
+        let leaf = ca.leaf(&[SNI])?;
+        node.add_cert(&leaf.cert_pem, &leaf.key_pem).await?;
+        let h1_tls = client_config(&[&ca.pem], &["http/1.1"])?;
+        let h2_tls = client_config(&[&ca.pem], &["h2"])?;
+        wait_served(node.https, SNI, &h1_tls, &leaf.fingerprint).await?;
+        Ok(Front {
+            node,
+            h1_tls,
+            h2_tls,
+        })
+    }
+
+    async fn send(&self, p: Proto, c: &Case<'_>) -> Result<Answer> {
+        tokio::time::timeout(IO_TIMEOUT, self.send_inner(p, c))
+            .await
+            .with_context(|| format!("{p:?}: no response in time"))?
+    }
+
+    async fn send_inner(&self, p: Proto, c: &Case<'_>) -> Result<Answer> {
+        let addr = if p.tls() {
+            self.node.https
+        } else {
+            self.node.http
+        };
+        let tcp = connect_from(c.from, addr).await?;
+        let connector = |cfg: &Arc<ClientConfig>| tokio_rustls::TlsConnector::from(cfg.clone());
+        let name = rustls_pki_types::ServerName::try_from(SNI.to_string())?;
+        match p {
+            Proto::H1 => h1_send(tcp, c).await,
+            Proto::H1Tls => h1_send(connector(&self.h1_tls).connect(name, tcp).await?, c).await,
+            Proto::H2c => h2_send(tcp, "http", c).await,
+            Proto::H2Tls => {
+                h2_send(
+                    connector(&self.h2_tls).connect(name, tcp).await?,
+                    "https",
+                    c,
+                )
+                .await
+            }
+            Proto::Ws => upgrade(tcp, c).await,
+            Proto::Wss => upgrade(connector(&self.h1_tls).connect(name, tcp).await?, c).await,
+        }
+    }
+
+    /// Runs `c` over each of `protos`; fails listing every front end that
+    /// gave another status, or a 401 without a challenge.
+    async fn each(&self, protos: &[Proto], c: &Case<'_>) -> Result<()> {
+        let mut failed = Vec::new();
+        for &p in protos {
+            match self.send(p, c).await {
+                Ok(a) if a.status != c.want => {
+                    failed.push(format!("{p:?}: status {}, body {:.200}", a.status, a.body))
+                }
+                Ok(a) if a.status == 401 && a.www_authenticate.is_none() => {
+                    failed.push(format!("{p:?}: 401 without WWW-Authenticate"))
+                }
+                Ok(a) if a.status == 403 && !a.body.starts_with("403 Forbidden") => {
+                    failed.push(format!("{p:?}: 403 body {:?}", a.body))
+                }
+                Ok(_) => {}
+                Err(e) => failed.push(format!("{p:?}: {e:#}")),
+            }
+        }
+        ensure!(
+            failed.is_empty(),
+            "from {} {}{} {:?}, want {}: broken on\n  {}",
+            c.from,
+            c.host,
+            c.path,
+            c.headers,
+            c.want,
+            failed.join("\n  ")
+        );
+        Ok(())
+    }
+
+    async fn ctl(&self, args: &[&str]) -> Result<String> {
+        ctl_ok(&self.node, args).await
+    }
+}
+
+/// `charonctl ARGS` must succeed; its stdout.
+async fn ctl_ok(node: &TestNode, args: &[&str]) -> Result<String> {
+    let out = node.ctl(args).await?;
+    ensure!(
+        out.status.success(),
+        "charonctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `charonctl ARGS` must fail; its stderr.
+async fn ctl_err(node: &TestNode, args: &[&str]) -> Result<String> {
+    let out = node.ctl(args).await?;
+    ensure!(
+        !out.status.success(),
+        "charonctl {args:?} succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+async fn answer(resp: hyper::Response<hyper::body::Incoming>) -> Result<Answer> {
+    let www_authenticate = resp
+        .headers()
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let r = HttpResponse::read(resp).await?;
+    Ok(Answer {
+        status: r.status.as_u16(),
+        body: r.text(),
+        www_authenticate,
+    })
+}
+
+async fn h1_send<I>(io: I, c: &Case<'_>) -> Result<Answer>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(conn);
+    let req = client::build_request(Method::GET, c.host, c.path, c.headers, Bytes::new())?;
+    answer(sender.send_request(req).await?).await
+}
+
+async fn h2_send<I>(io: I, scheme: &str, c: &Case<'_>) -> Result<Answer>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await?;
+    tokio::spawn(conn);
+    let mut b = Request::builder().uri(format!("{scheme}://{}{}", c.host, c.path));
+    for (name, value) in c.headers {
+        b = b.header(*name, *value);
+    }
+    answer(
+        sender
+            .send_request(b.body(Full::new(Bytes::new()))?)
+            .await?,
+    )
+    .await
+}
+
+/// A WebSocket upgrade request; the response head (and the body of a
+/// refusal, which is sent with a Content-Length).
+async fn upgrade<I>(mut io: I, c: &Case<'_>) -> Result<Answer>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let (head, _) = ws_upgrade_head(c.host, c.path, c.headers);
+    io.write_all(head.as_bytes()).await?;
+    let mut buf = BytesMut::with_capacity(4096);
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if io.read_buf(&mut buf).await? == 0 {
+            bail!(
+                "closed before a response head: {:?}",
+                String::from_utf8_lossy(&buf)
+            );
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let status = client::raw_status(&head).context("no status line")?;
+    let field = |name: &str| {
+        head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_owned())
+        })
+    };
+    let mut body = buf[end..].to_vec();
+    if status != 101 {
+        let len: usize = field("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        while body.len() < len {
+            let mut more = [0u8; 1024];
+            let n = io.read(&mut more).await?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&more[..n]);
+        }
+    }
+    Ok(Answer {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+        www_authenticate: field("www-authenticate"),
+    })
+}
+
+fn basic(user_pass: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(user_pass)
+    )
+}
+
+/// A node trusting [`PROXY`], with hosts `acl.test` (list `lan`, and
+/// `/admin` with its own list `admins`, `/ws` to a WebSocket backend) and
+/// `auth.test` (basic auth), all made with `charonctl`.
+async fn setup() -> Result<(Front, EchoBackend, WsEchoBackend)> {
+    let f = Front::start(TestNode::builder().trusted_proxy(&format!("{PROXY}/32"))).await?;
+    let echo = EchoBackend::start("echo").await?;
+    let ws = WsEchoBackend::start("ws").await?;
+    f.ctl(&[
+        "acl",
+        "add",
+        "lan",
+        "--deny",
+        "127.0.0.3",
+        "--allow",
+        "127.0.0.0/8",
+        "--default",
+        "deny",
+    ])
+    .await?;
+    f.ctl(&[
+        "acl",
+        "add",
+        "admins",
+        "--allow",
+        "127.0.0.5/32",
+        "--default",
+        "deny",
+    ])
+    .await?;
+    f.ctl(&[
+        "acl",
+        "add",
+        "staff",
+        "--user",
+        "alice:s3cret",
+        "--user",
+        "bob:hunter2",
+        "--realm",
+        "staff only",
+    ])
+    .await?;
+    let echo_url = echo.url();
+    let admin = format!("/admin={echo_url}");
+    let ws_loc = format!("/ws={}", ws.url());
+    f.ctl(&[
+        "host",
+        "add",
+        "acl.test",
+        "--upstream",
+        &echo_url,
+        "--acl",
+        "lan",
+        "--location",
+        &admin,
+        "--location-acl",
+        "/admin=admins",
+        "--location",
+        &ws_loc,
+    ])
+    .await?;
+    f.ctl(&[
+        "host",
+        "add",
+        "auth.test",
+        "--upstream",
+        &echo_url,
+        "--location",
+        &ws_loc,
+        "--acl",
+        "staff",
+    ])
+    .await?;
+    f.node.wait_routed("acl.test").await.ok();
+    Ok((f, echo, ws))
+}
+
+#[tokio::test]
+async fn allow_deny_order_locations_and_trusted_proxies_over_every_front_end() -> Result<()> {
+    let (f, _echo, _ws) = setup().await?;
+    let case = |from, path, headers, want| Case {
+        from,
+        host: "acl.test",
+        path,
+        headers,
+        want,
+    };
+    let cases = [
+        // First match wins: .3 is denied before 127/8 allows.
+        case("127.0.0.2", "/", &[][..], 200),
+        case("127.0.0.3", "/", &[], 403),
+        case("127.0.0.2", "/ws", &[], 101),
+        case("127.0.0.3", "/ws", &[], 403),
+        // The location's own list instead of the host's.
+        case("127.0.0.2", "/admin", &[], 403),
+        case("127.0.0.5", "/admin", &[], 200),
+        case("127.0.0.5", "/admin/x?y", &[], 200),
+        case("127.0.0.2", "/administrator", &[], 200),
+        // A client's own X-Forwarded-For is never believed...
+        case("127.0.0.3", "/", &[("x-forwarded-for", "127.0.0.2")], 403),
+        case(
+            "127.0.0.2",
+            "/admin",
+            &[("x-forwarded-for", "127.0.0.5")],
+            403,
+        ),
+        // ...a trusted proxy's is, from its own entry leftwards...
+        case(PROXY, "/", &[("x-forwarded-for", "127.0.0.3")], 403),
+        case(PROXY, "/", &[("x-forwarded-for", "127.0.0.2")], 200),
+        case(PROXY, "/admin", &[("x-forwarded-for", "127.0.0.5")], 200),
+        case(PROXY, "/ws", &[("x-forwarded-for", "127.0.0.3")], 403),
+        // ...but what the client wrote left of it is not.
+        case(
+            PROXY,
+            "/",
+            &[("x-forwarded-for", "127.0.0.2, 127.0.0.3")],
+            403,
+        ),
+        case(
+            PROXY,
+            "/admin",
+            &[("x-forwarded-for", "127.0.0.5, 127.0.0.2")],
+            403,
+        ),
+    ];
+    for c in &cases {
+        let protos: &[Proto] = if c.path == "/ws" {
+            &[Proto::Ws, Proto::Wss]
+        } else {
+            &HTTP
+        };
+        f.each(protos, c).await?;
+    }
+    // The refusal's body says who was refused.
+    let a = f
+        .send(Proto::H2c, &case("127.0.0.3", "/", &[], 403))
+        .await?;
+    ensure!(a.body.contains("127.0.0.3"), "body {:?}", a.body);
+
+    // Counted per host, list and deciding rule, on the admin listener.
+    let metrics = client::get(f.node.admin, "admin", "/metrics").await?.text();
+    for line in [
+        r##"charon_access_refusals_total{host="acl.test",acl="lan",rule="#1 deny 127.0.0.3/32"}"##,
+        r#"charon_access_refusals_total{host="acl.test",acl="admins",rule="default deny"}"#,
+    ] {
+        ensure!(metrics.contains(line), "no {line} in\n{metrics}");
+    }
+    // A changed list applies at once, without touching the host.
+    f.ctl(&["acl", "update", "lan", "--allow", "127.0.0.0/8"])
+        .await?;
+    f.each(&HTTP, &case("127.0.0.3", "/", &[], 200)).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn basic_auth_right_wrong_and_missing_over_every_front_end() -> Result<()> {
+    let (f, _echo, _ws) = setup().await?;
+    let (alice, bob) = (basic("alice:s3cret"), basic("bob:hunter2"));
+    let (wrong, nobody) = (basic("alice:hunter2"), basic("carol:s3cret"));
+    let case = |path, headers, want| Case {
+        from: "127.0.0.2",
+        host: "auth.test",
+        path,
+        headers,
+        want,
+    };
+    let cases = [
+        case("/", &[][..], 401),
+        case("/", &[("authorization", wrong.as_str())], 401),
+        case("/", &[("authorization", nobody.as_str())], 401),
+        case("/", &[("authorization", "Bearer abc")], 401),
+        case("/", &[("authorization", alice.as_str())], 200),
+        case("/", &[("authorization", bob.as_str())], 200),
+        case("/ws", &[], 401),
+        case("/ws", &[("authorization", alice.as_str())], 101),
+    ];
+    for c in &cases {
+        let protos: &[Proto] = if c.path == "/ws" {
+            &[Proto::Ws, Proto::Wss]
+        } else {
+            &HTTP
+        };
+        f.each(protos, c).await?;
+    }
+    let a = f.send(Proto::H1, &case("/", &[], 401)).await?;
+    ensure!(
+        a.www_authenticate.as_deref() == Some(r#"Basic realm="staff only", charset="UTF-8""#),
+        "WWW-Authenticate {:?}",
+        a.www_authenticate
+    );
+    // Every front end, one more time with ALL to be sure none is missed.
+    f.each(
+        &ALL[..4],
+        &case("/", &[("authorization", alice.as_str())], 200),
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn lists_are_validated_named_in_errors_and_never_show_hashes() -> Result<()> {
+    let node = TestNode::start().await?;
+    let echo = EchoBackend::start("echo").await?;
+    let err = ctl_err(&node, &["acl", "add", "bad", "--allow", "10.0.0.0/33"]).await?;
+    ensure!(err.contains("rules[0].cidr"), "{err}");
+    let err = ctl_err(&node, &["acl", "add", "bad/name"]).await?;
+    ensure!(err.contains("name"), "{err}");
+    let err = ctl_err(&node, &["acl", "add", "x", "--default", "maybe"]).await?;
+    ensure!(err.contains("default_action"), "{err}");
+    let err = ctl_err(&node, &["acl", "add", "x", "--user-hash", "a:$2b$10$abc"]).await?;
+    ensure!(err.contains("users[0].password_hash"), "{err}");
+    let listed = ctl_ok(&node, &["acl", "list", "-o", "json"]).await?;
+    ensure!(
+        listed.trim() == "[]",
+        "refused lists were written: {listed}"
+    );
+
+    let err = ctl_err(
+        &node,
+        &[
+            "host",
+            "add",
+            "v.test",
+            "--upstream",
+            &echo.url(),
+            "--acl",
+            "nope",
+        ],
+    )
+    .await?;
+    ensure!(err.contains("acl") && err.contains("nope"), "{err}");
+    ctl_ok(
+        &node,
+        &[
+            "acl",
+            "add",
+            "team",
+            "--user",
+            "alice:s3cret",
+            "--deny",
+            "10.0.0.0/8",
+        ],
+    )
+    .await?;
+    let loc = format!("/x={}", echo.url());
+    let err = ctl_err(
+        &node,
+        &[
+            "host",
+            "add",
+            "v.test",
+            "--upstream",
+            &echo.url(),
+            "--location",
+            &loc,
+            "--location-acl",
+            "/x=nope",
+        ],
+    )
+    .await?;
+    ensure!(err.contains("locations[0].acl"), "{err}");
+    let host = ctl_ok(
+        &node,
+        &[
+            "host",
+            "add",
+            "v.test",
+            "--upstream",
+            &echo.url(),
+            "--acl",
+            "team",
+            "-o",
+            "json",
+        ],
+    )
+    .await?;
+    let host: serde_json::Value = serde_json::from_str(&host)?;
+    ensure!(host["acl"] == "team", "{host}");
+
+    let shown = ctl_ok(&node, &["acl", "show", "team", "-o", "json"]).await?;
+    let json: serde_json::Value = serde_json::from_str(&shown)?;
+    ensure!(json["users"] == serde_json::json!(["alice"]), "{json}");
+    ensure!(
+        json["rules"][0]["action"] == "deny" && json["rules"][0]["cidr"] == "10.0.0.0/8",
+        "{json}"
+    );
+    ensure!(json["used_by"][0] == host["id"], "{json}");
+    ensure!(
+        !shown.contains("argon2") && !shown.contains("s3cret"),
+        "a secret is shown: {shown}"
+    );
+    let table = ctl_ok(&node, &["acl", "show", "team"]).await?;
+    ensure!(
+        !table.contains("argon2") && table.contains("alice"),
+        "{table}"
+    );
+
+    // In use: refused, nothing removed; detached: removed.
+    let err = ctl_err(&node, &["acl", "rm", "team"]).await?;
+    ensure!(
+        err.contains("used by") && err.contains(host["id"].as_str().unwrap_or("?")),
+        "{err}"
+    );
+    ctl_ok(&node, &["host", "update", "v.test", "--acl", ""]).await?;
+    ctl_ok(&node, &["acl", "rm", "team"]).await?;
+    let listed = ctl_ok(&node, &["acl", "list"]).await?;
+    ensure!(listed.contains("no access lists"), "{listed}");
+    Ok(())
+}
+
+/// The status a request from `from` to `host` gets from `node`.
+async fn status_from(node: &TestNode, from: &str, host: &str) -> Result<u16> {
+    let tcp = connect_from(from, node.http).await?;
+    let c = Case {
+        from,
+        host,
+        path: "/",
+        headers: &[],
+        want: 0,
+    };
+    Ok(h1_send(tcp, &c).await?.status)
+}
+
+#[tokio::test]
+async fn lists_replicate_and_survive_a_restart() -> Result<()> {
+    const TOKEN: &str = "access-test-token";
+    let member = |name: &str| {
+        TestNode::builder()
+            .name(name)
+            .cluster_secret("access-secret")
+            .env("CHARON_ADMIN_TOKEN", TOKEN)
+            .args(["--anti-entropy-secs", "1"])
+    };
+    let n1 = member("n1").start().await?;
+    let mut n2 = member("n2").seeds(&[&n1]).start().await?;
+    let echo = EchoBackend::start("echo").await?;
+    ctl_ok(
+        &n1,
+        &[
+            "acl",
+            "add",
+            "lan",
+            "--deny",
+            "127.0.0.3",
+            "--allow",
+            "127.0.0.0/8",
+        ],
+    )
+    .await?;
+    ctl_ok(
+        &n1,
+        &[
+            "host",
+            "add",
+            "rep.test",
+            "--upstream",
+            &echo.url(),
+            "--acl",
+            "lan",
+            "--wait",
+        ],
+    )
+    .await?;
+    eventually(Duration::from_secs(20), || async {
+        let ok = status_from(&n2, "127.0.0.2", "rep.test").await?;
+        let denied = status_from(&n2, "127.0.0.3", "rep.test").await?;
+        ensure!(
+            (ok, denied) == (200, 403),
+            "from .2: {ok}, from .3: {denied}"
+        );
+        Ok(())
+    })
+    .await?;
+    // An update on the other node reaches this one.
+    ctl_ok(
+        &n2,
+        &[
+            "acl",
+            "update",
+            "lan",
+            "--deny",
+            "127.0.0.2",
+            "--allow",
+            "127.0.0.0/8",
+        ],
+    )
+    .await?;
+    eventually(Duration::from_secs(20), || async {
+        let s = status_from(&n1, "127.0.0.2", "rep.test").await?;
+        ensure!(s == 403, "n1 still lets .2 in: {s}");
+        Ok(())
+    })
+    .await?;
+    n2.restart().await?;
+    n2.wait_routed("rep.test").await.ok();
+    let (a, b) = (
+        status_from(&n2, "127.0.0.2", "rep.test").await?,
+        status_from(&n2, "127.0.0.3", "rep.test").await?,
+    );
+    ensure!((a, b) == (403, 200), "after restart: .2 {a}, .3 {b}");
+    Ok(())
+}

@@ -20,6 +20,9 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::error::CtlError;
 
+pub mod acl;
+pub mod redirect;
+
 const GLOBAL: &str = "Global options";
 const WAIT: &str = "Waiting for replication";
 const DRAIN_WAIT: &str = "Following the drain";
@@ -117,7 +120,7 @@ impl Cli {
             }
         }
         if let Command::Acl(acl) = &mut cli.command {
-            crate::access::order_rules(acl, &matches);
+            acl::order_rules(acl, &matches);
             if !acl.changes_something() {
                 let mut cmd = Self::command();
                 cmd.build();
@@ -177,7 +180,10 @@ pub enum Command {
     /// Access lists: allow/deny rules on client addresses and basic-auth
     /// users, attached to hosts with `host add|update --acl NAME`.
     #[command(subcommand)]
-    Acl(crate::access::AclCommand),
+    Acl(acl::AclCommand),
+    /// Redirect hosts: domains answered with a redirect to another URL.
+    #[command(subcommand)]
+    Redirect(redirect::RedirectCommand),
     /// API tokens: bearer tokens that work on every node of the cluster.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -243,6 +249,7 @@ impl Command {
             Command::Token(TokenCommand::Create { wait, .. }) => wait,
             Command::Token(TokenCommand::Revoke { wait, .. }) => wait,
             Command::Acl(acl) => acl.wait()?,
+            Command::Redirect(r) => r.wait()?,
             _ => return None,
         };
         wait.timeout()
@@ -1037,6 +1044,7 @@ impl UpdateArgs {
             upstream_insecure_skip_verify: self.upstream_insecure_skip_verify,
             no_acme: self.no_acme,
             acl: self.acl.clone(),
+            ..UpdateHostRequest::default()
         })
     }
 }

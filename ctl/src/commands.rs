@@ -213,7 +213,8 @@ enum Call {
     },
     Undrain(UndrainRequest),
     DrainStatus(DrainStatusRequest),
-    Acl(crate::access::AclCall),
+    Acl(cli::acl::AclCall),
+    Redirect(cli::redirect::RedirectCall),
 }
 
 impl Call {
@@ -269,8 +270,9 @@ impl Call {
                 NodeCommand::Status { node } => Call::DrainStatus(DrainStatusRequest { node }),
             },
             Command::Acl(cmd) => {
-                Call::Acl(crate::access::AclCall::prepare(cmd).map_err(CtlError::Refused)?)
+                Call::Acl(cli::acl::AclCall::prepare(cmd).map_err(CtlError::Refused)?)
             }
+            Command::Redirect(cmd) => Call::Redirect(cli::redirect::RedirectCall::prepare(cmd)),
             Command::Logs(_) | Command::Tunnels(_) => {
                 unreachable!("run() hands logs and tunnels to crate::observe")
             }
@@ -299,6 +301,7 @@ impl Call {
             Call::Undrain(_) => "Nodes.Undrain",
             Call::DrainStatus(_) => "Nodes.DrainStatus",
             Call::Acl(c) => c.method(),
+            Call::Redirect(c) => c.method(),
         }
     }
 
@@ -460,8 +463,14 @@ impl Call {
                 };
                 Printed::with_metadata(stdout, metadata)
             }
+            Call::Redirect(call) => {
+                let (stdout, metadata) =
+                    crate::redirect::execute(call, &mut api.hosts, json).await?;
+                Printed::with_metadata(stdout, metadata)
+            }
             Call::Acl(call) => {
-                let (stdout, metadata) = call.execute(&mut api.access, json).await?;
+                let (stdout, metadata) =
+                    crate::access::execute(call, &mut api.access, json).await?;
                 Printed::with_metadata(stdout, metadata)
             }
             Call::DrainStatus(request) => {

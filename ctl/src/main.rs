@@ -1,6 +1,7 @@
 //! `charonctl`: the command-line client of a Charon cluster.
 //!
 //! - [`access`]: `acl`, access lists
+//! - [`redirect`]: `redirect`, redirect hosts
 //! - [`cli`]: clap types, flag parsing, arguments → API requests
 //! - [`client`]: token lookup, connection, bearer-token interceptor
 //! - [`commands`]: one API call per command, rendered on stdout
@@ -23,6 +24,7 @@ mod drain;
 mod error;
 mod observe;
 mod output;
+mod redirect;
 
 use std::process::ExitCode;
 

@@ -140,8 +140,21 @@ pub fn host_details(h: &ProxyHost) -> String {
         ),
         ("force https", yes_no(h.force_https)),
         ("hsts", hsts(h)),
-        ("access list", or_dash(&h.acl)),
     ]);
+    if !h.acl.is_empty() {
+        rows.push(("access list", h.acl.clone()));
+    }
+    if !h.redirect_to.is_empty() {
+        let path = if h.redirect_keep_path {
+            " (path and query appended)"
+        } else {
+            ""
+        };
+        rows.push((
+            "redirect",
+            format!("{} to {}{path}", h.redirect_code, h.redirect_to),
+        ));
+    }
     if h.locations.is_empty() {
         rows.push(("locations", "none".to_string()));
     }
@@ -1037,6 +1050,7 @@ mod tests {
             conflicts: vec![],
             no_acme: false,
             acl: String::new(),
+            ..ProxyHost::default()
         }
     }
 
@@ -1151,6 +1165,10 @@ version:            3
             "updated_at_ms",
             "version",
             "conflicts",
+            "acl",
+            "redirect_to",
+            "redirect_code",
+            "redirect_keep_path",
         ];
         want.sort();
         assert_eq!(keys, want);

@@ -25,6 +25,7 @@
 //! - [`admin`]: `/healthz`, `/readyz`.
 //! - [`node`]: wiring: opens the store, binds listeners, serves, shuts down.
 //! - [`validate`]: `FieldError`, what every validation returns.
+//! - [`cidr`]: address ranges (`--trusted-proxy`, access rules).
 //! - [`util`]: the wall clock, the FNV hasher, date formatting.
 #![forbid(unsafe_code)]
 
@@ -32,6 +33,7 @@ pub mod access;
 pub mod acme;
 pub mod admin;
 pub mod api;
+pub mod cidr;
 pub mod cluster;
 pub mod config;
 pub mod drain;

@@ -18,7 +18,7 @@ use base64::Engine;
 use sha2::{Digest, Sha256};
 
 use super::{action_name, AccessList};
-use crate::proxy::forwarded::Cidr;
+use crate::cidr::Cidr;
 
 /// What the rules say of one address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

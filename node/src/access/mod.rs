@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use charon_proto::store as pb;
 
-use crate::proxy::forwarded::Cidr;
+use crate::cidr::Cidr;
 use crate::validate::FieldError;
 
 /// The store key prefix of access lists.

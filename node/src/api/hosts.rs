@@ -287,6 +287,9 @@ pub fn host_to_pb(h: &ProxyHost, snap: Option<&Snapshot>) -> pb::ProxyHost {
         upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
         no_acme: h.no_acme,
         acl: h.acl.clone(),
+        redirect_to: h.redirect_to.clone(),
+        redirect_code: h.redirect_code,
+        redirect_keep_path: h.redirect_keep_path,
     }
 }
 
@@ -328,6 +331,9 @@ impl pb::hosts_server::Hosts for HostsApi {
             create_key: key.clone().unwrap_or_default(),
             no_acme: h.no_acme,
             acl: h.acl,
+            redirect_to: h.redirect_to,
+            redirect_code: h.redirect_code,
+            redirect_keep_path: h.redirect_keep_path,
         };
         host.normalize_and_validate().map_err(HostsError::from)?;
         let ((created, fresh), stamp) = self
@@ -435,6 +441,13 @@ impl pb::hosts_server::Hosts for HostsApi {
                     .unwrap_or(h.upstream_insecure_skip_verify);
                 h.no_acme = r.no_acme.unwrap_or(h.no_acme);
                 h.acl = r.acl.unwrap_or(h.acl);
+                h.redirect_to = r.redirect_to.unwrap_or(h.redirect_to);
+                h.redirect_code = r.redirect_code.unwrap_or(h.redirect_code);
+                h.redirect_keep_path = r.redirect_keep_path.unwrap_or(h.redirect_keep_path);
+                if h.redirect_to.is_empty() {
+                    // Back to a proxy host: the redirect's settings go too.
+                    (h.redirect_code, h.redirect_keep_path) = (0, false);
+                }
                 h.normalize_and_validate()?;
                 check_domains_free(view, &h, Some(current))?;
                 check_cert_exists(view, &h)?;

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use http::StatusCode;
 
-use super::pipeline::Answer;
 use crate::access::compiled::{CompiledAcl, Decision};
 use crate::access::AccessList;
 use crate::store::Changed;
@@ -66,12 +65,16 @@ impl AclRegistry {
     }
 }
 
-/// Why a request was refused, for the log line and the metric label.
+/// Why a request was refused, for the log line and the metric label,
+/// and what the client is told (the pipeline makes it an error page).
 pub struct Refusal {
     pub acl: Arc<str>,
     /// `#3 deny 0.0.0.0/0`, `default deny`, `basic auth` or `unknown list`.
     pub rule: Arc<str>,
-    pub answer: Answer,
+    /// 403, or 401 with `challenge` for `WWW-Authenticate`.
+    pub status: StatusCode,
+    pub detail: String,
+    pub challenge: Option<String>,
 }
 
 /// Judges one request by `slot`'s list: `None` lets it through.
@@ -86,13 +89,12 @@ pub fn check<'a>(
         return Some(Refusal {
             acl: slot.name.clone(),
             rule: Arc::from("unknown list"),
-            answer: Answer::page(
-                StatusCode::FORBIDDEN,
-                &format_args!(
-                    "access list {:?} of this host is not known on this node yet",
-                    slot.name
-                ),
+            status: StatusCode::FORBIDDEN,
+            detail: format!(
+                "access list {:?} of this host is not known on this node yet",
+                slot.name
             ),
+            challenge: None,
         });
     };
     match acl.decide(client, authorization) {
@@ -102,24 +104,18 @@ pub fn check<'a>(
             Some(Refusal {
                 acl: acl.name.clone(),
                 rule: acl.describe(verdict).clone(),
-                answer: Answer::page(
-                    StatusCode::FORBIDDEN,
-                    &format_args!("access from {client} is not allowed here"),
-                ),
+                status: StatusCode::FORBIDDEN,
+                detail: format!("access from {client} is not allowed here"),
+                challenge: None,
             })
         }
-        Decision::Unauthorized => {
-            let mut answer = Answer::page(
-                StatusCode::UNAUTHORIZED,
-                &"this site needs a user name and password",
-            );
-            answer.header = Some((http::header::WWW_AUTHENTICATE, acl.challenge.clone()));
-            Some(Refusal {
-                acl: acl.name.clone(),
-                rule: acl.auth_text.clone(),
-                answer,
-            })
-        }
+        Decision::Unauthorized => Some(Refusal {
+            acl: acl.name.clone(),
+            rule: acl.auth_text.clone(),
+            status: StatusCode::UNAUTHORIZED,
+            detail: "this site needs a user name and password".to_string(),
+            challenge: Some(acl.challenge.clone()),
+        }),
     }
 }
 
@@ -191,7 +187,7 @@ mod tests {
         let slot = reg.slot("office");
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let r = check(&slot, ip, std::iter::empty()).expect("unknown list refuses");
-        assert_eq!(r.answer.status, StatusCode::FORBIDDEN);
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
         assert_eq!(&*r.rule, "unknown list");
         let list = AccessList {
             name: "office".into(),
@@ -206,7 +202,7 @@ mod tests {
         assert!(check(&slot, ip, std::iter::empty()).is_none());
         let r = check(&slot, "11.0.0.1".parse().unwrap(), std::iter::empty()).unwrap();
         assert_eq!(&*r.rule, "default deny");
-        assert!(r.answer.body.contains("11.0.0.1"), "{}", r.answer.body);
+        assert!(r.detail.contains("11.0.0.1"), "{}", r.detail);
         reg.apply(&[changed(None)]);
         assert!(check(&slot, ip, std::iter::empty()).is_some());
     }

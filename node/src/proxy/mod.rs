@@ -190,7 +190,7 @@ impl Proxy {
         }
         if let Some(skipped) = self.refusal_log.due(&route.name, client) {
             tracing::info!(host = %route.name, host_id = %route.id, %client, acl = %r.acl,
-                rule = %r.rule, status = r.answer.status.as_u16(), more_since_last_line = skipped,
+                rule = %r.rule, status = r.status.as_u16(), more_since_last_line = skipped,
                 "request refused by access list");
         }
     }

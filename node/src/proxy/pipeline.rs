@@ -9,7 +9,8 @@
 //!    name, then the most specific wildcard), then [`Route::pool_for`]: the
 //!    path to its location's upstream pool.
 //! 2. **request policy** — [`request_policy`]: answers the proxy gives
-//!    itself instead of forwarding: the `force_https` redirect, then the
+//!    itself instead of forwarding: a redirect host's redirect, the
+//!    `force_https` redirect, then the
 //!    route's access list ([`super::access`]: 403, or 401 asking for
 //!    basic auth), judged on the client address resolved through
 //!    `--trusted-proxy` ([`super::forwarded::client_ip`]). The same code
@@ -135,6 +136,15 @@ pub fn request_policy(
     req: &PolicyRequest<'_>,
 ) -> Option<Answer> {
     // ACME HTTP-01 answers come before routing: see `acme_answer`.
+    if let Some(r) = &route.redirect {
+        let location = r.location(req.target);
+        return Some(Answer {
+            status: r.status,
+            body: format!("redirecting to {location}\n"),
+            location: Some(location),
+            header: None,
+        });
+    }
     if route.host.force_https && !conn.tls {
         return Some(redirect_to_https(
             req.host,
@@ -149,7 +159,9 @@ pub fn request_policy(
             let auth = req.fields.values(&AUTHORIZATION);
             if let Some(r) = super::access::check(slot, client, auth.into_iter()) {
                 proxy.count_refusal(route, client, &r);
-                return Some(r.answer);
+                let mut answer = Answer::page(r.status, &r.detail);
+                answer.header = r.challenge.map(|c| (http::header::WWW_AUTHENTICATE, c));
+                return Some(answer);
             }
         }
     }

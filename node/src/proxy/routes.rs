@@ -46,6 +46,27 @@ pub struct Route {
     /// Whether the host or any location names a list: a host without one
     /// pays this test and nothing else.
     pub any_acl: bool,
+    /// A redirect host's answer, made ready here.
+    pub redirect: Option<Redirect>,
+}
+
+/// Where a redirect host sends every request.
+pub struct Redirect {
+    pub status: http::StatusCode,
+    /// The target without a trailing `/` when the path is appended.
+    pub to: String,
+    pub keep_path: bool,
+}
+
+impl Redirect {
+    /// The `Location` for a request to `target` (its path and query).
+    pub fn location(&self, target: &str) -> String {
+        if self.keep_path {
+            format!("{}{target}", self.to)
+        } else {
+            self.to.clone()
+        }
+    }
 }
 
 /// Node-wide values a route falls back on where its host sets none.
@@ -158,6 +179,18 @@ impl Route {
                 ping_interval: secs(host.ws_ping_interval_secs),
             },
             any_acl: !host.acl.is_empty() || host.locations.iter().any(|l| !l.acl.is_empty()),
+            redirect: (!host.redirect_to.is_empty()).then(|| Redirect {
+                status: http::StatusCode::from_u16(host.redirect_code as u16)
+                    .ok()
+                    .filter(|s| s.is_redirection())
+                    .unwrap_or(http::StatusCode::MOVED_PERMANENTLY),
+                to: if host.redirect_keep_path {
+                    host.redirect_to.trim_end_matches('/').to_string()
+                } else {
+                    host.redirect_to.clone()
+                },
+                keep_path: host.redirect_keep_path,
+            }),
             acl: slot(&host.acl),
         })
     }

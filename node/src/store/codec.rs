@@ -268,6 +268,9 @@ fn host_to_pb(h: &ProxyHost) -> pb::HostRecord {
         create_key: h.create_key.clone(),
         no_acme: h.no_acme,
         acl: h.acl.clone(),
+        redirect_to: h.redirect_to.clone(),
+        redirect_code: h.redirect_code,
+        redirect_keep_path: h.redirect_keep_path,
     }
 }
 
@@ -305,6 +308,9 @@ fn host_from_pb(h: pb::HostRecord) -> ProxyHost {
         create_key: h.create_key,
         no_acme: h.no_acme,
         acl: h.acl,
+        redirect_to: h.redirect_to,
+        redirect_code: h.redirect_code,
+        redirect_keep_path: h.redirect_keep_path,
     }
 }
 
@@ -391,6 +397,9 @@ mod tests {
             create_key: "k".into(),
             no_acme: true,
             acl: "office".into(),
+            redirect_to: "https://b.com".into(),
+            redirect_code: 307,
+            redirect_keep_path: true,
         };
         let cert = StoredCert {
             id: "c".into(),

@@ -865,3 +865,187 @@ async fn redirect_hosts_with_each_code_and_path_handling() -> Result<()> {
         .await?;
     Ok(())
 }
+
+/// A WebSocket upgrade from `from` to `host` on `node`'s plain listener:
+/// the status, and the connection when it became a tunnel.
+async fn open_tunnel(node: &TestNode, from: &str, host: &str) -> Result<(u16, TcpStream)> {
+    let mut tcp = connect_from(from, node.http).await?;
+    let (head, _) = ws_upgrade_head(host, "/", &[]);
+    tcp.write_all(head.as_bytes()).await?;
+    let mut buf = Vec::with_capacity(512);
+    let mut byte = [0u8; 1];
+    // Byte by byte up to the blank line: nothing of the tunnel is read.
+    while !buf.ends_with(b"\r\n\r\n") {
+        ensure!(
+            tcp.read(&mut byte).await? == 1,
+            "closed before a response head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.push(byte[0]);
+    }
+    let status = client::raw_status(&String::from_utf8_lossy(&buf)).context("no status")?;
+    Ok((status, tcp))
+}
+
+#[tokio::test]
+async fn a_connection_cap_counts_open_tunnels_per_client_and_spares_other_clients() -> Result<()> {
+    let node = TestNode::builder()
+        .args(["--max-conns-per-ip", "200"])
+        .start()
+        .await?;
+    let ws = WsEchoBackend::start("ws").await?;
+    let echo = EchoBackend::start("echo").await?;
+    ctl_ok(&node, &["host", "add", "ws.test", "--upstream", &ws.url()]).await?;
+    ctl_ok(
+        &node,
+        &["host", "add", "web.test", "--upstream", &echo.url()],
+    )
+    .await?;
+    node.wait_routed("web.test").await?;
+    let mut tunnels = Vec::new();
+    for i in 0..200 {
+        let (status, tcp) = open_tunnel(&node, "127.0.0.2", "ws.test").await?;
+        ensure!(status == 101, "tunnel {i}: {status}");
+        tunnels.push(tcp);
+    }
+    // The 201st connection of 127.0.0.2, upgrade or request, is refused...
+    let (status, _) = open_tunnel(&node, "127.0.0.2", "ws.test").await?;
+    ensure!(status == 429, "a 201st upgrade got {status}");
+    let node = &node;
+    let web = |from: &'static str| async move { status_from(node, from, "web.test").await };
+    let s = web("127.0.0.2").await?;
+    ensure!(s == 429, "a request over the cap got {s}");
+    // ...another client is not affected...
+    ensure!(web("127.0.0.3").await? == 200, "another client was refused");
+    let (status, _other) = open_tunnel(node, "127.0.0.3", "ws.test").await?;
+    ensure!(status == 101, "another client's upgrade got {status}");
+    // ...and a tunnel that ends gives its place back.
+    drop(tunnels.pop());
+    eventually(Duration::from_secs(10), || async {
+        let s = web("127.0.0.2").await?;
+        ensure!(s == 200, "still refused after a tunnel closed: {s}");
+        Ok(())
+    })
+    .await?;
+    let metrics = client::get(node.admin, "admin", "/metrics").await?.text();
+    ensure!(
+        metrics.contains(r#"charon_connections_refused_total{reason="per_client_cap"}"#),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+/// Open descriptors of process `pid`.
+fn descriptors(pid: u32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+#[tokio::test]
+async fn a_slowloris_of_2000_connections_from_one_client_cannot_take_the_descriptors() -> Result<()>
+{
+    let node = TestNode::builder()
+        .args(["--max-conns-per-ip", "100"])
+        .start()
+        .await?;
+    let echo = EchoBackend::start("echo").await?;
+    ctl_ok(
+        &node,
+        &["host", "add", "web.test", "--upstream", &echo.url()],
+    )
+    .await?;
+    node.wait_routed("web.test").await?;
+    let pid = node.pid().context("the node's pid")?;
+    let before = descriptors(pid)?;
+    // 2,000 connections each sending half a head and then nothing.
+    let mut slow = Vec::with_capacity(2000);
+    for _ in 0..2000 {
+        let mut tcp = connect_from("127.0.0.2", node.http).await?;
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: web.test\r\nX-Slow: ")
+            .await?;
+        slow.push(tcp);
+    }
+    // The node holds at most the cap of them (plus a few being turned
+    // away), whatever the client keeps open.
+    let held = eventually(Duration::from_secs(20), || async {
+        let now = descriptors(pid)?;
+        ensure!(
+            now <= before + 100 + 20,
+            "{now} descriptors open (was {before})"
+        );
+        Ok(now)
+    })
+    .await?;
+    // Other clients are served meanwhile.
+    let s = status_from(&node, "127.0.0.3", "web.test").await?;
+    ensure!(s == 200, "another client got {s} during the slowloris");
+    println!("descriptors: {before} before, {held} with 2,000 slow connections open");
+    drop(slow);
+    Ok(())
+}
+
+#[tokio::test]
+async fn at_max_connections_the_node_stops_accepting_and_serves_what_it_has() -> Result<()> {
+    let node = TestNode::builder()
+        .args(["--max-connections", "20"])
+        .start()
+        .await?;
+    let ws = WsEchoBackend::start("ws").await?;
+    let echo = EchoBackend::start("echo").await?;
+    ctl_ok(&node, &["host", "add", "ws.test", "--upstream", &ws.url()]).await?;
+    ctl_ok(
+        &node,
+        &["host", "add", "web.test", "--upstream", &echo.url()],
+    )
+    .await?;
+    node.wait_routed("web.test").await?;
+    let mut tunnels = Vec::new();
+    for i in 0..20 {
+        let (status, tcp) = open_tunnel(&node, "127.0.0.2", "ws.test").await?;
+        ensure!(status == 101, "tunnel {i}: {status}");
+        tunnels.push(tcp);
+    }
+    // Full: a new connection is not answered (it waits in the backlog)...
+    let waiting = tokio::spawn({
+        let http = node.http;
+        async move {
+            let tcp = connect_from("127.0.0.3", http).await?;
+            let c = Case {
+                from: "127.0.0.3",
+                host: "web.test",
+                path: "/",
+                headers: &[],
+                want: 200,
+            };
+            h1_send(tcp, &c).await.map(|a| a.status)
+        }
+    });
+    tokio::time::timeout(Duration::from_millis(500), async {
+        while !waiting.is_finished() {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .err()
+    .context("a connection over --max-connections was served at once")?;
+    // ...the open tunnels still work...
+    let last = tunnels.last_mut().context("a tunnel")?;
+    last.write_all(&client::client_frame(
+        true,
+        client::opcode::TEXT,
+        b"still here",
+    ))
+    .await?;
+    let mut frame = [0u8; 12];
+    last.read_exact(&mut frame).await?;
+    ensure!(&frame[2..] == b"still here", "echo {:?}", &frame[2..]);
+    // ...and once one closes, the waiting connection is served.
+    drop(tunnels.pop());
+    let status = tokio::time::timeout(IO_TIMEOUT, waiting).await???;
+    ensure!(status == 200, "the waiting request got {status}");
+    ensure!(
+        node.log().contains("--max-connections"),
+        "no log line about the cap"
+    );
+    Ok(())
+}

@@ -21,6 +21,7 @@ pub mod error;
 pub mod forwarded;
 pub mod h1;
 pub mod h2;
+pub mod limits;
 pub mod listener;
 pub mod observe;
 pub mod pipeline;
@@ -64,6 +65,8 @@ pub struct ProxyConfig {
     /// Port that `force_https` redirects to (the HTTPS listener's); 443 is
     /// left out of the URL.
     pub https_port: u16,
+    /// `--max-conns-per-ip`, `--max-connections` (see [`limits`]).
+    pub limits: limits::LimitConfig,
 }
 
 impl Default for ProxyConfig {
@@ -75,6 +78,7 @@ impl Default for ProxyConfig {
             failure_cooldown: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(30),
             https_port: 443,
+            limits: limits::LimitConfig::default(),
         }
     }
 }
@@ -90,6 +94,10 @@ pub struct ConnInfo {
     pub tls: bool,
     /// Its forwarded-header values, formatted once for all its requests.
     pub facts: ClientFacts,
+    /// Its place under the connection caps (see [`limits`]), held for as
+    /// long as the connection, or the tunnel it becomes, is open; `None`
+    /// when the node sets no cap.
+    pub client_slot: Option<Arc<limits::ClientSlot>>,
 }
 
 pub struct Proxy {
@@ -121,10 +129,13 @@ pub struct Proxy {
     /// Refusals by access lists are logged at most once a minute per host
     /// and client.
     refusal_log: access::LogLimiter,
+    /// Open connections per client and in all (see [`limits`]).
+    limits: Arc<limits::ConnLimits>,
 }
 
 impl Proxy {
     pub fn new(config: ProxyConfig) -> Arc<Self> {
+        let conn_limits = limits::ConnLimits::new(config.limits);
         Arc::new(Proxy {
             routes: ArcSwap::from_pointee(RouteTable::default()),
             registry: UpstreamRegistry::default(),
@@ -140,6 +151,7 @@ impl Proxy {
             no_host: Arc::from(""),
             acls: access::AclRegistry::default(),
             refusal_log: access::LogLimiter::new(Duration::from_secs(60)),
+            limits: conn_limits,
         })
     }
 

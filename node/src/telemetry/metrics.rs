@@ -141,6 +141,8 @@ pub struct Metrics {
     tls_failures: Family<&'static str>,
     /// Requests refused by access lists: (host, list, rule).
     access_refusals: Family<(Arc<str>, Arc<str>, Arc<str>)>,
+    /// Connections refused by the connection caps, by reason.
+    conn_refusals: Family<&'static str>,
     /// Spans the exporter had to drop (queue full or collector failing).
     pub spans_dropped: AtomicU64,
     /// Access-log lines dropped because the writer fell behind.
@@ -159,6 +161,7 @@ impl Default for Metrics {
             tls_handshakes: AtomicU64::new(0),
             tls_failures: Family::new(),
             access_refusals: Family::new(),
+            conn_refusals: Family::new(),
             spans_dropped: AtomicU64::new(0),
             access_log_dropped: AtomicU64::new(0),
         }
@@ -236,6 +239,11 @@ impl Metrics {
             .add(&(host.clone(), acl.clone(), rule.clone()), 1);
     }
 
+    /// A connection refused by the connection caps (`per_client_cap`).
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.conn_refusals.add(&reason, 1);
+    }
+
     pub fn tls_handshake(&self, failure: Option<&'static str>) {
         match failure {
             None => {
@@ -311,6 +319,18 @@ impl Metrics {
                 escape(&host),
                 escape(&acl),
                 escape(&rule)
+            );
+        }
+        head(
+            &mut out,
+            "charon_connections_refused_total",
+            "counter",
+            "Client connections refused by --max-conns-per-ip (429, or closed before TLS).",
+        );
+        for (reason, n) in self.conn_refusals.sorted() {
+            let _ = writeln!(
+                out,
+                "charon_connections_refused_total{{reason=\"{reason}\"}} {n}"
             );
         }
         head(

@@ -58,6 +58,7 @@ impl Proxy {
             proxy: self.clone(),
             _log: log,
             _reg: reg,
+            _slot: conn.client_slot.clone(),
         });
     }
 }
@@ -72,6 +73,9 @@ struct TunnelTask<C, U> {
     proxy: Arc<Proxy>,
     _log: Option<TunnelLog>,
     _reg: registry::Registration,
+    /// The client connection's place under the connection caps: an open
+    /// tunnel is an open connection.
+    _slot: Option<std::sync::Arc<crate::proxy::limits::ClientSlot>>,
 }
 
 impl<C, U> Future for TunnelTask<C, U>

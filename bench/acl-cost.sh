@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The cost of an access list (issue 20): two Charon nodes (one worker, no
-# access log) side by side, both proxying 127.0.0.1 to the same backend; on
-# the second the host has an access list of 1,000 CIDRs (999 deny ranges
-# the client is not in, then allow 127.0.0.0/8, default deny), so every
-# request is judged and passes after a search over all of them. Measured
+# The cost of access rules and limits (issue 20): two Charon nodes (one
+# worker, no access log) side by side, both proxying 127.0.0.1 to the same
+# backend; on the second the host has an access list of 1,000 CIDRs (999
+# deny ranges the client is not in, then allow 127.0.0.0/8, default deny)
+# and a rate limit too high to refuse anything (cluster scope, so its
+# gossip publishing runs too): every request is judged by both. Measured
 # alternately with wrk; prints req/s, p99 and proxy CPU per request.
 # Needs wrk and a build: release by default
 # (cargo build --release -p charon-node -p charonctl -p charon-bench);
@@ -31,11 +32,11 @@ rules=()
 for i in $(seq 0 998); do rules+=(--deny "11.$((i / 256)).$((i % 256)).0/24"); done
 ctl 18951 acl add big "${rules[@]}" --allow 127.0.0.0/8 --default deny
 ctl 18941 host add 127.0.0.1 --upstream http://127.0.0.1:18930
-ctl 18951 host add 127.0.0.1 --upstream http://127.0.0.1:18930 --acl big
+ctl 18951 host add 127.0.0.1 --upstream http://127.0.0.1:18930 --acl big --rate-limit 1000000/s
 cpu() { awk '{print $14+$15}' /proc/$1/stat; }
 tck=$(getconf CLK_TCK)
 for round in 1 2 3; do
-  for x in "none $A 18940" "acl-1000 $L 18950"; do
+  for x in "none $A 18940" "acl-1000+rate $L 18950"; do
     set -- $x
     wrk -t1 -c64 -d2s http://127.0.0.1:$3/small >/dev/null
     c0=$(cpu $2)

@@ -150,7 +150,8 @@ impl Cli {
                      --preserve-host, --forwarded-headers, --ws-idle-timeout, \
                      --ws-ping-interval, --upstream-timeout, --cert, --no-cert, \
                      --force-https, --hsts, --hsts-include-subdomains, --upstream-ca, \
-                     --system-roots, --upstream-insecure-skip-verify, --acl",
+                     --system-roots, --upstream-insecure-skip-verify, --acl, --rate-limit, \
+                     --rate-key, --rate-limit-scope",
                 ));
             }
         }
@@ -692,6 +693,19 @@ pub struct AddArgs {
     #[arg(long, value_name = "PATH=NAME", value_parser = parse_location_acl, requires = "location")]
     pub location_acl: Vec<(String, String)>,
 
+    /// Requests per client: N/s or N/m, optionally ,burst=N (default: a
+    /// second's worth); over it 429 with Retry-After. "" removes it.
+    #[arg(long, value_name = "N/s[,burst=B]")]
+    pub rate_limit: Option<String>,
+
+    /// What a client is for --rate-limit: ip (default) or header:NAME.
+    #[arg(long, value_name = "ip|header:NAME")]
+    pub rate_key: Option<String>,
+
+    /// cluster (default: the nodes together admit the rate) or node.
+    #[arg(long, value_name = "cluster|node")]
+    pub rate_limit_scope: Option<String>,
+
     #[command(flatten)]
     pub wait: WaitArgs,
 }
@@ -804,6 +818,19 @@ pub struct UpdateArgs {
     /// Give a location given with --location its own access list; repeat.
     #[arg(long, value_name = "PATH=NAME", value_parser = parse_location_acl, requires = "location")]
     pub location_acl: Vec<(String, String)>,
+
+    /// Requests per client: N/s or N/m, optionally ,burst=N (default: a
+    /// second's worth); over it 429 with Retry-After. "" removes it.
+    #[arg(long, value_name = "N/s[,burst=B]")]
+    pub rate_limit: Option<String>,
+
+    /// What a client is for --rate-limit: ip (default) or header:NAME.
+    #[arg(long, value_name = "ip|header:NAME")]
+    pub rate_key: Option<String>,
+
+    /// cluster (default: the nodes together admit the rate) or node.
+    #[arg(long, value_name = "cluster|node")]
+    pub rate_limit_scope: Option<String>,
 
     /// Apply the change only if the host is still at this version.
     #[arg(long, value_name = "V")]
@@ -945,6 +972,9 @@ impl AddArgs {
                 upstreams: self.upstream.clone(),
                 locations: with_location_acls(&self.location, &self.location_acl),
                 acl: self.acl.clone().unwrap_or_default(),
+                rate_limit: self.rate_limit.clone().unwrap_or_default(),
+                rate_key: self.rate_key.clone().unwrap_or_default(),
+                rate_limit_scope: self.rate_limit_scope.clone().unwrap_or_default(),
                 ws_idle_timeout_secs: self.ws_idle_timeout.unwrap_or(0),
                 ws_ping_interval_secs: self.ws_ping_interval.unwrap_or(0),
                 upstream_timeout_ms: self.upstream_timeout.unwrap_or(0),
@@ -991,6 +1021,9 @@ impl UpdateArgs {
             || self.upstream_insecure_skip_verify.is_some()
             || self.no_acme.is_some()
             || self.acl.is_some()
+            || self.rate_limit.is_some()
+            || self.rate_key.is_some()
+            || self.rate_limit_scope.is_some()
     }
 
     /// Only what the user named is set: an unset field or list keeps the
@@ -1044,6 +1077,9 @@ impl UpdateArgs {
             upstream_insecure_skip_verify: self.upstream_insecure_skip_verify,
             no_acme: self.no_acme,
             acl: self.acl.clone(),
+            rate_limit: self.rate_limit.clone(),
+            rate_key: self.rate_key.clone(),
+            rate_limit_scope: self.rate_limit_scope.clone(),
             ..UpdateHostRequest::default()
         })
     }

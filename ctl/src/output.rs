@@ -144,6 +144,15 @@ pub fn host_details(h: &ProxyHost) -> String {
     if !h.acl.is_empty() {
         rows.push(("access list", h.acl.clone()));
     }
+    if !h.rate_limit.is_empty() {
+        rows.push((
+            "rate limit",
+            format!(
+                "{} per {} ({} scope)",
+                h.rate_limit, h.rate_key, h.rate_limit_scope
+            ),
+        ));
+    }
     if !h.redirect_to.is_empty() {
         let path = if h.redirect_keep_path {
             " (path and query appended)"
@@ -1169,6 +1178,9 @@ version:            3
             "redirect_to",
             "redirect_code",
             "redirect_keep_path",
+            "rate_limit",
+            "rate_key",
+            "rate_limit_scope",
         ];
         want.sort();
         assert_eq!(keys, want);

@@ -68,6 +68,13 @@ pub struct ProxyHost {
     pub redirect_code: u32,
     /// Append the request's path and query to `redirect_to`.
     pub redirect_keep_path: bool,
+    /// Requests per client, canonical `N/s,burst=B` ([`crate::access::rate`]);
+    /// "" = none.
+    pub rate_limit: String,
+    /// `ip` or `header:name`; "" (no limit) or canonical.
+    pub rate_key: String,
+    /// `cluster` or `node`.
+    pub rate_limit_scope: String,
 }
 
 /// A parsed upstream URL. Only scheme and authority: a path would silently
@@ -281,6 +288,11 @@ impl ProxyHost {
             loc.upstreams = canonical_upstreams(&loc.upstreams);
         }
         self.cert_id = self.cert_id.trim().to_string();
+        crate::access::rate::normalize_host_fields(
+            &mut self.rate_limit,
+            &mut self.rate_key,
+            &mut self.rate_limit_scope,
+        )?;
         self.acl = self.acl.trim().to_string();
         if !self.acl.is_empty() {
             crate::access::check_name("acl", &self.acl)?;

@@ -1049,3 +1049,161 @@ async fn at_max_connections_the_node_stops_accepting_and_serves_what_it_has() ->
     );
     Ok(())
 }
+
+/// Requests to `host` on one keep-alive connection from `from` for
+/// `length`, a few ms apart (well above any rate tested): how many were
+/// admitted and how many got 429 (each with a `Retry-After`).
+async fn hammer(addr: SocketAddr, from: &str, host: &str, length: Duration) -> Result<(u64, u64)> {
+    let tcp = connect_from(from, addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let end = tokio::time::Instant::now() + length;
+    let (mut ok, mut limited) = (0, 0);
+    while tokio::time::Instant::now() < end {
+        let req = client::build_request(Method::GET, host, "/", &[], Bytes::new())?;
+        let resp = sender.send_request(req).await?;
+        let retry = resp.headers().get("retry-after").cloned();
+        let r = HttpResponse::read(resp).await?;
+        match r.status.as_u16() {
+            200 => ok += 1,
+            429 => {
+                let secs: u64 = retry
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .context("a 429 without a Retry-After in seconds")?;
+                ensure!((1..=2).contains(&secs), "Retry-After {secs}");
+                limited += 1;
+            }
+            s => bail!("status {s}: {}", r.text()),
+        }
+        // Pacing between requests: hundreds a second, far above the rates.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok((ok, limited))
+}
+
+/// Admitted in `secs` seconds at `rate`/s with `burst`: the rate's worth
+/// plus the burst the client starts with.
+fn expected(rate: f64, burst: f64, secs: f64) -> f64 {
+    rate * secs + burst
+}
+
+#[tokio::test]
+async fn a_rate_limit_on_one_node_admits_the_rate_within_ten_percent() -> Result<()> {
+    let node = TestNode::start().await?;
+    let echo = EchoBackend::start("echo").await?;
+    let args = ["host", "add", "rl.test", "--upstream", &echo.url()];
+    let limit = [
+        "--rate-limit",
+        "20/s,burst=10",
+        "--rate-limit-scope",
+        "node",
+    ];
+    ctl_ok(&node, &[&args[..], &limit[..]].concat()).await?;
+    node.wait_routed("rl.test").await?;
+    let length = Duration::from_secs(10);
+    // Two connections of one client share its budget; another client
+    // has its own.
+    let (a, b, other) = tokio::join!(
+        hammer(node.http, "127.0.0.2", "rl.test", length),
+        hammer(node.http, "127.0.0.2", "rl.test", length),
+        hammer(node.http, "127.0.0.3", "rl.test", length),
+    );
+    let ((a_ok, a_lim), (b_ok, b_lim), (o_ok, _)) = (a?, b?, other?);
+    let admitted = (a_ok + b_ok) as f64;
+    let want = expected(20.0, 10.0, 10.0);
+    println!("one node, 20/s burst 10, 10 s: admitted {admitted} (want {want}), refused {}, other client {o_ok}", a_lim + b_lim);
+    ensure!(
+        (admitted - want).abs() <= want * 0.1,
+        "admitted {admitted}, want {want} ± 10%"
+    );
+    ensure!(a_lim + b_lim > 0, "nothing was refused");
+    ensure!(
+        (o_ok as f64 - want).abs() <= want * 0.1,
+        "the other client was admitted {o_ok}"
+    );
+    let metrics = client::get(node.admin, "admin", "/metrics").await?.text();
+    ensure!(
+        metrics.contains(
+            r#"charon_access_refusals_total{host="rl.test",acl="rate limit",rule="rate limit"}"#
+        ),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_cluster_rate_limit_holds_across_three_nodes_and_a_node_one_does_not() -> Result<()> {
+    const TOKEN: &str = "rate-test-token-0123456789";
+    let member = |name: &str| {
+        TestNode::builder()
+            .name(name)
+            .cluster_secret("rate-test-cluster-secret")
+            .env("CHARON_ADMIN_TOKEN", TOKEN)
+    };
+    let n1 = member("n1").start().await?;
+    let n2 = member("n2").seeds(&[&n1]).start().await?;
+    let n3 = member("n3").seeds(&[&n1]).start().await?;
+    let nodes = [&n1, &n2, &n3];
+    let echo = EchoBackend::start("echo").await?;
+    let limit = ["--rate-limit", "20/s,burst=10"];
+    let cluster = [
+        "host",
+        "add",
+        "cl.test",
+        "--upstream",
+        &echo.url(),
+        "--wait",
+    ];
+    ctl_ok(&n1, &[&cluster[..], &limit[..]].concat()).await?;
+    let per_node = [
+        "host",
+        "add",
+        "nd.test",
+        "--upstream",
+        &echo.url(),
+        "--wait",
+        "--rate-limit-scope",
+        "node",
+    ];
+    ctl_ok(&n1, &[&per_node[..], &limit[..]].concat()).await?;
+    for n in nodes {
+        n.wait_routed("cl.test").await?;
+        n.wait_routed("nd.test").await?;
+        // Every member live here, so its admissions reach the others.
+        eventually(Duration::from_secs(20), || async {
+            let (members, _) = n.members().await?;
+            ensure!(
+                members.iter().filter(|m| m.live).count() == 3,
+                "not 3 live members yet"
+            );
+            Ok(())
+        })
+        .await?;
+    }
+    let length = Duration::from_secs(10);
+    let run = |host: &'static str| async move {
+        let (a, b, c) = tokio::join!(
+            hammer(n1.http, "127.0.0.2", host, length),
+            hammer(n2.http, "127.0.0.2", host, length),
+            hammer(n3.http, "127.0.0.2", host, length),
+        );
+        anyhow::Ok(a?.0 + b?.0 + c?.0)
+    };
+    let (cl, nd) = tokio::join!(run("cl.test"), run("nd.test"));
+    let (cl, nd) = (cl? as f64, nd? as f64);
+    let want = expected(20.0, 10.0, 10.0);
+    println!("3 nodes, 20/s burst 10, 10 s, one client on all three: cluster scope admitted {cl} ({:.2}x), node scope {nd} ({:.2}x)", cl / want, nd / want);
+    ensure!(
+        cl <= want * 1.2,
+        "cluster scope admitted {cl}, more than 1.2 x {want}"
+    );
+    ensure!(
+        cl >= want * 0.8,
+        "cluster scope admitted only {cl} of {want}"
+    );
+    ensure!(
+        nd >= want * 2.5,
+        "node scope admitted {nd}: expected about 3 x {want}"
+    );
+    Ok(())
+}

@@ -8,6 +8,7 @@
 //!   (sorted address ranges, parsed password hashes), never per request.
 
 pub mod compiled;
+pub mod rate;
 
 use std::collections::HashSet;
 

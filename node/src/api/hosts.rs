@@ -290,6 +290,9 @@ pub fn host_to_pb(h: &ProxyHost, snap: Option<&Snapshot>) -> pb::ProxyHost {
         redirect_to: h.redirect_to.clone(),
         redirect_code: h.redirect_code,
         redirect_keep_path: h.redirect_keep_path,
+        rate_limit: h.rate_limit.clone(),
+        rate_key: h.rate_key.clone(),
+        rate_limit_scope: h.rate_limit_scope.clone(),
     }
 }
 
@@ -334,6 +337,9 @@ impl pb::hosts_server::Hosts for HostsApi {
             redirect_to: h.redirect_to,
             redirect_code: h.redirect_code,
             redirect_keep_path: h.redirect_keep_path,
+            rate_limit: h.rate_limit,
+            rate_key: h.rate_key,
+            rate_limit_scope: h.rate_limit_scope,
         };
         host.normalize_and_validate().map_err(HostsError::from)?;
         let ((created, fresh), stamp) = self
@@ -444,6 +450,9 @@ impl pb::hosts_server::Hosts for HostsApi {
                 h.redirect_to = r.redirect_to.unwrap_or(h.redirect_to);
                 h.redirect_code = r.redirect_code.unwrap_or(h.redirect_code);
                 h.redirect_keep_path = r.redirect_keep_path.unwrap_or(h.redirect_keep_path);
+                h.rate_limit = r.rate_limit.unwrap_or(h.rate_limit);
+                h.rate_key = r.rate_key.unwrap_or(h.rate_key);
+                h.rate_limit_scope = r.rate_limit_scope.unwrap_or(h.rate_limit_scope);
                 if h.redirect_to.is_empty() {
                     // Back to a proxy host: the redirect's settings go too.
                     (h.redirect_code, h.redirect_keep_path) = (0, false);

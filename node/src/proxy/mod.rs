@@ -25,6 +25,7 @@ pub mod limits;
 pub mod listener;
 pub mod observe;
 pub mod pipeline;
+pub mod rate;
 pub mod routes;
 pub mod shutdown;
 pub mod tunnel;
@@ -131,6 +132,8 @@ pub struct Proxy {
     refusal_log: access::LogLimiter,
     /// Open connections per client and in all (see [`limits`]).
     limits: Arc<limits::ConnLimits>,
+    /// Rate limiters by host, and what peers admitted (see [`rate`]).
+    pub rates: Arc<rate::RateRegistry>,
 }
 
 impl Proxy {
@@ -152,6 +155,7 @@ impl Proxy {
             acls: access::AclRegistry::default(),
             refusal_log: access::LogLimiter::new(Duration::from_secs(60)),
             limits: conn_limits,
+            rates: Arc::default(),
         })
     }
 
@@ -175,6 +179,7 @@ impl Proxy {
         let defaults = routes::RouteDefaults {
             upstream_timeout: self.config.upstream_timeout,
             acls: self.acls.clone(),
+            rates: self.rates.clone(),
         };
         let mut table = RouteTable::clone(&self.routes.load());
         for c in changes {
@@ -192,6 +197,20 @@ impl Proxy {
     /// the new version at once (they hold the lists' slots).
     pub fn apply_acls(&self, changes: &[Changed<crate::access::AccessList>]) {
         self.acls.apply(changes);
+    }
+
+    /// A request over its host's rate limit: counted per host, logged at
+    /// most once a minute per host and client.
+    fn count_rate_limited(&self, route: &routes::Route, client: std::net::IpAddr) {
+        static RULE: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+        let rule = RULE.get_or_init(|| Arc::from("rate limit"));
+        if let Some(t) = self.telemetry.get() {
+            t.metrics.access_refusal(&route.name, rule, rule);
+        }
+        if let Some(skipped) = self.refusal_log.due(&route.name, client) {
+            tracing::info!(host = %route.name, %client, more_since_last_line = skipped,
+                "request over the host's rate limit: 429");
+        }
     }
 
     /// A request an access list refused: counted per host, list and rule,

@@ -165,7 +165,35 @@ pub fn request_policy(
             }
         }
     }
+    if let Some(limiter) = &route.rate {
+        return rate_limit(proxy, limiter, route, conn, req);
+    }
     None
+}
+
+/// The host's rate limit for this request's client: `None` when admitted,
+/// else 429 with `Retry-After` (whole seconds, at least 1).
+fn rate_limit(
+    proxy: &Proxy,
+    limiter: &super::rate::HostLimiter,
+    route: &Route,
+    conn: &ConnInfo,
+    req: &PolicyRequest<'_>,
+) -> Option<Answer> {
+    let client = client_ip(proxy, conn, req.fields);
+    let header = match &limiter.key {
+        super::rate::RateKey::Header(name) => req.fields.values(name).first().copied(),
+        super::rate::RateKey::Ip => None,
+    };
+    let wait = limiter.check(limiter.client_key(client, header)).err()?;
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    proxy.count_rate_limited(route, client);
+    let mut answer = Answer::page(
+        StatusCode::TOO_MANY_REQUESTS,
+        &format_args!("rate limit of this site reached; retry in {secs} s"),
+    );
+    answer.header = Some((http::header::RETRY_AFTER, secs.max(1).to_string()));
+    Some(answer)
 }
 
 /// The client's address as policies see it: the peer's, or, from a

@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::host::{ProxyHost, UpstreamUrl};
 use crate::names::NameMap;
 use crate::proxy::access::{AclRegistry, AclSlot};
+use crate::proxy::rate::{HostLimiter, RateRegistry};
 use crate::proxy::tunnel::relay::TunnelOptions;
 use crate::proxy::upstream::{Pool, UpstreamRegistry};
 
@@ -48,6 +49,8 @@ pub struct Route {
     pub any_acl: bool,
     /// A redirect host's answer, made ready here.
     pub redirect: Option<Redirect>,
+    /// The host's rate limiter (kept across rebuilds while its limit stays).
+    pub rate: Option<Arc<HostLimiter>>,
 }
 
 /// Where a redirect host sends every request.
@@ -75,6 +78,8 @@ pub struct RouteDefaults {
     pub upstream_timeout: Duration,
     /// Where routes find the compiled access lists they name.
     pub acls: AclRegistry,
+    /// Where routes find their host's rate limiter.
+    pub rates: Arc<RateRegistry>,
 }
 
 impl Default for RouteDefaults {
@@ -82,6 +87,7 @@ impl Default for RouteDefaults {
         RouteDefaults {
             upstream_timeout: Duration::from_secs(60),
             acls: AclRegistry::default(),
+            rates: Arc::default(),
         }
     }
 }
@@ -192,6 +198,7 @@ impl Route {
                 keep_path: host.redirect_keep_path,
             }),
             acl: slot(&host.acl),
+            rate: defaults.rates.limiter(host),
         })
     }
 }

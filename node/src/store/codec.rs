@@ -271,6 +271,9 @@ fn host_to_pb(h: &ProxyHost) -> pb::HostRecord {
         redirect_to: h.redirect_to.clone(),
         redirect_code: h.redirect_code,
         redirect_keep_path: h.redirect_keep_path,
+        rate_limit: h.rate_limit.clone(),
+        rate_key: h.rate_key.clone(),
+        rate_limit_scope: h.rate_limit_scope.clone(),
     }
 }
 
@@ -311,6 +314,9 @@ fn host_from_pb(h: pb::HostRecord) -> ProxyHost {
         redirect_to: h.redirect_to,
         redirect_code: h.redirect_code,
         redirect_keep_path: h.redirect_keep_path,
+        rate_limit: h.rate_limit,
+        rate_key: h.rate_key,
+        rate_limit_scope: h.rate_limit_scope,
     }
 }
 
@@ -400,6 +406,9 @@ mod tests {
             redirect_to: "https://b.com".into(),
             redirect_code: 307,
             redirect_keep_path: true,
+            rate_limit: "5/s,burst=5".into(),
+            rate_key: "ip".into(),
+            rate_limit_scope: "node".into(),
         };
         let cert = StoredCert {
             id: "c".into(),

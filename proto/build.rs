@@ -10,6 +10,7 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "charon/v1/hosts.proto",
+        "charon/v1/balance.proto",
         "charon/v1/certs.proto",
         "charon/v1/cluster.proto",
         "charon/v1/tokens.proto",
@@ -18,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "charon/v1/access.proto",
         "charon/cluster/v1/sync.proto",
         "charon/store/v1/record.proto",
+        "charon/store/v1/balance.proto",
     ];
     let fds = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()

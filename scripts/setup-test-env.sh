@@ -2,8 +2,9 @@
 # Prepare what Charon's tests need besides cargo:
 #   - <repo>/.venv: a Python virtualenv with the pinned packages of
 #     tests/python/requirements.txt;
-#   - haproxy (tests/tests/rolling.rs puts it in front of a cluster) and
-#     pebble (the ACME test CA of tests/tests/acme.rs): installed with apt-get
+#   - haproxy (tests/tests/rolling.rs puts it in front of a cluster),
+#     pebble (the ACME test CA of tests/tests/acme.rs) and chromium (the
+#     browser test of tests/tests/websocket_h2.rs): installed with apt-get
 #     when missing and apt is available, without starting a system service. Where it cannot be installed the script says so and goes
 #     on; the rolling-restart test then reports itself as SKIPPED.
 #
@@ -35,6 +36,9 @@ missing_packages() {
     command -v jq >/dev/null 2>&1 || need+=(jq)
     # pebble (with pebble-challtestsrv): the ACME test CA of tests/tests/acme.rs.
     command -v pebble >/dev/null 2>&1 || [[ -x /usr/bin/pebble ]] || need+=(pebble)
+    # chromium: the browser test of WebSockets over h2 (RFC 8441) in
+    # tests/tests/websocket_h2.rs, driven headless over DevTools.
+    command -v chromium >/dev/null 2>&1 || [[ -x /usr/bin/chromium ]] || need+=(chromium)
     if docker info >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1 &&
         ! command -v docker-compose >/dev/null 2>&1; then
         need+=(docker-compose)

@@ -64,6 +64,28 @@ pub struct SimResult {
     /// Pushes queued per write: the busiest node's, and all nodes' sum.
     pub pushes_per_write_max_node: f64,
     pub pushes_per_write_total: f64,
+    /// Records that reached a node by pull rather than by the push tree,
+    /// per write, over all nodes (0 when the tree delivers everything).
+    pub pulled_per_write: f64,
+    /// Process CPU seconds per wall second during the writes: near the
+    /// runtime's 2 workers means every simulated node shares a saturated
+    /// CPU, and latencies measure the queue for it, not the protocol.
+    pub cpu_busy: f64,
+    /// Process CPU per write per simulated node, in ms: what one write
+    /// costs each node of a real cluster (everything, gossip included).
+    pub cpu_ms_per_write_per_node: f64,
+}
+
+/// CPU seconds (user + system) this process has used, from
+/// `/proc/self/stat` (USER_HZ is 100 on Linux).
+fn process_cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after ')'.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 async fn start_node(
@@ -159,6 +181,8 @@ pub async fn simulate(
     }
     let formation_ms = crate::propagation::ms(started.elapsed());
     let pushes_before: Vec<u64> = nodes.iter().map(|x| x.cluster.pushes_sent()).collect();
+    let pulled_before: u64 = nodes.iter().map(|x| x.cluster.pulled_records()).sum();
+    let (cpu0, wall0) = (process_cpu_secs(), Instant::now());
     let mut last = Vec::with_capacity(writes);
     let mut any = Vec::with_capacity(writes * n);
     for w in 0..writes {
@@ -205,6 +229,13 @@ pub async fn simulate(
         .map(|(x, b)| x.cluster.pushes_sent() - b)
         .collect();
     let per = |v: u64| v as f64 / writes.max(1) as f64;
+    let cpu = process_cpu_secs() - cpu0;
+    let wall = wall0.elapsed().as_secs_f64();
+    let pulled: u64 = nodes
+        .iter()
+        .map(|x| x.cluster.pulled_records())
+        .sum::<u64>()
+        - pulled_before;
     for node in &nodes {
         node.cluster.shutdown().await;
     }
@@ -216,10 +247,21 @@ pub async fn simulate(
         any_node: percentiles(&any),
         pushes_per_write_max_node: per(sent.iter().copied().max().unwrap_or(0)),
         pushes_per_write_total: per(sent.iter().sum()),
+        pulled_per_write: per(pulled),
+        cpu_busy: cpu / wall.max(1e-9),
+        cpu_ms_per_write_per_node: cpu * 1000.0 / (writes.max(1) * n) as f64,
     })
 }
 
 pub fn run(a: Args) -> anyhow::Result<bool> {
+    // RUST_LOG=charon_node::cluster=debug shows each push and pull with
+    // its timing, which is how a slow simulated write is explained.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -264,11 +306,11 @@ fn markdown(a: &Args, results: &[SimResult]) -> String {
     );
     let _ = writeln!(
         s,
-        "| nodes | writes | formed in s | last node p50 ms | p90 | p99 | max | any node p50 ms | p99 | pushes/write, busiest node | pushes/write, all nodes |"
+        "| nodes | writes | formed in s | last node p50 ms | p90 | p99 | max | any node p50 ms | p99 | pushes/write, busiest node | pushes/write, all nodes | pulled/write | CPU busy (of 2) | CPU ms/write/node |"
     );
     let _ = writeln!(
         s,
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in results {
         let f = |p: &Option<Percentiles>, g: fn(&Percentiles) -> f64| {
@@ -278,7 +320,7 @@ fn markdown(a: &Args, results: &[SimResult]) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {:.2} | {:.1} |",
+            "| {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} |",
             r.nodes,
             r.writes,
             r.formation_ms / 1000.0,
@@ -290,6 +332,9 @@ fn markdown(a: &Args, results: &[SimResult]) -> String {
             f(&r.any_node, |p| p.p99_ms),
             r.pushes_per_write_max_node,
             r.pushes_per_write_total,
+            r.pulled_per_write,
+            r.cpu_busy,
+            r.cpu_ms_per_write_per_node,
         );
     }
     let _ = writeln!(s, "\nIssue 16's target: last-node p99 under 1,000 ms.");

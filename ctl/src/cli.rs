@@ -151,7 +151,8 @@ impl Cli {
                      --ws-ping-interval, --upstream-timeout, --cert, --no-cert, \
                      --force-https, --hsts, --hsts-include-subdomains, --upstream-ca, \
                      --system-roots, --upstream-insecure-skip-verify, --acl, --rate-limit, \
-                     --rate-key, --rate-limit-scope",
+                     --rate-key, --rate-limit-scope, or a balancing flag \
+                     (--lb, --upstream-max-conns, --health-path, ...)",
                 ));
             }
         }
@@ -613,8 +614,9 @@ pub struct AddArgs {
     #[arg(required = true, value_name = "DOMAIN")]
     pub domains: Vec<String>,
 
-    /// Upstream URL (`http://host:port` or `https://host:port`); repeat for several.
-    #[arg(long, required = true, value_name = "URL")]
+    /// Upstream URL (`http://host:port` or `https://host:port`), optionally
+    /// with a weight (`URL@weight=3`); repeat for several.
+    #[arg(long, required = true, value_name = "URL[@weight=N]", value_parser = crate::balance::parse_upstream)]
     pub upstream: Vec<String>,
 
     /// Send paths starting with PATH to their own upstreams; repeat for several.
@@ -707,6 +709,9 @@ pub struct AddArgs {
     pub rate_limit_scope: Option<String>,
 
     #[command(flatten)]
+    pub balance: Box<crate::balance::BalanceArgs>,
+
+    #[command(flatten)]
     pub wait: WaitArgs,
 }
 
@@ -720,8 +725,9 @@ pub struct UpdateArgs {
     #[arg(long, value_name = "DOMAIN")]
     pub domain: Vec<String>,
 
-    /// Replace the upstreams; repeat for several.
-    #[arg(long, value_name = "URL")]
+    /// Replace the upstreams (and their weights: `URL@weight=3`); repeat
+    /// for several.
+    #[arg(long, value_name = "URL[@weight=N]", value_parser = crate::balance::parse_upstream)]
     pub upstream: Vec<String>,
 
     /// Replace the locations; repeat for several.
@@ -835,6 +841,9 @@ pub struct UpdateArgs {
     /// Apply the change only if the host is still at this version.
     #[arg(long, value_name = "V")]
     pub expected_version: Option<u64>,
+
+    #[command(flatten)]
+    pub balance: Box<crate::balance::BalanceUpdateArgs>,
 
     #[command(flatten)]
     pub wait: WaitArgs,
@@ -965,11 +974,13 @@ impl AddArgs {
             Some(path) => read("--upstream-ca", path)?,
             None => String::new(),
         };
+        let (upstreams, weights) = crate::balance::split_weights(&self.upstream);
         Ok(CreateHostRequest {
             host: Some(ProxyHost {
                 name: self.name.clone().unwrap_or_default(),
                 domains: self.domains.clone(),
-                upstreams: self.upstream.clone(),
+                upstreams,
+                balancing: self.balance.to_pb(weights),
                 locations: with_location_acls(&self.location, &self.location_acl),
                 acl: self.acl.clone().unwrap_or_default(),
                 rate_limit: self.rate_limit.clone().unwrap_or_default(),
@@ -1020,6 +1031,7 @@ impl UpdateArgs {
             || self.system_roots
             || self.upstream_insecure_skip_verify.is_some()
             || self.no_acme.is_some()
+            || self.balance.changes_something()
             || self.acl.is_some()
             || self.rate_limit.is_some()
             || self.rate_key.is_some()
@@ -1055,11 +1067,13 @@ impl UpdateArgs {
             Some(path) => Some(read("--upstream-ca", path)?),
             None => None,
         };
+        let (upstreams, weights) = crate::balance::split_weights(&self.upstream);
         Ok(UpdateHostRequest {
             id_or_domain: self.host.clone(),
             name: self.name.clone(),
             domains: list(&self.domain),
-            upstreams: list(&self.upstream),
+            upstreams: list(&upstreams),
+            balancing: self.balance.to_pb(weights),
             locations,
             enabled,
             websocket: self.websocket,
@@ -1085,22 +1099,23 @@ impl UpdateArgs {
     }
 }
 
-/// Parses `--location PATH=URL[,URL...]`. The node validates the path and the
-/// URLs themselves; here we only catch what cannot be a location at all.
+/// Parses `--location PATH=URL[@weight=N][,URL...][;key=value...]` (the
+/// settings after `;` are the location's balancing: `crate::balance`). The
+/// node validates the path and the URLs themselves; here we only catch what
+/// cannot be a location at all.
 pub fn parse_location(value: &str) -> Result<Location, String> {
-    const SHAPE: &str = "expected PATH=URL[,URL...], e.g. /api=http://10.0.0.5:8080";
-    let (path, urls) = value.split_once('=').ok_or(SHAPE)?;
+    const SHAPE: &str = "expected PATH=URL[,URL...][;lb=POLICY...], e.g. /api=http://10.0.0.5:8080";
+    let (path, rest) = value.split_once('=').ok_or(SHAPE)?;
     let path = path.trim();
     if path.is_empty() {
         return Err(format!("the path is empty; {SHAPE}"));
     }
-    let upstreams: Vec<String> = urls.split(',').map(|u| u.trim().to_string()).collect();
-    if upstreams.iter().any(String::is_empty) {
-        return Err(format!("an upstream URL is empty; {SHAPE}"));
-    }
+    let (upstreams, balancing) =
+        crate::balance::parse_location_rest(rest).map_err(|e| format!("{e}; {SHAPE}"))?;
     Ok(Location {
         path_prefix: path.to_string(),
         upstreams,
+        balancing,
         ..Location::default()
     })
 }

@@ -54,6 +54,7 @@ pub type Tokens = TokensClient<Authed>;
 pub type Nodes = NodesClient<Authed>;
 pub type Logs = LogsClient<Authed>;
 pub type Tunnels = TunnelsClient<Authed>;
+pub type Balance = charon_proto::v1::balance_client::BalanceClient<Authed>;
 pub type AccessLists = AccessListsClient<Authed>;
 
 /// The API's services, sharing one connection; a clone shares it too.
@@ -66,6 +67,7 @@ pub struct Api {
     pub nodes: Nodes,
     pub logs: Logs,
     pub tunnels: Tunnels,
+    pub balance: Balance,
     pub access: AccessLists,
 }
 
@@ -285,8 +287,9 @@ pub async fn connect_with(
         tokens: TokensClient::with_interceptor(channel.clone(), auth.clone()),
         nodes: NodesClient::with_interceptor(channel.clone(), auth.clone()),
         logs: LogsClient::with_interceptor(channel.clone(), auth.clone()),
+        tunnels: TunnelsClient::with_interceptor(channel.clone(), auth.clone()),
         access: AccessListsClient::with_interceptor(channel.clone(), auth.clone()),
-        tunnels: TunnelsClient::with_interceptor(channel, auth),
+        balance: charon_proto::v1::balance_client::BalanceClient::with_interceptor(channel, auth),
     })
 }
 

@@ -330,7 +330,18 @@ impl Call {
             }
             Call::GetHost(request) => {
                 let host = hosts.get_host(request).await?.into_inner();
-                show_host(&host, None, json).into()
+                let mut out = show_host(&host, None, json);
+                if !json {
+                    // This node's view of each upstream; a node without the
+                    // Balance service (older) is simply not asked.
+                    let req = charon_proto::v1::UpstreamStatusRequest {
+                        id_or_domain: host.id.clone(),
+                    };
+                    if let Ok(r) = api.balance.upstream_status(req).await {
+                        out.push_str(&crate::balance::status_table(&r.into_inner().upstreams));
+                    }
+                }
+                out.into()
             }
             Call::CreateHost(request) => {
                 let (metadata, host, _) = hosts.create_host(request).await?.into_parts();

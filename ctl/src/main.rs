@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 mod access;
+mod balance;
 mod cli;
 mod client;
 mod commands;

@@ -141,6 +141,7 @@ pub fn host_details(h: &ProxyHost) -> String {
         ("force https", yes_no(h.force_https)),
         ("hsts", hsts(h)),
     ]);
+    rows.extend(crate::balance::details(h.balancing.as_ref()));
     if !h.acl.is_empty() {
         rows.push(("access list", h.acl.clone()));
     }
@@ -970,12 +971,12 @@ fn or_zero(value: u32, unit: &str, zero: &str) -> String {
 }
 
 fn location(loc: &Location) -> String {
-    let acl = if loc.acl.is_empty() {
-        String::new()
-    } else {
-        format!(" (access list {})", loc.acl)
-    };
-    format!("{} -> {}{acl}", loc.path_prefix, loc.upstreams.join(", "))
+    let mut line = format!("{} -> {}", loc.path_prefix, loc.upstreams.join(", "));
+    line.push_str(&crate::balance::location_suffix(loc.balancing.as_ref()));
+    if !loc.acl.is_empty() {
+        line.push_str(&format!(" (access list {})", loc.acl));
+    }
+    line
 }
 
 /// The UTC date (`YYYY-MM-DD`) of Unix milliseconds.
@@ -1036,11 +1037,13 @@ mod tests {
                 Location {
                     path_prefix: "/api".into(),
                     upstreams: vec!["http://10.0.0.6:1".into(), "http://10.0.0.7:1".into()],
+                    balancing: None,
                     ..Default::default()
                 },
                 Location {
                     path_prefix: "/ws".into(),
                     upstreams: vec!["http://10.0.0.8:1".into()],
+                    balancing: None,
                     ..Default::default()
                 },
             ],
@@ -1058,6 +1061,7 @@ mod tests {
             upstream_insecure_skip_verify: false,
             conflicts: vec![],
             no_acme: false,
+            balancing: None,
             acl: String::new(),
             ..ProxyHost::default()
         }
@@ -1136,6 +1140,7 @@ upstream tls:       system roots
 cert:               auto (best match)
 force https:        no
 hsts:               off
+balancing:          round-robin
 locations:          /api -> http://10.0.0.6:1, http://10.0.0.7:1
                     /ws -> http://10.0.0.8:1
 created:            2024-05-01T12:00:00Z
@@ -1174,6 +1179,7 @@ version:            3
             "updated_at_ms",
             "version",
             "conflicts",
+            "balancing",
             "acl",
             "redirect_to",
             "redirect_code",

@@ -58,6 +58,12 @@ pub struct Args {
     /// not per read: a slow drip is cut with 408) [default: 30000]
     #[arg(long, env = "CHARON_HEADER_READ_TIMEOUT_MS")]
     pub header_read_timeout_ms: Option<u64>,
+    /// WebSockets over HTTP/2 (RFC 8441): advertise extended CONNECT to h2
+    /// clients (TLS and h2c) and tunnel `:protocol = websocket` streams;
+    /// `false` leaves browsers on one HTTP/1.1 connection per socket
+    /// [default: true]
+    #[arg(long, env = "CHARON_H2_WEBSOCKETS")]
+    pub h2_websockets: Option<bool>,
     /// Open connections one client (IPv4 address, IPv6 /64) may hold,
     /// WebSocket tunnels included; over it, 429 and close. Trusted proxies
     /// are exempt [default: 0 = no cap]
@@ -208,6 +214,7 @@ struct FileConfig {
     trusted_proxies: Option<Vec<String>>,
     upstream_timeout_ms: Option<u64>,
     header_read_timeout_ms: Option<u64>,
+    h2_websockets: Option<bool>,
     max_conns_per_ip: Option<u32>,
     max_connections: Option<usize>,
     connect_timeout_ms: Option<u64>,
@@ -413,6 +420,10 @@ impl Config {
                 None => defaults.header_read_timeout,
             },
             https_port: defaults.https_port,
+            h2_websockets: args
+                .h2_websockets
+                .or(file.h2_websockets)
+                .unwrap_or(defaults.h2_websockets),
             limits: crate::proxy::limits::LimitConfig {
                 max_conns_per_ip: args.max_conns_per_ip.or(file.max_conns_per_ip).unwrap_or(0),
                 max_connections: args.max_connections.or(file.max_connections).unwrap_or(0),

@@ -9,11 +9,16 @@ use std::net::IpAddr;
 
 use crate::validate::FieldError;
 
+pub mod balance;
+pub use balance::Balancing;
+
 /// A location sends requests under `path_prefix` to its own upstreams.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Location {
     pub path_prefix: String,
     pub upstreams: Vec<String>,
+    /// The location's own balancing (issue 19).
+    pub balancing: Balancing,
     /// Access list (name) for this prefix instead of the host's; "" = the
     /// host's.
     pub acl: String,
@@ -58,6 +63,8 @@ pub struct ProxyHost {
     pub create_key: String,
     /// Opted out of automatic certificates (see [`crate::acme`]).
     pub no_acme: bool,
+    /// How requests and tunnels are spread over `upstreams` (issue 19).
+    pub balancing: Balancing,
     /// Access list (name, see [`crate::access`]) for every request; "" =
     /// none.
     pub acl: String,
@@ -256,6 +263,11 @@ impl ProxyHost {
             }
             validate_upstreams("upstreams", &self.upstreams)?;
             self.upstreams = canonical_upstreams(&self.upstreams);
+            self.balancing.normalize_and_validate(
+                "balancing",
+                &self.upstreams,
+                canonical_upstream,
+            )?;
         } else {
             self.validate_redirect()?;
         }
@@ -286,6 +298,11 @@ impl ProxyHost {
                 crate::access::check_name(&format!("{field}.acl"), &loc.acl)?;
             }
             loc.upstreams = canonical_upstreams(&loc.upstreams);
+            loc.balancing.normalize_and_validate(
+                &format!("{field}.balancing"),
+                &loc.upstreams,
+                canonical_upstream,
+            )?;
         }
         self.cert_id = self.cert_id.trim().to_string();
         crate::access::rate::normalize_host_fields(
@@ -318,6 +335,10 @@ impl ProxyHost {
         }
         Ok(())
     }
+}
+
+fn canonical_upstream(u: &str) -> Option<String> {
+    UpstreamUrl::parse(u).ok().map(|p| p.to_string())
 }
 
 impl ProxyHost {
@@ -425,6 +446,7 @@ mod tests {
             locations: vec![Location {
                 path_prefix: "/api".into(),
                 upstreams: vec!["http://[::1]:81/".into()],
+                balancing: Balancing::default(),
                 acl: String::new(),
             }],
             ws_idle_timeout_secs: 0,

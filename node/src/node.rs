@@ -222,6 +222,7 @@ fn metrics_renderer(
                 catching_up: u64::from(!gate.is_open()),
             };
             let mut out = metrics.render(&gauges);
+            out.push_str(&proxy.upstream_metrics());
             out.push_str(&crate::acme::metrics::render(
                 &store.snapshot(),
                 crate::util::wall_ms(),

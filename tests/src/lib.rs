@@ -10,6 +10,9 @@
 //! - [`client`]: small clients that set the `Host` header themselves: HTTP/1.1,
 //!   h2 with prior knowledge, raw bytes on a socket, WebSocket (tungstenite and
 //!   a frame-by-frame raw client).
+//! - [`chromium`]: headless Chromium driven over the DevTools protocol.
+//! - [`h2ws`]: a WebSocket client over h2 (RFC 8441 extended CONNECT, the
+//!   `h2` crate) with tungstenite's client role on the stream.
 //! - [`wait`]: [`eventually`] — poll a condition with a deadline; tests never
 //!   sleep a fixed time to wait for something to happen.
 //! - [`procfs`]: memory of a process, read from `/proc`.
@@ -19,7 +22,9 @@
 //!   a test CA and report the served certificate, HTTPS/h2/`wss://` helpers.
 
 pub mod backends;
+pub mod chromium;
 pub mod client;
+pub mod h2ws;
 pub mod haproxy;
 pub mod node;
 pub mod otlp;

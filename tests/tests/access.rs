@@ -43,13 +43,24 @@ enum Proto {
     Ws,
     /// The same over TLS (`wss://`).
     Wss,
+    /// A WebSocket over h2 (RFC 8441 extended CONNECT) in clear text:
+    /// success is 200 rather than 101.
+    H2Ws,
+    /// The same over TLS.
+    H2Wss,
 }
+
+/// Every way a WebSocket reaches the node.
+const WS: [Proto; 4] = [Proto::Ws, Proto::Wss, Proto::H2Ws, Proto::H2Wss];
 
 const HTTP: [Proto; 4] = [Proto::H1, Proto::H2c, Proto::H1Tls, Proto::H2Tls];
 
 impl Proto {
     fn tls(self) -> bool {
-        matches!(self, Proto::H1Tls | Proto::H2Tls | Proto::Wss)
+        matches!(
+            self,
+            Proto::H1Tls | Proto::H2Tls | Proto::Wss | Proto::H2Wss
+        )
     }
 }
 
@@ -138,6 +149,15 @@ impl Front {
             }
             Proto::Ws => upgrade(tcp, c).await,
             Proto::Wss => upgrade(connector(&self.h1_tls).connect(name, tcp).await?, c).await,
+            Proto::H2Ws => h2_upgrade(tcp, "http", c).await,
+            Proto::H2Wss => {
+                h2_upgrade(
+                    connector(&self.h2_tls).connect(name, tcp).await?,
+                    "https",
+                    c,
+                )
+                .await
+            }
         }
     }
 
@@ -146,8 +166,13 @@ impl Front {
     async fn each(&self, protos: &[Proto], c: &Case<'_>) -> Result<()> {
         let mut failed = Vec::new();
         for &p in protos {
+            // An h2 WebSocket is accepted with 200, not 101.
+            let want = match (p, c.want) {
+                (Proto::H2Ws | Proto::H2Wss, 101) => 200,
+                (_, w) => w,
+            };
             match self.send(p, c).await {
-                Ok(a) if a.status != c.want => {
+                Ok(a) if a.status != want => {
                     failed.push(format!("{p:?}: status {}, body {:.200}", a.status, a.body))
                 }
                 Ok(a) if a.status == 401 && a.www_authenticate.is_none() => {
@@ -298,6 +323,28 @@ where
     })
 }
 
+/// An RFC 8441 WebSocket: an extended CONNECT on a new h2 connection.
+async fn h2_upgrade<I>(io: I, scheme: &'static str, c: &Case<'_>) -> Result<Answer>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut conn = charon_tests::h2ws::H2Conn::handshake_only(io, scheme).await?;
+    let (parts, _stream, body) = conn.open_stream(c.host, c.path, c.headers).await?;
+    let field = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    Ok(Answer {
+        status: parts.status.as_u16(),
+        body: String::from_utf8_lossy(&body).into_owned(),
+        www_authenticate: field("www-authenticate"),
+        location: field("location"),
+    })
+}
+
 fn basic(user_pass: &str) -> String {
     use base64::Engine;
     format!(
@@ -431,11 +478,7 @@ async fn allow_deny_order_locations_and_trusted_proxies_over_every_front_end() -
         ),
     ];
     for c in &cases {
-        let protos: &[Proto] = if c.path == "/ws" {
-            &[Proto::Ws, Proto::Wss]
-        } else {
-            &HTTP
-        };
+        let protos: &[Proto] = if c.path == "/ws" { &WS } else { &HTTP };
         f.each(protos, c).await?;
     }
     // The refusal's body says who was refused.
@@ -494,11 +537,7 @@ async fn basic_auth_right_wrong_and_missing_over_every_front_end() -> Result<()>
             headers: &headers,
             want,
         };
-        let protos: &[Proto] = if path == "/ws" {
-            &[Proto::Ws, Proto::Wss]
-        } else {
-            &HTTP
-        };
+        let protos: &[Proto] = if path == "/ws" { &WS } else { &HTTP };
         f.each(protos, &c).await?;
     }
     let missing = Case {

@@ -137,6 +137,7 @@ fn invalid_creates() -> Vec<(&'static str, CreateHostRequest, &'static [&'static
                 h.locations = vec![Location {
                     path_prefix: "api".into(),
                     upstreams: vec![upstream(9)],
+                    balancing: None,
                     ..Default::default()
                 }]
             }),
@@ -148,6 +149,7 @@ fn invalid_creates() -> Vec<(&'static str, CreateHostRequest, &'static [&'static
                 h.locations = vec![Location {
                     path_prefix: "/api".into(),
                     upstreams: vec!["nope".into()],
+                    balancing: None,
                     ..Default::default()
                 }]
             }),

@@ -118,3 +118,27 @@ async fn autobahn_cases_match_direct_and_proxied_over_wss() -> Result<()> {
     );
     Ok(())
 }
+
+/// The cases over WebSockets over h2 (RFC 8441). No Autobahn client
+/// speaks RFC 8441, so an [`H2Shim`] answers kosoku's HTTP/1.1 upgrade
+/// itself and carries each connection, byte for byte, as an extended
+/// CONNECT stream of its own h2 connection (h2c) to the node: the frames
+/// the cases send and expect all cross the node's h2 tunnels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autobahn_cases_match_direct_and_proxied_over_h2() -> Result<()> {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    python().await?;
+    let backend = conformance_backend().await?;
+    let node = TestNode::start().await?;
+    node.add_host(&["127.0.0.1"], &[backend.url()]).await?;
+    let shim = charon_tests::h2ws::H2Shim::start(node.http).await?;
+    let direct = format!("ws://{}", backend.addr);
+    let proxied = format!("ws://127.0.0.1:{}", shim.addr.port());
+    run_and_compare(&node, &direct, &proxied).await?;
+    ensure!(
+        shim.streams() > 100,
+        "only {} connections went over h2: the cases did not run through RFC 8441",
+        shim.streams()
+    );
+    Ok(())
+}

@@ -150,11 +150,13 @@ async fn longest_location_prefix_wins() -> Result<()> {
         Location {
             path_prefix: "/api".into(),
             upstreams: vec![api.url()],
+            balancing: None,
             ..Default::default()
         },
         Location {
             path_prefix: "/api/v2".into(),
             upstreams: vec![v2.url()],
+            balancing: None,
             ..Default::default()
         },
     ];
@@ -855,6 +857,7 @@ async fn location_prefix_is_a_path_segment() -> Result<()> {
     req.host.as_mut().unwrap().locations = vec![Location {
         path_prefix: "/api".into(),
         upstreams: vec![api.url()],
+        balancing: None,
         ..Default::default()
     }];
     node.create_host(req).await?;

@@ -18,6 +18,7 @@ async fn hosts_are_routed_after_restart_without_resaving() -> Result<()> {
     req.host.as_mut().unwrap().locations = vec![Location {
         path_prefix: "/b".into(),
         upstreams: vec![b.url()],
+        balancing: None,
         ..Default::default()
     }];
     node.create_host(req).await?;

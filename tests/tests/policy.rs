@@ -269,6 +269,7 @@ async fn host_selection() -> Result<()> {
     req.host.as_mut().context("host")?.locations = vec![charon_proto::v1::Location {
         path_prefix: "/api".into(),
         upstreams: vec![api.url()],
+        balancing: None,
         ..Default::default()
     }];
     f.node.create_host(req).await?;

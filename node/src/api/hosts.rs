@@ -232,6 +232,7 @@ fn locations_from_pb(list: Vec<pb::Location>) -> Vec<Location> {
         .map(|l| Location {
             path_prefix: l.path_prefix,
             upstreams: l.upstreams,
+            balancing: super::balance::from_pb(l.balancing),
             acl: l.acl,
         })
         .collect()
@@ -270,6 +271,7 @@ pub fn host_to_pb(h: &ProxyHost, snap: Option<&Snapshot>) -> pb::ProxyHost {
             .map(|l| pb::Location {
                 path_prefix: l.path_prefix.clone(),
                 upstreams: l.upstreams.clone(),
+                balancing: super::balance::to_pb(&l.balancing),
                 acl: l.acl.clone(),
             })
             .collect(),
@@ -286,6 +288,7 @@ pub fn host_to_pb(h: &ProxyHost, snap: Option<&Snapshot>) -> pb::ProxyHost {
         upstream_ca_pem: h.upstream_ca_pem.clone(),
         upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
         no_acme: h.no_acme,
+        balancing: super::balance::to_pb(&h.balancing),
         acl: h.acl.clone(),
         redirect_to: h.redirect_to.clone(),
         redirect_code: h.redirect_code,
@@ -333,6 +336,7 @@ impl pb::hosts_server::Hosts for HostsApi {
             upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
             create_key: key.clone().unwrap_or_default(),
             no_acme: h.no_acme,
+            balancing: super::balance::from_pb(h.balancing),
             acl: h.acl,
             redirect_to: h.redirect_to,
             redirect_code: h.redirect_code,
@@ -421,9 +425,11 @@ impl pb::hosts_server::Hosts for HostsApi {
                 if let Some(v) = r.domains {
                     h.domains = v.values;
                 }
+                let upstreams_replaced = r.upstreams.is_some();
                 if let Some(v) = r.upstreams {
                     h.upstreams = v.values;
                 }
+                super::balance::apply_update(&mut h.balancing, r.balancing, upstreams_replaced)?;
                 if let Some(v) = r.locations {
                     h.locations = locations_from_pb(v.values);
                 }

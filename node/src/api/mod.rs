@@ -6,6 +6,7 @@
 
 pub mod access;
 pub mod auth;
+pub mod balance;
 pub mod certs;
 pub mod cluster;
 pub mod hosts;
@@ -119,7 +120,7 @@ pub async fn serve(
     });
     let tunnels_auth = auth.clone();
     let tunnels_api = TunnelsServer::with_interceptor(
-        observe::TunnelsApi::new(proxy, cluster.config().node_name.clone()),
+        observe::TunnelsApi::new(proxy.clone(), cluster.config().node_name.clone()),
         move |req| tunnels_auth.check(req),
     );
     let nodes_auth = auth.clone();
@@ -152,6 +153,16 @@ pub async fn serve(
         hosts::HostsApi::new(store.clone(), gate.clone()),
         move |req| hosts_auth.check(req),
     );
+    let balance_auth = auth.clone();
+    let balance = charon_proto::v1::balance_server::BalanceServer::with_interceptor(
+        balance::BalanceApi::new(
+            store.clone(),
+            proxy.clone(),
+            cluster.node_id().to_string(),
+            cluster.config().node_name.clone(),
+        ),
+        move |req| balance_auth.check(req),
+    );
     let certs = CertificatesServer::with_interceptor(
         certs::CertsApi::new(store, data_key, gate),
         move |req| auth.check(req),
@@ -164,6 +175,7 @@ pub async fn serve(
         .add_service(nodes)
         .add_service(logs)
         .add_service(tunnels_api)
+        .add_service(balance)
         .add_service(access_api)
         .add_service(sync)
         .serve_with_incoming_shutdown(

@@ -146,6 +146,8 @@ pub struct Cluster {
     /// Per peer API address, its send queue ([`Cluster::enqueue`]).
     queues: Mutex<HashMap<String, mpsc::UnboundedSender<Outgoing>>>,
     pushes_sent: AtomicU64,
+    /// Records applied from pulls ([`Cluster::pulled_records`]).
+    pulled_records: AtomicU64,
     /// Member proofs already verified ([`Cluster::proven`]).
     proven: Mutex<HashSet<(ChitchatId, String)>>,
     relay_tx: mpsc::UnboundedSender<sync::Relayed>,
@@ -293,6 +295,7 @@ impl Cluster {
             push_peers: Mutex::default(),
             queues: Mutex::default(),
             pushes_sent: AtomicU64::new(0),
+            pulled_records: AtomicU64::new(0),
             proven: Mutex::default(),
             relay_tx,
         });
@@ -686,6 +689,13 @@ impl Cluster {
         self.pushes_sent.load(Ordering::Relaxed)
     }
 
+    /// Records this node applied from pulls (gossip-driven or
+    /// anti-entropy): writes the push tree did not bring in time. What the
+    /// simulation reports to tell a tree that works from pulls doing its job.
+    pub fn pulled_records(&self) -> u64 {
+        self.pulled_records.load(Ordering::Relaxed)
+    }
+
     /// The sync server for this node's gRPC listener, wired to relay
     /// pushes that brought something new.
     pub fn sync_server(
@@ -761,6 +771,8 @@ impl Cluster {
                 let store = self.store.clone();
                 match tokio::task::spawn_blocking(move || store.apply_delta(delta)).await {
                     Ok(Ok(applied)) => {
+                        self.pulled_records
+                            .fetch_add(applied as u64, Ordering::Relaxed);
                         if applied > 0 || snapshot {
                             tracing::info!(peer = %peer.name, received = n, applied, snapshot,
                                 took_ms = started.elapsed().as_millis() as u64, "pulled records");

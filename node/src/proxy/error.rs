@@ -16,6 +16,11 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("no proxy host for {0:?}")]
     UnknownHost(String),
+    /// A request the proxy understood but does not serve (an RFC 8441
+    /// extended CONNECT for a protocol other than WebSocket, or to a host
+    /// that turned WebSockets off).
+    #[error("not implemented: {0}")]
+    NotImplemented(&'static str),
     #[error("upstream {upstream} unreachable: {source}")]
     Unreachable {
         upstream: String,
@@ -35,6 +40,13 @@ pub enum ProxyError {
     },
     #[error("upstream {upstream} sent an invalid response: {why}")]
     UpstreamBad { upstream: String, why: &'static str },
+    /// Every upstream had its cap of open tunnels + in-flight requests for
+    /// the whole queue timeout (issue 19).
+    #[error(
+        "every upstream of this host already has {cap} open connections (its cap); \
+         waited {waited:?} for one to free up. Try again shortly"
+    )]
+    AtCapacity { cap: u32, waited: Duration },
 }
 
 impl ProxyError {
@@ -46,6 +58,7 @@ impl ProxyError {
             ProxyError::Upstream { .. }
             | ProxyError::UpstreamIo { .. }
             | ProxyError::UpstreamBad { .. } => Some("error"),
+            ProxyError::AtCapacity { .. } => Some("capacity"),
             _ => None,
         }
     }
@@ -54,6 +67,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::UnknownHost(_) => StatusCode::NOT_FOUND,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::Unreachable {
                 source: ConnectError::Timeout(_),
                 ..
@@ -63,6 +77,7 @@ impl ProxyError {
             | ProxyError::Upstream { .. }
             | ProxyError::UpstreamIo { .. }
             | ProxyError::UpstreamBad { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::AtCapacity { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }

@@ -179,7 +179,18 @@ impl Proxy {
         if let Some(a) = pipeline::request_policy(self, &route, conn, &policy_req) {
             return (answer_response(a, hsts), Some(route), None);
         }
-        let (mut resp, error) = match self.forward(req, &route, &host_value, conn).await {
+        // RFC 8441: an extended CONNECT (`:protocol`) is a WebSocket, or
+        // something this proxy does not tunnel.
+        let websocket = super::h2_websocket::extended_connect(&req)
+            .map(|p| p.eq_ignore_ascii_case("websocket"));
+        let forwarded = match websocket {
+            None => self.forward(req, &route, &host_value, conn).await,
+            Some(true) => self.websocket(req, &route, &host_value, conn).await,
+            Some(false) => Err(ProxyError::NotImplemented(
+                "extended CONNECT for a protocol other than websocket",
+            )),
+        };
+        let (mut resp, error) = match forwarded {
             Ok(resp) => (resp, None),
             Err(e) => {
                 tracing::warn!(host = %host, host_id = %route.host.id, client = %conn.peer, status = e.status().as_u16(), "{e}");
@@ -203,6 +214,12 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let h = &route.host;
         let pool = route.pool_for(req.uri().path());
+        let affinity = pipeline::affinity(pool, conn, req.uri().path(), |name| {
+            req.headers()
+                .get_all(name)
+                .into_iter()
+                .map(|v| v.as_bytes())
+        });
         let client_version = req.version();
         rewrite_request(&mut req, route, host_value, conn)?;
         let timeout = route.upstream_timeout;
@@ -213,7 +230,17 @@ impl Proxy {
 
         let mut req = req.map(UploadBody::new);
         let mut last_err = None;
-        for upstream in pool.attempt_order() {
+        // In flight until the response head is here: hyper streams the
+        // body on after this returns (an h2 WebSocket takes the other
+        // path, `forward_websocket`, whose lease lasts as long as its tunnel).
+        for upstream in pipeline::choose(pool, affinity).await? {
+            let _lease = match pipeline::lease(pool, upstream) {
+                Ok(l) => l,
+                Err(e) => {
+                    last_err = Some(e);
+                    continue;
+                }
+            };
             if !h.preserve_host {
                 if let Some(v) = &upstream.host_header {
                     req.headers_mut().insert(HOST, v.clone());
@@ -282,6 +309,35 @@ impl Proxy {
             }
         }
         Err(last_err.expect("a pool has at least one upstream"))
+    }
+
+    /// An RFC 8441 WebSocket: phase 3 as for any h2 request, then the
+    /// upgrade and tunnel of [`super::h2_websocket`].
+    async fn websocket(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+        route: &Arc<Route>,
+        host_value: &HeaderValue,
+        conn: &ConnInfo,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        if !route.host.websocket {
+            return Err(ProxyError::NotImplemented(
+                "WebSockets are turned off for this host",
+            ));
+        }
+        // Taken before the request is consumed: resolves to the stream once
+        // the 200 has been sent.
+        let client_stream = hyper::upgrade::on(&mut req);
+        let trace_parent = req.extensions().get::<TraceCx>().map(|c| c.0.clone());
+        rewrite_request(&mut req, route, host_value, conn)?;
+        let (parts, _) = req.into_parts();
+        let (mut resp, used) = self
+            .forward_websocket(parts, client_stream, route, host_value, conn, trace_parent)
+            .await?;
+        if self.telemetry.get().is_some() {
+            resp.extensions_mut().insert(UpstreamUsed(used));
+        }
+        Ok(resp)
     }
 
     /// Sends on a pooled connection (or a new one). A pooled connection that

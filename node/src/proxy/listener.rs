@@ -30,6 +30,10 @@ impl Proxy {
     ) {
         let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new());
+        if self.config.h2_websockets {
+            // SETTINGS_ENABLE_CONNECT_PROTOCOL: WebSockets over h2.
+            h2.enable_connect_protocol();
+        }
         let h2 = Arc::new(h2);
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let h1_shutdown = Shutdown::new();

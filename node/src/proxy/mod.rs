@@ -3,7 +3,9 @@
 //!
 //! - [`listener`]: accept loops, TLS and ALPN dispatch to a front end.
 //! - Front ends (protocol only): [`h1`], Charon's own HTTP/1.x path, and
-//!   [`h2`], hyper's h2 server with hyper's HTTP/1.1 client upstream.
+//!   [`h2`], hyper's h2 server with hyper's HTTP/1.1 client upstream;
+//!   [`h2_websocket`]: WebSockets over h2 (RFC 8441 extended CONNECT),
+//!   upgraded to the upstream over HTTP/1.1 and relayed as a tunnel.
 //! - [`wire`]: the bytes on the wire (head parsing, framing, the chunked
 //!   coding, field lines, what is refused), a layer that knows no policy.
 //! - [`pipeline`]: the phases both front ends call, in order: route,
@@ -21,6 +23,7 @@ pub mod error;
 pub mod forwarded;
 pub mod h1;
 pub mod h2;
+pub mod h2_websocket;
 pub mod limits;
 pub mod listener;
 pub mod observe;
@@ -66,6 +69,9 @@ pub struct ProxyConfig {
     /// Port that `force_https` redirects to (the HTTPS listener's); 443 is
     /// left out of the URL.
     pub https_port: u16,
+    /// RFC 8441: h2 connections advertise `SETTINGS_ENABLE_CONNECT_PROTOCOL`
+    /// and carry WebSockets as extended CONNECT streams ([`h2_websocket`]).
+    pub h2_websockets: bool,
     /// `--max-conns-per-ip`, `--max-connections` (see [`limits`]).
     pub limits: limits::LimitConfig,
 }
@@ -79,6 +85,7 @@ impl Default for ProxyConfig {
             failure_cooldown: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(30),
             https_port: 443,
+            h2_websockets: true,
             limits: limits::LimitConfig::default(),
         }
     }
@@ -166,6 +173,35 @@ impl Proxy {
     /// Open client HTTP connections (not counting tunnels).
     pub fn http_connections(&self) -> usize {
         self.http_conns.load(Ordering::Relaxed)
+    }
+
+    /// The shared state (load, passive health) of one upstream address, as
+    /// the route table's pools hold it; for `charon.v1.Balance`.
+    pub fn upstream_state(
+        &self,
+        url: &crate::host::UpstreamUrl,
+        ca_pem: &str,
+        insecure: bool,
+    ) -> Arc<upstream::UpstreamState> {
+        self.registry.get(url, ca_pem, insecure)
+    }
+
+    /// The active-check verdict on an upstream under `settings`, if a
+    /// route runs those checks (`None`: not checked here).
+    pub fn upstream_health(
+        &self,
+        upstream: &Arc<upstream::UpstreamState>,
+        settings: &crate::host::balance::HealthCheck,
+    ) -> Option<bool> {
+        self.registry
+            .checks
+            .find(upstream, settings)
+            .map(|c| c.is_healthy())
+    }
+
+    /// Per-upstream metrics (load, health), rendered at scrape time.
+    pub fn upstream_metrics(&self) -> String {
+        upstream::health::render_metrics(&self.registry)
     }
 
     /// Applies the hosts a commit changed to a copy of the route table (O(1)

@@ -18,10 +18,13 @@
 //!    upstream's 101).
 //! 3. **request rewrite** — [`super::forwarded`]: hop-by-hop fields
 //!    removed, forwarded headers set (one rule, two writers).
-//! 4. **upstream choice and attempts** — `Pool::attempt_order` gives the
-//!    order, [`attempt_failed`] decides after each failure whether the next
-//!    upstream is tried, and with what passive-health mark; the timeout is
-//!    [`Route::upstream_timeout`].
+//! 4. **upstream choice and attempts** — [`affinity`] reads the key a
+//!    hash policy needs, [`choose`] waits for room under a connection cap
+//!    and gives the order (`Pool::attempt_order`: the pool's balancer,
+//!    `upstream/balance.rs`, picks the first), [`lease`] counts each
+//!    attempt against its upstream, [`attempt_failed`] decides after each
+//!    failure whether the next upstream is tried, and with what
+//!    passive-health mark; the timeout is [`Route::upstream_timeout`].
 //! 5. **response policy** — [`response_policy`]: what a response gets on
 //!    the way out (HSTS), error pages included.
 //! 6. **record** — [`super::observe`]: metrics, access-log line and the
@@ -37,7 +40,7 @@ use http::{HeaderValue, StatusCode};
 
 use super::error::{page, ProxyError};
 use super::routes::{self, Route, RouteTable};
-use super::upstream::UpstreamState;
+use super::upstream::{balance, AttemptOrder, Lease, Pool, UpstreamState};
 use super::{ConnInfo, Proxy};
 
 /// A reply the proxy makes itself rather than an upstream: a redirect or
@@ -224,6 +227,57 @@ fn redirect_to_https(host: &str, https_port: u16, target: &str) -> Answer {
         body: format!("redirecting to {location}\n"),
         location: Some(location),
         header: None,
+    }
+}
+
+/// Phase 4: the affinity key of a request for its pool's hash policy
+/// (`None` for other policies, or when the request lacks the property).
+/// `field(name)` gives the request's values of header `name` (lower case);
+/// it is called only when the policy reads a header or cookie.
+pub fn affinity<'p, 'v, I>(
+    pool: &'p Pool,
+    conn: &ConnInfo,
+    path: &str,
+    field: impl FnOnce(&'p str) -> I,
+) -> Option<u64>
+where
+    I: Iterator<Item = &'v [u8]>,
+{
+    let b = &pool.balancer;
+    if !matches!(b.policy, crate::host::balance::Policy::Hash(_)) {
+        return None;
+    }
+    let ip = conn.peer.ip();
+    match b.field() {
+        Some(name) => b.key(ip, path, field(name)),
+        None => b.key(ip, path, std::iter::empty()),
+    }
+}
+
+/// Phase 4: the order in which a request tries the pool's upstreams.
+/// Under a connection cap with every upstream full, it first waits up to
+/// the pool's queue timeout for room, then gives up with a 503.
+pub async fn choose(pool: &Pool, key: Option<u64>) -> Result<AttemptOrder<'_>, ProxyError> {
+    let b = &pool.balancer;
+    if b.cap > 0
+        && !pool.has_room()
+        && !balance::wait_for_room(b.queue_timeout, || pool.has_room()).await
+    {
+        return Err(at_capacity(pool));
+    }
+    Ok(pool.attempt_order(key))
+}
+
+/// Phase 4: counts one attempt against `upstream` (in flight; a tunnel
+/// later). `Err` when it is at its cap: the caller tries the next one.
+pub fn lease(pool: &Pool, upstream: &Arc<UpstreamState>) -> Result<Lease, ProxyError> {
+    pool.lease(upstream).ok_or_else(|| at_capacity(pool))
+}
+
+fn at_capacity(pool: &Pool) -> ProxyError {
+    ProxyError::AtCapacity {
+        cap: pool.balancer.cap,
+        waited: pool.balancer.queue_timeout,
     }
 }
 

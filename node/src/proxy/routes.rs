@@ -122,11 +122,11 @@ impl Route {
         registry: &UpstreamRegistry,
         defaults: &RouteDefaults,
     ) -> Option<Route> {
-        let pool = |urls: &[String]| -> Option<Arc<Pool>> {
+        let pool = |urls: &[String], balancing: &crate::host::Balancing| -> Option<Arc<Pool>> {
             let parsed: Result<Vec<UpstreamUrl>, _> =
                 urls.iter().map(|u| UpstreamUrl::parse(u)).collect();
             match parsed {
-                Ok(list) => Some(Arc::new(Pool::new(
+                Ok(list) => Some(Arc::new(Pool::with_balancing(
                     list.iter()
                         .map(|u| {
                             registry.get(
@@ -136,6 +136,8 @@ impl Route {
                             )
                         })
                         .collect(),
+                    balancing,
+                    Some(registry),
                 ))),
                 Err(e) => {
                     // Only validated hosts are stored, so this means a file
@@ -146,11 +148,11 @@ impl Route {
                 }
             }
         };
-        let main = pool(&host.upstreams)?;
+        let main = pool(&host.upstreams, &host.balancing)?;
         let slot = |name: &str| (!name.is_empty()).then(|| defaults.acls.slot(name));
         let mut locations = Vec::new();
         for loc in &host.locations {
-            if let Some(p) = pool(&loc.upstreams) {
+            if let Some(p) = pool(&loc.upstreams, &loc.balancing) {
                 locations.push(LocationRoute {
                     prefix: loc.path_prefix.clone(),
                     pool: p,
@@ -342,6 +344,7 @@ mod tests {
                 .map(|(p, u)| Location {
                     path_prefix: p.to_string(),
                     upstreams: vec![u.to_string()],
+                    balancing: Default::default(),
                     acl: String::new(),
                 })
                 .collect(),

@@ -250,6 +250,7 @@ fn host_to_pb(h: &ProxyHost) -> pb::HostRecord {
             .map(|l| pb::LocationRecord {
                 path_prefix: l.path_prefix.clone(),
                 upstreams: l.upstreams.clone(),
+                balancing: super::balance::to_pb(&l.balancing),
                 acl: l.acl.clone(),
             })
             .collect(),
@@ -267,6 +268,7 @@ fn host_to_pb(h: &ProxyHost) -> pb::HostRecord {
         upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
         create_key: h.create_key.clone(),
         no_acme: h.no_acme,
+        balancing: super::balance::to_pb(&h.balancing),
         acl: h.acl.clone(),
         redirect_to: h.redirect_to.clone(),
         redirect_code: h.redirect_code,
@@ -293,6 +295,7 @@ fn host_from_pb(h: pb::HostRecord) -> ProxyHost {
             .map(|l| Location {
                 path_prefix: l.path_prefix,
                 upstreams: l.upstreams,
+                balancing: super::balance::from_pb(l.balancing),
                 acl: l.acl,
             })
             .collect(),
@@ -310,6 +313,7 @@ fn host_from_pb(h: pb::HostRecord) -> ProxyHost {
         upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
         create_key: h.create_key,
         no_acme: h.no_acme,
+        balancing: super::balance::from_pb(h.balancing),
         acl: h.acl,
         redirect_to: h.redirect_to,
         redirect_code: h.redirect_code,
@@ -386,6 +390,11 @@ mod tests {
             locations: vec![Location {
                 path_prefix: "/a".into(),
                 upstreams: vec!["http://b:1".into()],
+                balancing: crate::host::Balancing {
+                    lb: "least-conn".into(),
+                    max_conns: 3,
+                    ..Default::default()
+                },
                 acl: "loc".into(),
             }],
             ws_idle_timeout_secs: 5,
@@ -402,6 +411,21 @@ mod tests {
             upstream_insecure_skip_verify: true,
             create_key: "k".into(),
             no_acme: true,
+            balancing: crate::host::Balancing {
+                lb: "hash:cookie=sid".into(),
+                set_cookie: true,
+                weights: [("http://1.2.3.4:80".to_string(), 3)].into(),
+                health: crate::host::balance::HealthCheck {
+                    path: "/healthz".into(),
+                    interval_ms: 2000,
+                    timeout_ms: 1000,
+                    rise: 2,
+                    fall: 3,
+                    status_min: 200,
+                    status_max: 399,
+                },
+                ..Default::default()
+            },
             acl: "office".into(),
             redirect_to: "https://b.com".into(),
             redirect_code: 307,

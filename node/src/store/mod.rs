@@ -10,6 +10,7 @@
 //! write costs the same whatever the number of records stored.
 
 pub mod acme;
+mod balance;
 pub mod codec;
 pub mod hlc;
 pub mod names;

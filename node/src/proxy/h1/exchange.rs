@@ -97,7 +97,22 @@ where
         let mut body_read = matches!(req.framing, Framing::Empty | Framing::Length(0));
         let mut last_err: Option<ProxyError> = None;
         let mut outcome = None;
-        'upstreams: for upstream in req.pool.attempt_order() {
+        let pool = req.pool.clone();
+        let order = match pipeline::choose(&pool, req.affinity).await {
+            Ok(order) => order,
+            Err(e) => {
+                last_err = Some(e);
+                crate::proxy::upstream::AttemptOrder::none()
+            }
+        };
+        'upstreams: for upstream in order {
+            let lease = match pipeline::lease(&pool, upstream) {
+                Ok(l) => l,
+                Err(e) => {
+                    last_err = Some(e);
+                    continue;
+                }
+            };
             let mut pooled = true;
             loop {
                 let (conn, reused) = match pooled.then(|| upstream.take_raw()).flatten() {
@@ -145,7 +160,7 @@ where
                 match attempt {
                     Attempt::Answered(conn, head) => {
                         upstream.mark_up();
-                        outcome = Some((upstream.clone(), conn, head));
+                        outcome = Some((lease, conn, head));
                         break 'upstreams;
                     }
                     Attempt::Stale(_) => continue,
@@ -158,9 +173,17 @@ where
             }
         }
         match outcome {
-            Some((upstream, conn, head)) => {
-                self.respond(req, started, upstream, conn, head, server_cx)
-                    .await
+            Some((lease, conn, head)) => {
+                let upstream = lease.upstream().clone();
+                let mut step = self
+                    .respond(req, started, upstream, conn, head, server_cx)
+                    .await;
+                // A tunnel keeps counting against its upstream while it
+                // is open; a request stops here.
+                if let Step::Tunnel(t) = &mut step {
+                    t.lease = Some(lease.into_tunnel());
+                }
+                step
             }
             None => {
                 if let (false, Some(n)) = (body_read, buffered_body) {

@@ -38,7 +38,7 @@ use request::{head_end, H};
 use super::observe::ReqFacts;
 use super::routes::Route;
 use super::shutdown::{stop_requested, Shutdown};
-use super::upstream::{RawConn, UpstreamState};
+use super::upstream::{Lease, RawConn, UpstreamState};
 use super::wire::{read_into, Buf, Prefixed, Read};
 use super::{ConnInfo, Proxy};
 
@@ -99,6 +99,7 @@ where
                 upstream,
                 conn,
                 span,
+                lease,
             } = *t;
             let client = Prefixed::new(c.buf.take(), c.io);
             let RawConn { io, mut buf } = conn;
@@ -106,7 +107,7 @@ where
             c.proxy.spawn_tunnel(
                 &route.host,
                 route.tunnel,
-                &upstream,
+                (&upstream, lease),
                 &c.info,
                 (client, up),
                 span,
@@ -156,6 +157,8 @@ struct Tunnel {
     upstream: Arc<UpstreamState>,
     conn: RawConn,
     span: Option<opentelemetry::Context>,
+    /// Counts the tunnel against its upstream (set by `exchange`).
+    lease: Option<Lease>,
 }
 
 impl<S> Client<S>

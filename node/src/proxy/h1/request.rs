@@ -39,6 +39,8 @@ pub(super) struct Req {
     pub(super) websocket: bool,
     pub(super) route: Arc<Route>,
     pub(super) pool: Arc<Pool>,
+    /// The key a hash policy chooses the upstream by (phase 4).
+    pub(super) affinity: Option<u64>,
     /// For the access log and traces, when telemetry is on.
     pub(super) facts: Option<ReqFacts>,
 }
@@ -414,6 +416,12 @@ where
             && head.minor == 1
             && head.websocket.is_some();
         let pool = route.pool_for(head.path_only()).clone();
+        let affinity = pipeline::affinity(&pool, &self.info, head.path_only(), |name| {
+            head.fields
+                .iter()
+                .filter(move |f| f.name.eq_ignore_ascii_case(name))
+                .map(|f| f.value)
+        });
 
         // Phase 3: the upstream head.
         self.host.clear();
@@ -436,6 +444,7 @@ where
             websocket,
             route,
             pool,
+            affinity,
             facts,
         })
     }

@@ -12,7 +12,6 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use opentelemetry::KeyValue;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Sleep;
 
@@ -28,7 +27,6 @@ use crate::proxy::wire::{
     arm, copy_body, read_into, read_ready, read_ready_into, within, write_parts, BodyBuf, Coding,
     CopyError, Framing, Read,
 };
-use crate::telemetry::otel;
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum HeadError {
@@ -524,35 +522,14 @@ where
         if self.io.write_all(&out).await.is_err() || self.io.flush().await.is_err() {
             return Step::Close;
         }
-        let span = match (
-            proxy.telemetry.get().and_then(|t| t.tracing.as_ref()),
-            &server_cx,
-        ) {
-            (Some(tr), Some(parent)) => {
-                let cx = tr.child_span(
-                    parent,
-                    format!("WebSocket {}", req.route.host.name),
-                    opentelemetry::trace::SpanKind::Internal,
-                    vec![
-                        KeyValue::new("charon.host", req.route.host.name.clone()),
-                        KeyValue::new("charon.upstream", upstream.url.to_string()),
-                        KeyValue::new("client.address", self.info.peer.ip().to_string()),
-                        KeyValue::new(
-                            "websocket.subprotocol",
-                            head.subprotocol.clone().unwrap_or_default(),
-                        ),
-                        KeyValue::new(
-                            "websocket.extensions",
-                            head.extensions.clone().unwrap_or_default(),
-                        ),
-                    ],
-                    None,
-                );
-                otel::add_event(&cx, "upgrade", vec![]);
-                Some(cx)
-            }
-            _ => None,
-        };
+        let span = proxy.tunnel_span(
+            server_cx.as_ref(),
+            &req.route.host.name,
+            &upstream,
+            &self.info,
+            head.subprotocol.as_deref(),
+            head.extensions.as_deref(),
+        );
         let answered = Answered {
             status: 101,
             upstream: &upstream,
@@ -564,6 +541,7 @@ where
             upstream,
             conn,
             span,
+            lease: None,
         }))
     }
 

@@ -5,6 +5,7 @@
 //! copies.
 
 pub mod frames;
+pub mod handshake;
 mod record;
 pub mod registry;
 pub mod relay;
@@ -13,21 +14,61 @@ use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::upstream::UpstreamState;
+use opentelemetry::KeyValue;
+
+use super::upstream::{Lease, UpstreamState};
 use super::{ConnInfo, Proxy};
 use crate::host::ProxyHost;
+use crate::telemetry::otel;
 use record::TunnelLog;
 use relay::TunnelOptions;
 
 impl Proxy {
+    /// The span of a tunnel's whole life, a child of the request that
+    /// opened it (`parent`, its server span), when tracing is on: the same
+    /// for a tunnel opened over HTTP/1.1 or h2.
+    pub(super) fn tunnel_span(
+        &self,
+        parent: Option<&opentelemetry::Context>,
+        host_name: &str,
+        upstream: &UpstreamState,
+        conn: &ConnInfo,
+        subprotocol: Option<&str>,
+        extensions: Option<&str>,
+    ) -> Option<opentelemetry::Context> {
+        let tr = self.telemetry.get()?.tracing.as_ref()?;
+        let cx = tr.child_span(
+            parent?,
+            format!("WebSocket {host_name}"),
+            opentelemetry::trace::SpanKind::Internal,
+            vec![
+                KeyValue::new("charon.host", host_name.to_string()),
+                KeyValue::new("charon.upstream", upstream.url.to_string()),
+                KeyValue::new("client.address", conn.peer.ip().to_string()),
+                KeyValue::new(
+                    "websocket.subprotocol",
+                    subprotocol.unwrap_or_default().to_string(),
+                ),
+                KeyValue::new(
+                    "websocket.extensions",
+                    extensions.unwrap_or_default().to_string(),
+                ),
+            ],
+            None,
+        );
+        otel::add_event(&cx, "upgrade", vec![]);
+        Some(cx)
+    }
+
     /// Starts the relay of an upgraded connection pair in its own task
     /// (the client connection's task has ended), registered for drains and
-    /// `charonctl tunnels`.
+    /// `charonctl tunnels`. `lease` counts the tunnel against its upstream
+    /// (least-conn, caps) for as long as it is open.
     pub(super) fn spawn_tunnel<C, U>(
         self: &Arc<Self>,
         host: &ProxyHost,
         opts: TunnelOptions,
-        upstream: &Arc<UpstreamState>,
+        (upstream, lease): (&Arc<UpstreamState>, Option<Lease>),
         conn: &ConnInfo,
         (client, up): (C, U),
         span: Option<opentelemetry::Context>,
@@ -58,6 +99,7 @@ impl Proxy {
             proxy: self.clone(),
             _log: log,
             _reg: reg,
+            _lease: lease,
             _slot: conn.client_slot.clone(),
         });
     }
@@ -73,6 +115,8 @@ struct TunnelTask<C, U> {
     proxy: Arc<Proxy>,
     _log: Option<TunnelLog>,
     _reg: registry::Registration,
+    /// The tunnel counted against its upstream (least-conn, caps).
+    _lease: Option<Lease>,
     /// The client connection's place under the connection caps: an open
     /// tunnel is an open connection.
     _slot: Option<std::sync::Arc<crate::proxy::limits::ClientSlot>>,

@@ -9,14 +9,17 @@
 //! whole and can go to the next upstream.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+pub mod balance;
 mod body;
 mod connect;
+pub mod health;
 mod idle;
 
+pub use balance::{Balancer, Lease, Load};
 pub use body::{UploadBody, Uploaded};
 pub use connect::{ConnectError, Connector, RawConn, Sender, UpstreamIo};
 
@@ -41,6 +44,9 @@ pub struct UpstreamState {
     idle: Mutex<Vec<(Sender, Instant)>>,
     /// Plain connections for the HTTP/1 path (`proxy::h1`), newest last.
     raw_idle: Mutex<Vec<(RawConn, Instant)>>,
+    /// Open tunnels and in-flight requests on this node (least-conn,
+    /// bounded load, caps, `host show`).
+    pub load: Load,
 }
 
 fn epoch() -> Instant {
@@ -62,6 +68,7 @@ impl UpstreamState {
             down_until_ms: AtomicU64::new(0),
             idle: Mutex::new(Vec::new()),
             raw_idle: Mutex::new(Vec::new()),
+            load: Load::default(),
         }
     }
 
@@ -82,48 +89,90 @@ impl UpstreamState {
     }
 }
 
-/// The upstreams of one host or location, tried round-robin.
+/// The upstreams of one host or location and their balancer.
 pub struct Pool {
     upstreams: Vec<Arc<UpstreamState>>,
-    next: AtomicUsize,
+    pub balancer: Balancer,
+    /// Active checks, one per upstream in order; empty when the pool has
+    /// none (then no lookups per request).
+    checks: Box<[Option<Arc<health::Checker>>]>,
 }
 
 impl Pool {
+    /// A round-robin pool without weights, caps or checks.
     pub fn new(upstreams: Vec<Arc<UpstreamState>>) -> Self {
+        Pool::with_balancing(upstreams, &crate::host::Balancing::default(), None)
+    }
+
+    /// A pool balanced as `b` says (computed once, at route-table build);
+    /// with `registry`, its active health checks are started (or shared).
+    pub fn with_balancing(
+        upstreams: Vec<Arc<UpstreamState>>,
+        b: &crate::host::Balancing,
+        registry: Option<&UpstreamRegistry>,
+    ) -> Self {
+        let checks: Box<[Option<Arc<health::Checker>>]> = match registry {
+            Some(r) if b.health.enabled() => upstreams
+                .iter()
+                .map(|u| r.checks.get(u, &b.health))
+                .collect(),
+            _ => Box::default(),
+        };
         Pool {
+            balancer: Balancer::new(b, &upstreams),
             upstreams,
-            next: AtomicUsize::new(0),
+            checks,
         }
+    }
+
+    /// Whether upstream `i` failed its active checks.
+    fn unhealthy(&self, i: usize) -> bool {
+        !self.checks.is_empty() && self.checks[i].as_ref().is_some_and(|c| !c.is_healthy())
     }
 
     pub fn upstreams(&self) -> &[Arc<UpstreamState>] {
         &self.upstreams
     }
 
-    /// The order to try upstreams in for one request: round-robin start,
-    /// healthy ones first, then those cooling down — when every upstream is
-    /// marked down, trying one beats failing without trying.
+    /// The order to try upstreams in for one request: the balancer's
+    /// first choice (`key`: the request's affinity key, for hash
+    /// policies), then the rest in rotation, healthy ones first, then
+    /// those cooling down — when every upstream is marked down, trying one
+    /// beats failing without trying.
     ///
     /// An iterator rather than a `Vec`: it runs on every request, and the
     /// first upstream nearly always answers. Health is read once, when the
     /// iterator is made, so an upstream marked down during the request is
     /// neither skipped nor tried twice.
-    pub fn attempt_order(&self) -> AttemptOrder<'_> {
+    pub fn attempt_order(&self, key: Option<u64>) -> AttemptOrder<'_> {
         let n = self.upstreams.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n.max(1);
         let now = now_ms();
         let mut down = DownSet::new(n);
         for (i, u) in self.upstreams.iter().enumerate() {
-            if u.down_until_ms.load(Ordering::Relaxed) > now {
+            if u.down_until_ms.load(Ordering::Relaxed) > now || self.unhealthy(i) {
                 down.insert(i);
             }
         }
+        let start = self
+            .balancer
+            .first(&self.upstreams, key, |i| !down.contains(i));
         AttemptOrder {
             upstreams: &self.upstreams,
             start,
             step: 0,
             down,
         }
+    }
+
+    /// Whether some upstream has room under the cap (always, uncapped).
+    pub fn has_room(&self) -> bool {
+        let cap = self.balancer.cap;
+        cap == 0 || self.upstreams.iter().any(|u| u.load.active() < cap)
+    }
+
+    /// A lease on `upstream` for one attempt, unless it is at the cap.
+    pub fn lease(&self, upstream: &Arc<UpstreamState>) -> Option<Lease> {
+        Lease::take(upstream, self.balancer.cap)
     }
 }
 
@@ -168,6 +217,18 @@ pub struct AttemptOrder<'a> {
     down: DownSet,
 }
 
+impl AttemptOrder<'static> {
+    /// No upstream at all (the request is answered without one).
+    pub fn none() -> Self {
+        AttemptOrder {
+            upstreams: &[],
+            start: 0,
+            step: 0,
+            down: DownSet::Small(0),
+        }
+    }
+}
+
 impl<'a> Iterator for AttemptOrder<'a> {
     type Item = &'a Arc<UpstreamState>;
 
@@ -191,9 +252,17 @@ impl<'a> Iterator for AttemptOrder<'a> {
 pub struct UpstreamRegistry {
     map: Mutex<HashMap<(UpstreamUrl, TlsProfile), Weak<UpstreamState>>>,
     tls: ClientConfigs,
+    /// Active health checks, shared like the states.
+    pub checks: health::Checkers,
 }
 
 impl UpstreamRegistry {
+    /// Every upstream some route (or tunnel) still holds (metrics).
+    pub fn live(&self) -> Vec<Arc<UpstreamState>> {
+        let map = self.map.lock().expect("registry lock");
+        map.values().filter_map(Weak::upgrade).collect()
+    }
+
     pub fn get(&self, url: &UpstreamUrl, ca_pem: &str, insecure: bool) -> Arc<UpstreamState> {
         let profile = if url.tls {
             ClientConfigs::profile(ca_pem, insecure)
@@ -234,12 +303,12 @@ mod tests {
             reg.get(&url(3), "", false),
         ]);
         let firsts: Vec<u16> = (0..3)
-            .map(|_| pool.attempt_order().next().unwrap().url.port)
+            .map(|_| pool.attempt_order(None).next().unwrap().url.port)
             .collect();
         assert_eq!(firsts, [1, 2, 3]);
         pool.upstreams()[1].mark_down(Duration::from_secs(60));
         for _ in 0..3 {
-            let order: Vec<u16> = pool.attempt_order().map(|u| u.url.port).collect();
+            let order: Vec<u16> = pool.attempt_order(None).map(|u| u.url.port).collect();
             assert_eq!(order.len(), 3);
             assert_eq!(*order.last().unwrap(), 2, "{order:?}");
         }

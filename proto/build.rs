@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "charon/v1/tokens.proto",
         "charon/v1/nodes.proto",
         "charon/v1/observe.proto",
+        "charon/v1/access.proto",
         "charon/cluster/v1/sync.proto",
         "charon/store/v1/record.proto",
         "charon/store/v1/balance.proto",

@@ -21,6 +21,9 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 pub use crate::duration::parse_duration;
 use crate::error::CtlError;
 
+pub mod acl;
+pub mod redirect;
+
 const GLOBAL: &str = "Global options";
 const WAIT: &str = "Waiting for replication";
 const DRAIN_WAIT: &str = "Following the drain";
@@ -93,7 +96,46 @@ impl Cli {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let cli = Self::try_parse_from(args)?;
+        let matches = Self::command().try_get_matches_from(args)?;
+        let mut cli = <Self as clap::FromArgMatches>::from_arg_matches(&matches)?;
+        let location_acls = match &cli.command {
+            Command::Host(HostCommand::Add(a)) => Some((&a.location, &a.location_acl, "add")),
+            Command::Host(HostCommand::Update(a)) => Some((&a.location, &a.location_acl, "update")),
+            _ => None,
+        };
+        if let Some((locations, acls, sub)) = location_acls {
+            if let Some((path, _)) = acls
+                .iter()
+                .find(|(p, _)| !locations.iter().any(|l| l.path_prefix == *p))
+            {
+                let mut cmd = Self::command();
+                cmd.build();
+                let sub_cmd = cmd
+                    .find_subcommand_mut("host")
+                    .and_then(|c| c.find_subcommand_mut(sub))
+                    .expect("host subcommands are defined");
+                return Err(sub_cmd.error(
+                    ErrorKind::ValueValidation,
+                    format!("--location-acl {path}=...: no --location {path}=... is given"),
+                ));
+            }
+        }
+        if let Command::Acl(acl) = &mut cli.command {
+            acl::order_rules(acl, &matches);
+            if !acl.changes_something() {
+                let mut cmd = Self::command();
+                cmd.build();
+                let update_cmd = cmd
+                    .find_subcommand_mut("acl")
+                    .and_then(|c| c.find_subcommand_mut("update"))
+                    .expect("acl update is defined");
+                return Err(update_cmd.error(
+                    ErrorKind::MissingRequiredArgument,
+                    "nothing to change: give at least one of --allow, --deny, --clear-rules, \
+                     --default, --user, --user-hash, --clear-users, --realm",
+                ));
+            }
+        }
         if let Command::Host(HostCommand::Update(update)) = &cli.command {
             if !update.changes_something() {
                 let mut cmd = Self::command();
@@ -109,7 +151,8 @@ impl Cli {
                      --preserve-host, --forwarded-headers, --ws-idle-timeout, \
                      --ws-ping-interval, --upstream-timeout, --cert, --no-cert, \
                      --force-https, --hsts, --hsts-include-subdomains, --upstream-ca, \
-                     --system-roots, --upstream-insecure-skip-verify, or a balancing flag \
+                     --system-roots, --upstream-insecure-skip-verify, --acl, --rate-limit, \
+                     --rate-key, --rate-limit-scope, or a balancing flag \
                      (--lb, --upstream-max-conns, --health-path, ...)",
                 ));
             }
@@ -137,6 +180,13 @@ pub enum Command {
     /// The cluster's members and whether they have applied the same writes.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Access lists: allow/deny rules on client addresses and basic-auth
+    /// users, attached to hosts with `host add|update --acl NAME`.
+    #[command(subcommand)]
+    Acl(acl::AclCommand),
+    /// Redirect hosts: domains answered with a redirect to another URL.
+    #[command(subcommand)]
+    Redirect(redirect::RedirectCommand),
     /// API tokens: bearer tokens that work on every node of the cluster.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -201,6 +251,8 @@ impl Command {
             Command::Cert(CertCommand::Rm { wait, .. }) => wait,
             Command::Token(TokenCommand::Create { wait, .. }) => wait,
             Command::Token(TokenCommand::Revoke { wait, .. }) => wait,
+            Command::Acl(acl) => acl.wait()?,
+            Command::Redirect(r) => r.wait()?,
             _ => return None,
         };
         wait.timeout()
@@ -641,6 +693,27 @@ pub struct AddArgs {
     #[arg(long)]
     pub no_acme: bool,
 
+    /// Every request must pass this access list (`charonctl acl`).
+    #[arg(long, value_name = "NAME")]
+    pub acl: Option<String>,
+
+    /// Give a location given with --location its own access list; repeat.
+    #[arg(long, value_name = "PATH=NAME", value_parser = parse_location_acl, requires = "location")]
+    pub location_acl: Vec<(String, String)>,
+
+    /// Requests per client: N/s or N/m, optionally ,burst=N (default: a
+    /// second's worth); over it 429 with Retry-After. "" removes it.
+    #[arg(long, value_name = "N/s[,burst=B]")]
+    pub rate_limit: Option<String>,
+
+    /// What a client is for --rate-limit: ip (default) or header:NAME.
+    #[arg(long, value_name = "ip|header:NAME")]
+    pub rate_key: Option<String>,
+
+    /// cluster (default: the nodes together admit the rate) or node.
+    #[arg(long, value_name = "cluster|node")]
+    pub rate_limit_scope: Option<String>,
+
     #[command(flatten)]
     pub balance: Box<crate::balance::BalanceArgs>,
 
@@ -749,6 +822,27 @@ pub struct UpdateArgs {
     /// Opt the host out of automatic certificates (true) or back in (false).
     #[arg(long, value_name = "true|false")]
     pub no_acme: Option<bool>,
+
+    /// Attach this access list (`charonctl acl`) to the host; "" detaches.
+    #[arg(long, value_name = "NAME")]
+    pub acl: Option<String>,
+
+    /// Give a location given with --location its own access list; repeat.
+    #[arg(long, value_name = "PATH=NAME", value_parser = parse_location_acl, requires = "location")]
+    pub location_acl: Vec<(String, String)>,
+
+    /// Requests per client: N/s or N/m, optionally ,burst=N (default: a
+    /// second's worth); over it 429 with Retry-After. "" removes it.
+    #[arg(long, value_name = "N/s[,burst=B]")]
+    pub rate_limit: Option<String>,
+
+    /// What a client is for --rate-limit: ip (default) or header:NAME.
+    #[arg(long, value_name = "ip|header:NAME")]
+    pub rate_key: Option<String>,
+
+    /// cluster (default: the nodes together admit the rate) or node.
+    #[arg(long, value_name = "cluster|node")]
+    pub rate_limit_scope: Option<String>,
 
     /// Apply the change only if the host is still at this version.
     #[arg(long, value_name = "V")]
@@ -893,7 +987,11 @@ impl AddArgs {
                 domains: self.domains.clone(),
                 upstreams,
                 balancing: self.balance.to_pb(weights),
-                locations: self.location.clone(),
+                locations: with_location_acls(&self.location, &self.location_acl),
+                acl: self.acl.clone().unwrap_or_default(),
+                rate_limit: self.rate_limit.clone().unwrap_or_default(),
+                rate_key: self.rate_key.clone().unwrap_or_default(),
+                rate_limit_scope: self.rate_limit_scope.clone().unwrap_or_default(),
                 ws_idle_timeout_secs: self.ws_idle_timeout.unwrap_or(0),
                 ws_ping_interval_secs: self.ws_ping_interval.unwrap_or(0),
                 upstream_timeout_ms: self.upstream_timeout.unwrap_or(0),
@@ -940,6 +1038,10 @@ impl UpdateArgs {
             || self.upstream_insecure_skip_verify.is_some()
             || self.no_acme.is_some()
             || self.balance.changes_something()
+            || self.acl.is_some()
+            || self.rate_limit.is_some()
+            || self.rate_key.is_some()
+            || self.rate_limit_scope.is_some()
     }
 
     /// Only what the user named is set: an unset field or list keeps the
@@ -953,7 +1055,7 @@ impl UpdateArgs {
             })
         };
         let locations = (self.clear_locations || !self.location.is_empty()).then(|| LocationList {
-            values: self.location.clone(),
+            values: with_location_acls(&self.location, &self.location_acl),
         });
         let enabled = match (self.enable, self.disable) {
             (true, _) => Some(true),
@@ -994,6 +1096,11 @@ impl UpdateArgs {
             upstream_ca_pem,
             upstream_insecure_skip_verify: self.upstream_insecure_skip_verify,
             no_acme: self.no_acme,
+            acl: self.acl.clone(),
+            rate_limit: self.rate_limit.clone(),
+            rate_key: self.rate_key.clone(),
+            rate_limit_scope: self.rate_limit_scope.clone(),
+            ..UpdateHostRequest::default()
         })
     }
 }
@@ -1015,7 +1122,32 @@ pub fn parse_location(value: &str) -> Result<Location, String> {
         path_prefix: path.to_string(),
         upstreams,
         balancing,
+        ..Location::default()
     })
+}
+
+/// Parses `--location-acl PATH=NAME`.
+pub fn parse_location_acl(value: &str) -> Result<(String, String), String> {
+    match value.split_once('=') {
+        Some((p, n)) if !p.trim().is_empty() && !n.trim().is_empty() => {
+            Ok((p.trim().to_string(), n.trim().to_string()))
+        }
+        _ => Err("expected PATH=NAME, e.g. /admin=office".to_string()),
+    }
+}
+
+/// The locations with the access lists `--location-acl` gave them.
+fn with_location_acls(locations: &[Location], acls: &[(String, String)]) -> Vec<Location> {
+    locations
+        .iter()
+        .map(|l| {
+            let mut l = l.clone();
+            if let Some((_, name)) = acls.iter().find(|(p, _)| *p == l.path_prefix) {
+                l.acl = name.clone();
+            }
+            l
+        })
+        .collect()
 }
 
 /// Parses `--endpoint`. A bare `host:port` means `http://host:port`.

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use charon_proto::v1::access_lists_client::AccessListsClient;
 use charon_proto::v1::certificates_client::CertificatesClient;
 use charon_proto::v1::cluster_client::ClusterClient;
 use charon_proto::v1::hosts_client::HostsClient;
@@ -54,6 +55,7 @@ pub type Nodes = NodesClient<Authed>;
 pub type Logs = LogsClient<Authed>;
 pub type Tunnels = TunnelsClient<Authed>;
 pub type Balance = charon_proto::v1::balance_client::BalanceClient<Authed>;
+pub type AccessLists = AccessListsClient<Authed>;
 
 /// The API's services, sharing one connection; a clone shares it too.
 #[derive(Clone)]
@@ -66,6 +68,7 @@ pub struct Api {
     pub logs: Logs,
     pub tunnels: Tunnels,
     pub balance: Balance,
+    pub access: AccessLists,
 }
 
 /// The version of a write, as `Cluster.WaitForWrite` takes it.
@@ -285,6 +288,7 @@ pub async fn connect_with(
         nodes: NodesClient::with_interceptor(channel.clone(), auth.clone()),
         logs: LogsClient::with_interceptor(channel.clone(), auth.clone()),
         tunnels: TunnelsClient::with_interceptor(channel.clone(), auth.clone()),
+        access: AccessListsClient::with_interceptor(channel.clone(), auth.clone()),
         balance: charon_proto::v1::balance_client::BalanceClient::with_interceptor(channel, auth),
     })
 }

@@ -217,6 +217,8 @@ enum Call {
     },
     Undrain(UndrainRequest),
     DrainStatus(DrainStatusRequest),
+    Acl(cli::acl::AclCall),
+    Redirect(cli::redirect::RedirectCall),
 }
 
 impl Call {
@@ -275,6 +277,10 @@ impl Call {
                 NodeCommand::Undrain { node } => Call::Undrain(UndrainRequest { node }),
                 NodeCommand::Status { node } => Call::DrainStatus(DrainStatusRequest { node }),
             },
+            Command::Acl(cmd) => {
+                Call::Acl(cli::acl::AclCall::prepare(cmd).map_err(CtlError::Refused)?)
+            }
+            Command::Redirect(cmd) => Call::Redirect(cli::redirect::RedirectCall::prepare(cmd)),
             Command::Logs(_) | Command::Tunnels(_) => {
                 unreachable!("run() hands logs and tunnels to crate::observe")
             }
@@ -302,6 +308,8 @@ impl Call {
             Call::Drain { .. } => "Nodes.Drain",
             Call::Undrain(_) => "Nodes.Undrain",
             Call::DrainStatus(_) => "Nodes.DrainStatus",
+            Call::Acl(c) => c.method(),
+            Call::Redirect(c) => c.method(),
         }
     }
 
@@ -472,6 +480,16 @@ impl Call {
                 } else {
                     output::undrained(&reply)
                 };
+                Printed::with_metadata(stdout, metadata)
+            }
+            Call::Redirect(call) => {
+                let (stdout, metadata) =
+                    crate::redirect::execute(call, &mut api.hosts, json).await?;
+                Printed::with_metadata(stdout, metadata)
+            }
+            Call::Acl(call) => {
+                let (stdout, metadata) =
+                    crate::access::execute(call, &mut api.access, json).await?;
                 Printed::with_metadata(stdout, metadata)
             }
             Call::DrainStatus(request) => {

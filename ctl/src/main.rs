@@ -1,5 +1,7 @@
 //! `charonctl`: the command-line client of a Charon cluster.
 //!
+//! - [`access`]: `acl`, access lists
+//! - [`redirect`]: `redirect`, redirect hosts
 //! - [`cli`]: clap types, flag parsing, arguments → API requests
 //! - [`balance`]: balancing flags (issue 19); [`balance_cmd`]: `host
 //!   upstream drain|undrain` and the per-upstream table of `host show`
@@ -17,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+mod access;
 mod balance;
 mod balance_cmd;
 mod cli;
@@ -27,6 +30,7 @@ mod duration;
 mod error;
 mod observe;
 mod output;
+mod redirect;
 
 use std::process::ExitCode;
 

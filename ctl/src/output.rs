@@ -142,6 +142,29 @@ pub fn host_details(h: &ProxyHost) -> String {
         ("hsts", hsts(h)),
     ]);
     rows.extend(crate::balance::details(h.balancing.as_ref()));
+    if !h.acl.is_empty() {
+        rows.push(("access list", h.acl.clone()));
+    }
+    if !h.rate_limit.is_empty() {
+        rows.push((
+            "rate limit",
+            format!(
+                "{} per {} ({} scope)",
+                h.rate_limit, h.rate_key, h.rate_limit_scope
+            ),
+        ));
+    }
+    if !h.redirect_to.is_empty() {
+        let path = if h.redirect_keep_path {
+            " (path and query appended)"
+        } else {
+            ""
+        };
+        rows.push((
+            "redirect",
+            format!("{} to {}{path}", h.redirect_code, h.redirect_to),
+        ));
+    }
     if h.locations.is_empty() {
         rows.push(("locations", "none".to_string()));
     }
@@ -892,7 +915,7 @@ fn days_left(not_after_ms: u64, now_ms: u64) -> Option<u64> {
 
 /// One `key: value` line per row, the values aligned; an empty key continues
 /// the row above.
-fn key_values(rows: &[(&str, String)]) -> String {
+pub(crate) fn key_values(rows: &[(&str, String)]) -> String {
     let width = rows.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
     rows.iter()
         .map(|(key, value)| {
@@ -950,6 +973,9 @@ fn or_zero(value: u32, unit: &str, zero: &str) -> String {
 fn location(loc: &Location) -> String {
     let mut line = format!("{} -> {}", loc.path_prefix, loc.upstreams.join(", "));
     line.push_str(&crate::balance::location_suffix(loc.balancing.as_ref()));
+    if !loc.acl.is_empty() {
+        line.push_str(&format!(" (access list {})", loc.acl));
+    }
     line
 }
 
@@ -1012,11 +1038,13 @@ mod tests {
                     path_prefix: "/api".into(),
                     upstreams: vec!["http://10.0.0.6:1".into(), "http://10.0.0.7:1".into()],
                     balancing: None,
+                    ..Default::default()
                 },
                 Location {
                     path_prefix: "/ws".into(),
                     upstreams: vec!["http://10.0.0.8:1".into()],
                     balancing: None,
+                    ..Default::default()
                 },
             ],
             ws_idle_timeout_secs: 0,
@@ -1034,6 +1062,8 @@ mod tests {
             conflicts: vec![],
             no_acme: false,
             balancing: None,
+            acl: String::new(),
+            ..ProxyHost::default()
         }
     }
 
@@ -1150,6 +1180,13 @@ version:            3
             "version",
             "conflicts",
             "balancing",
+            "acl",
+            "redirect_to",
+            "redirect_code",
+            "redirect_keep_path",
+            "rate_limit",
+            "rate_key",
+            "rate_limit_scope",
         ];
         want.sort();
         assert_eq!(keys, want);

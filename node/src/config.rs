@@ -64,6 +64,15 @@ pub struct Args {
     /// [default: true]
     #[arg(long, env = "CHARON_H2_WEBSOCKETS")]
     pub h2_websockets: Option<bool>,
+    /// Open connections one client (IPv4 address, IPv6 /64) may hold,
+    /// WebSocket tunnels included; over it, 429 and close. Trusted proxies
+    /// are exempt [default: 0 = no cap]
+    #[arg(long, env = "CHARON_MAX_CONNS_PER_IP")]
+    pub max_conns_per_ip: Option<u32>,
+    /// Open client connections in all (tunnels included); at the cap the
+    /// node stops accepting until some close [default: 0 = no cap]
+    #[arg(long, env = "CHARON_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// Time to connect to an upstream, in ms [default: 5000]
     #[arg(long, env = "CHARON_CONNECT_TIMEOUT_MS")]
     pub connect_timeout_ms: Option<u64>,
@@ -206,6 +215,8 @@ struct FileConfig {
     upstream_timeout_ms: Option<u64>,
     header_read_timeout_ms: Option<u64>,
     h2_websockets: Option<bool>,
+    max_conns_per_ip: Option<u32>,
+    max_connections: Option<usize>,
     connect_timeout_ms: Option<u64>,
     failure_cooldown_secs: Option<u64>,
     shutdown_grace_secs: Option<u64>,
@@ -413,6 +424,10 @@ impl Config {
                 .h2_websockets
                 .or(file.h2_websockets)
                 .unwrap_or(defaults.h2_websockets),
+            limits: crate::proxy::limits::LimitConfig {
+                max_conns_per_ip: args.max_conns_per_ip.or(file.max_conns_per_ip).unwrap_or(0),
+                max_connections: args.max_connections.or(file.max_connections).unwrap_or(0),
+            },
         };
         let log_format = match args.log_format.or(file.log_format).as_deref() {
             None | Some("text") => LogFormat::Text,

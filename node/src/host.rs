@@ -19,6 +19,9 @@ pub struct Location {
     pub upstreams: Vec<String>,
     /// The location's own balancing (issue 19).
     pub balancing: Balancing,
+    /// Access list (name) for this prefix instead of the host's; "" = the
+    /// host's.
+    pub acl: String,
 }
 
 /// One proxy host: the domains it answers for and where traffic goes.
@@ -62,6 +65,23 @@ pub struct ProxyHost {
     pub no_acme: bool,
     /// How requests and tunnels are spread over `upstreams` (issue 19).
     pub balancing: Balancing,
+    /// Access list (name, see [`crate::access`]) for every request; "" =
+    /// none.
+    pub acl: String,
+    /// A redirect host's target (absolute http(s) URL): every request is
+    /// answered with a redirect there; "" = a proxy host.
+    pub redirect_to: String,
+    /// 301, 302, 307 or 308 (0 is taken as 301).
+    pub redirect_code: u32,
+    /// Append the request's path and query to `redirect_to`.
+    pub redirect_keep_path: bool,
+    /// Requests per client, canonical `N/s,burst=B` ([`crate::access::rate`]);
+    /// "" = none.
+    pub rate_limit: String,
+    /// `ip` or `header:name`; "" (no limit) or canonical.
+    pub rate_key: String,
+    /// `cluster` or `node`.
+    pub rate_limit_scope: String,
 }
 
 /// A parsed upstream URL. Only scheme and authority: a path would silently
@@ -233,10 +253,24 @@ impl ProxyHost {
                 ));
             }
         }
-        validate_upstreams("upstreams", &self.upstreams)?;
-        self.upstreams = canonical_upstreams(&self.upstreams);
-        self.balancing
-            .normalize_and_validate("balancing", &self.upstreams, canonical_upstream)?;
+        if self.redirect_to.trim().is_empty() {
+            self.redirect_to.clear();
+            if self.redirect_code != 0 || self.redirect_keep_path {
+                return Err(FieldError::new(
+                    "redirect_to",
+                    "is required with a redirect code or --keep-path",
+                ));
+            }
+            validate_upstreams("upstreams", &self.upstreams)?;
+            self.upstreams = canonical_upstreams(&self.upstreams);
+            self.balancing.normalize_and_validate(
+                "balancing",
+                &self.upstreams,
+                canonical_upstream,
+            )?;
+        } else {
+            self.validate_redirect()?;
+        }
         let mut prefixes = HashSet::new();
         for (i, loc) in self.locations.iter_mut().enumerate() {
             let field = format!("locations[{i}]");
@@ -259,6 +293,10 @@ impl ProxyHost {
                 ));
             }
             validate_upstreams(&format!("{field}.upstreams"), &loc.upstreams)?;
+            loc.acl = loc.acl.trim().to_string();
+            if !loc.acl.is_empty() {
+                crate::access::check_name(&format!("{field}.acl"), &loc.acl)?;
+            }
             loc.upstreams = canonical_upstreams(&loc.upstreams);
             loc.balancing.normalize_and_validate(
                 &format!("{field}.balancing"),
@@ -279,6 +317,15 @@ impl ProxyHost {
             .collect();
         self.balancing.prune_drains(&all);
         self.cert_id = self.cert_id.trim().to_string();
+        crate::access::rate::normalize_host_fields(
+            &mut self.rate_limit,
+            &mut self.rate_key,
+            &mut self.rate_limit_scope,
+        )?;
+        self.acl = self.acl.trim().to_string();
+        if !self.acl.is_empty() {
+            crate::access::check_name("acl", &self.acl)?;
+        }
         if !self.upstream_ca_pem.trim().is_empty() {
             crate::tls::upstream::validate_ca_pem(&self.upstream_ca_pem)
                 .map_err(|e| FieldError::new("upstream_ca_pem", e))?;
@@ -304,6 +351,79 @@ impl ProxyHost {
 
 fn canonical_upstream(u: &str) -> Option<String> {
     UpstreamUrl::parse(u).ok().map(|p| p.to_string())
+}
+
+impl ProxyHost {
+    /// A redirect host: a target that is an absolute http(s) URL on
+    /// another name than the host's own (a redirect to itself would loop),
+    /// a redirect code, and no upstreams or locations (nothing is proxied).
+    fn validate_redirect(&mut self) -> Result<(), FieldError> {
+        self.redirect_to = self.redirect_to.trim().to_string();
+        let target = redirect_target_host(&self.redirect_to)
+            .map_err(|e| FieldError::new("redirect_to", e))?;
+        let own = self.domains.iter().find(|d| match d.strip_prefix("*.") {
+            Some(suffix) => target.ends_with(&format!(".{suffix}")),
+            None => **d == target,
+        });
+        if let Some(d) = own {
+            return Err(FieldError::new(
+                "redirect_to",
+                format!(
+                    "{:?} points at the host's own domain {d:?}: it would redirect to itself",
+                    self.redirect_to
+                ),
+            ));
+        }
+        self.redirect_code = match self.redirect_code {
+            0 => 301,
+            c @ (301 | 302 | 307 | 308) => c,
+            c => {
+                return Err(FieldError::new(
+                    "redirect_code",
+                    format!("{c} must be 301, 302, 307 or 308"),
+                ))
+            }
+        };
+        if !self.upstreams.is_empty() {
+            return Err(FieldError::new(
+                "upstreams",
+                "a redirect host has no upstreams: it answers every request itself",
+            ));
+        }
+        if !self.locations.is_empty() {
+            return Err(FieldError::new(
+                "locations",
+                "a redirect host has no locations",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The lower-cased host name (IPv6 in brackets) of an absolute http(s)
+/// URL, as Host headers spell it.
+fn redirect_target_host(url: &str) -> Result<String, String> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| format!("{url:?} must be an absolute http:// or https:// URL"))?;
+    if url.chars().any(|c| c.is_ascii_control() || c == ' ') {
+        return Err(format!(
+            "{url:?} must not contain spaces or control characters"
+        ));
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
+        return Err(format!("{url:?} must not carry user info"));
+    }
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => format!("[{}]", v6.split(']').next().unwrap_or("")),
+        None => authority.split(':').next().unwrap_or("").to_string(),
+    };
+    if host.is_empty() || host == "[]" {
+        return Err(format!("{url:?} has no host"));
+    }
+    normalize_domain(&host).map_err(|e| format!("{url:?}: {e}"))
 }
 
 fn canonical_upstreams(list: &[String]) -> Vec<String> {
@@ -339,6 +459,7 @@ mod tests {
                 path_prefix: "/api".into(),
                 upstreams: vec!["http://[::1]:81/".into()],
                 balancing: Balancing::default(),
+                acl: String::new(),
             }],
             ws_idle_timeout_secs: 0,
             ws_ping_interval_secs: 0,
@@ -399,5 +520,50 @@ mod tests {
         assert_eq!(u.authority(), "[::1]:8080");
         let u = UpstreamUrl::parse("https://Example.com").unwrap();
         assert_eq!((u.tls, u.port, u.host.as_str()), (true, 443, "example.com"));
+    }
+
+    #[test]
+    fn redirect_hosts() {
+        let redirect = |to: &str, code: u32| ProxyHost {
+            domains: vec!["old.example".into(), "*.old.example".into()],
+            redirect_to: to.into(),
+            redirect_code: code,
+            ..Default::default()
+        };
+        let mut ok = redirect(" https://new.example/landing ", 0);
+        ok.normalize_and_validate().unwrap();
+        assert_eq!(
+            (ok.redirect_to.as_str(), ok.redirect_code),
+            ("https://new.example/landing", 301)
+        );
+        for to in ["http://[2001:db8::1]:8080/x", "https://NEW.example:8443?q"] {
+            redirect(to, 308).normalize_and_validate().unwrap();
+        }
+        let cases: &[(&str, u32, &str)] = &[
+            ("https://old.example/x", 301, "redirect_to"),
+            ("http://OLD.example:8080", 301, "redirect_to"),
+            ("https://a.old.example", 301, "redirect_to"),
+            ("ftp://new.example", 301, "redirect_to"),
+            ("new.example", 301, "redirect_to"),
+            ("https://", 301, "redirect_to"),
+            ("https://user@new.example", 301, "redirect_to"),
+            ("https://new.example", 303, "redirect_code"),
+        ];
+        for (to, code, field) in cases {
+            let err = redirect(to, *code).normalize_and_validate().unwrap_err();
+            assert_eq!(err.field, *field, "{to}: {err}");
+        }
+        let mut with_upstream = redirect("https://new.example", 0);
+        with_upstream.upstreams = vec!["http://a:1".into()];
+        assert_eq!(
+            with_upstream.normalize_and_validate().unwrap_err().field,
+            "upstreams"
+        );
+        let mut code_alone = host();
+        code_alone.redirect_code = 302;
+        assert_eq!(
+            code_alone.normalize_and_validate().unwrap_err().field,
+            "redirect_to"
+        );
     }
 }

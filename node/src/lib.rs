@@ -2,6 +2,8 @@
 //!
 //! Modules and the direction data flows in:
 //!
+//! - [`access`]: access lists (address rules, basic-auth users), the
+//!   records and their compiled form the proxy's request policy uses.
 //! - [`acme`]: automatic certificates: which names need one, which node
 //!   orders it (once per cluster), challenge answers, renewal.
 //! - [`config`]: flags, `CHARON_*` env and TOML file, validated before any
@@ -23,12 +25,15 @@
 //! - [`admin`]: `/healthz`, `/readyz`.
 //! - [`node`]: wiring: opens the store, binds listeners, serves, shuts down.
 //! - [`validate`]: `FieldError`, what every validation returns.
+//! - [`cidr`]: address ranges (`--trusted-proxy`, access rules).
 //! - [`util`]: the wall clock, the FNV hasher, date formatting.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod acme;
 pub mod admin;
 pub mod api;
+pub mod cidr;
 pub mod cluster;
 pub mod config;
 pub mod drain;

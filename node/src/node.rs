@@ -326,6 +326,7 @@ pub async fn run(
                 crate::acme::publish(snap, acme_directory.as_deref(), &data_key, &tls);
             }
             auth.apply_tokens(&changes.tokens);
+            proxy.apply_acls(&changes.acls);
             // Only routed hosts reach the tables: each domain goes to the
             // one host that holds it (store::names).
             proxy.apply_hosts(&changes.hosts);
@@ -337,6 +338,7 @@ pub async fn run(
     let cluster = Cluster::start(cluster_config, store.clone(), &UdpTransport, None)
         .await
         .map_err(|e| NodeError::Cluster(format!("{e:#}")))?;
+    spawn_rate_exchange(proxy.clone(), cluster.clone());
     crate::api::tokens::register_admin_token(&store, &config.cluster.node_name, auth.admin_hash())?;
     write_listen_file(&dir, &bound)?;
 
@@ -464,6 +466,26 @@ pub async fn run(
     let _ = std::fs::remove_file(dir.join(LISTEN_FILE));
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Cluster-scope rate limits: every 250 ms, this node's admissions of its
+/// busiest clients go into its gossip keys and the other nodes' are
+/// charged here (see `proxy::rate`). Cheap when no host has a limit: an
+/// empty value, set once.
+fn spawn_rate_exchange(proxy: Arc<crate::proxy::Proxy>, cluster: Arc<Cluster>) {
+    use crate::cluster::gossip::{decode_rate, encode_rate};
+    tokio::spawn(async move {
+        // The publish interval; gossip adds about one round (200 ms).
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let mine = encode_rate(&proxy.rates.hot());
+            for (peer, value) in cluster.rate_exchange(&mine).await {
+                proxy.rates.charge(&peer, &decode_rate(&value));
+            }
+        }
+    });
 }
 
 #[cfg(test)]

@@ -138,6 +138,7 @@ fn invalid_creates() -> Vec<(&'static str, CreateHostRequest, &'static [&'static
                     path_prefix: "api".into(),
                     upstreams: vec![upstream(9)],
                     balancing: None,
+                    ..Default::default()
                 }]
             }),
             &["location", "path_prefix"],
@@ -149,6 +150,7 @@ fn invalid_creates() -> Vec<(&'static str, CreateHostRequest, &'static [&'static
                     path_prefix: "/api".into(),
                     upstreams: vec!["nope".into()],
                     balancing: None,
+                    ..Default::default()
                 }]
             }),
             &["location", "upstream"],

@@ -151,11 +151,13 @@ async fn longest_location_prefix_wins() -> Result<()> {
             path_prefix: "/api".into(),
             upstreams: vec![api.url()],
             balancing: None,
+            ..Default::default()
         },
         Location {
             path_prefix: "/api/v2".into(),
             upstreams: vec![v2.url()],
             balancing: None,
+            ..Default::default()
         },
     ];
     node.create_host(req).await?;
@@ -856,6 +858,7 @@ async fn location_prefix_is_a_path_segment() -> Result<()> {
         path_prefix: "/api".into(),
         upstreams: vec![api.url()],
         balancing: None,
+        ..Default::default()
     }];
     node.create_host(req).await?;
     node.wait_routed("seg.test").await?;

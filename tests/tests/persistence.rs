@@ -19,6 +19,7 @@ async fn hosts_are_routed_after_restart_without_resaving() -> Result<()> {
         path_prefix: "/b".into(),
         upstreams: vec![b.url()],
         balancing: None,
+        ..Default::default()
     }];
     node.create_host(req).await?;
     node.wait_routed("*.wild.test").await?;

@@ -270,6 +270,7 @@ async fn host_selection() -> Result<()> {
         path_prefix: "/api".into(),
         upstreams: vec![api.url()],
         balancing: None,
+        ..Default::default()
     }];
     f.node.create_host(req).await?;
     f.node.wait_routed("loc.pol.test").await?;

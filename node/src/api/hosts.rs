@@ -40,6 +40,9 @@ pub enum HostsError {
     Missing(String),
     #[error("{0}")]
     Exists(String),
+    /// A record others still refer to.
+    #[error("{0}")]
+    InUse(String),
     #[error("{what} {id} is at version {actual}, not {expected}: it was changed meanwhile; re-read it and retry")]
     VersionMismatch {
         what: &'static str,
@@ -71,6 +74,7 @@ impl From<HostsError> for Status {
                 Status::not_found(e.to_string())
             }
             e @ HostsError::Exists(_) => Status::already_exists(e.to_string()),
+            e @ HostsError::InUse(_) => Status::failed_precondition(e.to_string()),
             e @ HostsError::VersionMismatch { .. } => Status::failed_precondition(e.to_string()),
             e @ HostsError::CatchingUp => Status::unavailable(e.to_string()),
             e @ HostsError::DeadlinePassed(_) => Status::deadline_exceeded(e.to_string()),
@@ -177,6 +181,28 @@ fn check_cert_exists(view: &View<'_>, host: &ProxyHost) -> Result<(), HostsError
     Ok(())
 }
 
+/// Every access list the host names must exist: a typo would otherwise
+/// lock every client out (an unknown list refuses all requests).
+fn check_acls_exist(view: &View<'_>, host: &ProxyHost) -> Result<(), HostsError> {
+    let acls = &view.snapshot().acls;
+    let named = std::iter::once(("acl".to_string(), &host.acl)).chain(
+        host.locations
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (format!("locations[{i}].acl"), &l.acl)),
+    );
+    for (field, name) in named {
+        if !name.is_empty() && acls.get(name).is_none() {
+            return Err(FieldError::new(
+                field,
+                format!("no access list named {name:?} (charonctl acl list)"),
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
 /// A new host id. With an idempotency key the id is derived from it, so
 /// that the same create retried on two nodes before they hear of each
 /// other writes the same record (one host, merged last-writer-wins)
@@ -211,6 +237,7 @@ fn locations_from_pb(list: Vec<pb::Location>) -> Vec<Location> {
             path_prefix: l.path_prefix,
             upstreams: l.upstreams,
             balancing: super::balance_pb::from_pb(l.balancing),
+            acl: l.acl,
         })
         .collect()
 }
@@ -249,6 +276,7 @@ pub fn host_to_pb(h: &ProxyHost, snap: Option<&Snapshot>) -> pb::ProxyHost {
                 path_prefix: l.path_prefix.clone(),
                 upstreams: l.upstreams.clone(),
                 balancing: super::balance_pb::to_pb(&l.balancing),
+                acl: l.acl.clone(),
             })
             .collect(),
         ws_idle_timeout_secs: h.ws_idle_timeout_secs,
@@ -265,6 +293,13 @@ pub fn host_to_pb(h: &ProxyHost, snap: Option<&Snapshot>) -> pb::ProxyHost {
         upstream_insecure_skip_verify: h.upstream_insecure_skip_verify,
         no_acme: h.no_acme,
         balancing: super::balance_pb::to_pb(&h.balancing),
+        acl: h.acl.clone(),
+        redirect_to: h.redirect_to.clone(),
+        redirect_code: h.redirect_code,
+        redirect_keep_path: h.redirect_keep_path,
+        rate_limit: h.rate_limit.clone(),
+        rate_key: h.rate_key.clone(),
+        rate_limit_scope: h.rate_limit_scope.clone(),
     }
 }
 
@@ -306,6 +341,13 @@ impl pb::hosts_server::Hosts for HostsApi {
             create_key: key.clone().unwrap_or_default(),
             no_acme: h.no_acme,
             balancing: super::balance_pb::from_pb(h.balancing),
+            acl: h.acl,
+            redirect_to: h.redirect_to,
+            redirect_code: h.redirect_code,
+            redirect_keep_path: h.redirect_keep_path,
+            rate_limit: h.rate_limit,
+            rate_key: h.rate_key,
+            rate_limit_scope: h.rate_limit_scope,
         };
         host.normalize_and_validate().map_err(HostsError::from)?;
         let ((created, fresh), stamp) = self
@@ -320,6 +362,7 @@ impl pb::hosts_server::Hosts for HostsApi {
                 host.id = new_id(view, key.as_deref());
                 check_domains_free(view, &host, None)?;
                 check_cert_exists(view, &host)?;
+                check_acls_exist(view, &host)?;
                 Ok((host_writes(view, None, Some(&host)), (host, true)))
             })
             .await?;
@@ -413,9 +456,21 @@ impl pb::hosts_server::Hosts for HostsApi {
                     .upstream_insecure_skip_verify
                     .unwrap_or(h.upstream_insecure_skip_verify);
                 h.no_acme = r.no_acme.unwrap_or(h.no_acme);
+                h.acl = r.acl.unwrap_or(h.acl);
+                h.redirect_to = r.redirect_to.unwrap_or(h.redirect_to);
+                h.redirect_code = r.redirect_code.unwrap_or(h.redirect_code);
+                h.redirect_keep_path = r.redirect_keep_path.unwrap_or(h.redirect_keep_path);
+                h.rate_limit = r.rate_limit.unwrap_or(h.rate_limit);
+                h.rate_key = r.rate_key.unwrap_or(h.rate_key);
+                h.rate_limit_scope = r.rate_limit_scope.unwrap_or(h.rate_limit_scope);
+                if h.redirect_to.is_empty() {
+                    // Back to a proxy host: the redirect's settings go too.
+                    (h.redirect_code, h.redirect_keep_path) = (0, false);
+                }
                 h.normalize_and_validate()?;
                 check_domains_free(view, &h, Some(current))?;
                 check_cert_exists(view, &h)?;
+                check_acls_exist(view, &h)?;
                 if h == **current {
                     // Nothing changed: no write, no new version.
                     return Ok((vec![], h));

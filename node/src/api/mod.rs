@@ -4,6 +4,7 @@
 //! writes to [`crate::store::Store::transact`]. Internal errors are logged
 //! here and turned into statuses a client can act on.
 
+pub mod access;
 pub mod auth;
 pub mod balance;
 pub mod balance_pb;
@@ -18,6 +19,7 @@ pub mod writes;
 use std::future::Future;
 use std::sync::Arc;
 
+use charon_proto::v1::access_lists_server::AccessListsServer;
 use charon_proto::v1::certificates_server::CertificatesServer;
 use charon_proto::v1::cluster_server::ClusterServer;
 use charon_proto::v1::hosts_server::HostsServer;
@@ -142,6 +144,11 @@ pub async fn serve(
         ),
         move |req| tokens_auth.check(req),
     );
+    let access_auth = auth.clone();
+    let access_api = AccessListsServer::with_interceptor(
+        access::AccessApi::new(store.clone(), gate.clone()),
+        move |req| access_auth.check(req),
+    );
     let hosts_auth = auth.clone();
     let hosts = HostsServer::with_interceptor(
         hosts::HostsApi::new(store.clone(), gate.clone()),
@@ -173,6 +180,7 @@ pub async fn serve(
         .add_service(logs)
         .add_service(tunnels_api)
         .add_service(balance)
+        .add_service(access_api)
         .add_service(sync)
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -33,6 +33,9 @@ const K_TUNNELS: &str = "tunnels";
 const K_DEADLINE: &str = "drain_deadline";
 const K_LISTENERS_CLOSED: &str = "listeners_closed";
 const K_CUT: &str = "cut";
+/// Rate-limit admissions of this node's busiest clients (cluster scope):
+/// `host:key:total` entries, at most `proxy::rate::HOT_KEYS`.
+pub(super) const K_RATE: &str = "rl";
 
 /// Values of `status`.
 pub const STATUS_SERVING: &str = "serving";
@@ -132,6 +135,30 @@ pub(super) fn decode_vv(s: &str) -> VersionVector {
         .collect()
 }
 
+/// Rate-limit entries (host id, client key, admitted in all) as gossip:
+/// `host:keyhex:total` joined by `,` (host ids have no `:` or `,`).
+pub fn encode_rate(entries: &[(String, u64, u64)]) -> String {
+    entries
+        .iter()
+        .map(|(h, k, t)| format!("{h}:{k:x}:{t}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+pub fn decode_rate(s: &str) -> Vec<(String, u64, u64)> {
+    s.split(',')
+        .filter_map(|e| {
+            let mut p = e.split(':');
+            let (h, k, t) = (p.next()?, p.next()?, p.next()?);
+            Some((
+                h.to_string(),
+                u64::from_str_radix(k, 16).ok()?,
+                t.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
 /// The store's state hash as 16 hex digits.
 pub(super) fn hash_hex(h: u64) -> String {
     format!("{h:016x}")
@@ -192,6 +219,16 @@ mod tests {
         );
         state.delete(&seq_key("a"));
         assert_eq!(read_vv(&state), [("b".to_string(), 5)].into());
+    }
+
+    #[test]
+    fn rate_entries_round_trip() {
+        let e = vec![
+            ("h-1".to_string(), 0xdead_beef_u64, 42),
+            ("h-2".to_string(), 7, 1),
+        ];
+        assert_eq!(decode_rate(&encode_rate(&e)), e);
+        assert!(decode_rate("").is_empty());
     }
 
     #[test]

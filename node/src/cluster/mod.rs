@@ -358,6 +358,24 @@ impl Cluster {
         }
     }
 
+    /// Publishes this node's rate-limit admissions (cluster scope) and
+    /// returns every live peer's: (peer node id with generation, value).
+    pub async fn rate_exchange(&self, mine: &str) -> Vec<(String, String)> {
+        let cc = self.handle.chitchat();
+        let mut cc = cc.lock().await;
+        if cc.self_node_state().get(gossip::K_RATE) != Some(mine) {
+            cc.self_node_state().set(gossip::K_RATE, mine);
+        }
+        let me = cc.self_chitchat_id().clone();
+        let live: Vec<ChitchatId> = cc.live_nodes().filter(|id| **id != me).cloned().collect();
+        live.into_iter()
+            .filter_map(|id| {
+                let v = cc.node_state(&id)?.get(gossip::K_RATE)?.to_string();
+                Some((format!("{}/{}", id.node_id, id.generation_id), v))
+            })
+            .collect()
+    }
+
     pub async fn set_status(&self, status: &str) {
         self.set_fact(K_STATUS, status).await;
     }

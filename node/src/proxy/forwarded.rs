@@ -5,6 +5,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+pub use crate::cidr::Cidr;
 use http::header::{
     HeaderMap, HeaderName, HeaderValue, CONNECTION, FORWARDED, TE, TRAILER, TRANSFER_ENCODING,
     UPGRADE,
@@ -66,66 +67,55 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// An address range in CIDR notation, for `--trusted-proxy`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, p) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = a
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IP address or CIDR range"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match p {
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{s:?} has an invalid prefix length"))?,
-            None => max,
-        };
-        Ok(Cidr { addr, prefix })
+/// The client's address for access rules and limits: the peer's, unless
+/// the peer is a trusted proxy; then `X-Forwarded-For` is read from the
+/// right (the hop nearest to us) and the first address that is not itself
+/// a trusted proxy is the client. Everything left of it may have been
+/// written by the client and is never believed, so a client cannot pass
+/// itself off as another address, even through a trusted proxy. An
+/// unreadable entry stops the walk at the last address known good.
+/// `xff` gives the fields' values in the order received.
+pub fn client_ip<'a>(
+    peer: IpAddr,
+    trusted: &[Cidr],
+    xff: impl DoubleEndedIterator<Item = &'a [u8]>,
+) -> IpAddr {
+    let peer = peer.to_canonical();
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
+    if !is_trusted(peer) {
+        return peer;
     }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-impl Cidr {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
+    let mut client = peer;
+    for field in xff.rev() {
+        for entry in field.rsplit(|&b| b == b',') {
+            let entry = entry.trim_ascii();
+            if entry.is_empty() {
+                continue;
             }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
+            let Some(ip) = parse_xff_entry(entry) else {
+                return client;
+            };
+            client = ip;
+            if !is_trusted(ip) {
+                return ip;
             }
-            _ => false,
         }
     }
+    client
+}
+
+/// One `X-Forwarded-For` entry: an address, maybe with a port
+/// (`1.2.3.4:5678`, `[::1]:80`), as some proxies write them.
+fn parse_xff_entry(entry: &[u8]) -> Option<IpAddr> {
+    let s = std::str::from_utf8(entry).ok()?;
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(ip.to_canonical());
+    }
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Some(sa.ip().to_canonical());
+    }
+    let inner = s.strip_prefix('[').and_then(|r| r.strip_suffix(']'))?;
+    inner.parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
 }
 
 static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -533,5 +523,40 @@ mod tests {
             ),
             "{out}"
         );
+    }
+
+    #[test]
+    fn client_address_through_trusted_proxies() {
+        let trusted: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap(), "::1".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // (peer, X-Forwarded-For fields, client)
+        let cases: &[(&str, &[&str], &str)] = &[
+            ("203.0.113.9", &["1.2.3.4"], "203.0.113.9"),
+            ("10.0.0.1", &[], "10.0.0.1"),
+            ("10.0.0.1", &["1.2.3.4"], "1.2.3.4"),
+            ("10.0.0.1", &["6.6.6.6, 1.2.3.4"], "1.2.3.4"),
+            ("10.0.0.1", &["6.6.6.6", "1.2.3.4, 10.9.9.9"], "1.2.3.4"),
+            ("10.0.0.1", &["10.2.2.2, 10.3.3.3"], "10.2.2.2"),
+            ("10.0.0.1", &["1.2.3.4, junk"], "10.0.0.1"),
+            ("10.0.0.1", &["[2001:db8::1]:443"], "2001:db8::1"),
+            ("10.0.0.1", &["1.2.3.4:5678"], "1.2.3.4"),
+            ("::ffff:10.0.0.1", &["1.2.3.4"], "1.2.3.4"),
+            ("::1", &["::ffff:1.2.3.4"], "1.2.3.4"),
+        ];
+        for (peer, xff, want) in cases {
+            let got = client_ip(ip(peer), &trusted, xff.iter().map(|s| s.as_bytes()));
+            assert_eq!(got, ip(want), "{peer} {xff:?}");
+        }
+    }
+
+    #[test]
+    fn cidr_ranges_and_networks() {
+        let c: Cidr = "10.1.2.3/8".parse().unwrap();
+        assert_eq!(c.network().to_string(), "10.0.0.0/8");
+        assert_eq!(c.range(), (0x0a00_0000, 0x0aff_ffff));
+        let all: Cidr = "::/0".parse().unwrap();
+        assert_eq!(all.range(), (0, u128::MAX));
+        let one: Cidr = "2001:db8::1".parse().unwrap();
+        assert_eq!(one.range().0, one.range().1);
     }
 }

@@ -171,9 +171,12 @@ impl Proxy {
             }
         };
         let hsts = pipeline::response_policy(Some(&route), conn);
-        if let Some(a) =
-            pipeline::request_policy(&route, conn, self.config.https_port, host, target)
-        {
+        let policy_req = pipeline::PolicyRequest {
+            host,
+            target,
+            fields: req.headers(),
+        };
+        if let Some(a) = pipeline::request_policy(self, &route, conn, &policy_req) {
             return (answer_response(a, hsts), Some(route), None);
         }
         // RFC 8441: an extended CONNECT (`:protocol`) is a WebSocket, or
@@ -465,6 +468,11 @@ fn answer_response(a: pipeline::Answer, hsts: Option<&HeaderValue>) -> Response<
     }
     if let Some(v) = hsts {
         headers.insert(http::header::STRICT_TRANSPORT_SECURITY, v.clone());
+    }
+    if let Some((name, value)) = a.header {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(name, v);
+        }
     }
     resp
 }

@@ -9,9 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 use super::forwarded::ClientFacts;
+use super::limits::{over_cap_response, Admission};
 use super::shutdown::{ConnGuard, Shutdown};
 use super::{h1, ConnInfo, Proxy};
 use crate::tls::{AcceptError, TlsTerminator};
@@ -37,7 +39,16 @@ impl Proxy {
         let h1_shutdown = Shutdown::new();
         tokio::pin!(shutdown);
         let local = listener.local_addr().ok();
-        let grace = loop {
+        let grace = 'accept: loop {
+            // At --max-connections, accept nothing (new connections wait in
+            // the backlog) while the open ones are served.
+            while self.limits.at_capacity() {
+                tokio::select! {
+                    grace = &mut shutdown => break 'accept grace,
+                    // Back-off between looks at the count.
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
             let (stream, peer) = tokio::select! {
                 grace = &mut shutdown => break grace,
                 accepted = listener.accept() => match accepted {
@@ -57,12 +68,20 @@ impl Proxy {
                 .trusted_proxies
                 .iter()
                 .any(|c| c.contains(peer.ip()));
+            let client_slot = match self.limits.admit(peer.ip(), trusted) {
+                Admission::Serve(slot) => slot,
+                Admission::OverClientCap { open } => {
+                    self.refuse_over_cap(stream, peer, tls.is_some(), open);
+                    continue;
+                }
+            };
             let info = ConnInfo {
                 peer,
                 peer_text: Arc::from(peer.to_string()),
                 local,
                 tls: tls.is_some(),
                 facts: ClientFacts::new(peer, trusted, tls.is_some(), local.port()),
+                client_slot,
             };
             let watcher = graceful.watcher();
             let tls = tls.clone();
@@ -122,5 +141,47 @@ impl Proxy {
         if tokio::time::timeout(grace, all).await.is_err() {
             tracing::warn!("grace period over; closing remaining connections");
         }
+    }
+}
+
+/// Slots of the over-cap log: one line per client a minute.
+const OVER_CAP_LOG: &str = "(connection cap)";
+
+impl Proxy {
+    /// A connection over `--max-conns-per-ip`: in clear text, a canned
+    /// 429 before its request is read, then what it sent meanwhile is read
+    /// and dropped for at most a second (closing with unread data would
+    /// reset the connection and lose the 429) and it closes; over TLS it
+    /// closes at once, before the handshake. Logged once a minute per
+    /// client at most, counted always.
+    fn refuse_over_cap(
+        self: &Arc<Self>,
+        mut stream: TcpStream,
+        peer: std::net::SocketAddr,
+        tls: bool,
+        open: u32,
+    ) {
+        if let Some(t) = self.telemetry.get() {
+            t.metrics.connection_refused("per_client_cap");
+        }
+        let key: Arc<str> = Arc::from(OVER_CAP_LOG);
+        if let Some(skipped) = self.refusal_log.due(&key, peer.ip()) {
+            tracing::warn!(client = %peer.ip(), open, more_since_last_line = skipped,
+                "connection refused: the client holds --max-conns-per-ip connections already");
+        }
+        if tls {
+            return;
+        }
+        let answer = over_cap_response(peer.ip(), open);
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                stream.write_all(&answer).await?;
+                stream.shutdown().await?;
+                let mut sink = [0u8; 1024];
+                while stream.read(&mut sink).await? > 0 {}
+                std::io::Result::Ok(())
+            })
+            .await;
+        });
     }
 }

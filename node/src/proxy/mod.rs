@@ -9,8 +9,9 @@
 //! - [`wire`]: the bytes on the wire (head parsing, framing, the chunked
 //!   coding, field lines, what is refused), a layer that knows no policy.
 //! - [`pipeline`]: the phases both front ends call, in order: route,
-//!   request policy, rewrite ([`forwarded`]), upstream attempts, response
-//!   policy, record ([`observe`]). Error pages: [`error`].
+//!   request policy ([`access`]: access lists), rewrite ([`forwarded`]),
+//!   upstream attempts, response policy, record ([`observe`]). Error
+//!   pages: [`error`].
 //! - [`routes`]: the route table (an `Arc` snapshot, never redb) and each
 //!   route's precomputed values. [`upstream`]: health, pools, attempt
 //!   order (the balancer), connecting, idle connections;
@@ -18,14 +19,17 @@
 //! - [`tunnel`]: WebSocket tunnels after a 101 (relay, frames, registry).
 //! - [`shutdown`]: every way a connection is ended by the proxy.
 
+pub mod access;
 pub mod error;
 pub mod forwarded;
 pub mod h1;
 pub mod h2;
 pub mod h2_websocket;
+pub mod limits;
 pub mod listener;
 pub mod observe;
 pub mod pipeline;
+pub mod rate;
 pub mod routes;
 pub mod shutdown;
 pub mod tunnel;
@@ -70,6 +74,8 @@ pub struct ProxyConfig {
     /// RFC 8441: h2 connections advertise `SETTINGS_ENABLE_CONNECT_PROTOCOL`
     /// and carry WebSockets as extended CONNECT streams ([`h2_websocket`]).
     pub h2_websockets: bool,
+    /// `--max-conns-per-ip`, `--max-connections` (see [`limits`]).
+    pub limits: limits::LimitConfig,
 }
 
 impl Default for ProxyConfig {
@@ -82,6 +88,7 @@ impl Default for ProxyConfig {
             header_read_timeout: Duration::from_secs(30),
             https_port: 443,
             h2_websockets: true,
+            limits: limits::LimitConfig::default(),
         }
     }
 }
@@ -97,6 +104,10 @@ pub struct ConnInfo {
     pub tls: bool,
     /// Its forwarded-header values, formatted once for all its requests.
     pub facts: ClientFacts,
+    /// Its place under the connection caps (see [`limits`]), held for as
+    /// long as the connection, or the tunnel it becomes, is open; `None`
+    /// when the node sets no cap.
+    pub client_slot: Option<Arc<limits::ClientSlot>>,
 }
 
 pub struct Proxy {
@@ -125,10 +136,20 @@ pub struct Proxy {
     no_host: Arc<str>,
     /// Closing of drained upstreams' tunnels (issue 19).
     upstream_drains: upstream_drain::UpstreamDrains,
+    /// Compiled access lists by name; routes hold their slots.
+    acls: access::AclRegistry,
+    /// Refusals by access lists are logged at most once a minute per host
+    /// and client.
+    refusal_log: access::LogLimiter,
+    /// Open connections per client and in all (see [`limits`]).
+    limits: Arc<limits::ConnLimits>,
+    /// Rate limiters by host, and what peers admitted (see [`rate`]).
+    pub rates: Arc<rate::RateRegistry>,
 }
 
 impl Proxy {
     pub fn new(config: ProxyConfig) -> Arc<Self> {
+        let conn_limits = limits::ConnLimits::new(config.limits);
         Arc::new(Proxy {
             routes: ArcSwap::from_pointee(RouteTable::default()),
             registry: UpstreamRegistry::default(),
@@ -143,6 +164,10 @@ impl Proxy {
             telemetry: std::sync::OnceLock::new(),
             no_host: Arc::from(""),
             upstream_drains: Default::default(),
+            acls: access::AclRegistry::default(),
+            refusal_log: access::LogLimiter::new(Duration::from_secs(60)),
+            limits: conn_limits,
+            rates: Arc::default(),
         })
     }
 
@@ -194,6 +219,8 @@ impl Proxy {
         }
         let defaults = routes::RouteDefaults {
             upstream_timeout: self.config.upstream_timeout,
+            acls: self.acls.clone(),
+            rates: self.rates.clone(),
         };
         let mut table = RouteTable::clone(&self.routes.load());
         for c in changes {
@@ -207,5 +234,38 @@ impl Proxy {
             "route table published"
         );
         self.routes.store(Arc::new(table));
+    }
+
+    /// Compiles the access lists a commit changed; routes naming them see
+    /// the new version at once (they hold the lists' slots).
+    pub fn apply_acls(&self, changes: &[Changed<crate::access::AccessList>]) {
+        self.acls.apply(changes);
+    }
+
+    /// A request over its host's rate limit: counted per host, logged at
+    /// most once a minute per host and client.
+    fn count_rate_limited(&self, route: &routes::Route, client: std::net::IpAddr) {
+        static RULE: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+        let rule = RULE.get_or_init(|| Arc::from("rate limit"));
+        if let Some(t) = self.telemetry.get() {
+            t.metrics.access_refusal(&route.name, rule, rule);
+        }
+        if let Some(skipped) = self.refusal_log.due(&route.name, client) {
+            tracing::info!(host = %route.name, %client, more_since_last_line = skipped,
+                "request over the host's rate limit: 429");
+        }
+    }
+
+    /// A request an access list refused: counted per host, list and rule,
+    /// and logged (at most once a minute per host and client).
+    fn count_refusal(&self, route: &routes::Route, client: std::net::IpAddr, r: &access::Refusal) {
+        if let Some(t) = self.telemetry.get() {
+            t.metrics.access_refusal(&route.name, &r.acl, &r.rule);
+        }
+        if let Some(skipped) = self.refusal_log.due(&route.name, client) {
+            tracing::info!(host = %route.name, host_id = %route.id, %client, acl = %r.acl,
+                rule = %r.rule, status = r.status.as_u16(), more_since_last_line = skipped,
+                "request refused by access list");
+        }
     }
 }

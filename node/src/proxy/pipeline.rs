@@ -9,8 +9,13 @@
 //!    name, then the most specific wildcard), then [`Route::pool_for`]: the
 //!    path to its location's upstream pool.
 //! 2. **request policy** — [`request_policy`]: answers the proxy gives
-//!    itself instead of forwarding: the `force_https` redirect today; the
-//!    place for ACME HTTP-01 answers, access rules and limits.
+//!    itself instead of forwarding: a redirect host's redirect, the
+//!    `force_https` redirect, then the
+//!    route's access list ([`super::access`]: 403, or 401 asking for
+//!    basic auth), judged on the client address resolved through
+//!    `--trusted-proxy` ([`super::forwarded::client_ip`]). The same code
+//!    for HTTP/1, h2 and WebSocket upgrades (an upgrade is a GET until the
+//!    upstream's 101).
 //! 3. **request rewrite** — [`super::forwarded`]: hop-by-hop fields
 //!    removed, forwarded headers set (one rule, two writers).
 //! 4. **upstream choice and attempts** — [`affinity`] reads the key a
@@ -28,12 +33,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::net::IpAddr;
+
+use http::header::{HeaderName, AUTHORIZATION};
 use http::{HeaderValue, StatusCode};
 
 use super::error::{page, ProxyError};
 use super::routes::{self, Route, RouteTable};
 use super::upstream::{balance, AttemptOrder, Lease, Pool, UpstreamState};
-use super::ConnInfo;
+use super::{ConnInfo, Proxy};
 
 /// A reply the proxy makes itself rather than an upstream: a redirect or
 /// an error page. Each front end writes it in its own protocol; what it
@@ -44,6 +52,8 @@ pub struct Answer {
     /// Plain text (`text/plain; charset=utf-8`).
     pub body: String,
     pub location: Option<String>,
+    /// One more header field: `WWW-Authenticate` on a 401.
+    pub header: Option<(HeaderName, String)>,
 }
 
 impl Answer {
@@ -58,6 +68,7 @@ impl Answer {
             status,
             body: page(status, detail),
             location: None,
+            header: None,
         }
     }
 }
@@ -71,6 +82,7 @@ pub fn acme_answer(target: &str) -> Option<Answer> {
         status: StatusCode::OK,
         body,
         location: None,
+        header: None,
     })
 }
 
@@ -88,20 +100,118 @@ pub fn route(table: &RouteTable, host: &str) -> Result<Arc<Route>, ProxyError> {
     }
 }
 
-/// Phase 2: whether the proxy answers this request itself. `host` is the
-/// request's host as sent, `target` its path and query.
+/// The header fields of a request as each front end holds them (h1:
+/// the parsed head; h2: hyper's `HeaderMap`), for the policies that read
+/// one. Only called for routes that use such a policy.
+pub trait RequestFields: Sync {
+    /// Every value of field `name`, in the order received.
+    fn values(&self, name: &HeaderName) -> Vec<&[u8]>;
+}
+
+impl RequestFields for http::HeaderMap {
+    fn values(&self, name: &HeaderName) -> Vec<&[u8]> {
+        self.get_all(name)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect()
+    }
+}
+
+/// What phase 2 reads of a request besides its route.
+pub struct PolicyRequest<'a> {
+    /// The request's host as sent.
+    pub host: &'a str,
+    /// Its path and query.
+    pub target: &'a str,
+    pub fields: &'a dyn RequestFields,
+}
+
+static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// Phase 2: whether the proxy answers this request itself: the
+/// `force_https` redirect first (credentials are never asked for over
+/// plain HTTP when HTTPS is forced), then the access list of the request's
+/// location (else its host's).
 pub fn request_policy(
+    proxy: &Proxy,
     route: &Route,
     conn: &ConnInfo,
-    https_port: u16,
-    host: &str,
-    target: &str,
+    req: &PolicyRequest<'_>,
 ) -> Option<Answer> {
     // ACME HTTP-01 answers come before routing: see `acme_answer`.
+    if let Some(r) = &route.redirect {
+        let location = r.location(req.target);
+        return Some(Answer {
+            status: r.status,
+            body: format!("redirecting to {location}\n"),
+            location: Some(location),
+            header: None,
+        });
+    }
     if route.host.force_https && !conn.tls {
-        return Some(redirect_to_https(host, https_port, target));
+        return Some(redirect_to_https(
+            req.host,
+            proxy.config.https_port,
+            req.target,
+        ));
+    }
+    if route.any_acl {
+        let path = req.target.split('?').next().unwrap_or("/");
+        if let Some(slot) = route.acl_for(path) {
+            let client = client_ip(proxy, conn, req.fields);
+            let auth = req.fields.values(&AUTHORIZATION);
+            if let Some(r) = super::access::check(slot, client, auth.into_iter()) {
+                proxy.count_refusal(route, client, &r);
+                let mut answer = Answer::page(r.status, &r.detail);
+                answer.header = r.challenge.map(|c| (http::header::WWW_AUTHENTICATE, c));
+                return Some(answer);
+            }
+        }
+    }
+    if let Some(limiter) = &route.rate {
+        return rate_limit(proxy, limiter, route, conn, req);
     }
     None
+}
+
+/// The host's rate limit for this request's client: `None` when admitted,
+/// else 429 with `Retry-After` (whole seconds, at least 1).
+fn rate_limit(
+    proxy: &Proxy,
+    limiter: &super::rate::HostLimiter,
+    route: &Route,
+    conn: &ConnInfo,
+    req: &PolicyRequest<'_>,
+) -> Option<Answer> {
+    let client = client_ip(proxy, conn, req.fields);
+    let header = match &limiter.key {
+        super::rate::RateKey::Header(name) => req.fields.values(name).first().copied(),
+        super::rate::RateKey::Ip => None,
+    };
+    let wait = limiter.check(limiter.client_key(client, header)).err()?;
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    proxy.count_rate_limited(route, client);
+    let mut answer = Answer::page(
+        StatusCode::TOO_MANY_REQUESTS,
+        &format_args!("rate limit of this site reached; retry in {secs} s"),
+    );
+    answer.header = Some((http::header::RETRY_AFTER, secs.max(1).to_string()));
+    Some(answer)
+}
+
+/// The client's address as policies see it: the peer's, or, from a
+/// trusted proxy, the one `X-Forwarded-For` gives (see
+/// [`super::forwarded::client_ip`]).
+pub fn client_ip(proxy: &Proxy, conn: &ConnInfo, fields: &dyn RequestFields) -> IpAddr {
+    if !conn.facts.trusted {
+        return conn.peer.ip().to_canonical();
+    }
+    let xff = fields.values(&XFF);
+    super::forwarded::client_ip(
+        conn.peer.ip(),
+        &proxy.config.trusted_proxies,
+        xff.into_iter(),
+    )
 }
 
 /// `force_https`: 308 (method and body kept) to the same host, path and
@@ -116,6 +226,7 @@ fn redirect_to_https(host: &str, https_port: u16, target: &str) -> Answer {
         status: StatusCode::PERMANENT_REDIRECT,
         body: format!("redirecting to {location}\n"),
         location: Some(location),
+        header: None,
     }
 }
 

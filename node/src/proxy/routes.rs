@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use crate::host::{ProxyHost, UpstreamUrl};
 use crate::names::NameMap;
+use crate::proxy::access::{AclRegistry, AclSlot};
+use crate::proxy::rate::{HostLimiter, RateRegistry};
 use crate::proxy::tunnel::relay::TunnelOptions;
 use crate::proxy::upstream::{Pool, UpstreamRegistry};
 
@@ -17,6 +19,8 @@ use crate::proxy::upstream::{Pool, UpstreamRegistry};
 pub struct LocationRoute {
     pub prefix: String,
     pub pool: Arc<Pool>,
+    /// The location's own access list, if it names one.
+    pub acl: Option<Arc<AclSlot>>,
 }
 
 /// A host ready for the request path: parsed upstreams, sorted locations.
@@ -37,18 +41,53 @@ pub struct Route {
     pub upstream_timeout: Duration,
     /// The host's WebSocket tunnel options, likewise.
     pub tunnel: TunnelOptions,
+    /// The host's access list (requests under a location naming its own
+    /// answer to that one instead).
+    pub acl: Option<Arc<AclSlot>>,
+    /// Whether the host or any location names a list: a host without one
+    /// pays this test and nothing else.
+    pub any_acl: bool,
+    /// A redirect host's answer, made ready here.
+    pub redirect: Option<Redirect>,
+    /// The host's rate limiter (kept across rebuilds while its limit stays).
+    pub rate: Option<Arc<HostLimiter>>,
+}
+
+/// Where a redirect host sends every request.
+pub struct Redirect {
+    pub status: http::StatusCode,
+    /// The target without a trailing `/` when the path is appended.
+    pub to: String,
+    pub keep_path: bool,
+}
+
+impl Redirect {
+    /// The `Location` for a request to `target` (its path and query).
+    pub fn location(&self, target: &str) -> String {
+        if self.keep_path {
+            format!("{}{target}", self.to)
+        } else {
+            self.to.clone()
+        }
+    }
 }
 
 /// Node-wide values a route falls back on where its host sets none.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct RouteDefaults {
     pub upstream_timeout: Duration,
+    /// Where routes find the compiled access lists they name.
+    pub acls: AclRegistry,
+    /// Where routes find their host's rate limiter.
+    pub rates: Arc<RateRegistry>,
 }
 
 impl Default for RouteDefaults {
     fn default() -> Self {
         RouteDefaults {
             upstream_timeout: Duration::from_secs(60),
+            acls: AclRegistry::default(),
+            rates: Arc::default(),
         }
     }
 }
@@ -60,6 +99,16 @@ impl Route {
             .find(|l| path_has_prefix(path, &l.prefix))
             .map(|l| &l.pool)
             .unwrap_or(&self.pool)
+    }
+
+    /// The access list a request for `path` answers to: its location's
+    /// own, else the host's.
+    pub fn acl_for(&self, path: &str) -> Option<&Arc<AclSlot>> {
+        self.locations
+            .iter()
+            .find(|l| path_has_prefix(path, &l.prefix))
+            .and_then(|l| l.acl.as_ref())
+            .or(self.acl.as_ref())
     }
 }
 
@@ -101,12 +150,14 @@ impl Route {
             }
         };
         let main = pool(&host.upstreams, &host.balancing)?;
+        let slot = |name: &str| (!name.is_empty()).then(|| defaults.acls.slot(name));
         let mut locations = Vec::new();
         for loc in &host.locations {
             if let Some(p) = pool(&loc.upstreams, &loc.balancing) {
                 locations.push(LocationRoute {
                     prefix: loc.path_prefix.clone(),
                     pool: p,
+                    acl: slot(&loc.acl),
                 });
             }
         }
@@ -136,6 +187,21 @@ impl Route {
                 idle_timeout: secs(host.ws_idle_timeout_secs),
                 ping_interval: secs(host.ws_ping_interval_secs),
             },
+            any_acl: !host.acl.is_empty() || host.locations.iter().any(|l| !l.acl.is_empty()),
+            redirect: (!host.redirect_to.is_empty()).then(|| Redirect {
+                status: http::StatusCode::from_u16(host.redirect_code as u16)
+                    .ok()
+                    .filter(|s| s.is_redirection())
+                    .unwrap_or(http::StatusCode::MOVED_PERMANENTLY),
+                to: if host.redirect_keep_path {
+                    host.redirect_to.trim_end_matches('/').to_string()
+                } else {
+                    host.redirect_to.clone()
+                },
+                keep_path: host.redirect_keep_path,
+            }),
+            acl: slot(&host.acl),
+            rate: defaults.rates.limiter(host),
         })
     }
 }
@@ -280,6 +346,7 @@ mod tests {
                     path_prefix: p.to_string(),
                     upstreams: vec![u.to_string()],
                     balancing: Default::default(),
+                    acl: String::new(),
                 })
                 .collect(),
             version: 1,

@@ -6,6 +6,7 @@ use charon_proto::store as pb;
 use prost::Message;
 
 use super::acme::{self, AcmeAccount, AcmeChallenge, AcmeOrder};
+use crate::access::AccessList;
 use crate::host::{Location, ProxyHost};
 use crate::tls::cert::StoredCert;
 
@@ -24,6 +25,8 @@ pub enum Body {
     AcmeAccount(AcmeAccount),
     AcmeOrder(AcmeOrder),
     AcmeChallenge(AcmeChallenge),
+    /// An access list (key `acl/<name>`): see [`crate::access`].
+    Acl(AccessList),
 }
 
 /// The holder of one domain (key `name/<domain>`).
@@ -103,6 +106,13 @@ impl Body {
         }
     }
 
+    pub fn as_acl(&self) -> Option<&AccessList> {
+        match self {
+            Body::Acl(a) => Some(a),
+            _ => None,
+        }
+    }
+
     pub fn as_cert(&self) -> Option<&StoredCert> {
         match self {
             Body::Cert(c) => Some(c),
@@ -171,6 +181,7 @@ pub fn encode(rec: &Record) -> Vec<u8> {
             Body::AcmeAccount(a) => pb::record::Body::AcmeAccount(acme::account_to_pb(a)),
             Body::AcmeOrder(o) => pb::record::Body::AcmeOrder(acme::order_to_pb(o)),
             Body::AcmeChallenge(c) => pb::record::Body::AcmeChallenge(acme::challenge_to_pb(c)),
+            Body::Acl(a) => pb::record::Body::Acl(crate::access::to_pb(a)),
         }),
     };
     let mut out = Vec::with_capacity(1 + msg.encoded_len());
@@ -212,6 +223,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
             pb::record::Body::AcmeAccount(a) => Body::AcmeAccount(acme::account_from_pb(a)),
             pb::record::Body::AcmeOrder(o) => Body::AcmeOrder(acme::order_from_pb(o)),
             pb::record::Body::AcmeChallenge(c) => Body::AcmeChallenge(acme::challenge_from_pb(c)),
+            pb::record::Body::Acl(a) => Body::Acl(crate::access::from_pb(a)),
         })
     };
     Ok(Record {
@@ -239,6 +251,7 @@ fn host_to_pb(h: &ProxyHost) -> pb::HostRecord {
                 path_prefix: l.path_prefix.clone(),
                 upstreams: l.upstreams.clone(),
                 balancing: super::balance::to_pb(&l.balancing),
+                acl: l.acl.clone(),
             })
             .collect(),
         ws_idle_timeout_secs: h.ws_idle_timeout_secs,
@@ -256,6 +269,13 @@ fn host_to_pb(h: &ProxyHost) -> pb::HostRecord {
         create_key: h.create_key.clone(),
         no_acme: h.no_acme,
         balancing: super::balance::to_pb(&h.balancing),
+        acl: h.acl.clone(),
+        redirect_to: h.redirect_to.clone(),
+        redirect_code: h.redirect_code,
+        redirect_keep_path: h.redirect_keep_path,
+        rate_limit: h.rate_limit.clone(),
+        rate_key: h.rate_key.clone(),
+        rate_limit_scope: h.rate_limit_scope.clone(),
     }
 }
 
@@ -276,6 +296,7 @@ fn host_from_pb(h: pb::HostRecord) -> ProxyHost {
                 path_prefix: l.path_prefix,
                 upstreams: l.upstreams,
                 balancing: super::balance::from_pb(l.balancing),
+                acl: l.acl,
             })
             .collect(),
         ws_idle_timeout_secs: h.ws_idle_timeout_secs,
@@ -293,6 +314,13 @@ fn host_from_pb(h: pb::HostRecord) -> ProxyHost {
         create_key: h.create_key,
         no_acme: h.no_acme,
         balancing: super::balance::from_pb(h.balancing),
+        acl: h.acl,
+        redirect_to: h.redirect_to,
+        redirect_code: h.redirect_code,
+        redirect_keep_path: h.redirect_keep_path,
+        rate_limit: h.rate_limit,
+        rate_key: h.rate_key,
+        rate_limit_scope: h.rate_limit_scope,
     }
 }
 
@@ -367,6 +395,7 @@ mod tests {
                     max_conns: 3,
                     ..Default::default()
                 },
+                acl: "loc".into(),
             }],
             ws_idle_timeout_secs: 5,
             ws_ping_interval_secs: 6,
@@ -397,6 +426,13 @@ mod tests {
                 },
                 ..Default::default()
             },
+            acl: "office".into(),
+            redirect_to: "https://b.com".into(),
+            redirect_code: 307,
+            redirect_keep_path: true,
+            rate_limit: "5/s,burst=5".into(),
+            rate_key: "ip".into(),
+            rate_limit_scope: "node".into(),
         };
         let cert = StoredCert {
             id: "c".into(),

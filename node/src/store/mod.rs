@@ -205,6 +205,10 @@ pub struct Snapshot {
     pub acme_accounts: Live<acme::AcmeAccount>,
     pub acme_orders: Live<acme::AcmeOrder>,
     pub acme_challenges: Live<acme::AcmeChallenge>,
+    /// Access lists by name, and which hosts use each (on the host or a
+    /// location): see [`crate::access`].
+    pub acls: Live<crate::access::AccessList>,
+    pub by_acl: Index,
 }
 
 /// Name → ids of the records listing it, by id.
@@ -255,6 +259,7 @@ pub struct Changes {
     pub drains: Vec<Changed<DrainRecord>>,
     /// An ACME account, order or challenge changed.
     pub acme: bool,
+    pub acls: Vec<Changed<crate::access::AccessList>>,
 }
 
 impl Changes {
@@ -277,6 +282,7 @@ impl Changes {
             tokens: all(&snap.tokens),
             drains: all(&snap.drains),
             acme: true,
+            acls: all(&snap.acls),
         }
     }
 
@@ -286,6 +292,7 @@ impl Changes {
             && self.tokens.is_empty()
             && self.drains.is_empty()
             && !self.acme
+            && self.acls.is_empty()
     }
 }
 
@@ -1032,6 +1039,8 @@ fn derive(
                 create_key(&c.old),
                 create_key(&c.new),
             );
+            let acls = |h: &Option<Arc<ProxyHost>>| h.as_deref().map(acls_used).unwrap_or_default();
+            reindex(&mut snap.by_acl, &c.id, acls(&c.old), acls(&c.new));
         }
     } else if let Some(domain) = key.strip_prefix(NAME_PREFIX) {
         let claim = body.and_then(Body::as_claim);
@@ -1059,7 +1068,26 @@ fn derive(
         );
     } else if key.starts_with(acme::ACME_PREFIX) {
         derive_acme(snap, changes, key, body);
+    } else if let Some(name) = key.strip_prefix(crate::access::ACL_PREFIX) {
+        track(
+            &mut snap.acls,
+            &mut changes.acls,
+            name,
+            body.and_then(Body::as_acl),
+        );
     }
+}
+
+/// The access lists a host names, on itself or its locations, each once.
+pub fn acls_used(h: &ProxyHost) -> Vec<String> {
+    let mut out: Vec<String> = std::iter::once(&h.acl)
+        .chain(h.locations.iter().map(|l| &l.acl))
+        .filter(|a| !a.is_empty())
+        .cloned()
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The ACME records: few (one account per directory, one order per

@@ -139,6 +139,10 @@ pub struct Metrics {
     tunnel_bytes: Family<&'static str>,
     tls_handshakes: AtomicU64,
     tls_failures: Family<&'static str>,
+    /// Requests refused by access lists: (host, list, rule).
+    access_refusals: Family<(Arc<str>, Arc<str>, Arc<str>)>,
+    /// Connections refused by the connection caps, by reason.
+    conn_refusals: Family<&'static str>,
     /// Spans the exporter had to drop (queue full or collector failing).
     pub spans_dropped: AtomicU64,
     /// Access-log lines dropped because the writer fell behind.
@@ -156,6 +160,8 @@ impl Default for Metrics {
             tunnel_bytes: Family::new(),
             tls_handshakes: AtomicU64::new(0),
             tls_failures: Family::new(),
+            access_refusals: Family::new(),
+            conn_refusals: Family::new(),
             spans_dropped: AtomicU64::new(0),
             access_log_dropped: AtomicU64::new(0),
         }
@@ -226,6 +232,18 @@ impl Metrics {
         self.tunnel_bytes.add(&"to_client", to_client);
     }
 
+    /// A request an access list refused; `rule` is the deciding rule
+    /// (`#3 deny 0.0.0.0/0`, `default deny`, `basic auth`).
+    pub fn access_refusal(&self, host: &Arc<str>, acl: &Arc<str>, rule: &Arc<str>) {
+        self.access_refusals
+            .add(&(host.clone(), acl.clone(), rule.clone()), 1);
+    }
+
+    /// A connection refused by the connection caps (`per_client_cap`).
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.conn_refusals.add(&reason, 1);
+    }
+
     pub fn tls_handshake(&self, failure: Option<&'static str>) {
         match failure {
             None => {
@@ -286,6 +304,33 @@ impl Metrics {
                 out,
                 "charon_upstream_errors_total{{host=\"{}\",kind=\"{kind}\"}} {n}",
                 escape(&host)
+            );
+        }
+        head(
+            &mut out,
+            "charon_access_refusals_total",
+            "counter",
+            "Requests refused by an access list (403 or 401), by proxy host, list and deciding rule.",
+        );
+        for ((host, acl, rule), n) in self.access_refusals.sorted() {
+            let _ = writeln!(
+                out,
+                "charon_access_refusals_total{{host=\"{}\",acl=\"{}\",rule=\"{}\"}} {n}",
+                escape(&host),
+                escape(&acl),
+                escape(&rule)
+            );
+        }
+        head(
+            &mut out,
+            "charon_connections_refused_total",
+            "counter",
+            "Client connections refused by --max-conns-per-ip (429, or closed before TLS).",
+        );
+        for (reason, n) in self.conn_refusals.sorted() {
+            let _ = writeln!(
+                out,
+                "charon_connections_refused_total{{reason=\"{reason}\"}} {n}"
             );
         }
         head(

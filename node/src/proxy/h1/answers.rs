@@ -23,6 +23,8 @@ pub(super) struct Refusal {
     pub(super) close: bool,
     pub(super) route: Option<Arc<Route>>,
     pub(super) location: Option<String>,
+    /// One more field (`WWW-Authenticate`), see `pipeline::Answer`.
+    pub(super) header: Option<(http::HeaderName, String)>,
     pub(super) error: Option<ProxyError>,
     pub(super) facts: Option<ReqFacts>,
 }
@@ -43,6 +45,7 @@ impl Refusal {
             close,
             route,
             location: a.location,
+            header: a.header,
             error,
             facts,
         }
@@ -62,6 +65,7 @@ impl Refusal {
             close,
             route: Some(route.clone()),
             location: None,
+            header: None,
             error: Some(e),
             facts,
         }
@@ -91,15 +95,19 @@ pub(super) fn push_u64(out: &mut Vec<u8>, mut n: u64) {
     out.extend_from_slice(&d[i..]);
 }
 
-/// A response made by the proxy itself (errors, redirects).
+/// A field line of an answer: name and value.
+type Line<'a> = (&'a [u8], &'a [u8]);
+
+/// A response made by the proxy itself (errors, redirects). `fields` are
+/// the answer's own (`Location`, `WWW-Authenticate`), where it has them.
 pub(super) fn simple_response(
     out: &mut Vec<u8>,
     minor: u8,
     status: StatusCode,
     body: &str,
     close: bool,
-    location: Option<&str>,
     hsts: Option<&http::HeaderValue>,
+    fields: &[Option<Line<'_>>],
 ) {
     out.extend_from_slice(if minor == 0 {
         b"HTTP/1.0 "
@@ -114,8 +122,8 @@ pub(super) fn simple_response(
     out.extend_from_slice(b"Content-Length: ");
     push_u64(out, body.len() as u64);
     out.extend_from_slice(b"\r\n");
-    if let Some(l) = location {
-        field(out, b"Location", l.as_bytes());
+    for (name, value) in fields.iter().flatten() {
+        field(out, name, value);
     }
     if let Some(v) = hsts {
         field(out, b"Strict-Transport-Security", v.as_bytes());
@@ -143,7 +151,7 @@ where
             &error::page(status, &why),
             true,
             None,
-            None,
+            &[],
         );
         let _ = self.io.write_all(&self.out).await;
         let _ = self.io.flush().await;
@@ -161,8 +169,15 @@ where
             r.status,
             &r.message,
             close,
-            r.location.as_deref(),
             hsts,
+            &[
+                r.location
+                    .as_deref()
+                    .map(|l| (&b"Location"[..], l.as_bytes())),
+                r.header
+                    .as_ref()
+                    .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
+            ],
         );
         let sent = self.io.write_all(&self.out).await.is_ok() && self.io.flush().await.is_ok();
         self.proxy.record(Served {

@@ -172,6 +172,18 @@ pub(super) struct Head<'b, 'h> {
     pub(super) named: Vec<&'h [u8]>,
 }
 
+/// The head's fields for the request-policy phase (names compared
+/// without case, values as received).
+impl pipeline::RequestFields for Head<'_, '_> {
+    fn values(&self, name: &http::HeaderName) -> Vec<&[u8]> {
+        self.fields
+            .iter()
+            .filter(|f| f.name.eq_ignore_ascii_case(name.as_str()))
+            .map(|f| f.value)
+            .collect()
+    }
+}
+
 impl Head<'_, '_> {
     pub(super) fn has_body(&self) -> bool {
         !matches!(self.framing, Framing::Empty | Framing::Length(0))
@@ -193,6 +205,7 @@ fn refused(status: StatusCode, why: &'static str) -> Box<Refusal> {
         close: true,
         route: None,
         location: None,
+        header: None,
         error: Some(ProxyError::BadRequest(why)),
         facts: None,
     })
@@ -385,10 +398,12 @@ where
                 )));
             }
         };
-        let https_port = self.proxy.config.https_port;
-        if let Some(a) =
-            pipeline::request_policy(&route, &self.info, https_port, host_str, &head.path_q)
-        {
+        let policy_req = pipeline::PolicyRequest {
+            host: host_str,
+            target: &head.path_q,
+            fields: &head,
+        };
+        if let Some(a) = pipeline::request_policy(&self.proxy, &route, &self.info, &policy_req) {
             return Err(Box::new(Refusal::answer(
                 a,
                 has_body,

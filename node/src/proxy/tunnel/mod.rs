@@ -100,6 +100,7 @@ impl Proxy {
             _log: log,
             _reg: reg,
             _lease: lease,
+            _slot: conn.client_slot.clone(),
         });
     }
 }
@@ -116,6 +117,9 @@ struct TunnelTask<C, U> {
     _reg: registry::Registration,
     /// The tunnel counted against its upstream (least-conn, caps).
     _lease: Option<Lease>,
+    /// The client connection's place under the connection caps: an open
+    /// tunnel is an open connection.
+    _slot: Option<std::sync::Arc<crate::proxy::limits::ClientSlot>>,
 }
 
 impl<C, U> Future for TunnelTask<C, U>

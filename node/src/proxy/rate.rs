@@ -1,0 +1,199 @@
+//! The rate-limit step of the request-policy phase: one GCRA limiter
+//! ([`crate::access::rate::Gcra`]) per host that sets `--rate-limit`,
+//! kept across route rebuilds while the host's limit stays the same, and,
+//! for cluster scope, the exchange with the other nodes: each node
+//! publishes how many requests it admitted for its busiest clients
+//! ([`RateRegistry::hot`], into its own gossip keys) and charges what the
+//! others admitted to its own state ([`RateRegistry::charge`]).
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use http::HeaderName;
+
+use crate::access::rate::{Gcra, RateSpec};
+use crate::host::ProxyHost;
+
+/// What identifies a client for a limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateKey {
+    Ip,
+    /// A request header's value; a request without it is keyed by address.
+    Header(HeaderName),
+}
+
+/// One host's limit and its clients' state.
+pub struct HostLimiter {
+    pub host_id: Arc<str>,
+    /// The host's fields it was made from: a host update that keeps them
+    /// keeps the state.
+    config: (String, String, String),
+    pub key: RateKey,
+    pub cluster: bool,
+    state: Mutex<State>,
+}
+
+struct State {
+    gcra: Gcra,
+    /// Per client: requests admitted here in all, and as last published.
+    admitted: HashMap<u64, (u64, u64)>,
+}
+
+/// Nanoseconds on the process's monotonic clock.
+fn now_ns() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// The 64-bit key of a client (FNV over its bytes).
+fn key_hash(bytes: &[u8]) -> u64 {
+    let mut h = crate::util::Fnv::default();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+impl HostLimiter {
+    /// The key of the client at `ip` sending `header` (for header keys).
+    pub fn client_key(&self, ip: IpAddr, header: Option<&[u8]>) -> u64 {
+        match (header, &self.key) {
+            (Some(v), RateKey::Header(_)) => key_hash(v),
+            _ => match ip.to_canonical() {
+                IpAddr::V4(v4) => key_hash(&v4.octets()),
+                IpAddr::V6(v6) => key_hash(&v6.octets()),
+            },
+        }
+    }
+
+    /// One request of client `key`: admitted, or how long until it would be.
+    pub fn check(&self, key: u64) -> Result<(), Duration> {
+        let mut s = self.state.lock().expect("rate lock");
+        s.gcra.check(key, now_ns())?;
+        if self.cluster {
+            s.admitted.entry(key).or_default().0 += 1;
+        }
+        Ok(())
+    }
+}
+
+/// The limiters by host id, and what peers were last seen to have
+/// admitted (to charge only the difference).
+#[derive(Default)]
+pub struct RateRegistry {
+    limiters: Mutex<HashMap<String, Arc<HostLimiter>>>,
+    /// (peer, host id, client key) → the peer's count last seen.
+    seen: Mutex<HashMap<(String, String, u64), u64>>,
+}
+
+/// Published per node at most: each entry is ~30 bytes of gossip.
+pub const HOT_KEYS: usize = 24;
+
+impl RateRegistry {
+    /// The limiter of `host` (the existing one while its limit is the
+    /// same), or `None` when it sets none.
+    pub fn limiter(&self, host: &ProxyHost) -> Option<Arc<HostLimiter>> {
+        let mut map = self.limiters.lock().expect("rate lock");
+        if host.rate_limit.is_empty() {
+            map.remove(&host.id);
+            return None;
+        }
+        let config = (
+            host.rate_limit.clone(),
+            host.rate_key.clone(),
+            host.rate_limit_scope.clone(),
+        );
+        if let Some(l) = map.get(&host.id).filter(|l| l.config == config) {
+            return Some(l.clone());
+        }
+        let spec = match RateSpec::parse(&host.rate_limit) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(host = %host.id, error = %e, "ignoring an unreadable rate limit");
+                return None;
+            }
+        };
+        let key = match host.rate_key.strip_prefix("header:") {
+            Some(name) => HeaderName::from_bytes(name.as_bytes())
+                .map(RateKey::Header)
+                .unwrap_or(RateKey::Ip),
+            None => RateKey::Ip,
+        };
+        let l = Arc::new(HostLimiter {
+            host_id: Arc::from(host.id.as_str()),
+            cluster: host.rate_limit_scope != "node",
+            key,
+            config,
+            state: Mutex::new(State {
+                gcra: Gcra::new(spec),
+                admitted: HashMap::new(),
+            }),
+        });
+        map.insert(host.id.clone(), l.clone());
+        Some(l)
+    }
+
+    /// This node's busiest clients of cluster-scope limits since the last
+    /// call: (host id, client key, admitted here in all), at most
+    /// [`HOT_KEYS`], the most active first.
+    pub fn hot(&self) -> Vec<(String, u64, u64)> {
+        let limiters: Vec<Arc<HostLimiter>> = self
+            .limiters
+            .lock()
+            .expect("rate lock")
+            .values()
+            .filter(|l| l.cluster)
+            .cloned()
+            .collect();
+        let mut out: Vec<(u64, String, u64, u64)> = Vec::new();
+        for l in limiters {
+            let mut s = l.state.lock().expect("rate lock");
+            // Clients quiet since the last call need no entry: forgotten
+            // when there are many (their peers' view of them just stops).
+            if s.admitted.len() > 10_000 {
+                s.admitted.retain(|_, (t, p)| t != p);
+            }
+            for (key, (total, published)) in s.admitted.iter_mut() {
+                if total > published {
+                    out.push((*total - *published, l.host_id.to_string(), *key, *total));
+                    *published = *total;
+                }
+            }
+        }
+        out.sort_by_key(|e| std::cmp::Reverse(e.0));
+        out.truncate(HOT_KEYS);
+        out.into_iter().map(|(_, h, k, t)| (h, k, t)).collect()
+    }
+
+    /// Charges what `peer` says it admitted (running totals) to the
+    /// limiters here: only the growth since last seen.
+    pub fn charge(&self, peer: &str, entries: &[(String, u64, u64)]) {
+        let now = now_ns();
+        let limiters = self.limiters.lock().expect("rate lock").clone();
+        let mut seen = self.seen.lock().expect("rate lock");
+        if seen.len() > 100_000 {
+            seen.clear();
+        }
+        for (host, key, total) in entries {
+            let last = seen.insert((peer.to_string(), host.clone(), *key), *total);
+            // First sighting: all of it is news (a charge is capped at a
+            // burst, so a node that starts late is not misled by history);
+            // a smaller total: the peer restarted, counting from 0 again.
+            let delta = match last {
+                Some(l) if *total >= l => total - l,
+                Some(_) | None => *total,
+            };
+            if delta == 0 {
+                continue;
+            }
+            if let Some(l) = limiters.get(host).filter(|l| l.cluster) {
+                l.state
+                    .lock()
+                    .expect("rate lock")
+                    .gcra
+                    .charge(*key, delta, now);
+            }
+        }
+    }
+}

@@ -129,8 +129,12 @@ pub struct Gcra {
     /// How far ahead of now a client's arrival time may run: (burst - 1)
     /// intervals.
     tolerance_ns: u64,
-    tat: HashMap<u64, u64>,
+    tat: ByKey<u64>,
 }
+
+/// Client keys are already hashes: FNV rather than SipHash over them
+/// (these maps are touched on every rate-limited request).
+pub type ByKey<V> = HashMap<u64, V, std::hash::BuildHasherDefault<crate::util::Fnv>>;
 
 /// Beyond this many clients, those whose arrival time has passed (who
 /// are back to a full burst anyway) are forgotten.
@@ -142,7 +146,7 @@ impl Gcra {
         Gcra {
             interval_ns,
             tolerance_ns: interval_ns * u64::from(spec.burst.saturating_sub(1)),
-            tat: HashMap::new(),
+            tat: ByKey::default(),
         }
     }
 

@@ -6,8 +6,9 @@
 //! task: an open WebSocket is a connection, not a request.
 //!
 //! Over the per-client cap, a plain-text connection gets a canned `429`
-//! and is closed without its request being read (an upgrade is refused
-//! the same way); a TLS one is closed before the handshake, which is the
+//! to its first request head (within a second, or it is just closed) and
+//! is closed (an upgrade is refused the same way); a TLS one is closed
+//! before the handshake, which is the
 //! expensive part an abuser would want the node to do. At the node-wide
 //! cap the listener stops accepting (new connections wait in the kernel's
 //! backlog) and existing connections are served on. Peers that are
@@ -155,7 +156,7 @@ impl ConnLimits {
 }
 
 /// The whole answer to a connection over the per-client cap (written
-/// before its request is read, then the connection closes).
+/// after its first request head, then the connection closes).
 pub fn over_cap_response(peer: IpAddr, cap: u32) -> Vec<u8> {
     let body = format!(
         "429 Too Many Requests: {peer} has {cap} connections open here already (the most one client may hold); close some and retry\n"

@@ -148,11 +148,12 @@ impl Proxy {
 const OVER_CAP_LOG: &str = "(connection cap)";
 
 impl Proxy {
-    /// A connection over `--max-conns-per-ip`: in clear text, a canned
-    /// 429 before its request is read, then what it sent meanwhile is read
-    /// and dropped for at most a second (closing with unread data would
-    /// reset the connection and lose the 429) and it closes; over TLS it
-    /// closes at once, before the handshake. Logged once a minute per
+    /// A connection over `--max-conns-per-ip`: in clear text, its request
+    /// head is read and answered with a canned 429, what follows is read
+    /// and dropped (closing with unread data would reset the connection
+    /// and lose the 429), all within one second, then it closes (a
+    /// slowloris that never finishes its head holds a descriptor for that
+    /// second at most); over TLS it closes at once, before the handshake. Logged once a minute per
     /// client at most, counted always.
     fn refuse_over_cap(
         self: &Arc<Self>,
@@ -175,10 +176,21 @@ impl Proxy {
         let answer = over_cap_response(peer.ip(), open);
         tokio::spawn(async move {
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                // The request head first (up to 8 KiB): an HTTP/1 client
+                // takes a response that comes before its request for a
+                // broken connection, not for a 429.
+                let mut head = Vec::with_capacity(1024);
+                let mut chunk = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                    let n = stream.read(&mut chunk).await?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    head.extend_from_slice(&chunk[..n]);
+                }
                 stream.write_all(&answer).await?;
                 stream.shutdown().await?;
-                let mut sink = [0u8; 1024];
-                while stream.read(&mut sink).await? > 0 {}
+                while stream.read(&mut chunk).await? > 0 {}
                 std::io::Result::Ok(())
             })
             .await;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use http::HeaderName;
 
-use crate::access::rate::{Gcra, RateSpec};
+use crate::access::rate::{ByKey, Gcra, RateSpec};
 use crate::host::ProxyHost;
 
 /// What identifies a client for a limit.
@@ -39,7 +39,7 @@ pub struct HostLimiter {
 struct State {
     gcra: Gcra,
     /// Per client: requests admitted here in all, and as last published.
-    admitted: HashMap<u64, (u64, u64)>,
+    admitted: ByKey<(u64, u64)>,
 }
 
 /// Nanoseconds on the process's monotonic clock.
@@ -127,7 +127,7 @@ impl RateRegistry {
             config,
             state: Mutex::new(State {
                 gcra: Gcra::new(spec),
-                admitted: HashMap::new(),
+                admitted: ByKey::default(),
             }),
         });
         map.insert(host.id.clone(), l.clone());

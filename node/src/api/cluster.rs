@@ -41,7 +41,7 @@ fn member_to_pb(m: Member) -> pb::Member {
         self_: m.is_self,
         generation: m.generation,
         build_version: m.version,
-        applied: m.vv.into_iter().collect(),
+        applied: m.vv.iter().map(|(o, s)| (o.clone(), *s)).collect(),
         state_hash: m.hash,
         lag: m.lag,
         http_connections: m.drain.http_connections,

@@ -117,7 +117,9 @@ pub struct Member {
     pub is_self: bool,
     pub generation: u64,
     pub version: String,
-    pub vv: VersionVector,
+    /// Shared with [`Cluster::members`]' cache: rebuilt only when the
+    /// member's gossiped state changed.
+    pub vv: Arc<VersionVector>,
     pub hash: String,
     /// Writes this member lacks that some live member has applied.
     pub lag: u64,
@@ -148,6 +150,9 @@ pub struct Cluster {
     pushes_sent: AtomicU64,
     /// Records applied from pulls ([`Cluster::pulled_records`]).
     pulled_records: AtomicU64,
+    /// Each member's decoded version vector, with the chitchat version of
+    /// its state it was read at ([`Cluster::member_vv`]).
+    vv_cache: Mutex<HashMap<ChitchatId, (u64, Arc<VersionVector>)>>,
     /// Member proofs already verified ([`Cluster::proven`]).
     proven: Mutex<HashSet<(ChitchatId, String)>>,
     relay_tx: mpsc::UnboundedSender<sync::Relayed>,
@@ -297,6 +302,7 @@ impl Cluster {
             pushes_sent: AtomicU64::new(0),
             pulled_records: AtomicU64::new(0),
             proven: Mutex::default(),
+            vv_cache: Mutex::default(),
             relay_tx,
         });
         let tasks = vec![
@@ -411,6 +417,28 @@ impl Cluster {
         ok
     }
 
+    /// `state`'s version vector, decoded again only when the member's
+    /// gossiped state changed since the last look. Decoding every member's
+    /// vector on every look was most of a node's CPU in the 50-node
+    /// simulation (read_vv, its string allocations and compares: over 60%
+    /// of samples), since the pull loop looks up to 20 times a second.
+    fn member_vv(&self, id: &ChitchatId, state: &chitchat::NodeState) -> Arc<VersionVector> {
+        let version = state.max_version();
+        let mut cache = self.vv_cache.lock().expect("vv cache lock");
+        if let Some((v, vv)) = cache.get(id) {
+            if *v == version {
+                return vv.clone();
+            }
+        }
+        let vv = Arc::new(read_vv(state));
+        // Generations of restarted members pile up: start over now and then.
+        if cache.len() > 4096 {
+            cache.clear();
+        }
+        cache.insert(id.clone(), (version, vv.clone()));
+        vv
+    }
+
     fn can_reach(&self, node_id: &str) -> bool {
         self.reachable.as_ref().is_none_or(|f| f(node_id))
     }
@@ -460,7 +488,7 @@ impl Cluster {
                 is_self: *id == self_id,
                 generation: id.generation_id,
                 version: get(K_VERSION),
-                vv: read_vv(state),
+                vv: self.member_vv(id, state),
                 hash: get(K_HASH),
                 lag: 0,
                 drain: DrainFacts::decode(|k| state.get(k).map(str::to_string)),
@@ -477,12 +505,12 @@ impl Cluster {
         // Our own facts straight from the store, not from the last publish.
         let summary = self.store.summary().borrow().clone();
         for m in members.iter_mut().filter(|m| m.is_self) {
-            m.vv = summary.vv.clone();
+            m.vv = Arc::new(summary.vv.clone());
             m.hash = hash_hex(summary.hash);
         }
         let mut max = VersionVector::new();
         for m in members.iter().filter(|m| m.live) {
-            for (o, &s) in &m.vv {
+            for (o, &s) in m.vv.iter() {
                 let e = max.entry(o.clone()).or_insert(0);
                 *e = (*e).max(s);
             }
@@ -834,7 +862,7 @@ impl Cluster {
             // ask for everything.
             let have = if ahead(&peer.vv, &summary.vv) {
                 summary.vv
-            } else if peer.vv == summary.vv {
+            } else if *peer.vv == summary.vv {
                 VersionVector::new()
             } else {
                 continue;
@@ -892,7 +920,11 @@ impl Cluster {
         loop {
             tick.tick().await;
             let members = self.members().await;
-            let Some(mut min) = members.iter().find(|m| m.is_self).map(|m| m.vv.clone()) else {
+            let Some(mut min) = members
+                .iter()
+                .find(|m| m.is_self)
+                .map(|m| VersionVector::clone(&m.vv))
+            else {
                 continue;
             };
             for m in &members {

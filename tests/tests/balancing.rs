@@ -23,6 +23,17 @@ use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio_tungstenite::tungstenite::Message;
 
+/// `n` WebSocket echo backends named `{prefix}0`, `{prefix}1`, …, and their
+/// URLs (kept together: a backend stops when dropped).
+async fn echo_backends(prefix: &str, n: usize) -> Result<(Vec<WsEchoBackend>, Vec<String>)> {
+    let mut b = Vec::with_capacity(n);
+    for i in 0..n {
+        b.push(WsEchoBackend::start(&format!("{prefix}{i}")).await?);
+    }
+    let urls = b.iter().map(|x| x.url()).collect();
+    Ok((b, urls))
+}
+
 /// Creates a host with `balancing` and waits until `node` routes it.
 async fn add_balanced(
     node: &TestNode,
@@ -169,12 +180,7 @@ async fn states(node: &TestNode, host: &str) -> Result<HashMap<String, String>> 
 #[tokio::test]
 async fn least_conn_refills_the_backend_whose_tunnels_closed() -> Result<()> {
     let node = TestNode::start().await?;
-    let b: Vec<WsEchoBackend> = vec![
-        WsEchoBackend::start("l0").await?,
-        WsEchoBackend::start("l1").await?,
-        WsEchoBackend::start("l2").await?,
-    ];
-    let urls: Vec<String> = b.iter().map(|x| x.url()).collect();
+    let (_backends, urls) = echo_backends("l", 3).await?;
     let balancing = Balancing {
         lb: "least-conn".into(),
         ..Default::default()
@@ -237,12 +243,7 @@ async fn cookie_hash_is_the_same_on_every_node() -> Result<()> {
     let n1 = member("b1").start().await?;
     let n2 = member("b2").seeds(&[&n1]).start().await?;
     let n3 = member("b3").seeds(&[&n1]).start().await?;
-    let b: Vec<WsEchoBackend> = vec![
-        WsEchoBackend::start("c0").await?,
-        WsEchoBackend::start("c1").await?,
-        WsEchoBackend::start("c2").await?,
-    ];
-    let urls: Vec<String> = b.iter().map(|x| x.url()).collect();
+    let (_backends, urls) = echo_backends("c", 3).await?;
     let balancing = Balancing {
         lb: "hash:cookie=sid".into(),
         ..Default::default()
@@ -281,12 +282,7 @@ async fn cookie_hash_is_the_same_on_every_node() -> Result<()> {
 #[tokio::test]
 async fn bounded_load_holds_with_one_dominant_key() -> Result<()> {
     let node = TestNode::start().await?;
-    let b: Vec<WsEchoBackend> = vec![
-        WsEchoBackend::start("h0").await?,
-        WsEchoBackend::start("h1").await?,
-        WsEchoBackend::start("h2").await?,
-    ];
-    let urls: Vec<String> = b.iter().map(|x| x.url()).collect();
+    let (_backends, urls) = echo_backends("h", 3).await?;
     let balancing = Balancing {
         lb: "hash:header=x-user".into(),
         ..Default::default()
@@ -647,11 +643,7 @@ fn watch_close(mut ws: WsClient) -> tokio::task::JoinHandle<Closed> {
 async fn upstream_drain_closes_its_tunnels_on_every_node() -> Result<()> {
     let n1 = member("d1").start().await?;
     let n2 = member("d2").seeds(&[&n1]).start().await?;
-    let b = [
-        WsEchoBackend::start("d0").await?,
-        WsEchoBackend::start("d1").await?,
-    ];
-    let urls: Vec<String> = b.iter().map(|x| x.url()).collect();
+    let (b, urls) = echo_backends("d", 2).await?;
     add_balanced(&n1, "drain.test", &urls, Balancing::default()).await?;
     n2.wait_routed("drain.test").await?;
     let (mut on_d0, mut on_d1) = (Vec::new(), Vec::new());
@@ -775,12 +767,7 @@ async fn upstream_drain_closes_its_tunnels_on_every_node() -> Result<()> {
 #[tokio::test]
 async fn cookie_mode_gives_new_clients_a_sticky_cookie() -> Result<()> {
     let node = TestNode::start().await?;
-    let b: Vec<WsEchoBackend> = vec![
-        WsEchoBackend::start("s0").await?,
-        WsEchoBackend::start("s1").await?,
-        WsEchoBackend::start("s2").await?,
-    ];
-    let urls: Vec<String> = b.iter().map(|x| x.url()).collect();
+    let (_backends, urls) = echo_backends("s", 3).await?;
     let balancing = Balancing {
         lb: "hash:cookie=charon_sticky".into(),
         set_cookie: true,

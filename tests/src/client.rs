@@ -484,3 +484,39 @@ impl RawWs {
         }
     }
 }
+
+/// The next data or close message on a WebSocket of any transport (TCP,
+/// TLS, an h2 stream), skipping pings and pongs.
+pub async fn next_message<S>(
+    ws: &mut WebSocketStream<S>,
+) -> Result<tokio_tungstenite::tungstenite::Message>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let msg = tokio::time::timeout(IO_TIMEOUT, ws.next())
+            .await
+            .context("no message in time")?
+            .context("the tunnel ended")??;
+        match msg {
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => return Ok(other),
+        }
+    }
+}
+
+/// Sends `text` and returns the text answer.
+pub async fn ask<S>(ws: &mut WebSocketStream<S>, text: &str) -> Result<String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    ws.send(Message::text(text)).await?;
+    match next_message(ws).await? {
+        Message::Text(t) => Ok(t.as_str().to_owned()),
+        other => bail!("expected a text answer to {text:?}, got {other:?}"),
+    }
+}

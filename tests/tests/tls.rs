@@ -26,10 +26,10 @@ use charon_tests::client::{self, HttpResponse};
 use charon_tests::node::{host_request, CertsApi};
 use charon_tests::tls::{
     client_config, expect_alert, h2_connect, h2_get, http1_get, https1_connect, https_get,
-    served_fingerprint, tls_connect, wait_served, wss_connect, Leaf, TestCa, WssClient,
+    served_fingerprint, tls_connect, wait_served, wss_connect, Leaf, TestCa,
 };
 use charon_tests::{eventually, EchoBackend, HttpsEchoBackend, TestNode, WsEchoBackend};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use http::{Method, StatusCode};
 use rustls::{AlertDescription, ClientConfig};
 use time::OffsetDateTime;
@@ -258,27 +258,7 @@ async fn alpn_negotiates_h2_and_http1() -> Result<()> {
 
 // ------------------------------------------------------------------ wss://
 
-/// The next data or close message, skipping pings and pongs.
-async fn next_message(ws: &mut WssClient) -> Result<Message> {
-    loop {
-        let msg = tokio::time::timeout(client::IO_TIMEOUT, ws.next())
-            .await
-            .context("no message in time")?
-            .context("the tunnel ended")??;
-        match msg {
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => return Ok(other),
-        }
-    }
-}
-
-async fn ask(ws: &mut WssClient, text: &str) -> Result<String> {
-    ws.send(Message::text(text)).await?;
-    match next_message(ws).await? {
-        Message::Text(t) => Ok(t.as_str().to_owned()),
-        other => bail!("expected a text answer to {text:?}, got {other:?}"),
-    }
-}
+use client::{ask, next_message};
 
 #[tokio::test]
 async fn websocket_over_tls_with_a_subprotocol() -> Result<()> {

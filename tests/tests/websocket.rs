@@ -26,27 +26,7 @@ async fn node_with_ws_backend(domain: &str, name: &str) -> Result<(TestNode, WsE
     Ok((node, backend))
 }
 
-/// The next data or close message, skipping pings and pongs.
-async fn next_message(ws: &mut WsClient) -> Result<Message> {
-    loop {
-        let msg = tokio::time::timeout(client::IO_TIMEOUT, ws.next())
-            .await
-            .context("no message in time")?
-            .context("the tunnel ended")??;
-        match msg {
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => return Ok(other),
-        }
-    }
-}
-
-async fn ask(ws: &mut WsClient, text: &str) -> Result<String> {
-    ws.send(Message::text(text)).await?;
-    match next_message(ws).await? {
-        Message::Text(t) => Ok(t.as_str().to_owned()),
-        other => bail!("expected a text answer to {text:?}, got {other:?}"),
-    }
-}
+use client::{ask, next_message};
 
 #[tokio::test]
 async fn text_and_binary_messages_are_echoed() -> Result<()> {

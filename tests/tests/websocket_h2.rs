@@ -88,27 +88,7 @@ impl Front {
     }
 }
 
-/// The next data or close message, skipping pings and pongs.
-async fn next_message(ws: &mut H2WsClient) -> Result<Message> {
-    loop {
-        let msg = tokio::time::timeout(client::IO_TIMEOUT, ws.next())
-            .await
-            .context("no message in time")?
-            .context("the tunnel ended")??;
-        match msg {
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => return Ok(other),
-        }
-    }
-}
-
-async fn ask(ws: &mut H2WsClient, text: &str) -> Result<String> {
-    ws.send(Message::text(text)).await?;
-    match next_message(ws).await? {
-        Message::Text(t) => Ok(t.as_str().to_owned()),
-        other => bail!("expected a text answer to {text:?}, got {other:?}"),
-    }
-}
+use client::{ask, next_message};
 
 fn header<'a>(parts: &'a http::response::Parts, name: &str) -> Option<&'a str> {
     parts.headers.get(name).and_then(|v| v.to_str().ok())

@@ -11,5 +11,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/setup-test-env.sh >/dev/null
-cargo build --workspace --bins
+# Bins and test targets in one build: built apart, the bins would get the
+# feature set without dev-dependencies and every shared crate would be
+# compiled (and stored) twice.
+cargo build --workspace --bins --tests
 cargo test --workspace "$@"

@@ -18,13 +18,19 @@ pub(super) const K_VERSION: &str = "version";
 /// The whole version vector in one value: what nodes of earlier versions
 /// publish (read only, as a fallback; see [`read_vv`]).
 pub(super) const K_VV: &str = "vv";
-/// One key per origin, `seq:<origin>` = the highest sequence of that
-/// origin's writes this node holds. One key each, not one value for the
-/// whole vector, because chitchat sends only changed keys: a write then
-/// costs every node's gossip one small key, not the whole vector again
-/// (O(origins) bytes per node per write, which at 100 nodes writing was
-/// ~5 KB per node and more than a datagram's worth per round).
+/// One key per origin, `seq:<origin>` = seq: what nodes of the previous
+/// version publish (read only, as a fallback; see [`read_vv`]).
 pub(super) const K_SEQ_PREFIX: &str = "seq:";
+/// The vector in [`VV_BUCKETS`] keys, `vv/<b>` = `origin=seq,...` for the
+/// origins that hash to bucket b. Neither one value for the whole vector
+/// (chitchat resends a changed value whole: at 100 nodes writing, ~5 KB per
+/// node per write, more than a datagram's worth per round) nor one key per
+/// origin (chitchat clones every live member's whole key map on every
+/// gossip round where a member changed: at 100 nodes x 100 origins that
+/// clone was a third of a simulated cluster's CPU). A write changes one
+/// bucket: ~1/16 of the vector.
+pub(super) const K_VV_BUCKET_PREFIX: &str = "vv/";
+pub(super) const VV_BUCKETS: u64 = 16;
 pub(super) const K_HASH: &str = "hash";
 pub(super) const K_AUTH: &str = "auth";
 /// Drain progress, published while a node drains (zeros otherwise).
@@ -80,7 +86,7 @@ impl DrainFacts {
 }
 
 /// `origin=seq` pairs joined by `,`: the `vv` value of earlier versions
-/// (only the tests write it now; [`decode_vv`] reads it from such nodes).
+/// (only the tests write it now; [`decode_vv`] reads it, and bucket values).
 #[cfg(test)]
 pub(super) fn encode_vv(vv: &VersionVector) -> String {
     vv.iter()
@@ -89,15 +95,26 @@ pub(super) fn encode_vv(vv: &VersionVector) -> String {
         .join(",")
 }
 
-/// The gossip key of `origin`'s sequence.
-pub(super) fn seq_key(origin: &str) -> String {
-    format!("{K_SEQ_PREFIX}{origin}")
+/// The bucket of `origin`: FNV-1a of its bytes, so every node and version
+/// agrees (std's hasher makes no such promise).
+fn bucket_of(origin: &str) -> u64 {
+    let h = origin.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    h % VV_BUCKETS
 }
 
-/// A member's version vector from its `seq:` keys, or from the one `vv`
-/// value a node of an earlier version publishes.
+fn bucket_key(b: u64) -> String {
+    format!("{K_VV_BUCKET_PREFIX}{b:x}")
+}
+
+/// A member's version vector from its `vv/` buckets, or from what a node of
+/// an earlier version publishes: `seq:` keys, or the one `vv` value.
 pub(super) fn read_vv(state: &chitchat::NodeState) -> VersionVector {
     let mut vv = VersionVector::new();
+    for (_, v) in state.iter_prefix(K_VV_BUCKET_PREFIX) {
+        vv.extend(decode_vv(&v.value));
+    }
     for (k, v) in state.iter_prefix(K_SEQ_PREFIX) {
         if let Ok(seq) = v.value.parse() {
             vv.insert(k[K_SEQ_PREFIX.len()..].to_string(), seq);
@@ -109,21 +126,45 @@ pub(super) fn read_vv(state: &chitchat::NodeState) -> VersionVector {
     vv
 }
 
+/// Every bucket key of `vv` with its value: what a node publishes at start.
+pub(super) fn vv_keys(vv: &VersionVector) -> Vec<(String, String)> {
+    vv_changes(&VersionVector::new(), vv)
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+        .collect()
+}
+
 /// The key changes that take a published vector from `old` to `new`:
-/// `(key, Some(seq))` to set, `(key, None)` to delete (an origin the
-/// store compacted away).
-pub(super) fn vv_changes(old: &VersionVector, new: &VersionVector) -> Vec<(String, Option<u64>)> {
-    let mut out: Vec<(String, Option<u64>)> = new
+/// `(key, Some(value))` to set each bucket in which an origin moved,
+/// `(key, None)` to delete a bucket left empty (its origins compacted away).
+pub(super) fn vv_changes(
+    old: &VersionVector,
+    new: &VersionVector,
+) -> Vec<(String, Option<String>)> {
+    let mut moved: Vec<u64> = new
         .iter()
         .filter(|(o, s)| old.get(*o) != Some(s))
-        .map(|(o, &s)| (seq_key(o), Some(s)))
+        .map(|(o, _)| bucket_of(o))
+        .chain(
+            old.keys()
+                .filter(|o| !new.contains_key(*o))
+                .map(|o| bucket_of(o)),
+        )
         .collect();
-    out.extend(
-        old.keys()
-            .filter(|o| !new.contains_key(*o))
-            .map(|o| (seq_key(o), None)),
-    );
-    out
+    moved.sort_unstable();
+    moved.dedup();
+    moved
+        .into_iter()
+        .map(|b| {
+            let value = new
+                .iter()
+                .filter(|(o, _)| bucket_of(o) == b)
+                .map(|(o, s)| format!("{o}={s}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            (bucket_key(b), (!value.is_empty()).then_some(value))
+        })
+        .collect()
 }
 
 pub(super) fn decode_vv(s: &str) -> VersionVector {
@@ -178,47 +219,54 @@ mod tests {
         assert_eq!(decode_vv("a=1,junk,b=x"), [("a".to_string(), 1)].into());
     }
 
+    /// A write moves one origin: one bucket key is set, holding every
+    /// origin of that bucket; an emptied bucket is deleted.
     #[test]
-    fn vector_changes_touch_only_what_changed() {
-        let old: VersionVector = [("a".to_string(), 3), ("b".to_string(), 10)].into();
-        let new: VersionVector = [
-            ("a".to_string(), 4),
-            ("c".to_string(), 1),
-            ("b".to_string(), 10),
-        ]
-        .into();
-        let mut c = vv_changes(&old, &new);
-        c.sort();
-        assert_eq!(
-            c,
-            vec![
-                ("seq:a".to_string(), Some(4)),
-                ("seq:c".to_string(), Some(1))
-            ]
-        );
-        let gone: VersionVector = [("b".to_string(), 10)].into();
-        assert_eq!(vv_changes(&old, &gone), vec![("seq:a".to_string(), None)]);
+    fn vector_changes_touch_only_the_moved_bucket() {
+        let old: VersionVector = (0..40).map(|i| (format!("origin-{i}"), 3)).collect();
+        let mut new = old.clone();
+        new.insert("origin-7".into(), 4);
+        let c = vv_changes(&old, &new);
+        assert_eq!(c.len(), 1, "{c:?}");
+        let (key, value) = &c[0];
+        assert_eq!(*key, bucket_key(bucket_of("origin-7")));
+        let bucket = decode_vv(value.as_deref().unwrap());
+        assert_eq!(bucket.get("origin-7"), Some(&4));
+        assert!(bucket.keys().all(|o| bucket_of(o) == bucket_of("origin-7")));
         assert!(vv_changes(&new, &new).is_empty());
+        let alone: VersionVector = [("a".to_string(), 1)].into();
+        assert_eq!(
+            vv_changes(&alone, &VersionVector::new()),
+            vec![(bucket_key(bucket_of("a")), None)]
+        );
     }
 
-    /// A member's vector comes from its `seq:` keys; a node of an earlier
-    /// version, which publishes only `vv`, is still read.
+    /// Buckets are spread: 100 origins fill most of the 16.
     #[test]
-    fn members_vectors_read_from_seq_keys_or_the_old_value() {
+    fn origins_spread_over_the_buckets() {
+        let vv: VersionVector = (0..100).map(|i| (format!("node-{i}"), 1)).collect();
+        let keys = vv_keys(&vv);
+        assert!(keys.len() >= 14, "{}", keys.len());
+        let back: VersionVector = keys.iter().flat_map(|(_, v)| decode_vv(v)).collect();
+        assert_eq!(back, vv);
+    }
+
+    /// A member's vector comes from its buckets; a node of an earlier
+    /// version, which publishes `seq:` keys or one `vv` value, is still read.
+    #[test]
+    fn members_vectors_read_from_buckets_or_older_keys() {
         let mut state = chitchat::NodeState::for_test();
         state.set(K_VV, "old=7");
         assert_eq!(read_vv(&state), [("old".to_string(), 7)].into());
-        for (k, v) in vv_changes(&VersionVector::new(), &[("a".to_string(), 2)].into()) {
-            state.set(k, v.unwrap());
-        }
-        state.set(seq_key("b"), 5);
+        state.set(format!("{K_SEQ_PREFIX}b"), 5);
         state.set("seqx", "not a seq key");
-        assert_eq!(
-            read_vv(&state),
-            [("a".to_string(), 2), ("b".to_string(), 5)].into()
-        );
-        state.delete(&seq_key("a"));
         assert_eq!(read_vv(&state), [("b".to_string(), 5)].into());
+        state.delete(&format!("{K_SEQ_PREFIX}b"));
+        let vv: VersionVector = [("a".to_string(), 2), ("c".to_string(), 9)].into();
+        for (k, v) in vv_keys(&vv) {
+            state.set(k, v);
+        }
+        assert_eq!(read_vv(&state), vv);
     }
 
     #[test]

@@ -2,16 +2,18 @@
 //! the config itself.
 //!
 //! Each node gossips only what fits in a datagram: API address, name,
-//! region, zone, status, build version, its store's version vector and
+//! region, zone, status, build version, its store's version vector (in 16
+//! buckets) and
 //! state hash, drain progress, and a membership proof (see [`auth`]); every
 //! key and how its value is written is in [`gossip`]. Records move over
 //! the sync service ([`sync`]) in three ways:
 //! - **push**: every local write goes down a 3-ary tree over this region's
-//!   live members rooted at the writer (and to one member of each other
-//!   region, which roots that region's tree); each receiver relays it to its
-//!   children. A host added on one node is usually served everywhere within
-//!   milliseconds, every node gets it about once, and none sends more than
-//!   a few pushes per write, whatever the cluster's size;
+//!   members rooted at the writer, the same tree at every hop ([`tree`]),
+//!   and to one member of each other region, which roots that region's
+//!   tree; each receiver relays it once to its children. A host added on
+//!   one node is usually served everywhere within milliseconds, every node
+//!   gets it about once, and none sends more than a few pushes per write,
+//!   whatever the cluster's size;
 //! - **pull**: when gossip shows a member's vector ahead of ours, we ask it
 //!   for everything newer than our vector — this heals missed pushes,
 //!   partitions and restarts, and is what a node catching up uses;
@@ -27,8 +29,10 @@
 pub mod auth;
 pub mod gossip;
 pub mod sync;
+mod tree;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,7 +49,7 @@ use crate::store::{Record, Store, VersionVector};
 use auth::ClusterAuth;
 pub use gossip::DrainFacts;
 use gossip::{
-    hash_hex, read_vv, seq_key, vv_changes, K_API, K_AUTH, K_HASH, K_NAME, K_REGION, K_STATUS,
+    hash_hex, read_vv, vv_changes, vv_keys, K_API, K_AUTH, K_HASH, K_NAME, K_REGION, K_STATUS,
     K_VERSION, K_ZONE, STATUS_SERVING,
 };
 use sync::Peers;
@@ -143,7 +147,7 @@ pub struct Cluster {
     reachable: Option<Reachable>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     refused: Mutex<HashSet<ChitchatId>>,
-    /// Live peers as of the time noted ([`Cluster::push_peers`]).
+    /// Known peers as of the time noted ([`Cluster::push_peers`]).
     push_peers: Mutex<Option<(Instant, Arc<Vec<Member>>)>>,
     /// Per peer API address, its send queue ([`Cluster::enqueue`]).
     queues: Mutex<HashMap<String, mpsc::UnboundedSender<Outgoing>>>,
@@ -153,15 +157,15 @@ pub struct Cluster {
     /// Each member's decoded version vector, with the chitchat version of
     /// its state it was read at ([`Cluster::member_vv`]).
     vv_cache: Mutex<HashMap<ChitchatId, (u64, Arc<VersionVector>)>>,
-    /// Member proofs already verified ([`Cluster::proven`]).
-    proven: Mutex<HashSet<(ChitchatId, String)>>,
+    /// Member proofs already verified, per member ([`Cluster::proven`]).
+    proven: Mutex<HashMap<ChitchatId, String>>,
     relay_tx: mpsc::UnboundedSender<sync::Relayed>,
+    /// Digests of the pushes this node relayed lately ([`Cluster::first_relay`]).
+    relayed: Mutex<(HashSet<u64>, VecDeque<u64>)>,
 }
 
-/// Children per node in a region's push tree: a write reaches N nodes in
-/// about log3(N) hops, and no node sends more than this many pushes of it
-/// (plus one per other region at the origin).
-const PUSH_FANOUT: usize = 3;
+/// Pushes remembered as relayed, so each is relayed once.
+const RELAYED_MEMORY: usize = 4096;
 /// A relay chain longer than this stops (a relay also stops when the push
 /// taught it nothing); pulls cover whatever it missed.
 const MAX_RELAY_HOPS: u32 = 8;
@@ -176,6 +180,8 @@ struct Outgoing {
     entries: Vec<sync_pb::Entry>,
     hops: u32,
     root: String,
+    /// The tree's node ids ([`tree::order`]); empty for a legacy push.
+    tree: Arc<Vec<String>>,
 }
 
 /// One peer's send queue: pushes one batch at a time, merging whatever
@@ -198,20 +204,29 @@ async fn push_queue(
         };
         while batch.entries.len() < MAX_PUSH_BATCH {
             let Ok(more) = rx.try_recv() else { break };
-            if more.root != batch.root {
+            if more.root != batch.root || more.tree != batch.tree {
                 next = Some(more);
                 break;
             }
             batch.entries.extend(more.entries);
             batch.hops = batch.hops.min(more.hops);
         }
+        let started = Instant::now();
+        let sent = batch.entries.len();
         if let Err(e) = peers
-            .push(&api, batch.entries, batch.hops, batch.root)
+            .push(
+                &api,
+                batch.entries,
+                batch.hops,
+                batch.root,
+                batch.tree.to_vec(),
+            )
             .await
         {
             tracing::debug!(peer = %name, api = %api, error = %e,
                 "push failed; the peer will pull");
         }
+        tracing::trace!(peer = %name, entries = sent, took_ms = started.elapsed().as_millis() as u64, "pushed");
     }
 }
 
@@ -265,7 +280,7 @@ impl Cluster {
             (K_HASH.to_string(), hash_hex(summary.hash)),
             (K_AUTH.to_string(), auth.member_proof(&node_id, generation)),
         ];
-        initial.extend(summary.vv.iter().map(|(o, s)| (seq_key(o), s.to_string())));
+        initial.extend(vv_keys(&summary.vv));
         let chitchat_config = ChitchatConfig {
             chitchat_id,
             cluster_id: config.cluster_id.clone(),
@@ -304,6 +319,7 @@ impl Cluster {
             proven: Mutex::default(),
             vv_cache: Mutex::default(),
             relay_tx,
+            relayed: Mutex::default(),
         });
         let tasks = vec![
             tokio::spawn(cluster.clone().publish_loop()),
@@ -398,8 +414,16 @@ impl Cluster {
     /// proof) is checked once (an HMAC per member per look was most of the
     /// cost of building the member list).
     fn proven(&self, id: &ChitchatId, proof: &str) -> bool {
-        let key = (id.clone(), proof.to_string());
-        if self.proven.lock().expect("proven lock").contains(&key) {
+        // Looked up without allocating: this runs for every member on
+        // every look at the membership.
+        if self
+            .proven
+            .lock()
+            .expect("proven lock")
+            .get(id)
+            .map(String::as_str)
+            == Some(proof)
+        {
             return true;
         }
         let ok = self
@@ -412,7 +436,7 @@ impl Cluster {
             if set.len() > 4096 {
                 set.clear();
             }
-            set.insert(key);
+            set.insert(id.clone(), proof.to_string());
         }
         ok
     }
@@ -443,55 +467,64 @@ impl Cluster {
         self.reachable.as_ref().is_none_or(|f| f(node_id))
     }
 
+    /// One member as gossip shows it, if it proved it holds the cluster
+    /// secret and published its API address (its facts arrive over a few
+    /// rounds: no proof yet means "not a member yet", not "wrong secret").
+    fn member(
+        &self,
+        id: &ChitchatId,
+        state: &chitchat::NodeState,
+        live: bool,
+        is_self: bool,
+    ) -> Option<Member> {
+        let proof = state.get(K_AUTH)?;
+        if !self.proven(id, proof) {
+            if self
+                .refused
+                .lock()
+                .expect("refused lock")
+                .insert(id.clone())
+            {
+                tracing::warn!(node = %id.node_id, gossip = %id.gossip_advertise_addr,
+                    name = state.get(K_NAME).unwrap_or(""),
+                    "ignoring a gossip peer without a valid cluster secret proof (wrong --cluster-secret?)");
+            }
+            return None;
+        }
+        let api = state.get(K_API)?;
+        let get = |k| state.get(k).unwrap_or("").to_string();
+        Some(Member {
+            node_id: id.node_id.to_string(),
+            name: get(K_NAME),
+            region: get(K_REGION),
+            zone: get(K_ZONE),
+            api: api.to_string(),
+            gossip: id.gossip_advertise_addr,
+            status: get(K_STATUS),
+            live,
+            is_self,
+            generation: id.generation_id,
+            version: get(K_VERSION),
+            vv: self.member_vv(id, state),
+            hash: get(K_HASH),
+            lag: 0,
+            drain: DrainFacts::decode(|k| state.get(k).map(str::to_string)),
+        })
+    }
+
     /// Every known member (live or dead but not yet forgotten) that proved
     /// it holds the cluster secret, with lag computed against the live ones.
     pub async fn members(&self) -> Vec<Member> {
         let cc = self.handle.chitchat();
         let cc = cc.lock().await;
         let self_id = cc.self_chitchat_id().clone();
-        let live: HashSet<ChitchatId> = cc.live_nodes().cloned().collect();
+        let live: HashSet<&ChitchatId> = cc.live_nodes().collect();
         // Several generations of one node may be known for a while after a
         // restart: keep the newest.
         let mut newest: BTreeMap<String, Member> = BTreeMap::new();
         for (id, state) in cc.node_states() {
-            // A peer's facts arrive over several gossip rounds: no proof
-            // yet means "not a member yet", not "wrong secret".
-            let Some(proof) = state.get(K_AUTH) else {
+            let Some(m) = self.member(id, state, live.contains(id), *id == self_id) else {
                 continue;
-            };
-            if !self.proven(id, proof) {
-                if self
-                    .refused
-                    .lock()
-                    .expect("refused lock")
-                    .insert(id.clone())
-                {
-                    tracing::warn!(node = %id.node_id, gossip = %id.gossip_advertise_addr,
-                        name = state.get(K_NAME).unwrap_or(""),
-                        "ignoring a gossip peer without a valid cluster secret proof (wrong --cluster-secret?)");
-                }
-                continue;
-            }
-            let Some(api) = state.get(K_API) else {
-                continue;
-            };
-            let get = |k| state.get(k).unwrap_or("").to_string();
-            let m = Member {
-                node_id: id.node_id.to_string(),
-                name: get(K_NAME),
-                region: get(K_REGION),
-                zone: get(K_ZONE),
-                api: api.to_string(),
-                gossip: id.gossip_advertise_addr,
-                status: get(K_STATUS),
-                live: live.contains(id),
-                is_self: *id == self_id,
-                generation: id.generation_id,
-                version: get(K_VERSION),
-                vv: self.member_vv(id, state),
-                hash: get(K_HASH),
-                lag: 0,
-                drain: DrainFacts::decode(|k| state.get(k).map(str::to_string)),
             };
             match newest.get(&m.node_id) {
                 Some(old) if old.generation >= m.generation => {}
@@ -500,6 +533,7 @@ impl Cluster {
                 }
             }
         }
+        drop(live);
         drop(cc);
         let mut members: Vec<Member> = newest.into_values().collect();
         // Our own facts straight from the store, not from the last publish.
@@ -508,23 +542,74 @@ impl Cluster {
             m.vv = Arc::new(summary.vv.clone());
             m.hash = hash_hex(summary.hash);
         }
-        let mut max = VersionVector::new();
+        // Borrowed keys: at 100 members of 100 origins, owned ones were
+        // 10,000 allocations per look.
+        let mut max: HashMap<&str, u64> = HashMap::new();
         for m in members.iter().filter(|m| m.live) {
             for (o, &s) in m.vv.iter() {
-                let e = max.entry(o.clone()).or_insert(0);
+                let e = max.entry(o.as_str()).or_insert(0);
                 *e = (*e).max(s);
             }
         }
-        for m in &mut members {
-            m.lag = max
-                .iter()
-                .map(|(o, &s)| s.saturating_sub(m.vv.get(o).copied().unwrap_or(0)))
-                .sum();
+        let lags: Vec<u64> = members
+            .iter()
+            .map(|m| {
+                max.iter()
+                    .map(|(o, &s)| s.saturating_sub(m.vv.get(*o).copied().unwrap_or(0)))
+                    .sum()
+            })
+            .collect();
+        drop(max);
+        for (m, lag) in members.iter_mut().zip(lags) {
+            m.lag = lag;
         }
         members.sort_by(|a, b| {
             (&a.region, &a.name, &a.node_id).cmp(&(&b.region, &b.name, &b.node_id))
         });
         members
+    }
+
+    /// The live peers this node may sync with whose gossiped vector is
+    /// ahead of `ours`. The pull loop looks up to 20 times a second, so
+    /// this builds a [`Member`] only for peers ahead (usually none), not
+    /// the whole list: building it for every member on every look was a
+    /// quarter of the CPU in the 100-node simulation.
+    async fn live_peers_ahead(&self, ours: &VersionVector) -> Vec<Member> {
+        let cc = self.handle.chitchat();
+        let cc = cc.lock().await;
+        let self_id = cc.self_chitchat_id().clone();
+        let mut out = Vec::new();
+        for id in cc.live_nodes().filter(|id| **id != self_id) {
+            let Some(state) = cc.node_state(id) else {
+                continue;
+            };
+            if !ahead(&self.member_vv(id, state), ours) || !self.can_reach(&id.node_id) {
+                continue;
+            }
+            out.extend(self.member(id, state, true, false));
+        }
+        out
+    }
+
+    /// The gossip addresses of the live members (not this node) that
+    /// proved they hold the secret: what the store remembers for a restart.
+    async fn live_gossip_addrs(&self) -> Vec<String> {
+        let cc = self.handle.chitchat();
+        let cc = cc.lock().await;
+        let self_id = cc.self_chitchat_id().clone();
+        let mut out: Vec<String> = cc
+            .live_nodes()
+            .filter(|id| **id != self_id)
+            .filter(|id| {
+                cc.node_state(id)
+                    .and_then(|s| s.get(K_AUTH))
+                    .is_some_and(|proof| self.proven(id, proof))
+            })
+            .map(|id| id.gossip_advertise_addr.to_string())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// Live peers (not this node) that this node may sync with, this
@@ -541,8 +626,9 @@ impl Cluster {
     }
 
     /// Keeps this node's gossiped vector and hash in step with the store.
-    /// Only the origins whose sequence moved are set: chitchat gossips
-    /// changed keys, so a write costs each node one small key.
+    /// Only the buckets of origins whose sequence moved are set
+    /// ([`gossip::vv_changes`]): chitchat gossips changed keys, so a write
+    /// costs each node one bucket, about 1/16 of its vector.
     async fn publish_loop(self: Arc<Self>) {
         let mut rx = self.store.summary();
         // What Cluster::start published.
@@ -553,9 +639,9 @@ impl Cluster {
                 let cc = self.handle.chitchat();
                 let mut cc = cc.lock().await;
                 let me = cc.self_node_state();
-                for (key, seq) in vv_changes(&published, &s.vv) {
-                    match seq {
-                        Some(seq) => me.set(key, seq),
+                for (key, value) in vv_changes(&published, &s.vv) {
+                    match value {
+                        Some(value) => me.set(key, value),
                         None => me.delete(&key),
                     }
                 }
@@ -568,9 +654,10 @@ impl Cluster {
         }
     }
 
-    /// Eager push of local writes along this node's tree
-    /// ([`Cluster::targets`]). Writes queued meanwhile go as one batch. A
-    /// failed push is only logged: pulls and anti-entropy repair it.
+    /// Eager push of local writes down this node's tree ([`tree`]) and to
+    /// one live member of each other region, which roots that region's
+    /// tree. Writes queued meanwhile go as one batch. A failed push is only
+    /// logged: pulls and anti-entropy repair it.
     async fn push_loop(self: Arc<Self>) {
         let mut rx = self.store.local_writes();
         while let Some(first) = rx.recv().await {
@@ -580,46 +667,139 @@ impl Cluster {
             }
             let entries = sync::encode_entries(&records);
             let peers = self.push_peers().await;
-            for (peer, root) in self.targets(&peers, self.node_id(), true) {
+            let me = self.node_id();
+            let tree = Arc::new(self.region_tree(&peers, me));
+            self.send_down(&peers, &tree, me, &entries, 0, None);
+            for peer in self.other_region_roots(&peers) {
+                let root = peer.node_id.clone();
                 self.enqueue(
                     peer,
                     Outgoing {
                         entries: entries.clone(),
                         hops: 0,
                         root,
+                        tree: Arc::default(),
                     },
                 );
             }
         }
     }
 
-    /// Relays pushes that brought this node something new to its children
-    /// in the push's tree, so a write reaches every node in a few hops
-    /// while each node sends O(fan-out), not O(cluster), pushes.
+    /// Relays each push once to this node's children in the push's tree,
+    /// so a write reaches every node in a few hops while each node sends
+    /// O(fan-out), not O(cluster), pushes. A push with no tree roots this
+    /// region's tree here (it came from another region), or comes from a
+    /// node of an earlier version (then it goes on only if it taught us
+    /// something, down a tree of our own view, as that version did).
     async fn relay_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<sync::Relayed>) {
         while let Some(r) = rx.recv().await {
-            if r.hops >= MAX_RELAY_HOPS {
+            let me = self.node_id();
+            let legacy = r.tree.is_empty() && r.root != me;
+            if r.hops >= MAX_RELAY_HOPS || (legacy && r.applied == 0) || !self.first_relay(&r) {
                 continue;
             }
             let peers = self.push_peers().await;
-            for (peer, root) in self.targets(&peers, &r.root, false) {
-                if peer.node_id != r.from_node {
-                    let entries = r.entries.clone();
-                    self.enqueue(
-                        peer,
-                        Outgoing {
-                            entries,
-                            hops: r.hops + 1,
-                            root,
-                        },
-                    );
-                }
-            }
+            let tree = if r.tree.is_empty() {
+                Arc::new(self.region_tree(&peers, &r.root))
+            } else {
+                Arc::new(r.tree)
+            };
+            self.send_down(
+                &peers,
+                &tree,
+                &r.root,
+                &r.entries,
+                r.hops + 1,
+                Some(&r.from_node),
+            );
         }
     }
 
-    /// The live peers pushes go to: the member list, rebuilt at most once
-    /// per gossip interval rather than for every write.
+    /// True the first time this node sees this push (same root, same
+    /// records): each push is relayed once, however many copies arrive.
+    fn first_relay(&self, r: &sync::Relayed) -> bool {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        r.root.hash(&mut h);
+        for e in &r.entries {
+            e.key.hash(&mut h);
+            e.record.hash(&mut h);
+        }
+        let digest = h.finish();
+        let mut guard = self.relayed.lock().expect("relayed lock");
+        let (seen, order) = &mut *guard;
+        if !seen.insert(digest) {
+            return false;
+        }
+        order.push_back(digest);
+        if order.len() > RELAYED_MEMORY {
+            if let Some(old) = order.pop_front() {
+                seen.remove(&old);
+            }
+        }
+        true
+    }
+
+    /// The tree of a write rooted at `root` over every member of this
+    /// region this node knows, live or not ([`tree::order`]).
+    fn region_tree(&self, peers: &[Member], root: &str) -> Vec<String> {
+        let region = peers
+            .iter()
+            .filter(|m| m.region == self.config.region)
+            .map(|m| m.node_id.as_str());
+        tree::order(root, region.chain([self.node_id()]))
+    }
+
+    /// Queues `entries` for this node's targets in `tree`
+    /// ([`tree::targets`]), except the node they came from.
+    fn send_down(
+        &self,
+        peers: &[Member],
+        tree: &Arc<Vec<String>>,
+        root: &str,
+        entries: &[sync_pb::Entry],
+        hops: u32,
+        from: Option<&str>,
+    ) {
+        let by_id: HashMap<&str, &Member> = peers.iter().map(|m| (m.node_id.as_str(), m)).collect();
+        let reach = |id: &str| match by_id.get(id) {
+            Some(m) if self.can_reach(id) && m.live => tree::Reach::Live,
+            Some(_) if self.can_reach(id) => tree::Reach::Suspect,
+            _ => tree::Reach::Absent,
+        };
+        for id in tree::targets(tree, self.node_id(), reach) {
+            if Some(id) == from {
+                continue;
+            }
+            self.enqueue(
+                by_id[id],
+                Outgoing {
+                    entries: entries.to_vec(),
+                    hops,
+                    root: root.to_string(),
+                    tree: tree.clone(),
+                },
+            );
+        }
+    }
+
+    /// One random live, reachable member of each other region.
+    fn other_region_roots<'a>(&self, peers: &'a [Member]) -> Vec<&'a Member> {
+        let mut others: BTreeMap<&str, Vec<&Member>> = BTreeMap::new();
+        for m in peers {
+            if m.region != self.config.region && m.live && self.can_reach(&m.node_id) {
+                others.entry(m.region.as_str()).or_default().push(m);
+            }
+        }
+        let mut rng = rand::rng();
+        others
+            .values()
+            .filter_map(|list| list.choose(&mut rng).copied())
+            .collect()
+    }
+
+    /// The peers pushes may go to: every known member but this node, live
+    /// or not, rebuilt at most once per gossip interval rather than for
+    /// every write.
     async fn push_peers(&self) -> Arc<Vec<Member>> {
         {
             let cached = self.push_peers.lock().expect("push peers lock");
@@ -629,72 +809,11 @@ impl Cluster {
                 }
             }
         }
-        let peers = Arc::new(self.live_peers().await);
+        let mut peers = self.members().await;
+        peers.retain(|m| !m.is_self);
+        let peers = Arc::new(peers);
         *self.push_peers.lock().expect("push peers lock") = Some((Instant::now(), peers.clone()));
         peers
-    }
-
-    /// Whom this node pushes to, with the tree root each push carries: its
-    /// children in the [`PUSH_FANOUT`]-ary tree rooted at `root` over this
-    /// region's live members (by node id, rotated to start at the root; an
-    /// unreachable child is stood in for by its own children), and, at the
-    /// origin (`other_regions`), one random member of each other region,
-    /// which roots that region's tree. Views of the membership can differ
-    /// for a moment: a node then gets a write twice, or by pull.
-    fn targets<'a>(
-        &self,
-        peers: &'a [Member],
-        root: &str,
-        other_regions: bool,
-    ) -> Vec<(&'a Member, String)> {
-        let me = self.node_id();
-        let mut region: Vec<Option<&Member>> = peers
-            .iter()
-            .filter(|m| m.region == self.config.region)
-            .map(Some)
-            .collect();
-        region.push(None);
-        fn id<'x>(m: &Option<&'x Member>, me: &'x str) -> &'x str {
-            m.map_or(me, |m| m.node_id.as_str())
-        }
-        region.sort_by(|a, b| id(a, me).cmp(id(b, me)));
-        let n = region.len();
-        let pos = |x: &str| region.iter().position(|m| id(m, me) == x);
-        let (Some(at_root), Some(at_me)) = (pos(root), pos(me)) else {
-            // The root is not in our view: root our own tree instead.
-            return self.targets(peers, me, other_regions);
-        };
-        let rank = (at_me + n - at_root) % n;
-        let mut out = Vec::new();
-        let mut todo: Vec<usize> = (1..=PUSH_FANOUT).map(|c| rank * PUSH_FANOUT + c).collect();
-        while let Some(r) = todo.pop() {
-            if r >= n {
-                continue;
-            }
-            let Some(m) = region[(r + at_root) % n] else {
-                continue;
-            };
-            if self.can_reach(&m.node_id) {
-                out.push((m, root.to_string()));
-            } else {
-                todo.extend((1..=PUSH_FANOUT).map(|c| r * PUSH_FANOUT + c));
-            }
-        }
-        if other_regions {
-            let mut others: BTreeMap<&str, Vec<&Member>> = BTreeMap::new();
-            for m in peers {
-                if m.region != self.config.region && self.can_reach(&m.node_id) {
-                    others.entry(m.region.as_str()).or_default().push(m);
-                }
-            }
-            let mut rng = rand::rng();
-            for list in others.values() {
-                if let Some(m) = list.choose(&mut rng) {
-                    out.push((*m, m.node_id.clone()));
-                }
-            }
-        }
-        out
     }
 
     /// Hands `entries` to `peer`'s send queue: one push in flight per peer,
@@ -776,12 +895,8 @@ impl Cluster {
             }
             last_look = Instant::now();
             let ours = self.store.version_vector();
-            let ahead_now: Vec<Member> = self
-                .live_peers()
-                .await
-                .into_iter()
-                .filter(|m| ahead(&m.vv, &ours))
-                .collect();
+            let mut ahead_now = self.live_peers_ahead(&ours).await;
+            ahead_now.sort_by_key(|m| m.region != self.config.region);
             // Only peers that were already ahead at the last look: a write
             // being pushed to us right now is not worth a pull racing it.
             let candidates: Vec<Member> = ahead_now
@@ -890,14 +1005,7 @@ impl Cluster {
                 _ = tick.tick() => {}
                 r = watcher.changed() => if r.is_err() { return },
             }
-            let mut now: Vec<String> = self
-                .members()
-                .await
-                .into_iter()
-                .filter(|m| m.live && !m.is_self)
-                .map(|m| m.gossip.to_string())
-                .collect();
-            now.sort();
+            let now = self.live_gossip_addrs().await;
             if now.is_empty() || now == last {
                 continue;
             }

@@ -53,13 +53,16 @@ fn from_pb_vv(vv: Option<pb::VersionVector>) -> VersionVector {
     vv.map(|v| v.seqs.into_iter().collect()).unwrap_or_default()
 }
 
-/// A push that brought records new to this node: the cluster relays it on
-/// ([`super::Cluster::sync_server`]).
+/// A push this node received: the cluster relays it on
+/// ([`super::Cluster::sync_server`]) unless it relayed the same before.
 pub struct Relayed {
     pub from_node: String,
     pub hops: u32,
     pub root: String,
+    pub tree: Vec<String>,
     pub entries: Vec<pb::Entry>,
+    /// Records the push brought that were new here.
+    pub applied: usize,
 }
 
 /// The server side, mounted on the node's gRPC listener.
@@ -106,17 +109,20 @@ impl Sync for SyncApi {
             .await?
             .map_err(|e| Status::internal(e.to_string()))?;
         if applied > 0 {
-            tracing::debug!(from = %req.from_node, applied, hops = req.hops, "applied pushed records");
-            // Only a push that taught us something goes on: the same
-            // records arriving again stop here, so relays end.
-            if let Some(relay) = &self.relay {
-                let _ = relay.send(Relayed {
-                    from_node: req.from_node,
-                    hops: req.hops,
-                    root: req.root,
-                    entries: req.entries,
-                });
-            }
+            tracing::debug!(to = %self.store.node_id(), from = %req.from_node, applied, hops = req.hops, "applied pushed records");
+        }
+        // Even a push that taught nothing may have to go on: this node can
+        // have the records by pull already while its subtree has not.
+        // The cluster relays each push once.
+        if let Some(relay) = &self.relay {
+            let _ = relay.send(Relayed {
+                from_node: req.from_node,
+                hops: req.hops,
+                root: req.root,
+                tree: req.tree,
+                entries: req.entries,
+                applied,
+            });
         }
         Ok(Response::new(pb::PushResponse {
             applied: applied as u32,
@@ -200,6 +206,7 @@ impl Peers {
         entries: Vec<pb::Entry>,
         hops: u32,
         root: String,
+        tree: Vec<String>,
     ) -> Result<u32, Status> {
         let mut client = self.client(addr)?;
         let req = self.auth.outgoing(Request::new(pb::PushRequest {
@@ -207,6 +214,7 @@ impl Peers {
             entries,
             hops,
             root,
+            tree,
         }));
         Ok(client.push(req).await?.into_inner().applied)
     }

@@ -22,6 +22,14 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+/// One allocator for every subcommand (backend, load generators, sim),
+/// so every proxy is measured against the same load generator. Chosen for
+/// `sim`: 100 simulated nodes' gossip allocates on two runtime threads, and
+/// glibc's malloc had them wait on each other's arena locks about half the
+/// time.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use run::targets::{CharonBuild, Kind, Variant};
 use run::Test;
 

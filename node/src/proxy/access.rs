@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -111,6 +112,7 @@ impl Verify {
     /// the verification to finish (its verdict is remembered all the same).
     pub async fn run(self, guard: &AuthGuard) -> Judged {
         let digest = self.pending.digest;
+        guard.verifications.fetch_add(1, Ordering::Relaxed);
         let permit = guard.verifiers.clone().acquire_owned().await;
         let pending = self.pending;
         let ok = tokio::task::spawn_blocking(move || {
@@ -204,6 +206,9 @@ const FAILURE_KEYS: usize = 10_000;
 pub struct AuthGuard {
     verifiers: Arc<tokio::sync::Semaphore>,
     failures: Mutex<HashMap<ClientKey, Failures>>,
+    /// argon2 verifications run (`charon_basic_auth_verifications_total`):
+    /// about one per credential and minute when the memory works.
+    verifications: AtomicU64,
 }
 
 struct Failures {
@@ -226,7 +231,18 @@ impl AuthGuard {
         AuthGuard {
             verifiers: Arc::new(tokio::sync::Semaphore::new(cores.clamp(1, 8))),
             failures: Mutex::default(),
+            verifications: AtomicU64::new(0),
         }
+    }
+
+    /// Its counter in the Prometheus text format, rendered at scrape time.
+    pub fn render_metrics(&self) -> String {
+        format!(
+            "# HELP charon_basic_auth_verifications_total Basic-auth credentials verified with argon2 (a credential's verdict is remembered for a minute).\n\
+             # TYPE charon_basic_auth_verifications_total counter\n\
+             charon_basic_auth_verifications_total {}\n",
+            self.verifications.load(Ordering::Relaxed)
+        )
     }
 
     /// How much longer `client` is locked out, if it is.

@@ -212,9 +212,12 @@ impl Proxy {
             .map(|c| c.is_healthy())
     }
 
-    /// Per-upstream metrics (load, health), rendered at scrape time.
+    /// Per-upstream metrics (load, health) and the basic-auth
+    /// verification count, rendered at scrape time.
     pub fn upstream_metrics(&self) -> String {
-        upstream::health::render_metrics(&self.registry)
+        let mut out = upstream::health::render_metrics(&self.registry);
+        out.push_str(&self.auth.render_metrics());
+        out
     }
 
     /// Applies the hosts a commit changed to a copy of the route table (O(1)

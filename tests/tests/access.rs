@@ -682,6 +682,17 @@ async fn status_from(node: &TestNode, from: &str, host: &str) -> Result<u16> {
     Ok(h1_send(tcp, &c).await?.status)
 }
 
+/// `rep.test` on `node` has the cap and location limit the test gave it.
+async fn limits_on(node: &TestNode) -> Result<()> {
+    let out = ctl_ok(node, &["host", "show", "rep.test", "-o", "json"]).await?;
+    let h: serde_json::Value = serde_json::from_str(&out)?;
+    ensure!(
+        h["max_conns_per_ip"] == 7 && h["locations"][0]["rate_limit"] == "3/s,burst=4",
+        "{h}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn lists_and_redirects_replicate_and_survive_a_restart() -> Result<()> {
     const TOKEN: &str = "access-test-token";
@@ -722,6 +733,17 @@ async fn lists_and_redirects_replicate_and_survive_a_restart() -> Result<()> {
         ],
     )
     .await?;
+    // The per-host cap and a location's limit replicate and are kept too.
+    let login = format!(
+        "/login={};rate-limit=3/s,burst=4;rate-scope=node",
+        echo.url()
+    );
+    let limits = ["--max-conns-per-ip", "7", "--location", &login, "--wait"];
+    ctl_ok(
+        &n1,
+        &[&["host", "update", "rep.test"][..], &limits[..]].concat(),
+    )
+    .await?;
     let moved = ["redirect", "add", "moved.test", "--to", "https://rep.test"];
     ctl_ok(&n1, &[&moved[..], &["--code", "307", "--wait"]].concat()).await?;
     eventually(Duration::from_secs(20), || async {
@@ -732,7 +754,7 @@ async fn lists_and_redirects_replicate_and_survive_a_restart() -> Result<()> {
             (ok, denied, moved) == (200, 403, 307),
             "from .2: {ok}, from .3: {denied}, redirect host: {moved}"
         );
-        Ok(())
+        limits_on(&n2).await
     })
     .await?;
     // An update on the other node reaches this one.
@@ -764,7 +786,7 @@ async fn lists_and_redirects_replicate_and_survive_a_restart() -> Result<()> {
     ensure!((a, b) == (403, 200), "after restart: .2 {a}, .3 {b}");
     let moved = status_from(&n2, "127.0.0.2", "moved.test").await?;
     ensure!(moved == 307, "redirect host after restart: {moved}");
-    Ok(())
+    limits_on(&n2).await
 }
 
 #[tokio::test]

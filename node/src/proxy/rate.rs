@@ -251,3 +251,56 @@ impl RateRegistry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::Location;
+
+    #[test]
+    fn a_location_has_its_own_bucket_and_takes_part_in_the_cluster_exchange() {
+        let reg = RateRegistry::default();
+        let mut host = ProxyHost {
+            id: "h-1".into(),
+            rate_limit: "100/s,burst=100".into(),
+            rate_key: "ip".into(),
+            rate_limit_scope: "cluster".into(),
+            locations: vec![Location {
+                path_prefix: "/login".into(),
+                rate_limit: "1/s,burst=2".into(),
+                rate_key: "ip".into(),
+                rate_limit_scope: "cluster".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let main = reg.limiter(&host).unwrap();
+        let loc = reg.location_limiter(&host, &host.locations[0]).unwrap();
+        assert_eq!(&*loc.label, "rate limit /login");
+        let key = loc.client_key("10.0.0.1".parse().unwrap(), None);
+        assert!(loc.check(key).is_ok());
+        assert!(main.check(key).is_ok(), "the host's bucket is apart");
+        // Published under its own id, and what a peer admitted under that
+        // id is charged to it.
+        let hot = reg.hot();
+        let id = location_limiter_id("h-1", "/login");
+        assert!(
+            hot.iter().any(|(h, k, n)| *h == id && *k == key && *n == 1),
+            "{hot:?}"
+        );
+        reg.charge("peer", &[(id.clone(), key, 1)]);
+        assert!(
+            loc.check(key).is_err(),
+            "burst of 2: one here, one elsewhere"
+        );
+        assert!(main.check(key).is_ok());
+        // Dropping the location's limit forgets its limiter.
+        let old = host.clone();
+        host.locations[0].rate_limit.clear();
+        reg.forget(&old, Some(&host));
+        assert!(!reg.limiters.lock().unwrap().contains_key(&id));
+        assert!(reg.limiters.lock().unwrap().contains_key("h-1"));
+        reg.forget(&host, None);
+        assert!(reg.limiters.lock().unwrap().is_empty());
+    }
+}

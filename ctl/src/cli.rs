@@ -714,6 +714,11 @@ pub struct AddArgs {
     #[arg(long, value_name = "cluster|node")]
     pub rate_limit_scope: Option<String>,
 
+    /// In-flight requests plus open WebSockets to this host per client
+    /// (an IPv4 address or IPv6 /64); over it 429 (0 = no cap).
+    #[arg(long, value_name = "N")]
+    pub max_conns_per_ip: Option<u32>,
+
     #[command(flatten)]
     pub balance: Box<crate::balance::BalanceArgs>,
 
@@ -843,6 +848,11 @@ pub struct UpdateArgs {
     /// cluster (default: the nodes together admit the rate) or node.
     #[arg(long, value_name = "cluster|node")]
     pub rate_limit_scope: Option<String>,
+
+    /// In-flight requests plus open WebSockets to this host per client
+    /// (an IPv4 address or IPv6 /64); over it 429 (0 = no cap).
+    #[arg(long, value_name = "N")]
+    pub max_conns_per_ip: Option<u32>,
 
     /// Apply the change only if the host is still at this version.
     #[arg(long, value_name = "V")]
@@ -992,6 +1002,7 @@ impl AddArgs {
                 rate_limit: self.rate_limit.clone().unwrap_or_default(),
                 rate_key: self.rate_key.clone().unwrap_or_default(),
                 rate_limit_scope: self.rate_limit_scope.clone().unwrap_or_default(),
+                max_conns_per_ip: self.max_conns_per_ip.unwrap_or(0),
                 ws_idle_timeout_secs: self.ws_idle_timeout.unwrap_or(0),
                 ws_ping_interval_secs: self.ws_ping_interval.unwrap_or(0),
                 upstream_timeout_ms: self.upstream_timeout.unwrap_or(0),
@@ -1042,6 +1053,7 @@ impl UpdateArgs {
             || self.rate_limit.is_some()
             || self.rate_key.is_some()
             || self.rate_limit_scope.is_some()
+            || self.max_conns_per_ip.is_some()
     }
 
     /// Only what the user named is set: an unset field or list keeps the
@@ -1100,30 +1112,50 @@ impl UpdateArgs {
             rate_limit: self.rate_limit.clone(),
             rate_key: self.rate_key.clone(),
             rate_limit_scope: self.rate_limit_scope.clone(),
+            max_conns_per_ip: self.max_conns_per_ip,
             ..UpdateHostRequest::default()
         })
     }
 }
 
-/// Parses `--location PATH=URL[@weight=N][,URL...][;key=value...]` (the
-/// settings after `;` are the location's balancing: `crate::balance`). The
-/// node validates the path and the URLs themselves; here we only catch what
-/// cannot be a location at all.
+/// Parses `--location PATH=URL[@weight=N][,URL...][;key=value...]`: the
+/// settings after `;` are the location's rate limit (`rate-limit=50/s,burst=100`,
+/// `rate-key=ip|header:NAME`, `rate-scope=cluster|node`: the location's own
+/// bucket, used instead of the host's) or its balancing (`crate::balance`).
+/// The node validates the path, the URLs and the limit themselves; here
+/// we only catch what cannot be a location at all.
 pub fn parse_location(value: &str) -> Result<Location, String> {
-    const SHAPE: &str = "expected PATH=URL[,URL...][;lb=POLICY...], e.g. /api=http://10.0.0.5:8080";
+    const SHAPE: &str = "expected PATH=URL[,URL...][;lb=POLICY...][;rate-limit=N/s,burst=B...], e.g. /api=http://10.0.0.5:8080";
     let (path, rest) = value.split_once('=').ok_or(SHAPE)?;
     let path = path.trim();
     if path.is_empty() {
         return Err(format!("the path is empty; {SHAPE}"));
     }
-    let (upstreams, balancing) =
-        crate::balance::parse_location_rest(rest).map_err(|e| format!("{e}; {SHAPE}"))?;
-    Ok(Location {
-        path_prefix: path.to_string(),
-        upstreams,
-        balancing,
-        ..Location::default()
-    })
+    // The rate settings are taken out here; the rest is balancing's.
+    let mut loc = Location::default();
+    let mut others = Vec::new();
+    for (i, part) in rest.split(';').enumerate() {
+        let (key, v) = part.split_once('=').unwrap_or((part, ""));
+        let v = v.trim().to_string();
+        match key.trim() {
+            _ if i == 0 => others.push(part),
+            "rate-limit" => loc.rate_limit = v,
+            "rate-key" => loc.rate_key = v,
+            "rate-scope" | "rate-limit-scope" => loc.rate_limit_scope = v,
+            _ => others.push(part),
+        }
+    }
+    if loc.rate_limit.is_empty() && !(loc.rate_key.is_empty() && loc.rate_limit_scope.is_empty()) {
+        return Err(format!(
+            "rate-key and rate-scope need rate-limit=N/s in the same --location; {SHAPE}"
+        ));
+    }
+    let (upstreams, balancing) = crate::balance::parse_location_rest(&others.join(";"))
+        .map_err(|e| format!("{e}; {SHAPE}"))?;
+    loc.path_prefix = path.to_string();
+    loc.upstreams = upstreams;
+    loc.balancing = balancing;
+    Ok(loc)
 }
 
 /// Parses `--location-acl PATH=NAME`.
@@ -1286,6 +1318,26 @@ mod tests {
         let loc = parse_location("/q=http://a:1/?x=y").unwrap();
         assert_eq!(loc.path_prefix, "/q");
         assert_eq!(loc.upstreams, ["http://a:1/?x=y"]);
+    }
+
+    #[test]
+    fn a_location_takes_its_own_rate_limit_beside_its_balancing() {
+        let loc = parse_location(
+            "/login=http://a:1,http://b:2;rate-limit=5/s,burst=10;lb=least-conn;rate-key=header:x-user",
+        )
+        .unwrap();
+        assert_eq!(loc.upstreams, ["http://a:1", "http://b:2"]);
+        assert_eq!(loc.rate_limit, "5/s,burst=10");
+        assert_eq!(loc.rate_key, "header:x-user");
+        assert_eq!(loc.balancing.map(|b| b.lb).as_deref(), Some("least-conn"));
+        let loc = parse_location("/a=http://a:1;rate-limit=2/s;rate-scope=node").unwrap();
+        assert_eq!(
+            (loc.rate_limit.as_str(), loc.rate_limit_scope.as_str()),
+            ("2/s", "node")
+        );
+        assert!(loc.balancing.is_none());
+        let err = parse_location("/a=http://a:1;rate-key=ip").unwrap_err();
+        assert!(err.contains("need rate-limit"), "{err}");
     }
 
     #[test]

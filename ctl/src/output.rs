@@ -154,6 +154,12 @@ pub fn host_details(h: &ProxyHost) -> String {
             ),
         ));
     }
+    if h.max_conns_per_ip > 0 {
+        rows.push((
+            "max conns per ip",
+            format!("{} requests and WebSockets per client", h.max_conns_per_ip),
+        ));
+    }
     if !h.redirect_to.is_empty() {
         let path = if h.redirect_keep_path {
             " (path and query appended)"
@@ -976,6 +982,12 @@ fn location(loc: &Location) -> String {
     if !loc.acl.is_empty() {
         line.push_str(&format!(" (access list {})", loc.acl));
     }
+    if !loc.rate_limit.is_empty() {
+        line.push_str(&format!(
+            " (rate limit {} per {}, {} scope)",
+            loc.rate_limit, loc.rate_key, loc.rate_limit_scope
+        ));
+    }
     line
 }
 
@@ -1187,6 +1199,7 @@ version:            3
             "rate_limit",
             "rate_key",
             "rate_limit_scope",
+            "max_conns_per_ip",
         ];
         want.sort();
         assert_eq!(keys, want);

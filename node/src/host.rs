@@ -13,7 +13,7 @@ pub mod balance;
 pub use balance::Balancing;
 
 /// A location sends requests under `path_prefix` to its own upstreams.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Location {
     pub path_prefix: String,
     pub upstreams: Vec<String>,
@@ -22,6 +22,11 @@ pub struct Location {
     /// Access list (name) for this prefix instead of the host's; "" = the
     /// host's.
     pub acl: String,
+    /// The location's own rate limit (its own bucket, instead of the
+    /// host's), canonical as the host's; "" = the host's limit applies.
+    pub rate_limit: String,
+    pub rate_key: String,
+    pub rate_limit_scope: String,
 }
 
 /// One proxy host: the domains it answers for and where traffic goes.
@@ -82,6 +87,10 @@ pub struct ProxyHost {
     pub rate_key: String,
     /// `cluster` or `node`.
     pub rate_limit_scope: String,
+    /// In-flight requests plus open tunnels to this host per client (IPv4
+    /// address or IPv6 /64, as resolved through `--trusted-proxy`); 0 = no
+    /// cap. See [`crate::proxy::limits::HostCaps`].
+    pub max_conns_per_ip: u32,
 }
 
 /// A parsed upstream URL. Only scheme and authority: a path would silently
@@ -297,6 +306,12 @@ impl ProxyHost {
             if !loc.acl.is_empty() {
                 crate::access::check_name(&format!("{field}.acl"), &loc.acl)?;
             }
+            crate::access::rate::normalize_host_fields(
+                &mut loc.rate_limit,
+                &mut loc.rate_key,
+                &mut loc.rate_limit_scope,
+            )
+            .map_err(|e| FieldError::new(format!("{field}.{}", e.field), e.reason))?;
             loc.upstreams = canonical_upstreams(&loc.upstreams);
             loc.balancing.normalize_and_validate(
                 &format!("{field}.balancing"),
@@ -458,8 +473,7 @@ mod tests {
             locations: vec![Location {
                 path_prefix: "/api".into(),
                 upstreams: vec!["http://[::1]:81/".into()],
-                balancing: Balancing::default(),
-                acl: String::new(),
+                ..Default::default()
             }],
             ws_idle_timeout_secs: 0,
             ws_ping_interval_secs: 0,

@@ -682,6 +682,17 @@ async fn status_from(node: &TestNode, from: &str, host: &str) -> Result<u16> {
     Ok(h1_send(tcp, &c).await?.status)
 }
 
+/// `rep.test` on `node` has the cap and location limit the test gave it.
+async fn limits_on(node: &TestNode) -> Result<()> {
+    let out = ctl_ok(node, &["host", "show", "rep.test", "-o", "json"]).await?;
+    let h: serde_json::Value = serde_json::from_str(&out)?;
+    ensure!(
+        h["max_conns_per_ip"] == 7 && h["locations"][0]["rate_limit"] == "3/s,burst=4",
+        "{h}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn lists_and_redirects_replicate_and_survive_a_restart() -> Result<()> {
     const TOKEN: &str = "access-test-token";
@@ -722,6 +733,17 @@ async fn lists_and_redirects_replicate_and_survive_a_restart() -> Result<()> {
         ],
     )
     .await?;
+    // The per-host cap and a location's limit replicate and are kept too.
+    let login = format!(
+        "/login={};rate-limit=3/s,burst=4;rate-scope=node",
+        echo.url()
+    );
+    let limits = ["--max-conns-per-ip", "7", "--location", &login, "--wait"];
+    ctl_ok(
+        &n1,
+        &[&["host", "update", "rep.test"][..], &limits[..]].concat(),
+    )
+    .await?;
     let moved = ["redirect", "add", "moved.test", "--to", "https://rep.test"];
     ctl_ok(&n1, &[&moved[..], &["--code", "307", "--wait"]].concat()).await?;
     eventually(Duration::from_secs(20), || async {
@@ -732,7 +754,7 @@ async fn lists_and_redirects_replicate_and_survive_a_restart() -> Result<()> {
             (ok, denied, moved) == (200, 403, 307),
             "from .2: {ok}, from .3: {denied}, redirect host: {moved}"
         );
-        Ok(())
+        limits_on(&n2).await
     })
     .await?;
     // An update on the other node reaches this one.
@@ -764,7 +786,7 @@ async fn lists_and_redirects_replicate_and_survive_a_restart() -> Result<()> {
     ensure!((a, b) == (403, 200), "after restart: .2 {a}, .3 {b}");
     let moved = status_from(&n2, "127.0.0.2", "moved.test").await?;
     ensure!(moved == 307, "redirect host after restart: {moved}");
-    Ok(())
+    limits_on(&n2).await
 }
 
 #[tokio::test]
@@ -1244,5 +1266,313 @@ async fn a_cluster_rate_limit_holds_across_three_nodes_and_a_node_one_does_not()
         nd >= want * 2.5,
         "node scope admitted {nd}: expected about 3 x {want}"
     );
+    Ok(())
+}
+
+/// The status of a plain request from `from` to `host{path}` over `proto`
+/// (h1 or h2c) on `node`'s clear-text listener.
+async fn status_at(
+    node: &TestNode,
+    proto: Proto,
+    from: &str,
+    host: &str,
+    path: &str,
+) -> Result<u16> {
+    let tcp = connect_from(from, node.http).await?;
+    let c = Case {
+        from,
+        host,
+        path,
+        headers: &[],
+        want: 0,
+    };
+    let a = match proto {
+        Proto::H2c => h2_send(tcp, "http", &c).await?,
+        _ => h1_send(tcp, &c).await?,
+    };
+    Ok(a.status)
+}
+
+#[tokio::test]
+async fn a_host_cap_counts_requests_and_tunnels_per_client_over_h1_and_h2() -> Result<()> {
+    let node = TestNode::start().await?;
+    let ws = WsEchoBackend::start("ws").await?;
+    let echo = EchoBackend::start("echo").await?;
+    // WebSockets at /, plain requests under /web; each host caps each
+    // client at 20 requests and tunnels together.
+    let web = format!("/web={}", echo.url());
+    for host in ["cap1.test", "cap2.test"] {
+        let args = [
+            "host",
+            "add",
+            host,
+            "--upstream",
+            &ws.url(),
+            "--location",
+            &web,
+        ];
+        ctl_ok(&node, &[&args[..], &["--max-conns-per-ip", "20"]].concat()).await?;
+        node.wait_routed(host).await?;
+    }
+    let shown = ctl_ok(&node, &["host", "show", "cap1.test"]).await?;
+    ensure!(
+        shown.contains("max conns per ip") && shown.contains("20 requests"),
+        "{shown}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ctl_ok(&node, &["host", "show", "cap1.test", "-o", "json"]).await?)?;
+    ensure!(json["max_conns_per_ip"] == 20, "{json}");
+
+    // Over HTTP/1.1: 20 idle tunnels from 127.0.0.2 fill its share...
+    let mut tunnels = Vec::new();
+    for i in 0..20 {
+        let (status, tcp) = open_tunnel(&node, "127.0.0.2", "cap1.test").await?;
+        ensure!(status == 101, "tunnel {i}: {status}");
+        tunnels.push(tcp);
+    }
+    // ...the 21st upgrade is refused with a readable 429, so is a request
+    // over h1 or h2...
+    let over = Case {
+        from: "127.0.0.2",
+        host: "cap1.test",
+        path: "/",
+        headers: &[],
+        want: 429,
+    };
+    let a = upgrade(connect_from("127.0.0.2", node.http).await?, &over).await?;
+    ensure!(
+        a.status == 429 && a.body.contains("20 requests and WebSockets open"),
+        "21st upgrade: {} {:?}",
+        a.status,
+        a.body
+    );
+    for p in [Proto::H1, Proto::H2c] {
+        let s = status_at(&node, p, "127.0.0.2", "cap1.test", "/web").await?;
+        ensure!(s == 429, "{p:?} request over the cap got {s}");
+    }
+    // ...another client and another host are not affected...
+    ensure!(status_at(&node, Proto::H1, "127.0.0.3", "cap1.test", "/web").await? == 200);
+    let (status, _other) = open_tunnel(&node, "127.0.0.3", "cap1.test").await?;
+    ensure!(status == 101, "another client's upgrade got {status}");
+    ensure!(status_at(&node, Proto::H2c, "127.0.0.2", "cap2.test", "/web").await? == 200);
+    // ...and a tunnel that closes gives its place back.
+    drop(tunnels.pop());
+    let node_ref = &node;
+    eventually(Duration::from_secs(10), || async {
+        let s = status_at(node_ref, Proto::H1, "127.0.0.2", "cap1.test", "/web").await?;
+        ensure!(s == 200, "still refused after a tunnel closed: {s}");
+        Ok(())
+    })
+    .await?;
+
+    // Over h2: 20 WebSocket streams on one connection fill the share on
+    // cap2.test; the 21st stream and a request are refused.
+    let tcp = connect_from("127.0.0.2", node.http).await?;
+    let mut h2 = charon_tests::h2ws::H2Conn::handshake_only(tcp, "http").await?;
+    let mut streams = Vec::new();
+    for i in 0..20 {
+        let (parts, stream, _) = h2.open_stream("cap2.test", "/", &[]).await?;
+        ensure!(parts.status == 200, "h2 stream {i}: {}", parts.status);
+        streams.push(stream.context("an open stream")?);
+    }
+    let (parts, stream, body) = h2.open_stream("cap2.test", "/", &[]).await?;
+    ensure!(
+        parts.status == 429 && stream.is_none(),
+        "21st h2 stream: {}",
+        parts.status
+    );
+    ensure!(
+        String::from_utf8_lossy(&body).contains("20 requests"),
+        "{body:?}"
+    );
+    ensure!(status_at(&node, Proto::H1, "127.0.0.2", "cap2.test", "/web").await? == 429);
+    ensure!(status_at(&node, Proto::H2c, "127.0.0.3", "cap2.test", "/web").await? == 200);
+    let mut one = streams.pop().context("a stream")?;
+    one.shutdown().await?;
+    drop(one);
+    eventually(Duration::from_secs(10), || async {
+        let s = status_at(node_ref, Proto::H2c, "127.0.0.2", "cap2.test", "/web").await?;
+        ensure!(s == 200, "still refused after an h2 tunnel closed: {s}");
+        Ok(())
+    })
+    .await?;
+
+    // Counted per host; logged once per client and minute, not per
+    // refusal (three at least, above).
+    let metrics = client::get(node.admin, "admin", "/metrics").await?.text();
+    let line = r#"charon_access_refusals_total{host="cap1.test",acl="max conns per ip",rule="max conns per ip"}"#;
+    ensure!(metrics.contains(line), "no {line} in\n{metrics}");
+    let logged = node
+        .log()
+        .lines()
+        .filter(|l| l.contains("cap1.test") && l.contains("--max-conns-per-ip"))
+        .count();
+    ensure!(
+        logged == 1,
+        "{logged} log lines for 3 refusals of one client"
+    );
+    Ok(())
+}
+
+/// `n` requests to `host{path}` from `from` on one connection over `proto`
+/// (h1 or h2c), as fast as they are answered: how many got 200 and 429.
+async fn burst(
+    node: &TestNode,
+    proto: Proto,
+    from: &str,
+    host: &str,
+    path: &str,
+    n: usize,
+) -> Result<(usize, usize)> {
+    let tcp = connect_from(from, node.http).await?;
+    let mut statuses = Vec::with_capacity(n);
+    if proto == Proto::H2c {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        for _ in 0..n {
+            let req = Request::builder()
+                .uri(format!("http://{host}{path}"))
+                .body(Full::new(Bytes::new()))?;
+            statuses.push(answer(sender.send_request(req).await?).await?.status);
+        }
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        for _ in 0..n {
+            let req = client::build_request(Method::GET, host, path, &[], Bytes::new())?;
+            statuses.push(answer(sender.send_request(req).await?).await?.status);
+        }
+    }
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    ensure!(ok + limited == n, "other statuses: {statuses:?}");
+    Ok((ok, limited))
+}
+
+#[tokio::test]
+async fn a_location_rate_limit_uses_its_own_bucket_over_h1_and_h2() -> Result<()> {
+    let node = TestNode::start().await?;
+    let echo = EchoBackend::start("echo").await?;
+    let login = format!(
+        "/login={};rate-limit=2/s,burst=5;rate-scope=node",
+        echo.url()
+    );
+    let args = [
+        "host",
+        "add",
+        "loc.test",
+        "--upstream",
+        &echo.url(),
+        "--location",
+        &login,
+    ];
+    ctl_ok(&node, &[&args[..], &["--rate-limit", "1000/s"]].concat()).await?;
+    node.wait_routed("loc.test").await?;
+    let shown = ctl_ok(&node, &["host", "show", "loc.test"]).await?;
+    ensure!(
+        shown.contains("(rate limit 2/s,burst=5 per ip, node scope)"),
+        "{shown}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ctl_ok(&node, &["host", "show", "loc.test", "-o", "json"]).await?)?;
+    ensure!(
+        json["locations"][0]["rate_limit"] == "2/s,burst=5",
+        "{json}"
+    );
+    // Each client gets the location's burst (and the rate's trickle while
+    // the 20 requests last), over either protocol; the rest of the host
+    // answers to the host's far higher limit.
+    for (proto, from) in [(Proto::H1, "127.0.0.2"), (Proto::H2c, "127.0.0.3")] {
+        let (ok, limited) = burst(&node, proto, from, "loc.test", "/login", 20).await?;
+        ensure!(
+            (5..=7).contains(&ok) && limited == 20 - ok,
+            "{proto:?}: {ok} admitted of 20"
+        );
+        let (ok, _) = burst(&node, proto, from, "loc.test", "/", 20).await?;
+        ensure!(
+            ok == 20,
+            "{proto:?}: the host's own limit admitted {ok} of 20"
+        );
+    }
+    let metrics = client::get(node.admin, "admin", "/metrics").await?.text();
+    let line = r#"charon_access_refusals_total{host="loc.test",acl="rate limit /login",rule="rate limit /login"}"#;
+    ensure!(metrics.contains(line), "no {line} in\n{metrics}");
+    // A bad location limit is refused naming the field; nothing written.
+    let bad = format!("/x={};rate-limit=5/h", echo.url());
+    let err = ctl_err(&node, &["host", "update", "loc.test", "--location", &bad]).await?;
+    ensure!(err.contains("locations[0].rate_limit"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn basic_auth_is_verified_once_and_repeated_failures_lock_a_client_out() -> Result<()> {
+    let (f, _echo, _ws) = setup().await?;
+    let verifications = || async {
+        let m = client::get(f.node.admin, "admin", "/metrics").await?.text();
+        m.lines()
+            .find_map(|l| l.strip_prefix("charon_basic_auth_verifications_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .context("no charon_basic_auth_verifications_total")
+    };
+    let alice = [("authorization", basic("alice:s3cret"))];
+    let alice: Vec<(&str, &str)> = alice.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let case = |from, headers, want| Case {
+        from,
+        host: "auth.test",
+        path: "/",
+        headers,
+        want,
+    };
+    // A valid client pays argon2 once, not per request, over every front end.
+    let before = verifications().await?;
+    for _ in 0..5 {
+        f.each(&HTTP, &case("127.0.0.2", &alice, 200)).await?;
+    }
+    let after = verifications().await?;
+    ensure!(
+        after - before == 1,
+        "{} verifications for 20 requests",
+        after - before
+    );
+
+    // Ten wrong passwords from one client within a minute lock it out:
+    // 429 with Retry-After, even with a password not known good yet...
+    let bob_wrong = [("authorization", basic("bob:wrong"))];
+    let bob_wrong: Vec<(&str, &str)> = bob_wrong.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    for i in 1..10 {
+        let a = f
+            .send(Proto::H1, &case("127.0.0.4", &bob_wrong, 401))
+            .await?;
+        ensure!(a.status == 401, "wrong password {i}: {}", a.status);
+    }
+    let a = f
+        .send(Proto::H2c, &case("127.0.0.4", &bob_wrong, 429))
+        .await?;
+    ensure!(
+        a.status == 429 && a.body.contains("too many failed sign-ins"),
+        "10th: {} {:?}",
+        a.status,
+        a.body
+    );
+    let bob = [("authorization", basic("bob:hunter2"))];
+    let bob: Vec<(&str, &str)> = bob.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    f.each(&HTTP, &case("127.0.0.4", &bob, 429)).await?;
+    f.each(
+        &WS,
+        &Case {
+            path: "/ws",
+            ..case("127.0.0.4", &bob, 429)
+        },
+    )
+    .await?;
+    // ...while credentials already known good still pass, and other
+    // clients are not affected.
+    f.each(&HTTP, &case("127.0.0.4", &alice, 200)).await?;
+    f.each(&HTTP, &case("127.0.0.5", &bob, 200)).await?;
+    let metrics = client::get(f.node.admin, "admin", "/metrics").await?.text();
+    let line =
+        r#"charon_access_refusals_total{host="auth.test",acl="staff",rule="basic auth throttled"}"#;
+    ensure!(metrics.contains(line), "no {line} in\n{metrics}");
     Ok(())
 }

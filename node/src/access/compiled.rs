@@ -4,14 +4,18 @@
 //! The address rules become sorted, disjoint ranges per address family,
 //! each carrying the verdict of the first rule that covers it, so a
 //! decision is one binary search whatever the number of rules: 1,000
-//! CIDRs cost about ten comparisons. Password hashes are parsed here; a
-//! credential that verified once is remembered (by its SHA-256) so argon2,
-//! deliberately slow, runs once per user and password rather than on
-//! every request.
+//! CIDRs cost about ten comparisons. A credential's verdict is remembered
+//! (by the SHA-256 of the `Authorization` value, for [`VERIFIED_TTL`], at
+//! most [`VERIFIED_CAP`] of them) so argon2, deliberately slow, runs once a
+//! minute per user and password rather than on every request; and it runs
+//! off the runtime's threads ([`Pending::verify`], called by
+//! `proxy/access.rs` in `spawn_blocking`): [`CompiledAcl::decide`] says
+//! [`Decision::Verify`] for a credential it has not judged yet.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHash, PasswordVerifier};
 use base64::Engine;
@@ -90,8 +94,52 @@ pub enum Decision {
         rule: Option<u32>,
     },
     /// Allowed by address but the list needs basic auth and the request
-    /// carried no valid credentials.
-    Unauthorized,
+    /// carried no valid credentials; `presented`: it carried wrong ones
+    /// (`Basic` with an unknown user or a wrong password), which count
+    /// towards the client's failures.
+    Unauthorized {
+        presented: bool,
+    },
+    /// Allowed by address; the request's `Basic` credentials have not been
+    /// judged recently: verify them ([`Pending::verify`], slow), tell the
+    /// list ([`CompiledAcl::remember`]) and decide again.
+    Verify(Pending),
+}
+
+/// A credential to verify against a user's argon2 hash.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// SHA-256 of the `Authorization` value: the key of its verdict.
+    pub digest: [u8; 32],
+    hash: String,
+    password: String,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pending { .. }")
+    }
+}
+
+impl Pending {
+    /// Whether the password matches: argon2 (tens of ms of CPU and 19 MiB),
+    /// so callers run it off the async runtime.
+    pub fn verify(&self) -> bool {
+        PasswordHash::new(&self.hash).is_ok_and(|h| {
+            argon2::Argon2::default()
+                .verify_password(self.password.as_bytes(), &h)
+                .is_ok()
+        })
+    }
+}
+
+/// A verdict just reached for one credential, handed to the next
+/// [`CompiledAcl::decide`] of the same request: it holds even if the
+/// list's memory of it was emptied meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Judged {
+    pub digest: [u8; 32],
+    pub ok: bool,
 }
 
 pub struct CompiledAcl {
@@ -108,12 +156,19 @@ pub struct CompiledAcl {
     users: Vec<(String, String)>,
     /// `Basic realm="..."`, made once.
     pub challenge: String,
-    /// SHA-256 of `Authorization` values that verified: argon2 runs once
-    /// per credential. Bounded: emptied when full.
-    verified: Mutex<HashSet<[u8; 32]>>,
+    /// Verdicts on `Authorization` values by their SHA-256, with when each
+    /// was reached: argon2 runs once per credential and [`VERIFIED_TTL`].
+    /// Bounded: at [`VERIFIED_CAP`], expired ones go, then all.
+    verified: Mutex<HashMap<[u8; 32], (bool, Instant)>>,
 }
 
-const VERIFIED_CAP: usize = 4096;
+/// Most credentials remembered per list.
+pub const VERIFIED_CAP: usize = 4096;
+/// How long a verdict is remembered: a client keeps its credentials for
+/// a session, so this saves all but one argon2 a minute; short, so the
+/// memory of a credential does not outlive much of what an operator does
+/// (a changed list is compiled afresh and forgets all of them at once).
+pub const VERIFIED_TTL: Duration = Duration::from_secs(60);
 
 impl CompiledAcl {
     pub fn compile(list: &AccessList) -> CompiledAcl {
@@ -184,48 +239,78 @@ impl CompiledAcl {
     }
 
     /// The whole decision: address rules, then (if the list has users)
-    /// `authorization`, the request's `Authorization` values.
+    /// `authorization`, the request's `Authorization` values, each judged
+    /// from memory, from `judged` (a verdict this request waited for), or
+    /// else to be verified ([`Decision::Verify`]). Never runs argon2.
     pub fn decide<'a>(
         &self,
         ip: IpAddr,
-        mut authorization: impl Iterator<Item = &'a [u8]>,
+        authorization: impl Iterator<Item = &'a [u8]>,
+        judged: Option<Judged>,
     ) -> Decision {
         let v = self.verdict(ip);
         if !v.allow {
             return Decision::Deny { rule: v.rule };
         }
-        if !self.needs_auth() || authorization.any(|a| self.authorized(a)) {
+        if !self.needs_auth() {
             return Decision::Allow;
         }
-        Decision::Unauthorized
+        let now = Instant::now();
+        let mut presented = false;
+        for value in authorization {
+            let digest: [u8; 32] = Sha256::digest(value).into();
+            let known = match judged.filter(|j| j.digest == digest) {
+                Some(j) => Some(j.ok),
+                None => self.recall(&digest, now),
+            };
+            match known {
+                Some(true) => return Decision::Allow,
+                Some(false) => presented = true,
+                None => match self.pending(value, digest) {
+                    Some(p) => return Decision::Verify(p),
+                    None if basic_credentials(value).is_some() => {
+                        // An unknown user: wrong without argon2.
+                        presented = true;
+                        self.remember(digest, false);
+                    }
+                    None => {}
+                },
+            }
+        }
+        Decision::Unauthorized { presented }
     }
 
-    /// Whether one `Authorization` value is `Basic` with a user's name and
-    /// password.
-    fn authorized(&self, value: &[u8]) -> bool {
-        let digest: [u8; 32] = Sha256::digest(value).into();
-        if self.verified.lock().expect("acl cache").contains(&digest) {
-            return true;
-        }
-        let Some((user, password)) = basic_credentials(value) else {
-            return false;
-        };
-        let Some((_, hash)) = self.users.iter().find(|(n, _)| *n == user) else {
-            return false;
-        };
-        let ok = PasswordHash::new(hash).is_ok_and(|h| {
-            argon2::Argon2::default()
-                .verify_password(password.as_bytes(), &h)
-                .is_ok()
-        });
-        if ok {
-            let mut cache = self.verified.lock().expect("acl cache");
+    /// What is remembered of `digest`, if not expired.
+    fn recall(&self, digest: &[u8; 32], now: Instant) -> Option<bool> {
+        let cache = self.verified.lock().expect("acl cache");
+        cache
+            .get(digest)
+            .filter(|(_, at)| now.duration_since(*at) < VERIFIED_TTL)
+            .map(|(ok, _)| *ok)
+    }
+
+    /// The verification a `Basic` value for a known user needs.
+    fn pending(&self, value: &[u8], digest: [u8; 32]) -> Option<Pending> {
+        let (user, password) = basic_credentials(value)?;
+        let (_, hash) = self.users.iter().find(|(n, _)| *n == user)?;
+        Some(Pending {
+            digest,
+            hash: hash.clone(),
+            password,
+        })
+    }
+
+    /// Remembers a verdict for [`VERIFIED_TTL`].
+    pub fn remember(&self, digest: [u8; 32], ok: bool) {
+        let now = Instant::now();
+        let mut cache = self.verified.lock().expect("acl cache");
+        if cache.len() >= VERIFIED_CAP {
+            cache.retain(|_, (_, at)| now.duration_since(*at) < VERIFIED_TTL);
             if cache.len() >= VERIFIED_CAP {
                 cache.clear();
             }
-            cache.insert(digest);
         }
-        ok
+        cache.insert(digest, (ok, now));
     }
 }
 
@@ -377,24 +462,53 @@ mod tests {
         };
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let good = basic("alice:s3cret");
-        let cases: Vec<(Vec<String>, Decision)> = vec![
-            (vec![], Decision::Unauthorized),
-            (vec![basic("alice:wrong")], Decision::Unauthorized),
-            (vec![basic("bob:s3cret")], Decision::Unauthorized),
-            (vec!["Bearer x".into()], Decision::Unauthorized),
-            (vec![good.clone()], Decision::Allow),
-            // Remembered: the same again is allowed without argon2.
-            (vec![good.clone()], Decision::Allow),
+        // Judged as the proxy does: verify what is asked, then decide again
+        // with the verdict.
+        let judge = |auth: &[String]| {
+            let values = || auth.iter().map(|s| s.as_bytes());
+            match c.decide(ip, values(), None) {
+                Decision::Verify(p) => {
+                    let j = Judged {
+                        digest: p.digest,
+                        ok: p.verify(),
+                    };
+                    c.remember(j.digest, j.ok);
+                    (true, c.decide(ip, values(), Some(j)))
+                }
+                d => (false, d),
+            }
+        };
+        let wrong = Decision::Unauthorized { presented: true };
+        let cases: Vec<(Vec<String>, (bool, Decision))> = vec![
+            (vec![], (false, Decision::Unauthorized { presented: false })),
+            (vec![basic("alice:wrong")], (true, wrong.clone())),
+            // Remembered: a wrong password again costs no argon2 either.
+            (vec![basic("alice:wrong")], (false, wrong.clone())),
+            (vec![basic("bob:s3cret")], (false, wrong.clone())),
+            (
+                vec!["Bearer x".into()],
+                (false, Decision::Unauthorized { presented: false }),
+            ),
+            (vec![good.clone()], (true, Decision::Allow)),
+            (vec![good.clone()], (false, Decision::Allow)),
         ];
         for (auth, want) in cases {
-            assert_eq!(
-                c.decide(ip, auth.iter().map(|s| s.as_bytes())),
-                want,
-                "{auth:?}"
-            );
+            assert_eq!(judge(&auth), want, "{auth:?}");
         }
-        let denied = c.decide("192.0.2.7".parse().unwrap(), [good.as_bytes()].into_iter());
+        let denied = c.decide(
+            "192.0.2.7".parse().unwrap(),
+            [good.as_bytes()].into_iter(),
+            None,
+        );
         assert_eq!(denied, Decision::Deny { rule: Some(0) });
+        // A verdict this request waited for holds even when the memory of
+        // it is gone (emptied at the cap).
+        c.verified.lock().unwrap().clear();
+        let values = || [good.as_bytes()].into_iter();
+        assert!(matches!(c.decide(ip, values(), None), Decision::Verify(_)));
+        let digest: [u8; 32] = Sha256::digest(good.as_bytes()).into();
+        let j = Judged { digest, ok: true };
+        assert_eq!(c.decide(ip, values(), Some(j)), Decision::Allow);
         assert!(c.challenge.starts_with("Basic realm=\"t\""));
     }
 }

@@ -238,6 +238,9 @@ fn locations_from_pb(list: Vec<pb::Location>) -> Vec<Location> {
             upstreams: l.upstreams,
             balancing: super::balance_pb::from_pb(l.balancing),
             acl: l.acl,
+            rate_limit: l.rate_limit,
+            rate_key: l.rate_key,
+            rate_limit_scope: l.rate_limit_scope,
         })
         .collect()
 }
@@ -277,6 +280,9 @@ pub fn host_to_pb(h: &ProxyHost, snap: Option<&Snapshot>) -> pb::ProxyHost {
                 upstreams: l.upstreams.clone(),
                 balancing: super::balance_pb::to_pb(&l.balancing),
                 acl: l.acl.clone(),
+                rate_limit: l.rate_limit.clone(),
+                rate_key: l.rate_key.clone(),
+                rate_limit_scope: l.rate_limit_scope.clone(),
             })
             .collect(),
         ws_idle_timeout_secs: h.ws_idle_timeout_secs,
@@ -300,6 +306,7 @@ pub fn host_to_pb(h: &ProxyHost, snap: Option<&Snapshot>) -> pb::ProxyHost {
         rate_limit: h.rate_limit.clone(),
         rate_key: h.rate_key.clone(),
         rate_limit_scope: h.rate_limit_scope.clone(),
+        max_conns_per_ip: h.max_conns_per_ip,
     }
 }
 
@@ -348,6 +355,7 @@ impl pb::hosts_server::Hosts for HostsApi {
             rate_limit: h.rate_limit,
             rate_key: h.rate_key,
             rate_limit_scope: h.rate_limit_scope,
+            max_conns_per_ip: h.max_conns_per_ip,
         };
         host.normalize_and_validate().map_err(HostsError::from)?;
         let ((created, fresh), stamp) = self
@@ -463,6 +471,7 @@ impl pb::hosts_server::Hosts for HostsApi {
                 h.rate_limit = r.rate_limit.unwrap_or(h.rate_limit);
                 h.rate_key = r.rate_key.unwrap_or(h.rate_key);
                 h.rate_limit_scope = r.rate_limit_scope.unwrap_or(h.rate_limit_scope);
+                h.max_conns_per_ip = r.max_conns_per_ip.unwrap_or(h.max_conns_per_ip);
                 if h.redirect_to.is_empty() {
                     // Back to a proxy host: the redirect's settings go too.
                     (h.redirect_code, h.redirect_keep_path) = (0, false);

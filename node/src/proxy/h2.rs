@@ -18,6 +18,7 @@ use opentelemetry::KeyValue;
 
 use super::error::ProxyError;
 use super::forwarded;
+use super::limits::HostSlot;
 use super::observe::{ReqFacts, Served};
 use super::pipeline;
 use super::routes::Route;
@@ -171,21 +172,28 @@ impl Proxy {
             }
         };
         let hsts = pipeline::response_policy(Some(&route), conn);
-        let policy_req = pipeline::PolicyRequest {
+        let mut policy_req = pipeline::PolicyRequest {
             host,
             target,
             fields: req.headers(),
+            judged: None,
         };
-        if let Some(a) = pipeline::request_policy(self, &route, conn, &policy_req) {
-            return (answer_response(a, hsts), Some(route), None);
-        }
+        let held = loop {
+            match pipeline::request_policy(self, &route, conn, &policy_req) {
+                pipeline::Policy::Forward(held) => break held,
+                pipeline::Policy::Answer(a) => {
+                    return (answer_response(a, hsts), Some(route), None)
+                }
+                pipeline::Policy::Verify(v) => policy_req.judged = Some(v.run(&self.auth).await),
+            }
+        };
         // RFC 8441: an extended CONNECT (`:protocol`) is a WebSocket, or
         // something this proxy does not tunnel.
         let websocket = super::h2_websocket::extended_connect(&req)
             .map(|p| p.eq_ignore_ascii_case("websocket"));
         let forwarded = match websocket {
-            None => self.forward(req, &route, &host_value, conn).await,
-            Some(true) => self.websocket(req, &route, &host_value, conn).await,
+            None => self.forward(req, &route, &host_value, conn, held).await,
+            Some(true) => self.websocket(req, &route, &host_value, conn, held).await,
             Some(false) => Err(ProxyError::NotImplemented(
                 "extended CONNECT for a protocol other than websocket",
             )),
@@ -204,13 +212,16 @@ impl Proxy {
         (resp, Some(route), error)
     }
 
-    /// Forwards an h2 request over hyper's HTTP/1.1 client.
+    /// Forwards an h2 request over hyper's HTTP/1.1 client. `held` (its
+    /// place under the host's per-client cap) goes with the response body,
+    /// so the stream counts until its body has ended or it was reset.
     async fn forward(
         self: &Arc<Self>,
         mut req: Request<Incoming>,
         route: &Arc<Route>,
         host_value: &HeaderValue,
         conn: &ConnInfo,
+        held: Option<HostSlot>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let h = &route.host;
         let pool = route.pool_for(req.uri().path());
@@ -283,7 +294,7 @@ impl Proxy {
                         resp.headers_mut()
                             .append(http::header::SET_COOKIE, cookie.clone());
                     }
-                    return Ok(resp.map(Either::Left));
+                    return Ok(resp.map(|body| Either::Left(HeldBody { body, _held: held })));
                 }
                 Err(SendError::Connect(r, e)) => {
                     req = *r;
@@ -325,6 +336,7 @@ impl Proxy {
         route: &Arc<Route>,
         host_value: &HeaderValue,
         conn: &ConnInfo,
+        held: Option<HostSlot>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         if !route.host.websocket {
             return Err(ProxyError::NotImplemented(
@@ -338,7 +350,14 @@ impl Proxy {
         rewrite_request(&mut req, route, host_value, conn)?;
         let (parts, _) = req.into_parts();
         let (mut resp, used) = self
-            .forward_websocket(parts, client_stream, route, host_value, conn, trace_parent)
+            .forward_websocket(
+                parts,
+                (client_stream, held),
+                route,
+                host_value,
+                conn,
+                trace_parent,
+            )
             .await?;
         if self.telemetry.get().is_some() {
             resp.extensions_mut().insert(UpstreamUsed(used));
@@ -388,6 +407,34 @@ impl Proxy {
                 },
             }
         }
+    }
+}
+
+/// An upstream response body with the request's place under its host's
+/// per-client cap: hyper drops it when the body has been sent, or the
+/// stream was reset or the client left, which gives the place back.
+pub struct HeldBody {
+    body: Incoming,
+    _held: Option<HostSlot>,
+}
+
+impl hyper::body::Body for HeldBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -30,6 +30,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 
 use super::error::ProxyError;
+use super::limits::HostSlot;
 use super::pipeline;
 use super::routes::Route;
 use super::tunnel::handshake;
@@ -92,7 +93,7 @@ impl Proxy {
     pub(super) async fn forward_websocket(
         self: &Arc<Self>,
         parts: http::request::Parts,
-        client_stream: hyper::upgrade::OnUpgrade,
+        (client_stream, held): (hyper::upgrade::OnUpgrade, Option<HostSlot>),
         route: &Arc<Route>,
         host_value: &HeaderValue,
         conn: &ConnInfo,
@@ -159,6 +160,7 @@ impl Proxy {
                                 upstream: upstream.clone(),
                                 conn: conn.clone(),
                                 lease: lease.into_tunnel(),
+                                held,
                             };
                             self.start_tunnel(
                                 client_stream,
@@ -279,7 +281,7 @@ impl Proxy {
                     proxy.spawn_tunnel(
                         &t.route.host,
                         t.route.tunnel,
-                        (&t.upstream, Some(t.lease)),
+                        (&t.upstream, Some(t.lease), t.held),
                         &t.conn,
                         (TokioIo::new(stream), up),
                         span,
@@ -303,6 +305,8 @@ struct Switched {
     upstream: Arc<UpstreamState>,
     conn: ConnInfo,
     lease: Lease,
+    /// The place under the host's per-client cap, held by the tunnel.
+    held: Option<HostSlot>,
 }
 
 /// The HTTP/1.1 upgrade request for an h2 WebSocket: the client's fields

@@ -1,4 +1,6 @@
-//! Connection limits of the accept loop ([`super::listener`]): at most
+//! Connection limits. Per host ([`HostCaps`], `host add
+//! --max-conns-per-ip`): requests and tunnels per client, counted in the
+//! request-policy phase. Of the accept loop ([`super::listener`]): at most
 //! `--max-conns-per-ip` open connections per client (an IPv4 address, or
 //! an IPv6 /64, since one host holds a whole /64), and at most
 //! `--max-connections` in all. A connection that became a WebSocket
@@ -16,8 +18,10 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+
+use crate::host::ProxyHost;
 
 /// Whose connections are counted together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -155,6 +159,104 @@ impl ConnLimits {
     }
 }
 
+/// One host's `--max-conns-per-ip`: in-flight requests plus open tunnels
+/// to that host per client. Unlike the node's cap, which counts
+/// connections at accept, this one counts per request, after routing, by
+/// the client address as resolved through `--trusted-proxy` (so clients
+/// behind a trusted proxy are told apart): an h1 request, an h2 stream, a
+/// WebSocket over h1 or h2 each hold a [`HostSlot`] until the response has
+/// ended or the tunnel has closed.
+pub struct HostCap {
+    cap: AtomicU32,
+    per_client: Mutex<HashMap<ClientKey, u32>>,
+}
+
+/// One counted request or tunnel on a host; dropping it (however the
+/// request ends: answered, failed, client gone, tunnel closed or cut)
+/// gives the place back.
+pub struct HostSlot {
+    host: Arc<HostCap>,
+    key: ClientKey,
+}
+
+impl std::fmt::Debug for HostSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostSlot").field("key", &self.key).finish()
+    }
+}
+
+impl Drop for HostSlot {
+    fn drop(&mut self) {
+        let mut map = self.host.per_client.lock().expect("host cap lock");
+        if let Some(n) = map.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl HostCap {
+    pub fn cap(&self) -> u32 {
+        self.cap.load(Ordering::Relaxed)
+    }
+
+    /// A place for one more request or tunnel of `client`, or `Err(cap)`
+    /// when it holds the cap already.
+    pub fn admit(self: &Arc<Self>, client: IpAddr) -> Result<HostSlot, u32> {
+        let key = ClientKey::of(client);
+        let cap = self.cap();
+        let mut map = self.per_client.lock().expect("host cap lock");
+        let n = map.entry(key).or_insert(0);
+        if *n >= cap {
+            return Err(cap);
+        }
+        *n += 1;
+        Ok(HostSlot {
+            host: self.clone(),
+            key,
+        })
+    }
+
+    /// Requests and tunnels counted for `client` now.
+    pub fn open(&self, client: IpAddr) -> u32 {
+        let map = self.per_client.lock().expect("host cap lock");
+        map.get(&ClientKey::of(client)).copied().unwrap_or(0)
+    }
+}
+
+/// Every host's [`HostCap`] by host id, kept across route rebuilds so that
+/// the requests and tunnels open when a host is updated still count (and
+/// are released into the same counts); a changed cap applies to the next
+/// request.
+#[derive(Default)]
+pub struct HostCaps(Mutex<HashMap<String, Arc<HostCap>>>);
+
+impl HostCaps {
+    /// The cap of `host`, or `None` when it sets none.
+    pub fn for_host(&self, host: &ProxyHost) -> Option<Arc<HostCap>> {
+        let mut map = self.0.lock().expect("host caps lock");
+        if host.max_conns_per_ip == 0 {
+            map.remove(&host.id);
+            return None;
+        }
+        let cap = map.entry(host.id.clone()).or_insert_with(|| {
+            Arc::new(HostCap {
+                cap: AtomicU32::new(host.max_conns_per_ip),
+                per_client: Mutex::default(),
+            })
+        });
+        cap.cap.store(host.max_conns_per_ip, Ordering::Relaxed);
+        Some(cap.clone())
+    }
+
+    /// A deleted host's counts (its open slots keep their own reference).
+    pub fn forget(&self, host_id: &str) {
+        self.0.lock().expect("host caps lock").remove(host_id);
+    }
+}
+
 /// The whole answer to a connection over the per-client cap (written
 /// after its first request head, then the connection closes).
 pub fn over_cap_response(peer: IpAddr, cap: u32) -> Vec<u8> {
@@ -208,6 +310,42 @@ mod tests {
         let _a3 = serve(l.admit(ip("10.0.0.1"), false));
         drop(a2);
         assert_eq!(l.open(), 6);
+    }
+
+    #[test]
+    fn a_host_cap_counts_per_client_and_survives_an_update() {
+        let caps = HostCaps::default();
+        let mut host = ProxyHost {
+            id: "h".into(),
+            max_conns_per_ip: 2,
+            ..Default::default()
+        };
+        let cap = caps.for_host(&host).expect("a cap");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let a = cap.admit(ip("10.0.0.1")).unwrap();
+        let _b = cap.admit(ip("10.0.0.1")).unwrap();
+        assert_eq!(cap.admit(ip("10.0.0.1")).err(), Some(2));
+        let _v = cap.admit(ip("2001:db8::1")).unwrap();
+        let _w = cap.admit(ip("2001:db8::2")).unwrap();
+        assert!(
+            cap.admit(ip("2001:db8::3")).is_err(),
+            "one /64 is one client"
+        );
+        assert!(cap.admit(ip("10.0.0.2")).is_ok(), "another client");
+        // An update keeps the counts; a higher cap lets one more in.
+        host.max_conns_per_ip = 3;
+        let same = caps.for_host(&host).unwrap();
+        assert!(Arc::ptr_eq(&cap, &same));
+        let c = same.admit(ip("10.0.0.1")).unwrap();
+        assert_eq!(same.open(ip("10.0.0.1")), 3);
+        drop((a, c));
+        assert_eq!(
+            same.open(ip("10.0.0.1")),
+            1,
+            "dropped slots give places back"
+        );
+        host.max_conns_per_ip = 0;
+        assert!(caps.for_host(&host).is_none());
     }
 
     #[test]

@@ -45,7 +45,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 
 use crate::host::ProxyHost;
 use crate::store::Changed;
@@ -54,7 +53,9 @@ use routes::RouteTable;
 use tunnel::registry::TunnelRegistry;
 use upstream::{Connector, UpstreamRegistry};
 
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+/// What the h2 front end answers with: an upstream's body (holding the
+/// request's place under its host's cap), or one of the proxy's own.
+pub type ProxyBody = Either<h2::HeldBody, Full<Bytes>>;
 
 /// Proxy settings that are node-wide (per-host ones live on the host).
 #[derive(Debug, Clone)]
@@ -145,6 +146,11 @@ pub struct Proxy {
     limits: Arc<limits::ConnLimits>,
     /// Rate limiters by host, and what peers admitted (see [`rate`]).
     pub rates: Arc<rate::RateRegistry>,
+    /// Per-host caps on requests and tunnels per client (see [`limits`]).
+    host_caps: Arc<limits::HostCaps>,
+    /// Basic-auth verification off the runtime threads, and the throttle
+    /// on clients that keep failing it (see [`access::AuthGuard`]).
+    pub(crate) auth: access::AuthGuard,
 }
 
 impl Proxy {
@@ -168,6 +174,8 @@ impl Proxy {
             refusal_log: access::LogLimiter::new(Duration::from_secs(60)),
             limits: conn_limits,
             rates: Arc::default(),
+            host_caps: Arc::default(),
+            auth: access::AuthGuard::new(),
         })
     }
 
@@ -204,9 +212,12 @@ impl Proxy {
             .map(|c| c.is_healthy())
     }
 
-    /// Per-upstream metrics (load, health), rendered at scrape time.
+    /// Per-upstream metrics (load, health) and the basic-auth
+    /// verification count, rendered at scrape time.
     pub fn upstream_metrics(&self) -> String {
-        upstream::health::render_metrics(&self.registry)
+        let mut out = upstream::health::render_metrics(&self.registry);
+        out.push_str(&self.auth.render_metrics());
+        out
     }
 
     /// Applies the hosts a commit changed to a copy of the route table (O(1)
@@ -221,12 +232,19 @@ impl Proxy {
             upstream_timeout: self.config.upstream_timeout,
             acls: self.acls.clone(),
             rates: self.rates.clone(),
+            host_caps: self.host_caps.clone(),
         };
         let mut table = RouteTable::clone(&self.routes.load());
         for c in changes {
             table.apply(c.old.as_deref(), c.new.as_ref(), &self.registry, &defaults);
             self.upstream_drains
                 .apply(&self.tunnels, c.old.as_deref(), c.new.as_deref());
+            if let Some(old) = c.old.as_deref() {
+                self.rates.forget(old, c.new.as_deref());
+                if c.new.is_none() {
+                    self.host_caps.forget(&old.id);
+                }
+            }
         }
         tracing::debug!(
             names = table.len(),
@@ -242,17 +260,37 @@ impl Proxy {
         self.acls.apply(changes);
     }
 
-    /// A request over its host's rate limit: counted per host, logged at
-    /// most once a minute per host and client.
-    fn count_rate_limited(&self, route: &routes::Route, client: std::net::IpAddr) {
+    /// A request over a rate limit (its host's, or its location's):
+    /// counted per host and limit, logged at most once a minute per host
+    /// and client.
+    fn count_rate_limited(
+        &self,
+        route: &routes::Route,
+        limiter: &rate::HostLimiter,
+        client: std::net::IpAddr,
+    ) {
+        if let Some(t) = self.telemetry.get() {
+            t.metrics
+                .access_refusal(&route.name, &limiter.label, &limiter.label);
+        }
+        if let Some(skipped) = self.refusal_log.due(&route.name, client) {
+            tracing::info!(host = %route.name, %client, limit = %limiter.label, more_since_last_line = skipped,
+                "request over the rate limit: 429");
+        }
+    }
+
+    /// A request or upgrade over its host's `--max-conns-per-ip`: counted
+    /// per host, logged at most once a minute per host and client.
+    fn count_over_host_cap(&self, route: &routes::Route, client: std::net::IpAddr, max: u32) {
         static RULE: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
-        let rule = RULE.get_or_init(|| Arc::from("rate limit"));
+        let rule = RULE.get_or_init(|| Arc::from("max conns per ip"));
         if let Some(t) = self.telemetry.get() {
             t.metrics.access_refusal(&route.name, rule, rule);
         }
         if let Some(skipped) = self.refusal_log.due(&route.name, client) {
-            tracing::info!(host = %route.name, %client, more_since_last_line = skipped,
-                "request over the host's rate limit: 429");
+            tracing::info!(host = %route.name, host_id = %route.id, %client, max_conns_per_ip = max,
+                more_since_last_line = skipped,
+                "client holds the host's --max-conns-per-ip requests and tunnels: 429");
         }
     }
 

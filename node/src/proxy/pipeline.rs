@@ -12,10 +12,13 @@
 //!    itself instead of forwarding: a redirect host's redirect, the
 //!    `force_https` redirect, then the
 //!    route's access list ([`super::access`]: 403, or 401 asking for
-//!    basic auth), judged on the client address resolved through
-//!    `--trusted-proxy` ([`super::forwarded::client_ip`]). The same code
-//!    for HTTP/1, h2 and WebSocket upgrades (an upgrade is a GET until the
-//!    upstream's 101).
+//!    basic auth), the host's per-client cap on requests and tunnels
+//!    ([`super::limits::HostCaps`]: 429, the place held as a
+//!    [`HostSlot`] while the request or tunnel lasts) and the rate limit
+//!    ([`super::rate`]: 429), all judged on the client address resolved
+//!    through `--trusted-proxy` ([`super::forwarded::client_ip`]). The same
+//!    code for HTTP/1, h2 and WebSocket upgrades (an upgrade is a GET until
+//!    the upstream's 101).
 //! 3. **request rewrite** — [`super::forwarded`]: hop-by-hop fields
 //!    removed, forwarded headers set (one rule, two writers).
 //! 4. **upstream choice and attempts** — [`affinity`] reads the key a
@@ -38,7 +41,9 @@ use std::net::IpAddr;
 use http::header::{HeaderName, AUTHORIZATION};
 use http::{HeaderValue, StatusCode};
 
+use super::access::Checked;
 use super::error::{page, ProxyError};
+use super::limits::HostSlot;
 use super::routes::{self, Route, RouteTable};
 use super::upstream::{balance, AttemptOrder, Lease, Pool, UpstreamState};
 use super::{ConnInfo, Proxy};
@@ -124,24 +129,42 @@ pub struct PolicyRequest<'a> {
     /// Its path and query.
     pub target: &'a str,
     pub fields: &'a dyn RequestFields,
+    /// The verdict on its basic-auth credentials, once it waited for one
+    /// ([`Policy::Verify`]).
+    pub judged: Option<crate::access::compiled::Judged>,
+}
+
+/// What phase 2 decided.
+pub enum Policy {
+    /// Forward it, holding this place under the host's
+    /// `--max-conns-per-ip` (when it sets one) until the response has
+    /// ended, or the tunnel it opens has closed.
+    Forward(Option<HostSlot>),
+    /// The proxy answers it itself.
+    Answer(Answer),
+    /// Its basic-auth credentials need verifying first, off the runtime
+    /// ([`super::access::Verify::run`]); then phase 2 runs again with
+    /// [`PolicyRequest::judged`] set.
+    Verify(super::access::Verify),
 }
 
 static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-/// Phase 2: whether the proxy answers this request itself: the
-/// `force_https` redirect first (credentials are never asked for over
-/// plain HTTP when HTTPS is forced), then the access list of the request's
-/// location (else its host's).
+/// Phase 2: whether the proxy answers this request itself: a redirect
+/// host's redirect, the `force_https` redirect (credentials are never asked
+/// for over plain HTTP when HTTPS is forced), the access list of the
+/// request's location (else its host's), the host's per-client cap on
+/// requests and tunnels, then the location's rate limit (else its host's).
 pub fn request_policy(
     proxy: &Proxy,
     route: &Route,
     conn: &ConnInfo,
     req: &PolicyRequest<'_>,
-) -> Option<Answer> {
+) -> Policy {
     // ACME HTTP-01 answers come before routing: see `acme_answer`.
     if let Some(r) = &route.redirect {
         let location = r.location(req.target);
-        return Some(Answer {
+        return Policy::Answer(Answer {
             status: r.status,
             body: format!("redirecting to {location}\n"),
             location: Some(location),
@@ -149,50 +172,76 @@ pub fn request_policy(
         });
     }
     if route.host.force_https && !conn.tls {
-        return Some(redirect_to_https(
+        return Policy::Answer(redirect_to_https(
             req.host,
             proxy.config.https_port,
             req.target,
         ));
     }
-    if route.any_acl {
-        let path = req.target.split('?').next().unwrap_or("/");
-        if let Some(slot) = route.acl_for(path) {
-            let client = client_ip(proxy, conn, req.fields);
-            // Read only if the list has users (a lazy iterator): an
-            // address-only list costs no header scan.
-            let auth = std::iter::once(()).flat_map(|()| req.fields.values(&AUTHORIZATION));
-            if let Some(r) = super::access::check(slot, client, auth) {
+    if !(route.any_acl || route.any_rate || route.conn_cap.is_some()) {
+        return Policy::Forward(None);
+    }
+    let path = req.target.split('?').next().unwrap_or("/");
+    let client = client_ip(proxy, conn, req.fields);
+    if let Some(slot) = route.acl_for(path).filter(|_| route.any_acl) {
+        // Read only if the list has users (a lazy iterator): an
+        // address-only list costs no header scan.
+        let auth = std::iter::once(()).flat_map(|()| req.fields.values(&AUTHORIZATION));
+        match super::access::check(slot, client, auth, &proxy.auth, req.judged) {
+            Checked::Pass => {}
+            Checked::Verify(v) => return Policy::Verify(v),
+            Checked::Refuse(r) => {
                 proxy.count_refusal(route, client, &r);
                 let mut answer = Answer::page(r.status, &r.detail);
-                answer.header = r.challenge.map(|c| (http::header::WWW_AUTHENTICATE, c));
-                return Some(answer);
+                answer.header = r.header;
+                return Policy::Answer(answer);
             }
         }
     }
-    if let Some(limiter) = &route.rate {
-        return rate_limit(proxy, limiter, route, conn, req);
+    let held = match &route.conn_cap {
+        Some(cap) => match cap.admit(client) {
+            Ok(slot) => Some(slot),
+            Err(max) => return Policy::Answer(over_host_cap(proxy, route, client, max)),
+        },
+        None => None,
+    };
+    if let Some(limiter) = route.rate_for(path).filter(|_| route.any_rate) {
+        if let Some(a) = rate_limit(proxy, limiter, route, client, req) {
+            return Policy::Answer(a);
+        }
     }
-    None
+    Policy::Forward(held)
 }
 
-/// The host's rate limit for this request's client: `None` when admitted,
-/// else 429 with `Retry-After` (whole seconds, at least 1).
+/// The 429 of a request (or upgrade) over its host's `--max-conns-per-ip`.
+fn over_host_cap(proxy: &Proxy, route: &Route, client: IpAddr, max: u32) -> Answer {
+    proxy.count_over_host_cap(route, client, max);
+    let mut answer = Answer::page(
+        StatusCode::TOO_MANY_REQUESTS,
+        &format_args!(
+            "{client} has {max} requests and WebSockets open to this site already (the most one client may); close some and retry"
+        ),
+    );
+    answer.header = Some((http::header::RETRY_AFTER, "1".to_string()));
+    answer
+}
+
+/// The rate limit on this request's client: `None` when admitted, else
+/// 429 with `Retry-After` (whole seconds, at least 1).
 fn rate_limit(
     proxy: &Proxy,
     limiter: &super::rate::HostLimiter,
     route: &Route,
-    conn: &ConnInfo,
+    client: IpAddr,
     req: &PolicyRequest<'_>,
 ) -> Option<Answer> {
-    let client = client_ip(proxy, conn, req.fields);
     let header = match &limiter.key {
         super::rate::RateKey::Header(name) => req.fields.values(name).first().copied(),
         super::rate::RateKey::Ip => None,
     };
     let wait = limiter.check(limiter.client_key(client, header)).err()?;
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    proxy.count_rate_limited(route, client);
+    proxy.count_rate_limited(route, limiter, client);
     let mut answer = Answer::page(
         StatusCode::TOO_MANY_REQUESTS,
         &format_args!("rate limit of this site reached; retry in {secs} s"),

@@ -1,6 +1,8 @@
 //! The rate-limit step of the request-policy phase: one GCRA limiter
-//! ([`crate::access::rate::Gcra`]) per host that sets `--rate-limit`,
-//! kept across route rebuilds while the host's limit stays the same, and,
+//! ([`crate::access::rate::Gcra`]) per host that sets `--rate-limit`, and
+//! one per location that sets its own (`;rate-limit=` on `--location`: the
+//! location's own bucket, used instead of the host's for requests under
+//! it), each kept across route rebuilds while its limit stays the same, and,
 //! for cluster scope, the exchange with the other nodes: each node
 //! publishes how many requests it admitted for its busiest clients
 //! ([`RateRegistry::hot`], into its own gossip keys) and charges what the
@@ -25,11 +27,17 @@ pub enum RateKey {
     Header(HeaderName),
 }
 
-/// One host's limit and its clients' state.
+/// One host's (or location's) limit and its clients' state.
 pub struct HostLimiter {
+    /// The limiter's id, also in gossip: the host's id, or for a location
+    /// `<host id>~<hash of its path>` (gossip entries stay short and free
+    /// of the separators the encoding uses).
     pub host_id: Arc<str>,
-    /// The host's fields it was made from: a host update that keeps them
-    /// keeps the state.
+    /// The metric label and log text of its refusals: `rate limit`, or
+    /// `rate limit /path` for a location's.
+    pub label: Arc<str>,
+    /// The fields it was made from: an update that keeps them keeps the
+    /// state.
     config: (String, String, String),
     pub key: RateKey,
     pub cluster: bool,
@@ -87,6 +95,12 @@ pub struct RateRegistry {
     seen: Mutex<HashMap<(String, String, u64), u64>>,
 }
 
+/// The id of a location's own limiter: `<host id>~<FNV of the path, 16
+/// hex digits>`, the same on every node.
+pub fn location_limiter_id(host_id: &str, path: &str) -> String {
+    format!("{host_id}~{:016x}", key_hash(path.as_bytes()))
+}
+
 /// Published per node at most: each entry is ~30 bytes of gossip.
 pub const HOT_KEYS: usize = 24;
 
@@ -94,35 +108,75 @@ impl RateRegistry {
     /// The limiter of `host` (the existing one while its limit is the
     /// same), or `None` when it sets none.
     pub fn limiter(&self, host: &ProxyHost) -> Option<Arc<HostLimiter>> {
+        let fields = (&host.rate_limit, &host.rate_key, &host.rate_limit_scope);
+        self.make(&host.id, Arc::from("rate limit"), fields)
+    }
+
+    /// The own limiter of `host`'s location `loc`, or `None` when it sets
+    /// none (the host's limit applies there then).
+    pub fn location_limiter(
+        &self,
+        host: &ProxyHost,
+        loc: &crate::host::Location,
+    ) -> Option<Arc<HostLimiter>> {
+        let id = location_limiter_id(&host.id, &loc.path_prefix);
+        let label = Arc::from(format!("rate limit {}", loc.path_prefix));
+        let fields = (&loc.rate_limit, &loc.rate_key, &loc.rate_limit_scope);
+        self.make(&id, label, fields)
+    }
+
+    /// After `old` became `new` (`None`: deleted): forgets the limiters
+    /// `old` had that `new` no longer has (the host's when it is gone, a
+    /// location's when the location is). O(its locations).
+    pub fn forget(&self, old: &ProxyHost, new: Option<&ProxyHost>) {
+        let kept = |path: &str| {
+            new.is_some_and(|n| {
+                n.locations
+                    .iter()
+                    .any(|l| l.path_prefix == path && !l.rate_limit.is_empty())
+            })
+        };
         let mut map = self.limiters.lock().expect("rate lock");
-        if host.rate_limit.is_empty() {
-            map.remove(&host.id);
+        if new.is_none() {
+            map.remove(&old.id);
+        }
+        for l in old.locations.iter().filter(|l| !kept(&l.path_prefix)) {
+            map.remove(&location_limiter_id(&old.id, &l.path_prefix));
+        }
+    }
+
+    fn make(
+        &self,
+        id: &str,
+        label: Arc<str>,
+        (limit, rate_key, scope): (&String, &String, &String),
+    ) -> Option<Arc<HostLimiter>> {
+        let mut map = self.limiters.lock().expect("rate lock");
+        if limit.is_empty() {
+            map.remove(id);
             return None;
         }
-        let config = (
-            host.rate_limit.clone(),
-            host.rate_key.clone(),
-            host.rate_limit_scope.clone(),
-        );
-        if let Some(l) = map.get(&host.id).filter(|l| l.config == config) {
+        let config = (limit.clone(), rate_key.clone(), scope.clone());
+        if let Some(l) = map.get(id).filter(|l| l.config == config) {
             return Some(l.clone());
         }
-        let spec = match RateSpec::parse(&host.rate_limit) {
+        let spec = match RateSpec::parse(limit) {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(host = %host.id, error = %e, "ignoring an unreadable rate limit");
+                tracing::error!(limiter = %id, error = %e, "ignoring an unreadable rate limit");
                 return None;
             }
         };
-        let key = match host.rate_key.strip_prefix("header:") {
+        let key = match rate_key.strip_prefix("header:") {
             Some(name) => HeaderName::from_bytes(name.as_bytes())
                 .map(RateKey::Header)
                 .unwrap_or(RateKey::Ip),
             None => RateKey::Ip,
         };
         let l = Arc::new(HostLimiter {
-            host_id: Arc::from(host.id.as_str()),
-            cluster: host.rate_limit_scope != "node",
+            host_id: Arc::from(id),
+            label,
+            cluster: scope != "node",
             key,
             config,
             state: Mutex::new(State {
@@ -130,7 +184,7 @@ impl RateRegistry {
                 admitted: ByKey::default(),
             }),
         });
-        map.insert(host.id.clone(), l.clone());
+        map.insert(id.to_string(), l.clone());
         Some(l)
     }
 
@@ -195,5 +249,58 @@ impl RateRegistry {
                     .charge(*key, delta, now);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::Location;
+
+    #[test]
+    fn a_location_has_its_own_bucket_and_takes_part_in_the_cluster_exchange() {
+        let reg = RateRegistry::default();
+        let mut host = ProxyHost {
+            id: "h-1".into(),
+            rate_limit: "100/s,burst=100".into(),
+            rate_key: "ip".into(),
+            rate_limit_scope: "cluster".into(),
+            locations: vec![Location {
+                path_prefix: "/login".into(),
+                rate_limit: "1/s,burst=2".into(),
+                rate_key: "ip".into(),
+                rate_limit_scope: "cluster".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let main = reg.limiter(&host).unwrap();
+        let loc = reg.location_limiter(&host, &host.locations[0]).unwrap();
+        assert_eq!(&*loc.label, "rate limit /login");
+        let key = loc.client_key("10.0.0.1".parse().unwrap(), None);
+        assert!(loc.check(key).is_ok());
+        assert!(main.check(key).is_ok(), "the host's bucket is apart");
+        // Published under its own id, and what a peer admitted under that
+        // id is charged to it.
+        let hot = reg.hot();
+        let id = location_limiter_id("h-1", "/login");
+        assert!(
+            hot.iter().any(|(h, k, n)| *h == id && *k == key && *n == 1),
+            "{hot:?}"
+        );
+        reg.charge("peer", &[(id.clone(), key, 1)]);
+        assert!(
+            loc.check(key).is_err(),
+            "burst of 2: one here, one elsewhere"
+        );
+        assert!(main.check(key).is_ok());
+        // Dropping the location's limit forgets its limiter.
+        let old = host.clone();
+        host.locations[0].rate_limit.clear();
+        reg.forget(&old, Some(&host));
+        assert!(!reg.limiters.lock().unwrap().contains_key(&id));
+        assert!(reg.limiters.lock().unwrap().contains_key("h-1"));
+        reg.forget(&host, None);
+        assert!(reg.limiters.lock().unwrap().is_empty());
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::host::{ProxyHost, UpstreamUrl};
 use crate::names::NameMap;
 use crate::proxy::access::{AclRegistry, AclSlot};
+use crate::proxy::limits::{HostCap, HostCaps};
 use crate::proxy::rate::{HostLimiter, RateRegistry};
 use crate::proxy::tunnel::relay::TunnelOptions;
 use crate::proxy::upstream::{Pool, UpstreamRegistry};
@@ -21,6 +22,9 @@ pub struct LocationRoute {
     pub pool: Arc<Pool>,
     /// The location's own access list, if it names one.
     pub acl: Option<Arc<AclSlot>>,
+    /// The location's own rate limiter, if it sets one (instead of the
+    /// host's).
+    pub rate: Option<Arc<HostLimiter>>,
 }
 
 /// A host ready for the request path: parsed upstreams, sorted locations.
@@ -51,6 +55,11 @@ pub struct Route {
     pub redirect: Option<Redirect>,
     /// The host's rate limiter (kept across rebuilds while its limit stays).
     pub rate: Option<Arc<HostLimiter>>,
+    /// Whether the host or a location sets a rate limit.
+    pub any_rate: bool,
+    /// The host's per-client cap on requests and tunnels (kept across
+    /// rebuilds with its counts).
+    pub conn_cap: Option<Arc<HostCap>>,
 }
 
 /// Where a redirect host sends every request.
@@ -80,6 +89,8 @@ pub struct RouteDefaults {
     pub acls: AclRegistry,
     /// Where routes find their host's rate limiter.
     pub rates: Arc<RateRegistry>,
+    /// Where routes find their host's per-client cap.
+    pub host_caps: Arc<HostCaps>,
 }
 
 impl Default for RouteDefaults {
@@ -88,6 +99,7 @@ impl Default for RouteDefaults {
             upstream_timeout: Duration::from_secs(60),
             acls: AclRegistry::default(),
             rates: Arc::default(),
+            host_caps: Arc::default(),
         }
     }
 }
@@ -109,6 +121,16 @@ impl Route {
             .find(|l| path_has_prefix(path, &l.prefix))
             .and_then(|l| l.acl.as_ref())
             .or(self.acl.as_ref())
+    }
+
+    /// The rate limiter a request for `path` is counted on: its
+    /// location's own, else the host's.
+    pub fn rate_for(&self, path: &str) -> Option<&Arc<HostLimiter>> {
+        self.locations
+            .iter()
+            .find(|l| path_has_prefix(path, &l.prefix))
+            .and_then(|l| l.rate.as_ref())
+            .or(self.rate.as_ref())
     }
 }
 
@@ -158,6 +180,7 @@ impl Route {
                     prefix: loc.path_prefix.clone(),
                     pool: p,
                     acl: slot(&loc.acl),
+                    rate: defaults.rates.location_limiter(host, loc),
                 });
             }
         }
@@ -202,6 +225,9 @@ impl Route {
             }),
             acl: slot(&host.acl),
             rate: defaults.rates.limiter(host),
+            any_rate: !host.rate_limit.is_empty()
+                || host.locations.iter().any(|l| !l.rate_limit.is_empty()),
+            conn_cap: defaults.host_caps.for_host(host),
         })
     }
 }
@@ -345,8 +371,7 @@ mod tests {
                 .map(|(p, u)| Location {
                     path_prefix: p.to_string(),
                     upstreams: vec![u.to_string()],
-                    balancing: Default::default(),
-                    acl: String::new(),
+                    ..Default::default()
                 })
                 .collect(),
             version: 1,

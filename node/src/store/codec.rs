@@ -252,6 +252,9 @@ fn host_to_pb(h: &ProxyHost) -> pb::HostRecord {
                 upstreams: l.upstreams.clone(),
                 balancing: super::balance::to_pb(&l.balancing),
                 acl: l.acl.clone(),
+                rate_limit: l.rate_limit.clone(),
+                rate_key: l.rate_key.clone(),
+                rate_limit_scope: l.rate_limit_scope.clone(),
             })
             .collect(),
         ws_idle_timeout_secs: h.ws_idle_timeout_secs,
@@ -276,6 +279,7 @@ fn host_to_pb(h: &ProxyHost) -> pb::HostRecord {
         rate_limit: h.rate_limit.clone(),
         rate_key: h.rate_key.clone(),
         rate_limit_scope: h.rate_limit_scope.clone(),
+        max_conns_per_ip: h.max_conns_per_ip,
     }
 }
 
@@ -297,6 +301,9 @@ fn host_from_pb(h: pb::HostRecord) -> ProxyHost {
                 upstreams: l.upstreams,
                 balancing: super::balance::from_pb(l.balancing),
                 acl: l.acl,
+                rate_limit: l.rate_limit,
+                rate_key: l.rate_key,
+                rate_limit_scope: l.rate_limit_scope,
             })
             .collect(),
         ws_idle_timeout_secs: h.ws_idle_timeout_secs,
@@ -321,6 +328,7 @@ fn host_from_pb(h: pb::HostRecord) -> ProxyHost {
         rate_limit: h.rate_limit,
         rate_key: h.rate_key,
         rate_limit_scope: h.rate_limit_scope,
+        max_conns_per_ip: h.max_conns_per_ip,
     }
 }
 
@@ -396,6 +404,9 @@ mod tests {
                     ..Default::default()
                 },
                 acl: "loc".into(),
+                rate_limit: "3/s,burst=3".into(),
+                rate_key: "header:x-key".into(),
+                rate_limit_scope: "node".into(),
             }],
             ws_idle_timeout_secs: 5,
             ws_ping_interval_secs: 6,
@@ -433,6 +444,7 @@ mod tests {
             rate_limit: "5/s,burst=5".into(),
             rate_key: "ip".into(),
             rate_limit_scope: "node".into(),
+            max_conns_per_ip: 7,
         };
         let cert = StoredCert {
             id: "c".into(),

@@ -33,8 +33,9 @@ mod exchange;
 mod request;
 mod response;
 
-use request::{head_end, H};
+use request::{head_end, Stop, H};
 
+use super::limits::HostSlot;
 use super::observe::ReqFacts;
 use super::routes::Route;
 use super::shutdown::{stop_requested, Shutdown};
@@ -100,6 +101,7 @@ where
                 conn,
                 span,
                 lease,
+                held,
             } = *t;
             let client = Prefixed::new(c.buf.take(), c.io);
             let RawConn { io, mut buf } = conn;
@@ -107,7 +109,7 @@ where
             c.proxy.spawn_tunnel(
                 &route.host,
                 route.tunnel,
-                (&upstream, lease),
+                (&upstream, lease, held),
                 &c.info,
                 (client, up),
                 span,
@@ -159,6 +161,8 @@ struct Tunnel {
     span: Option<opentelemetry::Context>,
     /// Counts the tunnel against its upstream (set by `exchange`).
     lease: Option<Lease>,
+    /// Its place under the host's per-client cap.
+    held: Option<HostSlot>,
 }
 
 impl<S> Client<S>
@@ -236,8 +240,19 @@ where
             self.first = false;
             let started = Instant::now();
 
-            // 2. Parse, route, and write the upstream head's fields.
-            let parsed = self.parse(head_len);
+            // 2. Parse, route, and write the upstream head's fields (again,
+            // once credentials it carries have been verified off the
+            // runtime: rare, a credential's verdict is remembered).
+            let mut judged = None;
+            let parsed = loop {
+                match self.parse(head_len, judged) {
+                    Err(Stop::Verify(v)) => {
+                        judged = Some(Box::pin(v.run(&self.proxy.auth)).await);
+                    }
+                    Err(Stop::Refuse(r)) => break Err(r),
+                    Ok(r) => break Ok(r),
+                }
+            };
             self.buf.consume(head_len);
             let req = match parsed {
                 Ok(r) => r,

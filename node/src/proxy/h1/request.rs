@@ -11,8 +11,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::answers::{field, push_u64, Refusal};
 use super::{Client, MAX_HEADERS};
+use crate::access::compiled::Judged;
 use crate::proxy::error::{self, ProxyError};
 use crate::proxy::forwarded::{self, Field, Incoming};
+use crate::proxy::limits::HostSlot;
 use crate::proxy::observe::ReqFacts;
 use crate::proxy::pipeline;
 use crate::proxy::routes::Route;
@@ -44,6 +46,24 @@ pub(super) struct Req {
     pub(super) affinity: pipeline::Affinity,
     /// For the access log and traces, when telemetry is on.
     pub(super) facts: Option<ReqFacts>,
+    /// Its place under the host's per-client cap (phase 2), held until the
+    /// exchange ends, or by the tunnel it opens.
+    pub(super) held: Option<HostSlot>,
+}
+
+/// Why [`Client::parse`] gave no request to forward.
+pub(super) enum Stop {
+    /// The proxy answers it itself.
+    Refuse(Box<Refusal>),
+    /// Its credentials are verified first; then it is parsed again with
+    /// the verdict (`Client::run`).
+    Verify(crate::proxy::access::Verify),
+}
+
+impl From<Box<Refusal>> for Stop {
+    fn from(r: Box<Refusal>) -> Stop {
+        Stop::Refuse(r)
+    }
 }
 
 /// The classes of header field the proxy looks at.
@@ -369,8 +389,10 @@ where
 {
     /// Parses the head in the buffer (`head_len` bytes), runs the
     /// pipeline's route and request-policy phases on it, and writes its
-    /// upstream request line and fields into `line`/`fields`.
-    pub(super) fn parse(&mut self, head_len: usize) -> Result<Req, Box<Refusal>> {
+    /// upstream request line and fields into `line`/`fields`. `judged`:
+    /// the verdict on its credentials, when it is parsed again after
+    /// [`Stop::Verify`].
+    pub(super) fn parse(&mut self, head_len: usize, judged: Option<Judged>) -> Result<Req, Stop> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let head = parse_head(&self.buf.bytes()[..head_len], &mut headers)?;
         let telemetry = self.proxy.telemetry.get();
@@ -381,7 +403,7 @@ where
 
         // Before phase 1: an ACME HTTP-01 answer (any host, never redirected).
         if let Some(a) = pipeline::acme_answer(&head.path_q) {
-            return Err(Box::new(Refusal::answer(a, has_body, None, None, facts)));
+            return Err(Box::new(Refusal::answer(a, has_body, None, None, facts)).into());
         }
         // Phases 1 and 2: route, request policy.
         let route = match pipeline::route(&self.proxy.routes.load(), host_str) {
@@ -389,29 +411,22 @@ where
             Err(err) => {
                 tracing::debug!(host = %host_str, client = %self.info.peer, "{err}");
                 let a = pipeline::Answer::error(&err);
-                return Err(Box::new(Refusal::answer(
-                    a,
-                    has_body,
-                    None,
-                    Some(err),
-                    facts,
-                )));
+                return Err(Box::new(Refusal::answer(a, has_body, None, Some(err), facts)).into());
             }
         };
         let policy_req = pipeline::PolicyRequest {
             host: host_str,
             target: &head.path_q,
             fields: &head,
+            judged,
         };
-        if let Some(a) = pipeline::request_policy(&self.proxy, &route, &self.info, &policy_req) {
-            return Err(Box::new(Refusal::answer(
-                a,
-                has_body,
-                Some(route),
-                None,
-                facts,
-            )));
-        }
+        let held = match pipeline::request_policy(&self.proxy, &route, &self.info, &policy_req) {
+            pipeline::Policy::Forward(held) => held,
+            pipeline::Policy::Verify(v) => return Err(Stop::Verify(v)),
+            pipeline::Policy::Answer(a) => {
+                return Err(Box::new(Refusal::answer(a, has_body, Some(route), None, facts)).into())
+            }
+        };
         let websocket = route.host.websocket
             && head.method == Method::Get
             && head.minor == 1
@@ -447,6 +462,7 @@ where
             pool,
             affinity,
             facts,
+            held,
         })
     }
 }

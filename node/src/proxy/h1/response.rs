@@ -548,6 +548,7 @@ where
             conn,
             span,
             lease: None,
+            held: req.held,
         }))
     }
 

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use opentelemetry::KeyValue;
 
+use super::limits::HostSlot;
 use super::upstream::{Lease, UpstreamState};
 use super::{ConnInfo, Proxy};
 use crate::host::ProxyHost;
@@ -63,12 +64,13 @@ impl Proxy {
     /// Starts the relay of an upgraded connection pair in its own task
     /// (the client connection's task has ended), registered for drains and
     /// `charonctl tunnels`. `lease` counts the tunnel against its upstream
-    /// (least-conn, caps) for as long as it is open.
+    /// (least-conn, caps) for as long as it is open, `held` against its
+    /// host's per-client cap.
     pub(super) fn spawn_tunnel<C, U>(
         self: &Arc<Self>,
         host: &ProxyHost,
         opts: TunnelOptions,
-        (upstream, lease): (&Arc<UpstreamState>, Option<Lease>),
+        (upstream, lease, held): (&Arc<UpstreamState>, Option<Lease>, Option<HostSlot>),
         conn: &ConnInfo,
         (client, up): (C, U),
         span: Option<opentelemetry::Context>,
@@ -101,6 +103,7 @@ impl Proxy {
             _reg: reg,
             _lease: lease,
             _slot: conn.client_slot.clone(),
+            _held: held,
         });
     }
 }
@@ -120,6 +123,8 @@ struct TunnelTask<C, U> {
     /// The client connection's place under the connection caps: an open
     /// tunnel is an open connection.
     _slot: Option<std::sync::Arc<crate::proxy::limits::ClientSlot>>,
+    /// Its place under its host's `--max-conns-per-ip`.
+    _held: Option<HostSlot>,
 }
 
 impl<C, U> Future for TunnelTask<C, U>

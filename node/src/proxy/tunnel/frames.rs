@@ -35,6 +35,23 @@ fn header_len(b0_b1: [u8; 2]) -> usize {
     2 + ext + mask
 }
 
+/// The length of the frame at the start of `data` when all of it is
+/// there and it is not a Close (whose code the tracker must read).
+fn whole_frame_len(data: &[u8]) -> Option<usize> {
+    let [b0, b1, ..] = *data else { return None };
+    if b0 & 0x0f == OP_CLOSE {
+        return None;
+    }
+    let hlen = header_len([b0, b1]);
+    let payload = match b1 & 0x7f {
+        126 => u64::from(u16::from_be_bytes(data.get(2..4)?.try_into().ok()?)),
+        127 => u64::from_be_bytes(data.get(2..10)?.try_into().ok()?),
+        n => u64::from(n),
+    };
+    let len = (hlen as u64).checked_add(payload)?;
+    (len <= data.len() as u64).then_some(len as usize)
+}
+
 impl FrameTracker {
     /// True between frames: the only place another frame may be inserted.
     pub fn at_boundary(&self) -> bool {
@@ -47,6 +64,19 @@ impl FrameTracker {
     pub fn advance(&mut self, data: &[u8], stop_at_boundary: bool) -> usize {
         let mut i = 0;
         while i < data.len() {
+            // The usual case for small messages: a whole frame other than
+            // a Close starts here and ends within `data`. Step over it
+            // without gathering its header.
+            if self.at_boundary() {
+                if let Some(len) = whole_frame_len(&data[i..]) {
+                    i += len;
+                    self.frames += 1;
+                    if stop_at_boundary {
+                        return i;
+                    }
+                    continue;
+                }
+            }
             if self.in_payload {
                 let take = (data.len() - i).min(self.remaining.min(usize::MAX as u64) as usize);
                 if self.opcode == OP_CLOSE && self.payload_pos < 2 {
@@ -218,6 +248,41 @@ mod tests {
             assert_eq!(t.frames, 6);
             assert_eq!(t.close, Some(Some(4001)), "chunk {chunk}");
         }
+    }
+
+    #[test]
+    fn whole_frames_in_one_read_stop_at_each_boundary_too() {
+        // Several small frames waiting in one buffer (the fast path), a
+        // Close among them: every boundary is still reported, and the
+        // Close's code read, as when the bytes come one at a time.
+        let mut stream = Vec::new();
+        for n in 0..5u8 {
+            stream.extend(frame(0x2, true, &[n; 128], Some([n, 1, 2, 3])));
+        }
+        stream.extend(frame(OP_PING, true, b"", None));
+        let close = frame(OP_CLOSE, true, &[0x03, 0xe9], Some([4, 3, 2, 1]));
+        stream.extend(&close);
+        stream.extend(frame(0x1, true, b"late", None));
+        let mut t = FrameTracker::default();
+        let mut at = 0;
+        let mut stops = Vec::new();
+        while at < stream.len() {
+            at += t.advance(&stream[at..], true);
+            stops.push(at);
+        }
+        let sizes: Vec<usize> = stops
+            .iter()
+            .scan(0, |prev, &s| Some(s - std::mem::replace(prev, s)))
+            .collect();
+        // 128 bytes take the 16-bit length: 2 + 2 + 4 bytes of header.
+        assert_eq!(sizes, [136, 136, 136, 136, 136, 2, close.len(), 6]);
+        assert_eq!(t.frames, 8);
+        assert_eq!(t.close, Some(Some(1001)));
+        let mut slow = FrameTracker::default();
+        for b in stream.chunks(1) {
+            slow.advance(b, false);
+        }
+        assert_eq!((slow.frames, slow.close), (t.frames, t.close));
     }
 
     #[test]

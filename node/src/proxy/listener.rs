@@ -62,6 +62,9 @@ impl Proxy {
                 },
             };
             let _ = stream.set_nodelay(true);
+            if let Some(t) = self.telemetry.get() {
+                t.metrics.connection_accepted(crate::workers::slot());
+            }
             let local = local.unwrap_or(peer);
             let trusted = self
                 .config

@@ -305,9 +305,16 @@ impl Cluster {
             vv_cache: Mutex::default(),
             relay_tx,
         });
+        // The loops' subscriptions are taken here, before this returns, not
+        // when their tasks first run: on a current-thread runtime they run
+        // only after the caller's next await, and a write made meanwhile
+        // (the admin token's registration, at start) was neither pushed
+        // nor published in gossip: peers never learned to pull it.
+        let summaries = cluster.store.summary();
+        let local_writes = cluster.store.local_writes();
         let tasks = vec![
-            tokio::spawn(cluster.clone().publish_loop()),
-            tokio::spawn(cluster.clone().push_loop()),
+            tokio::spawn(cluster.clone().publish_loop(summaries, summary.vv)),
+            tokio::spawn(cluster.clone().push_loop(local_writes)),
             tokio::spawn(cluster.clone().relay_loop(relay_rx)),
             tokio::spawn(cluster.clone().pull_loop()),
             tokio::spawn(cluster.clone().anti_entropy_loop()),
@@ -543,10 +550,13 @@ impl Cluster {
     /// Keeps this node's gossiped vector and hash in step with the store.
     /// Only the origins whose sequence moved are set: chitchat gossips
     /// changed keys, so a write costs each node one small key.
-    async fn publish_loop(self: Arc<Self>) {
-        let mut rx = self.store.summary();
-        // What Cluster::start published.
-        let mut published = rx.borrow().vv.clone();
+    /// Keeps this node's gossiped version vector and hash up to date;
+    /// `published` is the vector `Cluster::start` gossiped.
+    async fn publish_loop(
+        self: Arc<Self>,
+        mut rx: tokio::sync::watch::Receiver<crate::store::StateSummary>,
+        mut published: VersionVector,
+    ) {
         loop {
             let s = rx.borrow_and_update().clone();
             {
@@ -571,8 +581,7 @@ impl Cluster {
     /// Eager push of local writes along this node's tree
     /// ([`Cluster::targets`]). Writes queued meanwhile go as one batch. A
     /// failed push is only logged: pulls and anti-entropy repair it.
-    async fn push_loop(self: Arc<Self>) {
-        let mut rx = self.store.local_writes();
+    async fn push_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Vec<(String, Record)>>) {
         while let Some(first) = rx.recv().await {
             let mut records: Vec<(String, Record)> = first;
             while let Ok(more) = rx.try_recv() {

@@ -36,6 +36,7 @@ use crate::proxy::Proxy;
 use crate::store::DrainRecord;
 use crate::tls::TlsTerminator;
 use crate::util::wall_ms;
+use crate::workers::{self, Workers};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Phase {
@@ -65,6 +66,9 @@ pub struct Drainer {
     cluster: Arc<Cluster>,
     settings: DrainSettings,
     final_grace: Duration,
+    /// The proxy's threads; each serves its own listeners on `addrs`.
+    workers: Arc<Workers>,
+    /// HTTP and HTTPS.
     addrs: [SocketAddr; 2],
     serving: Mutex<Option<Serving>>,
     state: watch::Sender<DrainState>,
@@ -78,6 +82,28 @@ pub struct Drainer {
 enum Outcome {
     Finished,
     Undrained,
+}
+
+/// The proxy's listeners: per worker, its HTTP and its HTTPS one, bound
+/// with `SO_REUSEPORT` ([`workers::bind_group`]) and not yet served.
+pub struct Listeners {
+    pub http: Vec<std::net::TcpListener>,
+    pub https: Vec<std::net::TcpListener>,
+}
+
+impl Listeners {
+    /// One HTTP and one HTTPS listener per worker.
+    pub fn bind(addrs: [SocketAddr; 2], workers: usize) -> std::io::Result<Listeners> {
+        Ok(Listeners {
+            http: workers::bind_group(addrs[0], workers)?,
+            https: workers::bind_group(addrs[1], workers)?,
+        })
+    }
+
+    /// The addresses bound (port 0 resolved): HTTP, HTTPS.
+    pub fn addrs(&self) -> std::io::Result<[SocketAddr; 2]> {
+        Ok([self.http[0].local_addr()?, self.https[0].local_addr()?])
+    }
 }
 
 /// When a drain's steps happen.
@@ -98,10 +124,10 @@ impl Drainer {
         cluster: Arc<Cluster>,
         settings: DrainSettings,
         final_grace: Duration,
-        http: TcpListener,
-        https: TcpListener,
+        workers: Arc<Workers>,
+        listeners: Listeners,
     ) -> Arc<Drainer> {
-        let addr = |l: &TcpListener| l.local_addr().expect("bound socket has an address");
+        let addrs = listeners.addrs().expect("bound sockets have addresses");
         let d = Arc::new(Drainer {
             proxy,
             tls,
@@ -109,13 +135,14 @@ impl Drainer {
             cluster,
             settings,
             final_grace,
-            addrs: [addr(&http), addr(&https)],
+            workers,
+            addrs,
             serving: Mutex::new(None),
             state: watch::Sender::new(DrainState::default()),
             terminating: watch::Sender::new(false),
             local: watch::Sender::new(false),
         });
-        *d.serving.try_lock().expect("new") = Some(d.serve(http, https));
+        *d.serving.try_lock().expect("new") = Some(d.serve(listeners));
         d
     }
 
@@ -130,7 +157,9 @@ impl Drainer {
         self.state.subscribe()
     }
 
-    fn serve(&self, http: TcpListener, https: TcpListener) -> Serving {
+    /// Serves each worker's listeners on that worker; one `stop` ends
+    /// them all.
+    fn serve(&self, listeners: Listeners) -> Serving {
         let (stop, rx) = watch::channel(None::<Duration>);
         let stopped = move || {
             let mut rx = rx.clone();
@@ -141,14 +170,23 @@ impl Drainer {
                 }
             }
         };
-        let tasks = vec![
-            tokio::spawn(self.proxy.clone().serve(http, None, stopped())),
-            tokio::spawn(
-                self.proxy
-                    .clone()
-                    .serve(https, Some(self.tls.clone()), stopped()),
-            ),
-        ];
+        let mut tasks = Vec::new();
+        let pairs = listeners.http.into_iter().zip(listeners.https);
+        for (i, (http, https)) in pairs.enumerate() {
+            for (listener, tls) in [(http, None), (https, Some(self.tls.clone()))] {
+                let (proxy, stopped) = (self.proxy.clone(), stopped());
+                // Registered with the worker's own I/O driver, so made a
+                // tokio listener there.
+                tasks.push(self.workers.spawn(i, async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(l) => proxy.serve(l, tls, stopped).await,
+                        Err(e) => {
+                            tracing::error!(worker = i, error = %e, "cannot serve a listener")
+                        }
+                    }
+                }));
+            }
+        }
         Serving { stop, tasks }
     }
 
@@ -169,22 +207,20 @@ impl Drainer {
     async fn resume(&self) {
         let mut serving = self.serving.lock().await;
         if serving.is_none() {
-            let bind = |a: SocketAddr| async move {
-                // The old socket may linger for a moment after close.
-                let deadline = Instant::now() + Duration::from_secs(5);
-                loop {
-                    match TcpListener::bind(a).await {
-                        Ok(l) => return Some(l),
-                        Err(e) if Instant::now() >= deadline => {
-                            tracing::error!(addr = %a, error = %e, "cannot listen again after undrain");
-                            return None;
-                        }
-                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            // The old sockets may linger for a moment after close.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match Listeners::bind(self.addrs, self.workers.len()) {
+                    Ok(l) => {
+                        *serving = Some(self.serve(l));
+                        break;
                     }
+                    Err(e) if Instant::now() >= deadline => {
+                        tracing::error!(addrs = ?self.addrs, error = %e, "cannot listen again after undrain");
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
-            };
-            if let (Some(h), Some(s)) = (bind(self.addrs[0]).await, bind(self.addrs[1]).await) {
-                *serving = Some(self.serve(h, s));
             }
         }
         drop(serving);

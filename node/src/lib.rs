@@ -24,6 +24,8 @@
 //!   no write before catch-up, client deadlines, idempotency keys.
 //! - [`admin`]: `/healthz`, `/readyz`.
 //! - [`node`]: wiring: opens the store, binds listeners, serves, shuts down.
+//! - [`workers`]: the proxy's threads, one current-thread runtime and one
+//!   `SO_REUSEPORT` listener pair each; the control plane runs apart.
 //! - [`validate`]: `FieldError`, what every validation returns.
 //! - [`cidr`]: address ranges (`--trusted-proxy`, access rules).
 //! - [`util`]: the wall clock, the FNV hasher, date formatting.
@@ -46,3 +48,4 @@ pub mod telemetry;
 pub mod tls;
 pub mod util;
 pub mod validate;
+pub mod workers;

@@ -41,43 +41,23 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    // One worker (TOKIO_WORKER_THREADS=1, or a one-CPU machine or
-    // container): a current-thread runtime. With one worker nothing can be
-    // stolen, and the work-stealing scheduler's bookkeeping per wake-up (the
-    // run queue's atomics, the LIFO slot, unparking) is pure cost: an
-    // interleaved A/B measured 0.93× the CPU per WebSocket message and
-    // 0.97× per 100-byte request with the current-thread runtime
-    // (docs/benchmarks.md). Nothing in the node blocks a runtime thread
-    // (store writes go through `spawn_blocking`), so one thread serves all.
-    //
-    // Either way the I/O driver is polled after every 1,024 task polls
-    // instead of tokio's 61: with a thousand busy WebSocket tunnels, looking
-    // for I/O every 61 polls let tunnels woken by the latest events go
-    // ahead of those already waiting in the overflow queue: the least-served
-    // tunnels got about 0.8× the median's round trips, and p99 latency was
-    // 2–3× nginx's. Now every tunnel that is ready runs once before any runs
-    // again, as in an epoll loop; each does bounded work per poll (see
-    // `proxy::tunnel::relay`).
-    let mut builder = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(workers);
-        b
-    };
-    if workers == 1 {
-        tracing::info!("runtime: current-thread (1 worker)");
-    } else {
-        tracing::info!("runtime: multi-thread ({workers} workers)");
-    }
-    let runtime = match builder.enable_all().event_interval(1024).build() {
+    // The proxy runs on `workers` current-thread runtimes of its own
+    // (`charon_node::workers`: why not tokio's work-stealing runtime);
+    // this thread's runtime runs the control plane: store, cluster, API,
+    // ACME, admin. Nothing there blocks it (store writes go through
+    // `spawn_blocking`).
+    tracing::info!("proxy on {workers} worker thread(s), one current-thread runtime each");
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("charon-node: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(charon_node::node::run(config, shutdown_signal())) {
+    match runtime.block_on(charon_node::node::run(config, workers, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line for the operator; JSON logs also get it as an event.
@@ -90,10 +70,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// Worker threads for the runtime: `TOKIO_WORKER_THREADS` as tokio reads it,
-/// else one per CPU. Read here rather than by tokio so that one worker can
-/// pick the current-thread runtime, and so that a bad value is a
-/// configuration error instead of a panic.
+/// The proxy's worker threads: `TOKIO_WORKER_THREADS` (the name tokio
+/// reads, kept from when the proxy ran on tokio's multi-thread runtime),
+/// else one per CPU. A bad value is a configuration error naming the
+/// variable.
 fn worker_threads() -> Result<usize, String> {
     match std::env::var("TOKIO_WORKER_THREADS") {
         Ok(v) => match v.trim().parse::<usize>() {

@@ -15,7 +15,7 @@ use crate::admin::{self, Health};
 use crate::api::{self, auth::Auth, auth::AuthError};
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::config::{ClusterSettings, Config};
-use crate::drain::{Drainer, Phase};
+use crate::drain::{Drainer, Listeners, Phase};
 use crate::host::ProxyHost;
 use crate::proxy::Proxy;
 use crate::store::{Changes, Store, StoreError};
@@ -25,6 +25,7 @@ use crate::telemetry::{AccessLog, Metrics, Telemetry};
 use crate::tls::seal::{DataKey, SealError};
 use crate::tls::sni::{CertTable, HostNames};
 use crate::tls::TlsTerminator;
+use crate::workers::Workers;
 
 /// Written after binding so that tools and tests started with port 0 learn
 /// the real addresses.
@@ -43,6 +44,8 @@ pub enum NodeError {
     Auth(#[from] AuthError),
     #[error(transparent)]
     Seal(#[from] SealError),
+    #[error("cannot start the proxy's worker threads: {0}")]
+    Workers(std::io::Error),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: &'static str,
@@ -238,10 +241,29 @@ async fn watch_for_pauses(gate: Arc<api::WriteGate>, cluster: Arc<Cluster>) {
     gate.watch(|| cluster.resync()).await;
 }
 
+/// Binds the proxy's HTTP and HTTPS listeners, one of each per worker
+/// (`SO_REUSEPORT`), naming the setting of an address that cannot be had.
+fn bind_proxy(config: &Config, workers: usize) -> Result<Listeners, NodeError> {
+    let group = |what, addr| {
+        crate::workers::bind_group(addr, workers).map_err(|source| NodeError::Bind {
+            what,
+            addr,
+            source,
+        })
+    };
+    Ok(Listeners {
+        http: group("http_listen", config.http_listen)?,
+        https: group("https_listen", config.https_listen)?,
+    })
+}
+
 /// Runs a node until `shutdown` resolves, then stops accepting, lets open
-/// requests finish within the configured grace, and returns.
+/// requests finish within the configured grace, and returns. The proxy
+/// runs on `workers` threads of its own ([`crate::workers`]); everything
+/// else (store, cluster, API, ACME, admin) on the runtime calling this.
 pub async fn run(
     config: Config,
+    workers: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     let dir = config.data_dir.clone();
@@ -264,16 +286,21 @@ pub async fn run(
         _ => DataKey::load_or_create(&dir, config.encryption_key.as_deref())?,
     });
 
-    let http = bind("http_listen", config.http_listen).await?;
-    let https = bind("https_listen", config.https_listen).await?;
+    let listeners = bind_proxy(&config, workers)?;
+    let workers = Arc::new(Workers::start(workers).map_err(NodeError::Workers)?);
     let api_l = bind("api_listen", config.api_listen).await?;
     let admin_l = bind("admin_listen", config.admin_listen).await?;
     let local = |l: &TcpListener| l.local_addr().expect("bound socket has an address");
     let cluster_config = cluster_config(&config.cluster, local(&api_l)).await?;
+    let [http, https] = listeners.addrs().map_err(|source| NodeError::Bind {
+        what: "http_listen",
+        addr: config.http_listen,
+        source,
+    })?;
     let bound = Bound {
         gossip: cluster_config.gossip_listen,
-        http: local(&http),
-        https: local(&https),
+        http,
+        https,
         api: local(&api_l),
         admin: local(&admin_l),
     };
@@ -357,8 +384,8 @@ pub async fn run(
         cluster.clone(),
         config.drain,
         config.shutdown_grace,
-        http,
-        https,
+        workers.clone(),
+        listeners,
     );
     // This node's drain record, as the store has it.
     let (drain_tx, drain_rx) = watch::channel(None);
@@ -460,6 +487,8 @@ pub async fn run(
         let _ = t.await;
     }
     cluster.shutdown().await;
+    // Whatever the grace left open ends with its worker.
+    workers.stop();
     if let Some(t) = &telemetry.tracing {
         t.shutdown();
     }

@@ -311,27 +311,92 @@ async fn sigterm_drains_then_exits_0_and_cuts_a_client_that_never_closes() -> Re
     Ok(())
 }
 
-/// With one worker (`TOKIO_WORKER_THREADS=1`, or a one-CPU container) the
-/// node runs on a current-thread runtime, which spends less per wake-up
-/// than the work-stealing one, and says so; the API, a tunnel and the
-/// drain's Close 1001 all work on the one thread. Two workers keep the
-/// multi-thread runtime.
-#[tokio::test]
-async fn one_worker_runs_on_one_thread_and_still_drains_with_1001() -> Result<()> {
-    let two = named("two")
-        .env("TOKIO_WORKER_THREADS", "2")
-        .start()
-        .await?;
-    ensure!(
-        two.log().contains("runtime: multi-thread (2 workers)"),
-        "log:\n{}",
-        two.log()
-    );
-    drop(two);
+/// Connections the node accepted, per worker thread, from `/metrics`
+/// (`charon_worker_connections_accepted_total`).
+async fn accepted_per_worker(node: &TestNode) -> Result<std::collections::BTreeMap<String, u64>> {
+    let resp = client::get(node.admin, "localhost", "/metrics").await?;
+    ensure!(resp.status == 200, "/metrics answered {}", resp.status);
+    let text = resp.text();
+    let mut out = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("charon_worker_connections_accepted_total{worker=\"")
+        {
+            let (worker, value) = rest.split_once("\"} ").context("malformed sample")?;
+            out.insert(worker.to_string(), value.trim().parse()?);
+        }
+    }
+    Ok(out)
+}
 
+/// With two workers (two current-thread runtimes, each with its own
+/// `SO_REUSEPORT` listeners), tunnels land on both, and a drain closes
+/// every one of them with 1001 on both sides, whichever worker relays it.
+/// Each tunnel is its own connection from its own port: the kernel's
+/// 4-tuple hash puts all 16 on one worker with probability 2^-15.
+#[tokio::test]
+async fn a_drain_closes_every_tunnel_with_1001_on_every_worker() -> Result<()> {
+    const TUNNELS: usize = 16;
+    let node = named("me").env("TOKIO_WORKER_THREADS", "2").start().await?;
+    ensure!(
+        node.log().contains("proxy on 2 worker thread(s)"),
+        "log:\n{}",
+        node.log()
+    );
+    let backend = WsEchoBackend::start("ws").await?;
+    node.add_host(&["two.drain.test"], &[backend.url()]).await?;
+    let before = accepted_per_worker(&node).await?;
+    let mut clients = Vec::new();
+    for i in 0..TUNNELS {
+        let (mut ws, _) = ws_connect(node.http, "two.drain.test", "/", &[]).await?;
+        echo(&mut ws, &format!("hello {i}")).await?;
+        clients.push(ws);
+    }
+    // Only the tunnels came to the proxy's listeners meanwhile (the API
+    // and the metrics have their own): every worker accepted some.
+    let after = accepted_per_worker(&node).await?;
+    let tunnels_per_worker: Vec<(&str, u64)> = after
+        .iter()
+        .map(|(w, n)| (w.as_str(), n - before.get(w).copied().unwrap_or(0)))
+        .collect();
+    ensure!(
+        tunnels_per_worker.len() == 2
+            && tunnels_per_worker.iter().all(|(_, n)| *n > 0)
+            && tunnels_per_worker.iter().map(|(_, n)| n).sum::<u64>() == TUNNELS as u64,
+        "tunnels accepted per worker: {tunnels_per_worker:?}"
+    );
+    drain(&node, 1, 0).await?;
+    let closes = futures_util::future::join_all(clients.iter_mut().map(close_of)).await;
+    for (i, c) in closes.into_iter().enumerate() {
+        let (code, clean) = c.with_context(|| format!("tunnel {i}"))?;
+        ensure!(code == 1001, "tunnel {i}: close code {code}");
+        ensure!(clean, "tunnel {i} did not end cleanly after the Close");
+    }
+    eventually(Duration::from_secs(10), || async {
+        let codes = backend.close_codes();
+        ensure!(codes == [1001; TUNNELS], "backend close codes {codes:?}");
+        Ok(())
+    })
+    .await?;
+    eventually(Duration::from_secs(10), || async {
+        let s = drain_status(&node).await?;
+        ensure!(
+            s.status == "drained" && s.tunnels == 0 && s.cut == 0,
+            "{s:?}"
+        );
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+/// One worker (`TOKIO_WORKER_THREADS=1`, or a one-CPU container): the
+/// proxy's one thread serves a tunnel and the drain's Close 1001 while
+/// the API runs on the control thread.
+#[tokio::test]
+async fn one_worker_serves_and_drains_with_1001() -> Result<()> {
     let node = named("me").env("TOKIO_WORKER_THREADS", "1").start().await?;
     ensure!(
-        node.log().contains("runtime: current-thread (1 worker)"),
+        node.log().contains("proxy on 1 worker thread(s)"),
         "log:\n{}",
         node.log()
     );

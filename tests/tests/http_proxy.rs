@@ -1067,7 +1067,13 @@ async fn responses_of_every_size_arrive_whole() -> Result<()> {
         out
     })
     .await?;
-    let node = TestNode::start().await?;
+    // Idle upstream connections are pooled per worker, and each request
+    // below is a new client connection the kernel may give to any worker:
+    // with one worker, every request must reuse the one connection.
+    let node = TestNode::builder()
+        .env("TOKIO_WORKER_THREADS", "1")
+        .start()
+        .await?;
     node.add_host(&["sizes.test"], &[url]).await?;
     let sizes = [
         0, 1, 100, 8_000, 8_192, 16_384, 20_000, 40_000, 65_400, 65_536, 70_000, 200_000,
@@ -1122,7 +1128,12 @@ async fn early_hints_reach_http_1_1_clients_only() -> Result<()> {
             .to_vec()
     })
     .await?;
-    let node = TestNode::start().await?;
+    // One worker: its one pool must carry every request (pools are per
+    // worker, and each request here is a new client connection).
+    let node = TestNode::builder()
+        .env("TOKIO_WORKER_THREADS", "1")
+        .start()
+        .await?;
     node.add_host(&["hints.test"], &[url]).await?;
     for i in 0..3 {
         let resp = client::get(node.http, "hints.test", "/").await?;

@@ -530,8 +530,8 @@ fn charon_command(env: &Env, spec: &TargetSpec, dir: &Path) -> anyhow::Result<Co
     if has_https {
         cmd.args(["--https-listen", "127.0.0.1:0"]);
     }
-    // The worker count: `charon-node` reads it (one worker = a
-    // current-thread runtime, more = that many worker threads).
+    // The worker count: `charon-node` reads it (that many worker threads,
+    // each a current-thread runtime with its own SO_REUSEPORT listeners).
     cmd.env("TOKIO_WORKER_THREADS", env.workers.to_string())
         // Like the peers: no access log. Set through the environment so
         // that builds without these settings still start.

@@ -321,9 +321,16 @@ impl Cluster {
             relay_tx,
             relayed: Mutex::default(),
         });
+        // The loops' subscriptions are taken here, before this returns, not
+        // when their tasks first run: on a current-thread runtime they run
+        // only after the caller's next await, and a write made meanwhile
+        // (the admin token's registration, at start) was neither pushed
+        // nor published in gossip: peers never learned to pull it.
+        let summaries = cluster.store.summary();
+        let local_writes = cluster.store.local_writes();
         let tasks = vec![
-            tokio::spawn(cluster.clone().publish_loop()),
-            tokio::spawn(cluster.clone().push_loop()),
+            tokio::spawn(cluster.clone().publish_loop(summaries, summary.vv)),
+            tokio::spawn(cluster.clone().push_loop(local_writes)),
             tokio::spawn(cluster.clone().relay_loop(relay_rx)),
             tokio::spawn(cluster.clone().pull_loop()),
             tokio::spawn(cluster.clone().anti_entropy_loop()),
@@ -628,11 +635,15 @@ impl Cluster {
     /// Keeps this node's gossiped vector and hash in step with the store.
     /// Only the buckets of origins whose sequence moved are set
     /// ([`gossip::vv_changes`]): chitchat gossips changed keys, so a write
-    /// costs each node one bucket, about 1/16 of its vector.
-    async fn publish_loop(self: Arc<Self>) {
-        let mut rx = self.store.summary();
-        // What Cluster::start published.
-        let mut published = rx.borrow().vv.clone();
+    /// costs each node one bucket, about 1/16 of its vector. `rx` and
+    /// `published` (the vector `Cluster::start` gossiped) are taken in
+    /// `start`, so no write between start and this task's first run is
+    /// missed (on a current-thread runtime that was the admin token's).
+    async fn publish_loop(
+        self: Arc<Self>,
+        mut rx: tokio::sync::watch::Receiver<crate::store::StateSummary>,
+        mut published: VersionVector,
+    ) {
         loop {
             let s = rx.borrow_and_update().clone();
             {
@@ -658,8 +669,7 @@ impl Cluster {
     /// one live member of each other region, which roots that region's
     /// tree. Writes queued meanwhile go as one batch. A failed push is only
     /// logged: pulls and anti-entropy repair it.
-    async fn push_loop(self: Arc<Self>) {
-        let mut rx = self.store.local_writes();
+    async fn push_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Vec<(String, Record)>>) {
         while let Some(first) = rx.recv().await {
             let mut records: Vec<(String, Record)> = first;
             while let Ok(more) = rx.try_recv() {

@@ -39,15 +39,11 @@ impl Proxy {
         let h1_shutdown = Shutdown::new();
         tokio::pin!(shutdown);
         let local = listener.local_addr().ok();
-        let grace = 'accept: loop {
+        let grace = loop {
             // At --max-connections, accept nothing (new connections wait in
             // the backlog) while the open ones are served.
-            while self.limits.at_capacity() {
-                tokio::select! {
-                    grace = &mut shutdown => break 'accept grace,
-                    // Back-off between looks at the count.
-                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                }
+            if let Some(grace) = self.wait_below_capacity(shutdown.as_mut()).await {
+                break grace;
             }
             let (stream, peer) = tokio::select! {
                 grace = &mut shutdown => break grace,
@@ -61,7 +57,16 @@ impl Proxy {
                     }
                 },
             };
+            // Another worker may have filled the node while this one sat
+            // in `accept`: the connection waits unanswered, as it would
+            // in the backlog, until some close.
+            if let Some(grace) = self.wait_below_capacity(shutdown.as_mut()).await {
+                break grace;
+            }
             let _ = stream.set_nodelay(true);
+            if let Some(t) = self.telemetry.get() {
+                t.metrics.connection_accepted(crate::workers::slot());
+            }
             let local = local.unwrap_or(peer);
             let trusted = self
                 .config
@@ -141,6 +146,24 @@ impl Proxy {
         if tokio::time::timeout(grace, all).await.is_err() {
             tracing::warn!("grace period over; closing remaining connections");
         }
+    }
+}
+
+impl Proxy {
+    /// Waits while the node holds `--max-connections`; `Some(grace)` if
+    /// the listener is shut down meanwhile.
+    async fn wait_below_capacity(
+        &self,
+        mut shutdown: std::pin::Pin<&mut impl Future<Output = Duration>>,
+    ) -> Option<Duration> {
+        while self.limits.at_capacity() {
+            tokio::select! {
+                grace = &mut shutdown => return Some(grace),
+                // Back-off between looks at the count.
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+        None
     }
 }
 

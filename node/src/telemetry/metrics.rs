@@ -143,6 +143,9 @@ pub struct Metrics {
     access_refusals: Family<(Arc<str>, Arc<str>, Arc<str>)>,
     /// Connections refused by the connection caps, by reason.
     conn_refusals: Family<&'static str>,
+    /// Client connections accepted, by worker thread (`crate::workers`):
+    /// how the kernel spread them.
+    accepted: Family<usize>,
     /// Spans the exporter had to drop (queue full or collector failing).
     pub spans_dropped: AtomicU64,
     /// Access-log lines dropped because the writer fell behind.
@@ -162,6 +165,7 @@ impl Default for Metrics {
             tls_failures: Family::new(),
             access_refusals: Family::new(),
             conn_refusals: Family::new(),
+            accepted: Family::new(),
             spans_dropped: AtomicU64::new(0),
             access_log_dropped: AtomicU64::new(0),
         }
@@ -242,6 +246,11 @@ impl Metrics {
     /// A connection refused by the connection caps (`per_client_cap`).
     pub fn connection_refused(&self, reason: &'static str) {
         self.conn_refusals.add(&reason, 1);
+    }
+
+    /// A client connection accepted by worker `worker`.
+    pub fn connection_accepted(&self, worker: usize) {
+        self.accepted.add(&worker, 1);
     }
 
     pub fn tls_handshake(&self, failure: Option<&'static str>) {
@@ -331,6 +340,18 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "charon_connections_refused_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+        head(
+            &mut out,
+            "charon_worker_connections_accepted_total",
+            "counter",
+            "Client connections accepted, by worker thread (SO_REUSEPORT spreads them).",
+        );
+        for (worker, n) in self.accepted.sorted() {
+            let _ = writeln!(
+                out,
+                "charon_worker_connections_accepted_total{{worker=\"{worker}\"}} {n}"
             );
         }
         head(

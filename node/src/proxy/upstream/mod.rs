@@ -40,10 +40,12 @@ pub struct UpstreamState {
     tls: Option<Arc<rustls::ClientConfig>>,
     /// Until when (ms since [`epoch`]) it is skipped after a failure.
     down_until_ms: AtomicU64,
-    /// hyper connections, for requests that came over h2.
-    idle: Mutex<Vec<(Sender, Instant)>>,
-    /// Plain connections for the HTTP/1 path (`proxy::h1`), newest last.
-    raw_idle: Mutex<Vec<(RawConn, Instant)>>,
+    /// hyper connections, for requests that came over h2; one pool per
+    /// worker (`crate::workers::slot`), see `idle`.
+    idle: idle::Pools<Sender>,
+    /// Plain connections for the HTTP/1 path (`proxy::h1`), newest last;
+    /// one pool per worker.
+    raw_idle: idle::Pools<RawConn>,
     /// Open tunnels and in-flight requests on this node (least-conn,
     /// bounded load, caps, `host show`).
     pub load: Load,
@@ -66,8 +68,8 @@ impl UpstreamState {
             url,
             tls,
             down_until_ms: AtomicU64::new(0),
-            idle: Mutex::new(Vec::new()),
-            raw_idle: Mutex::new(Vec::new()),
+            idle: idle::pools(),
+            raw_idle: idle::pools(),
             load: Load::default(),
         }
     }

@@ -415,8 +415,9 @@ async fn same_name_added_on_three_nodes_at_once_is_ordered_once() -> Result<()> 
     print_orders("same name added on three nodes at once", &ca, &refs).await?;
     ensure!(
         ca.pebble.orders() == 1,
-        "{} orders for one name set (hosts accepted: {accepted:?})",
-        ca.pebble.orders()
+        "{} orders for one name set (hosts accepted: {accepted:?}); pebble:\n{}",
+        ca.pebble.orders(),
+        ca.pebble.order_log()
     );
     Ok(())
 }
@@ -510,7 +511,13 @@ async fn orderer_drained_mid_order_hands_the_order_over_at_once() -> Result<()> 
         "{:?}",
         c.history
     );
-    ensure!(ca.pebble.orders() == 1, "orders: {}", ca.pebble.orders());
+    ensure!(
+        ca.pebble.orders() == 1,
+        "orders: {}; history: {:#?}; pebble:\n{}",
+        ca.pebble.orders(),
+        c.history,
+        ca.pebble.order_log()
+    );
     Ok(())
 }
 

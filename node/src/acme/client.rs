@@ -38,8 +38,9 @@ pub struct Ctx {
 #[derive(Debug, Clone)]
 pub struct Failure {
     pub reason: String,
-    /// Short label for metrics: `ca` (an error the CA answered),
-    /// `validation` (the CA could not validate a name), `challenge` (none
+    /// Short label for metrics: `ca` (an error the CA answered), `nonce`
+    /// (the CA refused the request's anti-replay nonce: nothing happened
+    /// at the CA, the same step may be sent again), `validation` (the CA could not validate a name), `challenge` (none
     /// could be offered), `replication`, `store`, `network`, `certificate`.
     pub kind: &'static str,
     pub retry_after: Option<Duration>,
@@ -61,9 +62,13 @@ impl From<instant_acme::Error> for Failure {
             instant_acme::Error::Api(p) => {
                 let rate_limited =
                     p.r#type.as_deref() == Some("urn:ietf:params:acme:error:rateLimited");
+                // instant-acme already resends a request twice on badNonce;
+                // a CA that refuses at random (pebble: 5% of good nonces,
+                // as RFC 8555 §6.5 allows) can still refuse all three.
+                let bad_nonce = p.r#type.as_deref() == Some("urn:ietf:params:acme:error:badNonce");
                 Failure {
                     reason: format!("CA: {p}"),
-                    kind: "ca",
+                    kind: if bad_nonce { "nonce" } else { "ca" },
                     // instant-acme keeps the Retry-After header to itself
                     // on errors; Let's Encrypt repeats it in the detail,
                     // else an hour (its shortest rate-limit window).

@@ -328,7 +328,7 @@ impl Manager {
         tracing::info!(cert = %w.id, host = %w.host_id, names = ?w.names, node = %self.ctx.node_name, renewing, "ordering a certificate");
         let replaces = self.replaces(&w.id, renewing);
         let result = tokio::select! {
-            r = client::run_order(&self.ctx, &account, &w, replaces.as_ref()) => r,
+            r = self.run_order_again_on_bad_nonce(&account, &w, replaces.as_ref()) => r,
             _ = self.keep_lease(&w.id) => unreachable!("keep_lease never returns"),
         };
         match result {
@@ -339,6 +339,28 @@ impl Manager {
                     "certificate issued");
             }
             Err(f) => self.record_failure(&w, f),
+        }
+    }
+
+    /// Runs the order, and runs it again (resuming the recorded order)
+    /// when the CA refused a nonce: such a refusal means the CA did
+    /// nothing, so it is no reason to back off, let alone to hand the
+    /// order to the next attempt.
+    async fn run_order_again_on_bad_nonce(
+        &self,
+        account: &Account,
+        w: &Wanted,
+        replaces: Option<&CertificateIdentifier<'static>>,
+    ) -> Result<StoredCert, Failure> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match client::run_order(&self.ctx, account, w, replaces).await {
+                Err(f) if f.kind == "nonce" && tries < 3 => {
+                    tracing::info!(cert = %w.id, error = %f.reason, "the CA refused a nonce; going on with the order");
+                }
+                r => return r,
+            }
         }
     }
 
@@ -376,8 +398,11 @@ impl Manager {
             o.reason = f.reason.clone();
             o.next_attempt_ms = next;
             o.lease_until_ms = 0;
-            if matches!(f.kind, "ca" | "challenge" | "validation") {
+            if matches!(f.kind, "challenge" | "validation") {
                 // The CA's order is spent: the next attempt places a new one.
+                // After other errors the next attempt asks the CA for the
+                // order's state and resumes it unless it is invalid: a
+                // refused request does not make a second order.
                 o.order_url.clear();
             }
             note(

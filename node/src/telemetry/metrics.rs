@@ -264,25 +264,40 @@ impl Metrics {
 
     /// The whole exposition.
     pub fn render(&self, g: &Gauges) -> String {
-        let mut out = String::with_capacity(4096);
-        let head = |out: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        let mut x = Exposition {
+            out: String::with_capacity(4096),
         };
-        head(
-            &mut out,
+        self.render_requests(&mut x);
+        self.render_connections(&mut x, g);
+        render_cluster(&mut x, g);
+        x.single(
+            "charon_trace_spans_dropped_total",
+            "counter",
+            "Spans dropped because the exporter queue was full or the collector failed.",
+            self.spans_dropped.load(Ordering::Relaxed),
+        );
+        x.single(
+            "charon_access_log_dropped_total",
+            "counter",
+            "Access-log lines dropped because the writer fell behind.",
+            self.access_log_dropped.load(Ordering::Relaxed),
+        );
+        x.out
+    }
+
+    fn render_requests(&self, x: &mut Exposition) {
+        x.family(
             "charon_http_requests_total",
             "counter",
             "Proxied HTTP requests by proxy host and status class.",
+            self.requests
+                .sorted()
+                .into_iter()
+                .map(|((host, class), n)| {
+                    (format!("host=\"{}\",status=\"{class}\"", escape(&host)), n)
+                }),
         );
-        for ((host, class), n) in self.requests.sorted() {
-            let _ = writeln!(
-                out,
-                "charon_http_requests_total{{host=\"{}\",status=\"{class}\"}} {n}",
-                escape(&host)
-            );
-        }
-        head(
-            &mut out,
+        x.head(
             "charon_http_request_duration_seconds",
             "histogram",
             "Time from request to response headers, by proxy host.",
@@ -297,198 +312,170 @@ impl Metrics {
         hosts.sort_by(|a, b| a.0.cmp(&b.0));
         for (host, h) in hosts {
             h.render(
-                &mut out,
+                &mut x.out,
                 "charon_http_request_duration_seconds",
                 &format!("host=\"{}\"", escape(&host)),
             );
         }
-        head(
-            &mut out,
+        x.family(
             "charon_upstream_errors_total",
             "counter",
             "Upstream failures by proxy host and kind (refused, timeout, error).",
+            self.upstream_errors
+                .sorted()
+                .into_iter()
+                .map(|((host, kind), n)| {
+                    (format!("host=\"{}\",kind=\"{kind}\"", escape(&host)), n)
+                }),
         );
-        for ((host, kind), n) in self.upstream_errors.sorted() {
-            let _ = writeln!(
-                out,
-                "charon_upstream_errors_total{{host=\"{}\",kind=\"{kind}\"}} {n}",
-                escape(&host)
-            );
-        }
-        head(
-            &mut out,
+        x.family(
             "charon_access_refusals_total",
             "counter",
             "Requests refused by an access list (403 or 401), by proxy host, list and deciding rule.",
+            self.access_refusals.sorted().into_iter().map(|((host, acl, rule), n)| {
+                let labels = format!(
+                    "host=\"{}\",acl=\"{}\",rule=\"{}\"",
+                    escape(&host),
+                    escape(&acl),
+                    escape(&rule)
+                );
+                (labels, n)
+            }),
         );
-        for ((host, acl, rule), n) in self.access_refusals.sorted() {
-            let _ = writeln!(
-                out,
-                "charon_access_refusals_total{{host=\"{}\",acl=\"{}\",rule=\"{}\"}} {n}",
-                escape(&host),
-                escape(&acl),
-                escape(&rule)
-            );
-        }
-        head(
-            &mut out,
+    }
+
+    fn render_connections(&self, x: &mut Exposition, g: &Gauges) {
+        x.family(
             "charon_connections_refused_total",
             "counter",
             "Client connections refused by --max-conns-per-ip (429, or closed before TLS).",
+            label("reason", self.conn_refusals.sorted()),
         );
-        for (reason, n) in self.conn_refusals.sorted() {
-            let _ = writeln!(
-                out,
-                "charon_connections_refused_total{{reason=\"{reason}\"}} {n}"
-            );
-        }
-        head(
-            &mut out,
+        x.family(
             "charon_worker_connections_accepted_total",
             "counter",
             "Client connections accepted, by worker thread (SO_REUSEPORT spreads them).",
+            label("worker", self.accepted.sorted()),
         );
-        for (worker, n) in self.accepted.sorted() {
-            let _ = writeln!(
-                out,
-                "charon_worker_connections_accepted_total{{worker=\"{worker}\"}} {n}"
-            );
-        }
-        head(
-            &mut out,
+        x.single(
             "charon_http_connections",
             "gauge",
             "Open client HTTP connections (tunnels not counted).",
+            g.http_connections,
         );
-        let _ = writeln!(out, "charon_http_connections {}", g.http_connections);
-        head(
-            &mut out,
+        x.family(
             "charon_tunnels",
             "gauge",
             "Open WebSocket tunnels by proxy host.",
+            label("host", g.tunnels_by_host.iter().map(|(h, n)| (h, *n))),
         );
-        for (host, n) in &g.tunnels_by_host {
-            let _ = writeln!(out, "charon_tunnels{{host=\"{}\"}} {n}", escape(host));
-        }
-        head(
-            &mut out,
+        x.family(
             "charon_tunnels_opened_total",
             "counter",
             "WebSocket tunnels opened, by proxy host.",
+            label("host", self.tunnels_opened.sorted()),
         );
-        for (host, n) in self.tunnels_opened.sorted() {
-            let _ = writeln!(
-                out,
-                "charon_tunnels_opened_total{{host=\"{}\"}} {n}",
-                escape(&host)
-            );
-        }
-        head(
-            &mut out,
+        x.head(
             "charon_tunnel_duration_seconds",
             "histogram",
             "Lifetime of closed WebSocket tunnels.",
         );
         self.tunnel_duration
-            .render(&mut out, "charon_tunnel_duration_seconds", "");
-        head(
-            &mut out,
+            .render(&mut x.out, "charon_tunnel_duration_seconds", "");
+        x.family(
             "charon_tunnel_bytes_total",
             "counter",
             "Bytes relayed by closed WebSocket tunnels, by direction.",
+            label("direction", self.tunnel_bytes.sorted()),
         );
-        for (dir, n) in self.tunnel_bytes.sorted() {
-            let _ = writeln!(out, "charon_tunnel_bytes_total{{direction=\"{dir}\"}} {n}");
-        }
-        head(
-            &mut out,
+        x.single(
             "charon_tls_handshakes_total",
             "counter",
             "Completed TLS handshakes.",
+            self.tls_handshakes.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "charon_tls_handshakes_total {}",
-            self.tls_handshakes.load(Ordering::Relaxed)
-        );
-        head(
-            &mut out,
+        x.family(
             "charon_tls_handshake_failures_total",
             "counter",
             "Failed TLS handshakes by reason.",
+            label("reason", self.tls_failures.sorted()),
         );
-        for (reason, n) in self.tls_failures.sorted() {
-            let _ = writeln!(
-                out,
-                "charon_tls_handshake_failures_total{{reason=\"{reason}\"}} {n}"
-            );
+    }
+}
+
+/// What this node sees of the cluster: members, lag, drain, names, catch-up.
+fn render_cluster(x: &mut Exposition, g: &Gauges) {
+    x.family(
+        "charon_cluster_members",
+        "gauge",
+        "Cluster members by state, as this node sees them.",
+        label("state", g.members_by_state.iter().map(|(s, n)| (s, *n))),
+    );
+    x.family(
+        "charon_config_lag_writes",
+        "gauge",
+        "Writes a member has not applied that some live member has.",
+        label("peer", g.config_lag.iter().map(|(p, n)| (p, *n))),
+    );
+    x.single(
+        "charon_drain_state",
+        "gauge",
+        "0 serving, 1 draining, 2 drained.",
+        g.drain_state,
+    );
+    x.single(
+        "charon_name_conflicts",
+        "gauge",
+        "Domains listed by a host that lost them in a concurrent claim (see host list).",
+        g.name_conflicts,
+    );
+    x.single(
+        "charon_catching_up",
+        "gauge",
+        "1 while the node has not caught up with the cluster since it started (writes refused).",
+        g.catching_up,
+    );
+}
+
+/// Samples with one label, its value escaped.
+fn label<V: std::fmt::Display>(
+    name: &'static str,
+    rows: impl IntoIterator<Item = (V, u64)>,
+) -> impl Iterator<Item = (String, u64)> {
+    rows.into_iter()
+        .map(move |(v, n)| (format!("{name}=\"{}\"", escape(&v.to_string())), n))
+}
+
+/// The text exposition being written: every family is its HELP/TYPE head
+/// and then its samples, so a family is written in one call and cannot
+/// lose its head or mistype its name between the two.
+struct Exposition {
+    out: String,
+}
+
+impl Exposition {
+    fn head(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    /// A family with labels: `labels` is the `k="v",…` text, escaped.
+    fn family(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (String, u64)>,
+    ) {
+        self.head(name, kind, help);
+        for (labels, n) in samples {
+            let _ = writeln!(self.out, "{name}{{{labels}}} {n}");
         }
-        head(
-            &mut out,
-            "charon_cluster_members",
-            "gauge",
-            "Cluster members by state, as this node sees them.",
-        );
-        for (state, n) in &g.members_by_state {
-            let _ = writeln!(out, "charon_cluster_members{{state=\"{state}\"}} {n}");
-        }
-        head(
-            &mut out,
-            "charon_config_lag_writes",
-            "gauge",
-            "Writes a member has not applied that some live member has.",
-        );
-        for (peer, n) in &g.config_lag {
-            let _ = writeln!(
-                out,
-                "charon_config_lag_writes{{peer=\"{}\"}} {n}",
-                escape(peer)
-            );
-        }
-        head(
-            &mut out,
-            "charon_drain_state",
-            "gauge",
-            "0 serving, 1 draining, 2 drained.",
-        );
-        let _ = writeln!(out, "charon_drain_state {}", g.drain_state);
-        head(
-            &mut out,
-            "charon_name_conflicts",
-            "gauge",
-            "Domains listed by a host that lost them in a concurrent claim (see host list).",
-        );
-        let _ = writeln!(out, "charon_name_conflicts {}", g.name_conflicts);
-        head(
-            &mut out,
-            "charon_catching_up",
-            "gauge",
-            "1 while the node has not caught up with the cluster since it started (writes refused).",
-        );
-        let _ = writeln!(out, "charon_catching_up {}", g.catching_up);
-        head(
-            &mut out,
-            "charon_trace_spans_dropped_total",
-            "counter",
-            "Spans dropped because the exporter queue was full or the collector failed.",
-        );
-        let _ = writeln!(
-            out,
-            "charon_trace_spans_dropped_total {}",
-            self.spans_dropped.load(Ordering::Relaxed)
-        );
-        head(
-            &mut out,
-            "charon_access_log_dropped_total",
-            "counter",
-            "Access-log lines dropped because the writer fell behind.",
-        );
-        let _ = writeln!(
-            out,
-            "charon_access_log_dropped_total {}",
-            self.access_log_dropped.load(Ordering::Relaxed)
-        );
-        out
+    }
+
+    /// A family of one sample without labels.
+    fn single(&mut self, name: &str, kind: &str, help: &str, n: u64) {
+        self.head(name, kind, help);
+        let _ = writeln!(self.out, "{name} {n}");
     }
 }
 

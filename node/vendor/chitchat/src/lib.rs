@@ -250,20 +250,16 @@ impl Chitchat {
             })
             .collect::<HashMap<_, _>>();
 
-        if self.previous_live_nodes != current_live_nodes {
-            let live_nodes = current_live_nodes
-                .keys()
-                .cloned()
-                .flat_map(|chitchat_id| {
-                    let node_state = self.node_state(&chitchat_id)?;
-                    if let Some(liveness_extra_predicate) = &self.config.extra_liveness_predicate {
-                        if !liveness_extra_predicate(node_state) {
-                            return None;
-                        }
-                    }
-                    Some((chitchat_id, node_state.clone()))
-                })
-                .collect::<BTreeMap<_, _>>();
+        // Patched (Charon): the map sent to watchers is a clone of every live
+        // member's whole state, built and dropped on each round in which any
+        // member changed. With no watcher but our own receiver, skip it and
+        // leave `previous_live_nodes` as it was, so that the first round after
+        // a watcher appears sends; `live_nodes_watcher` refreshes the value
+        // for it meanwhile. See vendor/chitchat/README.md.
+        if self.previous_live_nodes != current_live_nodes
+            && self.live_nodes_watcher_tx.receiver_count() > 1
+        {
+            let live_nodes = self.live_nodes_map(current_live_nodes.keys().cloned());
             self.previous_live_nodes = current_live_nodes;
 
             if self.live_nodes_watcher_tx.send(live_nodes).is_err() {
@@ -278,6 +274,33 @@ impl Chitchat {
             } else {
                 error!("self node was marked dead, please report");
             }
+        }
+    }
+
+    /// The live members' states as watchers get them (patched (Charon): out
+    /// of `update_nodes_liveness`, which `live_nodes_watcher` shares).
+    fn live_nodes_map(
+        &self,
+        live: impl Iterator<Item = ChitchatId>,
+    ) -> BTreeMap<ChitchatId, NodeState> {
+        live.flat_map(|chitchat_id| {
+            let node_state = self.node_state(&chitchat_id)?;
+            if let Some(liveness_extra_predicate) = &self.config.extra_liveness_predicate {
+                if !liveness_extra_predicate(node_state) {
+                    return None;
+                }
+            }
+            Some((chitchat_id, node_state.clone()))
+        })
+        .collect()
+    }
+
+    /// Patched (Charon): with no watcher out, `update_nodes_liveness` stops
+    /// sending; bring the value up to date before handing one out.
+    fn refresh_live_nodes_if_unwatched(&self) {
+        if self.live_nodes_watcher_tx.receiver_count() == 1 {
+            let live = self.live_nodes_map(self.live_nodes().cloned());
+            self.live_nodes_watcher_tx.send_replace(live);
         }
     }
 
@@ -325,10 +348,12 @@ impl Chitchat {
     ///
     /// Heartbeats are not notified.
     pub fn live_nodes_watch_stream(&self) -> WatchStream<BTreeMap<ChitchatId, NodeState>> {
+        self.refresh_live_nodes_if_unwatched();
         WatchStream::new(self.live_nodes_watcher_rx.clone())
     }
 
     pub fn live_nodes_watcher(&self) -> watch::Receiver<BTreeMap<ChitchatId, NodeState>> {
+        self.refresh_live_nodes_if_unwatched();
         self.live_nodes_watcher_rx.clone()
     }
 

@@ -231,10 +231,9 @@ async fn push_queue(
 }
 
 /// Whether `theirs` has a write `ours` lacks. One merged walk over both
-/// sorted vectors rather than a tree lookup per origin: the pull loop asks
-/// this of every member whose gossip changed, and at 100 members of 100
-/// origins the lookups' key compares were a seventh of a simulated
-/// cluster's CPU.
+/// sorted vectors rather than a tree lookup per origin: when the pull loop
+/// asked this of every member on every look, at 100 members of 100 origins
+/// the lookups' key compares were a seventh of a simulated cluster's CPU.
 fn ahead(theirs: &VersionVector, ours: &VersionVector) -> bool {
     let mut ours = ours.iter().peekable();
     theirs.iter().any(|(o, &s)| {
@@ -252,7 +251,8 @@ fn ahead(theirs: &VersionVector, ours: &VersionVector) -> bool {
 #[derive(Default)]
 struct Looks {
     /// Per member, the version of its gossiped state at the last look
-    /// that found it not ahead of us.
+    /// that found it not ahead of us (0 is never one: a member's first
+    /// key is version 1).
     not_ahead: HashMap<ChitchatId, u64>,
     /// Our vector at the last look: a "not ahead" verdict holds while
     /// the member's state is unchanged and ours only grew since.
@@ -506,6 +506,7 @@ impl Cluster {
         state: &chitchat::NodeState,
         live: bool,
         is_self: bool,
+        with_vv: bool,
     ) -> Option<Member> {
         let proof = state.get(K_AUTH)?;
         if !self.proven(id, proof) {
@@ -535,7 +536,11 @@ impl Cluster {
             is_self,
             generation: id.generation_id,
             version: get(K_VERSION),
-            vv: self.member_vv(id, state),
+            vv: if with_vv {
+                self.member_vv(id, state)
+            } else {
+                Arc::default()
+            },
             hash: get(K_HASH),
             lag: 0,
             drain: DrainFacts::decode(|k| state.get(k).map(str::to_string)),
@@ -543,8 +548,9 @@ impl Cluster {
     }
 
     /// Every known member (live or dead but not yet forgotten) that proved
-    /// it holds the cluster secret, with lag computed against the live ones.
-    pub async fn members(&self) -> Vec<Member> {
+    /// it holds the cluster secret, newest generation of each; with their
+    /// vectors only if `with_vv` (an empty one otherwise).
+    async fn known_members(&self, with_vv: bool) -> Vec<Member> {
         let cc = self.handle.chitchat();
         let cc = cc.lock().await;
         let self_id = cc.self_chitchat_id().clone();
@@ -553,7 +559,7 @@ impl Cluster {
         // restart: keep the newest.
         let mut newest: BTreeMap<String, Member> = BTreeMap::new();
         for (id, state) in cc.node_states() {
-            let Some(m) = self.member(id, state, live.contains(id), *id == self_id) else {
+            let Some(m) = self.member(id, state, live.contains(id), *id == self_id, with_vv) else {
                 continue;
             };
             match newest.get(&m.node_id) {
@@ -563,9 +569,13 @@ impl Cluster {
                 }
             }
         }
-        drop(live);
-        drop(cc);
-        let mut members: Vec<Member> = newest.into_values().collect();
+        newest.into_values().collect()
+    }
+
+    /// Every known member (live or dead but not yet forgotten) that proved
+    /// it holds the cluster secret, with lag computed against the live ones.
+    pub async fn members(&self) -> Vec<Member> {
+        let mut members = self.known_members(true).await;
         // Our own facts straight from the store, not from the last publish.
         let summary = self.store.summary().borrow().clone();
         for m in members.iter_mut().filter(|m| m.is_self) {
@@ -603,10 +613,11 @@ impl Cluster {
     /// ahead of `ours`. The pull loop looks up to 20 times a second, so
     /// this builds a [`Member`] only for peers ahead (usually none), not
     /// the whole list: building it for every member on every look was a
-    /// quarter of the CPU in the 100-node simulation. Members found not
-    /// ahead at an earlier look are skipped while their state and `looks`
-    /// say nothing changed: comparing every member's vector on every look
-    /// was, again, a quarter of that CPU.
+    /// quarter of the CPU in the 100-node simulation. A member found not
+    /// ahead at an earlier look is skipped while its state is unchanged,
+    /// and otherwise only the vector keys it set since are read
+    /// ([`gossip::ahead_since`]): comparing every member's whole vector on
+    /// every look was, again, a quarter of that CPU.
     async fn live_peers_ahead(&self, ours: &VersionVector, looks: &mut Looks) -> Vec<Member> {
         // Ours lost an origin (compaction) or went back (a snapshot):
         // the old verdicts say nothing about the new vector.
@@ -623,16 +634,17 @@ impl Cluster {
                 continue;
             };
             let version = state.max_version();
-            if looks.not_ahead.get(id) == Some(&version) {
+            let since = looks.not_ahead.get(id).copied().unwrap_or(0);
+            if since == version && since > 0 {
                 continue;
             }
-            if !ahead(&self.member_vv(id, state), ours) {
+            if !gossip::ahead_since(state, since, ours) {
                 looks.not_ahead.insert(id.clone(), version);
                 continue;
             }
             looks.not_ahead.remove(id);
             if self.can_reach(&id.node_id) {
-                out.extend(self.member(id, state, true, false));
+                out.extend(self.member(id, state, true, false, true));
             }
         }
         // Restarted members' old generations pile up: start over now and then.
@@ -853,7 +865,9 @@ impl Cluster {
 
     /// The peers pushes may go to: every known member but this node, live
     /// or not, rebuilt at most once per gossip interval rather than for
-    /// every write.
+    /// every write, and without their vectors: decoding every member's
+    /// vector and computing lags for each relayed write was a sixth of a
+    /// 100-node simulated cluster's CPU, for facts the tree does not use.
     async fn push_peers(&self) -> Arc<Vec<Member>> {
         {
             let cached = self.push_peers.lock().expect("push peers lock");
@@ -863,7 +877,7 @@ impl Cluster {
                 }
             }
         }
-        let mut peers = self.members().await;
+        let mut peers = self.known_members(false).await;
         peers.retain(|m| !m.is_self);
         let peers = Arc::new(peers);
         *self.push_peers.lock().expect("push peers lock") = Some((Instant::now(), peers.clone()));
@@ -927,10 +941,20 @@ impl Cluster {
     async fn pull_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.config.gossip_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut watcher = {
+        // Woken when a member's gossiped vector changes, by a key listener
+        // (every vector key, this version's and earlier ones'), and on the
+        // tick for what no key tells (a member turning live). Not by
+        // chitchat's live-node watcher: while one is out, chitchat clones
+        // every live member's whole state on each round where any member
+        // changed (node/vendor/chitchat/README.md).
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let _listeners = {
             let cc = self.handle.chitchat();
             let cc = cc.lock().await;
-            cc.live_nodes_watcher()
+            [gossip::K_VV, gossip::K_SEQ_PREFIX].map(|prefix| {
+                let changed = changed.clone();
+                cc.subscribe_event(prefix, move |_| changed.notify_one())
+            })
         };
         let mut seen_ahead: HashSet<String> = HashSet::new();
         let mut looks = Looks::default();
@@ -938,7 +962,7 @@ impl Cluster {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                r = watcher.changed() => if r.is_err() { return },
+                _ = changed.notified() => {}
             }
             // Every write anywhere changes some member's gossiped vector and
             // wakes this loop on every node: look at most every
@@ -1045,21 +1069,13 @@ impl Cluster {
     /// Keeps the store's list of peers (gossip addresses) in step with the
     /// live members, for the next start's catch-up.
     async fn remember_loop(self: Arc<Self>) {
+        // On a tick only, not on chitchat's live-node watcher (see
+        // `pull_loop`): a restart needs a recent list, not an instant one.
         let mut tick = tokio::time::interval(self.config.gossip_interval * 5);
-        let mut watcher = {
-            let cc = self.handle.chitchat();
-            let cc = cc.lock().await;
-            cc.live_nodes_watcher()
-        };
         let mut last: Vec<String> = self.store.remembered_peers().unwrap_or_default();
         last.sort();
         loop {
-            // A member's facts (its proof) may arrive a round after it
-            // turns live: look again on the tick too.
-            tokio::select! {
-                _ = tick.tick() => {}
-                r = watcher.changed() => if r.is_err() { return },
-            }
+            tick.tick().await;
             let now = self.live_gossip_addrs().await;
             if now.is_empty() || now == last {
                 continue;

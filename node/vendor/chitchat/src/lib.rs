@@ -14,7 +14,7 @@ mod state;
 pub mod transport;
 mod types;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::iter::once;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
@@ -86,6 +86,8 @@ pub struct Chitchat {
     previous_live_nodes: HashMap<ChitchatId, Version>,
     live_nodes_watcher_tx: watch::Sender<BTreeMap<ChitchatId, NodeState>>,
     live_nodes_watcher_rx: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
+    /// Patched (Charon): the live nodes' ids, sent when that set changes.
+    live_set_tx: watch::Sender<BTreeSet<ChitchatId>>,
 }
 
 impl Chitchat {
@@ -104,6 +106,7 @@ impl Chitchat {
             previous_live_nodes,
             live_nodes_watcher_tx,
             live_nodes_watcher_rx,
+            live_set_tx: watch::Sender::new(BTreeSet::new()),
         };
 
         let self_node_state = chitchat.self_node_state();
@@ -250,6 +253,15 @@ impl Chitchat {
             })
             .collect::<HashMap<_, _>>();
 
+        // Patched (Charon): who is live, for watchers that need no states.
+        self.live_set_tx.send_if_modified(|live_set| {
+            let same = live_set.len() == current_live_nodes.len()
+                && current_live_nodes.keys().all(|id| live_set.contains(id));
+            if !same {
+                *live_set = current_live_nodes.keys().cloned().collect();
+            }
+            !same
+        });
         // Patched (Charon): the map sent to watchers is a clone of every live
         // member's whole state, built and dropped on each round in which any
         // member changed. With no watcher but our own receiver, skip it and
@@ -355,6 +367,14 @@ impl Chitchat {
     pub fn live_nodes_watcher(&self) -> watch::Receiver<BTreeMap<ChitchatId, NodeState>> {
         self.refresh_live_nodes_if_unwatched();
         self.live_nodes_watcher_rx.clone()
+    }
+
+    /// Patched (Charon): the ids of the live nodes (this one included; the
+    /// extra liveness predicate is not applied), changed only when that set
+    /// changes: unlike `live_nodes_watcher`, holding one costs no copy of
+    /// any node's state.
+    pub fn live_set_watcher(&self) -> watch::Receiver<BTreeSet<ChitchatId>> {
+        self.live_set_tx.subscribe()
     }
 
     /// Returns the set of nodes considered dead by the failure detector.

@@ -942,19 +942,20 @@ impl Cluster {
         let mut tick = tokio::time::interval(self.config.gossip_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Woken when a member's gossiped vector changes, by a key listener
-        // (every vector key, this version's and earlier ones'), and on the
-        // tick for what no key tells (a member turning live). Not by
-        // chitchat's live-node watcher: while one is out, chitchat clones
-        // every live member's whole state on each round where any member
-        // changed (node/vendor/chitchat/README.md).
+        // (every vector key, this version's and earlier ones'), when the
+        // set of live members changes, and on the tick. Not by chitchat's
+        // live-node watcher: while one is out, chitchat clones every live
+        // member's whole state on each round where any member changed
+        // (node/vendor/chitchat/README.md).
         let changed = Arc::new(tokio::sync::Notify::new());
-        let _listeners = {
+        let (_listeners, mut live_set) = {
             let cc = self.handle.chitchat();
             let cc = cc.lock().await;
-            [gossip::K_VV, gossip::K_SEQ_PREFIX].map(|prefix| {
+            let listeners = [gossip::K_VV, gossip::K_SEQ_PREFIX].map(|prefix| {
                 let changed = changed.clone();
                 cc.subscribe_event(prefix, move |_| changed.notify_one())
-            })
+            });
+            (listeners, cc.live_set_watcher())
         };
         let mut seen_ahead: HashSet<String> = HashSet::new();
         let mut looks = Looks::default();
@@ -963,6 +964,7 @@ impl Cluster {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = changed.notified() => {}
+                r = live_set.changed() => if r.is_err() { return },
             }
             // Every write anywhere changes some member's gossiped vector and
             // wakes this loop on every node: look at most every
@@ -1069,13 +1071,22 @@ impl Cluster {
     /// Keeps the store's list of peers (gossip addresses) in step with the
     /// live members, for the next start's catch-up.
     async fn remember_loop(self: Arc<Self>) {
-        // On a tick only, not on chitchat's live-node watcher (see
-        // `pull_loop`): a restart needs a recent list, not an instant one.
         let mut tick = tokio::time::interval(self.config.gossip_interval * 5);
+        // Who is live, not chitchat's live-node watcher (see `pull_loop`).
+        let mut live_set = {
+            let cc = self.handle.chitchat();
+            let cc = cc.lock().await;
+            cc.live_set_watcher()
+        };
         let mut last: Vec<String> = self.store.remembered_peers().unwrap_or_default();
         last.sort();
         loop {
-            tick.tick().await;
+            // A member's facts (its proof) may arrive a round after it
+            // turns live: look again on the tick too.
+            tokio::select! {
+                _ = tick.tick() => {}
+                r = live_set.changed() => if r.is_err() { return },
+            }
             let now = self.live_gossip_addrs().await;
             if now.is_empty() || now == last {
                 continue;

@@ -67,6 +67,11 @@ pub struct SimResult {
     /// Records that reached a node by pull rather than by the push tree,
     /// per write, over all nodes (0 when the tree delivers everything).
     pub pulled_per_write: f64,
+    /// Process CPU seconds per wall second over [`IDLE_WINDOW`] after the
+    /// cluster formed, before any write: what gossip and the loops cost
+    /// with nothing to replicate. Near 2 means the writes queue for a CPU
+    /// that membership alone already fills.
+    pub idle_cpu_busy: f64,
     /// Process CPU seconds per wall second during the writes: near the
     /// runtime's 2 workers means every simulated node shares a saturated
     /// CPU, and latencies measure the queue for it, not the protocol.
@@ -75,6 +80,9 @@ pub struct SimResult {
     /// costs each node of a real cluster (everything, gossip included).
     pub cpu_ms_per_write_per_node: f64,
 }
+
+/// How long the idle CPU is measured for, after formation.
+const IDLE_WINDOW: Duration = Duration::from_secs(2);
 
 /// CPU seconds (user + system) this process has used, from
 /// `/proc/self/stat` (USER_HZ is 100 on Linux).
@@ -245,6 +253,9 @@ pub async fn simulate(
         }
     }
     let formation_ms = crate::propagation::ms(started.elapsed());
+    let (cpu0, wall0) = (process_cpu_secs(), Instant::now());
+    tokio::time::sleep(IDLE_WINDOW).await;
+    let idle_cpu_busy = (process_cpu_secs() - cpu0) / wall0.elapsed().as_secs_f64();
     let pushes_before: Vec<u64> = nodes.iter().map(|x| x.cluster.pushes_sent()).collect();
     let pulled_before: u64 = nodes.iter().map(|x| x.cluster.pulled_records()).sum();
     let (cpu0, wall0) = (process_cpu_secs(), Instant::now());
@@ -329,6 +340,7 @@ pub async fn simulate(
         pushes_per_write_max_node: per(sent.iter().copied().max().unwrap_or(0)),
         pushes_per_write_total: per(sent.iter().sum()),
         pulled_per_write: per(pulled),
+        idle_cpu_busy,
         cpu_busy: cpu / wall.max(1e-9),
         cpu_ms_per_write_per_node: cpu * 1000.0 / (writes.max(1) * n) as f64,
     })
@@ -387,11 +399,11 @@ fn markdown(a: &Args, results: &[SimResult]) -> String {
     );
     let _ = writeln!(
         s,
-        "| nodes | writes | formed in s | last node p50 ms | p90 | p99 | max | any node p50 ms | p99 | pushes/write, busiest node | pushes/write, all nodes | pulled/write | CPU busy (of 2) | CPU ms/write/node |"
+        "| nodes | writes | formed in s | last node p50 ms | p90 | p99 | max | any node p50 ms | p99 | pushes/write, busiest node | pushes/write, all nodes | pulled/write | CPU busy idle (of 2) | CPU busy writing | CPU ms/write/node |"
     );
     let _ = writeln!(
         s,
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in results {
         let f = |p: &Option<Percentiles>, g: fn(&Percentiles) -> f64| {
@@ -401,7 +413,7 @@ fn markdown(a: &Args, results: &[SimResult]) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} |",
+            "| {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} |",
             r.nodes,
             r.writes,
             r.formation_ms / 1000.0,
@@ -414,6 +426,7 @@ fn markdown(a: &Args, results: &[SimResult]) -> String {
             r.pushes_per_write_max_node,
             r.pushes_per_write_total,
             r.pulled_per_write,
+            r.idle_cpu_busy,
             r.cpu_busy,
             r.cpu_ms_per_write_per_node,
         );

@@ -168,12 +168,50 @@ pub(super) fn vv_changes(
 }
 
 pub(super) fn decode_vv(s: &str) -> VersionVector {
-    s.split(',')
-        .filter_map(|p| {
-            let (o, n) = p.split_once('=')?;
-            Some((o.to_string(), n.parse().ok()?))
-        })
-        .collect()
+    pairs(s).map(|(o, n)| (o.to_string(), n)).collect()
+}
+
+/// The `origin=seq` pairs of a `vv` or bucket value, borrowed (unreadable
+/// pairs are skipped).
+fn pairs(s: &str) -> impl Iterator<Item = (&str, u64)> {
+    s.split(',').filter_map(|p| {
+        let (o, n) = p.split_once('=')?;
+        Some((o, n.parse().ok()?))
+    })
+}
+
+/// Whether a member's published vector has a write `ours` lacks, looking
+/// only at its vector keys set after its state's version `since` (0: at
+/// all). The pull loop's test, on every member whose gossip changed since
+/// a look that found it not ahead (and ours only grew since): a write
+/// changes one bucket, so this reads about 1/16 of the vector, without
+/// allocating, where decoding it whole ([`read_vv`]) for every changed
+/// member was a fifth of a 100-node simulated cluster's CPU. Reads the
+/// same keys as [`read_vv`].
+pub(super) fn ahead_since(state: &chitchat::NodeState, since: u64, ours: &VersionVector) -> bool {
+    let lacks = |o: &str, s: u64| s > ours.get(o).copied().unwrap_or(0);
+    let mut keyed = false;
+    for (_, v) in state.iter_prefix(K_VV_BUCKET_PREFIX) {
+        keyed = true;
+        if v.version > since && pairs(&v.value).any(|(o, s)| lacks(o, s)) {
+            return true;
+        }
+    }
+    for (k, v) in state.iter_prefix(K_SEQ_PREFIX) {
+        keyed = true;
+        if v.version > since
+            && v.value
+                .parse()
+                .is_ok_and(|s| lacks(&k[K_SEQ_PREFIX.len()..], s))
+        {
+            return true;
+        }
+    }
+    !keyed
+        && state
+            .get_versioned(K_VV)
+            .is_some_and(|v| !v.is_deleted() && v.version > since)
+        && pairs(state.get(K_VV).unwrap_or("")).any(|(o, s)| lacks(o, s))
 }
 
 /// Rate-limit entries (host id, client key, admitted in all) as gossip:
@@ -267,6 +305,48 @@ mod tests {
             state.set(k, v);
         }
         assert_eq!(read_vv(&state), vv);
+    }
+
+    /// The pull loop's incremental test agrees with decoding the whole
+    /// vector, and with `since` reads only keys set after that version.
+    #[test]
+    fn ahead_since_reads_the_keys_set_since() {
+        let ours: VersionVector = [("a".to_string(), 2), ("b".to_string(), 3)].into();
+        let mut state = chitchat::NodeState::for_test();
+        assert!(!ahead_since(&state, 0, &ours));
+        state.set(K_VV, "a=3");
+        assert!(ahead_since(&state, 0, &ours));
+        let old_format = state.max_version();
+        assert!(!ahead_since(&state, old_format, &ours));
+        // Buckets (or `seq:` keys) present: the single value is not read.
+        let theirs: VersionVector = [("a".to_string(), 2), ("b".to_string(), 3)].into();
+        for (k, v) in vv_keys(&theirs) {
+            state.set(k, v);
+        }
+        assert_eq!(
+            ahead(&read_vv(&state), &ours),
+            ahead_since(&state, 0, &ours)
+        );
+        assert!(!ahead_since(&state, 0, &ours));
+        let looked = state.max_version();
+        let mut newer = theirs.clone();
+        newer.insert("c".into(), 1);
+        for (k, v) in vv_changes(&theirs, &newer) {
+            state.set(k, v.unwrap());
+        }
+        assert!(ahead_since(&state, looked, &ours));
+        assert!(ahead_since(&state, 0, &ours));
+        assert!(!ahead_since(&state, state.max_version(), &ours));
+        let ours_too: VersionVector = newer.clone();
+        assert!(!ahead_since(&state, 0, &ours_too));
+        state.set(format!("{K_SEQ_PREFIX}d"), 4);
+        assert!(ahead_since(&state, looked, &ours_too));
+    }
+
+    fn ahead(theirs: &VersionVector, ours: &VersionVector) -> bool {
+        theirs
+            .iter()
+            .any(|(o, s)| *s > ours.get(o).copied().unwrap_or(0))
     }
 
     #[test]

@@ -13,6 +13,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 B="$ROOT/${BIN:-target/release}"
 SECS=${SECS:-8}
+# ROUNDS=N for more rounds than 3 (a shared machine spreads the figures).
 cd "$(mktemp -d)"
 "$B"/charon-bench backend --listen 127.0.0.1:18930 > backend.log 2>&1 &
 BK=$!
@@ -35,7 +36,7 @@ ctl 18941 host add 127.0.0.1 --upstream http://127.0.0.1:18930
 ctl 18951 host add 127.0.0.1 --upstream http://127.0.0.1:18930 --acl big --rate-limit 1000000/s
 cpu() { awk '{print $14+$15}' /proc/$1/stat; }
 tck=$(getconf CLK_TCK)
-for round in 1 2 3; do
+for round in $(seq 1 "${ROUNDS:-3}"); do
   for x in "none $A 18940" "acl-1000+rate $L 18950"; do
     set -- $x
     wrk -t1 -c64 -d2s http://127.0.0.1:$3/small >/dev/null

@@ -40,8 +40,9 @@ pub struct Failure {
     pub reason: String,
     /// Short label for metrics: `ca` (an error the CA answered), `nonce`
     /// (the CA refused the request's anti-replay nonce: nothing happened
-    /// at the CA, the same step may be sent again), `validation` (the CA could not validate a name), `challenge` (none
-    /// could be offered), `replication`, `store`, `network`, `certificate`.
+    /// at the CA, the same step may be sent again), `validation` (the CA
+    /// could not validate a name), `challenge` (none could be offered),
+    /// `replication`, `store`, `network`, `certificate`.
     pub kind: &'static str,
     pub retry_after: Option<Duration>,
 }
@@ -572,6 +573,25 @@ fn store_certificate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refused nonce is its own kind: the manager runs the order again
+    /// for it instead of failing the attempt (and nothing clears the URL).
+    #[test]
+    fn a_refused_nonce_is_not_a_ca_failure() {
+        let problem = |t: &str| {
+            instant_acme::Error::Api(instant_acme::Problem {
+                r#type: Some(t.to_string()),
+                detail: Some("JWS has an invalid anti-replay nonce".into()),
+                status: Some(400),
+                subproblems: Vec::new(),
+            })
+        };
+        let f = Failure::from(problem("urn:ietf:params:acme:error:badNonce"));
+        assert_eq!(f.kind, "nonce");
+        assert!(f.retry_after.is_none());
+        let f = Failure::from(problem("urn:ietf:params:acme:error:malformed"));
+        assert_eq!(f.kind, "ca");
+    }
 
     #[test]
     fn rate_limit_detail_gives_the_wait() {

@@ -204,7 +204,7 @@ fn metrics_renderer(
         Box::pin(async move {
             let mut by_host: std::collections::BTreeMap<String, u64> = Default::default();
             for t in proxy.tunnels.list() {
-                *by_host.entry(t.host_name.clone()).or_default() += 1;
+                *by_host.entry(t.host_name.to_string()).or_default() += 1;
             }
             let members = cluster.members().await;
             let live = members.iter().filter(|m| m.live).count() as u64;

@@ -157,15 +157,15 @@ impl pb::tunnels_server::Tunnels for TunnelsApi {
             .tunnels
             .list()
             .iter()
-            .filter(|t| host.is_empty() || t.host_name == host || t.host_id == host)
+            .filter(|t| host.is_empty() || *t.host_name == *host || *t.host_id == *host)
             .map(|t| pb::Tunnel {
                 id: t.id,
-                host: t.host_name.clone(),
-                host_id: t.host_id.clone(),
+                host: t.host_name.to_string(),
+                host_id: t.host_id.to_string(),
                 client: t.client.to_string(),
-                upstream: t.upstream.clone(),
+                upstream: t.upstream.to_string(),
                 started_ms: t
-                    .started
+                    .started()
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_millis() as u64)
                     .unwrap_or(0),

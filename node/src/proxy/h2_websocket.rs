@@ -279,8 +279,7 @@ impl Proxy {
                     let RawConn { io, mut buf } = t.raw;
                     let up = Prefixed::new(buf.take(), io);
                     proxy.spawn_tunnel(
-                        &t.route.host,
-                        t.route.tunnel,
+                        &t.route,
                         (&t.upstream, Some(t.lease), t.held),
                         &t.conn,
                         (TokioIo::new(stream), up),

@@ -95,7 +95,7 @@ impl Closing {
             .tunnels
             .list()
             .into_iter()
-            .filter(|t| t.host_id == self.host_id && t.upstream == self.url)
+            .filter(|t| *t.host_id == *self.host_id && *t.upstream == *self.url)
             .collect();
         tracing::info!(host_id = %self.host_id, upstream = %self.url, tunnels = list.len(), ?spread, "upstream drain deadline: closing its tunnels with 1001 (going away)");
         let n = list.len().max(1) as u32;

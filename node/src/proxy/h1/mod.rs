@@ -107,8 +107,7 @@ where
             let RawConn { io, mut buf } = conn;
             let up = Prefixed::new(buf.take(), io);
             c.proxy.spawn_tunnel(
-                &route.host,
-                route.tunnel,
+                &route,
                 (&upstream, lease, held),
                 &c.info,
                 (client, up),

@@ -15,11 +15,17 @@ pub struct FrameTracker {
     in_payload: bool,
     remaining: u64,
     opcode: u8,
-    mask: Option<[u8; 4]>,
-    payload_pos: u64,
+    /// The current frame's masking key; all zeros for an unmasked frame
+    /// (unmasking with it changes nothing).
+    mask: [u8; 4],
+    /// Payload bytes of the current frame walked so far, counted up to 2:
+    /// only a Close frame's first two (its code) are ever read.
+    payload_pos: u8,
     code: [u8; 2],
-    /// Frames completed so far.
-    pub frames: u64,
+    /// Frames completed since the owner last took the count (the relay
+    /// adds it to the tunnel's counters after each buffer). Small fields
+    /// throughout: every idle tunnel holds two trackers.
+    pub frames: u32,
     /// Set when a Close frame has completed: its status code, if it had one.
     pub close: Option<Option<u16>>,
 }
@@ -86,13 +92,12 @@ impl FrameTracker {
                         .take(2 - self.payload_pos as usize)
                     {
                         let pos = self.payload_pos as usize + k;
-                        let m = self.mask.map(|m| m[pos % 4]).unwrap_or(0);
-                        self.code[pos] = b ^ m;
+                        self.code[pos] = b ^ self.mask[pos % 4];
                     }
                 }
                 i += take;
                 self.remaining -= take as u64;
-                self.payload_pos += take as u64;
+                self.payload_pos = (self.payload_pos as usize + take).min(2) as u8;
                 if self.remaining == 0 {
                     self.finish_frame();
                     if stop_at_boundary {
@@ -145,9 +150,9 @@ impl FrameTracker {
         self.mask = if h[1] & 0x80 != 0 {
             let m = [h[at], h[at + 1], h[at + 2], h[at + 3]];
             at += 4;
-            Some(m)
+            m
         } else {
-            None
+            [0; 4]
         };
         debug_assert_eq!(at, self.have as usize);
         self.have = 0;

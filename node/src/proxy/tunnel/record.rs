@@ -10,26 +10,24 @@ use opentelemetry::KeyValue;
 use super::registry::TunnelInfo;
 use crate::telemetry::otel;
 
-/// Writes a closed tunnel's access-log line and metrics when dropped: at
-/// the end of the relay, or when a drain cuts the tunnel.
+/// What a tunnel's record phase needs besides its [`TunnelInfo`]; the
+/// tunnel task writes it when it ends (at the end of the relay, or when a
+/// drain cuts the tunnel).
 pub(super) struct TunnelLog {
-    pub(super) t: Arc<crate::telemetry::Telemetry>,
-    pub(super) info: Arc<TunnelInfo>,
-    pub(super) started: std::time::Instant,
     pub(super) tls: bool,
     pub(super) span: Option<opentelemetry::Context>,
 }
 
-impl Drop for TunnelLog {
-    fn drop(&mut self) {
-        let i = &self.info;
+impl TunnelLog {
+    /// Writes the closed tunnel's metrics, span end and access-log line.
+    pub(super) fn write(&self, t: &crate::telemetry::Telemetry, i: &TunnelInfo) {
         let relaxed = Ordering::Relaxed;
         let (up_bytes, down_bytes) = (
             i.to_upstream.bytes.load(relaxed),
             i.to_client.bytes.load(relaxed),
         );
-        let lived = self.started.elapsed();
-        self.t.metrics.tunnel_closed(lived, up_bytes, down_bytes);
+        let lived = i.opened.elapsed();
+        t.metrics.tunnel_closed(lived, up_bytes, down_bytes);
         let by_proxy = i.close_was_requested();
         let (client_close, upstream_close) = (i.to_upstream.close_code(), i.to_client.close_code());
         let closed_by = match (by_proxy, client_close, upstream_close) {
@@ -82,17 +80,17 @@ impl Drop for TunnelLog {
             otel::trace_id(cx)
         });
         let ts_ms = crate::util::wall_ms();
-        self.t.access_log.record(crate::telemetry::Entry {
+        t.access_log.record(crate::telemetry::Entry {
             trace_id: trace_id.unwrap_or_default(),
             ts: crate::util::rfc3339_ms(ts_ms),
             ts_ms,
             kind: "tunnel",
             client: Arc::from(i.client.to_string()),
-            host: Arc::from(i.host_name.as_str()),
-            host_id: Arc::from(i.host_id.as_str()),
+            host: i.host_name.clone(),
+            host_id: i.host_id.clone(),
             tls: self.tls,
             status: 101,
-            upstream: Arc::from(i.upstream.as_str()),
+            upstream: i.upstream.clone(),
             duration_ms: lived.as_secs_f64() * 1000.0,
             bytes_to_upstream: Some(up_bytes),
             bytes_to_client: Some(down_bytes),

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Waker};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 /// Counters for one direction of a tunnel.
 #[derive(Debug, Default)]
@@ -41,32 +41,44 @@ impl DirStats {
     }
 }
 
-/// One open tunnel.
+/// One open tunnel. Every open tunnel has one, for as long as it is open:
+/// what it holds is paid per idle tunnel, so the names are shared with the
+/// route and the upstream (`Arc<str>`, no copy) and what is rarely used
+/// sits behind one lock.
 #[derive(Debug)]
 pub struct TunnelInfo {
     pub id: u64,
-    pub host_id: String,
-    pub host_name: String,
-    pub upstream: String,
+    pub host_id: Arc<str>,
+    pub host_name: Arc<str>,
+    pub upstream: Arc<str>,
     pub client: SocketAddr,
-    pub started: SystemTime,
+    /// When it opened (monotonic: its duration in the access log does not
+    /// jump with the wall clock); see [`started`](Self::started).
+    pub opened: Instant,
     /// Client → upstream.
     pub to_upstream: DirStats,
     /// Upstream → client.
     pub to_client: DirStats,
-    /// Close with this code and reason, asked for once (drain, timers,
-    /// `charonctl`). The relay polls `close_requested`, one atomic load,
-    /// and takes the lock only when it is set.
-    close_request: Mutex<Option<(u16, String)>>,
+    /// The relay polls `close_requested`, one atomic load, and takes the
+    /// lock only when it is set.
+    control: Mutex<Control>,
     close_requested: AtomicBool,
     /// Set by [`TunnelInfo::cut`]: the relay ends at its next wake-up.
     cut: AtomicBool,
-    /// The relay's task, woken by [`close`](Self::close) and
-    /// [`cut`](Self::cut). Set on the relay's first poll and not used up
+}
+
+/// What the proxy asks of a tunnel's relay, and how to wake it.
+#[derive(Debug, Default)]
+struct Control {
+    /// Close with this code and reason, asked for once (drain, timers,
+    /// `charonctl`). Boxed: almost every tunnel ends without one.
+    close: Option<Box<(u16, String)>>,
+    /// The relay's task, woken by [`TunnelInfo::close`] and
+    /// [`TunnelInfo::cut`]. Set on the relay's first poll and not used up
     /// by a wake (as an `AtomicWaker`'s would be), so the relay does not
     /// register again at every wake-up: a tunnel task's waker stays the
     /// same for its life.
-    relay_waker: Mutex<Option<Waker>>,
+    relay: Option<Waker>,
 }
 
 impl TunnelInfo {
@@ -74,15 +86,22 @@ impl TunnelInfo {
     /// then finish the closing handshake and end the tunnel. Only the first
     /// request counts.
     pub fn close(&self, code: u16, reason: &str) {
-        {
-            let mut req = self.close_request.lock().expect("close lock");
-            if req.is_some() {
-                return;
-            }
-            *req = Some((code, reason.to_string()));
+        let mut c = self.control.lock().expect("tunnel control lock");
+        if c.close.is_some() {
+            return;
         }
+        c.close = Some(Box::new((code, reason.to_string())));
         self.close_requested.store(true, Ordering::Release);
-        self.wake_relay();
+        if let Some(w) = &c.relay {
+            w.wake_by_ref();
+        }
+    }
+
+    /// When it opened, by the wall clock (for `charonctl tunnels`).
+    pub fn started(&self) -> SystemTime {
+        SystemTime::now()
+            .checked_sub(self.opened.elapsed())
+            .unwrap_or(SystemTime::UNIX_EPOCH)
     }
 
     /// Whether the proxy asked this tunnel to close (drain, idle timeout,
@@ -94,7 +113,7 @@ impl TunnelInfo {
     }
 
     fn wake_relay(&self) {
-        if let Some(w) = &*self.relay_waker.lock().expect("relay waker lock") {
+        if let Some(w) = &self.control.lock().expect("tunnel control lock").relay {
             w.wake_by_ref();
         }
     }
@@ -107,10 +126,10 @@ impl TunnelInfo {
     /// [`cut`](Self::cut); the relay calls this before it first looks at
     /// either flag.
     pub fn register_relay(&self, cx: &Context<'_>) {
-        let mut w = self.relay_waker.lock().expect("relay waker lock");
-        match &*w {
+        let mut c = self.control.lock().expect("tunnel control lock");
+        match &c.relay {
             Some(old) if old.will_wake(cx.waker()) => {}
-            _ => *w = Some(cx.waker().clone()),
+            _ => c.relay = Some(cx.waker().clone()),
         }
     }
 
@@ -121,11 +140,15 @@ impl TunnelInfo {
     /// For the relay (registered with [`register_relay`](Self::register_relay)):
     /// the close request, if one has been made; otherwise the relay's task
     /// is woken when one is.
-    pub(crate) fn close_request(&self) -> Option<(u16, String)> {
+    pub(crate) fn close_request(&self) -> Option<Box<(u16, String)>> {
         if !self.close_requested.load(Ordering::Acquire) {
             return None;
         }
-        self.close_request.lock().expect("close lock").clone()
+        self.control
+            .lock()
+            .expect("tunnel control lock")
+            .close
+            .clone()
     }
 }
 
@@ -135,54 +158,38 @@ pub struct TunnelRegistry {
     map: Mutex<HashMap<u64, Arc<TunnelInfo>>>,
 }
 
-/// Removes its tunnel from the registry when the relay ends, however it
-/// ends.
-pub struct Registration {
-    registry: Arc<TunnelRegistry>,
-    pub info: Arc<TunnelInfo>,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.registry
-            .map
-            .lock()
-            .expect("tunnels lock")
-            .remove(&self.info.id);
-    }
-}
-
 impl TunnelRegistry {
+    /// Enters a new tunnel; whoever opened it calls [`remove`](Self::remove)
+    /// when it ends, however it ends (the tunnel task's `Drop`).
     pub fn register(
-        self: &Arc<Self>,
-        host_id: &str,
-        host_name: &str,
-        upstream: String,
+        &self,
+        (host_id, host_name): (&Arc<str>, &Arc<str>),
+        upstream: &Arc<str>,
         client: SocketAddr,
-    ) -> Registration {
+    ) -> Arc<TunnelInfo> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let info = Arc::new(TunnelInfo {
             id,
-            host_id: host_id.to_string(),
-            host_name: host_name.to_string(),
-            upstream,
+            host_id: host_id.clone(),
+            host_name: host_name.clone(),
+            upstream: upstream.clone(),
             client,
-            started: SystemTime::now(),
+            opened: Instant::now(),
             to_upstream: DirStats::default(),
             to_client: DirStats::default(),
-            close_request: Mutex::new(None),
+            control: Mutex::new(Control::default()),
             close_requested: AtomicBool::new(false),
             cut: AtomicBool::new(false),
-            relay_waker: Mutex::new(None),
         });
         self.map
             .lock()
             .expect("tunnels lock")
             .insert(id, info.clone());
-        Registration {
-            registry: self.clone(),
-            info,
-        }
+        info
+    }
+
+    pub fn remove(&self, id: u64) {
+        self.map.lock().expect("tunnels lock").remove(&id);
     }
 
     pub fn list(&self) -> Vec<Arc<TunnelInfo>> {

@@ -154,24 +154,25 @@ struct Direction {
     /// Frames the proxy inserts towards an upstream must be masked.
     mask: bool,
     tracker: FrameTracker,
-    /// A frame waiting for the next frame boundary.
-    pending: Option<Inserted>,
+    /// A frame waiting for the next frame boundary (boxed, as `inserting`:
+    /// an idle tunnel pays a pointer for each instead of a whole frame).
+    pending: Option<Box<Inserted>>,
     /// The frame being written (it has left `pending`).
-    inserting: Option<Inserted>,
+    inserting: Option<Box<Inserted>>,
     /// The proxy has sent Close this way: what the reader still sends (up
     /// to its own Close) is dropped.
     closed_by_proxy: bool,
     /// The lent buffer while its bytes are being relayed.
     buf: Option<Box<[u8]>>,
-    /// Bytes in `buf`.
-    filled: usize,
+    /// Bytes in `buf` (offsets into a buffer of `BUF_SIZE`: `u32`, as
+    /// every idle tunnel holds two of these).
+    filled: u32,
     /// Bytes of `buf` the tracker has walked.
-    walked: usize,
+    walked: u32,
     /// `buf[write_from..write_to]` is still to be written.
-    write_from: usize,
-    write_to: usize,
-    /// Tracker state when `buf` was read, for the counters.
-    frames_before: u64,
+    write_from: u32,
+    write_to: u32,
+    /// Whether the peer's Close had been seen when `buf` was read.
     peer_closed_before: bool,
     needs_flush: bool,
     /// The reader hit EOF: the writer is being shut down.
@@ -200,7 +201,6 @@ impl Direction {
             walked: 0,
             write_from: 0,
             write_to: 0,
-            frames_before: 0,
             peer_closed_before: false,
             needs_flush: false,
             eof: false,
@@ -222,11 +222,11 @@ impl Direction {
         } else {
             return;
         };
-        self.pending = Some(Inserted {
+        self.pending = Some(Box::new(Inserted {
             frame: frame.0,
             written: 0,
             is_close: frame.1,
-        });
+        }));
     }
 
     /// Moves the pending frame to be written next, if this direction is at
@@ -271,12 +271,10 @@ impl Direction {
             }
             if let Some(buf) = &self.buf {
                 if self.write_from < self.write_to {
-                    ready!(poll_write_all(
-                        w,
-                        cx,
-                        &buf[..self.write_to],
-                        &mut self.write_from
-                    ))?;
+                    let mut from = self.write_from as usize;
+                    let wrote = poll_write_all(w, cx, &buf[..self.write_to as usize], &mut from);
+                    self.write_from = from as u32;
+                    ready!(wrote)?;
                     self.needs_flush = true;
                 }
                 // (Field by field here: `buf` borrows `self.buf`.)
@@ -286,9 +284,10 @@ impl Direction {
                         self.inserting = self.pending.take();
                         continue;
                     }
-                    let k = self
-                        .tracker
-                        .advance(&buf[self.walked..self.filled], self.pending.is_some());
+                    let k = self.tracker.advance(
+                        &buf[self.walked as usize..self.filled as usize],
+                        self.pending.is_some(),
+                    ) as u32;
                     if !self.closed_by_proxy {
                         self.write_from = self.walked;
                         self.write_to = self.walked + k;
@@ -303,9 +302,10 @@ impl Direction {
                 ready!(Pin::new(&mut *w).poll_flush(cx))?;
                 self.needs_flush = false;
                 keep_spare(spare, self.buf.take().expect("checked"));
-                stats
-                    .frames
-                    .fetch_add(self.tracker.frames - self.frames_before, Ordering::Relaxed);
+                stats.frames.fetch_add(
+                    u64::from(std::mem::take(&mut self.tracker.frames)),
+                    Ordering::Relaxed,
+                );
                 if let (Some(code), false) = (self.tracker.close, self.peer_closed_before) {
                     stats.record_close(code);
                     if self.closed_by_proxy {
@@ -344,10 +344,9 @@ impl Direction {
                     .store(crate::util::wall_ms(), Ordering::Relaxed);
             }
             budget = budget.saturating_sub(n);
-            self.frames_before = self.tracker.frames;
             self.peer_closed_before = self.tracker.close.is_some();
             self.buf = Some(buf);
-            self.filled = n;
+            self.filled = n as u32;
             self.walked = 0;
             self.write_from = 0;
             self.write_to = 0;
@@ -355,7 +354,8 @@ impl Direction {
     }
 }
 
-/// Idle timeout and keep-alive pings, checked every `tick`.
+/// Idle timeout and keep-alive pings, checked every `tick`: only for
+/// hosts that set one, so the relay keeps them boxed.
 struct Timers {
     tick: Duration,
     idle_timeout: Option<Duration>,
@@ -363,6 +363,9 @@ struct Timers {
     pings_unanswered: u32,
     /// Activity as of the previous tick.
     last_seen: Instant,
+    /// When a byte last came in either way.
+    last_activity: Instant,
+    sleep: Pin<Box<Sleep>>,
 }
 
 /// What a timer tick asks of the relay.
@@ -374,7 +377,8 @@ enum Tick {
 }
 
 impl Timers {
-    fn on_tick(&mut self, info: &TunnelInfo, last_activity: Instant) -> Tick {
+    fn on_tick(&mut self, info: &TunnelInfo) -> Tick {
+        let last_activity = self.last_activity;
         let quiet = last_activity.elapsed();
         if let Some(idle) = self.idle_timeout {
             if quiet >= idle {
@@ -416,15 +420,12 @@ pub struct Relay<C, U> {
     /// Upstream → client.
     down: Direction,
     /// The close request, once seen.
-    close: Option<(u16, String)>,
-    timers: Option<Timers>,
-    /// When a byte last came in either way (kept only with timers).
-    last_activity: Instant,
+    close: Option<Box<(u16, String)>>,
+    /// The idle/ping tick, for tunnels that have one (boxed: most have
+    /// none, and a `Sleep` is over 100 bytes).
+    timers: Option<Box<Timers>>,
     /// The proxy has closed its side of the client's TCP connection.
     client_shut: bool,
-    /// The idle/ping tick, for tunnels that have one (boxed: most have
-    /// none, and an unboxed `Sleep` is over 100 bytes).
-    timer: Option<Pin<Box<Sleep>>>,
     /// Bounds the wait for the peers to hang up after the closing handshake.
     linger: Option<Pin<Box<Sleep>>>,
     /// The task's waker is with the tunnel's registry entry.
@@ -467,31 +468,36 @@ where
     }
 }
 
+impl<C, U> Relay<C, U> {
+    /// The tunnel's registry entry.
+    pub fn info(&self) -> &Arc<TunnelInfo> {
+        &self.info
+    }
+}
+
 impl<C, U> Relay<C, U>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
     fn poll_with(&mut self, cx: &mut Context<'_>, spare: &mut Option<Box<[u8]>>) -> Poll<()> {
-        while let (Some(sleep), Some(timers)) = (self.timer.as_mut(), &mut self.timers) {
-            if sleep.as_mut().poll(cx).is_pending() {
+        while let Some(timers) = &mut self.timers {
+            if timers.sleep.as_mut().poll(cx).is_pending() {
                 break;
             }
-            match timers.on_tick(&self.info, self.last_activity) {
+            match timers.on_tick(&self.info) {
                 Tick::Nothing => {}
                 Tick::Ping => {
-                    self.up.request(self.close.as_ref(), true);
-                    self.down.request(self.close.as_ref(), true);
+                    self.up.request(self.close.as_deref(), true);
+                    self.down.request(self.close.as_deref(), true);
                 }
                 Tick::Closed => {
-                    self.timer = None;
+                    self.timers = None;
                     break;
                 }
             }
             let next = Instant::now() + timers.tick;
-            if let Some(sleep) = self.timer.as_mut() {
-                sleep.as_mut().reset(next);
-            }
+            timers.sleep.as_mut().reset(next);
         }
         if self.close.is_none() {
             if let Some(close) = self.info.close_request() {
@@ -536,8 +542,8 @@ where
                 Poll::Pending => {}
             }
         }
-        if read && self.timers.is_some() {
-            self.last_activity = Instant::now();
+        if let (true, Some(timers)) = (read, &mut self.timers) {
+            timers.last_activity = Instant::now();
         }
         // Towards the client the proxy is the server, and after the closing
         // handshake the server closes the TCP connection first (RFC 6455
@@ -600,16 +606,18 @@ where
         up: Direction::new(true),
         down: Direction::new(false),
         close: None,
-        timers: tick.map(|tick| Timers {
-            tick,
-            idle_timeout: opts.idle_timeout,
-            ping_interval: opts.ping_interval,
-            pings_unanswered: 0,
-            last_seen: now,
+        timers: tick.map(|tick| {
+            Box::new(Timers {
+                tick,
+                idle_timeout: opts.idle_timeout,
+                ping_interval: opts.ping_interval,
+                pings_unanswered: 0,
+                last_seen: now,
+                last_activity: now,
+                sleep: Box::pin(tokio::time::sleep(tick)),
+            })
         }),
-        last_activity: now,
         client_shut: false,
-        timer: tick.map(|t| Box::pin(tokio::time::sleep(t))),
         linger: None,
         registered: false,
     }
@@ -627,20 +635,15 @@ mod tests {
         v
     }
 
-    fn registry_info() -> (
-        Arc<TunnelRegistry>,
-        crate::proxy::tunnel::registry::Registration,
-    ) {
+    fn registry_info() -> (Arc<TunnelRegistry>, Arc<TunnelInfo>) {
         let reg = Arc::new(TunnelRegistry::default());
-        let r = reg.register("h", "h", "http://u".into(), "127.0.0.1:1".parse().unwrap());
-        (reg, r)
+        let h: Arc<str> = Arc::from("h");
+        let info = reg.register((&h, &h), &Arc::from("http://u"), "127.0.0.1:1".parse().unwrap());
+        (reg, info)
     }
 
-    /// Keeps a test tunnel's registry entry alive.
-    type Entry = (
-        Arc<TunnelRegistry>,
-        crate::proxy::tunnel::registry::Registration,
-    );
+    /// Keeps a test tunnel's registry alive.
+    type Entry = Arc<TunnelRegistry>;
 
     /// A relay between two in-memory pipes, in a task of its own: its
     /// registry entry (keep it), its info, the test's ends of the client's
@@ -654,12 +657,11 @@ mod tests {
         tokio::io::DuplexStream,
         tokio::task::JoinHandle<RelayEnd>,
     ) {
-        let (reg, entry) = registry_info();
-        let info = entry.info.clone();
+        let (reg, info) = registry_info();
         let (client_proxy, client) = duplex(1 << 16);
         let (upstream_proxy, upstream) = duplex(1 << 16);
         let task = tokio::spawn(relay(client_proxy, upstream_proxy, info.clone(), opts));
-        ((reg, entry), info, client, upstream, task)
+        (reg, info, client, upstream, task)
     }
 
     fn text(payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
@@ -829,8 +831,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_busy_direction_yields_between_buffers() {
-        let (_reg, r) = registry_info();
-        let info = r.info.clone();
+        let (_reg, info) = registry_info();
         let (client_proxy, mut client) = duplex(1 << 20);
         let (upstream_proxy, mut upstream) = duplex(1 << 20);
         // One binary frame of 256 KiB, already waiting in full.

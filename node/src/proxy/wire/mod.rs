@@ -519,16 +519,18 @@ async fn read_slice<R: AsyncRead + Unpin>(
 /// first. Used where a connection changes hands with bytes in flight (an
 /// h2 preface, a tunnel's first frames).
 pub struct Prefixed<S> {
-    prefix: Vec<u8>,
-    pos: usize,
+    /// The bytes not yet read again: a boxed slice and no read position,
+    /// as a tunnel keeps one of these per side for its whole life (a read
+    /// that takes only part of it, which readers with buffers as large as
+    /// the head never do, keeps the rest in a new box).
+    prefix: Box<[u8]>,
     inner: S,
 }
 
 impl<S> Prefixed<S> {
     pub fn new(prefix: Vec<u8>, inner: S) -> Self {
         Prefixed {
-            prefix,
-            pos: 0,
+            prefix: prefix.into_boxed_slice(),
             inner,
         }
     }
@@ -540,16 +542,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.pos < self.prefix.len() {
-            let n = (self.prefix.len() - self.pos).min(buf.remaining());
-            let pos = self.pos;
-            buf.put_slice(&self.prefix[pos..pos + n]);
-            self.pos += n;
-            if self.pos == self.prefix.len() {
-                // Give the memory back: a tunnel may live for days.
-                self.prefix = Vec::new();
-                self.pos = 0;
-            }
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            // All read (the usual case): the memory goes back, as a tunnel
+            // may live for days.
+            self.prefix = self.prefix[n..].into();
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)

@@ -217,33 +217,60 @@ fn run_round(
         running.push(t);
     }
     let mut samples = Vec::new();
+    // Whether a target has served a test since it started: the idle tests
+    // measure memory per tunnel as an RSS delta, which is only memory per
+    // tunnel in a fresh process (one that already held and freed the
+    // tunnels of another test reuses that memory, and shows a delta that
+    // depends on the test order), so they restart a used target first.
+    let mut used = vec![false; running.len()];
+    let mut noted = vec![false; running.len()];
     for &test in &a.tests {
-        for t in &running {
-            if !test.applies_to(t) {
+        for (i, spec) in order.iter().enumerate() {
+            if !test.applies_to(&running[i]) {
                 continue;
             }
+            if used[i] && matches!(test, Test::Idle | Test::IdleH2) {
+                if !noted[i] {
+                    note_busy_threads(a, round, &running[i], notes);
+                    noted[i] = true;
+                }
+                running[i].stop();
+                running[i] = Target::start(spec, env)?;
+            }
+            used[i] = true;
+            let t = &running[i];
             let s = measure::measure(c, test, t, round);
             eprintln!("   {}", report::one_line(&s));
             samples.push(s);
         }
     }
-    for mut t in running {
-        if t.kind == Kind::Charon && round == 0 {
-            // A tenth of a measurement's length: busy in the tests, not
-            // idle housekeeping (1 s in a full run, 0.1 s in a smoke run).
-            let min_secs = (a.duration as f64 / 10.0).max(0.1);
-            let busy = t.busy_threads(min_secs);
-            notes.push(format!(
-                "{} ran with TOKIO_WORKER_THREADS={}; threads that used ≥ {min_secs:.1} s of CPU in round 1: {} ({}).",
-                t.name(),
-                a.workers,
-                busy.len(),
-                busy.join(", ")
-            ));
+    for (i, mut t) in running.into_iter().enumerate() {
+        if !noted[i] {
+            note_busy_threads(a, round, &t, notes);
         }
         t.stop();
     }
     Ok(samples)
+}
+
+/// In round 1, which of a Charon target's threads did the work (read
+/// before the process stops, at the end of the round or before an idle
+/// test restarts it).
+fn note_busy_threads(a: &RunArgs, round: usize, t: &Target, notes: &mut Vec<String>) {
+    if t.kind != Kind::Charon || round != 0 {
+        return;
+    }
+    // A tenth of a measurement's length: busy in the tests, not idle
+    // housekeeping (1 s in a full run, 0.1 s in a smoke run).
+    let min_secs = (a.duration as f64 / 10.0).max(0.1);
+    let busy = t.busy_threads(min_secs);
+    notes.push(format!(
+        "{} ran with TOKIO_WORKER_THREADS={}; threads that used ≥ {min_secs:.1} s of CPU in round 1: {} ({}).",
+        t.name(),
+        a.workers,
+        busy.len(),
+        busy.join(", ")
+    ));
 }
 
 /// `charon-bench serve`: the backend and the given targets, configured as

@@ -76,11 +76,9 @@ impl Proxy {
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let info = self.tunnels.register(
-            (&route.id, &route.name),
-            &upstream.url_text,
-            conn.peer,
-        );
+        let info = self
+            .tunnels
+            .register((&route.id, &route.name), &upstream.url_text, conn.peer);
         tracing::debug!(tunnel = info.id, host = %info.host_name, upstream = %info.upstream, client = %info.client, "tunnel open");
         if let Some(t) = self.telemetry.get() {
             t.metrics.tunnel_opened(&info.host_name);

@@ -638,7 +638,11 @@ mod tests {
     fn registry_info() -> (Arc<TunnelRegistry>, Arc<TunnelInfo>) {
         let reg = Arc::new(TunnelRegistry::default());
         let h: Arc<str> = Arc::from("h");
-        let info = reg.register((&h, &h), &Arc::from("http://u"), "127.0.0.1:1".parse().unwrap());
+        let info = reg.register(
+            (&h, &h),
+            &Arc::from("http://u"),
+            "127.0.0.1:1".parse().unwrap(),
+        );
         (reg, info)
     }
 

@@ -279,7 +279,8 @@ impl Proxy {
                     let RawConn { io, mut buf } = t.raw;
                     let up = Prefixed::new(buf.take(), io);
                     proxy.spawn_tunnel(
-                        &t.route,
+                        (&t.route.id, &t.route.name),
+                        t.route.tunnel,
                         (&t.upstream, Some(t.lease), t.held),
                         &t.conn,
                         (TokioIo::new(stream), up),

@@ -107,7 +107,8 @@ where
             let RawConn { io, mut buf } = conn;
             let up = Prefixed::new(buf.take(), io);
             c.proxy.spawn_tunnel(
-                &route,
+                (&route.id, &route.name),
+                route.tunnel,
                 (&upstream, lease, held),
                 &c.info,
                 (client, up),

@@ -17,7 +17,6 @@ use std::sync::Arc;
 use opentelemetry::KeyValue;
 
 use super::limits::{ClientSlot, HostSlot};
-use super::routes::Route;
 use super::upstream::{Lease, UpstreamState};
 use super::{ConnInfo, Proxy};
 use crate::telemetry::otel;
@@ -67,7 +66,8 @@ impl Proxy {
     /// host's per-client cap.
     pub(super) fn spawn_tunnel<C, U>(
         self: &Arc<Self>,
-        route: &Route,
+        (host_id, host_name): (&Arc<str>, &Arc<str>),
+        opts: relay::TunnelOptions,
         (upstream, lease, held): (&Arc<UpstreamState>, Option<Lease>, Option<HostSlot>),
         conn: &ConnInfo,
         (client, up): (C, U),
@@ -78,14 +78,14 @@ impl Proxy {
     {
         let info = self
             .tunnels
-            .register((&route.id, &route.name), &upstream.url_text, conn.peer);
+            .register((host_id, host_name), &upstream.url_text, conn.peer);
         tracing::debug!(tunnel = info.id, host = %info.host_name, upstream = %info.upstream, client = %info.client, "tunnel open");
         if let Some(t) = self.telemetry.get() {
             t.metrics.tunnel_opened(&info.host_name);
         }
         let slots = (conn.client_slot.clone(), held);
         tokio::spawn(TunnelTask {
-            relay: relay::relay(client, up, info, route.tunnel),
+            relay: relay::relay(client, up, info, opts),
             proxy: self.clone(),
             log: TunnelLog {
                 tls: conn.tls,

@@ -164,10 +164,16 @@ mod size_tests {
     /// in 512 (it was 1,024 before this test, with 832 here).
     #[test]
     fn an_idle_tunnel_stays_small() {
-        type S = Prefixed<TcpStream>;
-        let task = std::mem::size_of::<TunnelTask<S, S>>();
+        use crate::proxy::upstream::UpstreamIo;
+        type Up = Prefixed<UpstreamIo>;
+        // Over HTTP/1.1 (plain) and over h2 (RFC 8441): the types the two
+        // front ends spawn.
+        let h1 = std::mem::size_of::<TunnelTask<Prefixed<TcpStream>, Up>>();
+        type H2Stream = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+        let h2 = std::mem::size_of::<TunnelTask<H2Stream, Up>>();
         let info = std::mem::size_of::<registry::TunnelInfo>();
-        assert!(task <= 416, "TunnelTask grew to {task} bytes");
+        assert!(h1 <= 416, "TunnelTask grew to {h1} bytes");
+        assert!(h2 <= 416, "TunnelTask over h2 grew to {h2} bytes");
         assert!(info <= 216, "TunnelInfo grew to {info} bytes");
     }
 }

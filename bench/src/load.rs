@@ -66,6 +66,9 @@ pub enum Transport {
     H1,
     /// RFC 8441: extended CONNECT streams, this many per h2c connection.
     H2 { streams_per_conn: usize },
+    /// As `H1`, over TLS (`wss://`, SNI `localhost`, certificate not
+    /// checked): what an idle `wss://` tunnel costs the proxy.
+    Tls,
 }
 
 impl Transport {
@@ -86,6 +89,7 @@ impl Transport {
 pub enum Io {
     Tcp(TcpStream),
     H2(H2Io),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl AsyncRead for Io {
@@ -97,6 +101,7 @@ impl AsyncRead for Io {
         match self.get_mut() {
             Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Io::H2(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -110,6 +115,7 @@ impl AsyncWrite for Io {
         match self.get_mut() {
             Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Io::H2(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -117,6 +123,7 @@ impl AsyncWrite for Io {
         match self.get_mut() {
             Io::Tcp(s) => Pin::new(s).poll_flush(cx),
             Io::H2(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -124,6 +131,7 @@ impl AsyncWrite for Io {
         match self.get_mut() {
             Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Io::H2(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
@@ -135,16 +143,39 @@ async fn ws_connect(
     path: &str,
     i: usize,
     sources: usize,
+    tls: Option<&tokio_rustls::TlsConnector>,
 ) -> anyhow::Result<Ws> {
     let tcp = tcp_connect(target, i, sources).await?;
-    let url = format!("ws://{target}{path}");
+    let (io, scheme) = match tls {
+        None => (Io::Tcp(tcp), "ws"),
+        Some(c) => {
+            let name = rustls::pki_types::ServerName::try_from("localhost")?.to_owned();
+            (Io::Tls(Box::new(c.connect(name, tcp).await?)), "wss")
+        }
+    };
+    let url = format!("{scheme}://{target}{path}");
     let (ws, _) = tokio_tungstenite::client_async_with_config(
         url.as_str(),
-        Io::Tcp(tcp),
+        io,
         Some(crate::backend::ws_config()),
     )
     .await?;
     Ok(ws)
+}
+
+/// A TLS client that does not check the server's certificate: the load
+/// tools measure the proxy, not the client.
+fn unchecked_tls(resumption: bool) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+        .with_no_client_auth();
+    if !resumption {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 /// The h2c connections for `conns` WebSockets, `streams_per_conn` each.
@@ -175,9 +206,10 @@ async fn open_one(
     i: usize,
     sources: usize,
     h2: &[H2Conn],
+    tls: Option<&tokio_rustls::TlsConnector>,
 ) -> anyhow::Result<Ws> {
     if h2.is_empty() {
-        return ws_connect(target, path, i, sources).await;
+        return ws_connect(target, path, i, sources, tls).await;
     }
     // Round-robin: every connection carries the same number of streams.
     let io = h2[i % h2.len()].open_stream(path).await?;
@@ -216,24 +248,28 @@ async fn open_all(
     payload: &Bytes,
 ) -> anyhow::Result<(Vec<Ws>, usize)> {
     let h2 = match transport {
-        Transport::H1 => Vec::new(),
+        Transport::H1 | Transport::Tls => Vec::new(),
         Transport::H2 { streams_per_conn } => {
             h2_connect_all(target, conns, streams_per_conn, sources).await?
         }
     };
     let h2 = Arc::new(h2);
+    let tls = match transport {
+        Transport::Tls => Some(unchecked_tls(true)?),
+        _ => None,
+    };
     let sem = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let mut tasks = Vec::with_capacity(conns);
     for i in 0..conns {
         let sem = sem.clone();
         let path = path.to_string();
         let payload = payload.clone();
-        let h2 = h2.clone();
+        let (h2, tls) = (h2.clone(), tls.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await.expect("semaphore open");
             let mut ws = tokio::time::timeout(
                 Duration::from_secs(20),
-                open_one(target, &path, i, sources, &h2),
+                open_one(target, &path, i, sources, &h2, tls.as_ref()),
             )
             .await
             .map_err(|_| anyhow::anyhow!("connect timed out"))??;
@@ -439,14 +475,7 @@ pub struct TlsLoadArgs {
 /// or signature: its job is to cost as little as it can, and the server
 /// still does all of its work.
 pub async fn tls_load(a: TlsLoadArgs) -> anyhow::Result<()> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-        .with_no_client_auth();
-    config.resumption = rustls::client::Resumption::disabled();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = unchecked_tls(false)?;
     let name = rustls::pki_types::ServerName::try_from("localhost")?.to_owned();
     say(&format!("connected {} 0", a.conns));
     let phase = Arc::new(AtomicU8::new(WARMUP));

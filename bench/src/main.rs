@@ -100,6 +100,10 @@ enum Cmd {
         /// With --h2: WebSockets per h2 connection.
         #[arg(long, default_value_t = 100)]
         h2_streams: usize,
+        /// `wss://`: each WebSocket over its own TLS connection (SNI
+        /// localhost, the certificate not checked).
+        #[arg(long, conflicts_with = "h2")]
+        tls: bool,
     },
     /// New TLS handshakes per second; prints a JSON result.
     TlsLoad {
@@ -206,8 +210,8 @@ enum Cmd {
             default_value = "direct,charon,nginx,haproxy,caddy"
         )]
         targets: Vec<Kind>,
-        /// Comma-separated: idle,http-small,http-large,ws,tls,ws-h2,idle-h2.
-        #[arg(long, value_delimiter = ',', default_value = "idle,http-small,http-large,ws,tls,ws-h2,idle-h2", value_parser = parse_test)]
+        /// Comma-separated: idle,http-small,http-large,ws,tls,ws-h2,idle-h2,idle-tls.
+        #[arg(long, value_delimiter = ',', default_value = "idle,http-small,http-large,ws,tls,ws-h2,idle-h2,idle-tls", value_parser = parse_test)]
         tests: Vec<Test>,
         /// The command line to print in the report.
         #[arg(long, default_value = "charon-bench run")]
@@ -318,11 +322,10 @@ fn parse_test(s: &str) -> Result<Test, String> {
         "tls" => Test::Tls,
         "ws-h2" => Test::WsH2,
         "idle-h2" => Test::IdleH2,
-        _ => {
-            return Err(format!(
-                "unknown test {s:?} (idle, http-small, http-large, ws, tls, ws-h2, idle-h2)"
-            ))
-        }
+        "idle-tls" => Test::IdleTls,
+        _ => return Err(format!(
+            "unknown test {s:?} (idle, http-small, http-large, ws, tls, ws-h2, idle-h2, idle-tls)"
+        )),
     })
 }
 
@@ -391,12 +394,17 @@ fn real_main() -> anyhow::Result<bool> {
             threads,
             h2,
             h2_streams,
+            tls,
         } => runtime(threads)?.block_on(load::ws_idle(
             addr,
             &path,
             conns,
             sources,
-            load::Transport::new(h2, h2_streams),
+            if tls {
+                load::Transport::Tls
+            } else {
+                load::Transport::new(h2, h2_streams)
+            },
         ))?,
         Cmd::TlsLoad {
             addr,

@@ -59,8 +59,9 @@ pub fn measure(c: &Ctx, test: Test, t: &Target, round: usize) -> Sample {
         Test::Ws => measure_ws(c, t, &log, false, &mut s.values),
         Test::WsH2 => measure_ws(c, t, &log, true, &mut s.values),
         Test::Tls => measure_tls(c, t, &log, &mut s.values),
-        Test::Idle => measure_idle(c, t, &log, false, &mut s.values),
-        Test::IdleH2 => measure_idle(c, t, &log, true, &mut s.values),
+        Test::Idle => measure_idle(c, t, &log, Over::H1, &mut s.values),
+        Test::IdleH2 => measure_idle(c, t, &log, Over::H2, &mut s.values),
+        Test::IdleTls => measure_idle(c, t, &log, Over::Tls, &mut s.values),
     };
     match r {
         Ok(()) => {}
@@ -235,7 +236,7 @@ fn windowed_tool(
     }
 }
 
-fn measure_idle(c: &Ctx, t: &Target, log: &Path, h2: bool, v: &mut Values) -> anyhow::Result<()> {
+fn measure_idle(c: &Ctx, t: &Target, log: &Path, over: Over, v: &mut Values) -> anyhow::Result<()> {
     let a = c.a;
     let pid = t.pid().context("no process")?;
     // Warm-up, so one-time allocations (pools, buffers, the route to the
@@ -247,11 +248,11 @@ fn measure_idle(c: &Ctx, t: &Target, log: &Path, h2: bool, v: &mut Values) -> an
         &format!("http://{}/small", t.http),
     )
     .context("warm-up")?;
-    idle_tunnels(c, t, log, 20.min(a.idle_conns), h2, |_| Ok(()))?;
+    idle_tunnels(c, t, log, 20.min(a.idle_conns), over, |_| Ok(()))?;
     std::thread::sleep(Duration::from_secs(1));
     let before = procfs::rss_kib(pid);
     let mut after = 0;
-    let open = idle_tunnels(c, t, log, a.idle_conns, h2, |open| {
+    let open = idle_tunnels(c, t, log, a.idle_conns, over, |open| {
         // Let the proxy settle, then read twice: the larger is taken.
         std::thread::sleep(Duration::from_secs(2));
         let r1 = procfs::rss_kib(pid);
@@ -275,21 +276,33 @@ fn measure_idle(c: &Ctx, t: &Target, log: &Path, h2: bool, v: &mut Values) -> an
     Ok(())
 }
 
-/// Opens `n` idle tunnels through `t` (over h2 streams when `h2`), calls
+/// What idle tunnels go over.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Over {
+    /// An HTTP/1.1 upgrade on a connection of its own.
+    H1,
+    /// A stream of a shared h2c connection (RFC 8441).
+    H2,
+    /// An HTTP/1.1 upgrade on a TLS connection of its own (`wss://`).
+    Tls,
+}
+
+/// Opens `n` idle tunnels through `t` (`over` h2 streams or TLS), calls
 /// `hold` while they are open, then closes them. Returns how many opened.
 fn idle_tunnels(
     c: &Ctx,
     t: &Target,
     log: &Path,
     n: usize,
-    h2: bool,
+    over: Over,
     hold: impl FnOnce(usize) -> anyhow::Result<()>,
 ) -> anyhow::Result<usize> {
     let a = c.a;
-    let addr = if h2 {
-        t.h2c.context("no h2c listener")?
-    } else {
-        t.http
+    let h2 = over == Over::H2;
+    let addr = match over {
+        Over::H1 => t.http,
+        Over::H2 => t.h2c.context("no h2c listener")?,
+        Over::Tls => t.tls.context("no TLS listener")?,
     };
     let mut args = vec![
         "ws-idle".to_string(),
@@ -301,6 +314,9 @@ fn idle_tunnels(
     if h2 {
         args.push("--h2".into());
         args.push(format!("--h2-streams={}", a.h2_streams));
+    }
+    if over == Over::Tls {
+        args.push("--tls".into());
     }
     let mut tool = Tool::spawn(c, &args, log, true)?;
     let line = tool.next_line(Instant::now() + Duration::from_secs(180))?;

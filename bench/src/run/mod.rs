@@ -47,6 +47,9 @@ pub enum Test {
     WsH2,
     /// Memory per idle WebSocket over HTTP/2: Charon only.
     IdleH2,
+    /// Memory per idle `wss://` WebSocket (HTTP/1.1 over TLS): every
+    /// proxy with a TLS listener.
+    IdleTls,
 }
 
 impl Test {
@@ -56,6 +59,7 @@ impl Test {
             Test::Tls => t.tls.is_some(),
             Test::WsH2 => t.h2c.is_some(),
             Test::IdleH2 => t.kind == Kind::Charon,
+            Test::IdleTls => t.tls.is_some(),
             _ => true,
         }
     }
@@ -229,7 +233,7 @@ fn run_round(
             if !test.applies_to(&running[i]) {
                 continue;
             }
-            if used[i] && matches!(test, Test::Idle | Test::IdleH2) {
+            if used[i] && matches!(test, Test::Idle | Test::IdleH2 | Test::IdleTls) {
                 if !noted[i] {
                     note_busy_threads(a, round, &running[i], notes);
                     noted[i] = true;

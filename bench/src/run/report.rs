@@ -58,7 +58,7 @@ pub fn one_line(s: &Sample) -> String {
             v("p99_ms"),
             v("cpu_us")
         ),
-        Test::Idle | Test::IdleH2 => format!(
+        Test::Idle | Test::IdleH2 | Test::IdleTls => format!(
             "{:.2} KiB per idle tunnel ({:.0} tunnels)",
             v("kib_per_tunnel"),
             v("tunnels")
@@ -92,6 +92,7 @@ fn test_name(t: Test) -> &'static str {
         Test::Tls => "tls",
         Test::WsH2 => "ws-h2",
         Test::IdleH2 => "idle-ws-h2",
+        Test::IdleTls => "idle-wss",
     }
 }
 
@@ -110,7 +111,7 @@ fn unit(test: Test) -> Option<Unit> {
         Test::HttpSmall | Test::HttpLarge => ("rps", "req/s", "req", "requests"),
         Test::Ws | Test::WsH2 => ("mps", "msg/s", "msg", "messages"),
         Test::Tls => ("hps", "handshakes/s", "handshake", "handshakes"),
-        Test::Idle | Test::IdleH2 => return None,
+        Test::Idle | Test::IdleH2 | Test::IdleTls => return None,
     };
     Some(Unit {
         rate,
@@ -667,6 +668,10 @@ fn section_title(a: &RunArgs, test: Test) -> String {
             a.h2_streams
         ),
         Test::Tls => format!("## New TLS handshakes ({} concurrent clients)", a.tls_conns),
+        Test::IdleTls => format!(
+            "## Memory per idle `wss://` WebSocket ({} tunnels, each on its own TLS connection, RSS delta)",
+            num(a.idle_conns as f64, 0)
+        ),
     }
 }
 
@@ -704,6 +709,7 @@ pub fn markdown(run: &Run, before: &Machine, after: &Machine) -> String {
         Test::WsH2,
         Test::Idle,
         Test::IdleH2,
+        Test::IdleTls,
         Test::Tls,
     ] {
         if !a.tests.contains(&test) {

@@ -323,9 +323,11 @@ fn parse_test(s: &str) -> Result<Test, String> {
         "ws-h2" => Test::WsH2,
         "idle-h2" => Test::IdleH2,
         "idle-tls" => Test::IdleTls,
-        _ => return Err(format!(
+        _ => {
+            return Err(format!(
             "unknown test {s:?} (idle, http-small, http-large, ws, tls, ws-h2, idle-h2, idle-tls)"
-        )),
+        ))
+        }
     })
 }
 

@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use super::procfs::{self, CpuTimes};
 use super::targets::Target;
-use super::{cpus, output_within, procfs, terminate, wrk, RunArgs, Sample, Test};
+use super::{cpus, output_within, terminate, wrk, RunArgs, Sample, Test};
 
 /// What every measurement needs besides the target.
 pub struct Ctx<'a> {
@@ -73,17 +74,27 @@ pub fn measure(c: &Ctx, test: Test, t: &Target, round: usize) -> Sample {
     s
 }
 
-fn cpu(t: &Target) -> Option<f64> {
-    t.pid().map(procfs::cpu_secs)
+fn cpu(t: &Target) -> Option<CpuTimes> {
+    t.pid().map(procfs::cpu_times)
 }
 
 /// Records the proxy's CPU time over a window of `secs`: µs per unit of
-/// work, and how many cores it kept busy (1.0 = one core all the time).
-fn record_cpu(v: &mut Values, cpu_secs: f64, secs: f64, work: f64) {
-    v.insert("cpu_us", cpu_secs * 1e6 / work.max(1.0));
+/// work (in all, and its system-time part), and how many cores it kept
+/// busy (1.0 = one core all the time).
+fn record_cpu(v: &mut Values, used: CpuTimes, secs: f64, work: f64) {
+    let per_unit = 1e6 / work.max(1.0);
+    v.insert("cpu_us", used.total() * per_unit);
+    v.insert("sys_us", used.system * per_unit);
     if secs > 0.0 {
-        v.insert("proxy_cores", cpu_secs / secs);
+        v.insert("proxy_cores", used.total() / secs);
     }
+}
+
+/// The window's CPU time that [`windowed_tool`] left in `v`.
+fn take_window_cpu(v: &mut Values) -> Option<CpuTimes> {
+    let user = v.remove("cpu_user_secs")?;
+    let system = v.remove("cpu_sys_secs")?;
+    Some(CpuTimes { user, system })
 }
 
 fn wrk(c: &Ctx, conns: usize, secs: u64, url: &str) -> anyhow::Result<wrk::WrkResult> {
@@ -120,7 +131,7 @@ fn measure_http(c: &Ctx, t: &Target, path: &str, v: &mut Values) -> anyhow::Resu
         } else {
             a.duration as f64
         };
-        record_cpu(v, c1 - c0, secs, r.requests as f64);
+        record_cpu(v, c1.since(c0), secs, r.requests as f64);
     }
     if r.errors > 0 {
         bail!("{} errors (socket errors or non-2xx answers)", r.errors);
@@ -163,7 +174,7 @@ fn measure_ws(c: &Ctx, t: &Target, log: &Path, h2: bool, v: &mut Values) -> anyh
     ] {
         v.insert(name, json[key].as_f64().unwrap_or(0.0));
     }
-    if let Some(cpu) = v.remove("cpu_secs") {
+    if let Some(cpu) = take_window_cpu(v) {
         record_cpu(v, cpu, json["secs"].as_f64().unwrap_or(0.0), msgs);
     }
     let failed =
@@ -192,7 +203,7 @@ fn measure_tls(c: &Ctx, t: &Target, log: &Path, v: &mut Values) -> anyhow::Resul
     v.insert("p50_ms", json["p50_us"].as_f64().unwrap_or(0.0) / 1000.0);
     v.insert("p99_ms", json["p99_us"].as_f64().unwrap_or(0.0) / 1000.0);
     v.insert("handshakes", n);
-    if let Some(cpu) = v.remove("cpu_secs") {
+    if let Some(cpu) = take_window_cpu(v) {
         record_cpu(v, cpu, json["secs"].as_f64().unwrap_or(0.0), n);
     }
     let errors = json["errors"].as_u64().unwrap_or(0);
@@ -206,7 +217,8 @@ fn measure_tls(c: &Ctx, t: &Target, log: &Path, v: &mut Values) -> anyhow::Resul
 }
 
 /// Runs a load tool that says `measure-start` / `measure-end` and samples
-/// the target's CPU time exactly then (as `cpu_secs`); returns its result.
+/// the target's CPU time exactly then (as `cpu_user_secs` and
+/// `cpu_sys_secs`, see [`take_window_cpu`]); returns its result.
 fn windowed_tool(
     c: &Ctx,
     t: &Target,
@@ -224,7 +236,9 @@ fn windowed_tool(
             c0 = cpu(t);
         } else if line == "measure-end" {
             if let (Some(c0), Some(c1)) = (c0, cpu(t)) {
-                v.insert("cpu_secs", c1 - c0);
+                let used = c1.since(c0);
+                v.insert("cpu_user_secs", used.user);
+                v.insert("cpu_sys_secs", used.system);
             }
         } else if let Some(json) = line.strip_prefix("result ") {
             tool.finish(Duration::from_secs(10));

@@ -18,7 +18,8 @@ impl Table<'_> {
             .filter(|v| v.is_finite())
     }
 
-    fn rounds(&self) -> Vec<usize> {
+    /// The rounds any sample of the run was taken in.
+    pub fn rounds(&self) -> Vec<usize> {
         let mut r: Vec<usize> = self.samples.iter().map(|s| s.round).collect();
         r.sort_unstable();
         r.dedup();

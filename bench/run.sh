@@ -26,7 +26,7 @@
 #
 # Other options: --debug (debug builds for a full run too: figures not
 # meaningful), --rounds N, --duration SECS, --warmup SECS, --targets LIST,
-# --tests LIST (idle,http-small,http-large,ws,tls,ws-h2,idle-h2,idle-tls), --out FILE,
+# --tests LIST (idle,http-small,http-large,ws,tls,ws-h2,idle-h2,idle-tls,ws-tls), --out FILE,
 # --no-install; anything after `--` goes to `charon-bench run` (see
 # `charon-bench run --help`).
 #

@@ -67,11 +67,20 @@ pub enum Transport {
     /// RFC 8441: extended CONNECT streams, this many per h2c connection.
     H2 { streams_per_conn: usize },
     /// As `H1`, over TLS (`wss://`, SNI `localhost`, certificate not
-    /// checked): what an idle `wss://` tunnel costs the proxy.
+    /// checked): what a `wss://` tunnel costs the proxy, idle or busy.
     Tls,
 }
 
 impl Transport {
+    /// The command line's choice: `--tls`, else `--h2`, else HTTP/1.1.
+    pub fn pick(tls: bool, h2: bool, streams_per_conn: usize) -> Transport {
+        if tls {
+            Transport::Tls
+        } else {
+            Transport::new(h2, streams_per_conn)
+        }
+    }
+
     pub fn new(h2: bool, streams_per_conn: usize) -> Transport {
         if h2 {
             Transport::H2 {

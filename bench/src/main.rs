@@ -81,6 +81,10 @@ enum Cmd {
         /// With --h2: WebSockets per h2 connection.
         #[arg(long, default_value_t = 100)]
         h2_streams: usize,
+        /// `wss://`: each WebSocket over its own TLS connection (SNI
+        /// localhost, the certificate not checked).
+        #[arg(long, conflicts_with = "h2")]
+        tls: bool,
     },
     /// Opens idle WebSockets and holds them until stdin closes.
     WsIdle {
@@ -210,8 +214,8 @@ enum Cmd {
             default_value = "direct,charon,nginx,haproxy,caddy"
         )]
         targets: Vec<Kind>,
-        /// Comma-separated: idle,http-small,http-large,ws,tls,ws-h2,idle-h2,idle-tls.
-        #[arg(long, value_delimiter = ',', default_value = "idle,http-small,http-large,ws,tls,ws-h2,idle-h2,idle-tls", value_parser = parse_test)]
+        /// Comma-separated: idle,http-small,http-large,ws,tls,ws-h2,idle-h2,idle-tls,ws-tls.
+        #[arg(long, value_delimiter = ',', default_value = "idle,http-small,http-large,ws,tls,ws-h2,idle-h2,idle-tls,ws-tls", value_parser = parse_test)]
         tests: Vec<Test>,
         /// The command line to print in the report.
         #[arg(long, default_value = "charon-bench run")]
@@ -323,9 +327,10 @@ fn parse_test(s: &str) -> Result<Test, String> {
         "ws-h2" => Test::WsH2,
         "idle-h2" => Test::IdleH2,
         "idle-tls" => Test::IdleTls,
+        "ws-tls" => Test::WsTls,
         _ => {
             return Err(format!(
-            "unknown test {s:?} (idle, http-small, http-large, ws, tls, ws-h2, idle-h2, idle-tls)"
+            "unknown test {s:?} (idle, http-small, http-large, ws, tls, ws-h2, idle-h2, idle-tls, ws-tls)"
         ))
         }
     })
@@ -378,6 +383,7 @@ fn real_main() -> anyhow::Result<bool> {
             threads,
             h2,
             h2_streams,
+            tls,
         } => runtime(threads)?.block_on(load::ws_load(load::WsLoadArgs {
             addr,
             path,
@@ -386,7 +392,7 @@ fn real_main() -> anyhow::Result<bool> {
             warmup: secs(warmup),
             duration: secs(duration),
             sources,
-            transport: load::Transport::new(h2, h2_streams),
+            transport: load::Transport::pick(tls, h2, h2_streams),
         }))?,
         Cmd::WsIdle {
             addr,
@@ -402,11 +408,7 @@ fn real_main() -> anyhow::Result<bool> {
             &path,
             conns,
             sources,
-            if tls {
-                load::Transport::Tls
-            } else {
-                load::Transport::new(h2, h2_streams)
-            },
+            load::Transport::pick(tls, h2, h2_streams),
         ))?,
         Cmd::TlsLoad {
             addr,

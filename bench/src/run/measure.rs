@@ -57,8 +57,9 @@ pub fn measure(c: &Ctx, test: Test, t: &Target, round: usize) -> Sample {
     let r = match test {
         Test::HttpSmall => measure_http(c, t, "/small", &mut s.values),
         Test::HttpLarge => measure_http(c, t, "/large", &mut s.values),
-        Test::Ws => measure_ws(c, t, &log, false, &mut s.values),
-        Test::WsH2 => measure_ws(c, t, &log, true, &mut s.values),
+        Test::Ws => measure_ws(c, t, &log, Over::H1, &mut s.values),
+        Test::WsH2 => measure_ws(c, t, &log, Over::H2, &mut s.values),
+        Test::WsTls => measure_ws(c, t, &log, Over::Tls, &mut s.values),
         Test::Tls => measure_tls(c, t, &log, &mut s.values),
         Test::Idle => measure_idle(c, t, &log, Over::H1, &mut s.values),
         Test::IdleH2 => measure_idle(c, t, &log, Over::H2, &mut s.values),
@@ -139,13 +140,9 @@ fn measure_http(c: &Ctx, t: &Target, path: &str, v: &mut Values) -> anyhow::Resu
     Ok(())
 }
 
-fn measure_ws(c: &Ctx, t: &Target, log: &Path, h2: bool, v: &mut Values) -> anyhow::Result<()> {
+fn measure_ws(c: &Ctx, t: &Target, log: &Path, over: Over, v: &mut Values) -> anyhow::Result<()> {
     let a = c.a;
-    let addr = if h2 {
-        t.h2c.context("no h2c listener")?
-    } else {
-        t.http
-    };
+    let addr = over.addr(t)?;
     let mut args = vec![
         "ws-load".to_string(),
         format!("--addr={addr}"),
@@ -157,10 +154,7 @@ fn measure_ws(c: &Ctx, t: &Target, log: &Path, h2: bool, v: &mut Values) -> anyh
         format!("--sources={}", a.sources),
         format!("--threads={}", a.load_threads),
     ];
-    if h2 {
-        args.push("--h2".into());
-        args.push(format!("--h2-streams={}", a.h2_streams));
-    }
+    args.extend(over.load_args(a));
     let json = windowed_tool(c, t, &args, log, a.warmup + a.duration + 120, v)?;
     let msgs = json["messages"].as_f64().unwrap_or(0.0);
     v.insert("mps", json["msgs_per_sec"].as_f64().unwrap_or(0.0));
@@ -301,6 +295,26 @@ enum Over {
     Tls,
 }
 
+impl Over {
+    /// The target's listener for this way in.
+    fn addr(self, t: &Target) -> anyhow::Result<std::net::SocketAddr> {
+        Ok(match self {
+            Over::H1 => t.http,
+            Over::H2 => t.h2c.context("no h2c listener")?,
+            Over::Tls => t.tls.context("no TLS listener")?,
+        })
+    }
+
+    /// What `ws-load` and `ws-idle` are told to go this way.
+    fn load_args(self, a: &RunArgs) -> Vec<String> {
+        match self {
+            Over::H1 => vec![],
+            Over::H2 => vec!["--h2".into(), format!("--h2-streams={}", a.h2_streams)],
+            Over::Tls => vec!["--tls".into()],
+        }
+    }
+}
+
 /// Opens `n` idle tunnels through `t` (`over` h2 streams or TLS), calls
 /// `hold` while they are open, then closes them. Returns how many opened.
 fn idle_tunnels(
@@ -312,12 +326,7 @@ fn idle_tunnels(
     hold: impl FnOnce(usize) -> anyhow::Result<()>,
 ) -> anyhow::Result<usize> {
     let a = c.a;
-    let h2 = over == Over::H2;
-    let addr = match over {
-        Over::H1 => t.http,
-        Over::H2 => t.h2c.context("no h2c listener")?,
-        Over::Tls => t.tls.context("no TLS listener")?,
-    };
+    let addr = over.addr(t)?;
     let mut args = vec![
         "ws-idle".to_string(),
         format!("--addr={addr}"),
@@ -325,13 +334,7 @@ fn idle_tunnels(
         format!("--conns={n}"),
         format!("--sources={}", a.sources),
     ];
-    if h2 {
-        args.push("--h2".into());
-        args.push(format!("--h2-streams={}", a.h2_streams));
-    }
-    if over == Over::Tls {
-        args.push("--tls".into());
-    }
+    args.extend(over.load_args(a));
     let mut tool = Tool::spawn(c, &args, log, true)?;
     let line = tool.next_line(Instant::now() + Duration::from_secs(180))?;
     if let Some(why) = line.strip_prefix("unsupported ") {

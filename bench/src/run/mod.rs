@@ -50,6 +50,10 @@ pub enum Test {
     /// Memory per idle `wss://` WebSocket (HTTP/1.1 over TLS): every
     /// proxy with a TLS listener.
     IdleTls,
+    /// WebSocket round trips over `wss://` (each on its own TLS
+    /// connection): what production WebSockets cost, TLS record layer
+    /// included; every proxy with a TLS listener.
+    WsTls,
 }
 
 impl Test {
@@ -59,7 +63,7 @@ impl Test {
             Test::Tls => t.tls.is_some(),
             Test::WsH2 => t.h2c.is_some(),
             Test::IdleH2 => t.kind == Kind::Charon,
-            Test::IdleTls => t.tls.is_some(),
+            Test::IdleTls | Test::WsTls => t.tls.is_some(),
             _ => true,
         }
     }

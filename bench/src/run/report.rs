@@ -51,7 +51,7 @@ pub fn one_line(s: &Sample) -> String {
             v("p99_ms"),
             v("cpu_us")
         ),
-        Test::Ws | Test::WsH2 => format!(
+        Test::Ws | Test::WsH2 | Test::WsTls => format!(
             "{:.0} msg/s  p50 {:.2} ms  p99 {:.2} ms  cpu {:.1} µs/msg",
             v("mps"),
             v("p50_ms"),
@@ -93,6 +93,7 @@ fn test_name(t: Test) -> &'static str {
         Test::WsH2 => "ws-h2",
         Test::IdleH2 => "idle-ws-h2",
         Test::IdleTls => "idle-wss",
+        Test::WsTls => "wss",
     }
 }
 
@@ -109,7 +110,7 @@ struct Unit {
 fn unit(test: Test) -> Option<Unit> {
     let (rate, rate_name, one, many) = match test {
         Test::HttpSmall | Test::HttpLarge => ("rps", "req/s", "req", "requests"),
-        Test::Ws | Test::WsH2 => ("mps", "msg/s", "msg", "messages"),
+        Test::Ws | Test::WsH2 | Test::WsTls => ("mps", "msg/s", "msg", "messages"),
         Test::Tls => ("hps", "handshakes/s", "handshake", "handshakes"),
         Test::Idle | Test::IdleH2 | Test::IdleTls => return None,
     };
@@ -146,8 +147,8 @@ fn missing_row(t: &Table, spec: &TargetSpec, cols: usize) -> Option<String> {
         format!("n/a: {reason}")
     } else if !t.tried(&spec.name) {
         match (spec.kind, t.test) {
-            (Kind::Charon, Test::Tls) => "n/a (no TLS listener in this build)".into(),
-            (Kind::Direct, Test::Tls) => "— (the backend has no TLS)".into(),
+            (Kind::Charon, Test::Tls | Test::WsTls) => "n/a (no TLS listener in this build)".into(),
+            (Kind::Direct, Test::Tls | Test::WsTls) => "— (the backend has no TLS)".into(),
             _ => "not measured".into(),
         }
     } else {
@@ -716,6 +717,10 @@ fn section_title(a: &RunArgs, test: Test) -> String {
             "## Memory per idle `wss://` WebSocket ({} tunnels, each on its own TLS connection, RSS delta)",
             num(a.idle_conns as f64, 0)
         ),
+        Test::WsTls => format!(
+            "## `wss://` WebSocket echo round trips, {} connections, each on its own TLS connection",
+            num(a.ws_conns as f64, 0)
+        ),
     }
 }
 
@@ -750,6 +755,7 @@ pub fn markdown(run: &Run, before: &Machine, after: &Machine) -> String {
         Test::HttpSmall,
         Test::HttpLarge,
         Test::Ws,
+        Test::WsTls,
         Test::WsH2,
         Test::Idle,
         Test::IdleH2,
@@ -764,7 +770,7 @@ pub fn markdown(run: &Run, before: &Machine, after: &Machine) -> String {
             Some(u) => throughput_section(&mut out, run, test, &u),
             None => idle_section(&mut out, run, test),
         }
-        if matches!(test, Test::Ws | Test::WsH2) {
+        if matches!(test, Test::Ws | Test::WsH2 | Test::WsTls) {
             fairness_section(&mut out, run, test);
         }
     }

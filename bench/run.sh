@@ -2,7 +2,7 @@
 # Charon next to nginx, HAProxy and Caddy, measured interleaved in one session
 # (see bench/README.md).
 #
-#   bench/run.sh                 the full run (~15 min): 3 rounds, 10 s per
+#   bench/run.sh                 the full run (~18 min): 3 rounds, 10 s per
 #                                measurement, 9,000 idle tunnels; the report goes to
 #                                bench/results/<UTC timestamp>.md (+ .json)
 #   bench/run.sh --smoke         seconds per measurement, to prove the harness works;

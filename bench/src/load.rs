@@ -76,13 +76,7 @@ impl Transport {
     pub fn pick(tls: bool, h2: bool, streams_per_conn: usize) -> Transport {
         if tls {
             Transport::Tls
-        } else {
-            Transport::new(h2, streams_per_conn)
-        }
-    }
-
-    pub fn new(h2: bool, streams_per_conn: usize) -> Transport {
-        if h2 {
+        } else if h2 {
             Transport::H2 {
                 streams_per_conn: streams_per_conn.max(1),
             }
@@ -157,10 +151,10 @@ async fn ws_connect(
     let tcp = tcp_connect(target, i, sources).await?;
     let (io, scheme) = match tls {
         None => (Io::Tcp(tcp), "ws"),
-        Some(c) => {
-            let name = rustls::pki_types::ServerName::try_from("localhost")?.to_owned();
-            (Io::Tls(Box::new(c.connect(name, tcp).await?)), "wss")
-        }
+        Some(c) => (
+            Io::Tls(Box::new(c.connect(bench_server_name(), tcp).await?)),
+            "wss",
+        ),
     };
     let url = format!("{scheme}://{target}{path}");
     let (ws, _) = tokio_tungstenite::client_async_with_config(
@@ -170,6 +164,14 @@ async fn ws_connect(
     )
     .await?;
     Ok(ws)
+}
+
+/// The SNI every load tool sends: the harness gives every proxy a
+/// certificate for `localhost`.
+fn bench_server_name() -> rustls::pki_types::ServerName<'static> {
+    rustls::pki_types::ServerName::DnsName(
+        rustls::pki_types::DnsName::try_from("localhost").expect("a valid DNS name"),
+    )
 }
 
 /// A TLS client that does not check the server's certificate: the load
@@ -485,7 +487,7 @@ pub struct TlsLoadArgs {
 /// still does all of its work.
 pub async fn tls_load(a: TlsLoadArgs) -> anyhow::Result<()> {
     let connector = unchecked_tls(false)?;
-    let name = rustls::pki_types::ServerName::try_from("localhost")?.to_owned();
+    let name = bench_server_name();
     say(&format!("connected {} 0", a.conns));
     let phase = Arc::new(AtomicU8::new(WARMUP));
     let errors = Arc::new(AtomicU64::new(0));
